@@ -1,0 +1,38 @@
+"""`hope-kernels` command line. Each subcommand lives in the module that owns it and is imported lazily, so
+`hope-kernels --help` stays fast and a missing optional dependency only affects its own command.
+
+Every subcommand module exposes `add_arguments(parser)` and `run(args) -> int` (exit code).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "backends": ("hope_kernels.cli_backends", "list the available op backends"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hope-kernels", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(p)
+    args = parser.parse_args(argv)
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
+        # one line naming the problem, non-zero exit; tracebacks only with HOPE_KERNELS_DEBUG=1
+        import os
+        if os.environ.get("HOPE_KERNELS_DEBUG") == "1":
+            raise
+        print(f"hope-kernels {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Backend selection shared by every op.
+
+Order of precedence: an explicit `backend=` argument, else the `HOPE_KERNELS_BACKEND` environment variable,
+else "auto". Auto picks, for CUDA tensors, the op's preferred GPU path (triton or cuda); for CPU tensors the
+compiled C++ kernels when built, else the eager reference. An explicitly requested backend that cannot run
+on the given tensors raises `BackendUnavailableError`: never a silent fallback.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from functools import lru_cache
+from typing import Iterable, Sequence
+
+import torch
+
+BACKENDS = ("auto", "reference", "triton", "cuda", "cpu")
+ENV_VAR = "HOPE_KERNELS_BACKEND"
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was requested explicitly but cannot run here (not built, or wrong device)."""
+
+
+@lru_cache(maxsize=None)
+def _extension():
+    """The compiled module hope_kernels._C, or None when it was not built."""
+    try:
+        from hope_kernels import _C  # noqa: F401  (importing registers the C++/CUDA ops)
+    except ImportError:
+        return None
+    return _C
+
+
+def extension_error() -> str | None:
+    """Why the compiled extension is missing (None when it loaded)."""
+    try:
+        from hope_kernels import _C  # noqa: F401
+    except ImportError as e:
+        return f"{e} (build it with `pip install --no-build-isolation -e .`)"
+    return None
+
+
+def has_cpp() -> bool:
+    return _extension() is not None
+
+
+def has_cuda_kernels() -> bool:
+    ext = _extension()
+    return bool(ext is not None and getattr(ext, "with_cuda", False) and torch.cuda.is_available())
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@lru_cache(maxsize=None)
+def has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_can_run(device: torch.device) -> bool:
+    """Triton runs on CUDA tensors, and on CPU tensors only under TRITON_INTERPRET=1 (tests)."""
+    if not has_triton():
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and triton_interpret())
+
+
+def backends() -> dict[str, bool]:
+    """Which backends this installation can run: {"reference": True, "triton": ..., "cuda": ..., "cpu": ...}."""
+    return {
+        "reference": True,
+        "triton": has_triton() and (torch.cuda.is_available() or triton_interpret()),
+        "cuda": has_cuda_kernels(),
+        "cpu": has_cpp(),
+    }
+
+
+def _device_of(tensors: Iterable[torch.Tensor | None]) -> torch.device:
+    devices = {t.device for t in tensors if isinstance(t, torch.Tensor)}
+    if len(devices) > 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
+    return devices.pop() if devices else torch.device("cpu")
+
+
+def resolve_backend(backend: str | None, tensors: Sequence[torch.Tensor | None], *, op: str,
+                    gpu_order: Sequence[str] = ("triton", "cuda"), cpu_order: Sequence[str] = ("cpu",),
+                    supported: Sequence[str] = ("reference", "triton", "cuda", "cpu")) -> str:
+    """Pick the backend for one call of `op` on `tensors`.
+
+    gpu_order / cpu_order: the op's preference among fast paths for CUDA / CPU tensors under "auto";
+    supported: the backends this op implements.
+    """
+    if backend is None:
+        backend = "auto"
+    if backend == "auto":
+        backend = os.environ.get(ENV_VAR, "auto") or "auto"
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    device = _device_of(tensors)
+    if backend == "auto":
+        if device.type == "cuda":
+            for b in gpu_order:
+                if b in supported and _available(b, device):
+                    return b
+        elif device.type == "cpu":
+            for b in cpu_order:
+                if b in supported and _available(b, device):
+                    return b
+        return "reference"
+    if backend not in supported:
+        raise BackendUnavailableError(f"{op}: backend {backend!r} is not implemented for this op "
+                                      f"(implemented: {', '.join(supported)})")
+    if not _available(backend, device):
+        raise BackendUnavailableError(f"{op}: backend {backend!r} cannot run on {device} tensors here: "
+                                      f"{_why_unavailable(backend, device)}")
+    return backend
+
+
+def _available(backend: str, device: torch.device) -> bool:
+    if backend == "reference":
+        return True
+    if backend == "triton":
+        return triton_can_run(device)
+    if backend == "cuda":
+        return device.type == "cuda" and has_cuda_kernels()
+    if backend == "cpu":
+        return device.type == "cpu" and has_cpp()
+    return False
+
+
+def _why_unavailable(backend: str, device: torch.device) -> str:
+    if backend == "triton":
+        if not has_triton():
+            return "triton is not installed"
+        return "Triton needs CUDA tensors (or TRITON_INTERPRET=1 set before import for CPU tensors)"
+    if backend == "cuda":
+        if device.type != "cuda":
+            return "the cuda backend needs CUDA tensors"
+        return "the extension was built without CUDA kernels" if has_cpp() else (extension_error() or "")
+    if backend == "cpu":
+        if device.type != "cpu":
+            return "the cpu backend needs CPU tensors"
+        return extension_error() or "the compiled extension is missing"
+    return "unknown"

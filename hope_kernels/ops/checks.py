@@ -1,0 +1,42 @@
+"""Input validation shared by the ops: errors name the argument, what was expected and what was given."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def check_tensor(name: str, x, *, ndim: int | None = None, shape_doc: str = "", floating: bool = True) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{name} must be {shape_doc or f'{ndim}-D'}, got shape {tuple(x.shape)}")
+    if floating and not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+
+
+def check_same_shape(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> None:
+    ref = tensors[0].shape
+    for n, t in zip(names[1:], tensors[1:]):
+        if t.shape != ref:
+            raise ValueError(f"{n} must have the shape of {names[0]} {tuple(ref)}, got {tuple(t.shape)}")
+
+
+def check_same_device(names: Sequence[str], tensors: Sequence[torch.Tensor | None]) -> None:
+    pairs = [(n, t) for n, t in zip(names, tensors) if isinstance(t, torch.Tensor)]
+    dev = pairs[0][1].device
+    for n, t in pairs[1:]:
+        if t.device != dev:
+            raise ValueError(f"{n} is on {t.device} but {pairs[0][0]} is on {dev}: all inputs must share a device")
+
+
+def check_same_dtype(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> None:
+    dt = tensors[0].dtype
+    for n, t in zip(names[1:], tensors[1:]):
+        if t.dtype != dt:
+            raise TypeError(f"{n} has dtype {t.dtype} but {names[0]} has {dt}: they must match")
+
+
+def accum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation / reduction dtype: float64 stays float64, everything else reduces in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

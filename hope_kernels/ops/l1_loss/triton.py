@@ -1,0 +1,99 @@
+"""Triton kernels of the fused L1 loss.
+
+Each program owns ROWS rows (b, t, n) of length D held in registers as one (ROWS, BLOCK_D) tile: the
+target's layer-norm statistics, the difference and its reduction are computed from that single load, so
+pred and target are read once. Forward writes one partial sum per row (deterministic; the (B, T, N) -> (T,)
+reduction is a tiny torch sum); backward writes coef[t] * sign(pred - target_n). Nothing is saved between
+the two: backward recomputes the row statistics from the target it must read anyway.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_D = 16384  # one row must fit one register tile
+
+
+@triton.jit
+def _normalized_diff(p_ptr, t_ptr, row, rows, D, eps, NORMALIZE: tl.constexpr, ACC: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
+    col = tl.arange(0, BLOCK_D)
+    mask = (row[:, None] < rows) & (col[None, :] < D)
+    offs = row[:, None].to(tl.int64) * D + col[None, :]
+    b_t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(ACC)  # upcast at load: bf16 math is unsafe
+    b_p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(ACC)
+    if NORMALIZE:
+        mean = tl.sum(b_t, axis=1) / D
+        b_c = tl.where(mask, b_t - mean[:, None], 0.0)
+        var = tl.sum(b_c * b_c, axis=1) / D
+        b_t = b_c / tl.sqrt(var + eps)[:, None]
+    return b_p - b_t, mask, offs
+
+
+@triton.jit
+def l1_fwd_rows_kernel(p_ptr, t_ptr, row_sum_ptr, rows, D, eps, NORMALIZE: tl.constexpr, ACC: tl.constexpr,
+                       ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    b_d, mask, _ = _normalized_diff(p_ptr, t_ptr, row, rows, D, eps, NORMALIZE, ACC, BLOCK_D)
+    b_abs = tl.where(mask, tl.abs(b_d), 0.0)
+    tl.store(row_sum_ptr + row, tl.sum(b_abs, axis=1), mask=row < rows)
+
+
+@triton.jit
+def l1_bwd_rows_kernel(p_ptr, t_ptr, coef_ptr, g_ptr, rows, T, N, D, eps, NORMALIZE: tl.constexpr,
+                       ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    b_d, mask, offs = _normalized_diff(p_ptr, t_ptr, row, rows, D, eps, NORMALIZE, ACC, BLOCK_D)
+    b_c = tl.load(coef_ptr + (row // N) % T, mask=row < rows, other=0.0).to(ACC)[:, None]
+    # sign(0) = 0 and sign(NaN) = NaN, exactly as autograd of abs
+    b_g = tl.where(b_d > 0, b_c, tl.where(b_d < 0, -b_c, tl.where(b_d == 0, 0.0, b_d)))
+    tl.store(g_ptr + offs, b_g.to(g_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch_shape(D: int):
+    if D > MAX_D:
+        raise ValueError(f"l1_rollout_loss: the triton backend supports D <= {MAX_D}, got D={D}; "
+                         f"use backend='cuda' or 'reference'")
+    block_d = triton.next_power_of_2(max(D, 1))
+    rows = max(1, min(16, 2048 // block_d))
+    num_warps = 4 if rows * block_d <= 4096 else 8
+    return block_d, rows, num_warps
+
+
+def _acc(dtype: torch.dtype):
+    return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
+
+
+def l1_per_step_triton(pred: torch.Tensor, target: torch.Tensor, normalize_target: bool, eps: float) -> torch.Tensor:
+    """(B, T, N, D) x2 -> per_step (T,) in the accumulation dtype."""
+    pred, target = pred.contiguous(), target.contiguous()
+    B, T, N, D = pred.shape
+    rows = B * T * N
+    acc_tl, acc_torch = _acc(pred.dtype)
+    row_sums = torch.empty(rows, device=pred.device, dtype=acc_torch)
+    if rows == 0:
+        return torch.zeros(T, device=pred.device, dtype=acc_torch)
+    block_d, rows_per_prog, num_warps = _launch_shape(D)
+    grid = (triton.cdiv(rows, rows_per_prog),)
+    l1_fwd_rows_kernel[grid](pred, target, row_sums, rows, D, eps, NORMALIZE=normalize_target, ACC=acc_tl,
+                             ROWS=rows_per_prog, BLOCK_D=block_d, num_warps=num_warps)
+    return row_sums.view(B, T, N).sum(dim=(0, 2)) / (B * N * D)
+
+
+def l1_per_step_backward_triton(pred: torch.Tensor, target: torch.Tensor, coef: torch.Tensor,
+                                normalize_target: bool, eps: float) -> torch.Tensor:
+    """grad_pred (B, T, N, D) = coef[t] * sign(pred - target_n)."""
+    pred, target = pred.contiguous(), target.contiguous()
+    B, T, N, D = pred.shape
+    rows = B * T * N
+    acc_tl, acc_torch = _acc(pred.dtype)
+    grad = torch.empty_like(pred)
+    if rows == 0:
+        return grad
+    coef = coef.to(device=pred.device, dtype=acc_torch).contiguous()
+    block_d, rows_per_prog, num_warps = _launch_shape(D)
+    grid = (triton.cdiv(rows, rows_per_prog),)
+    l1_bwd_rows_kernel[grid](pred, target, coef, grad, rows, T, N, D, eps, NORMALIZE=normalize_target,
+                             ACC=acc_tl, ROWS=rows_per_prog, BLOCK_D=block_d, num_warps=num_warps)
+    return grad
