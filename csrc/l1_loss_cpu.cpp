@@ -91,8 +91,8 @@ at::Tensor l1_per_step_backward_cpu(const at::Tensor& pred_in, const at::Tensor&
         row_stats<scalar_t, acc_t>(tr, D, normalize, static_cast<acc_t>(eps), mean, rstd);
         for (int64_t d = 0; d < D; ++d) {
           const acc_t diff = static_cast<acc_t>(pr[d]) - (static_cast<acc_t>(tr[d]) - mean) * rstd;
-          // sign(0) = 0 and sign(NaN) = NaN, exactly as autograd of abs
-          gr[d] = static_cast<scalar_t>(diff > 0 ? cr : (diff < 0 ? -cr : (diff == 0 ? acc_t(0) : diff)));
+          // sign(0) = sign(NaN) = 0, exactly as autograd of abs (torch.sign(nan) is 0)
+          gr[d] = static_cast<scalar_t>(diff > 0 ? cr : (diff < 0 ? -cr : acc_t(0)));
         }
       }
     });

@@ -70,8 +70,8 @@ __global__ void l1_bwd_kernel(const scalar_t* __restrict__ pred, const scalar_t*
   row_stats<scalar_t, acc_t>(t, D, normalize, eps, lane, mean, rstd);
   for (int64_t d = lane; d < D; d += 32) {
     const acc_t diff = static_cast<acc_t>(p[d]) - (static_cast<acc_t>(t[d]) - mean) * rstd;
-    // sign(0) = 0 and sign(NaN) = NaN, exactly as autograd of abs
-    g[d] = static_cast<scalar_t>(diff > 0 ? c : (diff < 0 ? -c : (diff == 0 ? static_cast<acc_t>(0) : diff)));
+    // sign(0) = sign(NaN) = 0, exactly as autograd of abs (torch.sign(nan) is 0)
+    g[d] = static_cast<scalar_t>(diff > 0 ? c : (diff < 0 ? -c : static_cast<acc_t>(0)));
   }
 }
 

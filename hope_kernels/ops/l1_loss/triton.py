@@ -46,8 +46,8 @@ def l1_bwd_rows_kernel(p_ptr, t_ptr, coef_ptr, g_ptr, rows, T, N, D, eps, NORMAL
     row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     b_d, mask, offs = _normalized_diff(p_ptr, t_ptr, row, rows, D, eps, NORMALIZE, ACC, BLOCK_D)
     b_c = tl.load(coef_ptr + (row // N) % T, mask=row < rows, other=0.0).to(ACC)[:, None]
-    # sign(0) = 0 and sign(NaN) = NaN, exactly as autograd of abs
-    b_g = tl.where(b_d > 0, b_c, tl.where(b_d < 0, -b_c, tl.where(b_d == 0, 0.0, b_d)))
+    # sign(0) = sign(NaN) = 0, exactly as autograd of abs (torch.sign(nan) is 0)
+    b_g = tl.where(b_d > 0, b_c, tl.where(b_d < 0, -b_c, 0.0))
     tl.store(g_ptr + offs, b_g.to(g_ptr.dtype.element_ty), mask=mask)
 
 

@@ -1,0 +1,88 @@
+"""Benchmark harness: every benchmark of one group runs the eager baseline and each fast path in the same
+session; at the end a table prints ms, speed-up over eager, GB/s or TFLOP/s, and peak memory per row.
+Set HOPE_BENCH_JSON=path to also write the rows as JSON (benchmarks/run_gpu.sh does).
+
+Use the `bench` fixture:  bench(fn, group="l1 fwd (4,8,256,1024) fp32", backend="eager", nbytes=..., flops=...)
+The row whose backend is "eager" is the baseline of its group.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+import torch
+
+ROWS: list[dict] = []
+
+
+def _sync(device: str):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak_bytes(fn, device: str) -> int | None:
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+@pytest.fixture
+def bench(benchmark):
+    def run(fn, *, group: str, backend: str, device: str = "cpu", nbytes: int | None = None,
+            flops: float | None = None, budget_s: float = 1.0):
+        def call():
+            fn()
+            _sync(device)
+
+        call()  # warm-up: compilation, autotuning, allocator
+        t0 = time.perf_counter()
+        call()
+        one = max(time.perf_counter() - t0, 1e-6)
+        peak = _peak_bytes(call, device)
+        rounds = int(max(3, min(200, budget_s / one)))
+        benchmark.group = group
+        benchmark.extra_info.update(backend=backend, device=device)
+        benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=1)
+        median = benchmark.stats.stats.median
+        row = dict(group=group, backend=backend, device=device, ms=median * 1e3, rounds=rounds,
+                   gbps=(nbytes / median / 1e9) if nbytes else None,
+                   tflops=(flops / median / 1e12) if flops else None,
+                   peak_mib=(peak / 2**20) if peak is not None else None)
+        ROWS.append(row)
+        return row
+
+    return run
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not ROWS:
+        return
+    eager = {r["group"]: r["ms"] for r in ROWS if r["backend"] == "eager"}
+    for r in ROWS:
+        r["speedup_vs_eager"] = (eager[r["group"]] / r["ms"]) if r["group"] in eager else None
+    tr = terminalreporter
+    tr.section("hope-kernels benchmark summary (speed-up = eager ms / ms)")
+    tr.write_line(f"{'group':58s} {'backend':16s} {'ms':>10s} {'speed-up':>9s} {'GB/s':>8s} {'TFLOP/s':>8s} "
+                  f"{'peak MiB':>9s}")
+    fmt = lambda v, f: (f % v) if v is not None else "-"
+    for r in ROWS:
+        tr.write_line(f"{r['group'][:58]:58s} {r['backend'][:16]:16s} {r['ms']:10.3f} "
+                      f"{fmt(r['speedup_vs_eager'], '%8.2fx'):>9s} {fmt(r['gbps'], '%8.1f'):>8s} "
+                      f"{fmt(r['tflops'], '%8.2f'):>8s} {fmt(r['peak_mib'], '%9.1f'):>9s}")
+    path = os.environ.get("HOPE_BENCH_JSON")
+    if path:
+        existing = []
+        if os.path.exists(path):
+            with open(path) as f:
+                existing = json.load(f)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(existing + ROWS, f, indent=1)
+        os.replace(tmp, path)
