@@ -2,7 +2,8 @@
 # One command for a GPU machine (offline; torch with CUDA, triton, nvcc, ninja, pybind11, pytest-benchmark
 # preinstalled): build the extension with CUDA, run the test suite on the GPU, measure the copy bandwidth and
 # run every benchmark, then write benchmarks/results/<date>-<gpu>.{json,md} (and copy them to $OUT if set).
-# Each stage has its own time limit so the whole script stays under 8 minutes.
+# Each stage has its own time limit so the whole script stays under 8 minutes. TEST_PATHS / BENCH_PATHS narrow
+# the run (default: tests, benchmarks).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -26,13 +27,13 @@ $PY -m hope_kernels.cli backends
 
 echo "== tests on the GPU"
 t0=$SECONDS
-timeout ${TEST_TIMEOUT:-170} $PY -m pytest tests -q -x -m "not slow" -p no:cacheprovider --junitxml=${OUT:-/tmp}/junit.xml 2>&1 | tail -25
+timeout ${TEST_TIMEOUT:-170} $PY -m pytest ${TEST_PATHS:-tests} -q -x -m "not slow" -p no:cacheprovider --junitxml=${OUT:-/tmp}/junit.xml 2>&1 | tail -25
 echo "tests: ${PIPESTATUS[0]} in $((SECONDS - t0)) s"
 
 echo "== benchmarks"
 t0=$SECONDS
 rm -f "$BASE.json"
-HOPE_BENCH_JSON=$BASE.json timeout ${BENCH_TIMEOUT:-200} $PY -m pytest benchmarks -q -p no:cacheprovider \
+HOPE_BENCH_JSON=$BASE.json timeout ${BENCH_TIMEOUT:-200} $PY -m pytest ${BENCH_PATHS:-benchmarks} -q -p no:cacheprovider \
   --benchmark-disable-gc --benchmark-columns=median,rounds 2>&1 | sed -n '/benchmark summary/,$p'
 echo "benchmarks: ${PIPESTATUS[0]} in $((SECONDS - t0)) s"
 if [ -f "$BASE.json" ]; then

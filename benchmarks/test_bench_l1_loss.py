@@ -32,6 +32,8 @@ def _fn(backend, pred, target, w, mode):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("backend", ["eager", "torch.compile"] + FAST)
 def test_l1_rollout_loss(bench, backend, shape, dtype, mode):
+    if backend == "torch.compile" and shape != SHAPES[0]:
+        pytest.skip("torch.compile baseline at the ViT-L shape only (each shape recompiles)")
     pred = torch.randn(shape, device=DEVICE, dtype=dtype, requires_grad=(mode != "fwd"))
     target = torch.randn(shape, device=DEVICE, dtype=dtype)
     w = torch.linspace(0.5, 2.0, shape[1], device=DEVICE)

@@ -1,5 +1,5 @@
 // Fused L1 teacher-forcing / rollout loss on CUDA.
-// One warp per row (b, t, n). Each lane strides over D: the target row's layer-norm statistics come from a
+// One warp per row (b, t, n). Each lane strides over D in 16-byte packs (when D allows): the target row's layer-norm statistics come from a
 // first sweep (sum, then centred sum of squares: rows stay in L1, so DRAM sees each byte once), then the
 // |pred - target_n| sweep (forward) or the coef[t] * sign(pred - target_n) sweep (backward). Warp-shuffle
 // reductions; float accumulation for half/bf16/float, double for double. Forward writes one partial sum per
@@ -10,6 +10,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include <cstdint>
+#include <type_traits>
 
 namespace {
 
@@ -25,54 +28,91 @@ __device__ __forceinline__ acc_t warp_sum(acc_t v) {
   return v;
 }
 
-template <typename scalar_t, typename acc_t>
+// VEC elements per 16-byte load when the row length allows it (D % VEC == 0), else 1.
+template <typename scalar_t, int VEC>
+struct alignas(sizeof(scalar_t) * VEC) Pack { scalar_t v[VEC]; };
+
+template <typename scalar_t, typename acc_t, int VEC>
 __device__ __forceinline__ void row_stats(const scalar_t* __restrict__ t, int64_t D, bool normalize, acc_t eps,
                                           int lane, acc_t& mean, acc_t& rstd) {
   if (!normalize) { mean = 0; rstd = 1; return; }
+  const auto* tp = reinterpret_cast<const Pack<scalar_t, VEC>*>(t);
   acc_t s = 0;
-  for (int64_t d = lane; d < D; d += 32) s += static_cast<acc_t>(t[d]);
+  for (int64_t i = lane; i < D / VEC; i += 32) {
+    const auto x = tp[i];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) s += static_cast<acc_t>(x.v[j]);
+  }
   mean = warp_sum(s) / static_cast<acc_t>(D);
-  acc_t v = 0;
-  for (int64_t d = lane; d < D; d += 32) { acc_t x = static_cast<acc_t>(t[d]) - mean; v += x * x; }
+  acc_t v = 0;  // second sweep hits L1: exact centred variance without a second DRAM read
+  for (int64_t i = lane; i < D / VEC; i += 32) {
+    const auto x = tp[i];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) { const acc_t c = static_cast<acc_t>(x.v[j]) - mean; v += c * c; }
+  }
   v = warp_sum(v) / static_cast<acc_t>(D);
   rstd = static_cast<acc_t>(1) / sqrt(v + eps);
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, int VEC>
 __global__ void l1_fwd_kernel(const scalar_t* __restrict__ pred, const scalar_t* __restrict__ target,
                               acc_t* __restrict__ row_sums, int64_t rows, int64_t D, bool normalize, acc_t eps) {
   const int lane = threadIdx.x & 31;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
   if (row >= rows) return;
-  const scalar_t* p = pred + row * D;
   const scalar_t* t = target + row * D;
   acc_t mean, rstd;
-  row_stats<scalar_t, acc_t>(t, D, normalize, eps, lane, mean, rstd);
+  row_stats<scalar_t, acc_t, VEC>(t, D, normalize, eps, lane, mean, rstd);
+  const auto* pp = reinterpret_cast<const Pack<scalar_t, VEC>*>(pred + row * D);
+  const auto* tp = reinterpret_cast<const Pack<scalar_t, VEC>*>(t);
   acc_t s = 0;
-  for (int64_t d = lane; d < D; d += 32)
-    s += abs(static_cast<acc_t>(p[d]) - (static_cast<acc_t>(t[d]) - mean) * rstd);
+  for (int64_t i = lane; i < D / VEC; i += 32) {
+    const auto p = pp[i];
+    const auto x = tp[i];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j)
+      s += abs(static_cast<acc_t>(p.v[j]) - (static_cast<acc_t>(x.v[j]) - mean) * rstd);
+  }
   s = warp_sum(s);
   if (lane == 0) row_sums[row] = s;
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, int VEC>
 __global__ void l1_bwd_kernel(const scalar_t* __restrict__ pred, const scalar_t* __restrict__ target,
                               const acc_t* __restrict__ coef, scalar_t* __restrict__ grad, int64_t rows,
                               int64_t T, int64_t N, int64_t D, bool normalize, acc_t eps) {
   const int lane = threadIdx.x & 31;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
   if (row >= rows) return;
-  const scalar_t* p = pred + row * D;
   const scalar_t* t = target + row * D;
-  scalar_t* g = grad + row * D;
   const acc_t c = coef[(row / N) % T];
   acc_t mean, rstd;
-  row_stats<scalar_t, acc_t>(t, D, normalize, eps, lane, mean, rstd);
-  for (int64_t d = lane; d < D; d += 32) {
-    const acc_t diff = static_cast<acc_t>(p[d]) - (static_cast<acc_t>(t[d]) - mean) * rstd;
-    // sign(0) = sign(NaN) = 0, exactly as autograd of abs (torch.sign(nan) is 0)
-    g[d] = static_cast<scalar_t>(diff > 0 ? c : (diff < 0 ? -c : static_cast<acc_t>(0)));
+  row_stats<scalar_t, acc_t, VEC>(t, D, normalize, eps, lane, mean, rstd);
+  const auto* pp = reinterpret_cast<const Pack<scalar_t, VEC>*>(pred + row * D);
+  const auto* tp = reinterpret_cast<const Pack<scalar_t, VEC>*>(t);
+  auto* gp = reinterpret_cast<Pack<scalar_t, VEC>*>(grad + row * D);
+  for (int64_t i = lane; i < D / VEC; i += 32) {
+    const auto p = pp[i];
+    const auto x = tp[i];
+    Pack<scalar_t, VEC> g;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const acc_t diff = static_cast<acc_t>(p.v[j]) - (static_cast<acc_t>(x.v[j]) - mean) * rstd;
+      // sign(0) = sign(NaN) = 0, exactly as autograd of abs (torch.sign(nan) is 0)
+      g.v[j] = static_cast<scalar_t>(diff > 0 ? c : (diff < 0 ? -c : static_cast<acc_t>(0)));
+    }
+    gp[i] = g;
   }
+}
+
+// Launch with 16-byte packs when every row starts 16-byte aligned, else one element at a time.
+template <typename scalar_t, typename Launch>
+void with_vec(int64_t D, const void* a, const void* b, Launch&& launch) {
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  const bool aligned = D % kVec == 0 && reinterpret_cast<uintptr_t>(a) % 16 == 0 &&
+                       reinterpret_cast<uintptr_t>(b) % 16 == 0;
+  if (aligned) launch(std::integral_constant<int, kVec>{});
+  else launch(std::integral_constant<int, 1>{});
 }
 
 void check_inputs(const at::Tensor& pred, const at::Tensor& target) {
@@ -96,9 +136,11 @@ at::Tensor l1_per_step_cuda(const at::Tensor& pred_in, const at::Tensor& target_
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "l1_per_step_cuda", [&] {
     using acc_t = typename acc_of<scalar_t>::type;
-    l1_fwd_kernel<scalar_t, acc_t><<<grid, kWarpsPerBlock * 32, 0, stream>>>(
-        pred.data_ptr<scalar_t>(), target.data_ptr<scalar_t>(), row_sums.data_ptr<acc_t>(), rows, D, normalize,
-        static_cast<acc_t>(eps));
+    with_vec<scalar_t>(D, pred.data_ptr(), target.data_ptr(), [&](auto vec) {
+      l1_fwd_kernel<scalar_t, acc_t, decltype(vec)::value><<<grid, kWarpsPerBlock * 32, 0, stream>>>(
+          pred.data_ptr<scalar_t>(), target.data_ptr<scalar_t>(), row_sums.data_ptr<acc_t>(), rows, D, normalize,
+          static_cast<acc_t>(eps));
+    });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return row_sums.sum({0, 2}).div_(static_cast<double>(B * N * D));
@@ -120,9 +162,11 @@ at::Tensor l1_per_step_backward_cuda(const at::Tensor& pred_in, const at::Tensor
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "l1_per_step_backward_cuda", [&] {
     using acc_t = typename acc_of<scalar_t>::type;
     auto coef = coef_in.to(pred.device(), c10::CppTypeToScalarType<acc_t>::value).contiguous();
-    l1_bwd_kernel<scalar_t, acc_t><<<grid, kWarpsPerBlock * 32, 0, stream>>>(
-        pred.data_ptr<scalar_t>(), target.data_ptr<scalar_t>(), coef.data_ptr<acc_t>(), grad.data_ptr<scalar_t>(),
-        rows, T, N, D, normalize, static_cast<acc_t>(eps));
+    with_vec<scalar_t>(D, pred.data_ptr(), target.data_ptr(), [&](auto vec) {
+      l1_bwd_kernel<scalar_t, acc_t, decltype(vec)::value><<<grid, kWarpsPerBlock * 32, 0, stream>>>(
+          pred.data_ptr<scalar_t>(), target.data_ptr<scalar_t>(), coef.data_ptr<acc_t>(),
+          grad.data_ptr<scalar_t>(), rows, T, N, D, normalize, static_cast<acc_t>(eps));
+    });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return grad;
