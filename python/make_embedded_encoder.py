@@ -2,7 +2,8 @@
 
     python python/make_embedded_encoder.py        # writes hope_kernels/assets/embedded_encoder.{safetensors,json}
 
-The weights are a deterministic function of seed 0 (numpy PCG64), so rerunning reproduces the same bytes.
+The weights are a deterministic function of seed 0 (numpy PCG64), so rerunning reproduces the same bytes
+(one metadata key only: safetensors writes metadata from a hash map, so several keys come out in random order).
 tests/test_encoder.py checks the shipped file against both.
 """
 import hashlib
@@ -25,7 +26,7 @@ def fixed_clip_latents():
 
 
 def main():
-    data = save(build_embedded_weights(seed=0), metadata={"generator": "python/make_embedded_encoder.py", "seed": "0"})
+    data = save(build_embedded_weights(seed=0), metadata={"generator": "python/make_embedded_encoder.py seed=0"})
     atomic_write_bytes(EMBEDDED_WEIGHTS, data)
     fp = {"weights_sha256": hashlib.sha256(data).hexdigest(), "seed": 0,
           "reference_clip": "simulate_clips(1, Physics(0.5, 1.0), np.random.default_rng(1234))",

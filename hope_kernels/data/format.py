@@ -203,7 +203,7 @@ class DatasetWriter:
                    "phase": torch.full((n,), pid, dtype=torch.int64)}
         if states is not None:
             tensors["states"] = states.detach().to("cpu", torch.float32).contiguous()
-        data = save(tensors, metadata={"format": FORMAT_NAME, "phase": phase, "split": split})
+        data = save(tensors, metadata={"hope_kernels": f"{FORMAT_NAME} phase={phase} split={split}"})  # one key: deterministic bytes
         name = self._shard_name(phase, split)
         self._new_files.append(self.path / name)
         atomic_write_bytes(self.path / name, data)

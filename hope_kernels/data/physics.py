@@ -1,9 +1,11 @@
 """Embedded A1 / B / A2 physics: objects sliding on a plane under one impulse and Coulomb friction, top view.
 
 Scene (all lengths in metres, the frame covers the square arena [0, ARENA]^2 at 64x64 px, 16 frames at FPS):
-- 1-3 objects, each a disc or an axis-aligned box (half-extent 0.06-0.09 m = 4-6 px), distinct colours. Object 0
-  is the pushed object and is always red; the others are static distractors (green/blue/yellow/cyan/white),
-  drawn underneath it. Objects do not collide with each other.
+- 1-3 objects, each a disc or an axis-aligned box, distinct colours. Object 0 is the pushed object: always red,
+  constant area (disc radius 0.08 m = 5.1 px, or the box of equal area). The others are static distractors
+  (half-extent 0.06-0.09 m = 4-6 px; green/blue/cyan/teal, all with the background's red value), drawn under
+  it. Objects do not collide with each other. (Constant area + a red channel that only the pushed object
+  changes make its position a linear function of the pixels, which the linear-probe test relies on.)
 - One impulse J (direction uniform, |J| uniform in [J_MIN, J_MAX] N*s) hits object 0 at a random frame f of the
   first half of the clip (f in 0..7). Before and at frame f nothing moves. Afterwards the speed is v0 = |J|/m
   and decays at mu*g until rest: path length s(tau) = v0*tau' - mu*g*tau'^2/2 with tau' = min(tau, v0/(mu*g)),
@@ -36,8 +38,11 @@ SIZE_MIN, SIZE_MAX = 0.06, 0.09
 MAX_OBJECTS = 3
 BACKGROUND = np.array([0.16, 0.16, 0.18], dtype=np.float32)
 AGENT_COLOUR = np.array([0.92, 0.12, 0.10], dtype=np.float32)
-DISTRACTOR_COLOURS = np.array([[0.15, 0.80, 0.20], [0.20, 0.40, 1.00], [0.95, 0.85, 0.10],
-                               [0.10, 0.85, 0.90], [0.90, 0.90, 0.90]], dtype=np.float32)
+# distractors share the background's red value, so the red channel alone shows the pushed object
+DISTRACTOR_COLOURS = np.array([[0.16, 0.80, 0.25], [0.16, 0.35, 1.00], [0.16, 0.85, 0.85],
+                               [0.16, 0.55, 0.40]], dtype=np.float32)
+AGENT_RADIUS = 0.08                                   # disc radius; a box agent has the same area
+AGENT_HALF_BOX = AGENT_RADIUS * np.sqrt(np.pi) / 2
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,7 @@ def sample_scenes(n: int, rng: np.random.Generator) -> dict:
     n_obj = rng.integers(1, K + 1, size=n)
     shape = rng.integers(0, 2, size=(n, K))
     size = rng.uniform(SIZE_MIN, SIZE_MAX, size=(n, K))
+    size[:, 0] = np.where(shape[:, 0] == 1, AGENT_HALF_BOX, AGENT_RADIUS)
     size[np.arange(K)[None, :] >= n_obj[:, None]] = 0.0
     colour = np.zeros((n, K, 3), dtype=np.float32)
     colour[:, 0] = AGENT_COLOUR
