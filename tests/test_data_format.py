@@ -162,3 +162,21 @@ def test_writer_refuses_overwrite_and_cleans_up(tiny, tmp_path):
         w.add_shard(torch.randn(2, 2, 4, 3), torch.zeros(2, 2, 2), "A1", "train")
     assert ClipDataset(d)[1]["latents"].dtype == torch.bfloat16
     assert sorted(os.listdir(d)) == ["A1-train-0000.safetensors", MANIFEST]
+
+
+def test_simulate_cli(tmp_path, capsys):
+    out = tmp_path / "cli"
+    argv = ["simulate", "--preset", "tiny", "--out", str(out), "--no-progress", "--seed", "2",
+            "--set", "train_a1=2", "--set", "train_b=1", "--set", "train_a2=0", "--set", "stream=1",
+            "--set", "heldout=1", "--set", "mu_b=0.05"]
+    assert main(argv) == 0
+    assert "wrote 9 clips" in capsys.readouterr().out
+    m = read_manifest(out)
+    assert m["phases"]["B"]["physics"]["mu"] == 0.05 and m["generator"]["seed"] == 2
+    assert main(argv) == 2  # the folder already holds a dataset
+    assert "already holds a dataset" in capsys.readouterr().err
+    assert main(["simulate", "--out", str(tmp_path / "x"), "--set", "nope=1"]) == 2
+    assert "--set expects KEY=VALUE" in capsys.readouterr().err
+    assert main(["simulate", "--out", str(tmp_path / "x"), "--set", "mu_a=-1"]) == 2
+    assert "mu > 0" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

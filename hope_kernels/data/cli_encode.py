@@ -31,7 +31,10 @@ def run(args) -> int:
         raise TypeError(f"frames in {args.frames} must be uint8 or float in [0, 1], got {frames.dtype}")
     enc = get_encoder(args.encoder, device=args.device)
     lat = encode_frames(enc, frames, batch_size=args.batch_size)
-    H = W = frames.shape[2] // enc.patch if args.encoder == "embedded" else enc.crop // enc.patch
+    if args.encoder == "embedded":
+        H, W = frames.shape[2] // enc.patch, frames.shape[3] // enc.patch
+    else:
+        H = W = enc.crop // enc.patch
     lat = lat.reshape(lat.shape[0], lat.shape[1], H, W, lat.shape[-1])
     act = load_array(args.actions, "actions")
     st = load_array(args.states, "states") if args.states else None

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 
 def add_arguments(parser) -> None:
-    from hope_kernels.data.simulate import PRESETS
-    parser.add_argument("--preset", default="quick", choices=list(PRESETS), help="dataset size (default quick)")
+    # choices kept literal so `hope-kernels --help` does not import torch; simulate.PRESETS is the source
+    parser.add_argument("--preset", default="quick", choices=["tiny", "quick", "full"], help="dataset size (default quick)")
     parser.add_argument("--out", required=True, help="dataset folder to create")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
