@@ -12,6 +12,10 @@ import sys
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "backends": ("hope_kernels.cli_backends", "list the available op backends"),
+    "simulate": ("hope_kernels.data.cli_simulate", "simulate the embedded A1/B/A2 physics dataset"),
+    "import": ("hope_kernels.data.cli_import", "import your own latents + actions as one phase of a dataset"),
+    "verify": ("hope_kernels.data.cli_verify", "check a dataset's shards against its manifest"),
+    "encode": ("hope_kernels.data.cli_encode", "encode frames with the embedded or a local V-JEPA 2 encoder"),
 }
 
 
