@@ -20,8 +20,11 @@ echo "== $GPU, $($PY -c 'import torch, triton; print("torch", torch.__version__,
 
 echo "== build (CUDA)"
 t0=$SECONDS
-HOPE_KERNELS_FORCE_CUDA=1 timeout 240 $PY setup.py -q build_ext --inplace 2>&1 | grep -vE "warning|^\s*$|\|" | tail -20
-echo "build: ${PIPESTATUS[0]} in $((SECONDS - t0)) s"
+BUILD_LOG=${OUT:-/tmp}/build.log
+HOPE_KERNELS_FORCE_CUDA=1 timeout 240 $PY setup.py build_ext --inplace > "$BUILD_LOG" 2>&1
+rc=$?
+echo "build: $rc in $((SECONDS - t0)) s (full log: $BUILD_LOG)"
+[ $rc -eq 0 ] || grep -E "error|Error|FAILED" "$BUILD_LOG" | grep -v "^ninja: build stopped" | head -40
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 $PY -m hope_kernels.cli backends
 

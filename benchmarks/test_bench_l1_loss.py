@@ -40,3 +40,23 @@ def test_l1_rollout_loss(bench, backend, shape, dtype, mode):
     nbytes = pred.numel() * pred.element_size() * (2 if mode == "fwd" else 5)
     bench(_fn(backend, pred, target, w, mode), group=f"l1 {mode} {tuple(shape)} {str(dtype)[6:]}",
           backend=backend, device=DEVICE, nbytes=nbytes)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="kernel-only rows are measured on the GPU")
+@pytest.mark.parametrize("stage", ["fwd", "bwd"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", FAST)
+def test_l1_kernel_only(bench, backend, dtype, stage):
+    """The kernels alone (no custom-op / autograd dispatch), at the ViT-L shape: compare GB/s with the copy row."""
+    from hope_kernels.ops.l1_loss import _per_step, _per_step_backward
+    shape = SHAPES[0]
+    pred = torch.randn(shape, device=DEVICE, dtype=dtype)
+    target = torch.randn(shape, device=DEVICE, dtype=dtype)
+    coef = torch.rand(shape[1], device=DEVICE)
+    if stage == "fwd":
+        fn, nbytes = (lambda: _per_step(backend, pred, target, True, 1e-6)), 2 * pred.numel() * pred.element_size()
+    else:
+        fn = lambda: _per_step_backward(backend, pred, target, coef, True, 1e-6)
+        nbytes = 3 * pred.numel() * pred.element_size()
+    bench(fn, group=f"l1 kernel {stage} {tuple(shape)} {str(dtype)[6:]}", backend=backend, device=DEVICE,
+          nbytes=nbytes)

@@ -63,7 +63,7 @@ at::Tensor l1_per_step_cpu(const at::Tensor& pred_in, const at::Tensor& target_i
     });
   });
   // (B, T, N) row sums -> (T,) means over b, n, d
-  return row_sums.sum({0, 2}).div_(static_cast<double>(B * N * D));
+  return row_sums.sum(at::IntArrayRef{0, 2}).div_(static_cast<double>(B * N * D));
 }
 
 at::Tensor l1_per_step_backward_cpu(const at::Tensor& pred_in, const at::Tensor& target_in, const at::Tensor& coef_in,

@@ -32,6 +32,6 @@ def _seed():
 
 def cpu_fast_backends():
     """Backends that can run on CPU tensors in this environment (compiled C++ and interpreted Triton)."""
-    from hope_kernels import backends
-    avail = backends()
-    return [b for b in ("cpu", "triton") if avail[b]]
+    from hope_kernels.dispatch import has_cpp, triton_can_run
+    cpu = torch.device("cpu")
+    return [b for b, ok in (("cpu", has_cpp()), ("triton", triton_can_run(cpu))) if ok]

@@ -143,7 +143,7 @@ at::Tensor l1_per_step_cuda(const at::Tensor& pred_in, const at::Tensor& target_
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return row_sums.sum({0, 2}).div_(static_cast<double>(B * N * D));
+  return row_sums.sum(at::IntArrayRef{0, 2}).div_(static_cast<double>(B * N * D));
 }
 
 at::Tensor l1_per_step_backward_cuda(const at::Tensor& pred_in, const at::Tensor& target_in, const at::Tensor& coef_in,
