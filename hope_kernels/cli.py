@@ -12,6 +12,7 @@ import sys
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "backends": ("hope_kernels.cli_backends", "list the available op backends"),
+    "aba": ("hope_kernels.cli_aba", "the A-B-A job: data, pre-training, every TTA strategy, results.json/md/png"),
 }
 
 

@@ -139,3 +139,56 @@ def tiny_train(model, clips, steps=20, lr=3e-3):
         loss.backward()
         opt.step()
     return model
+
+
+class StandInHooks:
+    """hope_kernels.aba.Hooks stand-in: synthetic stream, tiny training, safetensors checkpoints. Counts calls."""
+
+    def __init__(self, train_steps=10):
+        self.calls = {"ensure_dataset": 0, "make_stream": 0, "train": 0, "load_checkpoint": 0, "train_clips": 0}
+        self.train_steps = train_steps
+
+    def ensure_dataset(self, path, preset, seed):
+        self.calls["ensure_dataset"] += 1
+        import pathlib
+        path = pathlib.Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "manifest.json").write_text("{}")
+        return path
+
+    def make_stream(self, path, phases, clips_per_phase, seed):
+        self.calls["make_stream"] += 1
+        return make_stream(clips_per_phase or 3, tuple(phases), seed=seed)
+
+    def train_clips(self, path, phase, n, seed):
+        self.calls["train_clips"] += 1
+        return [make_clip(phase, 20_000 + i, seed=seed) for i in range(n)]
+
+    @staticmethod
+    def _build(kind, overrides):
+        return TinyHOPE(cms=overrides.get("cms", True)) if kind == "hope" else TinyPredictor()
+
+    def train(self, config):
+        import json
+        import pathlib
+        from safetensors.torch import save_file
+        self.calls["train"] += 1
+        model = self._build(config["model"], config["overrides"])
+        shifts = {"A1": 1.0, "B": -2.0, "A2": 1.0}
+        clips = [make_clip(p, 30_000 + i, shift=shifts[p]) for p in config["phases"] for i in range(3)]
+        tiny_train(model, clips, steps=self.train_steps)
+        out = pathlib.Path(config["out"])
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+        (out / "meta.json").write_text(json.dumps({"kind": config["model"], "overrides": config["overrides"]}))
+        return types.SimpleNamespace(model=model, checkpoint=out / "model.safetensors", history=[])
+
+    def load_checkpoint(self, path):
+        import json
+        import pathlib
+        from safetensors.torch import load_file
+        self.calls["load_checkpoint"] += 1
+        meta = json.loads((pathlib.Path(path).parent / "meta.json").read_text())
+        model = self._build(meta["kind"], meta["overrides"])
+        model.load_state_dict(load_file(str(path)))
+        return model, {}
