@@ -201,7 +201,7 @@ class _Models:
                 res = self.hooks.train(tc)
                 model = res.model
                 atomic_write_json(marker, {"checkpoint": str(res.checkpoint), "spec": spec})
-            self.cache[key] = model
+            self.cache[key] = model.to(self.cfg.get("device", "cpu"))
         return copy.deepcopy(self.cache[key])
 
 
