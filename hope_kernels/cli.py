@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "import": ("hope_kernels.data.cli_import", "import your own latents + actions as one phase of a dataset"),
     "verify": ("hope_kernels.data.cli_verify", "check a dataset's shards against its manifest"),
     "encode": ("hope_kernels.data.cli_encode", "encode frames with the embedded or a local V-JEPA 2 encoder"),
+    "aba": ("hope_kernels.cli_aba", "the A-B-A job: data, pre-training, every TTA strategy, results.json/md/png"),
 }
 
 

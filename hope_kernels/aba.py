@@ -1,0 +1,332 @@
+"""The A-B-A main job (DESIGN 6): data -> pre-trained predictors -> every strategy over the stream for every seed
+-> metrics -> results.json / results.md / aba.png.
+
+    results = run_aba(load_config("quick", out="runs/quick"))
+
+Layout of `out`:
+    data/                         simulated dataset (unless config["data"]["dir"] points elsewhere)
+    checkpoints/<key>/            one pre-training run per (model, overrides, training phases[, seed]);
+    checkpoints/<key>.json        marker written after training: {"checkpoint": path}; reused on restart
+    runs/<run>/seed<k>.json       one StreamLog per (run, seed), written atomically; a restart skips the ones
+                                  whose stored fingerprint matches the current config
+    results.json, results.md, aba.png
+
+Each entry of config["runs"]: {"name", "model": "ac" | "hope", "strategy" (adapt.STRATEGIES), "overrides"
+(build_predictor overrides, e.g. {"memory_rule": "titans"}), "train_phases" (default ["A1"]), "options"
+(adapt_stream options over config["adapt"]), "privileged", "label"}. The reference points `oracle` (trained on
+B) and `joint` (trained on A1 + B) are runs with train_phases ["B"] / ["A1", "B"] and strategy "none".
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import random
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from hope_kernels.adapt import PRIVILEGED, STRATEGIES, StreamLog, adapt_stream
+from hope_kernels.metrics import aggregate, mean_ci, paired_difference, run_metrics
+from hope_kernels.report import atomic_write_json, markdown_report, write_results
+
+__all__ = ["Hooks", "Results", "run_aba", "load_config", "CONFIG_DIR", "METRICS"]
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+METRICS = ("tf", "rollout")
+_PAIRED = ("A1", "B", "A2", "forgetting", "speed_oracle", "speed_floor")
+
+
+# ------------------------------------------------------------------------------------------ config
+
+def load_config(preset_or_path: str, **overrides: Any) -> dict:
+    """Read configs/aba_<preset>.yaml (or a YAML/JSON file path) and apply top-level overrides."""
+    import yaml
+
+    p = Path(preset_or_path)
+    if not p.suffix:
+        p = CONFIG_DIR / f"aba_{preset_or_path}.yaml"
+    if not p.is_file():
+        known = sorted(x.stem[4:] for x in CONFIG_DIR.glob("aba_*.yaml"))
+        raise FileNotFoundError(f"no A-B-A config at {p} (presets: {known})")
+    cfg = yaml.safe_load(p.read_text())
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{p} must hold a mapping, got {type(cfg).__name__}")
+    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    return validate_config(cfg)
+
+
+def validate_config(cfg: dict) -> dict:
+    for key in ("seeds", "runs", "stream"):
+        if key not in cfg:
+            raise ValueError(f"A-B-A config is missing {key!r}")
+    if not cfg["seeds"]:
+        raise ValueError("A-B-A config needs at least one seed")
+    names = set()
+    for r in cfg["runs"]:
+        for key in ("name", "model", "strategy"):
+            if key not in r:
+                raise ValueError(f"run {r} is missing {key!r}")
+        if r["strategy"] not in STRATEGIES:
+            raise ValueError(f"run {r['name']!r}: strategy must be one of {STRATEGIES}, got {r['strategy']!r}")
+        if r["model"] not in ("ac", "hope"):
+            raise ValueError(f"run {r['name']!r}: model must be 'ac' or 'hope', got {r['model']!r}")
+        if r["name"] in names:
+            raise ValueError(f"run name {r['name']!r} appears twice")
+        names.add(r["name"])
+    if cfg.get("baseline") and cfg["baseline"] not in names:
+        raise ValueError(f"baseline {cfg['baseline']!r} is not a run name ({sorted(names)})")
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------- hooks
+
+def _default_ensure_dataset(path, preset, seed):
+    from hope_kernels.data import ensure_dataset
+    return ensure_dataset(path, preset=preset, seed=seed)
+
+
+def _default_make_stream(path, phases, clips_per_phase, seed):
+    from hope_kernels.data import make_stream
+    return make_stream(path, phases=phases, clips_per_phase=clips_per_phase, seed=seed)
+
+
+def _default_train_clips(path, phase, n, seed):
+    from hope_kernels.data import ClipDataset
+    ds = ClipDataset(path, phase=phase, split="train")
+    idx = list(range(len(ds)))
+    random.Random(seed).shuffle(idx)
+    return [ds[i] for i in idx[:n]]
+
+
+def _default_train(config):
+    from hope_kernels.train import train
+    return train(config)
+
+
+def _default_load_checkpoint(path):
+    from hope_kernels.train import load_checkpoint
+    return load_checkpoint(path)
+
+
+@dataclasses.dataclass
+class Hooks:
+    """The pieces run_aba calls (swap them in tests): ensure_dataset(dir, preset, seed) -> Path;
+    make_stream(path, phases, clips_per_phase, seed) -> Stream; train_clips(path, phase, n, seed) -> [clip];
+    train(config) -> obj with .model and .checkpoint; load_checkpoint(path) -> (model, state)."""
+    ensure_dataset: Callable = _default_ensure_dataset
+    make_stream: Callable = _default_make_stream
+    train_clips: Callable = _default_train_clips
+    train: Callable = _default_train
+    load_checkpoint: Callable = _default_load_checkpoint
+
+
+@dataclasses.dataclass
+class Results:
+    """What run_aba returns: `data` (the results dict written to results.json, see hope_kernels.report) and
+    `paths` of the written files."""
+    data: dict
+    paths: dict
+
+    @property
+    def summary(self) -> dict:
+        return self.data["summary"]
+
+    def table(self) -> str:
+        return markdown_report(self.data)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", name)
+
+
+def _fingerprint(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _ckpt_key(cfg: dict, run: dict, seed: int) -> tuple[str, dict]:
+    pre = cfg.get("pretrain", {})
+    phases = list(run.get("train_phases") or ["A1"])
+    spec = {"model": run["model"], "preset": cfg.get("model_preset", "tiny"), "overrides": run.get("overrides") or {},
+            "phases": phases, "pretrain": pre, "seed": seed if pre.get("per_seed") else 0}
+    key = f"{run['model']}-{'+'.join(phases)}-{_fingerprint(spec)}-s{spec['seed']}"
+    return key, spec
+
+
+def _truncate_heldout(stream, n):
+    if n is None or not getattr(stream, "heldout", None):
+        return stream
+    held = {p: list(c)[:int(n)] for p, c in stream.heldout.items()}
+    try:
+        stream.heldout = held
+        return stream
+    except (AttributeError, dataclasses.FrozenInstanceError):
+        return dataclasses.replace(stream, heldout=held)
+
+
+class _Models:
+    """Pre-trained models, trained once per checkpoint key and reused (in memory and on disk)."""
+
+    def __init__(self, cfg, data_path, out, hooks, progress):
+        self.cfg, self.data_path, self.dir, self.hooks, self.progress = cfg, data_path, out / "checkpoints", hooks, progress
+        self.cache: dict[str, torch.nn.Module] = {}
+
+    def get(self, run, seed) -> torch.nn.Module:
+        key, spec = _ckpt_key(self.cfg, run, seed)
+        if key not in self.cache:
+            marker = self.dir / f"{key}.json"
+            info = _read_json(marker)
+            if info and Path(info.get("checkpoint", "")).exists():
+                model = self.hooks.load_checkpoint(info["checkpoint"])[0]
+            else:
+                pre = dict(self.cfg.get("pretrain", {}))
+                pre.pop("per_seed", None)
+                tc = {"model": spec["model"], "preset": spec["preset"], "overrides": spec["overrides"],
+                      "data": str(self.data_path), "phases": spec["phases"], "split": "train", "seed": spec["seed"],
+                      "device": self.cfg.get("device", "cpu"), "out": str(self.dir / key),
+                      "progress": self.progress, **pre}
+                res = self.hooks.train(tc)
+                model = res.model
+                atomic_write_json(marker, {"checkpoint": str(res.checkpoint), "spec": spec})
+            self.cache[key] = model.to(self.cfg.get("device", "cpu"))
+        return copy.deepcopy(self.cache[key])
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+def run_aba(config: dict, hooks: Hooks | None = None, out: str | Path | None = None,
+            progress: bool | None = None) -> Results:
+    """Run the whole A-B-A experiment described by `config` (see configs/aba_quick.yaml) into `out`
+    (default config["out"]). Resumable: finished (run, seed) logs are kept and skipped."""
+    cfg = validate_config(copy.deepcopy(config))
+    hooks = hooks or Hooks()
+    out = Path(out or cfg.get("out") or "runs/aba")
+    out.mkdir(parents=True, exist_ok=True)
+    progress = cfg.get("progress", True) if progress is None else progress
+    t0 = time.perf_counter()
+
+    data_cfg = cfg.get("data", {}) or {}
+    if data_cfg.get("dir") and data_cfg.get("imported", False):
+        data_path = Path(data_cfg["dir"])
+        if not (data_path / "manifest.json").is_file():
+            raise FileNotFoundError(f"--data {data_path}: no manifest.json there (import a dataset first)")
+    else:
+        data_path = Path(hooks.ensure_dataset(Path(data_cfg.get("dir") or out / "data"),
+                                              data_cfg.get("preset", cfg.get("preset", "quick")),
+                                              int(data_cfg.get("seed", 0))))
+    sc = cfg["stream"]
+    phases = tuple(sc.get("phases", ("A1", "B", "A2")))
+    models = _Models(cfg, data_path, out, hooks, progress)
+    runs, seeds = cfg["runs"], [int(s) for s in cfg["seeds"]]
+    adapt_defaults = cfg.get("adapt", {}) or {}
+
+    jobs = [(seed, run) for seed in seeds for run in runs]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(jobs), desc="A-B-A", unit="run")
+    logs: dict[str, dict[int, StreamLog]] = {r["name"]: {} for r in runs}
+    streams: dict[int, Any] = {}
+    extra: dict[tuple, list] = {}
+    for seed, run in jobs:
+        options = {**adapt_defaults, **(run.get("options") or {})}
+        fp = _fingerprint({"run": run, "options": options, "stream": sc, "data": str(data_path),
+                           "ckpt": _ckpt_key(cfg, run, seed)[0]})
+        path = out / "runs" / _safe(run["name"]) / f"seed{seed}.json"
+        stored = _read_json(path)
+        if stored and stored.get("fingerprint") == fp:
+            logs[run["name"]][seed] = StreamLog.from_dict(stored["log"])
+        else:
+            if bar:
+                bar.set_postfix_str(f"seed {seed} {run['name']}")
+            if seed not in streams:
+                streams[seed] = _truncate_heldout(hooks.make_stream(data_path, phases, sc.get("clips_per_phase"), seed),
+                                                  sc.get("heldout_per_phase"))
+            model = models.get(run, seed)
+            if run["strategy"] == "ewc" and "fisher_clips" not in options:
+                key = ("A1", int(cfg.get("fisher_clips", 8)), seed)
+                extra.setdefault(key, hooks.train_clips(data_path, "A1", key[1], seed))
+                options["fisher_clips"] = extra[key]
+            if run["strategy"] == "replay" and "replay_clips" not in options:
+                key = ("A1", int(cfg.get("replay_clips", 16)), seed)
+                extra.setdefault(key, hooks.train_clips(data_path, "A1", key[1], seed))
+                options["replay_clips"] = extra[key]
+            torch.manual_seed(seed)
+            log = adapt_stream(model, streams[seed], run["strategy"], seed=seed, progress=progress,
+                               desc=f"{run['name']} s{seed}", **options)
+            atomic_write_json(path, {"run": run, "seed": seed, "fingerprint": fp, "log": log.to_dict()})
+            logs[run["name"]][seed] = log
+        if bar:
+            bar.update(1)
+    if bar:
+        bar.close()
+
+    data = summarize(cfg, logs, phases)
+    data["wall_seconds"] = time.perf_counter() - t0
+    data["config"] = cfg
+    data["data_path"] = str(data_path)
+    paths = write_results(data, out)
+    return Results(data=data, paths=paths)
+
+
+def summarize(cfg: dict, logs: dict[str, dict[int, StreamLog]], phases) -> dict:
+    """Metrics across seeds from the per-(run, seed) logs (see hope_kernels.report for the layout)."""
+    runs = cfg["runs"]
+    window = int(cfg.get("metric_window", 3))
+    tol = float(cfg.get("speed_tolerance", 0.1))
+    base = cfg.get("baseline")
+    oracle = next((r["name"] for r in runs if r.get("train_phases") == ["B"] and r["strategy"] == "none"), None)
+    oracle = cfg.get("oracle_run", oracle)
+    seeds = sorted({s for v in logs.values() for s in v})
+    first = next(iter(logs.values()))
+    any_log = next(iter(first.values()))
+    boundaries = [i for i, p in enumerate(any_log.phases) if i == 0 or any_log.phases[i - 1] != p]
+    data = {"runs": [{"name": r["name"], "model": r["model"], "strategy": r["strategy"],
+                      "privileged": bool(r.get("privileged", r["strategy"] in PRIVILEGED or r["name"] in PRIVILEGED)),
+                      "label": r.get("label", r["name"])} for r in runs],
+            "seeds": seeds, "phases": list(phases), "boundaries": boundaries, "baseline": base,
+            "oracle": oracle, "summary": {}, "paired": {}, "curves": {}, "copy": {}, "per_seed": {}}
+    for metric in METRICS:
+        per_seed = {}
+        for r in runs:
+            name = r["name"]
+            per_seed[name] = {}
+            for seed, log in logs[name].items():
+                ob = None
+                if oracle and seed in logs.get(oracle, {}):
+                    ol = logs[oracle][seed]
+                    eb = [e for e, p in zip(ol.errors(metric), ol.phases) if p == "B"]
+                    ob = sum(eb) / len(eb) if eb else None
+                per_seed[name][seed] = run_metrics(log, oracle_b=ob, metric=metric, window=window, tol=tol,
+                                                   order=phases)
+        data["summary"][metric] = {n: aggregate(v) for n, v in per_seed.items()}
+        if base:
+            data["paired"][metric] = {
+                n: {k: paired_difference({s: m[k] for s, m in v.items() if k in m},
+                                         {s: m[k] for s, m in per_seed[base].items() if k in m})
+                    for k in _PAIRED}
+                for n, v in per_seed.items()}
+        curves = {}
+        for r in runs:
+            ls = list(logs[r["name"]].values())
+            n = min(len(lg.tf) for lg in ls)
+            cis = [mean_ci([lg.errors(metric)[i] for lg in ls]) for i in range(n)]
+            curves[r["name"]] = {k: [c[k] for c in cis] for k in ("mean", "lo", "hi")}
+        data["curves"][metric] = curves
+        data["copy"][metric] = {p: mean_ci([run_metrics(lg, metric=metric, window=window)[f"copy_{p}"]
+                                            for lg in first.values()]) for p in phases}
+        data["per_seed"][metric] = per_seed
+    return data

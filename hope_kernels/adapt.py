@@ -1,0 +1,500 @@
+"""Prequential test-time adaptation over an A1 -> B -> A2 stream (DESIGN 6).
+
+    log = adapt_stream(model, stream, "layernorm", lr=1e-3, steps=1)
+
+For every clip, in stream order: (1) score it with the current model (teacher-forcing L1, rollout L1 at
+every horizon, and the copy-last-latent baseline), then (2) adapt on it with the chosen strategy. The score
+of clip i therefore never depends on clip i itself. At the last clip of each phase the model is also
+evaluated, without adapting, on the held-out clips of every phase (error matrix R[i][j]).
+
+Strategies (`STRATEGIES`):
+  none        frozen model
+  layernorm   `steps` optimizer steps on the LayerNorm affine parameters (the LN-TTA baseline)
+  last_block  the same on `model.blocks[-1]`
+  full        the same on every parameter
+  lora        the same on rank-`lora_rank` adapters added (by forward hooks) to every Linear in `model.blocks`;
+              merged into the weights at the end unless `merge_lora=False`
+  ewc         full + (ewc_lambda / 2) * sum_i F_i (theta_i - theta*_i)^2, theta* = the weights at stream
+              start (A1), F = empirical Fisher on `fisher_clips` (A1 training clips)
+  reset       full, and after every `reset_every` clips the weights and optimizer go back to the stream-start
+              (A1) weights, so clips reset_every, 2 * reset_every, ... are scored by the A1 weights
+  replay      full, each step on the clip plus `replay_size` clips drawn from `replay_clips` (A1; privileged)
+  hope        HOPE predictors only: memory carried across clips (`carry_memory`, default True) and CMS level
+              updates at their periods: level l accumulates its gradient every clip and applies
+              p -= cms_lr * mean(accumulated grad) every C_l clips (plain SGD, no optimizer)
+  hope+ttt    hope + `steps` optimizer steps on `ttt_params` ("layernorm" | "last_block" | "full"), CMS excluded
+
+Memory carry: with `model.carry_memory = True` a HOPE forward starts from the stored memory and stores its
+end state. Scoring and held-out passes restore the memory afterwards (so clip i's scoring cannot leak into its
+own rollout score), and each adaptation forward starts from the memory as it was before the clip; the state
+carried to clip i+1 is the end state of clip i under the adapted weights.
+
+Divergence guard: after adapting on a clip, the clip's adaptation loss is recomputed; if it is NaN/Inf or
+more than `guard_factor` times the loss before the update, every change of that clip (weights, optimizer
+state, CMS accumulators, memory) is rolled back and counted in `StreamLog.rollbacks`.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import random
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hope_kernels.ops import l1_rollout_loss
+
+__all__ = ["STRATEGIES", "PRIVILEGED", "StreamLog", "adapt_stream", "score_clip", "adaptation_loss",
+           "strategy_parameters", "clip_tensors"]
+
+STRATEGIES = ("none", "layernorm", "last_block", "full", "lora", "ewc", "reset", "replay", "hope", "hope+ttt")
+# Strategies (and reference models) that use information a deployed model would not have.
+PRIVILEGED = ("replay", "oracle", "joint")
+
+_OPTIONS = dict(lr=1e-3, steps=1, optimizer="adamw", weight_decay=0.0, rollout_steps=2, rollout_weight=1.0,
+                grad_clip=1.0, guard_factor=10.0, lora_rank=4, lora_alpha=8.0, merge_lora=True,
+                ewc_lambda=100.0, fisher_clips=None, reset_every=10, replay_clips=None, replay_size=2,
+                carry_memory=True, cms_lr=1e-3, cms_periods=None, ttt_params="layernorm",
+                score_horizon=None, seed=0, progress=False, desc=None, callback=None)
+
+
+@dataclasses.dataclass
+class StreamLog:
+    """Per-clip scores of one prequential run. Lists are indexed by stream position.
+
+    tf[i]: teacher-forcing L1 of clip i (before adapting on it); rollout[i][h]: rollout L1 at horizon h+1;
+    copy_tf / copy_rollout: the copy-last-latent baseline on the same clip; phases[i]: phase name;
+    heldout[phase_end][phase] = {"tf": ..., "rollout": ...}: mean held-out errors after the last clip of
+    phase_end (R[i][j]); rollbacks: divergence-guard rollbacks; updates: clips adapted on.
+    """
+    strategy: str
+    phases: list = dataclasses.field(default_factory=list)
+    tf: list = dataclasses.field(default_factory=list)
+    rollout: list = dataclasses.field(default_factory=list)
+    copy_tf: list = dataclasses.field(default_factory=list)
+    copy_rollout: list = dataclasses.field(default_factory=list)
+    clip_index: list = dataclasses.field(default_factory=list)
+    heldout: dict = dataclasses.field(default_factory=dict)
+    rollbacks: int = 0
+    updates: int = 0
+    seconds: float = 0.0
+    options: dict = dataclasses.field(default_factory=dict)
+
+    def errors(self, metric: str = "tf") -> list[float]:
+        """Per-clip error curve: "tf", "rollout" (mean over horizons), "rollout_last", "copy_tf", "copy_rollout"."""
+        if metric == "tf":
+            return list(self.tf)
+        if metric == "rollout":
+            return [sum(r) / len(r) for r in self.rollout]
+        if metric == "rollout_last":
+            return [r[-1] for r in self.rollout]
+        if metric == "copy_tf":
+            return list(self.copy_tf)
+        if metric == "copy_rollout":
+            return [sum(r) / len(r) for r in self.copy_rollout]
+        raise ValueError(f"metric must be tf|rollout|rollout_last|copy_tf|copy_rollout, got {metric!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StreamLog":
+        if not isinstance(d, dict) or "strategy" not in d or "tf" not in d:
+            raise ValueError("not a StreamLog dict: expected keys 'strategy', 'tf', ...")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+
+def clip_tensors(clip: dict, device="cpu"):
+    """Clip dict -> (z (1, T, N, D) float32, actions (1, T, A) float32, states (1, T, S) or None)."""
+    if not isinstance(clip, dict) or "latents" not in clip or "actions" not in clip:
+        raise ValueError("a clip must be a dict with 'latents' (T, N, D) and 'actions' (T, A)")
+    z = torch.as_tensor(clip["latents"]).to(device=device, dtype=torch.float32)
+    a = torch.as_tensor(clip["actions"]).to(device=device, dtype=torch.float32)
+    if z.ndim != 3:
+        raise ValueError(f"clip latents must be (T, N, D), got {tuple(z.shape)}")
+    if a.ndim != 2 or a.shape[0] != z.shape[0]:
+        raise ValueError(f"clip actions must be (T, A) with T = {z.shape[0]}, got {tuple(a.shape)}")
+    if z.shape[0] < 2:
+        raise ValueError(f"a clip needs T >= 2 timesteps to score, got T = {z.shape[0]}")
+    s = clip.get("states")
+    s = None if s is None else torch.as_tensor(s).to(device=device, dtype=torch.float32)[None]
+    return z[None], a[None], s
+
+
+def _rollout(model, z, a, s, steps: int):
+    kw = {} if s is None else {"states": s}
+    return model.rollout(z[:, :1], a, steps, **kw)
+
+
+def _forward(model, z, a, s):
+    return model(z, a) if s is None else model(z, a, s)
+
+
+def _copy_scores(z, horizon: int):
+    """Copy-last-latent baseline: predict layer_norm(z_t) for z_{t+1} (tf) and layer_norm(z_0) for z_h (rollout)."""
+    zn = F.layer_norm(z, z.shape[-1:], eps=1e-6)
+    tf = l1_rollout_loss(zn[:, :-1], z[:, 1:])[0]
+    ro = l1_rollout_loss(zn[:, :1].expand(-1, horizon, -1, -1), z[:, 1:horizon + 1])[1]
+    return float(tf), [float(x) for x in ro]
+
+
+@torch.no_grad()
+def score_clip(model: nn.Module, clip: dict, horizon: int | None = None) -> dict:
+    """Score one clip without changing the model: {"tf": float, "rollout": [L1 at horizon 1..H],
+    "copy_tf": float, "copy_rollout": [...]}. Rollout starts from the first timestep (H = T-1 by default)."""
+    device = next(model.parameters()).device
+    z, a, s = clip_tensors(clip, device)
+    T = z.shape[1]
+    H = T - 1 if horizon is None else int(horizon)
+    if not 1 <= H <= T - 1:
+        raise ValueError(f"horizon must be in [1, T-1] = [1, {T - 1}], got {H}")
+    mem = _capture_memory(model)
+    tf = l1_rollout_loss(_forward(model, z, a, s)[:, :-1], z[:, 1:])[0]
+    _restore_memory(model, mem)
+    ro = l1_rollout_loss(_rollout(model, z, a, s, H), z[:, 1:H + 1])[1]
+    _restore_memory(model, mem)
+    copy_tf, copy_ro = _copy_scores(z, H)
+    return {"tf": float(tf), "rollout": [float(x) for x in ro], "copy_tf": copy_tf, "copy_rollout": copy_ro}
+
+
+def adaptation_loss(model: nn.Module, clips: Sequence[dict], rollout_steps: int = 2,
+                    rollout_weight: float = 1.0) -> torch.Tensor:
+    """Mean over `clips` of  L1_tf + rollout_weight * L1 of the last state of a `rollout_steps` rollout."""
+    device = next(model.parameters()).device
+    total = 0.0
+    for clip in clips:
+        z, a, s = clip_tensors(clip, device)
+        loss = 0.0
+        k = min(int(rollout_steps), z.shape[1] - 1)
+        # rollout first: a carried-memory model reads its stored memory in a rollout but stores only on forward
+        if rollout_weight and k >= 1:
+            pred = _rollout(model, z, a, s, k)
+            loss = rollout_weight * l1_rollout_loss(pred[:, -1:], z[:, k:k + 1])[0]
+        loss = loss + l1_rollout_loss(_forward(model, z, a, s)[:, :-1], z[:, 1:])[0]
+        total = total + loss
+    return total / len(clips)
+
+
+# ------------------------------------------------------------------------------------- memory snapshots
+
+def _clone(v):
+    if isinstance(v, torch.Tensor):
+        return v.detach().clone()
+    if isinstance(v, (list, tuple)):
+        return type(v)(_clone(x) for x in v)
+    return v
+
+
+def _has_tensor(v) -> bool:
+    if isinstance(v, torch.Tensor):
+        return True
+    return isinstance(v, (list, tuple)) and any(_has_tensor(x) for x in v)
+
+
+def _capture_memory(model: nn.Module) -> dict | None:
+    """Snapshot of the non-parameter state a carried-memory model keeps between forwards (buffers and tensor
+    attributes of every submodule). None when the model does not carry memory (nothing to protect)."""
+    if not getattr(model, "carry_memory", False):
+        return None
+    snap = {}
+    for name, mod in model.named_modules():
+        for k, v in vars(mod).items():
+            if k in ("_parameters", "_modules", "_buffers") or k.startswith("__"):
+                continue
+            if v is None or _has_tensor(v):
+                snap[(name, k)] = _clone(v)
+        for k, b in mod._buffers.items():
+            snap[(name, "_buffers", k)] = _clone(b)
+    return snap
+
+
+def _restore_memory(model: nn.Module, snap: dict | None) -> None:
+    if snap is None:
+        return
+    mods = dict(model.named_modules())
+    for key, v in snap.items():
+        if len(key) == 3:
+            mods[key[0]]._buffers[key[2]] = _clone(v)
+        else:
+            setattr(mods[key[0]], key[1], _clone(v))
+
+
+# ---------------------------------------------------------------------------------------------- strategies
+
+def _cms_levels(model, periods=None):
+    if not hasattr(model, "cms_levels"):
+        return []
+    levels = [(int(p), list(ps)) for p, ps in model.cms_levels()]
+    if periods is not None:
+        if len(periods) != len(levels):
+            raise ValueError(f"cms_periods must have one period per CMS level ({len(levels)}), got {list(periods)}")
+        levels = [(int(p), ps) for p, (_, ps) in zip(periods, levels)]
+    return levels
+
+
+def strategy_parameters(model: nn.Module, strategy: str, ttt_params: str = "layernorm") -> list[nn.Parameter]:
+    """The model parameters an optimizer may change under `strategy` (CMS parameters of hope / hope+ttt are
+    changed by the CMS rule, not listed here; lora trains adapters, not model parameters)."""
+    if strategy in ("none", "hope", "lora"):
+        return []
+    if strategy == "layernorm":
+        return list(model.layernorm_parameters())
+    if strategy == "last_block":
+        return list(model.blocks[-1].parameters())
+    if strategy in ("full", "ewc", "reset", "replay"):
+        return list(model.parameters())
+    if strategy == "hope+ttt":
+        if ttt_params not in ("layernorm", "last_block", "full"):
+            raise ValueError(f"ttt_params must be layernorm|last_block|full, got {ttt_params!r}")
+        cms = {id(p) for _, ps in _cms_levels(model) for p in ps}
+        return [p for p in strategy_parameters(model, ttt_params) if id(p) not in cms]
+    raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+
+
+class _LoRA:
+    """Low-rank adapters on every nn.Linear inside model.blocks, added by forward hooks (base weights untouched):
+    y = W x + b + (alpha / r) * B (A x), A ~ N(0, 1/in) (r, in), B = 0 (out, r)."""
+
+    def __init__(self, model: nn.Module, rank: int, alpha: float, generator: torch.Generator):
+        self.scale = alpha / rank
+        self.layers, self.params, self.handles = [], [], []
+        for mod in model.blocks.modules():
+            if isinstance(mod, nn.Linear):
+                w = mod.weight
+                A = nn.Parameter(torch.randn(rank, w.shape[1], generator=generator).to(w) / math.sqrt(w.shape[1]))
+                B = nn.Parameter(torch.zeros(w.shape[0], rank, dtype=w.dtype, device=w.device))
+                self.layers.append((mod, A, B))
+                self.params += [A, B]
+                self.handles.append(mod.register_forward_hook(self._hook(A, B)))
+
+    def _hook(self, A, B):
+        def hook(mod, inputs, out):
+            return out + self.scale * F.linear(F.linear(inputs[0], A), B)
+        return hook
+
+    def remove(self, merge: bool) -> None:
+        for h in self.handles:
+            h.remove()
+        if merge:
+            with torch.no_grad():
+                for mod, A, B in self.layers:
+                    mod.weight.add_(self.scale * (B @ A))
+
+
+def _fisher(model, params, clips, loss_kw) -> list[torch.Tensor]:
+    """Empirical Fisher diagonal: mean over clips of the squared gradient of the adaptation loss."""
+    if not clips:
+        raise ValueError("strategy 'ewc' needs fisher_clips (A1 training clips), got none")
+    fisher = [torch.zeros_like(p) for p in params]
+    mem = _capture_memory(model)
+    for clip in clips:
+        grads = torch.autograd.grad(adaptation_loss(model, [clip], **loss_kw), params, allow_unused=True)
+        _restore_memory(model, mem)
+        for f, g in zip(fisher, grads):
+            if g is not None:
+                f.add_(g.detach() ** 2)
+    return [f / len(clips) for f in fisher]
+
+
+def _make_optimizer(params, o):
+    if o["optimizer"] == "adamw":
+        return torch.optim.AdamW(params, lr=o["lr"], weight_decay=o["weight_decay"])
+    if o["optimizer"] == "sgd":
+        return torch.optim.SGD(params, lr=o["lr"], weight_decay=o["weight_decay"])
+    raise ValueError(f"optimizer must be adamw|sgd, got {o['optimizer']!r}")
+
+
+def _finite_loss(x: float) -> bool:
+    return math.isfinite(x)
+
+
+# ------------------------------------------------------------------------------------------------ stream
+
+def _phase_ends(clips: Sequence[dict]) -> set[int]:
+    ends = set()
+    for i, c in enumerate(clips):
+        if i == len(clips) - 1 or clips[i + 1].get("phase") != c.get("phase"):
+            ends.add(i)
+    return ends
+
+
+@torch.no_grad()
+def _heldout_errors(model, heldout: dict, horizon) -> dict:
+    out = {}
+    for phase, clips in heldout.items():
+        if not clips:
+            continue
+        scores = [score_clip(model, c, horizon) for c in clips]
+        out[phase] = {"tf": sum(s["tf"] for s in scores) / len(scores),
+                      "rollout": sum(sum(s["rollout"]) / len(s["rollout"]) for s in scores) / len(scores)}
+    return out
+
+
+def adapt_stream(model: nn.Module, stream, strategy: str, **options: Any) -> StreamLog:
+    """Run `strategy` prequentially over `stream` (an object with `.clips`, a list of clip dicts in order, and
+    optionally `.heldout`, phase -> list of clip dicts; or a plain list of clips). Adapts `model` in place and
+    returns the StreamLog. Options (defaults in `_OPTIONS`): lr, steps, optimizer ("adamw" | "sgd"),
+    weight_decay, rollout_steps, rollout_weight (adaptation loss), grad_clip, guard_factor, lora_rank,
+    lora_alpha, merge_lora, ewc_lambda, fisher_clips, reset_every, replay_clips, replay_size, carry_memory,
+    cms_lr, cms_periods, ttt_params, score_horizon, seed, progress, desc, callback(i, model) after each clip.
+    """
+    import time
+
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    unknown = set(options) - set(_OPTIONS)
+    if unknown:
+        raise TypeError(f"adapt_stream got unknown options {sorted(unknown)}; known: {sorted(_OPTIONS)}")
+    o = {**_OPTIONS, **options}
+    clips = list(stream.clips if hasattr(stream, "clips") else stream)
+    heldout = dict(getattr(stream, "heldout", None) or {})
+    if not clips:
+        raise ValueError("the stream has no clips")
+    is_hope = strategy in ("hope", "hope+ttt")
+    if is_hope and not hasattr(model, "cms_levels"):
+        raise ValueError(f"strategy {strategy!r} needs a HOPE predictor (model.kind 'hope'), "
+                         f"got kind {getattr(model, 'kind', type(model).__name__)!r}")
+    rng = random.Random(o["seed"])
+    gen = torch.Generator().manual_seed(int(o["seed"]))
+    loss_kw = dict(rollout_steps=o["rollout_steps"], rollout_weight=o["rollout_weight"])
+    t0 = time.perf_counter()
+
+    had_carry = getattr(model, "carry_memory", None)
+    if had_carry is not None:
+        model.carry_memory = bool(is_hope and o["carry_memory"])
+        if hasattr(model, "reset_memory"):
+            model.reset_memory()
+    was_training = model.training
+    model.eval()
+
+    lora = _LoRA(model, int(o["lora_rank"]), float(o["lora_alpha"]), gen) if strategy == "lora" else None
+    params = lora.params if lora else strategy_parameters(model, strategy, o["ttt_params"])
+    opt = _make_optimizer(params, o) if params and int(o["steps"]) > 0 else None
+    anchor = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    opt_anchor = copy.deepcopy(opt.state_dict()) if opt else None
+    ewc = None
+    if strategy == "ewc":
+        ewc = (_fisher(model, params, list(o["fisher_clips"] or []), loss_kw), [p.detach().clone() for p in params])
+    replay = list(o["replay_clips"] or [])
+    if strategy == "replay" and not replay:
+        raise ValueError("strategy 'replay' needs replay_clips (an A1 buffer), got none")
+    cms = _cms_levels(model, o["cms_periods"]) if is_hope else []
+    cms_params = [p for _, ps in cms for p in ps]
+    cms_acc = [[torch.zeros_like(p) for p in ps] for _, ps in cms]
+    cms_count = [0 for _ in cms]
+    adapt_params = list(params) + cms_params
+
+    log = StreamLog(strategy=strategy, options={k: v for k, v in o.items()
+                                                if k not in ("fisher_clips", "replay_clips", "callback")})
+    ends = _phase_ends(clips)
+    it = range(len(clips))
+    if o["progress"]:
+        from tqdm.auto import tqdm
+        it = tqdm(it, desc=o["desc"] or strategy, leave=False, unit="clip")
+    try:
+        for i in it:
+            clip = clips[i]
+            # (1) predict and score first ...
+            s = score_clip(model, clip, o["score_horizon"])
+            log.phases.append(str(clip.get("phase", "")))
+            log.clip_index.append(int(clip.get("index", i)))
+            log.tf.append(s["tf"]); log.rollout.append(s["rollout"])
+            log.copy_tf.append(s["copy_tf"]); log.copy_rollout.append(s["copy_rollout"])
+            # (2) ... then adapt on the clip
+            if strategy != "none":
+                _adapt_clip(model, clip, strategy, o, opt, params, ewc, replay, rng, cms, cms_acc, cms_count,
+                            adapt_params, loss_kw, log)
+            if strategy == "reset" and (i + 1) % int(o["reset_every"]) == 0:
+                # the next clip is scored by the stream-start (A1) weights again
+                model.load_state_dict(anchor)
+                if opt:
+                    opt.load_state_dict(copy.deepcopy(opt_anchor))
+            if i in ends and heldout:
+                log.heldout[log.phases[-1]] = _heldout_errors(model, heldout, o["score_horizon"])
+            if o["callback"] is not None:
+                o["callback"](i, model)
+    finally:
+        if lora:
+            lora.remove(bool(o["merge_lora"]))
+        model.train(was_training)
+    log.seconds = time.perf_counter() - t0
+    return log
+
+
+def _adapt_clip(model, clip, strategy, o, opt, params, ewc, replay, rng, cms, cms_acc, cms_count,
+                adapt_params, loss_kw, log) -> None:
+    mem0 = _capture_memory(model)
+    if not adapt_params:
+        # hope with CMS off: only the memory moves on, via one forward over the clip
+        if mem0 is not None:
+            with torch.no_grad():
+                adaptation_loss(model, [clip], **loss_kw)
+        return
+    saved = [p.detach().clone() for p in adapt_params]
+    opt_saved = copy.deepcopy(opt.state_dict()) if opt else None
+    acc_saved = [[a.clone() for a in accs] for accs in cms_acc]
+    count_saved = list(cms_count)
+
+    def loss_on(batch):
+        _restore_memory(model, mem0)
+        loss = adaptation_loss(model, batch, **loss_kw)
+        if ewc is not None:
+            fisher, star = ewc
+            loss = loss + 0.5 * o["ewc_lambda"] * sum((f * (p - s) ** 2).sum() for f, p, s in zip(fisher, params, star))
+        return loss
+
+    before = None
+    # CMS: one gradient per clip into each level's accumulator; a level applies its mean every C_l clips.
+    if cms:
+        cms_params = [p for _, ps in cms for p in ps]
+        loss = loss_on([clip])
+        before = float(loss.detach())
+        grads = torch.autograd.grad(loss, cms_params, allow_unused=True)
+        k = 0
+        with torch.no_grad():
+            for li, (period, ps) in enumerate(cms):
+                for j, p in enumerate(ps):
+                    if grads[k] is not None:
+                        cms_acc[li][j].add_(grads[k])
+                    k += 1
+                cms_count[li] += 1
+                if cms_count[li] % period == 0:
+                    for j, p in enumerate(ps):
+                        p.sub_(o["cms_lr"] * cms_acc[li][j] / period)
+                        cms_acc[li][j].zero_()
+    if opt is not None:
+        for _ in range(int(o["steps"])):
+            batch = [clip]
+            if strategy == "replay":
+                batch += rng.sample(replay, min(int(o["replay_size"]), len(replay)))
+            opt.zero_grad(set_to_none=True)
+            loss = loss_on(batch)
+            if before is None:
+                before = float(loss.detach())
+            loss.backward()
+            if o["grad_clip"]:
+                torch.nn.utils.clip_grad_norm_(params, float(o["grad_clip"]))
+            opt.step()
+    if before is None:
+        return
+    with torch.no_grad():
+        after = float(loss_on([clip]))      # also leaves the memory at clip i's end state under the new weights
+    log.updates += 1
+    if not _finite_loss(after) or not _finite_loss(before) or after > o["guard_factor"] * before:
+        with torch.no_grad():
+            for p, v in zip(adapt_params, saved):
+                p.copy_(v)
+        if opt:
+            opt.load_state_dict(opt_saved)
+        for accs, saved_accs in zip(cms_acc, acc_saved):
+            for a, v in zip(accs, saved_accs):
+                a.copy_(v)
+        cms_count[:] = count_saved
+        _restore_memory(model, mem0)
+        log.rollbacks += 1

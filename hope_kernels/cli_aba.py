@@ -1,0 +1,32 @@
+"""`hope-kernels aba`: the main job. Simulates the embedded data if absent (or uses `--data DIR`), pre-trains
+the predictors (reusing checkpoints in OUT/checkpoints), runs every strategy over the A1 -> B -> A2 stream for
+every seed (skipping finished ones) and writes OUT/results.json, results.md and aba.png."""
+from __future__ import annotations
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--preset", default="quick", help="quick | paper (configs/aba_<preset>.yaml)")
+    parser.add_argument("--config", default=None, help="a YAML/JSON config file instead of the preset")
+    parser.add_argument("--out", required=True, help="output folder (resumable)")
+    parser.add_argument("--data", default=None, help="an imported dataset folder (default: simulate into OUT/data)")
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2 (default: the preset's)")
+    parser.add_argument("--device", default=None, help="cpu | cuda (default: the preset's)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args) -> int:
+    from hope_kernels.aba import load_config, run_aba
+
+    cfg = load_config(args.config or args.preset, device=args.device)
+    if args.seeds:
+        try:
+            cfg["seeds"] = [int(s) for s in args.seeds.split(",") if s.strip()]
+        except ValueError:
+            raise ValueError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    if args.data:
+        cfg["data"] = {**(cfg.get("data") or {}), "dir": args.data, "imported": True}
+    res = run_aba(cfg, out=args.out, progress=not args.no_progress)
+    print(res.table())
+    for kind, path in res.paths.items():
+        print(f"wrote {path}")
+    return 0

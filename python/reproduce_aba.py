@@ -1,0 +1,42 @@
+"""Reproduce the A-B-A comparison table (what `hope-kernels aba` runs), from Python.
+
+    python python/reproduce_aba.py --preset quick --out runs/quick
+    python python/reproduce_aba.py --preset quick --out /tmp/smoke --seeds 0 --steps 5 --clips 2 --runs hope,ac+layernorm
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="quick")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seeds", default=None, help="e.g. 0,1,2")
+    p.add_argument("--steps", type=int, default=None, help="override the pre-training steps")
+    p.add_argument("--clips", type=int, default=None, help="override clips per phase")
+    p.add_argument("--runs", default=None, help="comma-separated run names to keep")
+    args = p.parse_args(argv)
+
+    from hope_kernels.aba import load_config, run_aba
+
+    cfg = load_config(args.preset)
+    if args.seeds:
+        cfg["seeds"] = [int(s) for s in args.seeds.split(",")]
+    if args.steps:
+        cfg["pretrain"]["steps"] = args.steps
+    if args.clips:
+        cfg["stream"]["clips_per_phase"] = args.clips
+    if args.runs:
+        keep = args.runs.split(",")
+        cfg["runs"] = [r for r in cfg["runs"] if r["name"] in keep]
+        if cfg.get("baseline") not in keep:
+            cfg["baseline"] = None
+    res = run_aba(cfg, out=args.out)
+    print(res.table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

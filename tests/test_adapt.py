@@ -1,0 +1,242 @@
+"""adapt_stream: prequential order, parameter sets per strategy, reset, divergence guard, HOPE memory / CMS."""
+import copy
+import math
+
+import pytest
+import torch
+
+import hope_kernels.adapt as adapt_mod
+from hope_kernels.adapt import STRATEGIES, StreamLog, adapt_stream, score_clip
+
+from aba_standins import TinyHOPE, TinyPredictor, make_clip, make_stream
+
+OPTS = dict(lr=5e-3, steps=2)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny tensors: extra intra-op threads only add contention on a shared CPU
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _params(model):
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def _changed(before, model):
+    return {k for k, v in model.named_parameters() if not torch.equal(before[k], v.detach())}
+
+
+@pytest.mark.parametrize("model_cls,strategy", [(TinyPredictor, "full"), (TinyPredictor, "layernorm"),
+                                                (TinyPredictor, "lora"), (TinyHOPE, "hope"),
+                                                (TinyHOPE, "hope+ttt")])
+def test_prequential_score_precedes_adaptation(model_cls, strategy):
+    """The score of clip k equals the score of clip k by the model adapted on clips 0..k-1 only."""
+    stream = make_stream(3)
+    k = 4
+    base = model_cls()
+    opts = dict(OPTS, merge_lora=False) if strategy == "lora" else OPTS
+    states = {}
+    log = adapt_stream(copy.deepcopy(base), stream.clips, strategy, **opts,
+                       callback=lambda i, m: states.__setitem__(i, copy.deepcopy(m)))
+    # replay the first k clips, then score clip k with that model: must match the logged score exactly
+    m = copy.deepcopy(base)
+    adapt_stream(m, stream.clips[:k], strategy, **dict(opts, merge_lora=True) if strategy == "lora" else opts)
+    if strategy in ("hope", "hope+ttt"):
+        m.carry_memory = True       # adapt_stream carries the memory of clip k-1 into clip k
+    s = score_clip(m, stream.clips[k])
+    assert s["tf"] == pytest.approx(log.tf[k], rel=1e-6, abs=1e-7)
+    assert s["rollout"] == pytest.approx(log.rollout[k], rel=1e-6, abs=1e-7)
+    # and differs from the score after adapting on clip k (so the test can fail)
+    m2 = states[k]
+    if strategy in ("hope", "hope+ttt"):
+        m2.carry_memory = True
+    if strategy != "lora":          # the logged copy's lora adapters were hooks, removed at the end
+        assert score_clip(m2, stream.clips[k])["tf"] != log.tf[k]
+
+
+def test_changing_clip_k_does_not_change_earlier_or_own_score():
+    stream = make_stream(3)
+    k = 5
+    other = make_clip("B", 99, shift=5.0)
+    clips2 = stream.clips[:k] + [dict(stream.clips[k])] + [other] + stream.clips[k + 1:]
+    l1 = adapt_stream(TinyPredictor(), stream.clips, "full", **OPTS)
+    l2 = adapt_stream(TinyPredictor(), clips2, "full", **OPTS)
+    assert l1.tf[:k + 1] == l2.tf[:k + 1]
+    assert l1.tf[k + 1] != l2.tf[k + 1]
+
+
+def _ln_names(model):
+    ids = {id(p) for p in model.layernorm_parameters()}
+    return {k for k, p in model.named_parameters() if id(p) in ids}
+
+
+def test_each_strategy_changes_only_allowed_params():
+    stream = make_stream(2)
+    a1 = [make_clip("A1", 500 + i) for i in range(3)]
+    base = TinyPredictor()
+    names = set(_params(base))
+    allowed = {
+        "none": set(),
+        "layernorm": _ln_names(base),
+        "last_block": {k for k in names if k.startswith("blocks.1.")},
+        "full": names, "ewc": names, "reset": names, "replay": names,
+        "lora": {k for k in names if k.startswith("blocks.") and k.endswith("fc.weight")},
+    }
+    for strategy, ok in allowed.items():
+        m = copy.deepcopy(base)
+        before = _params(m)
+        adapt_stream(m, stream.clips, strategy, **OPTS, fisher_clips=a1, replay_clips=a1, reset_every=100)
+        changed = _changed(before, m)
+        assert changed <= ok, (strategy, changed - ok)
+        if strategy != "none":
+            assert changed, f"{strategy} changed nothing"
+    m = copy.deepcopy(base)
+    before = _params(m)
+    adapt_stream(m, stream.clips, "lora", **OPTS, merge_lora=False)
+    assert not _changed(before, m)
+
+
+def test_hope_uses_no_optimizer_and_updates_cms_only(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("hope must not build an optimizer")
+    monkeypatch.setattr(adapt_mod, "_make_optimizer", boom)
+    m = TinyHOPE()
+    before = _params(m)
+    cms_names = {k for k in before if k.startswith("cms.")}
+    adapt_stream(m, make_stream(2).clips, "hope", cms_lr=0.05)
+    changed = _changed(before, m)
+    assert changed and changed <= cms_names
+
+
+def test_hope_ttt_changes_chosen_params_plus_cms():
+    m = TinyHOPE()
+    before = _params(m)
+    ok = {k for k in before if k.startswith("cms.")} | _ln_names(m)
+    adapt_stream(m, make_stream(2).clips, "hope+ttt", ttt_params="layernorm", cms_lr=0.05, **OPTS)
+    changed = _changed(before, m)
+    assert changed <= ok and changed & _ln_names(m) and changed & {k for k in before if k.startswith("cms.")}
+
+
+def test_cms_levels_update_at_their_periods():
+    m = TinyHOPE()
+    lvl0 = [p for p in m.cms[0].parameters()]
+    lvl1 = [p for p in m.cms[1].parameters()]
+    prev0, prev1 = [p.detach().clone() for p in lvl0], [p.detach().clone() for p in lvl1]
+    snaps = []
+    adapt_stream(m, make_stream(2).clips, "hope", cms_lr=0.05,
+                 callback=lambda i, mod: snaps.append(([p.clone() for p in lvl0], [p.clone() for p in lvl1])))
+    for i, (s0, s1) in enumerate(snaps):
+        assert any(not torch.equal(a, b) for a, b in zip(s0, prev0)), f"period-1 level idle at clip {i}"
+        moved1 = any(not torch.equal(a, b) for a, b in zip(s1, prev1))
+        assert moved1 == ((i + 1) % 2 == 0), f"period-2 level at clip {i}: moved={moved1}"
+        prev0, prev1 = s0, s1
+
+
+def test_hope_carries_memory_only_when_asked():
+    stream = make_stream(2)
+    m = TinyHOPE()
+    adapt_stream(m, stream.clips, "hope")
+    assert m.carry_memory and m._memory is not None
+    m2 = TinyHOPE()
+    adapt_stream(m2, stream.clips, "hope", carry_memory=False)
+    assert not m2.carry_memory and m2._memory is None
+    # a non-hope strategy on a HOPE model never carries memory
+    m3 = TinyHOPE()
+    adapt_stream(m3, stream.clips, "layernorm", **OPTS)
+    assert not m3.carry_memory
+
+
+def test_hope_on_ac_model_raises():
+    with pytest.raises(ValueError, match="HOPE"):
+        adapt_stream(TinyPredictor(), make_stream(1).clips, "hope")
+
+
+def test_reset_restores_stream_start_weights_exactly():
+    stream = make_stream(3)
+    base = TinyPredictor()
+    start = _params(base)
+    states = {}
+    m = copy.deepcopy(base)
+    log = adapt_stream(m, stream.clips, "reset", reset_every=4, **OPTS,
+                       callback=lambda i, mod: states.__setitem__(i, _params(mod)))
+    for i in range(len(stream.clips)):
+        same = all(torch.equal(states[i][k], start[k]) for k in start)
+        assert same == ((i + 1) % 4 == 0), i
+    frozen = adapt_stream(copy.deepcopy(base), stream.clips, "none")
+    assert log.tf[4] == frozen.tf[4] and log.tf[8] == frozen.tf[8]
+    assert log.tf[5] != frozen.tf[5]
+
+
+def test_guard_rolls_back_injected_nan(monkeypatch):
+    stream = make_stream(2)
+    real_step = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def poisoned_step(self, *a, **k):
+        out = real_step(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == 5:                       # clip 2, first of its 2 steps
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoned_step)
+    states = {}
+    m = TinyPredictor()
+    log = adapt_stream(m, stream.clips, "full", **OPTS, callback=lambda i, mod: states.__setitem__(i, _params(mod)))
+    assert log.rollbacks == 1
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+    assert all(torch.equal(states[1][k], states[2][k]) for k in states[1])     # clip 2's update undone
+    assert not all(torch.equal(states[2][k], states[3][k]) for k in states[2])  # later clips adapt again
+    assert all(math.isfinite(x) for x in log.tf)
+
+
+def test_guard_rolls_back_explosion():
+    m = TinyPredictor()
+    log = adapt_stream(m, make_stream(2).clips, "full", lr=1e3, steps=3, guard_factor=1.01, grad_clip=0)
+    assert log.rollbacks >= 1
+
+
+def test_copy_baseline_and_scores():
+    clip = make_clip("A1", 0, shift=0.0)     # constant latents: copying the last latent is exact
+    s = score_clip(TinyPredictor(), clip)
+    assert s["copy_tf"] == pytest.approx(0.0, abs=1e-6)
+    assert s["copy_rollout"] == pytest.approx([0.0] * 4, abs=1e-6)
+    assert len(s["rollout"]) == 4 and s["tf"] > 0
+    moving = score_clip(TinyPredictor(), make_clip("A1", 0, shift=1.0))
+    assert moving["copy_rollout"][3] > moving["copy_rollout"][0] > 0
+
+
+def test_heldout_matrix_and_log_roundtrip():
+    stream = make_stream(2)
+    log = adapt_stream(TinyPredictor(), stream, "layernorm", **OPTS)
+    assert list(log.heldout) == ["A1", "B", "A2"]
+    assert set(log.heldout["B"]) == {"A1", "B", "A2"}
+    assert log.phases == ["A1"] * 2 + ["B"] * 2 + ["A2"] * 2
+    assert log.updates == 6
+    again = StreamLog.from_dict(log.to_dict())
+    assert again == log
+    assert len(log.errors("rollout")) == 6
+
+
+def test_bad_inputs():
+    m = TinyPredictor()
+    with pytest.raises(ValueError, match="strategy"):
+        adapt_stream(m, make_stream(1).clips, "magic")
+    with pytest.raises(TypeError, match="unknown options"):
+        adapt_stream(m, make_stream(1).clips, "full", lrr=1)
+    with pytest.raises(ValueError, match="fisher_clips"):
+        adapt_stream(m, make_stream(1).clips, "ewc")
+    with pytest.raises(ValueError, match="replay_clips"):
+        adapt_stream(m, make_stream(1).clips, "replay")
+    with pytest.raises(ValueError, match="latents"):
+        score_clip(m, {"actions": torch.zeros(5, 2)})
+    with pytest.raises(ValueError, match=r"\(T, A\)"):
+        score_clip(m, {"latents": torch.zeros(5, 4, 8), "actions": torch.zeros(4, 2)})
+    with pytest.raises(ValueError, match="no clips"):
+        adapt_stream(m, [], "none")
+    assert set(STRATEGIES) >= {"none", "layernorm", "hope", "hope+ttt"}
