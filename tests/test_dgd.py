@@ -269,3 +269,50 @@ def test_gpu_backends_match_token_loop():
             ref = run_with_grads(loop_fn(C), [x.double() for x in inputs])
             got = run_with_grads(api_fn(C, backend), inputs)
             assert_close(got, ref, 1e-4, f"{backend} cuda C={C} L={L}")
+
+
+# ---------------------------------------------------------------- custom-op contract of the fast paths
+
+@pytest.mark.parametrize("backend", FAST)
+def test_outputs_fully_written(backend):
+    # every tensor allocated with empty() is filled with NaN first: a kernel that skips an element fails here
+    inputs = make(L=11, dk=8, dv=4)
+    ref = run_with_grads(loop_fn(4), inputs)
+    det = torch.are_deterministic_algorithms_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    try:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.utils.deterministic.fill_uninitialized_memory = True
+        got = run_with_grads(api_fn(4, backend), inputs)
+    finally:
+        torch.use_deterministic_algorithms(det)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+    assert_close(got, ref, 1e-9, f"{backend} NaN-poisoned")
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_opcheck(backend):
+    from hope_kernels.ops.dgd import _dgd_memory_backward_op, _dgd_memory_op
+    q, k, v, a, e, M0 = make(B=1, H=2, L=6, dk=4, dv=4)
+    leaves = [x.requires_grad_(True) for x in (q, k, v, a, e, M0)]
+    torch.library.opcheck(_dgd_memory_op, (*leaves, 4, backend))
+    torch.library.opcheck(_dgd_memory_op, (q, k, v, a, e, None, 3, backend))
+    with torch.no_grad():
+        _, _, states = _dgd_memory_op(q, k, v, a, e, M0, 4, backend)
+    torch.library.opcheck(_dgd_memory_backward_op, (q.detach(), k.detach(), v.detach(), a.detach(), e.detach(),
+                                                    states, torch.randn_like(v), torch.randn_like(M0), 4, backend))
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_torch_compile(backend):
+    inputs = make(L=9, dk=4, dv=4)
+    ref = run_with_grads(loop_fn(4), inputs)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(q, k, v, a, e, M0):
+        o, M = dgd_memory(q, k, v, a, e, chunk_size=4, initial_state=M0, output_final_state=True, backend=backend)
+        return o * 1.0, M
+
+    torch._dynamo.reset()
+    got = run_with_grads(f, inputs)
+    assert_close(got, ref, 1e-9, f"{backend} compiled")

@@ -23,7 +23,7 @@ from hope_kernels.ops.dgd.reference import dgd_memory_chunked_reference, dgd_mem
 __all__ = ["dgd_memory", "dgd_memory_token_loop", "dgd_memory_chunked_reference"]
 
 _OP = "dgd_memory"
-SUPPORTED = ("reference",)  # grows as each fast path passes its tests
+SUPPORTED = ("reference", "triton")
 
 
 def _validate(q, k, v, alpha, eta, chunk_size, initial_state) -> None:
