@@ -120,7 +120,7 @@ ALL = ["reference"] + FAST
 
 
 @pytest.mark.parametrize("backend", ALL)
-@pytest.mark.parametrize("C,L", [(1, 7), (4, 19), (16, 37), (64, 40), (16, 16)])
+@pytest.mark.parametrize("C,L", [(1, 3), (4, 10), (16, 37), (64, 9), (16, 16)])
 def test_backend_matches_token_loop(backend, C, L):
     # covers L not a multiple of C, L < C, and an exact multiple
     inputs = make(L=L, dk=8, dv=8)
@@ -253,6 +253,9 @@ def test_bad_inputs():
     if not torch.cuda.is_available():
         with pytest.raises(BackendUnavailableError):
             call(backend="cuda")
+    if backends()["triton"]:
+        with pytest.raises(ValueError, match="chunk_size <= 64"):
+            call(backend="triton", chunk_size=65)
 
 
 def test_bad_device():
@@ -293,10 +296,10 @@ def test_outputs_fully_written(backend):
 @pytest.mark.parametrize("backend", FAST)
 def test_opcheck(backend):
     from hope_kernels.ops.dgd import _dgd_memory_backward_op, _dgd_memory_op
-    q, k, v, a, e, M0 = make(B=1, H=2, L=6, dk=4, dv=4)
+    q, k, v, a, e, M0 = make(B=1, H=1, L=5, dk=4, dv=4)
     leaves = [x.requires_grad_(True) for x in (q, k, v, a, e, M0)]
     torch.library.opcheck(_dgd_memory_op, (*leaves, 4, backend))
-    torch.library.opcheck(_dgd_memory_op, (q, k, v, a, e, None, 3, backend))
+    torch.library.opcheck(_dgd_memory_op, (q, k, v, a, e, None, 8, backend))
     with torch.no_grad():
         _, _, states = _dgd_memory_op(q, k, v, a, e, M0, 4, backend)
     torch.library.opcheck(_dgd_memory_backward_op, (q.detach(), k.detach(), v.detach(), a.detach(), e.detach(),
