@@ -7,4 +7,14 @@ TORCH_LIBRARY(hope_kernels, m) {
   // l1_loss: per-timestep mean |pred - layer_norm(target)|, and its gradient coef[t] * sign(.)
   m.def("l1_per_step(Tensor pred, Tensor target, bool normalize_target, float eps) -> Tensor");
   m.def("l1_per_step_backward(Tensor pred, Tensor target, Tensor coef, bool normalize_target, float eps) -> Tensor");
+  // dgd: delta-gradient-descent memory (DESIGN 4.4); fwd returns (o, final state, chunk-start states),
+  // bwd returns (dq, dk, dv, dalpha, deta, dM0). chunk: C++ CPU chunked; recurrent: CUDA token-serial.
+  m.def("dgd_chunk_fwd(Tensor q, Tensor k, Tensor v, Tensor alpha, Tensor eta, Tensor? initial_state, "
+        "int chunk_size) -> (Tensor, Tensor, Tensor)");
+  m.def("dgd_chunk_bwd(Tensor q, Tensor k, Tensor v, Tensor alpha, Tensor eta, Tensor states, Tensor do, "
+        "Tensor dM, int chunk_size) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("dgd_recurrent_fwd(Tensor q, Tensor k, Tensor v, Tensor alpha, Tensor eta, Tensor? initial_state, "
+        "int chunk_size) -> (Tensor, Tensor, Tensor)");
+  m.def("dgd_recurrent_bwd(Tensor q, Tensor k, Tensor v, Tensor alpha, Tensor eta, Tensor states, Tensor do, "
+        "Tensor dM, int chunk_size) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -1,0 +1,109 @@
+"""Benchmarks of dgd_memory: every available path vs the token loop and the eager chunked reference.
+
+GPU: one clip of the real grid (B=4, H=16, L=8*258, dk=dv=64, chunk 16) and 8x that length; CPU: a smaller
+shape. Forward and forward+backward. Each row reports ms, the ratio to the eager chunked reference and to the
+token loop (measured in the same session), and peak memory (GPU only). Speed is reported, never asserted.
+
+    pytest benchmarks/test_bench_dgd.py --benchmark-only -s
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from hope_kernels import backends
+from hope_kernels.ops.dgd import dgd_memory, dgd_memory_chunked_reference, dgd_memory_token_loop
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+C = 16
+if HAS_CUDA:
+    SHAPES = {"clip": (4, 16, 8 * 258, 64, 64), "clip_x8": (4, 16, 8 * 8 * 258, 64, 64)}
+else:
+    SHAPES = {"cpu_small": (1, 4, 512, 32, 32)}
+_BASE: dict = {}
+
+
+def _inputs(shape, grad):
+    B, H, L, dk, dv = shape
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    r = lambda *s: torch.randn(*s, device=DEVICE, generator=g)
+    q = torch.nn.functional.normalize(r(B, H, L, dk), dim=-1)
+    k = torch.nn.functional.normalize(r(B, H, L, dk), dim=-1)
+    v = r(B, H, L, dv)
+    alpha = 0.9 + 0.1 * torch.rand(B, H, L, device=DEVICE, generator=g)
+    eta = 0.5 * torch.rand(B, H, L, device=DEVICE, generator=g)
+    M0 = r(B, H, dk, dv) * 0.1
+    return [x.requires_grad_(grad) for x in (q, k, v, alpha, eta, M0)]
+
+
+def _paths():
+    avail = backends()
+    paths = {"token_loop": lambda *x: dgd_memory_token_loop(*x[:5], C, x[5]),
+             "eager_chunked": lambda *x: dgd_memory_chunked_reference(*x[:5], C, x[5])}
+    if HAS_CUDA:
+        paths["compiled_chunked"] = torch.compile(lambda *x: dgd_memory_chunked_reference(*x[:5], C, x[5]))
+    fast = ("triton", "cuda") if HAS_CUDA else ("cpu",)
+    for b in fast:
+        if avail[b]:
+            paths[b] = (lambda b: lambda *x: dgd_memory(*x[:5], chunk_size=C, initial_state=x[5],
+                                                       output_final_state=True, backend=b))(b)
+    return paths
+
+
+PATHS = _paths()
+
+
+def _sync():
+    if HAS_CUDA:
+        torch.cuda.synchronize()
+
+
+def _step(fn, inputs, backward):
+    o, M = fn(*inputs)
+    if backward:
+        (o.float().square().mean() + M.square().mean()).backward()
+        for x in inputs:
+            x.grad = None
+    _sync()
+
+
+def _time(fn, inputs, backward, reps=3):
+    _step(fn, inputs, backward)                    # warm-up (and compilation)
+    t = time.perf_counter()
+    for _ in range(reps):
+        _step(fn, inputs, backward)
+    return (time.perf_counter() - t) / reps * 1e3
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+@pytest.mark.parametrize("path", list(PATHS))
+def test_bench_dgd(benchmark, path, shape_name, mode):
+    shape = SHAPES[shape_name]
+    if path in ("token_loop", "compiled_chunked") and shape_name.endswith("x8"):
+        pytest.skip("token loop / torch.compile unrolled over 8x258*8 tokens: too slow to be a useful baseline")
+    backward = mode == "fwd_bwd"
+    inputs = _inputs(shape, backward)
+    fn = PATHS[path]
+    ctx = torch.enable_grad() if backward else torch.no_grad()
+    with ctx:
+        for base in ("eager_chunked", "token_loop"):
+            key = (base, shape_name, mode)
+            if key not in _BASE and not (base == "token_loop" and shape_name.endswith("x8")):
+                _BASE[key] = _time(PATHS[base], inputs, backward, reps=1)
+        if HAS_CUDA:
+            torch.cuda.reset_peak_memory_stats()
+        benchmark.pedantic(_step, args=(fn, inputs, backward), rounds=3, iterations=1, warmup_rounds=1)
+    ms = benchmark.stats.stats.mean * 1e3
+    if path in ("eager_chunked", "token_loop"):
+        _BASE[(path, shape_name, mode)] = ms      # baselines run first: later rows compare with these
+    peak = torch.cuda.max_memory_allocated() / 2**30 if HAS_CUDA else float("nan")
+    eager = _BASE.get(("eager_chunked", shape_name, mode), float("nan"))
+    loop = _BASE.get(("token_loop", shape_name, mode), float("nan"))
+    benchmark.extra_info.update(shape=shape, mode=mode, ms=ms, vs_eager_chunked=eager / ms, vs_token_loop=loop / ms,
+                                peak_gib=peak, device=torch.cuda.get_device_name() if HAS_CUDA else "cpu")
+    print(f"\n[dgd] {shape_name} {tuple(shape)} {mode:7s} {path:16s} {ms:9.2f} ms  "
+          f"x{eager / ms:6.2f} vs eager chunked  x{loop / ms:7.2f} vs token loop  peak {peak:.2f} GiB")

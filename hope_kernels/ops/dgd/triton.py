@@ -1,0 +1,190 @@
+"""Triton kernels of the chunked delta-gradient-descent memory (DESIGN 4.4, derivation in docs/dgd.md).
+
+One program per (batch, head) walks over the chunks with the state M (dk, dv) held in registers. Per chunk of C
+tokens (padded to BLOCK_C >= 16 rows, head dims padded to >= 16, masked): the Gram matrices K K^T and Q K^T
+and the decay mask D are tl.dot / elementwise tiles, T = (I + A)^{-1} is built by forward substitution on the
+(BLOCK_C, BLOCK_C) tile (the UT transform), then
+    X = T (diag(1 + c) K M - V),   O = diag(c) Q M - P X,   M <- gamma_C M - (diag(eta g) K)^T X.
+Forward saves the chunk-start states (B, H, N, dk, dv). Backward runs one program per (batch, head) over the
+chunks in reverse with dM in registers: it reloads the chunk-start state, recomputes every chunk-local
+quantity and writes all gradients of the chunk, then dM <- gamma_C dM + (diag(c) Q)^T dO + (diag(1+c) K)^T dR.
+Loads are upcast to float32 (float64 for float64 inputs) at once; products accumulate in that dtype.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_HEAD_DIM = 128  # the state tile (dk, dv) lives in registers
+
+
+@triton.jit
+def _chunk_prologue(q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, bh, n, L, C, dk, dv, ACC: tl.constexpr,
+                    BLOCK_C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """Loads one chunk and computes its state-independent quantities."""
+    r = tl.arange(0, BLOCK_C)
+    tok = n * C + r
+    valid = (r < C) & (tok < L)
+    ck = tl.arange(0, BK)
+    cv = tl.arange(0, BV)
+    row = bh.to(tl.int64) * L + tok
+    mk = valid[:, None] & (ck[None, :] < dk)
+    mv = valid[:, None] & (cv[None, :] < dv)
+    b_q = tl.load(q_ptr + row[:, None] * dk + ck[None, :], mask=mk, other=0.0).to(ACC)
+    b_k = tl.load(k_ptr + row[:, None] * dk + ck[None, :], mask=mk, other=0.0).to(ACC)
+    b_v = tl.load(v_ptr + row[:, None] * dv + cv[None, :], mask=mv, other=0.0).to(ACC)
+    b_a = tl.load(a_ptr + row, mask=valid, other=1.0).to(ACC)   # padded tokens: alpha 1, eta 0 (no-op)
+    b_e = tl.load(e_ptr + row, mask=valid, other=0.0).to(ACC)
+    la = tl.log(b_a)
+    lg = tl.cumsum(la, 0)
+    lgp = lg - la
+    lg_last = tl.sum(la, 0)
+    strict = r[:, None] > r[None, :]
+    D = tl.exp(tl.where(strict, lgp[:, None] - lg[None, :], float("-inf")))
+    c = tl.exp(lgp)
+    g = tl.exp(lg_last - lg)
+    gC = tl.exp(lg_last)
+    KK = tl.dot(b_k, tl.trans(b_k), input_precision=PREC, out_dtype=ACC)
+    QK = tl.dot(b_q, tl.trans(b_k), input_precision=PREC, out_dtype=ACC)
+    A = D * KK * b_e[None, :]
+    P = D * QK * b_e[None, :]
+    # T = (I + A)^{-1}, unit lower triangular, by forward substitution over rows
+    T = tl.where(r[:, None] == r[None, :], 1.0, 0.0).to(ACC)
+    for i in range(1, BLOCK_C):
+        a_i = tl.sum(tl.where(r[:, None] == i, A, 0.0), 0)
+        t_i = tl.where(r == i, 1.0, 0.0).to(ACC) - tl.sum(a_i[:, None] * T, 0)
+        T = tl.where(r[:, None] == i, t_i[None, :], T)
+    return (b_q, b_k, b_v, b_a, b_e, valid, mk, mv, row, c, g, gC, D, KK, QK, A, P, T)
+
+
+@triton.jit
+def dgd_fwd_kernel(q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, m0_ptr, o_ptr, mT_ptr, states_ptr, L, C, N, dk, dv,
+                   HAS_INIT: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BK: tl.constexpr,
+                   BV: tl.constexpr, PREC: tl.constexpr):
+    bh = tl.program_id(0)
+    ck = tl.arange(0, BK)
+    cv = tl.arange(0, BV)
+    m_mask = (ck[:, None] < dk) & (cv[None, :] < dv)
+    m_offs = ck[:, None] * dv + cv[None, :]
+    if HAS_INIT:
+        b_M = tl.load(m0_ptr + bh.to(tl.int64) * dk * dv + m_offs, mask=m_mask, other=0.0).to(ACC)
+    else:
+        b_M = tl.zeros((BK, BV), dtype=ACC)
+    for n in range(0, N):
+        tl.store(states_ptr + (bh.to(tl.int64) * N + n) * dk * dv + m_offs, b_M, mask=m_mask)
+        (b_q, b_k, b_v, b_a, b_e, valid, mk, mv, row, c, g, gC, D, KK, QK, A, P, T) = _chunk_prologue(
+            q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, bh, n, L, C, dk, dv, ACC, BLOCK_C, BK, BV, PREC)
+        KM = tl.dot(b_k, b_M, input_precision=PREC, out_dtype=ACC)
+        QM = tl.dot(b_q, b_M, input_precision=PREC, out_dtype=ACC)
+        X = tl.dot(T, (1.0 + c)[:, None] * KM - b_v, input_precision=PREC, out_dtype=ACC)
+        b_o = c[:, None] * QM - tl.dot(P, X, input_precision=PREC, out_dtype=ACC)
+        tl.store(o_ptr + row[:, None] * dv + cv[None, :], b_o, mask=mv)
+        W = b_k * (b_e * g)[:, None]
+        b_M = gC * b_M - tl.dot(tl.trans(W), X, input_precision=PREC, out_dtype=ACC)
+    tl.store(mT_ptr + bh.to(tl.int64) * dk * dv + m_offs, b_M, mask=m_mask)
+
+
+@triton.jit
+def dgd_bwd_kernel(q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, states_ptr, do_ptr, dmT_ptr, dq_ptr, dk_ptr, dv_ptr,
+                   da_ptr, de_ptr, dm0_ptr, L, C, N, dk, dv, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+                   BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    bh = tl.program_id(0)
+    r = tl.arange(0, BLOCK_C)
+    ck = tl.arange(0, BK)
+    cv = tl.arange(0, BV)
+    m_mask = (ck[:, None] < dk) & (cv[None, :] < dv)
+    m_offs = ck[:, None] * dv + cv[None, :]
+    strict = r[:, None] > r[None, :]
+    b_dM = tl.load(dmT_ptr + bh.to(tl.int64) * dk * dv + m_offs, mask=m_mask, other=0.0).to(ACC)
+    for step in range(0, N):
+        n = N - 1 - step
+        b_M = tl.load(states_ptr + (bh.to(tl.int64) * N + n) * dk * dv + m_offs, mask=m_mask, other=0.0).to(ACC)
+        (b_q, b_k, b_v, b_a, b_e, valid, mk, mv, row, c, g, gC, D, KK, QK, A, P, T) = _chunk_prologue(
+            q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, bh, n, L, C, dk, dv, ACC, BLOCK_C, BK, BV, PREC)
+        b_do = tl.load(do_ptr + row[:, None] * dv + cv[None, :], mask=mv, other=0.0).to(ACC)
+        KM = tl.dot(b_k, b_M, input_precision=PREC, out_dtype=ACC)
+        QM = tl.dot(b_q, b_M, input_precision=PREC, out_dtype=ACC)
+        X = tl.dot(T, (1.0 + c)[:, None] * KM - b_v, input_precision=PREC, out_dtype=ACC)
+        W = b_k * (b_e * g)[:, None]
+        dX = -tl.dot(W, b_dM, input_precision=PREC, out_dtype=ACC) \
+            - tl.dot(tl.trans(P), b_do, input_precision=PREC, out_dtype=ACC)
+        dR = tl.dot(tl.trans(T), dX, input_precision=PREC, out_dtype=ACC)
+        XT = tl.trans(X)
+        dA = tl.where(strict, -tl.dot(dR, XT, input_precision=PREC, out_dtype=ACC), 0.0)
+        dP = tl.where(strict, -tl.dot(b_do, XT, input_precision=PREC, out_dtype=ACC), 0.0)
+        dW = -tl.dot(X, tl.trans(b_dM), input_precision=PREC, out_dtype=ACC)
+        GA = dA * D * b_e[None, :]
+        GP = dP * D * b_e[None, :]
+        MT = tl.trans(b_M)
+        b_dk = (1.0 + c)[:, None] * tl.dot(dR, MT, input_precision=PREC, out_dtype=ACC) \
+            + (b_e * g)[:, None] * dW \
+            + tl.dot(GA + tl.trans(GA), b_k, input_precision=PREC, out_dtype=ACC) \
+            + tl.dot(tl.trans(GP), b_q, input_precision=PREC, out_dtype=ACC)
+        b_dq = c[:, None] * tl.dot(b_do, MT, input_precision=PREC, out_dtype=ACC) \
+            + tl.dot(GP, b_k, input_precision=PREC, out_dtype=ACC)
+        dc = tl.sum(QM * b_do, 1) + tl.sum(KM * dR, 1)
+        wdot = tl.sum(dW * b_k, 1)
+        b_de = g * wdot + tl.sum(dA * D * KK, 0) + tl.sum(dP * D * QK, 0)
+        dgg = b_e * wdot * g
+        dgC = tl.sum(tl.sum(b_M * b_dM, 1), 0)
+        dDD = dA * A + dP * P
+        dlgp = tl.sum(dDD, 1) + dc * c
+        dlg = -tl.sum(dDD, 0) - dgg + tl.where(r == BLOCK_C - 1, tl.sum(dgg, 0) + dgC * gC, 0.0)
+        # dla_j = sum_{t >= j} dlg_t + sum_{t > j} dlgp_t  (t along rows, j along columns)
+        dla = tl.sum(tl.where(r[:, None] >= r[None, :], dlg[:, None], 0.0)
+                     + tl.where(strict, dlgp[:, None], 0.0), 0)
+        tl.store(dq_ptr + row[:, None] * dk + ck[None, :], b_dq, mask=mk)
+        tl.store(dk_ptr + row[:, None] * dk + ck[None, :], b_dk, mask=mk)
+        tl.store(dv_ptr + row[:, None] * dv + cv[None, :], -dR, mask=mv)
+        tl.store(da_ptr + row, dla / b_a, mask=valid)
+        tl.store(de_ptr + row, b_de, mask=valid)
+        b_dM = gC * b_dM + tl.dot(tl.trans(b_q * c[:, None]), b_do, input_precision=PREC, out_dtype=ACC) \
+            + tl.dot(tl.trans(b_k * (1.0 + c)[:, None]), dR, input_precision=PREC, out_dtype=ACC)
+    tl.store(dm0_ptr + bh.to(tl.int64) * dk * dv + m_offs, b_dM, mask=m_mask)
+
+
+def _config(q: torch.Tensor, v: torch.Tensor, C: int):
+    dk, dv = q.shape[3], v.shape[3]
+    if dk > MAX_HEAD_DIM or dv > MAX_HEAD_DIM:
+        raise ValueError(f"dgd_memory: the triton backend supports dk, dv <= {MAX_HEAD_DIM}, got dk={dk}, dv={dv}; "
+                         f"use backend='cpu', 'cuda' or 'reference'")
+    acc_tl, acc = (tl.float64, torch.float64) if q.dtype == torch.float64 else (tl.float32, torch.float32)
+    prec = "tf32" if q.dtype in (torch.bfloat16, torch.float16) else "ieee"
+    block_c = max(16, triton.next_power_of_2(C))
+    bk, bv = max(16, triton.next_power_of_2(dk)), max(16, triton.next_power_of_2(dv))
+    num_warps = 4 if bk * bv <= 64 * 64 and block_c <= 32 else 8
+    return dict(ACC=acc_tl, BLOCK_C=block_c, BK=bk, BV=bv, PREC=prec, num_warps=num_warps), acc
+
+
+def dgd_fwd_triton(q, k, v, alpha, eta, initial_state, C: int):
+    """Returns (o (B, H, L, dv) in q's dtype, final state (B, H, dk, dv), chunk-start states (B, H, N, dk, dv))."""
+    cfg, acc = _config(q, v, C)
+    q, k, v, alpha, eta = (x.contiguous() for x in (q, k, v, alpha, eta))
+    B, H, L, dk = q.shape
+    dv = v.shape[3]
+    N = triton.cdiv(L, C)
+    o = torch.empty(B, H, L, dv, device=q.device, dtype=q.dtype)
+    M_T = torch.empty(B, H, dk, dv, device=q.device, dtype=acc)
+    states = torch.empty(B, H, N, dk, dv, device=q.device, dtype=acc)
+    m0 = initial_state.to(acc).contiguous() if initial_state is not None else M_T
+    dgd_fwd_kernel[(B * H,)](q, k, v, alpha, eta, m0, o, M_T, states, L, C, N, dk, dv,
+                             HAS_INIT=initial_state is not None, **cfg)
+    return o, M_T, states
+
+
+def dgd_bwd_triton(q, k, v, alpha, eta, states, do, dM, C: int):
+    """Returns (dq, dk, dv, dalpha, deta, dM0) from the chunk-start states saved by the forward."""
+    cfg, acc = _config(q, v, C)
+    q, k, v, alpha, eta, do = (x.contiguous() for x in (q, k, v, alpha, eta, do))
+    states = states.to(acc).contiguous()
+    dM = dM.to(acc).contiguous()
+    B, H, L, dk = q.shape
+    dv = v.shape[3]
+    N = triton.cdiv(L, C)
+    dq, dk_, dv_ = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dalpha, deta = torch.empty_like(alpha), torch.empty_like(eta)
+    dM0 = torch.empty(B, H, dk, dv, device=q.device, dtype=acc)
+    dgd_bwd_kernel[(B * H,)](q, k, v, alpha, eta, states, do, dM, dq, dk_, dv_, dalpha, deta, dM0,
+                             L, C, N, dk, dv, **cfg)
+    return dq, dk_, dv_, dalpha, deta, dM0
