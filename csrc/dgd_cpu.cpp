@@ -162,7 +162,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dgd_chunk_bwd_cpu(
   auto wdot = (dW * t.k).sum(-1);
   auto deta = t.g * wdot + (dA * t.D * t.KK).sum(-2) + (dP * t.D * t.QK).sum(-2);
   auto dgg = t.eta * wdot * t.g;
-  auto dgC = (Ms * dM_end).sum({-1, -2});
+  auto dgC = (Ms * dM_end).sum(at::IntArrayRef{-1, -2});
   auto dDD = dA * t.A + dP * t.P;
   auto dlgp = dDD.sum(-1) + dc * t.c;
   auto dlg = -dDD.sum(-2) - dgg;
