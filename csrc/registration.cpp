@@ -7,4 +7,10 @@ TORCH_LIBRARY(hope_kernels, m) {
   // l1_loss: per-timestep mean |pred - layer_norm(target)|, and its gradient coef[t] * sign(.)
   m.def("l1_per_step(Tensor pred, Tensor target, bool normalize_target, float eps) -> Tensor");
   m.def("l1_per_step_backward(Tensor pred, Tensor target, Tensor coef, bool normalize_target, float eps) -> Tensor");
+  // titans: chunked linear Titans memory; Ws, Ss are the chunk-boundary states (B, H, N+1, dk, dv)
+  m.def("titans_linear_fwd(Tensor q, Tensor k, Tensor v, Tensor alpha, Tensor eta, Tensor theta, Tensor W0, "
+        "Tensor S0, int chunk_size) -> (Tensor, Tensor, Tensor)");
+  m.def("titans_linear_bwd(Tensor q, Tensor k, Tensor v, Tensor alpha, Tensor eta, Tensor theta, Tensor Ws, "
+        "Tensor Ss, Tensor grad_o, Tensor grad_W, Tensor grad_S, int chunk_size) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -25,7 +25,7 @@ __all__ = ["titans_memory", "titans_token_loop", "titans_chunked", "LINEAR_BACKE
 
 _OP = "titans_memory"
 # Backends with a forward AND backward for the linear memory (a backend appears here only when both pass tests).
-LINEAR_BACKENDS: Tuple[str, ...] = ("reference",)
+LINEAR_BACKENDS: Tuple[str, ...] = ("reference", "cpu")
 MEMORIES = ("linear", "mlp")
 
 
