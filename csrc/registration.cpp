@@ -17,4 +17,10 @@ TORCH_LIBRARY(hope_kernels, m) {
         "int chunk_size) -> (Tensor, Tensor, Tensor)");
   m.def("dgd_recurrent_bwd(Tensor q, Tensor k, Tensor v, Tensor alpha, Tensor eta, Tensor states, Tensor do, "
         "Tensor dM, int chunk_size) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // titans: chunked linear Titans memory; Ws, Ss are the chunk-boundary states (B, H, N+1, dk, dv)
+  m.def("titans_linear_fwd(Tensor q, Tensor k, Tensor v, Tensor alpha, Tensor eta, Tensor theta, Tensor W0, "
+        "Tensor S0, int chunk_size) -> (Tensor, Tensor, Tensor)");
+  m.def("titans_linear_bwd(Tensor q, Tensor k, Tensor v, Tensor alpha, Tensor eta, Tensor theta, Tensor Ws, "
+        "Tensor Ss, Tensor grad_o, Tensor grad_W, Tensor grad_S, int chunk_size) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

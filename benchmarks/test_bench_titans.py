@@ -1,0 +1,100 @@
+"""titans_memory benchmarks: token loop, eager chunked, torch.compile(eager chunked) and every fast path,
+forward and forward+backward, side by side.
+
+    pytest benchmarks/test_bench_titans.py --benchmark-only -s
+
+GPU shapes: one clip of the real grid (B=4, H=16, L=8*258, dk=dv=64) and 8x that length; CPU: a smaller
+shape (the compiled C++ path against the eager ones). Each row's extra_info holds the ratio to the eager
+chunked time of the same shape and mode, and the peak CUDA memory; a table is printed at the end.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hope_kernels import backends
+from hope_kernels.ops import titans_memory
+from hope_kernels.ops.titans import LINEAR_BACKENDS
+from hope_kernels.ops.titans.reference import titans_chunked, titans_token_loop
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+C = 16
+SHAPES = ({"clip": (4, 16, 8 * 258, 64), "clip_x8": (4, 16, 8 * 8 * 258, 64)} if CUDA
+          else {"cpu_small": (1, 4, 512, 32)})
+PATHS = ["eager_chunked", "token_loop", "compiled_chunked"] + [b for b in LINEAR_BACKENDS if b != "reference"]
+RESULTS = {}
+
+
+def _inputs(shape, grad):
+    B, H, L, d = shape
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g, device=DEVICE)
+    u = lambda *s: torch.rand(*s, generator=g, device=DEVICE)
+    x = [F.normalize(r(B, H, L, d), dim=-1), F.normalize(r(B, H, L, d), dim=-1), r(B, H, L, d),
+         0.1 * u(B, H, L), 0.9 * u(B, H, L), 0.1 * u(B, H, L)]
+    return [t.requires_grad_(grad) for t in x]
+
+
+_compiled = None
+
+
+def _fn(path):
+    global _compiled
+    if path == "token_loop":
+        return lambda *x: titans_token_loop(*x, chunk_size=C)[0]
+    if path == "eager_chunked":
+        return lambda *x: titans_chunked(*x, chunk_size=C)[0]
+    if path == "compiled_chunked":
+        if _compiled is None:
+            _compiled = torch.compile(lambda *x: titans_chunked(*x, chunk_size=C)[0])
+        return _compiled
+    return lambda *x: titans_memory(*x, chunk_size=C, backend=path)[0]
+
+
+def _skip(path, shape_name):
+    if path in ("triton", "cuda") and not CUDA:
+        pytest.skip("GPU path")
+    if path == "compiled_chunked" and not CUDA:
+        pytest.skip("compiling the eager chunked loop takes minutes on this CPU")
+    if path not in ("token_loop", "eager_chunked", "compiled_chunked") and not backends()[path]:
+        pytest.skip(f"{path} not available")
+    if path == "token_loop" and shape_name == "clip_x8":
+        pytest.skip("token loop at 8x length: minutes")
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+@pytest.mark.parametrize("path", PATHS)
+def test_titans(benchmark, path, shape_name, mode):
+    _skip(path, shape_name)
+    shape = SHAPES[shape_name]
+    grad = mode == "fwd_bwd"
+    x = _inputs(shape, grad)
+    fn = _fn(path)
+
+    def run():
+        o = fn(*x)
+        if grad:
+            o.sum().backward()
+        if CUDA:
+            torch.cuda.synchronize()
+    run()  # warm-up (compilation, autotune)
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
+    benchmark.group = f"titans {shape_name} {mode}"
+    benchmark.pedantic(run, rounds=3 if path == "token_loop" else 5, iterations=1)
+    ms = benchmark.stats.stats.mean * 1e3
+    peak = torch.cuda.max_memory_allocated() / 2**30 if CUDA else float("nan")
+    RESULTS[(shape_name, mode, path)] = (ms, peak)
+    eager = RESULTS.get((shape_name, mode, "eager_chunked"))
+    benchmark.extra_info.update(ms=ms, peak_gib=peak, speedup_vs_eager_chunked=eager[0] / ms if eager else None)
+
+
+def teardown_module():
+    if not RESULTS:
+        return
+    print(f"\n{'shape':>10} {'mode':>8} {'path':>17} {'ms':>10} {'x eager':>8} {'x loop':>8} {'peak GiB':>9}")
+    for (sn, mode, path), (ms, peak) in sorted(RESULTS.items()):
+        e = RESULTS.get((sn, mode, "eager_chunked"), (float("nan"),))[0]
+        t = RESULTS.get((sn, mode, "token_loop"), (float("nan"),))[0]
+        print(f"{sn:>10} {mode:>8} {path:>17} {ms:10.2f} {e / ms:8.2f} {t / ms:8.2f} {peak:9.3f}")

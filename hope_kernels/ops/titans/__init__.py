@@ -1,0 +1,225 @@
+"""Chunk-parallel Titans neural memory (DESIGN 4.3): public function, custom ops and dispatcher.
+
+    o, final_state = titans_memory(q, k, v, alpha, eta, theta, chunk_size=16)
+
+Semantics, closed form and shapes: hope_kernels/ops/titans/reference.py; backward derivation: docs/titans.md.
+Backends: reference (eager chunked closed form, autograd; the token loop when chunk_size == 1) for both
+memories; compiled/Triton fast paths for the linear memory only (listed in `LINEAR_BACKENDS`). The fast
+paths go through the custom op `torch.ops.hope_kernels.titans_memory_linear(q, k, v, alpha, eta, theta,
+W0, S0, chunk_size, backend) -> (o, Ws, Ss)` (Ws, Ss: chunk-boundary states) whose backward is
+`torch.ops.hope_kernels.titans_memory_linear_backward`; both have fake kernels, so they trace under
+torch.compile.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from hope_kernels.dispatch import resolve_backend
+from hope_kernels.ops.checks import accum_dtype, check_same_device, check_same_dtype, check_tensor
+from hope_kernels.ops.titans.reference import (titans_chunked, titans_linear_chunked_bwd, titans_linear_chunked_fwd,
+                                               titans_token_loop)
+
+__all__ = ["titans_memory", "titans_token_loop", "titans_chunked", "LINEAR_BACKENDS"]
+
+_OP = "titans_memory"
+# Backends with a forward AND backward for the linear memory (a backend appears here only when both pass tests).
+LINEAR_BACKENDS: Tuple[str, ...] = ("reference", "cpu")
+MEMORIES = ("linear", "mlp")
+
+
+def _validate(q, k, v, alpha, eta, theta, chunk_size, memory, initial_state) -> None:
+    check_tensor("q", q, ndim=4, shape_doc="(B, H, L, dk)")
+    check_tensor("k", k, ndim=4, shape_doc="(B, H, L, dk)")
+    check_tensor("v", v, ndim=4, shape_doc="(B, H, L, dv)")
+    if k.shape != q.shape:
+        raise ValueError(f"k must have the shape of q {tuple(q.shape)} = (B, H, L, dk), got {tuple(k.shape)}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v must be (B, H, L, dv) = {tuple(q.shape[:3])} + (dv,), got {tuple(v.shape)}")
+    check_same_dtype(("q", "k", "v"), (q, k, v))
+    B, H, L, dk = q.shape
+    dv = v.shape[-1]
+    if L < 1 or dk < 1 or dv < 1:
+        raise ValueError(f"q, k, v need L, dk, dv >= 1, got q {tuple(q.shape)}, v {tuple(v.shape)}")
+    for name, g in (("alpha", alpha), ("eta", eta), ("theta", theta)):
+        check_tensor(name, g, ndim=3, shape_doc=f"(B, H, L) = {(B, H, L)}")
+        if g.shape != q.shape[:3]:
+            raise ValueError(f"{name} must be (B, H, L) = {(B, H, L)}, got {tuple(g.shape)}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if memory not in MEMORIES:
+        raise ValueError(f"memory must be one of {MEMORIES}, got {memory!r}")
+    state = list(initial_state) if initial_state is not None else []
+    if memory == "linear" and initial_state is not None:
+        if len(state) != 2:
+            raise ValueError(f"initial_state for memory='linear' must be (W, S), got {len(state)} tensors")
+        for name, s in zip(("W", "S"), state):
+            check_tensor(f"initial_state {name}", s, ndim=4, shape_doc=f"(B, H, dk, dv) = {(B, H, dk, dv)}")
+            if s.shape != (B, H, dk, dv):
+                raise ValueError(f"initial_state {name} must be (B, H, dk, dv) = {(B, H, dk, dv)}, got {tuple(s.shape)}")
+    if memory == "mlp":
+        if initial_state is None:
+            raise ValueError("memory='mlp' needs initial_state=(W1, W2, S1, S2): W1, S1 (B, H, dk, dh), "
+                             "W2, S2 (B, H, dh, dv) (zero weights would never learn)")
+        if dk != dv:
+            raise ValueError(f"memory='mlp' is residual and needs dk == dv, got dk={dk}, dv={dv}")
+        if len(state) != 4:
+            raise ValueError(f"initial_state for memory='mlp' must be (W1, W2, S1, S2), got {len(state)} tensors")
+        for name, s in zip(("W1", "W2", "S1", "S2"), state):
+            check_tensor(f"initial_state {name}", s, ndim=4, shape_doc="(B, H, dk, dh) / (B, H, dh, dv)")
+        dh = state[0].shape[-1]
+        for name, s, want in zip(("W1", "W2", "S1", "S2"), state,
+                                 ((B, H, dk, dh), (B, H, dh, dv), (B, H, dk, dh), (B, H, dh, dv))):
+            if s.shape != want:
+                raise ValueError(f"initial_state {name} must be {want}, got {tuple(s.shape)}")
+    names = ("q", "k", "v", "alpha", "eta", "theta") + tuple(f"initial_state[{i}]" for i in range(len(state)))
+    check_same_device(names, (q, k, v, alpha, eta, theta, *state))
+
+
+def _check_gate_values(alpha, eta, theta) -> None:
+    # Value checks read the data: run outside tracing only.
+    for name, g, lo, hi in (("alpha", alpha, 0.0, 1.0), ("eta", eta, 0.0, 1.0), ("theta", theta, 0.0, None)):
+        if not torch.isfinite(g).all():
+            raise ValueError(f"{name} must be finite, got NaN/Inf")
+        gmin = g.min().item()
+        if gmin < lo or (hi is not None and g.max().item() > hi):
+            rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+            raise ValueError(f"{name} must be in {rng}, got values in [{gmin}, {g.max().item()}]")
+
+
+def _resolve(backend: str, memory: str, tensors) -> str:
+    supported = LINEAR_BACKENDS if memory == "linear" else ("reference",)
+    return resolve_backend(backend, tensors, op=_OP, gpu_order=("triton", "cuda"), cpu_order=("cpu",),
+                           supported=supported)
+
+
+# ---------------------------------------------------------------- fast-path custom op (linear memory)
+
+def _fwd_impl(backend, q, k, v, alpha, eta, theta, W0, S0, chunk_size):
+    if backend == "triton":
+        from hope_kernels.ops.titans.triton import titans_linear_fwd_triton
+        return titans_linear_fwd_triton(q, k, v, alpha, eta, theta, W0, S0, chunk_size)
+    if backend in ("cpu", "cuda"):
+        return torch.ops.hope_kernels.titans_linear_fwd(q, k, v, alpha, eta, theta, W0, S0, chunk_size)
+    o, Ws, Ss = titans_linear_chunked_fwd(*(x.to(W0.dtype) for x in (q, k, v)), alpha, eta, theta, W0, S0,
+                                          chunk_size)
+    return o.to(q.dtype), Ws, Ss
+
+
+def _bwd_impl(backend, q, k, v, alpha, eta, theta, Ws, Ss, do, dWT, dST, chunk_size):
+    if backend == "triton":
+        from hope_kernels.ops.titans.triton import titans_linear_bwd_triton
+        return titans_linear_bwd_triton(q, k, v, alpha, eta, theta, Ws, Ss, do, dWT, dST, chunk_size)
+    if backend in ("cpu", "cuda"):
+        return torch.ops.hope_kernels.titans_linear_bwd(q, k, v, alpha, eta, theta, Ws, Ss, do, dWT, dST, chunk_size)
+    acc = Ws.dtype
+    g = titans_linear_chunked_bwd(*(x.to(acc) for x in (q, k, v)), alpha, eta, theta, Ws, Ss, do.to(acc), dWT,
+                                  dST, chunk_size)
+    return (g[0].to(q.dtype), g[1].to(k.dtype), g[2].to(v.dtype)) + tuple(g[3:])
+
+
+@torch.library.custom_op("hope_kernels::titans_memory_linear", mutates_args=())
+def _linear_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor, eta: torch.Tensor,
+               theta: torch.Tensor, W0: torch.Tensor, S0: torch.Tensor, chunk_size: int,
+               backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    o, Ws, Ss = _fwd_impl(backend, q, k, v, alpha, eta, theta, W0, S0, chunk_size)
+    return o, Ws, Ss
+
+
+def _num_chunks(L: int, chunk_size: int) -> int:
+    return (L + chunk_size - 1) // chunk_size
+
+
+@_linear_op.register_fake
+def _(q, k, v, alpha, eta, theta, W0, S0, chunk_size, backend):
+    B, H, L, dk = q.shape
+    dv = v.shape[-1]
+    n = _num_chunks(L, chunk_size) + 1
+    return (v.new_empty(B, H, L, dv), W0.new_empty(B, H, n, dk, dv), W0.new_empty(B, H, n, dk, dv))
+
+
+@torch.library.custom_op("hope_kernels::titans_memory_linear_backward", mutates_args=())
+def _linear_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor, eta: torch.Tensor,
+                        theta: torch.Tensor, Ws: torch.Tensor, Ss: torch.Tensor, do: torch.Tensor, dWT: torch.Tensor,
+                        dST: torch.Tensor, chunk_size: int, backend: str) -> Tuple[torch.Tensor, torch.Tensor,
+                                                                                   torch.Tensor, torch.Tensor,
+                                                                                   torch.Tensor, torch.Tensor,
+                                                                                   torch.Tensor, torch.Tensor]:
+    g = _bwd_impl(backend, q, k, v, alpha, eta, theta, Ws, Ss, do.contiguous(), dWT.contiguous(), dST.contiguous(),
+                  chunk_size)
+    return tuple(g)
+
+
+@_linear_backward_op.register_fake
+def _(q, k, v, alpha, eta, theta, Ws, Ss, do, dWT, dST, chunk_size, backend):
+    st = Ws[:, :, 0]
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(alpha),
+            torch.empty_like(eta), torch.empty_like(theta), torch.empty_like(st), torch.empty_like(st))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, alpha, eta, theta, W0, S0, chunk_size, backend = inputs
+    _, Ws, Ss = output
+    ctx.save_for_backward(q, k, v, alpha, eta, theta, Ws, Ss)
+    ctx.chunk_size, ctx.backend = chunk_size, backend
+
+
+def _backward(ctx, do, dWs, dSs):
+    q, k, v, alpha, eta, theta, Ws, Ss = ctx.saved_tensors
+    B, H, L, dk = q.shape
+    dv = v.shape[-1]
+    # Only the last boundary state is a public output (the final state); earlier ones are saved internals.
+    if do is None:
+        do = v.new_zeros(B, H, L, dv)
+    dWT = Ws.new_zeros(B, H, dk, dv) if dWs is None else dWs[:, :, -1]
+    dST = Ss.new_zeros(B, H, dk, dv) if dSs is None else dSs[:, :, -1]
+    g = _linear_backward_op(q, k, v, alpha, eta, theta, Ws, Ss, do, dWT, dST, ctx.chunk_size, ctx.backend)
+    return (*g, None, None)
+
+
+_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------- public function
+
+def titans_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor, eta: torch.Tensor,
+                  theta: torch.Tensor, *, chunk_size: int = 16, memory: str = "linear",
+                  initial_state: Optional[Sequence[torch.Tensor]] = None, output_final_state: bool = False,
+                  backend: str = "auto"):
+    """Titans neural memory with momentum and decay, chunk-parallel (DESIGN 4.3).
+
+    q, k: (B, H, L, dk); v: (B, H, L, dv), one floating dtype. Not normalised here (the layer L2-normalises).
+    alpha (forget), eta (momentum), theta (inner learning rate): (B, H, L), any floating dtype;
+        alpha in [0, 1], eta in [0, 1], theta >= 0.
+    chunk_size: C >= 1; inside a chunk every token's gradient is taken at the chunk-start weights.
+        C = 1 is exact sequential Titans. The result depends on C by definition (not a tuning knob).
+    memory="linear": M_W(x) = x W. State (W, S), each (B, H, dk, dv); zeros when initial_state is None.
+    memory="mlp": M(x) = x + silu(x W1) W2 (residual, dk == dv). The hidden width dh and the initial weights
+        come from initial_state = (W1, W2, S1, S2), REQUIRED: W1, S1 (B, H, dk, dh); W2, S2 (B, H, dh, dv).
+        Reference backend only.
+    Returns (o (B, H, L, dv) in q's dtype, final_state): final_state is None unless output_final_state, else
+    the state tuple in the accumulation dtype (float32; float64 for float64 inputs).
+    Gradients flow to q, k, v, alpha, eta, theta and initial_state. On the fast paths the gradient to a gate
+    that sits exactly at 1 - alpha = 0 or eta = 0 is not exact (the forward is).
+    """
+    _validate(q, k, v, alpha, eta, theta, chunk_size, memory, initial_state)
+    if not torch.compiler.is_compiling():
+        _check_gate_values(alpha, eta, theta)
+    backend = _resolve(backend, memory, (q, k, v, alpha, eta, theta))
+    if backend == "reference":
+        fn = titans_token_loop if chunk_size == 1 else titans_chunked
+        o, state = fn(q, k, v, alpha, eta, theta, chunk_size=chunk_size, memory=memory, initial_state=initial_state)
+        return o, (tuple(state) if output_final_state else None)
+    acc = accum_dtype(q.dtype)
+    B, H, L, dk = q.shape
+    dv = v.shape[-1]
+    if initial_state is None:
+        W0 = S0 = q.new_zeros(B, H, dk, dv, dtype=acc)
+    else:
+        W0, S0 = (s.to(acc).contiguous() for s in initial_state)
+    gates = (g.to(acc).contiguous() for g in (alpha, eta, theta))
+    o, Ws, Ss = _linear_op(q.contiguous(), k.contiguous(), v.contiguous(), *gates, W0, S0, chunk_size, backend)
+    return o, ((Ws[:, :, -1], Ss[:, :, -1]) if output_final_state else None)

@@ -1,0 +1,270 @@
+"""Eager references of the chunk-parallel Titans memory (DESIGN 4.3). Ground truth and baselines.
+
+Per batch and head, a memory M_W with weights W and momentum S (same shapes). Per token t, with the loss
+l_t(W) = 1/2 ||M_W(k_t) - v_t||^2 and W_ref = the weights at the start of t's chunk (chunk size C):
+
+    U_t = -theta_t * grad_W l_t(W_ref)
+    S_t = eta_t * S_{t-1} + U_t
+    W_t = (1 - alpha_t) * W_{t-1} + S_t
+    o_t = M_{W_t}(q_t)                      (read after the token's own update)
+
+C = 1 is exact sequential Titans. Memories (row-vector convention, x (dk,)):
+    linear:  M_W(x) = x W,                             W (dk, dv)
+    mlp:     M_W(x) = x + silu(x W1) W2,               W1 (dk, dh), W2 (dh, dv), dk == dv
+
+Shapes: q, k (B, H, L, dk); v (B, H, L, dv); alpha, eta, theta (B, H, L); o (B, H, L, dv).
+State: linear (W, S) each (B, H, dk, dv); mlp (W1, W2, S1, S2). Everything runs in the accumulation dtype
+(float32, float64 for float64 inputs); o comes back in the input dtype, the state in the accumulation dtype.
+
+Two implementations with identical semantics:
+  * `titans_token_loop`: the plain loop over tokens (the definition);
+  * `titans_chunked`: the closed form, a few masked matrix products per chunk (loop over chunks only):
+        W_t = beta_t W_0 + f_t S_0 + sum_{i<=t} c_{t,i} U_i,      S_t = m_t S_0 + sum_{i<=t} (m_t/m_i) U_i
+    with beta_t = prod_{j<=t} (1 - alpha_j), m_t = prod_{j<=t} eta_j inside the chunk,
+    f_t = sum_{j<=t} (beta_t/beta_j) m_j and c_{t,i} = sum_{j=i..t} (beta_t/beta_j)(m_j/m_i).
+Both are differentiable by autograd (the gradient of the inner loss is written out analytically).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from hope_kernels.ops.checks import accum_dtype
+
+
+def silu_grad(z: torch.Tensor) -> torch.Tensor:
+    s = torch.sigmoid(z)
+    return s * (1 + z * (1 - s))
+
+
+def _mlp_inner_grad(x, v, W1, W2):
+    """Analytic gradient of 1/2 ||x + silu(x W1) W2 - v||^2 for rows x (..., n, dk).
+
+    Returns (h, g_z, e): hidden activations (..., n, dh), d/dz (..., n, dh) and the error (..., n, dv), so that
+    grad_W1 = x^T g_z and grad_W2 = h^T e.
+    """
+    z = x @ W1
+    h = F.silu(z)
+    e = x + h @ W2 - v
+    g_z = (e @ W2.transpose(-1, -2)) * silu_grad(z)
+    return h, g_z, e
+
+
+def _prepare(q, k, v, alpha, eta, theta, state, memory):
+    acc = accum_dtype(q.dtype)
+    B, H, L, dk = q.shape
+    dv = v.shape[-1]
+    q, k, v, alpha, eta, theta = (x.to(acc) for x in (q, k, v, alpha, eta, theta))
+    if state is None:
+        if memory != "linear":
+            raise ValueError("memory='mlp' needs initial_state=(W1, W2, S1, S2)")
+        z = q.new_zeros(B, H, dk, dv)
+        state = (z, z)
+    return acc, q, k, v, alpha, eta, theta, tuple(s.to(acc) for s in state)
+
+
+def titans_token_loop(q, k, v, alpha, eta, theta, *, chunk_size: int = 1, memory: str = "linear",
+                      initial_state: Sequence[torch.Tensor] | None = None):
+    """The definition: a loop over tokens. Returns (o (B, H, L, dv) in q's dtype, final state tuple)."""
+    in_dtype = q.dtype
+    acc, q, k, v, alpha, eta, theta, state = _prepare(q, k, v, alpha, eta, theta, initial_state, memory)
+    L = q.shape[2]
+    outs = []
+    if memory == "linear":
+        W, S = state
+        for t in range(L):
+            if t % chunk_size == 0:
+                W_ref = W
+            kt, vt, qt = k[:, :, t, None, :], v[:, :, t, None, :], q[:, :, t, None, :]   # (B, H, 1, d)
+            e = kt @ W_ref - vt                                                       # (B, H, 1, dv)
+            U = -theta[:, :, t, None, None] * (kt.transpose(-1, -2) @ e)
+            S = eta[:, :, t, None, None] * S + U
+            W = (1 - alpha[:, :, t, None, None]) * W + S
+            outs.append((qt @ W)[:, :, 0])
+        final = (W, S)
+    elif memory == "mlp":
+        W1, W2, S1, S2 = state
+        for t in range(L):
+            if t % chunk_size == 0:
+                R1, R2 = W1, W2
+            kt, vt, qt = k[:, :, t, None, :], v[:, :, t, None, :], q[:, :, t, None, :]
+            h, g_z, e = _mlp_inner_grad(kt, vt, R1, R2)
+            th = theta[:, :, t, None, None]
+            S1 = eta[:, :, t, None, None] * S1 - th * (kt.transpose(-1, -2) @ g_z)
+            S2 = eta[:, :, t, None, None] * S2 - th * (h.transpose(-1, -2) @ e)
+            a = 1 - alpha[:, :, t, None, None]
+            W1, W2 = a * W1 + S1, a * W2 + S2
+            outs.append((qt + F.silu(qt @ W1) @ W2)[:, :, 0])
+        final = (W1, W2, S1, S2)
+    else:
+        raise ValueError(f"memory must be 'linear' or 'mlp', got {memory!r}")
+    o = torch.stack(outs, dim=2) if outs else q.new_zeros(*q.shape[:3], v.shape[-1])
+    return o.to(in_dtype), final
+
+
+def _segment_products(a: torch.Tensor) -> torch.Tensor:
+    """D[..., t, j] = prod_{l=j+1..t} a_l for j <= t, else 0; a (..., n) -> (..., n, n).
+
+    A masked cumulative product (no division, no logs): exact when a gate is 0.
+    """
+    n = a.shape[-1]
+    lower = torch.ones(n, n, dtype=torch.bool, device=a.device).tril(-1)       # [t, j]: t > j
+    A = torch.where(lower, a.unsqueeze(-1).expand(*a.shape, n), torch.ones_like(a).unsqueeze(-1))
+    return torch.cumprod(A, dim=-2).tril()
+
+
+def chunk_gates(alpha: torch.Tensor, eta: torch.Tensor):
+    """Gate coefficients of one chunk; alpha, eta (..., n).
+
+    Returns b (..., n) = beta_t, f (..., n), Cm (..., n, n) = c_{t,i}, m (..., n) = m_t, Dm (..., n, n) = m_t/m_i.
+    """
+    a = 1 - alpha
+    Db = _segment_products(a)
+    Dm = _segment_products(eta)
+    b = torch.cumprod(a, dim=-1)
+    m = torch.cumprod(eta, dim=-1)
+    f = (Db @ m.unsqueeze(-1)).squeeze(-1)
+    Cm = Db @ Dm
+    return b, f, Cm, m, Dm
+
+
+def _dual(P0, Pf, b, f, Cm, A, Bt, G):
+    """b * P0 + f * Pf - (Cm o (A B^T)) G: the read of a chunk through the closed form."""
+    return b.unsqueeze(-1) * P0 + f.unsqueeze(-1) * Pf - (Cm * (A @ Bt.transpose(-1, -2))) @ G
+
+
+def _end_state(W0, S0, X, G, b, f, Cm, m, Dm):
+    """End-of-chunk (W, S) for updates U_i = -x_i^T g_i (G already scaled by theta)."""
+    Xt = X.transpose(-1, -2)
+    W = b[..., -1, None, None] * W0 + f[..., -1, None, None] * S0 - Xt @ (Cm[..., -1, :, None] * G)
+    S = m[..., -1, None, None] * S0 - Xt @ (Dm[..., -1, :, None] * G)
+    return W, S
+
+
+def titans_chunked(q, k, v, alpha, eta, theta, *, chunk_size: int = 16, memory: str = "linear",
+                   initial_state: Sequence[torch.Tensor] | None = None):
+    """The chunk-parallel closed form in eager PyTorch (loop over chunks, matrix products inside).
+
+    Same arguments, semantics and returns as `titans_token_loop`.
+    """
+    in_dtype = q.dtype
+    acc, q, k, v, alpha, eta, theta, state = _prepare(q, k, v, alpha, eta, theta, initial_state, memory)
+    L = q.shape[2]
+    if memory not in ("linear", "mlp"):
+        raise ValueError(f"memory must be 'linear' or 'mlp', got {memory!r}")
+    outs = []
+    for s in range(0, L, chunk_size):
+        sl = slice(s, min(s + chunk_size, L))
+        Q, K, V = q[:, :, sl], k[:, :, sl], v[:, :, sl]
+        th = theta[:, :, sl].unsqueeze(-1)
+        b, f, Cm, m, Dm = chunk_gates(alpha[:, :, sl], eta[:, :, sl])
+        if memory == "linear":
+            W0, S0 = state
+            G = th * (K @ W0 - V)                                              # theta_i e_i  (n, dv)
+            outs.append(_dual(Q @ W0, Q @ S0, b, f, Cm, Q, K, G))
+            state = _end_state(W0, S0, K, G, b, f, Cm, m, Dm)
+        else:
+            W1, W2, S1, S2 = state
+            h, g_z, e = _mlp_inner_grad(K, V, W1, W2)
+            G1, G2 = th * g_z, th * e
+            hq = F.silu(_dual(Q @ W1, Q @ S1, b, f, Cm, Q, K, G1))
+            outs.append(Q + _dual(hq @ W2, hq @ S2, b, f, Cm, hq, h, G2))
+            W1n, S1n = _end_state(W1, S1, K, G1, b, f, Cm, m, Dm)
+            W2n, S2n = _end_state(W2, S2, h, G2, b, f, Cm, m, Dm)
+            state = (W1n, W2n, S1n, S2n)
+    o = torch.cat(outs, dim=2) if outs else q.new_zeros(*q.shape[:3], v.shape[-1])
+    return o.to(in_dtype), tuple(state)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Explicit chunked forward / backward of the linear memory: the derivation of docs/titans.md written in
+# PyTorch, no autograd. The compiled CPU kernel (csrc/titans_cpu.cpp) is this algorithm on ATen; the test
+# `test_explicit_backward_matches_autograd` checks it against autograd through the token loop.
+# ---------------------------------------------------------------------------------------------------------
+
+def titans_linear_chunked_fwd(q, k, v, alpha, eta, theta, W0, S0, chunk_size: int):
+    """Returns o (B, H, L, dv) and the chunk-boundary states Ws, Ss (B, H, N+1, dk, dv), N = ceil(L / C);
+    Ws[:, :, n] is the state at the start of chunk n, Ws[:, :, N] the final one. All in the accumulation dtype."""
+    L = q.shape[2]
+    o = q.new_empty(*q.shape[:3], v.shape[-1])
+    Ws, Ss = [W0], [S0]
+    for s in range(0, L, chunk_size):
+        sl = slice(s, min(s + chunk_size, L))
+        Q, K, V = q[:, :, sl], k[:, :, sl], v[:, :, sl]
+        b, f, Cm, m, Dm = chunk_gates(alpha[:, :, sl], eta[:, :, sl])
+        G = theta[:, :, sl].unsqueeze(-1) * (K @ Ws[-1] - V)
+        o[:, :, sl] = _dual(Q @ Ws[-1], Q @ Ss[-1], b, f, Cm, Q, K, G)
+        W, S = _end_state(Ws[-1], Ss[-1], K, G, b, f, Cm, m, Dm)
+        Ws.append(W)
+        Ss.append(S)
+    return o, torch.stack(Ws, dim=2), torch.stack(Ss, dim=2)
+
+
+def _log_grad(dD: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+    """For D[t, j] = exp(g_t - g_j): the gradient to g, sum_j dD D over rows minus sum_t dD D over columns."""
+    X = dD * D
+    return X.sum(-1) - X.sum(-2)
+
+
+def titans_linear_chunked_bwd(q, k, v, alpha, eta, theta, Ws, Ss, do, dWT, dST, chunk_size: int):
+    """Gradients (dq, dk, dv, dalpha, deta, dtheta, dW0, dS0) given do (B, H, L, dv) and the gradients
+    dWT, dST (B, H, dk, dv) of the final state; Ws, Ss from the forward. Walks the chunks backwards,
+    recomputing each chunk's inside from its boundary state."""
+    L = q.shape[2]
+    N = Ws.shape[2] - 1
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dalpha, deta, dtheta = torch.zeros_like(alpha), torch.zeros_like(eta), torch.zeros_like(theta)
+    dW, dS = dWT.clone(), dST.clone()
+    for n in reversed(range(N)):
+        sl = slice(n * chunk_size, min((n + 1) * chunk_size, L))
+        Q, K, V, dO = q[:, :, sl], k[:, :, sl], v[:, :, sl], do[:, :, sl]
+        a, et, th = 1 - alpha[:, :, sl], eta[:, :, sl], theta[:, :, sl].unsqueeze(-1)
+        W0, S0 = Ws[:, :, n], Ss[:, :, n]
+        Db, Dm = _segment_products(a), _segment_products(et)
+        b, m = torch.cumprod(a, -1), torch.cumprod(et, -1)
+        f = (Db @ m.unsqueeze(-1)).squeeze(-1)
+        Cm = Db @ Dm
+        cC, r = Cm[..., -1, :], Dm[..., -1, :]
+        E = K @ W0 - V
+        G = th * E
+        QK = Q @ K.transpose(-1, -2)
+        P = Cm * QK
+        QW, QS = Q @ W0, Q @ S0
+        KdW, KdS = K @ dW, K @ dS
+        # values
+        dG = -P.transpose(-1, -2) @ dO - cC.unsqueeze(-1) * KdW - r.unsqueeze(-1) * KdS
+        dP = -(dO @ G.transpose(-1, -2)).tril()
+        dQK = dP * Cm
+        dE = th * dG
+        dtheta[:, :, sl] = (E * dG).sum(-1)
+        dv[:, :, sl] = -dE
+        dq[:, :, sl] = dQK @ K + b.unsqueeze(-1) * (dO @ W0.transpose(-1, -2)) + f.unsqueeze(-1) * (dO @ S0.transpose(-1, -2))
+        dk[:, :, sl] = (dQK.transpose(-1, -2) @ Q - cC.unsqueeze(-1) * (G @ dW.transpose(-1, -2))
+                        - r.unsqueeze(-1) * (G @ dS.transpose(-1, -2)) + dE @ W0.transpose(-1, -2))
+        # gate coefficients
+        db = (dO * QW).sum(-1)
+        df = (dO * QS).sum(-1)
+        db[..., -1] += (dW * W0).sum((-1, -2))
+        df[..., -1] += (dW * S0).sum((-1, -2))
+        dm = torch.zeros_like(m)
+        dm[..., -1] = (dS * S0).sum((-1, -2))
+        dCm = dP * QK
+        dCm[..., -1, :] -= (KdW * G).sum(-1)
+        dDb = (dCm @ Dm.transpose(-1, -2) + df.unsqueeze(-1) * m.unsqueeze(-2)).tril()
+        dDm = (Db.transpose(-1, -2) @ dCm).tril()
+        dDm[..., -1, :] -= (KdS * G).sum(-1)
+        dm = dm + (Db.transpose(-1, -2) @ df.unsqueeze(-1)).squeeze(-1)
+        # to log gates g = cumsum(log a): dg_t, then d log a_l = sum_{t >= l} dg_t
+        dgb = _log_grad(dDb, Db) + db * b
+        dgm = _log_grad(dDm, Dm) + dm * m
+        dla = dgb.flip(-1).cumsum(-1).flip(-1)
+        dle = dgm.flip(-1).cumsum(-1).flip(-1)
+        tiny = torch.finfo(a.dtype).tiny
+        dalpha[:, :, sl] = -dla / a.clamp_min(tiny)
+        deta[:, :, sl] = dle / et.clamp_min(tiny)
+        # to the chunk-start state
+        dW, dS = (Q.transpose(-1, -2) @ (b.unsqueeze(-1) * dO) + b[..., -1, None, None] * dW + K.transpose(-1, -2) @ dE,
+                  Q.transpose(-1, -2) @ (f.unsqueeze(-1) * dO) + f[..., -1, None, None] * dW + m[..., -1, None, None] * dS)
+    return dq, dk, dv, dalpha, deta, dtheta, dW, dS
