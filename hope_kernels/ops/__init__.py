@@ -3,3 +3,6 @@ kernels), __init__.py (custom op registration + dispatcher). Compiled C++/CUDA k
 from hope_kernels.ops.l1_loss import l1_rollout_loss
 
 __all__ = ["l1_rollout_loss"]
+from hope_kernels.ops.rope_attention import rope3d, rope_attention
+
+__all__ += ["rope_attention", "rope3d"]
