@@ -195,3 +195,91 @@ def test_bad_inputs():
     else:
         with pytest.raises(ValueError, match="device"):
             rope_attention(q, k, v.to("meta"), pos)
+
+
+# ------------------------------------------------------------------------------ fast paths vs reference
+# (T, H, W, actions, truncate, d, window, compat): L not a multiple of any block (16 in the interpreter,
+# 32/64 on GPU), T = 1, one token per timestep, action tokens, window on/off, both RoPE modes, d with an
+# unrotated remainder (32: 2 columns, 64: 4) and a half width that is not a power of two (48).
+CASES = [
+    (4, 3, 3, 1, 37, 32, None, None),
+    (4, 3, 3, 1, None, 64, 2, "vjepa2"),
+    (1, 5, 5, 0, 23, 48, None, "vjepa2"),
+    (20, 1, 1, 0, None, 32, 3, None),
+    (3, 3, 3, 1, None, 128, 1, None),
+]
+CASE_IDS = ["L37-d32", "win2-vjepa2-d64", "T1-d48", "token-per-step-win3", "win1-d128"]
+
+
+def _fwd_bwd(fn, q, k, v, g):
+    q, k, v = (x.detach().requires_grad_(True) for x in (q, k, v))
+    o = fn(q, k, v)
+    return (o, *torch.autograd.grad(o, (q, k, v), g))
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("backend", attn_backends_cpu())
+def test_fast_attention_matches_reference(backend, case):
+    T, Hg, Wg, actions, trunc, d, window, compat = case
+    pos = make_pos(T, Hg, Wg, actions)[:trunc]
+    q, k, v = qkv(1, 2, pos.shape[0], d)
+    g = torch.randn_like(q)
+    got = _fwd_bwd(lambda a, b, c: rope_attention(a, b, c, pos, window=window, rope_compat=compat,
+                                                  backend=backend), q, k, v, g)
+    want = _fwd_bwd(lambda a, b, c: rope_attention(a, b, c, pos, window=window, rope_compat=compat,
+                                                   backend="reference"), q.double(), k.double(), v.double(),
+                    g.double())
+    for name, a, b in zip(("o", "dq", "dk", "dv"), got, want):
+        assert a.dtype == torch.float32
+        assert rel_err(a, b) < 5 * RTOL[torch.float32], name
+
+
+@pytest.mark.parametrize("backend", attn_backends_cpu())
+def test_fast_attention_bf16(backend):
+    """bf16 inputs: error against a float64 reference at most 2x that of the eager bf16 reference (+ slack)."""
+    pos = make_pos(3, 3, 3, actions=1)[:29]
+    q, k, v = qkv(1, 2, pos.shape[0], 32)
+    g = torch.randn_like(q)
+    lo = [x.bfloat16() for x in (q, k, v, g)]
+    f = lambda b: lambda a, c, e: rope_attention(a, c, e, pos, window=2, backend=b)  # noqa: E731
+    want = _fwd_bwd(f("reference"), q.double(), k.double(), v.double(), g.double())
+    eager = _fwd_bwd(f("reference"), *lo)
+    got = _fwd_bwd(f(backend), *lo)
+    for name, a, e, w in zip(("o", "dq", "dk", "dv"), got, eager, want):
+        assert a.dtype == torch.bfloat16
+        assert rel_err(a, w) <= 2 * rel_err(e, w) + 2e-3, name
+
+
+@pytest.mark.skipif("triton" not in attn_backends_cpu(), reason="triton cannot run here")
+def test_triton_outputs_fully_written(monkeypatch):
+    """Every kernel-allocated output (o, lse, dq, dk, dv) starts as NaN: any unwritten element shows up."""
+    from hope_kernels.ops.rope_attention import triton as tri
+    monkeypatch.setattr(tri, "_empty_like", lambda x: torch.full_like(x, float("nan")))
+    pos = make_pos(3, 2, 3, actions=1)[:19]
+    q, k, v = qkv(2, 1, pos.shape[0], 32)
+    o, lse = torch.ops.hope_kernels.rope_attention_fused(q, k, v, pos, 0, False, 0.2)
+    assert torch.isfinite(o).all() and torch.isfinite(lse).all()
+    got = _fwd_bwd(lambda a, b, c: rope_attention(a, b, c, pos, backend="triton"), q, k, v, torch.randn_like(q))
+    want = _fwd_bwd(lambda a, b, c: rope_attention(a, b, c, pos, backend="reference"), q, k, v, torch.ones_like(q))
+    assert all(torch.isfinite(x).all() for x in got)
+    assert rel_err(got[0], want[0]) < 5 * RTOL[torch.float32]
+
+
+@pytest.mark.skipif("triton" not in attn_backends_cpu(), reason="triton cannot run here")
+def test_triton_opcheck():
+    pos = make_pos(2, 2, 2, actions=1)[:9]
+    q, k, v = qkv(1, 1, pos.shape[0], 32, grad=True)
+    torch.library.opcheck(torch.ops.hope_kernels.rope_attention_fused.default, (q, k, v, pos, 2, True, 0.25),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("backend", attn_backends_cpu())
+def test_fast_attention_torch_compile(backend):
+    pos = make_pos(2, 2, 3, actions=1)[:13]
+    q, k, v = qkv(1, 2, pos.shape[0], 32)
+    g = torch.randn_like(q)
+    fn = torch.compile(lambda a, b, c: rope_attention(a, b, c, pos, window=1, backend=backend), fullgraph=True)
+    got = _fwd_bwd(fn, q, k, v, g)
+    want = _fwd_bwd(lambda a, b, c: rope_attention(a, b, c, pos, window=1, backend="reference"), q, k, v, g)
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 5 * RTOL[torch.float32]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import Optional
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,7 @@ from hope_kernels.ops.rope_attention.reference import (ROPE_COMPAT, block_causal
 
 __all__ = ["rope_attention", "rope3d", "rope_attention_reference", "rope3d_reference", "block_causal_mask"]
 
-_ATTN_BACKENDS = ("reference",)
+_ATTN_BACKENDS = ("reference", "triton")
 _ROPE_BACKENDS = ("reference",)
 
 
@@ -124,6 +124,50 @@ def _rope3d_backward(ctx, grad):
 _rope3d_op.register_autograd(_rope3d_backward, setup_context=_rope3d_setup)
 
 
+# ------------------------------------------------------------------------- fused attention op (triton)
+@torch.library.custom_op("hope_kernels::rope_attention_fused", mutates_args=())
+def _fused_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, window: int, vjepa2: bool,
+              scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    from hope_kernels.ops.rope_attention.triton import rope_attention_fwd_triton
+    return rope_attention_fwd_triton(q, k, v, pos, _freqs(q, vjepa2), window, scale)
+
+
+@_fused_op.register_fake
+def _(q, k, v, pos, window, vjepa2, scale):
+    B, H, L, _ = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, H, L), dtype=torch.float32)
+
+
+@torch.library.custom_op("hope_kernels::rope_attention_fused_backward", mutates_args=())
+def _fused_backward_op(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                       lse: torch.Tensor, pos: torch.Tensor, window: int, vjepa2: bool,
+                       scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from hope_kernels.ops.rope_attention.triton import rope_attention_bwd_triton
+    return rope_attention_bwd_triton(grad_o, q, k, v, o, lse, pos, _freqs(q, vjepa2), window, scale)
+
+
+@_fused_backward_op.register_fake
+def _(grad_o, q, k, v, o, lse, pos, window, vjepa2, scale):
+    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
+
+
+def _fused_setup(ctx, inputs, output):
+    q, k, v, pos, window, vjepa2, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, pos)
+    ctx.window, ctx.vjepa2, ctx.scale = window, vjepa2, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _fused_backward(ctx, grad_o, grad_lse):
+    q, k, v, o, lse, pos = ctx.saved_tensors
+    dq, dk, dv = _fused_backward_op(grad_o, q, k, v, o, lse, pos, ctx.window, ctx.vjepa2, ctx.scale)
+    return dq, dk, dv, None, None, None, None
+
+
+_fused_op.register_autograd(_fused_backward, setup_context=_fused_setup)
+
+
 # ------------------------------------------------------------------------------------------- public API
 def rope3d(x: torch.Tensor, pos: torch.Tensor, *, rope_compat: str | None = None,
            backend: str = "auto") -> torch.Tensor:
@@ -191,5 +235,4 @@ def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch
         kr = _rope3d_op(k, pos, vjepa2)
         mask = block_causal_mask(pos[:, 0], window)
         return F.scaled_dot_product_attention(qr, kr, v, attn_mask=mask, scale=scale)
-    from hope_kernels.ops.rope_attention.triton import rope_attention_fused
-    return rope_attention_fused(q, k, v, pos, window, vjepa2, scale)
+    return _fused_op(q, k, v, pos, window or 0, vjepa2, scale)[0]
