@@ -26,8 +26,8 @@ from hope_kernels.ops.rope_attention.reference import (ROPE_COMPAT, block_causal
 
 __all__ = ["rope_attention", "rope3d", "rope_attention_reference", "rope3d_reference", "block_causal_mask"]
 
-_ATTN_BACKENDS = ("reference", "triton")
-_ROPE_BACKENDS = ("reference",)
+_ATTN_BACKENDS = ("reference", "triton", "cuda", "cpu")
+_ROPE_BACKENDS = ("reference", "cuda", "cpu")
 
 
 # ---------------------------------------------------------------------------------------------- validation
