@@ -283,3 +283,77 @@ def test_fast_attention_torch_compile(backend):
     want = _fwd_bwd(lambda a, b, c: rope_attention(a, b, c, pos, window=1, backend="reference"), q, k, v, g)
     for a, b in zip(got, want):
         assert rel_err(a, b) < 5 * RTOL[torch.float32]
+
+
+# ----------------------------------------------------------------------- compiled rotation (cpu / cuda)
+@pytest.mark.parametrize("compat", [None, "vjepa2"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", rope_backends_cpu())
+def test_rope3d_fast_matches_reference(backend, dtype, compat):
+    pos = make_pos(3, 3, 4, actions=1) * 3
+    x = torch.randn(2, 3, pos.shape[0], 70, dtype=dtype)           # d = 70: 22-column slices, 4 unrotated
+    g = torch.randn_like(x)
+    xs = [x.detach().requires_grad_(True) for _ in range(2)]
+    y = rope3d(xs[0], pos, rope_compat=compat, backend=backend)
+    y_ref = rope3d(xs[1], pos, rope_compat=compat, backend="reference")
+    (gx,) = torch.autograd.grad(y, xs[0], g)
+    (gx_ref,) = torch.autograd.grad(y_ref, xs[1], g)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]
+    assert y.dtype == dtype and gx.dtype == dtype
+    assert rel_err(y, y_ref) < tol and rel_err(gx, gx_ref) < tol
+
+
+@pytest.mark.parametrize("backend", rope_backends_cpu())
+def test_rope3d_backward_is_inverse_rotation(backend):
+    """For the true rotation the gradient map is the inverse: bwd(fwd(x)) == x."""
+    pos = make_pos(2, 3, 3, actions=1) * 5
+    x = torch.randn(2, pos.shape[0], 32, dtype=torch.float64)
+    y = torch.ops.hope_kernels.rope3d(x, pos, False)
+    assert torch.allclose(torch.ops.hope_kernels.rope3d_backward(y, pos, False), x, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", rope_backends_cpu())
+def test_rope3d_opcheck_and_compile(backend):
+    pos = make_pos(2, 2, 2, actions=1)
+    x = torch.randn(2, pos.shape[0], 32, requires_grad=True)
+    torch.library.opcheck(torch.ops.hope_kernels.rope3d.default, (x, pos, True))
+    torch.library.opcheck(torch.ops.hope_kernels.rope3d_backward.default, (x.detach(), pos, False))
+    fn = torch.compile(lambda a: rope3d(a, pos, backend=backend), fullgraph=True)
+    assert rel_err(fn(x), rope3d(x, pos, backend="reference")) < 1e-6
+
+
+# --------------------------------------------------------------------------------------------- GPU only
+@requires_cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_gpu_attention_matches_reference(backend, dtype, case):
+    from hope_kernels import backends
+    if not backends()[backend]:
+        pytest.skip(f"{backend} not available")
+    T, Hg, Wg, actions, trunc, d, window, compat = case
+    pos = make_pos(T, Hg, Wg, actions, device="cuda")[:trunc]
+    q, k, v = qkv(2, 3, pos.shape[0], d, device="cuda")
+    g = torch.randn_like(q)
+    f = lambda b: lambda a, c, e: rope_attention(a, c, e, pos, window=window, rope_compat=compat, backend=b)  # noqa
+    want = _fwd_bwd(f("reference"), q.double(), k.double(), v.double(), g.double())
+    if dtype == torch.float32:
+        got = _fwd_bwd(f(backend), q, k, v, g)
+        for name, a, b in zip(("o", "dq", "dk", "dv"), got, want):
+            assert rel_err(a, b) < 1e-4, name            # SDPA / tl.dot on GPU: fp32 with fast math
+    else:
+        lo = [x.to(dtype) for x in (q, k, v, g)]
+        eager = _fwd_bwd(f("reference"), *lo)
+        got = _fwd_bwd(f(backend), *lo)
+        for name, a, e, w in zip(("o", "dq", "dk", "dv"), got, eager, want):
+            assert rel_err(a, w) <= 2 * rel_err(e, w) + 2e-3, name
+
+
+@requires_cuda
+def test_gpu_triton_long_sequence_and_auto():
+    pos = make_pos(8, 16, 16, actions=1, device="cuda")
+    q, k, v = qkv(1, 2, pos.shape[0], 64, torch.bfloat16, device="cuda")
+    o = rope_attention(q, k, v, pos, window=3)
+    ref_o = rope_attention(q.double(), k.double(), v.double(), pos, window=3, backend="reference")
+    eager = rope_attention(q, k, v, pos, window=3, backend="reference")
+    assert rel_err(o, ref_o) <= 2 * rel_err(eager, ref_o) + 2e-3
