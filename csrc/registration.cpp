@@ -23,4 +23,8 @@ TORCH_LIBRARY(hope_kernels, m) {
   m.def("titans_linear_bwd(Tensor q, Tensor k, Tensor v, Tensor alpha, Tensor eta, Tensor theta, Tensor Ws, "
         "Tensor Ss, Tensor grad_o, Tensor grad_W, Tensor grad_S, int chunk_size) -> "
         "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // rope_attention: 3D RoPE rotation of x (..., L, d) by pos (L, 3) with per-column frequencies freqs (3, d),
+  // and its transpose (the gradient)
+  m.def("rope3d_fwd(Tensor x, Tensor pos, Tensor freqs) -> Tensor");
+  m.def("rope3d_bwd(Tensor grad, Tensor pos, Tensor freqs) -> Tensor");
 }

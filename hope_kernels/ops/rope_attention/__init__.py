@@ -1,0 +1,238 @@
+"""3D RoPE + block-causal attention (DESIGN 4.2): public functions, custom ops and dispatcher.
+
+    o  = rope_attention(q, k, v, pos, window=None, rope_compat=None)   # q, k, v (B, H, L, d); pos (L, 3) int
+    xr = rope3d(x, pos, rope_compat=None)                               # x (..., L, d)
+
+Token i attends token j iff t_j <= t_i and, when `window` is given, t_i - t_j < window: `window` counts the
+visible timesteps including the current one (window=1: own timestep only), as V-JEPA 2's local_window_time.
+
+rope_attention backends: reference (rope + SDPA with a materialised (L, L) bool mask), cpu / cuda (compiled
+rotation op, forward and backward, composed with PyTorch SDPA), triton (one fused flash-attention kernel
+that rotates q and k tiles on the fly). rope3d backends: reference, cpu, cuda.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+
+from hope_kernels.dispatch import BackendUnavailableError, resolve_backend
+from hope_kernels.ops.checks import check_same_device, check_same_dtype, check_same_shape, check_tensor
+from hope_kernels.ops.rope_attention.reference import (ROPE_COMPAT, block_causal_mask, rope3d_reference,
+                                                       rope_attention_reference, rope_freqs)
+
+__all__ = ["rope_attention", "rope3d", "rope_attention_reference", "rope3d_reference", "block_causal_mask"]
+
+_ATTN_BACKENDS = ("reference", "triton", "cuda", "cpu")
+_ROPE_BACKENDS = ("reference", "cuda", "cpu")
+
+
+# ---------------------------------------------------------------------------------------------- validation
+def _check_pos(pos, L: int) -> None:
+    if not isinstance(pos, torch.Tensor):
+        raise TypeError(f"pos must be a torch.Tensor of integer (t, h, w) positions, got {type(pos).__name__}")
+    if pos.is_floating_point() or pos.is_complex() or pos.dtype == torch.bool:
+        raise TypeError(f"pos must have an integer dtype (int32 or int64), got {pos.dtype}")
+    if pos.dim() != 2 or pos.shape[1] != 3 or pos.shape[0] != L:
+        raise ValueError(f"pos must be (L, 3) = ({L}, 3) holding (t, h, w), got shape {tuple(pos.shape)}")
+
+
+def _check_head_dim(d: int) -> None:
+    if d % 2 != 0 or d < 6:
+        raise ValueError(f"head_dim d must be even and >= 6 (three rotated slices of 2*floor(d/6) columns), got d={d}")
+
+
+def _check_compat(rope_compat) -> None:
+    if rope_compat not in ROPE_COMPAT:
+        raise ValueError(f"rope_compat must be None (true rotation) or 'vjepa2', got {rope_compat!r}")
+
+
+def _check_pos_values(pos: torch.Tensor) -> None:
+    # Reads the data, so it runs eagerly only (not while tracing with fake tensors).
+    if torch.compiler.is_compiling() or pos.shape[0] < 2:
+        return
+    t = pos[:, 0]
+    bad = (t[1:] < t[:-1]).nonzero()
+    if bad.numel():
+        i = int(bad[0, 0])
+        raise ValueError(f"pos[:, 0] (timestep t) must be non-decreasing, got t[{i}]={int(t[i])} > "
+                         f"t[{i + 1}]={int(t[i + 1])}")
+
+
+def _validate_attention(q, k, v, pos, window, rope_compat, scale) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, x, ndim=4, shape_doc="(B, H, L, d)")
+    check_same_shape(("q", "k", "v"), (q, k, v))
+    check_same_dtype(("q", "k", "v"), (q, k, v))
+    check_same_device(("q", "k", "v", "pos"), (q, k, v, pos))
+    _check_pos(pos, q.shape[2])
+    _check_head_dim(q.shape[3])
+    _check_compat(rope_compat)
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be None or an int >= 1 (timesteps visible, the current one included), "
+                         f"got {window!r}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale) or scale <= 0):
+        raise ValueError(f"scale must be None (1/sqrt(d)) or a finite float > 0, got {scale!r}")
+
+
+# ----------------------------------------------------------------------- rotation custom op (cpu / cuda)
+@lru_cache(maxsize=64)
+def _freqs_cached(d: int, vjepa2: bool, device: str, dtype: torch.dtype) -> torch.Tensor:
+    return rope_freqs(d, "vjepa2" if vjepa2 else None, device=device, dtype=dtype).contiguous()
+
+
+def _freqs(x: torch.Tensor, vjepa2: bool) -> torch.Tensor:
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return _freqs_cached(x.shape[-1], vjepa2, str(x.device), dtype)
+
+
+@torch.library.custom_op("hope_kernels::rope3d", mutates_args=())
+def _rope3d_op(x: torch.Tensor, pos: torch.Tensor, vjepa2: bool) -> torch.Tensor:
+    return torch.ops.hope_kernels.rope3d_fwd(x, pos, _freqs(x, vjepa2))
+
+
+@_rope3d_op.register_fake
+def _(x, pos, vjepa2):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("hope_kernels::rope3d_backward", mutates_args=())
+def _rope3d_backward_op(grad: torch.Tensor, pos: torch.Tensor, vjepa2: bool) -> torch.Tensor:
+    return torch.ops.hope_kernels.rope3d_bwd(grad, pos, _freqs(grad, vjepa2))
+
+
+@_rope3d_backward_op.register_fake
+def _(grad, pos, vjepa2):
+    return torch.empty_like(grad, memory_format=torch.contiguous_format)
+
+
+def _rope3d_setup(ctx, inputs, output):
+    _, pos, vjepa2 = inputs
+    ctx.save_for_backward(pos)
+    ctx.vjepa2 = vjepa2
+
+
+def _rope3d_backward(ctx, grad):
+    (pos,) = ctx.saved_tensors
+    return _rope3d_backward_op(grad, pos, ctx.vjepa2), None, None
+
+
+_rope3d_op.register_autograd(_rope3d_backward, setup_context=_rope3d_setup)
+
+
+# ------------------------------------------------------------------------- fused attention op (triton)
+@torch.library.custom_op("hope_kernels::rope_attention_fused", mutates_args=())
+def _fused_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, window: int, vjepa2: bool,
+              scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    from hope_kernels.ops.rope_attention.triton import rope_attention_fwd_triton
+    return rope_attention_fwd_triton(q, k, v, pos, _freqs(q, vjepa2), window, scale)
+
+
+@_fused_op.register_fake
+def _(q, k, v, pos, window, vjepa2, scale):
+    B, H, L, _ = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, H, L), dtype=torch.float32)
+
+
+@torch.library.custom_op("hope_kernels::rope_attention_fused_backward", mutates_args=())
+def _fused_backward_op(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                       lse: torch.Tensor, pos: torch.Tensor, window: int, vjepa2: bool,
+                       scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from hope_kernels.ops.rope_attention.triton import rope_attention_bwd_triton
+    return rope_attention_bwd_triton(grad_o, q, k, v, o, lse, pos, _freqs(q, vjepa2), window, scale)
+
+
+@_fused_backward_op.register_fake
+def _(grad_o, q, k, v, o, lse, pos, window, vjepa2, scale):
+    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
+
+
+def _fused_setup(ctx, inputs, output):
+    q, k, v, pos, window, vjepa2, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, pos)
+    ctx.window, ctx.vjepa2, ctx.scale = window, vjepa2, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _fused_backward(ctx, grad_o, grad_lse):
+    q, k, v, o, lse, pos = ctx.saved_tensors
+    dq, dk, dv = _fused_backward_op(grad_o, q, k, v, o, lse, pos, ctx.window, ctx.vjepa2, ctx.scale)
+    return dq, dk, dv, None, None, None, None
+
+
+_fused_op.register_autograd(_fused_backward, setup_context=_fused_setup)
+
+
+# ------------------------------------------------------------------------------------------- public API
+def rope3d(x: torch.Tensor, pos: torch.Tensor, *, rope_compat: str | None = None,
+           backend: str = "auto") -> torch.Tensor:
+    """3D RoPE of DESIGN 4.2. x (..., L, d) floating, pos (L, 3) int (t, h, w) -> rotated x, same shape/dtype.
+
+    Backends: reference, cpu (compiled C++), cuda (compiled CUDA); auto picks the compiled one when built.
+    """
+    check_tensor("x", x)
+    if x.dim() < 2:
+        raise ValueError(f"x must be (..., L, d), got shape {tuple(x.shape)}")
+    check_same_device(("x", "pos"), (x, pos))
+    _check_pos(pos, x.shape[-2])
+    _check_head_dim(x.shape[-1])
+    _check_compat(rope_compat)
+    backend = resolve_backend(backend, (x, pos), op="rope3d", gpu_order=("cuda",), cpu_order=("cpu",),
+                              supported=_ROPE_BACKENDS)
+    if backend == "reference":
+        return rope3d_reference(x, pos, rope_compat)
+    return _rope3d_op(x, pos, rope_compat == "vjepa2")
+
+
+def _resolve_attention(backend: str, q: torch.Tensor) -> str:
+    explicit = (backend or "auto") != "auto"
+    b = resolve_backend(backend, (q,), op="rope_attention", gpu_order=("triton", "cuda"), cpu_order=("cpu",),
+                        supported=_ATTN_BACKENDS)
+    if b == "triton":
+        why = _triton_unsupported(q)
+        if why is not None:
+            if explicit:
+                raise BackendUnavailableError(f"rope_attention: backend 'triton' {why}")
+            b = "cuda" if "cuda" in _ATTN_BACKENDS and q.is_cuda and resolve_backend(
+                "auto", (q,), op="rope_attention", gpu_order=("cuda",), supported=_ATTN_BACKENDS) == "cuda" \
+                else "reference"
+    return b
+
+
+def _triton_unsupported(q: torch.Tensor) -> str | None:
+    from hope_kernels.ops.rope_attention.triton import MAX_D, SUPPORTED_DTYPES
+    if q.dtype not in SUPPORTED_DTYPES:
+        return f"supports dtypes {SUPPORTED_DTYPES}, got {q.dtype}"
+    if q.shape[-1] > MAX_D:
+        return f"supports head_dim d <= {MAX_D}, got d={q.shape[-1]}"
+    return None
+
+
+def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, *,
+                   window: int | None = None, rope_compat: str | None = None, scale: float | None = None,
+                   backend: str = "auto") -> torch.Tensor:
+    """Block-causal attention with 3D RoPE on q and k.
+
+    q, k, v: (B, H, L, d), one floating dtype and device; pos: (L, 3) integer (t, h, w), t non-decreasing
+    (action/state tokens: their timestep and h = w = 0). window: None (all past timesteps) or the number of
+    timesteps visible including the current one. rope_compat: None (true rotation) or "vjepa2" (official
+    V-JEPA 2 formula). scale: default 1/sqrt(d). Returns o (B, H, L, d) in q's dtype.
+    """
+    _validate_attention(q, k, v, pos, window, rope_compat, scale)
+    backend = _resolve_attention(backend, q)
+    _check_pos_values(pos)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if backend == "reference":
+        return rope_attention_reference(q, k, v, pos, window, rope_compat, scale)
+    vjepa2 = rope_compat == "vjepa2"
+    if backend in ("cpu", "cuda"):
+        qr = _rope3d_op(q, pos, vjepa2)
+        kr = _rope3d_op(k, pos, vjepa2)
+        mask = block_causal_mask(pos[:, 0], window)
+        return F.scaled_dot_product_attention(qr, kr, v, attn_mask=mask, scale=scale)
+    return _fused_op(q, k, v, pos, window or 0, vjepa2, scale)[0]

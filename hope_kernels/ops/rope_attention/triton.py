@@ -1,0 +1,315 @@
+"""Fused 3D-RoPE block-causal flash attention in Triton, forward and backward.
+
+Layout: one program per (block of BM query rows, batch*head) in the forward and the dq pass, one per (block
+of BN key rows, batch*head) in the dk/dv pass. q and k are never rotated in memory: each tile is loaded as
+its even and odd columns (two (rows, d/2) halves) and rotated in registers,
+    y_e = x_e C_e - x_o S_e,   y_o = x_o C_o + x_e S_o,   C, S = cos, sin(pos @ W)
+(W (3, d) of reference.rope_freqs encodes the slices and the rope_compat mode; the unrotated remainder has
+angle 0). Scores are dot(q_e, k_e^T) + dot(q_o, k_o^T), the same as with interleaved columns. Because t is
+non-decreasing, the keys a query block can see form one contiguous range [kv_lo, kv_hi) (and the queries a
+key block is seen by, [q_lo, q_hi)); the host computes these ranges with searchsorted, so tiles hidden by the
+block-causal mask or the window are never visited; inside the range the mask is applied elementwise.
+Forward: online softmax in base 2 with fp32 accumulators; saves lse (B, H, L) only (O(L) memory).
+Backward: delta = rowsum(o * do) in torch; pass 1 (per key block) recomputes p = exp2(s - lse) and
+accumulates dv = p^T do and dk_rot = scale * ds^T q_rot; pass 2 (per query block) accumulates
+dq_rot = scale * ds k_rot. The gradients in rotated space are mapped back with the transpose rotation
+    dx_e = g_e C_e + g_o S_o,   dx_o = g_o C_o - g_e S_e
+before the store. No atomics: deterministic.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from hope_kernels.dispatch import triton_interpret
+
+MAX_D = 128
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_LOG2E = 1.4426950408889634
+_NO_WINDOW = 1 << 30
+
+
+@triton.jit
+def _angles_cs(pos_ptr, w_ptr, rows, L, D, HALF, BH: tl.constexpr):
+    """cos/sin of the even and odd columns of token rows: four (R, BH) fp32 tiles."""
+    col = tl.arange(0, BH)
+    rmask = rows < L
+    cmask = col < HALF
+    pt = tl.load(pos_ptr + rows * 3, mask=rmask, other=0).to(tl.float32)[:, None]
+    ph = tl.load(pos_ptr + rows * 3 + 1, mask=rmask, other=0).to(tl.float32)[:, None]
+    pw = tl.load(pos_ptr + rows * 3 + 2, mask=rmask, other=0).to(tl.float32)[:, None]
+    # one of the three frequencies of a column is non-zero, so each angle is a single rounded product
+    a_e = (pt * tl.load(w_ptr + 2 * col, mask=cmask, other=0.0)[None, :]
+           + ph * tl.load(w_ptr + D + 2 * col, mask=cmask, other=0.0)[None, :]
+           + pw * tl.load(w_ptr + 2 * D + 2 * col, mask=cmask, other=0.0)[None, :])
+    a_o = (pt * tl.load(w_ptr + 2 * col + 1, mask=cmask, other=0.0)[None, :]
+           + ph * tl.load(w_ptr + D + 2 * col + 1, mask=cmask, other=0.0)[None, :]
+           + pw * tl.load(w_ptr + 2 * D + 2 * col + 1, mask=cmask, other=0.0)[None, :])
+    return tl.cos(a_e), tl.sin(a_e), tl.cos(a_o), tl.sin(a_o)
+
+
+@triton.jit
+def _load_halves(x_ptr, rows, L, D, HALF, BH: tl.constexpr):
+    """Even and odd columns of token rows of one (L, D) matrix, upcast to fp32: two (R, BH) tiles."""
+    col = tl.arange(0, BH)
+    m = (rows < L)[:, None] & (col < HALF)[None, :]
+    offs = rows[:, None] * D + 2 * col[None, :]
+    x_e = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    x_o = tl.load(x_ptr + offs + 1, mask=m, other=0.0).to(tl.float32)
+    return x_e, x_o
+
+
+@triton.jit
+def _load_rows(x_ptr, rows, L, D, BD: tl.constexpr):
+    col = tl.arange(0, BD)
+    m = (rows < L)[:, None] & (col < D)[None, :]
+    return tl.load(x_ptr + rows[:, None] * D + col[None, :], mask=m, other=0.0)
+
+
+@triton.jit
+def _store_halves_transposed(x_ptr, g_e, g_o, c_e, s_e, c_o, s_o, rows, L, D, HALF, BH: tl.constexpr):
+    """Store the gradient of the unrotated input: transpose rotation of (g_e, g_o), interleaved."""
+    col = tl.arange(0, BH)
+    m = (rows < L)[:, None] & (col < HALF)[None, :]
+    offs = rows[:, None] * D + 2 * col[None, :]
+    tl.store(x_ptr + offs, (g_e * c_e + g_o * s_o).to(x_ptr.dtype.element_ty), mask=m)
+    tl.store(x_ptr + offs + 1, (g_o * c_o - g_e * s_e).to(x_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _visible(t_i, t_j, rows, cols, L, window):
+    return ((t_j[None, :] <= t_i[:, None]) & (t_i[:, None] - t_j[None, :] < window)
+            & (rows < L)[:, None] & (cols < L)[None, :])
+
+
+@triton.jit
+def rope_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, pos_ptr, w_ptr, kv_lo_ptr, kv_hi_ptr,
+                         L, D, HALF, window, qk_scale, DOT_PREC: tl.constexpr, DT: tl.constexpr,
+                         BM: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    off = bh * L * D
+    dt = DT
+    rows = pid_m * BM + tl.arange(0, BM)
+    c_e, s_e, c_o, s_o = _angles_cs(pos_ptr, w_ptr, rows, L, D, HALF, BH)
+    x_e, x_o = _load_halves(q_ptr + off, rows, L, D, HALF, BH)
+    # rotated q with the softmax scale (base 2) folded in, cast to the input dtype like the reference's SDPA
+    b_qe = ((x_e * c_e - x_o * s_e) * qk_scale).to(dt)
+    b_qo = ((x_o * c_o + x_e * s_o) * qk_scale).to(dt)
+    t_i = tl.load(pos_ptr + rows * 3, mask=rows < L, other=0)
+    lo = tl.load(kv_lo_ptr + pid_m)
+    hi = tl.load(kv_hi_ptr + pid_m)
+    m_i = tl.full([BM], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    acc = tl.zeros([BM, BD], dtype=tl.float32)
+    for start in range(lo, hi, BN):
+        cols = start + tl.arange(0, BN)
+        kc_e, ks_e, kc_o, ks_o = _angles_cs(pos_ptr, w_ptr, cols, L, D, HALF, BH)
+        y_e, y_o = _load_halves(k_ptr + off, cols, L, D, HALF, BH)
+        b_ke = (y_e * kc_e - y_o * ks_e).to(dt)
+        b_ko = (y_o * kc_o + y_e * ks_o).to(dt)
+        s = (tl.dot(b_qe, tl.trans(b_ke), input_precision=DOT_PREC)
+             + tl.dot(b_qo, tl.trans(b_ko), input_precision=DOT_PREC))
+        t_j = tl.load(pos_ptr + cols * 3, mask=cols < L, other=0)
+        s = tl.where(_visible(t_i, t_j, rows, cols, L, window), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        b_v = _load_rows(v_ptr + off, cols, L, D, BD).to(dt)
+        acc = acc * alpha[:, None] + tl.dot(p.to(dt), b_v, input_precision=DOT_PREC)
+        m_i = m_new
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    acc = acc / l_safe[:, None]
+    col = tl.arange(0, BD)
+    tl.store(o_ptr + off + rows[:, None] * D + col[None, :], acc.to(o_ptr.dtype.element_ty),
+             mask=(rows < L)[:, None] & (col < D)[None, :])
+    tl.store(lse_ptr + bh * L + rows, m_i + tl.log2(l_safe), mask=rows < L)
+
+
+@triton.jit
+def rope_attn_bwd_dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, pos_ptr, w_ptr,
+                             q_lo_ptr, q_hi_ptr, L, D, HALF, window, qk_scale, scale,
+                             DOT_PREC: tl.constexpr, DT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                             BH: tl.constexpr, BD: tl.constexpr):
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    off = bh * L * D
+    dt = DT
+    cols = pid_n * BN + tl.arange(0, BN)
+    kc_e, ks_e, kc_o, ks_o = _angles_cs(pos_ptr, w_ptr, cols, L, D, HALF, BH)
+    y_e, y_o = _load_halves(k_ptr + off, cols, L, D, HALF, BH)
+    b_ke = ((y_e * kc_e - y_o * ks_e) * qk_scale).to(dt)
+    b_ko = ((y_o * kc_o + y_e * ks_o) * qk_scale).to(dt)
+    b_v = _load_rows(v_ptr + off, cols, L, D, BD).to(dt)
+    t_j = tl.load(pos_ptr + cols * 3, mask=cols < L, other=0)
+    lo = tl.load(q_lo_ptr + pid_n)
+    hi = tl.load(q_hi_ptr + pid_n)
+    dk_e = tl.zeros([BN, BH], dtype=tl.float32)
+    dk_o = tl.zeros([BN, BH], dtype=tl.float32)
+    dv = tl.zeros([BN, BD], dtype=tl.float32)
+    for start in range(lo, hi, BM):
+        rows = start + tl.arange(0, BM)
+        qc_e, qs_e, qc_o, qs_o = _angles_cs(pos_ptr, w_ptr, rows, L, D, HALF, BH)
+        x_e, x_o = _load_halves(q_ptr + off, rows, L, D, HALF, BH)
+        b_qe = (x_e * qc_e - x_o * qs_e).to(dt)
+        b_qo = (x_o * qc_o + x_e * qs_o).to(dt)
+        b_do = _load_rows(do_ptr + off, rows, L, D, BD).to(dt)
+        lse = tl.load(lse_ptr + bh * L + rows, mask=rows < L, other=0.0)
+        delta = tl.load(delta_ptr + bh * L + rows, mask=rows < L, other=0.0)
+        t_i = tl.load(pos_ptr + rows * 3, mask=rows < L, other=0)
+        s_t = (tl.dot(b_ke, tl.trans(b_qe), input_precision=DOT_PREC)
+               + tl.dot(b_ko, tl.trans(b_qo), input_precision=DOT_PREC))            # (BN, BM), base 2
+        vis_t = tl.trans(_visible(t_i, t_j, rows, cols, L, window))
+        p_t = tl.where(vis_t, tl.exp2(s_t - lse[None, :]), 0.0)
+        dv += tl.dot(p_t.to(dt), b_do, input_precision=DOT_PREC)
+        dp_t = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PREC)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(dt)
+        dk_e += tl.dot(ds_t, b_qe, input_precision=DOT_PREC)
+        dk_o += tl.dot(ds_t, b_qo, input_precision=DOT_PREC)
+    _store_halves_transposed(dk_ptr + off, dk_e * scale, dk_o * scale, kc_e, ks_e, kc_o, ks_o, cols, L, D, HALF,
+                             BH)
+    col = tl.arange(0, BD)
+    tl.store(dv_ptr + off + cols[:, None] * D + col[None, :], dv.to(dv_ptr.dtype.element_ty),
+             mask=(cols < L)[:, None] & (col < D)[None, :])
+
+
+@triton.jit
+def rope_attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, pos_ptr, w_ptr,
+                            kv_lo_ptr, kv_hi_ptr, L, D, HALF, window, qk_scale, scale,
+                            DOT_PREC: tl.constexpr, DT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                            BH: tl.constexpr, BD: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    off = bh * L * D
+    dt = DT
+    rows = pid_m * BM + tl.arange(0, BM)
+    c_e, s_e, c_o, s_o = _angles_cs(pos_ptr, w_ptr, rows, L, D, HALF, BH)
+    x_e, x_o = _load_halves(q_ptr + off, rows, L, D, HALF, BH)
+    b_qe = ((x_e * c_e - x_o * s_e) * qk_scale).to(dt)
+    b_qo = ((x_o * c_o + x_e * s_o) * qk_scale).to(dt)
+    b_do = _load_rows(do_ptr + off, rows, L, D, BD).to(dt)
+    lse = tl.load(lse_ptr + bh * L + rows, mask=rows < L, other=0.0)
+    delta = tl.load(delta_ptr + bh * L + rows, mask=rows < L, other=0.0)
+    t_i = tl.load(pos_ptr + rows * 3, mask=rows < L, other=0)
+    lo = tl.load(kv_lo_ptr + pid_m)
+    hi = tl.load(kv_hi_ptr + pid_m)
+    dq_e = tl.zeros([BM, BH], dtype=tl.float32)
+    dq_o = tl.zeros([BM, BH], dtype=tl.float32)
+    for start in range(lo, hi, BN):
+        cols = start + tl.arange(0, BN)
+        kc_e, ks_e, kc_o, ks_o = _angles_cs(pos_ptr, w_ptr, cols, L, D, HALF, BH)
+        y_e, y_o = _load_halves(k_ptr + off, cols, L, D, HALF, BH)
+        b_ke = (y_e * kc_e - y_o * ks_e).to(dt)
+        b_ko = (y_o * kc_o + y_e * ks_o).to(dt)
+        b_v = _load_rows(v_ptr + off, cols, L, D, BD).to(dt)
+        s = (tl.dot(b_qe, tl.trans(b_ke), input_precision=DOT_PREC)
+             + tl.dot(b_qo, tl.trans(b_ko), input_precision=DOT_PREC))
+        t_j = tl.load(pos_ptr + cols * 3, mask=cols < L, other=0)
+        p = tl.where(_visible(t_i, t_j, rows, cols, L, window), tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC)
+        ds = (p * (dp - delta[:, None])).to(dt)
+        dq_e += tl.dot(ds, b_ke, input_precision=DOT_PREC)
+        dq_o += tl.dot(ds, b_ko, input_precision=DOT_PREC)
+    _store_halves_transposed(dq_ptr + off, dq_e * scale, dq_o * scale, c_e, s_e, c_o, s_o, rows, L, D, HALF, BH)
+
+
+# --------------------------------------------------------------------------------------------- launchers
+def _empty_like(x: torch.Tensor) -> torch.Tensor:
+    """Allocation of every kernel output (tests swap in a NaN fill to prove each element is written)."""
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _config(d: int):
+    """(BM, BN, num_warps, num_stages). Small tiles under the interpreter (tests), fixed GPU tiles otherwise."""
+    if triton_interpret():
+        return 16, 16, 1, 1
+    if d <= 64:
+        return 64, 64, 4, 2
+    return 64, 32, 4, 2
+
+
+def _dims(d: int):
+    half = d // 2
+    return half, max(16, triton.next_power_of_2(half)), max(16, triton.next_power_of_2(d))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _dot_dtype(dtype: torch.dtype):
+    """Operand dtype of tl.dot: the input dtype on GPU; fp32 under the interpreter (no bf16 arithmetic there)."""
+    if triton_interpret() or dtype == torch.float32:
+        return tl.float32
+    return tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
+
+
+def _ranges(t: torch.Tensor, block: int, window: int, *, keys_of_queries: bool):
+    """Per block of `block` rows: the contiguous [lo, hi) range of partner rows that can be visible.
+
+    keys_of_queries: for query blocks, the keys they see (t_j <= t_i, t_i - t_j < window); else for key
+    blocks, the queries that see them."""
+    L = t.shape[0]
+    starts = torch.arange(0, L, block, device=t.device)
+    first, last = t[starts], t[(starts + block).clamp(max=L) - 1]
+    if keys_of_queries:
+        hi = torch.searchsorted(t, last, right=True)
+        lo = torch.searchsorted(t, first - window + 1) if window < _NO_WINDOW else torch.zeros_like(hi)
+    else:
+        lo = torch.searchsorted(t, first)
+        hi = (torch.searchsorted(t, last + window - 1, right=True) if window < _NO_WINDOW
+              else torch.full_like(lo, L))
+    return lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous()
+
+
+def _prep(q, pos, w, window):
+    t = pos[:, 0].to(torch.int64).contiguous()
+    pos32 = pos.to(torch.int32).contiguous()
+    win = _NO_WINDOW if not window else int(window)
+    return t, pos32, w.to(device=q.device, dtype=torch.float32).contiguous(), win
+
+
+def rope_attention_fwd_triton(q, k, v, pos, w, window: int, scale: float):
+    """q, k, v (B, H, L, d), pos (L, 3), w (3, d) -> o (B, H, L, d), lse (B, H, L) fp32 in base-2 units."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    B, H, L, d = q.shape
+    o = _empty_like(q)
+    lse = _empty_like(q.new_empty((B, H, L), dtype=torch.float32))
+    if q.numel() == 0:
+        return o, lse
+    t, pos32, w, win = _prep(q, pos, w, window)
+    BM, BN, warps, stages = _config(d)
+    half, BH, BD = _dims(d)
+    kv_lo, kv_hi = _ranges(t, BM, win, keys_of_queries=True)
+    grid = (triton.cdiv(L, BM), B * H)
+    rope_attn_fwd_kernel[grid](q, k, v, o, lse, pos32, w, kv_lo, kv_hi, L, d, half, win, scale * _LOG2E,
+                               DOT_PREC=_dot_precision(q.dtype), DT=_dot_dtype(q.dtype), BM=BM, BN=BN, BH=BH,
+                               BD=BD, num_warps=warps, num_stages=stages)
+    return o, lse
+
+
+def rope_attention_bwd_triton(do, q, k, v, o, lse, pos, w, window: int, scale: float):
+    """Gradients (dq, dk, dv) of rope_attention_fwd_triton, each (B, H, L, d) in the input dtype."""
+    q, k, v, o, do = q.contiguous(), k.contiguous(), v.contiguous(), o.contiguous(), do.contiguous().to(q.dtype)
+    B, H, L, d = q.shape
+    dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
+    if q.numel() == 0:
+        return dq, dk, dv
+    delta = (o.float() * do.float()).sum(-1).contiguous()
+    t, pos32, w, win = _prep(q, pos, w, window)
+    BM, BN, warps, stages = _config(d)
+    half, BH, BD = _dims(d)
+    prec = _dot_precision(q.dtype)
+    q_lo, q_hi = _ranges(t, BN, win, keys_of_queries=False)
+    rope_attn_bwd_dkv_kernel[(triton.cdiv(L, BN), B * H)](
+        q, k, v, do, lse, delta, dk, dv, pos32, w, q_lo, q_hi, L, d, half, win, scale * _LOG2E, scale,
+        DOT_PREC=prec, DT=_dot_dtype(q.dtype), BM=BM, BN=BN, BH=BH, BD=BD, num_warps=warps, num_stages=stages)
+    kv_lo, kv_hi = _ranges(t, BM, win, keys_of_queries=True)
+    rope_attn_bwd_dq_kernel[(triton.cdiv(L, BM), B * H)](
+        q, k, v, do, lse, delta, dq, pos32, w, kv_lo, kv_hi, L, d, half, win, scale * _LOG2E, scale,
+        DOT_PREC=prec, DT=_dot_dtype(q.dtype), BM=BM, BN=BN, BH=BH, BD=BD, num_warps=warps, num_stages=stages)
+    return dq, dk, dv
