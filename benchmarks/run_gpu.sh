@@ -2,8 +2,8 @@
 # One command for a GPU machine (offline; torch with CUDA, triton, nvcc, ninja, pybind11, pytest-benchmark
 # preinstalled): build the extension with CUDA, run the test suite on the GPU, measure the copy bandwidth and
 # run every benchmark, then write benchmarks/results/<date>-<gpu>.{json,md} (and copy them to $OUT if set).
-# Each stage has its own time limit so the whole script stays under 8 minutes. TEST_PATHS / BENCH_PATHS narrow
-# the run (default: tests, benchmarks).
+# Each stage has its own time limit so the whole script stays under 8 minutes. TEST_PATHS narrows the
+# tests (default: tests); BENCH_SPECS lists "suite:seconds" pairs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -34,14 +34,25 @@ timeout ${TEST_TIMEOUT:-170} $PY -m pytest ${TEST_PATHS:-tests} -q -x -m "not sl
 echo "tests: ${PIPESTATUS[0]} in $((SECONDS - t0)) s"
 
 echo "== benchmarks"
-t0=$SECONDS
-rm -f "$BASE.json"
-HOPE_BENCH_JSON=$BASE.json timeout ${BENCH_TIMEOUT:-200} $PY -m pytest ${BENCH_PATHS:-benchmarks} -q -p no:cacheprovider \
-  --benchmark-disable-gc --benchmark-columns=median,rounds 2>&1 | sed -n '/benchmark summary/,$p'
-echo "benchmarks: ${PIPESTATUS[0]} in $((SECONDS - t0)) s"
-if [ -f "$BASE.json" ]; then
-  $PY benchmarks/summarize.py "$BASE.json" "$BASE.md" --title "hope-kernels benchmarks, $GPU, $STAMP" \
+# One pytest per file, each under its own time limit, so a slow baseline cannot starve the others.
+# Rows from the shared `bench` fixture go to $BASE.json; every file's pytest-benchmark JSON (with the
+# ratios some suites put in extra_info) to $BASE.<suite>.json.
+rm -f "$BASE".*json
+for spec in ${BENCH_SPECS:-device:40 l1_loss:90 rope_attention:110 dgd:110 titans:80 train:60}; do
+  name=${spec%%:*}; limit=${spec##*:}; file=benchmarks/test_bench_$name.py
+  [ -f "$file" ] || continue
+  t0=$SECONDS
+  HOPE_BENCH_JSON=$BASE.json timeout $limit $PY -m pytest "$file" -q -s -p no:cacheprovider \
+    --benchmark-disable-gc --benchmark-columns=median,rounds --benchmark-json="$BASE.$name.json" \
+    > "${OUT:-/tmp}/bench_$name.log" 2>&1
+  echo "benchmark $name: rc=$? in $((SECONDS - t0)) s"
+  grep -E "^\[|passed|failed|error" "${OUT:-/tmp}/bench_$name.log" | tail -30
+done
+if [ -f "$BASE.json" ] || ls "$BASE".*.json >/dev/null 2>&1; then
+  $PY benchmarks/summarize.py "$BASE.json" "$BASE.md" --extra "$BASE".*.json \
+    --title "hope-kernels benchmarks, $GPU, $STAMP" \
     --preamble "$($PY -c 'import torch, triton; print(f"torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}")')"
-  [ -n "${OUT:-}" ] && cp "$BASE.json" "$BASE.md" "$OUT/"
+  tail -60 "$BASE.md"
+  [ -n "${OUT:-}" ] && cp "$BASE".*json "$BASE.md" "$OUT/" 2>/dev/null
 fi
 echo "== done"

@@ -19,9 +19,12 @@ def main() -> None:
     ap.add_argument("out")
     ap.add_argument("--title", default="hope-kernels benchmarks")
     ap.add_argument("--preamble", default="")
+    ap.add_argument("--extra", nargs="*", default=[], help="pytest-benchmark JSON files (one table each)")
     a = ap.parse_args()
-    with open(a.rows) as f:
-        rows = json.load(f)
+    rows = []
+    if os.path.exists(a.rows):
+        with open(a.rows) as f:
+            rows = json.load(f)
     lines = [f"# {a.title}", "", a.preamble, "",
              "Speed-up = eager ms / ms, in the same run on the same device. GB/s counts each input read once "
              "and each output written once; the copy row is the device's measured ceiling.", "",
@@ -29,6 +32,21 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['group']} | {r['backend']} | {r['ms']:.4f} | {fmt(r.get('speedup_vs_eager'), '%.2fx')} | "
                      f"{fmt(r.get('gbps'), '%.1f')} | {fmt(r.get('tflops'), '%.2f')} | {fmt(r.get('peak_mib'), '%.1f')} |")
+    for path in a.extra:
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            continue
+        benches = data.get("benchmarks", [])
+        if not benches:
+            continue
+        lines += ["", f"## {os.path.basename(path)} (pytest-benchmark; extra_info as recorded by the suite)", "",
+                  "| test | median ms | rounds | extra |", "|---|---:|---:|---|"]
+        for b in benches:
+            extra = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                              for k, v in b.get("extra_info", {}).items())
+            lines.append(f"| {b['name']} | {b['stats']['median'] * 1e3:.4f} | {b['stats']['rounds']} | {extra} |")
     tmp = a.out + ".tmp"
     with open(tmp, "w") as f:
         f.write("\n".join(lines) + "\n")
