@@ -32,16 +32,15 @@ class SelfModifyingMemory(nn.Module):
         self.q = nn.Linear(c.width, c.width, bias=False)                 # static query projection
         self.out = nn.Linear(c.width, c.width)
         if self.self_ref:
-            # learned initial states (outer loop) of M_k, M_v, M_eta, M_alpha (random maps) and M_mem (empty)
-            m0 = torch.randn(_N_MEM, H, dh, dh) * dh ** -0.5
-            m0[4] = 0
-            self.M0 = nn.Parameter(m0)
+            # learned initial states (outer loop) of M_k, M_v, M_eta, M_alpha, M_mem: random maps. (M_mem = 0
+            # would be a fixed point: its self-generated target v M_mem is then 0 too.)
+            self.M0 = nn.Parameter(torch.randn(_N_MEM, H, dh, dh) * dh ** -0.5)
             self.gate_read = nn.Parameter(torch.zeros(2, H, dh))         # static readout of the eta/alpha memories
         else:
             self.kv = nn.Linear(c.width, 2 * c.width, bias=False)
             self.gates = nn.Linear(c.width, 2 * H)
-            self.M0 = nn.Parameter(torch.zeros(1, H, dh, dh))
-        # gate biases: eta_t ~ 0.1 * eta_max... start, alpha_t ~ 0.99 retention
+            self.M0 = nn.Parameter(torch.randn(1, H, dh, dh) * dh ** -0.5)
+        # gate biases: eta_t starts near 0.12 * eta_max, alpha_t near 0.99 retention
         self.gate_bias = nn.Parameter(torch.tensor([-2.0, 4.6]))
         if self.rule == "titans":
             self.momentum_logit = nn.Parameter(torch.zeros(H))           # Titans momentum eta (ablation)
