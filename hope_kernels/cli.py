@@ -12,6 +12,7 @@ import sys
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "backends": ("hope_kernels.cli_backends", "list the available op backends"),
+    "train": ("hope_kernels.cli_train", "train an AC or HOPE predictor"),
 }
 
 
