@@ -141,7 +141,8 @@ def official_state_dict(c):
     shapes = {"predictor_embed.weight": (w, c.enc_dim), "predictor_embed.bias": (w,),
               "action_encoder.weight": (w, c.action_dim), "action_encoder.bias": (w,),
               "predictor_norm.weight": (w,), "predictor_norm.bias": (w,),
-              "predictor_proj.weight": (c.enc_dim, w), "predictor_proj.bias": (c.enc_dim,)}
+              "predictor_proj.weight": (c.enc_dim, w), "predictor_proj.bias": (c.enc_dim,),
+              "extrinsics_encoder.weight": (w, c.action_dim - 1), "extrinsics_encoder.bias": (w,)}
     if c.state_dim:
         shapes.update({"state_encoder.weight": (w, c.state_dim), "state_encoder.bias": (w,)})
     for i in range(c.depth):

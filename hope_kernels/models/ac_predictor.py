@@ -64,6 +64,10 @@ OFFICIAL_PREFIXES = {
 }
 
 
+# The official predictor always builds `extrinsics_encoder` (camera extrinsics, unused here): dropped.
+OFFICIAL_IGNORED = ("extrinsics_encoder.",)
+
+
 def official_to_local(sd: dict) -> dict:
     out = {}
     for key, val in sd.items():
@@ -71,6 +75,8 @@ def official_to_local(sd: dict) -> dict:
         for strip in ("module.", "backbone.", "predictor."):
             while k.startswith(strip) and not any(k.startswith(p) for p in OFFICIAL_PREFIXES):
                 k = k[len(strip):]
+        if k.startswith(OFFICIAL_IGNORED):
+            continue
         for src, dst in OFFICIAL_PREFIXES.items():
             if k.startswith(src):
                 out[dst + k[len(src):]] = val
