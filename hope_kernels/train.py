@@ -345,8 +345,12 @@ def train(config, dataset=None) -> TrainResult:
             _allreduce_grads(model, world)
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
         opt.step()
-        rec = {"step": step + 1, "loss": loss.item(), "tf": losses["tf"].item(),
-               "rollout": losses["rollout"].item(), "rollout_w": w, "lr": lr,
+        stats = torch.stack([loss.detach().float(), losses["tf"].detach().float(), losses["rollout"].detach().float()])
+        if world > 1:  # log the global-batch mean, as one process would
+            dist.all_reduce(stats)
+            stats /= world
+        l_all, l_tf, l_ro = stats.tolist()
+        rec = {"step": step + 1, "loss": l_all, "tf": l_tf, "rollout": l_ro, "rollout_w": w, "lr": lr,
                "grad_norm": None if gnorm is None else float(gnorm)}
         now = time.perf_counter()
         rec["clips_per_s"] = cfg.batch_size / max(now - t_last, 1e-9)

@@ -1,7 +1,7 @@
 """HOPE delta-gradient-descent memory (DESIGN 4.4). Stand-in public function over the eager reference."""
 from __future__ import annotations
 
-from hope_kernels.ops.dgd.reference import dgd_memory_reference
+from hope_kernels.ops.dgd.reference import dgd_memory_chunked, dgd_memory_reference
 
 __all__ = ["dgd_memory", "dgd_memory_reference"]
 
@@ -15,5 +15,5 @@ def dgd_memory(q, k, v, alpha, eta, *, chunk_size, initial_state=None, output_fi
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}, {tuple(alpha.shape)}, {tuple(eta.shape)}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    return dgd_memory_reference(q, k, v, alpha, eta, chunk_size=chunk_size, initial_state=initial_state,
-                                output_final_state=output_final_state)
+    return dgd_memory_chunked(q, k, v, alpha, eta, chunk_size=chunk_size, initial_state=initial_state,
+                              output_final_state=output_final_state)
