@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "verify": ("hope_kernels.data.cli_verify", "check a dataset's shards against its manifest"),
     "encode": ("hope_kernels.data.cli_encode", "encode frames with the embedded or a local V-JEPA 2 encoder"),
     "aba": ("hope_kernels.cli_aba", "the A-B-A job: data, pre-training, every TTA strategy, results.json/md/png"),
+    "train": ("hope_kernels.cli_train", "train an AC or HOPE predictor"),
 }
 
 

@@ -1,0 +1,59 @@
+"""`hope-kernels train`: train a predictor from a YAML/JSON config (see configs/), CLI flags override it.
+
+    hope-kernels train --model hope --config configs/train_hope_tiny.yaml --data data/quick --out runs/hope
+    torchrun --nproc_per_node=2 $(which hope-kernels) train ...      # data parallel (gloo on CPU, nccl on GPU)
+"""
+from __future__ import annotations
+
+import json
+import os
+
+
+def add_arguments(p):
+    p.add_argument("--model", choices=["ac", "hope"], help="predictor kind (overrides the config)")
+    p.add_argument("--config", help="YAML or JSON training config (keys of hope_kernels.config.TrainConfig)")
+    p.add_argument("--data", help="dataset folder")
+    p.add_argument("--out", help="output folder (checkpoint.safetensors, train_log.jsonl)")
+    p.add_argument("--preset", help="predictor preset: tiny | small | vjepa2-ac")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int, dest="batch_size")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def load_config_file(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    with open(path) as f:
+        text = f.read()
+    if path.endswith(".json"):
+        cfg = json.loads(text)
+    else:
+        import yaml
+        cfg = yaml.safe_load(text)
+    if not isinstance(cfg, dict):
+        raise ValueError(f"config file {path!r} must hold a mapping of TrainConfig keys, got {type(cfg).__name__}")
+    return cfg
+
+
+def run(args) -> int:
+    from hope_kernels.train import train
+
+    cfg = load_config_file(args.config) if args.config else {}
+    for key in ("model", "data", "out", "preset", "steps", "batch_size", "lr", "seed", "device"):
+        val = getattr(args, key)
+        if val is not None:
+            cfg[key] = val
+    if args.resume:
+        cfg["resume"] = True
+    if args.no_progress:
+        cfg["progress"] = False
+    res = train(cfg)
+    if res.history and int(os.environ.get("RANK", "0")) == 0:
+        last = res.history[-1]
+        print(f"step {last['step']}: loss {last['loss']:.5f} (tf {last['tf']:.5f}, rollout {last['rollout']:.5f}); "
+              f"checkpoint {res.checkpoint}")
+    return 0

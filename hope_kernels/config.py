@@ -1,0 +1,164 @@
+"""Configuration dataclasses: predictor presets (DESIGN 5) and the training config (DESIGN 6).
+
+Presets live here (not in YAML) so an installed package finds them; configs/*.yaml are training configs that
+name a preset and override fields.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+KINDS = ("ac", "hope")
+
+
+@dataclass
+class PredictorConfig:
+    """Both predictors. Fields after `init_std` are used by HOPE only."""
+    kind: str = "ac"
+    preset: str = "tiny"
+    enc_dim: int = 64
+    grid: tuple = (8, 8, 8)                 # (T, H, W)
+    action_dim: int = 2
+    state_dim: int = 0
+    width: int = 96
+    depth: int = 2
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    ln_eps: float = 1e-6
+    window: int | None = None               # past timesteps visible to attention (None: all)
+    rope_compat: str | None = None          # "vjepa2": the official (non-rotation) RoPE formula
+    init_std: float = 0.02
+    # HOPE
+    self_referential: bool = True           # False: static k, v, eta, alpha projections
+    memory_rule: str = "dgd"                # "dgd" (HOPE) | "titans" (momentum rule, ablation)
+    mem_heads: int | None = None            # None: = heads
+    eta_max: float = 0.5                    # inner learning rate eta_t in (0, eta_max)
+    cms: bool = True                        # False: one plain MLP per block instead of the CMS chain
+    cms_periods: tuple = (1, 4, 16)         # update period of each CMS level, fastest first
+    cms_ratio: float = 1.0                  # hidden width of each CMS level / width
+
+    def __post_init__(self):
+        self.grid = tuple(int(g) for g in self.grid)
+        self.cms_periods = tuple(int(c) for c in self.cms_periods)
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if len(self.grid) != 3 or min(self.grid) < 1:
+            raise ValueError(f"grid must be (T, H, W) with positive entries, got {self.grid}")
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} must be divisible by heads {self.heads}")
+        mh = self.mem_heads or self.heads
+        if self.width % mh:
+            raise ValueError(f"width {self.width} must be divisible by mem_heads {mh}")
+        if self.memory_rule not in ("dgd", "titans"):
+            raise ValueError(f"memory_rule must be 'dgd' or 'titans', got {self.memory_rule!r}")
+        if self.rope_compat not in (None, "vjepa2"):
+            raise ValueError(f"rope_compat must be None or 'vjepa2', got {self.rope_compat!r}")
+        if any(b <= a for a, b in zip(self.cms_periods, self.cms_periods[1:])) or min(self.cms_periods) < 1:
+            raise ValueError(f"cms_periods must be strictly increasing positive ints, got {self.cms_periods}")
+        for name in ("enc_dim", "action_dim", "depth"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.state_dim < 0:
+            raise ValueError(f"state_dim must be >= 0, got {self.state_dim}")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["grid"], d["cms_periods"] = list(self.grid), list(self.cms_periods)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PredictorConfig":
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown predictor config keys {sorted(unknown)}")
+        return cls(**d)
+
+
+# Width / depth / heads per preset. HOPE presets are sized to about the AC parameter count of the same name
+# (AC block ~12 w^2; HOPE block: attention 4 w^2 + memory 2 w^2 + 3 CMS levels of 2 w^2).
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "ac": {
+        "tiny": dict(width=96, depth=2, heads=4),
+        "small": dict(width=384, depth=6, heads=6),
+        "vjepa2-ac": dict(width=1024, depth=24, heads=16, enc_dim=1024),
+    },
+    "hope": {
+        "tiny": dict(width=96, depth=2, heads=4),
+        "small": dict(width=384, depth=6, heads=6),
+        "vjepa2-ac": dict(width=1024, depth=24, heads=16, enc_dim=1024),
+    },
+}
+
+
+def predictor_config(kind: str, preset: str = "tiny", **fields) -> PredictorConfig:
+    """Preset values, then `fields` on top (unknown names raise TypeError naming them)."""
+    if kind not in PRESETS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if preset not in PRESETS[kind]:
+        raise ValueError(f"unknown {kind} preset {preset!r}; choose one of {sorted(PRESETS[kind])}")
+    names = {f.name for f in dataclasses.fields(PredictorConfig)}
+    unknown = set(fields) - names
+    if unknown:
+        raise TypeError(f"unknown predictor option(s) {sorted(unknown)}; valid: {sorted(names - {'kind', 'preset'})}")
+    values = {**PRESETS[kind][preset], **fields}
+    return PredictorConfig(kind=kind, preset=preset, **values)
+
+
+@dataclass
+class TrainConfig:
+    model: str = "ac"
+    preset: str = "tiny"
+    overrides: dict = field(default_factory=dict)
+    data: str | None = None
+    phases: list = field(default_factory=lambda: ["A1"])
+    split: str = "train"
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.04
+    warmup: int = 20
+    decay_frac: float = 0.2                 # last fraction of steps with linear decay to 0 (WSD)
+    grad_clip: float = 1.0
+    rollout_w0: float = 0.0
+    rollout_w1: float = 1.0
+    rollout_schedule: str = "linear"        # "linear" | "cosine"
+    rollout_steps: int = 2
+    rollout_score: str = "last"             # "last" (seed formula) | "all"
+    seed: int = 0
+    device: str = "auto"
+    out: str | None = None
+    ckpt_every: int = 100
+    log_every: int = 10
+    progress: bool = True
+    resume: bool = False
+
+    def __post_init__(self):
+        if self.model not in KINDS:
+            raise ValueError(f"model must be one of {KINDS}, got {self.model!r}")
+        if self.rollout_schedule not in ("linear", "cosine"):
+            raise ValueError(f"rollout_schedule must be 'linear' or 'cosine', got {self.rollout_schedule!r}")
+        if self.rollout_score not in ("last", "all"):
+            raise ValueError(f"rollout_score must be 'last' or 'all', got {self.rollout_score!r}")
+        for name in ("steps", "batch_size", "ckpt_every", "log_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.rollout_steps < 0:
+            raise ValueError(f"rollout_steps must be >= 0, got {self.rollout_steps}")
+        if not 0 <= self.decay_frac <= 1:
+            raise ValueError(f"decay_frac must be in [0, 1], got {self.decay_frac}")
+        if isinstance(self.phases, str):
+            self.phases = [self.phases]
+        self.phases = list(self.phases)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown training config keys {sorted(unknown)}; valid: "
+                             f"{sorted(f.name for f in dataclasses.fields(cls))}")
+        return cls(**d)

@@ -1,0 +1,145 @@
+"""What both predictors share: input/condition embedding, token layout, output head, rollout, init.
+
+Inputs: z (B, T, N, D) encoder latents, actions (B, T, A), states (B, T, S) or None. Output z_hat (B, T, N, D):
+z_hat[:, t] predicts layer_norm(z[:, t+1]) from z[:, :t+1], actions[:, :t+1], states[:, :t+1].
+The input latents are layer-normalised over D (no affine) like the targets, so predictions fed back during a
+rollout live in the same space as the encoder latents they replace.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hope_kernels.config import PredictorConfig
+from hope_kernels.models.rope import drop_cond_tokens, interleave_tokens, token_positions
+from hope_kernels.ops import rope_attention
+
+
+class RoPEAttention(nn.Module):
+    """Multi-head attention through the `rope_attention` op (3D RoPE, block-causal over timesteps)."""
+
+    def __init__(self, width: int, heads: int, qkv_bias: bool = True, window=None, rope_compat=None):
+        super().__init__()
+        self.heads, self.window, self.rope_compat = heads, window, rope_compat
+        self.qkv = nn.Linear(width, 3 * width, bias=qkv_bias)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        B, L, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, L, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        o = rope_attention(q, k, v, pos, window=self.window, rope_compat=self.rope_compat)
+        return self.proj(o.transpose(1, 2).reshape(B, L, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class PredictorBase(nn.Module):
+    """Subclasses set `self.blocks` (nn.ModuleList) whose blocks take (x, pos, state, T) -> (x, new_state)."""
+
+    kind = "base"
+
+    def __init__(self, config: PredictorConfig):
+        super().__init__()
+        c = self.config = config
+        self.n_cond = 1 + (c.state_dim > 0)
+        self.embed = nn.Linear(c.enc_dim, c.width)
+        self.action_encoder = nn.Linear(c.action_dim, c.width)
+        self.state_encoder = nn.Linear(c.state_dim, c.width) if c.state_dim > 0 else None
+        self.norm = nn.LayerNorm(c.width, eps=c.ln_eps)
+        self.proj = nn.Linear(c.width, c.enc_dim)
+
+    # -- init (DESIGN 5: truncated normal std 0.02, residual projections / sqrt(2 * layer)) --
+    def _init_weights(self):
+        std = self.config.init_std
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        with torch.no_grad():
+            for i, blk in enumerate(self.blocks):
+                for p in blk.residual_projections():
+                    p.div_(math.sqrt(2.0 * (i + 1)))
+
+    def layernorm_parameters(self) -> list[nn.Parameter]:
+        return [p for m in self.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()]
+
+    # -- inputs --
+    def _check_inputs(self, z, actions, states):
+        c = self.config
+        N = c.grid[1] * c.grid[2]
+        if not isinstance(z, torch.Tensor) or z.dim() != 4 or z.shape[2] != N or z.shape[3] != c.enc_dim:
+            raise ValueError(f"z must be (B, T, N, D) = (B, T, {N}, {c.enc_dim}), got "
+                             f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
+        B, T = z.shape[:2]
+        if not isinstance(actions, torch.Tensor) or actions.shape != (B, T, c.action_dim):
+            raise ValueError(f"actions must be (B, T, A) = ({B}, {T}, {c.action_dim}), got "
+                             f"{tuple(actions.shape) if isinstance(actions, torch.Tensor) else type(actions).__name__}")
+        if c.state_dim > 0:
+            if states is None or states.shape != (B, T, c.state_dim):
+                raise ValueError(f"states must be (B, T, S) = ({B}, {T}, {c.state_dim}), got "
+                                 f"{None if states is None else tuple(states.shape)}")
+        elif states is not None and states.numel() > 0:
+            raise ValueError(f"this predictor has state_dim=0 but states {tuple(states.shape)} were given")
+
+    def _tokens(self, z, actions, states):
+        x = self.embed(F.layer_norm(z, z.shape[-1:]))
+        x_dtype = x.dtype
+        cond = [self.action_encoder(actions.to(x_dtype))]
+        if self.state_encoder is not None:
+            cond.append(self.state_encoder(states.to(x_dtype)))
+        return interleave_tokens(cond, x)
+
+    def _predict(self, z, actions, states, memory):
+        """-> (z_hat (B, T, N, D), per-block end states)."""
+        self._check_inputs(z, actions, states)
+        T, (_, H, W) = z.shape[1], self.config.grid
+        x = self._tokens(z, actions, states)
+        pos = token_positions(T, H, W, self.n_cond, device=z.device)
+        new = []
+        for i, blk in enumerate(self.blocks):
+            x, st = blk(x, pos, None if memory is None else memory[i], T)
+            new.append(st)
+        y = self.proj(self.norm(drop_cond_tokens(x, T, self.n_cond)))
+        return y, new
+
+    def forward(self, z, actions, states=None):
+        return self._predict(z, actions, states, None)[0]
+
+    def rollout(self, z_context, actions, steps: int, states=None):
+        """Autoregressive rollout from z_context (B, Tc, N, D) with the true actions (B, >= Tc+steps-1, A)
+        (and states, same length, if state_dim > 0). Predictions are fed back without detach.
+        Returns (B, steps, N, D): element i predicts z[:, Tc + i]."""
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        Tc = z_context.shape[1]
+        need = Tc + steps - 1
+        if actions.dim() != 3 or actions.shape[1] < need:
+            raise ValueError(f"rollout of {steps} steps from {Tc} context steps needs actions (B, >= {need}, A), "
+                             f"got {tuple(actions.shape)}")
+        if states is not None and states.shape[1] < need:
+            raise ValueError(f"rollout needs states (B, >= {need}, S), got {tuple(states.shape)}")
+        seq, preds = z_context, []
+        for i in range(steps):
+            T = Tc + i
+            s = None if states is None else states[:, :T]
+            zh = self._rollout_step(seq, actions[:, :T], s)[:, -1]
+            preds.append(zh)
+            seq = torch.cat([seq, zh[:, None].to(seq.dtype)], dim=1)
+        return torch.stack(preds, dim=1)
+
+    def _rollout_step(self, z, actions, states):
+        return self.forward(z, actions, states)

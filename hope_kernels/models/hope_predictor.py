@@ -1,0 +1,177 @@
+"""HOPE predictor (DESIGN 5, docs/hope.md): per block 3D-RoPE block-causal attention, a self-referential
+memory updated in context (`dgd_memory`, or `titans_memory` as an ablation) and a continuum memory system
+(CMS: residual MLP levels with update periods). Same inputs, outputs and losses as the AC predictor.
+
+Memory layout per block and head (dh = width / mem_heads): five (dh, dh) matrix memories
+[M_k, M_v, M_eta, M_alpha, M_mem], stacked along the head axis so one op call updates all of them. Each
+timestep's tokens form one chunk: k, v, eta, alpha are read from the memories' chunk-start state (HOPE's
+chunk-wise form), every memory is then updated on the chunk with its self-generated target v_hat = M(v).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hope_kernels.config import PredictorConfig
+from hope_kernels.models.base import MLP, PredictorBase, RoPEAttention
+from hope_kernels.ops import dgd_memory, titans_memory
+
+_N_MEM = 5  # k, v, eta, alpha, mem
+
+
+class SelfModifyingMemory(nn.Module):
+    """x (B, L, C) -> (y (B, L, C), end state). State: dgd -> M (B, m*H, dh, dh); titans -> (W, S)."""
+
+    def __init__(self, c: PredictorConfig):
+        super().__init__()
+        self.H = c.mem_heads or c.heads
+        self.dh = c.width // self.H
+        self.rule, self.self_ref, self.eta_max = c.memory_rule, c.self_referential, c.eta_max
+        H, dh = self.H, self.dh
+        self.q = nn.Linear(c.width, c.width, bias=False)                 # static query projection
+        self.out = nn.Linear(c.width, c.width)
+        if self.self_ref:
+            # learned initial states (outer loop) of M_k, M_v, M_eta, M_alpha, M_mem: random maps. (M_mem = 0
+            # would be a fixed point: its self-generated target v M_mem is then 0 too.)
+            self.M0 = nn.Parameter(torch.randn(_N_MEM, H, dh, dh) * dh ** -0.5)
+            self.gate_read = nn.Parameter(torch.zeros(2, H, dh))         # static readout of the eta/alpha memories
+        else:
+            self.kv = nn.Linear(c.width, 2 * c.width, bias=False)
+            self.gates = nn.Linear(c.width, 2 * H)
+            self.M0 = nn.Parameter(torch.randn(1, H, dh, dh) * dh ** -0.5)
+        # gate biases: eta_t starts near 0.12 * eta_max, alpha_t near 0.99 retention
+        self.gate_bias = nn.Parameter(torch.tensor([-2.0, 4.6]))
+        if self.rule == "titans":
+            self.momentum_logit = nn.Parameter(torch.zeros(H))           # Titans momentum eta (ablation)
+
+    def _gates(self, e_logit, a_logit):
+        eta = self.eta_max * torch.sigmoid(e_logit + self.gate_bias[0])
+        alpha = torch.sigmoid(a_logit + self.gate_bias[1])
+        return eta, alpha
+
+    def initial_state(self, B: int):
+        m = self.M0.shape[0]
+        W = self.M0.reshape(1, m * self.H, self.dh, self.dh).expand(B, -1, -1, -1)
+        return (W, torch.zeros_like(W)) if self.rule == "titans" else W
+
+    def _update(self, q, k, v, alpha, eta, chunk, state):
+        """One op call over all stacked memories; q, k (B, mH, L, dh), v (B, mH, L, dh), gates (B, mH, L)."""
+        if self.rule == "dgd":
+            return dgd_memory(q, k, v, alpha, eta, chunk_size=chunk, initial_state=state, output_final_state=True)
+        mom = torch.sigmoid(self.momentum_logit).repeat(q.shape[1] // self.H)[None, :, None].expand_as(eta)
+        # Titans: theta = eta_t (inner lr), forget = 1 - alpha_t (retention), momentum learned per head
+        return titans_memory(q, k, v, 1 - alpha, mom, eta, chunk_size=chunk, initial_state=state,
+                             output_final_state=True)
+
+    def forward(self, x, T: int, state=None):
+        B, L, C = x.shape
+        H, dh, P = self.H, self.dh, L // T
+        heads = lambda t: t.reshape(B, L, H, dh).transpose(1, 2)        # noqa: E731  (B, H, L, dh)
+        q = F.normalize(heads(self.q(x)), dim=-1)
+        state = self.initial_state(B) if state is None else state
+        if not self.self_ref:
+            k_, v_ = self.kv(x).chunk(2, dim=-1)
+            e_l, a_l = self.gates(x).reshape(B, L, 2, H).permute(2, 0, 3, 1)
+            eta, alpha = self._gates(e_l, a_l)
+            o, state = self._update(q, F.normalize(heads(k_), dim=-1), heads(v_), alpha, eta, P, state)
+        else:
+            xh, outs = heads(x), []
+            for t in range(T):                                           # one chunk per timestep
+                sl = slice(t * P, (t + 1) * P)
+                W = state[0] if self.rule == "titans" else state
+                Mk, Mv, Me, Ma, Mm = W.reshape(B, _N_MEM, H, dh, dh).unbind(1)
+                xc = xh[:, :, sl]
+                k = F.normalize(xc @ Mk, dim=-1)
+                v = xc @ Mv
+                eta, alpha = self._gates(((xc @ Me) * self.gate_read[0, :, None]).sum(-1),
+                                         ((xc @ Ma) * self.gate_read[1, :, None]).sum(-1))
+                v_hat = torch.cat([v @ M for M in (Mk, Mv, Me, Ma, Mm)], dim=1)   # self-generated targets
+                rep = lambda t_: torch.cat([t_] * _N_MEM, dim=1)        # noqa: E731
+                o, state = self._update(rep(q[:, :, sl]), rep(k), v_hat, rep(alpha), rep(eta), P, state)
+                outs.append(o[:, 4 * H:])                                # the output memory's read
+            o = torch.cat(outs, dim=2)
+        return self.out(o.transpose(1, 2).reshape(B, L, C)), state
+
+
+class CMSLevel(nn.Module):
+    def __init__(self, c: PredictorConfig, hidden: int, period: int):
+        super().__init__()
+        self.period = period
+        self.norm = nn.LayerNorm(c.width, eps=c.ln_eps)
+        self.mlp = MLP(c.width, hidden)
+
+    def forward(self, x):
+        return x + self.mlp(self.norm(x))
+
+
+class HOPEBlock(nn.Module):
+    def __init__(self, c: PredictorConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(c.width, eps=c.ln_eps)
+        self.attn = RoPEAttention(c.width, c.heads, c.qkv_bias, c.window, c.rope_compat)
+        self.norm2 = nn.LayerNorm(c.width, eps=c.ln_eps)
+        self.memory = SelfModifyingMemory(c)
+        hidden = int(c.width * c.cms_ratio)
+        if c.cms:
+            self.cms = nn.ModuleList(CMSLevel(c, hidden, p) for p in c.cms_periods)
+        else:  # CMS off: one plain MLP level of the same total width, updated like any other weight
+            self.cms = nn.ModuleList([CMSLevel(c, hidden * len(c.cms_periods), 1)])
+
+    def residual_projections(self):
+        return [self.attn.proj.weight, self.memory.out.weight] + [lvl.mlp.fc2.weight for lvl in self.cms]
+
+    def forward(self, x, pos, state=None, T=None):
+        x = x + self.attn(self.norm1(x), pos)
+        y, state = self.memory(self.norm2(x), T, state)
+        x = x + y
+        for lvl in self.cms:
+            x = lvl(x)
+        return x, state
+
+
+class HOPEPredictor(PredictorBase):
+    """model(z (B, T, N, D), actions (B, T, A), states=None) -> z_hat (B, T, N, D).
+
+    carry_memory=True: each forward starts from the stored memory state (else the learned initial state) and
+    stores its detached end state; `reset_memory()` forgets it. Rollouts read but never store it."""
+
+    kind = "hope"
+
+    def __init__(self, config: PredictorConfig):
+        super().__init__(config)
+        self.blocks = nn.ModuleList(HOPEBlock(config) for _ in range(config.depth))
+        self._init_weights()
+        self.carry_memory = False
+        self._memory = None
+
+    def reset_memory(self):
+        self._memory = None
+
+    def _stored(self, B: int):
+        if not self.carry_memory or self._memory is None:
+            return None
+        def fit(t):
+            if t.shape[0] == B:
+                return t
+            if t.shape[0] == 1:
+                return t.expand(B, *t.shape[1:])
+            raise ValueError(f"carried memory has batch {t.shape[0]} but the input has batch {B}; "
+                             f"call reset_memory() first")
+        return [tuple(fit(t) for t in s) if isinstance(s, tuple) else fit(s) for s in self._memory]
+
+    def forward(self, z, actions, states=None):
+        y, new = self._predict(z, actions, states, self._stored(z.shape[0]))
+        if self.carry_memory:
+            self._memory = [tuple(t.detach() for t in s) if isinstance(s, tuple) else s.detach() for s in new]
+        return y
+
+    def _rollout_step(self, z, actions, states):
+        return self._predict(z, actions, states, self._stored(z.shape[0]))[0]
+
+    def cms_levels(self) -> list[tuple[int, list[nn.Parameter]]]:
+        """[(update period, params of that level in every block)], fastest first; [] when CMS is off."""
+        if not self.config.cms:
+            return []
+        return [(p, [q for blk in self.blocks for q in blk.cms[i].parameters()])
+                for i, p in enumerate(self.config.cms_periods)]

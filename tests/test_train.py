@@ -1,0 +1,200 @@
+"""Training: schedules, losses, checkpoints (atomic, corrupt files), exact resume, NaN stop, 2-process gloo
+equals 1 process, CLI; the learning test on the embedded quick A1 data (slow)."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import hope_kernels.train as tr
+from hope_kernels.config import TrainConfig
+from hope_kernels.models import build_predictor
+from hope_kernels.ops import l1_rollout_loss
+
+sys.path.insert(0, os.path.dirname(__file__))
+from synthetic_clips import physics_clips  # noqa: E402
+
+TINY = dict(width=24, heads=2, depth=1)
+
+
+def small_data(n=8, seed=0):
+    return physics_clips(n, seed=seed, T=3, H=2, W=2, D=8)
+
+
+def cfg(**kw):
+    base = dict(model="ac", overrides=TINY, steps=4, batch_size=4, lr=1e-3, warmup=1, progress=False,
+                rollout_steps=2, ckpt_every=2)
+    return {**base, **kw}
+
+
+def test_rollout_weight_schedule():
+    assert tr.rollout_weight(0, 11, 0.0, 1.0) == 0.0
+    assert tr.rollout_weight(10, 11, 0.0, 1.0) == 1.0
+    assert tr.rollout_weight(5, 11, 0.2, 1.0) == pytest.approx(0.6)
+    assert tr.rollout_weight(5, 11, 0.0, 1.0, "cosine") == pytest.approx(0.5)
+    assert tr.rollout_weight(2, 11, 0.0, 1.0, "cosine") == pytest.approx(0.5 * (1 - math.cos(math.pi * 0.2)))
+    with pytest.raises(ValueError, match="rollout_schedule"):
+        tr.rollout_weight(1, 3, 0, 1, "step")
+
+
+def test_wsd_learning_rate():
+    c = TrainConfig(steps=10, lr=1.0, warmup=2, decay_frac=0.3)
+    assert [round(tr.lr_at(s, c), 4) for s in range(10)] == [0.5, 1, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25]
+
+
+def test_prediction_losses_match_definitions():
+    m = build_predictor("hope", enc_dim=8, grid=(3, 2, 2), **TINY)
+    ds = small_data(2)
+    z, a, _ = tr._collate(ds, [0, 1], "cpu")
+    out = tr.prediction_losses(m, z, a, rollout_steps=2)
+    torch.testing.assert_close(out["tf"], l1_rollout_loss(m(z, a)[:, :-1], z[:, 1:])[0])
+    r = m.rollout(z[:, :1], a, 2)
+    torch.testing.assert_close(out["rollout"], l1_rollout_loss(r[:, -1:], z[:, 2:3])[0])
+    all_ = tr.prediction_losses(m, z, a, rollout_steps=2, rollout_score="all")["rollout"]
+    torch.testing.assert_close(all_, l1_rollout_loss(r, z[:, 1:3])[0])
+
+
+def test_checkpoint_roundtrip_atomic_and_corrupt(tmp_path, monkeypatch):
+    res = tr.train(cfg(model="hope", out=str(tmp_path)), dataset=small_data())
+    path = res.checkpoint
+    model, st = tr.load_checkpoint(path)
+    assert st["step"] == 4 and st["config"]["model"] == "hope" and st["optimizer"]["state"]
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), res.model.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    before = open(path, "rb").read()
+
+    import safetensors.torch
+
+    def killed(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(safetensors.torch, "save_file", killed)
+    with pytest.raises(KeyboardInterrupt):
+        tr.save_checkpoint(path, model, None, 99, TrainConfig())
+    assert open(path, "rb").read() == before and not [f for f in os.listdir(tmp_path) if ".tmp" in f]
+    assert tr.load_checkpoint(path)[1]["step"] == 4
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(before[: len(before) // 2])
+    with pytest.raises(ValueError, match="corrupt"):
+        tr.load_checkpoint(bad)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        tr.load_checkpoint(tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize("kind", ["ac", "hope"])
+def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch, kind):
+    ds = small_data()
+    full = tr.train(cfg(model=kind, steps=5, out=str(tmp_path / "a")), dataset=ds).history
+    real = tr.lr_at
+
+    def interrupt(step, c):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real(step, c)
+    monkeypatch.setattr(tr, "lr_at", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        tr.train(cfg(model=kind, steps=5, out=str(tmp_path / "b")), dataset=ds)
+    monkeypatch.setattr(tr, "lr_at", real)
+    resumed = tr.train(cfg(model=kind, steps=5, out=str(tmp_path / "b"), resume=True), dataset=ds).history
+    assert [h["step"] for h in resumed] == [1, 2, 3, 4, 5]
+    assert [h["loss"] for h in resumed] == [h["loss"] for h in full]
+    log = [json.loads(line) for line in open(tmp_path / "b" / tr.LOG_NAME)]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5]
+
+
+class _NaNAfter(torch.utils.data.Dataset):
+    def __init__(self, ds, n_ok):
+        self.ds, self.n_ok, self.calls = ds, n_ok, 0
+        self.grid, self.enc_dim, self.action_dim, self.state_dim = ds.grid, ds.enc_dim, ds.action_dim, ds.state_dim
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        self.calls += 1
+        item = dict(self.ds[i])
+        if self.calls > self.n_ok:
+            item["latents"] = torch.full_like(item["latents"], float("nan"))
+        return item
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path):
+    ds = _NaNAfter(small_data(), n_ok=2 * 4)                      # steps 1-2 fine, step 3 NaN
+    with pytest.raises(RuntimeError, match="at step 3"):
+        tr.train(cfg(steps=6, out=str(tmp_path)), dataset=ds)
+    assert tr.load_checkpoint(tmp_path / tr.CKPT_NAME)[1]["step"] == 2
+
+
+_WORKER = r"""
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+from synthetic_clips import physics_clips
+import hope_kernels.train as tr
+cfg = json.loads(sys.argv[2])
+res = tr.train(cfg, dataset=physics_clips(8, seed=0, T=3, H=2, W=2, D=8))
+if os.environ.get("RANK", "0") == "0":
+    json.dump(res.history, open(sys.argv[3], "w"))
+"""
+
+
+@pytest.mark.slow
+def test_two_process_gloo_matches_one_process(tmp_path):
+    c = cfg(model="hope", steps=3, batch_size=4)
+    one = tr.train(c, dataset=small_data()).history
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29500 + os.getpid() % 1000),
+           "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "h.json"
+    args = [sys.executable, "-c", _WORKER, os.path.dirname(__file__), json.dumps(c), str(out)]
+    procs = [subprocess.Popen(args, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
+    assert [p.wait(timeout=600) for p in procs] == [0, 0]
+    two = json.load(open(out))
+    for h1, h2 in zip(one, two):
+        assert h2["loss"] == pytest.approx(h1["loss"], rel=1e-5, abs=1e-7)
+
+
+def test_cli_train(tmp_path, capsys):
+    from hope_kernels.cli import main
+    conf = tmp_path / "c.yaml"
+    conf.write_text("model: ac\nsteps: 2\n")
+    assert main(["train", "--config", str(conf), "--data", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "nope" in err or "hope_kernels.data" in err
+    conf.write_text("model: ac\nstepz: 2\n")
+    assert main(["train", "--config", str(conf)]) == 2
+    assert "stepz" in capsys.readouterr().err
+
+
+def test_bad_config_values():
+    with pytest.raises(ValueError, match="rollout_schedule"):
+        TrainConfig(rollout_schedule="exp")
+    with pytest.raises(ValueError, match="unknown training config keys"):
+        TrainConfig.from_dict({"stepz": 3})
+    with pytest.raises((RuntimeError, FileNotFoundError), match="hope_kernels.data|does not exist"):
+        tr.train(cfg(data="/nonexistent/dataset"))
+
+
+# -- learning on the embedded quick A1 data (the data package lands separately) --
+def _has_data():
+    try:
+        from hope_kernels.data import ensure_dataset  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_data(), reason="hope_kernels.data.ensure_dataset is not available yet")
+@pytest.mark.parametrize("kind", ["ac", "hope"])
+def test_tiny_predictors_learn_on_quick_a1(tmp_path, kind):
+    from hope_kernels.data import ClipDataset, ensure_dataset
+    path = ensure_dataset(str(tmp_path / "quick"), preset="quick", seed=0)
+    res = tr.train(dict(model=kind, data=str(path), phases=["A1"], split="train", steps=300, batch_size=8,
+                        lr=2e-3, warmup=10, rollout_steps=2, progress=False, seed=0))
+    held = ClipDataset(str(path), phase="A1", split="test")
+    ev = tr.evaluate(res.model, held)
+    print(kind, ev)
+    assert ev["tf"] <= 0.7 * ev["copy_last"], ev
