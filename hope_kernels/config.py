@@ -27,7 +27,7 @@ class PredictorConfig:
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
     ln_eps: float = 1e-6
-    window: int | None = None               # past timesteps visible to attention (None: all)
+    window: int | None = None               # timesteps visible to attention, the current one included (None: all)
     rope_compat: str | None = None          # "vjepa2": the official (non-rotation) RoPE formula
     init_std: float = 0.02
     # HOPE
