@@ -38,6 +38,7 @@ echo "== benchmarks"
 # Rows from the shared `bench` fixture go to $BASE.json; every file's pytest-benchmark JSON (with the
 # ratios some suites put in extra_info) to $BASE.<suite>.json.
 rm -f "$BASE".*json
+VERSIONS=$($PY -c 'import torch, triton; print(f"torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}")')
 for spec in ${BENCH_SPECS:-device:40 l1_loss:90 rope_attention:110 dgd:110 titans:80 train:60}; do
   name=${spec%%:*}; limit=${spec##*:}; file=benchmarks/test_bench_$name.py
   [ -f "$file" ] || continue
@@ -47,12 +48,10 @@ for spec in ${BENCH_SPECS:-device:40 l1_loss:90 rope_attention:110 dgd:110 titan
     > "${OUT:-/tmp}/bench_$name.log" 2>&1
   echo "benchmark $name: rc=$? in $((SECONDS - t0)) s"
   grep -E "^\[|passed|failed|error" "${OUT:-/tmp}/bench_$name.log" | tail -30
-done
-if [ -f "$BASE.json" ] || ls "$BASE".*.json >/dev/null 2>&1; then
+  # summarise after every suite, so a run cut short still leaves the finished suites' numbers
   $PY benchmarks/summarize.py "$BASE.json" "$BASE.md" --extra "$BASE".*.json \
-    --title "hope-kernels benchmarks, $GPU, $STAMP" \
-    --preamble "$($PY -c 'import torch, triton; print(f"torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}")')"
-  tail -60 "$BASE.md"
-  [ -n "${OUT:-}" ] && cp "$BASE".*json "$BASE.md" "$OUT/" 2>/dev/null
-fi
+    --title "hope-kernels benchmarks, $GPU, $STAMP" --preamble "$VERSIONS"
+  [ -n "${OUT:-}" ] && cp "$BASE.md" "$BASE".*json "$OUT/" 2>/dev/null
+done
+[ -f "$BASE.md" ] && grep -vE "^\| test_" "$BASE.md" | tail -45
 echo "== done"
