@@ -211,6 +211,8 @@ def titans_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torc
     the state tuple in the accumulation dtype (float32; float64 for float64 inputs).
     Gradients flow to q, k, v, alpha, eta, theta and initial_state. On the fast paths the gradient to a gate
     that sits exactly at 1 - alpha = 0 or eta = 0 is not exact (the forward is).
+    backend="triton" (linear memory): float32/bfloat16/float16 only (float64 raises TypeError), dk, dv and
+    chunk_size <= 128.
     """
     _validate(q, k, v, alpha, eta, theta, chunk_size, memory, initial_state)
     if not torch.compiler.is_compiling():
