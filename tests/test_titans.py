@@ -287,6 +287,19 @@ def test_triton_padded_shapes_match_token_loop(C, si):
 
 
 @pytest.mark.skipif("triton" not in fast_backends(), reason="triton cannot run here")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_half_inputs_accumulate_in_fp32(dtype):
+    x, st = make(B=1, H=2, L=13, dk=16, dv=16, dtype=torch.float32, state=True)
+    x = [t.to(dtype) if i < 3 else t for i, t in enumerate(x)]   # q, k, v in half precision, gates fp32
+    ref, gref = grads_of(loop_fn(4), [t.float() for t in x], st)
+    out, g = grads_of(op_fn(4, "triton"), x, st)
+    assert out[0].dtype == dtype and g[0].dtype == dtype
+    assert_close_all(out[1:], ref[1:], 1e-5, "half state")      # the state is fp32: only o is rounded
+    assert_close_all(out[:1], ref[:1], 1e-2, "half o")
+    assert_close_all(g, gref, 2e-2, "half grads")
+
+
+@pytest.mark.skipif("triton" not in fast_backends(), reason="triton cannot run here")
 def test_triton_rejects_float64_and_big_dims():
     x, _ = make(B=1, H=1, L=4)
     with pytest.raises(TypeError, match="float64"):
