@@ -54,6 +54,8 @@ def _fn(path):
 def _skip(path, shape_name):
     if path in ("triton", "cuda") and not CUDA:
         pytest.skip("GPU path")
+    if path == "cpu" and CUDA:
+        pytest.skip("CPU path on CUDA inputs")
     if path == "compiled_chunked" and not CUDA:
         pytest.skip("compiling the eager chunked loop takes minutes on this CPU")
     if path not in ("token_loop", "eager_chunked", "compiled_chunked") and not backends()[path]:

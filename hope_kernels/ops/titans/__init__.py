@@ -4,7 +4,9 @@
 
 Semantics, closed form and shapes: hope_kernels/ops/titans/reference.py; backward derivation: docs/titans.md.
 Backends: reference (eager chunked closed form, autograd; the token loop when chunk_size == 1) for both
-memories; compiled/Triton fast paths for the linear memory only (listed in `LINEAR_BACKENDS`). The fast
+memories; compiled C++ ("cpu") and Triton ("triton", hope_kernels/ops/titans/triton.py: float32/bf16/fp16
+inputs, dk, dv, chunk_size <= 128) fast paths for the linear memory only (listed in `LINEAR_BACKENDS`);
+auto prefers triton for CUDA tensors (not for float64), cpu for CPU tensors. The fast
 paths go through the custom op `torch.ops.hope_kernels.titans_memory_linear(q, k, v, alpha, eta, theta,
 W0, S0, chunk_size, backend) -> (o, Ws, Ss)` (Ws, Ss: chunk-boundary states) whose backward is
 `torch.ops.hope_kernels.titans_memory_linear_backward`; both have fake kernels, so they trace under
@@ -25,7 +27,7 @@ __all__ = ["titans_memory", "titans_token_loop", "titans_chunked", "LINEAR_BACKE
 
 _OP = "titans_memory"
 # Backends with a forward AND backward for the linear memory (a backend appears here only when both pass tests).
-LINEAR_BACKENDS: Tuple[str, ...] = ("reference", "cpu")
+LINEAR_BACKENDS: Tuple[str, ...] = ("reference", "cpu", "triton")
 MEMORIES = ("linear", "mlp")
 
 
@@ -92,6 +94,11 @@ def _check_gate_values(alpha, eta, theta) -> None:
 
 def _resolve(backend: str, memory: str, tensors) -> str:
     supported = LINEAR_BACKENDS if memory == "linear" else ("reference",)
+    if tensors[0].dtype == torch.float64:
+        if backend == "triton":
+            raise TypeError(f"{_OP}: the triton backend does not take float64 inputs (no fp64 tl.dot on GPU), got "
+                            "q of dtype torch.float64; use float32/bfloat16/float16, or backend='cpu'/'reference'")
+        supported = tuple(b for b in supported if b != "triton")   # auto on float64 CUDA tensors skips triton
     return resolve_backend(backend, tensors, op=_OP, gpu_order=("triton", "cuda"), cpu_order=("cpu",),
                            supported=supported)
 
@@ -204,6 +211,8 @@ def titans_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torc
     the state tuple in the accumulation dtype (float32; float64 for float64 inputs).
     Gradients flow to q, k, v, alpha, eta, theta and initial_state. On the fast paths the gradient to a gate
     that sits exactly at 1 - alpha = 0 or eta = 0 is not exact (the forward is).
+    backend="triton" (linear memory): float32/bfloat16/float16 only (float64 raises TypeError), dk, dv and
+    chunk_size <= 128.
     """
     _validate(q, k, v, alpha, eta, theta, chunk_size, memory, initial_state)
     if not torch.compiler.is_compiling():
