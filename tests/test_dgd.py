@@ -5,8 +5,7 @@ The ground truth is `dgd_memory_token_loop` in float64 with autograd; every othe
 import pytest
 import torch
 
-from conftest import RTOL, rel_err, requires_cuda
-from hope_kernels import backends
+from conftest import RTOL, rel_err, requires_cuda, cpu_fast_backends
 from hope_kernels.dispatch import BackendUnavailableError
 from hope_kernels.ops import dgd_memory
 from hope_kernels.ops.dgd import SUPPORTED, dgd_memory_chunked_reference, dgd_memory_token_loop
@@ -14,8 +13,7 @@ from hope_kernels.ops.dgd.reference import dgd_memory_chunked_backward
 
 
 def _fast_cpu():
-    avail = backends()
-    return [b for b in ("cpu", "triton") if b in SUPPORTED and avail[b]]
+    return [b for b in cpu_fast_backends() if b in SUPPORTED]
 
 
 FAST = _fast_cpu()
@@ -253,7 +251,7 @@ def test_bad_inputs():
     if not torch.cuda.is_available():
         with pytest.raises(BackendUnavailableError):
             call(backend="cuda")
-    if backends()["triton"]:
+    if "triton" in cpu_fast_backends():
         with pytest.raises(ValueError, match="chunk_size <= 64"):
             call(backend="triton", chunk_size=65)
 

@@ -3,8 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import rel_err
-from hope_kernels import backends
+from conftest import cpu_fast_backends, rel_err
 from hope_kernels.ops import titans_memory
 from hope_kernels.ops.titans import LINEAR_BACKENDS, _linear_op
 from hope_kernels.ops.titans.reference import (titans_chunked, titans_linear_chunked_bwd, titans_linear_chunked_fwd,
@@ -13,8 +12,7 @@ from hope_kernels.ops.titans.reference import (titans_chunked, titans_linear_chu
 
 def fast_backends():
     """Linear-memory fast paths that can run on CPU tensors here (compiled C++, interpreted Triton)."""
-    avail = backends()
-    return [b for b in LINEAR_BACKENDS if b != "reference" and avail[b]]
+    return [b for b in cpu_fast_backends() if b in LINEAR_BACKENDS]
 
 
 ALL = ["reference"] + fast_backends()

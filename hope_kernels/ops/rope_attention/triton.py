@@ -18,7 +18,6 @@ before the store. No atomics: deterministic.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import triton
