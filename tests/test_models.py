@@ -213,3 +213,12 @@ def test_rope_compat_reproduces_official_formula():
     att = att.masked_fill(pos[None, :, 0] > pos[:, None, 0], float("-inf")).softmax(-1)
     torch.testing.assert_close(rope_attention(q, k, v, pos, rope_compat="vjepa2"), att @ v)
     assert (rope_attention(q, k, v, pos) - att @ v).abs().max() > 1e-6   # the true rotation differs
+
+
+def test_hope_alpha_gate_never_underflows_to_zero():
+    """float32 sigmoid of a very negative logit is exactly 0; the memory ops need alpha in (0, 1]."""
+    from hope_kernels.models import build_predictor
+    m = build_predictor("hope", "tiny", enc_dim=8, grid=(2, 2, 2), width=32, heads=2, depth=1)
+    mem = m.blocks[0].memory
+    eta, alpha = mem._gates(torch.zeros(3), torch.tensor([-1e4, 0.0, 1e4]))
+    assert (alpha > 0).all() and (alpha <= 1).all() and torch.isfinite(eta).all()

@@ -194,7 +194,7 @@ def test_tiny_predictors_learn_on_quick_a1(tmp_path, kind):
     path = ensure_dataset(str(tmp_path / "quick"), preset="quick", seed=0)
     res = tr.train(dict(model=kind, data=str(path), phases=["A1"], split="train", steps=300, batch_size=8,
                         lr=2e-3, warmup=10, rollout_steps=2, progress=False, seed=0))
-    held = ClipDataset(str(path), phase="A1", split="test")
+    held = ClipDataset(str(path), phase="A1", split="heldout")
     ev = tr.evaluate(res.model, held)
     print(kind, ev)
     assert ev["tf"] <= 0.7 * ev["copy_last"], ev
