@@ -174,9 +174,12 @@ def test_official_ac_keys_load():
 # -- RoPE properties through the public op --
 def _scores(q, k, pos, compat=None):
     # attention of a single key against itself reads out exp-scores; use v = one-hot to read the weights
-    L = q.shape[2]
-    v = torch.eye(L, dtype=q.dtype).expand(q.shape[0], q.shape[1], L, L)
-    return rope_attention(q, k, v, pos, rope_compat=compat)
+    # (the op takes v of q's shape: the one-hot rows are zero-padded to the head dim, which must be >= L)
+    L, d = q.shape[2], q.shape[3]
+    assert d >= L
+    v = torch.zeros(L, d, dtype=q.dtype)
+    v[:, :L] = torch.eye(L, dtype=q.dtype)
+    return rope_attention(q, k, v.expand(q.shape[0], q.shape[1], L, d), pos, rope_compat=compat)[..., :L]
 
 
 def test_rope_scores_depend_only_on_position_differences():
