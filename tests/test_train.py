@@ -188,8 +188,8 @@ def _has_data():
 
 # Measured on this 2-core CPU (one thread, quick data seed 0, held-out A1 split, copy-last L1 0.0133): tiny AC
 # 300 steps lr 2e-3 -> tf L1 0.0321 (2.42x copy-last, 92 s; lr 6e-3: 0.0334), tiny HOPE 300 steps lr 2e-3 ->
-# 0.0321 (2.42x, 628 s, so CI runs it for 60 steps to keep the slow tests within ~8 min). A per-position static mean of the A1 training latents
-# scores 0.0420: both models learn more than the mean but far less than copying.
+# 0.0321 (2.42x, 628 s, so CI runs it for 60 steps to keep the slow tests within ~8 min). A per-position static
+# mean of the A1 training latents scores 0.0420: both models learn more than the mean but far less than copying.
 # The latents barely move between timesteps, so copy-last is a strong baseline that these absolute-output
 # predictors do not reach in CPU minutes. The requirement stays asserted; the shortfall is reported, not hidden.
 _LEARN_XFAIL = pytest.mark.xfail(strict=False, reason="measured: tiny AC 300 steps tf L1 0.0321 vs copy-last "
