@@ -216,6 +216,9 @@ def run_aba(config: dict, hooks: Hooks | None = None, out: str | Path | None = N
     out = Path(out or cfg.get("out") or "runs/aba")
     out.mkdir(parents=True, exist_ok=True)
     progress = cfg.get("progress", True) if progress is None else progress
+    if cfg.get("threads"):
+        # tiny models on a shared CPU: more intra-op threads than cores only add contention
+        torch.set_num_threads(int(cfg["threads"]))
     t0 = time.perf_counter()
 
     data_cfg = cfg.get("data", {}) or {}

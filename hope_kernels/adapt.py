@@ -314,6 +314,19 @@ def _finite_loss(x: float) -> bool:
     return math.isfinite(x)
 
 
+def _memory_finite(model: nn.Module) -> bool:
+    """False when a carried memory holds a NaN/Inf (the next forward would fail or spread it)."""
+    snap = _capture_memory(model)
+
+    def ok(v):
+        if isinstance(v, torch.Tensor):
+            return bool(torch.isfinite(v).all()) if v.is_floating_point() else True
+        if isinstance(v, (list, tuple)):
+            return all(ok(x) for x in v)
+        return True
+    return snap is None or all(ok(v) for v in snap.values())
+
+
 # ------------------------------------------------------------------------------------------------ stream
 
 def _phase_ends(clips: Sequence[dict]) -> set[int]:
@@ -434,7 +447,10 @@ def _adapt_clip(model, clip, strategy, o, opt, params, ewc, replay, rng, cms, cm
         # hope with CMS off: only the memory moves on, via one forward over the clip
         if mem0 is not None:
             with torch.no_grad():
-                adaptation_loss(model, [clip], **loss_kw)
+                loss = float(adaptation_loss(model, [clip], **loss_kw))
+            if not _finite_loss(loss) or not _memory_finite(model):
+                _restore_memory(model, mem0)
+                log.rollbacks += 1
         return
     saved = [p.detach().clone() for p in adapt_params]
     opt_saved = copy.deepcopy(opt.state_dict()) if opt else None
@@ -486,7 +502,8 @@ def _adapt_clip(model, clip, strategy, o, opt, params, ewc, replay, rng, cms, cm
     with torch.no_grad():
         after = float(loss_on([clip]))      # also leaves the memory at clip i's end state under the new weights
     log.updates += 1
-    if not _finite_loss(after) or not _finite_loss(before) or after > o["guard_factor"] * before:
+    if (not _finite_loss(after) or not _finite_loss(before) or after > o["guard_factor"] * before
+            or not _memory_finite(model)):
         with torch.no_grad():
             for p, v in zip(adapt_params, saved):
                 p.copy_(v)

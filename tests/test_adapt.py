@@ -240,3 +240,31 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="no clips"):
         adapt_stream(m, [], "none")
     assert set(STRATEGIES) >= {"none", "layernorm", "hope", "hope+ttt"}
+
+
+def test_guard_rolls_back_non_finite_carried_memory():
+    """HOPE with CMS off (no parameters to adapt): a clip whose forward leaves a NaN in the carried memory is
+    rolled back to the memory before that clip, so later clips still score finite."""
+    from hope_kernels.models import build_predictor
+
+    stream = make_stream(2)
+    clip = stream.clips[0]
+    T, N, D = clip["latents"].shape
+    H = int(math.isqrt(N))
+    m = build_predictor("hope", "tiny", enc_dim=D, grid=(T, H, N // H), action_dim=clip["actions"].shape[-1],
+                        width=32, heads=2, depth=1, cms=False)
+    real_forward = type(m).forward
+    calls = {"n": 0}
+
+    def poisoned(self, *a, **k):
+        out = real_forward(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == 4 and self._memory is not None:     # clip 1's adaptation forward
+            self._memory = [s.clone().fill_(float("nan")) for s in self._memory]
+        return out
+
+    m.forward = poisoned.__get__(m)
+    log = adapt_stream(m, stream.clips[:4], "hope")
+    assert log.rollbacks == 1
+    assert all(math.isfinite(x) for x in log.tf)
+    assert all(torch.isfinite(s).all() for s in m._memory)

@@ -174,9 +174,12 @@ def test_official_ac_keys_load():
 # -- RoPE properties through the public op --
 def _scores(q, k, pos, compat=None):
     # attention of a single key against itself reads out exp-scores; use v = one-hot to read the weights
-    L = q.shape[2]
-    v = torch.eye(L, dtype=q.dtype).expand(q.shape[0], q.shape[1], L, L)
-    return rope_attention(q, k, v, pos, rope_compat=compat)
+    # (the op takes v of q's shape: the one-hot rows are zero-padded to the head dim, which must be >= L)
+    L, d = q.shape[2], q.shape[3]
+    assert d >= L
+    v = torch.zeros(L, d, dtype=q.dtype)
+    v[:, :L] = torch.eye(L, dtype=q.dtype)
+    return rope_attention(q, k, v.expand(q.shape[0], q.shape[1], L, d), pos, rope_compat=compat)[..., :L]
 
 
 def test_rope_scores_depend_only_on_position_differences():
@@ -213,3 +216,12 @@ def test_rope_compat_reproduces_official_formula():
     att = att.masked_fill(pos[None, :, 0] > pos[:, None, 0], float("-inf")).softmax(-1)
     torch.testing.assert_close(rope_attention(q, k, v, pos, rope_compat="vjepa2"), att @ v)
     assert (rope_attention(q, k, v, pos) - att @ v).abs().max() > 1e-6   # the true rotation differs
+
+
+def test_hope_alpha_gate_never_underflows_to_zero():
+    """float32 sigmoid of a very negative logit is exactly 0; the memory ops need alpha in (0, 1]."""
+    from hope_kernels.models import build_predictor
+    m = build_predictor("hope", "tiny", enc_dim=8, grid=(2, 2, 2), width=32, heads=2, depth=1)
+    mem = m.blocks[0].memory
+    eta, alpha = mem._gates(torch.zeros(3), torch.tensor([-1e4, 0.0, 1e4]))
+    assert (alpha > 0).all() and (alpha <= 1).all() and torch.isfinite(eta).all()

@@ -47,7 +47,9 @@ class SelfModifyingMemory(nn.Module):
 
     def _gates(self, e_logit, a_logit):
         eta = self.eta_max * torch.sigmoid(e_logit + self.gate_bias[0])
-        alpha = torch.sigmoid(a_logit + self.gate_bias[1])
+        # float32 sigmoid underflows to exactly 0 below ~-104 (a carried memory can drive the logit there);
+        # the memory ops need alpha in (0, 1]
+        alpha = torch.sigmoid(a_logit + self.gate_bias[1]).clamp_min(1e-6)
         return eta, alpha
 
     def initial_state(self, B: int):
