@@ -15,33 +15,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
+
+from hope_kernels.io import atomic_write_bytes
 
 __all__ = ["atomic_write_text", "atomic_write_bytes", "atomic_write_json", "markdown_report", "plot_stream",
            "write_results", "jsonable"]
-
-
-def _atomic(path: Path, write) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def atomic_write_bytes(path, data: bytes) -> Path:
-    return _atomic(Path(path), lambda f: f.write(data))
 
 
 def atomic_write_text(path, text: str) -> Path:

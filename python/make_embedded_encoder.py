@@ -11,7 +11,7 @@ import json
 
 from safetensors.torch import save
 
-from hope_kernels.data.format import atomic_write_bytes
+from hope_kernels.io import atomic_write_bytes
 from hope_kernels.models.encoder import (EMBEDDED_FINGERPRINT, EMBEDDED_WEIGHTS, build_embedded_weights,
                                          latent_fingerprint, load_embedded_encoder)
 

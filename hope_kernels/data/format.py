@@ -28,12 +28,13 @@ import hashlib
 import json
 import os
 import pathlib
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from hope_kernels.io import atomic_write_bytes
 
 FORMAT_NAME = "hope-kernels-clips"
 FORMAT_VERSION = 1
@@ -44,23 +45,6 @@ LATENT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32"
 
 
 # ----------------------------------------------------------------------------------------------- atomic I/O
-def atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
-    """Write `data` to `path` via a temp file in the same folder + os.replace (never a half-written file)."""
-    path = pathlib.Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; datasets are meant to be shared
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def sha256_file(path: pathlib.Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
