@@ -39,7 +39,7 @@ import copy
 import dataclasses
 import math
 import random
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn

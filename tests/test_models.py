@@ -3,7 +3,6 @@ carry and CMS levels, official V-JEPA 2-AC key mapping, RoPE properties."""
 import pytest
 import torch
 
-from hope_kernels.config import PRESETS
 from hope_kernels.models import build_predictor, predictor_from_config
 from hope_kernels.ops import rope_attention
 

@@ -2,7 +2,6 @@
 block-causal attention. `load_official_state_dict` maps the official checkpoint key layout."""
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 
 from hope_kernels.config import PredictorConfig
