@@ -30,6 +30,15 @@ def _seed():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """Run a test with one intra-op thread, restoring the setting afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def cpu_fast_backends():
     """Backends that can run on CPU tensors in this environment (compiled C++ and interpreted Triton)."""
     from hope_kernels.dispatch import has_cpp, triton_can_run

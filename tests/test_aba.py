@@ -3,7 +3,6 @@ resumability per (run, seed), config fingerprints, the CLI and the shipped prese
 import json
 
 import pytest
-import torch
 
 import hope_kernels.aba as aba
 from hope_kernels.aba import load_config, run_aba, validate_config
@@ -11,12 +10,8 @@ from hope_kernels.aba import load_config, run_aba, validate_config
 from aba_standins import StandInHooks
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny tensors: extra intra-op threads only add contention on a shared CPU
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config():

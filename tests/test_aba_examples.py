@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,12 +22,8 @@ def _example(name):
     return mod
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny tensors: extra intra-op threads only add contention on a shared CPU
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_examples_parse_help():

@@ -13,13 +13,8 @@ from aba_standins import TinyHOPE, TinyPredictor, make_clip, make_stream
 OPTS = dict(lr=5e-3, steps=2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: extra intra-op threads only add contention on a shared CPU
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny tensors: extra intra-op threads only add contention on a shared CPU
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _params(model):
