@@ -24,6 +24,8 @@ PyTorch and differentiable by autograd.
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
 from hope_kernels.ops.checks import accum_dtype
@@ -82,24 +84,31 @@ def dgd_memory_chunked_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     acc, (q, k, v, alpha, eta), M = _prep(q, k, v, alpha, eta, initial_state)
     B, H, L, dk = q.shape
     dv = v.shape[-1]
-    C = chunk_size
-    q, k, v, alpha, eta = _pad_chunks(q, k, v, alpha, eta, C)
+    q, k, v, alpha, eta = _pad_chunks(q, k, v, alpha, eta, chunk_size)
     N = q.shape[2]
+    t = _chunk_terms(q, k, v, alpha, eta, chunk_size, acc)
+    Wt = t.W.transpose(-1, -2)                                               # (B, H, N, dk, C)
+    outs = []
+    for n in range(N):
+        X = t.U[:, :, n] @ M - t.TV[:, :, n]
+        outs.append(t.Qc[:, :, n] @ M - t.P[:, :, n] @ X)
+        M = t.gC[:, :, n, None, None] * M - Wt[:, :, n] @ X
+    o = torch.stack(outs, dim=2).reshape(B, H, N * chunk_size, dv)[:, :, :L]
+    return o.to(out_dtype), M
+
+
+def _chunk_terms(q, k, v, alpha, eta, C: int, acc: torch.dtype) -> SimpleNamespace:
+    """The state-independent terms of every chunk at once (inputs already (B, H, N, C, .)):
+    gates c, g, gC, D; KK = k k^T, QK = q k^T; A, P (masked, eta-scaled); I + A; U = (I + A)^{-1} (1 + c) k,
+    TV = (I + A)^{-1} v; W = eta g k; Qc = c q."""
     c, g, gC, D = chunk_gates(alpha, eta, C)
-    A = D * (k @ k.transpose(-1, -2)) * eta[..., None, :]
-    P = D * (q @ k.transpose(-1, -2)) * eta[..., None, :]
+    KK, QK = k @ k.transpose(-1, -2), q @ k.transpose(-1, -2)
+    A, P = D * KK * eta[..., None, :], D * QK * eta[..., None, :]
     I_A = A + torch.eye(C, device=A.device, dtype=acc)
     U = torch.linalg.solve_triangular(I_A, (1 + c)[..., None] * k, upper=False, unitriangular=True)
     TV = torch.linalg.solve_triangular(I_A, v, upper=False, unitriangular=True)
-    Wt = (k * (eta * g)[..., None]).transpose(-1, -2)                        # (B, H, N, dk, C)
-    Qc = q * c[..., None]
-    outs = []
-    for n in range(N):
-        X = U[:, :, n] @ M - TV[:, :, n]
-        outs.append(Qc[:, :, n] @ M - P[:, :, n] @ X)
-        M = gC[:, :, n, None, None] * M - Wt[:, :, n] @ X
-    o = torch.stack(outs, dim=2).reshape(B, H, N * C, dv)[:, :, :L]
-    return o.to(out_dtype), M
+    return SimpleNamespace(c=c, g=g, gC=gC, D=D, KK=KK, QK=QK, A=A, P=P, I_A=I_A, U=U, TV=TV,
+                           W=k * (eta * g)[..., None], Qc=q * c[..., None])
 
 
 def _pad_chunks(q, k, v, alpha, eta, C):
@@ -129,14 +138,9 @@ def dgd_memory_chunked_backward(q, k, v, alpha, eta, initial_state, do, dM, chun
     q, k, v, alpha, eta = _pad_chunks(q, k, v, alpha, eta, C)
     N = q.shape[2]
     do = torch.nn.functional.pad(do.to(acc), (0, 0, 0, N * C - L)).reshape(B, H, N, C, dv)
-    c, g, gC, D = chunk_gates(alpha, eta, C)
-    KK, QK = k @ k.transpose(-1, -2), q @ k.transpose(-1, -2)
-    A, P = D * KK * eta[..., None, :], D * QK * eta[..., None, :]
-    I_A = A + torch.eye(C, device=A.device, dtype=acc)
-    U = torch.linalg.solve_triangular(I_A, (1 + c)[..., None] * k, upper=False, unitriangular=True)
-    TV = torch.linalg.solve_triangular(I_A, v, upper=False, unitriangular=True)
-    W = k * (eta * g)[..., None]
-    Qc = q * c[..., None]
+    t = _chunk_terms(q, k, v, alpha, eta, C, acc)
+    c, g, gC, D, KK, QK, A, P, I_A, U, TV, W, Qc = (t.c, t.g, t.gC, t.D, t.KK, t.QK, t.A, t.P, t.I_A, t.U, t.TV,
+                                                     t.W, t.Qc)
     # forward over chunks: chunk-start states M_n and X_n
     Ms, Xs = [], []
     for n in range(N):
