@@ -30,6 +30,7 @@ class PredictorConfig:
     window: int | None = None               # timesteps visible to attention, the current one included (None: all)
     rope_compat: str | None = None          # "vjepa2": the official (non-rotation) RoPE formula
     init_std: float = 0.02
+    predict_delta: bool = True              # z_hat = layer_norm(z_t) + head(...); False: absolute output (official AC)
     # HOPE
     self_referential: bool = True           # False: static k, v, eta, alpha projections
     memory_rule: str = "dgd"                # "dgd" (HOPE) | "titans" (momentum rule, ablation)

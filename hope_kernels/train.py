@@ -224,7 +224,9 @@ def load_checkpoint(path, device="cpu"):
         raise ValueError(f"checkpoint {path!r} is corrupt or not a safetensors file: {e}") from None
     if meta.get("format") != "hope-kernels-checkpoint-1":
         raise ValueError(f"{path!r} is not a hope-kernels checkpoint (metadata format={meta.get('format')!r})")
-    pcfg = PredictorConfig.from_dict(json.loads(meta["predictor_config"]))
+    stored = json.loads(meta["predictor_config"])
+    stored.setdefault("predict_delta", False)     # checkpoints written before the field existed: absolute output
+    pcfg = PredictorConfig.from_dict(stored)
     model = predictor_from_config(pcfg)
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     model.to(device)

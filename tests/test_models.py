@@ -154,7 +154,7 @@ def official_state_dict(c):
 
 
 def test_official_ac_keys_load():
-    m = make("ac", state_dim=3, rope_compat="vjepa2")
+    m = make("ac", state_dim=3, rope_compat="vjepa2", predict_delta=False)
     sd = official_state_dict(m.config)
     m.load_official_state_dict(sd)
     assert torch.equal(m.blocks[1].attn.qkv.weight, sd["module.predictor_blocks.1.attn.qkv.weight"])
@@ -168,6 +168,21 @@ def test_official_ac_keys_load():
     bad = {k: v for k, v in sd.items() if "norm1" not in k}
     with pytest.raises(ValueError, match="lacks"):
         m.load_official_state_dict(bad)
+    with pytest.raises(ValueError, match="predict_delta=False"):
+        make("ac", state_dim=3, predict_delta=True).load_official_state_dict(sd)
+
+
+@pytest.mark.parametrize("kind", ["ac", "hope"])
+def test_predict_delta_output_is_last_latent_plus_head(kind):
+    torch.manual_seed(0)
+    m = make(kind)
+    z, a, _ = inputs()
+    with torch.no_grad():
+        for p in m.proj.parameters():
+            p.zero_()
+        torch.testing.assert_close(m(z, a), torch.nn.functional.layer_norm(z, z.shape[-1:]))
+        m.config.predict_delta = False
+        assert m(z, a).abs().max() == 0
 
 
 # -- RoPE properties through the public op --

@@ -114,6 +114,8 @@ class PredictorBase(nn.Module):
             x, st = blk(x, pos, None if memory is None else memory[i], T)
             new.append(st)
         y = self.proj(self.norm(drop_cond_tokens(x, T, self.n_cond)))
+        if self.config.predict_delta:
+            y = y + F.layer_norm(z, z.shape[-1:]).to(y.dtype)
         return y, new
 
     def forward(self, z, actions, states=None):
