@@ -7,7 +7,7 @@ from conftest import cpu_fast_backends, rel_err
 from hope_kernels.ops import titans_memory
 from hope_kernels.ops.titans import LINEAR_BACKENDS, _linear_op
 from hope_kernels.ops.titans.reference import (titans_chunked, titans_linear_chunked_bwd, titans_linear_chunked_fwd,
-                                               titans_token_loop)
+                                               titans_mlp_chunked_bwd, titans_mlp_chunked_fwd, titans_token_loop)
 
 
 def fast_backends():
@@ -117,6 +117,22 @@ def test_explicit_backward_matches_autograd(C):
     g2 = titans_linear_chunked_bwd(*x, Ws, Ss, do, dW, dS, C)
     assert_close_all((o2, Ws[:, :, -1], Ss[:, :, -1]), (o1, W1, S1), 1e-12, "explicit forward")
     assert_close_all(g2, g1, 1e-10, "explicit backward")
+
+
+@pytest.mark.parametrize("C", [1, 4, 16, 64])
+@pytest.mark.parametrize("L", [21, 3])
+def test_mlp_explicit_backward_matches_autograd(C, L):
+    """The MLP derivation of docs/titans.md (explicit chunked backward) against autograd through the token loop."""
+    x, st = make(L=L, dk=6, dv=6, mlp_dh=5)
+    (o1, *s1), g1 = grads_of(loop_fn(C, "mlp"), x, st)
+    gen = torch.Generator().manual_seed(1)     # the cotangents grads_of drew
+    do = torch.randn(o1.shape, generator=gen, dtype=torch.float64)
+    ds = [torch.randn(s.shape, generator=gen, dtype=torch.float64) for s in s1]
+    o2, *bs = titans_mlp_chunked_fwd(*x, *st, C)
+    assert all(b.shape[2] == (L + C - 1) // C + 1 for b in bs)
+    g2 = titans_mlp_chunked_bwd(*x, *bs, do, *ds, C)
+    assert_close_all((o2, *(b[:, :, -1] for b in bs)), (o1, *s1), 1e-12, "mlp explicit forward")
+    assert_close_all(g2, g1, 1e-10, "mlp explicit backward")
 
 
 # ------------------------------------------------------------------ every path, forward and backward
