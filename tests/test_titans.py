@@ -517,7 +517,8 @@ def test_mlp_auto_picks_triton_only_within_limits(monkeypatch):
     """Auto on CUDA tensors: triton is offered for the MLP memory only for shapes its kernels take."""
     import hope_kernels.ops.titans as T
     seen = []
-    monkeypatch.setattr(T, "resolve_backend", lambda backend, tensors, **kw: seen.append(kw["supported"]) or "reference")
+    monkeypatch.setattr(T, "resolve_backend",
+                        lambda backend, tensors, **kw: seen.append(kw["supported"]) or "reference")
     q32 = torch.zeros(1, 1, 4, 8)
     T._resolve("auto", "mlp", (q32,), dh=8, chunk_size=16)
     T._resolve("auto", "mlp", (q32,), dh=65, chunk_size=16)

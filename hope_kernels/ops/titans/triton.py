@@ -1,4 +1,5 @@
-"""Triton kernels of the chunk-parallel Titans LINEAR memory (DESIGN 4.3), forward and backward.
+"""Triton kernels of the chunk-parallel Titans memory (DESIGN 4.3), forward and backward: the LINEAR memory
+first (described here), the MLP memory further down (its own header comment; docs/titans.md).
 
 Same algorithm, inputs and outputs as `titans_linear_chunked_fwd` / `titans_linear_chunked_bwd` in
 reference.py (derivation: docs/titans.md). One program per (batch, head) walks the chunks in order with the
