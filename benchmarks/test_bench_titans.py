@@ -6,6 +6,8 @@ forward and forward+backward, side by side.
 GPU shapes: one clip of the real grid (B=4, H=16, L=8*258, dk=dv=64) and 8x that length; CPU: a smaller
 shape (the compiled C++ path against the eager ones). Each row's extra_info holds the ratio to the eager
 chunked time of the same shape and mode, and the peak CUDA memory; a table is printed at the end.
+MLP memory (`test_titans_mlp`, GPU only: its only fast path is Triton, and the interpreter is no benchmark):
+same shapes with dh = 64, rows keyed "<shape>_mlp"; eager chunked and triton first, the slow baselines last.
 """
 import pytest
 import torch
@@ -13,7 +15,7 @@ import torch.nn.functional as F
 
 from hope_kernels import backends
 from hope_kernels.ops import titans_memory
-from hope_kernels.ops.titans import LINEAR_BACKENDS
+from hope_kernels.ops.titans import LINEAR_BACKENDS, MLP_BACKENDS
 from hope_kernels.ops.titans.reference import titans_chunked, titans_token_loop
 
 CUDA = torch.cuda.is_available()
@@ -35,20 +37,21 @@ def _inputs(shape, grad):
     return [t.requires_grad_(grad) for t in x]
 
 
-_compiled = None
+_compiled = {}
 
 
-def _fn(path):
-    global _compiled
+def _fn(path, memory="linear", state=None):
+    kw = dict(chunk_size=C, memory=memory, initial_state=state)
     if path == "token_loop":
-        return lambda *x: titans_token_loop(*x, chunk_size=C)[0]
+        return lambda *x: titans_token_loop(*x, **kw)[0]
     if path == "eager_chunked":
-        return lambda *x: titans_chunked(*x, chunk_size=C)[0]
+        return lambda *x: titans_chunked(*x, **kw)[0]
     if path == "compiled_chunked":
-        if _compiled is None:
-            _compiled = torch.compile(lambda *x: titans_chunked(*x, chunk_size=C)[0])
-        return _compiled
-    return lambda *x: titans_memory(*x, chunk_size=C, backend=path)[0]
+        if memory not in _compiled:
+            _compiled[memory] = torch.compile(lambda *x, st=None: titans_chunked(*x, chunk_size=C, memory=memory,
+                                                                               initial_state=st)[0])
+        return lambda *x: _compiled[memory](*x, st=state)
+    return lambda *x: titans_memory(*x, backend=path, **kw)[0]
 
 
 def _skip(path, shape_name):
@@ -69,10 +72,32 @@ def _skip(path, shape_name):
 @pytest.mark.parametrize("path", PATHS)
 def test_titans(benchmark, path, shape_name, mode):
     _skip(path, shape_name)
-    shape = SHAPES[shape_name]
+    x = _inputs(SHAPES[shape_name], mode == "fwd_bwd")
+    _measure(benchmark, _fn(path), x, path, shape_name, mode)
+
+
+MLP_DH = 64
+MLP_PATHS = ["eager_chunked"] + [b for b in MLP_BACKENDS if b != "reference"] + ["token_loop", "compiled_chunked"]
+
+
+@pytest.mark.skipif(not CUDA, reason="MLP memory: the fast path is Triton (GPU only)")
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+@pytest.mark.parametrize("path", MLP_PATHS)
+def test_titans_mlp(benchmark, path, shape_name, mode):
+    _skip(path, shape_name)
+    B, H, L, d = SHAPES[shape_name]
     grad = mode == "fwd_bwd"
-    x = _inputs(shape, grad)
-    fn = _fn(path)
+    x = _inputs((B, H, L, d), grad)
+    g = torch.Generator(device=DEVICE).manual_seed(1)
+    r = lambda *s: torch.randn(*s, generator=g, device=DEVICE)
+    state = [(0.1 * r(*s)).requires_grad_(grad) for s in ((B, H, d, MLP_DH), (B, H, MLP_DH, d),
+                                                          (B, H, d, MLP_DH), (B, H, MLP_DH, d))]
+    _measure(benchmark, _fn(path, "mlp", state), x, path, f"{shape_name}_mlp", mode)
+
+
+def _measure(benchmark, fn, x, path, shape_name, mode):
+    grad = mode == "fwd_bwd"
 
     def run():
         o = fn(*x)
@@ -95,8 +120,8 @@ def test_titans(benchmark, path, shape_name, mode):
 def teardown_module():
     if not RESULTS:
         return
-    print(f"\n{'shape':>10} {'mode':>8} {'path':>17} {'ms':>10} {'x eager':>8} {'x loop':>8} {'peak GiB':>9}")
+    print(f"\n{'shape':>12} {'mode':>8} {'path':>17} {'ms':>10} {'x eager':>8} {'x loop':>8} {'peak GiB':>9}")
     for (sn, mode, path), (ms, peak) in sorted(RESULTS.items()):
         e = RESULTS.get((sn, mode, "eager_chunked"), (float("nan"),))[0]
         t = RESULTS.get((sn, mode, "token_loop"), (float("nan"),))[0]
-        print(f"{sn:>10} {mode:>8} {path:>17} {ms:10.2f} {e / ms:8.2f} {t / ms:8.2f} {peak:9.3f}")
+        print(f"{sn:>12} {mode:>8} {path:>17} {ms:10.2f} {e / ms:8.2f} {t / ms:8.2f} {peak:9.3f}")

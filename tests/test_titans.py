@@ -7,7 +7,7 @@ from conftest import cpu_fast_backends, rel_err
 from hope_kernels.ops import titans_memory
 from hope_kernels.ops.titans import LINEAR_BACKENDS, _linear_op
 from hope_kernels.ops.titans.reference import (titans_chunked, titans_linear_chunked_bwd, titans_linear_chunked_fwd,
-                                               titans_token_loop)
+                                               titans_mlp_chunked_bwd, titans_mlp_chunked_fwd, titans_token_loop)
 
 
 def fast_backends():
@@ -117,6 +117,22 @@ def test_explicit_backward_matches_autograd(C):
     g2 = titans_linear_chunked_bwd(*x, Ws, Ss, do, dW, dS, C)
     assert_close_all((o2, Ws[:, :, -1], Ss[:, :, -1]), (o1, W1, S1), 1e-12, "explicit forward")
     assert_close_all(g2, g1, 1e-10, "explicit backward")
+
+
+@pytest.mark.parametrize("C", [1, 4, 16, 64])
+@pytest.mark.parametrize("L", [21, 3])
+def test_mlp_explicit_backward_matches_autograd(C, L):
+    """The MLP derivation of docs/titans.md (explicit chunked backward) against autograd through the token loop."""
+    x, st = make(L=L, dk=6, dv=6, mlp_dh=5)
+    (o1, *s1), g1 = grads_of(loop_fn(C, "mlp"), x, st)
+    gen = torch.Generator().manual_seed(1)     # the cotangents grads_of drew
+    do = torch.randn(o1.shape, generator=gen, dtype=torch.float64)
+    ds = [torch.randn(s.shape, generator=gen, dtype=torch.float64) for s in s1]
+    o2, *bs = titans_mlp_chunked_fwd(*x, *st, C)
+    assert all(b.shape[2] == (L + C - 1) // C + 1 for b in bs)
+    g2 = titans_mlp_chunked_bwd(*x, *bs, do, *ds, C)
+    assert_close_all((o2, *(b[:, :, -1] for b in bs)), (o1, *s1), 1e-12, "mlp explicit forward")
+    assert_close_all(g2, g1, 1e-10, "mlp explicit backward")
 
 
 # ------------------------------------------------------------------ every path, forward and backward
@@ -357,3 +373,156 @@ def test_bad_inputs():
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="device"):
             titans_memory(q.cuda(), k, v, a, e, t)
+
+
+# ------------------------------------------------------------------ MLP memory: triton against the token loop
+# Interpreted Triton costs ~0.65 s per (program, chunk) for forward+backward here: small grids only.
+
+needs_triton = pytest.mark.skipif("triton" not in fast_backends(), reason="triton cannot run here")
+MLP_CASES = [  # (C, shape): C = 1; L not a multiple of C and dh > dk; L < C; padded dims exactly 16; B = H = 1
+    (1, dict(B=1, H=1, L=3, dk=6, dv=6, mlp_dh=5)),
+    (4, dict(B=1, H=2, L=10, dk=8, dv=8, mlp_dh=12)),
+    (16, dict(B=2, H=1, L=7, dk=4, dv=4, mlp_dh=20)),
+    (16, dict(B=1, H=1, L=16, dk=16, dv=16, mlp_dh=16)),
+    (4, dict(B=1, H=1, L=6, dk=6, dv=6, mlp_dh=3)),
+]
+
+
+def _mlp_vs_loop(C, x, st, tol_fwd=TOL[torch.float32], tol_bwd=TOL[torch.float32] * 10, backend="triton"):
+    ref, gref = grads_of(loop_fn(C, "mlp"), [t.double() for t in x], [s.double() for s in st])
+    out, g = grads_of(op_fn(C, backend, "mlp"), x, st)
+    assert_close_all(out, ref, tol_fwd, f"{backend} mlp forward")
+    assert_close_all(g, gref, tol_bwd, f"{backend} mlp grads")
+    return out, g
+
+
+@needs_triton
+@pytest.mark.parametrize("case", range(len(MLP_CASES)))
+def test_triton_mlp_matches_token_loop(case):
+    """Forward, final state and the gradients to q, k, v, alpha, eta, theta, W1, W2, S1, S2 (float32)."""
+    C, shape = MLP_CASES[case]
+    x, st = make(dtype=torch.float32, seed=case, **shape)
+    _mlp_vs_loop(C, x, st)
+
+
+def _mlp_op_fn(C, backend):
+    """The raw custom op, returning (o, final state) like titans_memory."""
+    from hope_kernels.ops.titans import _mlp_op
+
+    def fn(q, k, v, a, e, t, st):
+        o, *bs = _mlp_op(q, k, v, a, e, t, *st, C, backend)
+        return o, tuple(b[:, :, -1] for b in bs)
+    return fn
+
+
+def test_explicit_mlp_op_matches_token_loop():
+    # The custom-op plumbing (boundary states, backward op, autograd) with the explicit PyTorch body, float64.
+    x, st = make(B=2, H=2, L=9, dk=5, dv=5, mlp_dh=7)
+    ref, gref = grads_of(loop_fn(4, "mlp"), x, st)
+    out, g = grads_of(_mlp_op_fn(4, "explicit"), x, st)
+    assert_close_all(out, ref, 1e-12, "explicit mlp op forward")
+    assert_close_all(g, gref, 1e-10, "explicit mlp op grads")
+
+
+@needs_triton
+def test_triton_mlp_split_equals_whole():
+    x, st = make(B=1, H=1, L=8, dk=6, dv=6, mlp_dh=5, dtype=torch.float32)
+    C, cut = 4, 4
+    run = lambda xs, s: titans_memory(*xs, chunk_size=C, memory="mlp", initial_state=s, output_final_state=True,
+                                      backend="triton")
+    o, s = run(x, st)
+    oa, sa = run([t[:, :, :cut] for t in x], st)
+    ob, sb = run([t[:, :, cut:] for t in x], sa)
+    assert_close_all((torch.cat([oa, ob], 2), *sb), (o, *s), TOL[torch.float32], "mlp split")
+
+
+@needs_triton
+def test_triton_mlp_gate_edges_and_theta_zero():
+    x, st = make(B=1, H=1, L=6, dk=6, dv=6, mlp_dh=5, dtype=torch.float32)
+    q, k, v, alpha, eta, theta = x
+    alpha[..., 3], eta[..., 1] = 1.0, 0.0     # a full forget and a zero momentum inside a chunk: forward exact
+    o1, s1 = titans_token_loop(q, k, v, alpha, eta, theta, chunk_size=4, memory="mlp", initial_state=st)
+    o2, s2 = titans_memory(q, k, v, alpha, eta, theta, chunk_size=4, memory="mlp", initial_state=st,
+                           output_final_state=True, backend="triton")
+    assert_close_all((o2, *s2), (o1, *s1), TOL[torch.float32], "mlp gate edges")
+    W1, W2 = st[0], st[1]
+    zero = torch.zeros_like
+    o, s = titans_memory(q, k, v, zero(alpha), eta, zero(theta), chunk_size=4, memory="mlp",
+                         initial_state=(W1, W2, zero(st[2]), zero(st[3])), output_final_state=True, backend="triton")
+    assert torch.equal(s[0], W1) and torch.equal(s[1], W2) and not s[2].any() and not s[3].any()
+    assert rel_err(o, q + F.silu(q @ W1) @ W2) < 1e-6
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_mlp_half_inputs_accumulate_in_fp32(dtype):
+    x, st = make(B=1, H=1, L=5, dk=8, dv=8, mlp_dh=8, dtype=torch.float32)
+    x = [t.to(dtype) if i < 3 else t for i, t in enumerate(x)]   # q, k, v in half precision, gates fp32
+    ref, gref = grads_of(loop_fn(4, "mlp"), [t.float() for t in x], st)
+    out, g = grads_of(op_fn(4, "triton", "mlp"), x, st)
+    assert out[0].dtype == dtype and g[0].dtype == dtype and out[1].dtype == torch.float32
+    assert_close_all(out[1:], ref[1:], 1e-5, "half state")
+    assert_close_all(out[:1], ref[:1], 1e-2, "half o")
+    assert_close_all(g, gref, 2e-2, "half grads")
+
+
+@needs_triton
+def test_triton_mlp_outputs_fully_written(monkeypatch):
+    monkeypatch.setenv("HOPE_KERNELS_POISON", "1")
+    x, st = make(B=1, H=1, L=5, dk=5, dv=5, mlp_dh=3, dtype=torch.float32)
+    out, g = grads_of(op_fn(4, "triton", "mlp"), x, st)
+    for t in list(out) + list(g):
+        assert torch.isfinite(t).all()
+
+
+# The MLP custom op under opcheck / torch.compile: with the triton body where it runs, else the explicit one.
+MLP_OP_BACKEND = "triton" if "triton" in fast_backends() else "explicit"
+
+
+def test_mlp_opcheck():
+    from hope_kernels.ops.titans import _mlp_op
+    backend = MLP_OP_BACKEND
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    x, st = make(B=1, H=1, L=4, dk=4, dv=4, mlp_dh=3, dtype=dtype)
+    args = [t.requires_grad_(True) for t in x + list(st)] + [4, backend]
+    torch.library.opcheck(_mlp_op, args)
+
+
+def test_mlp_torch_compile():
+    x, st = make(B=1, H=1, L=5, dk=4, dv=4, mlp_dh=3, dtype=torch.float32)
+    fn = _mlp_op_fn(4, MLP_OP_BACKEND)
+    ref, gref = grads_of(fn, x, st)
+    out, g = grads_of(torch.compile(fn, fullgraph=True), x, st)
+    assert_close_all(out, ref, 1e-5, "compiled mlp")
+    assert_close_all(g, gref, 1e-5, "compiled mlp grads")
+
+
+@needs_triton
+def test_triton_mlp_bad_inputs():
+    x, st = make(B=1, H=1, L=4, dk=4, dv=4, mlp_dh=3)
+    with pytest.raises(TypeError, match="float64"):
+        titans_memory(*x, memory="mlp", initial_state=st, backend="triton")
+    x, st = make(B=1, H=1, L=4, dk=4, dv=4, mlp_dh=65, dtype=torch.float32)
+    with pytest.raises(ValueError, match="dh <= 64, got dk=4, dh=65"):
+        titans_memory(*x, memory="mlp", initial_state=st, backend="triton")
+    x, st = make(B=1, H=1, L=4, dk=65, dv=65, mlp_dh=3, dtype=torch.float32)
+    with pytest.raises(ValueError, match="dk = dv <= 64"):
+        titans_memory(*x, memory="mlp", initial_state=st, backend="triton")
+    x, st = make(B=1, H=1, L=4, dk=4, dv=4, mlp_dh=3, dtype=torch.float32)
+    with pytest.raises(ValueError, match="chunk_size <= 64, got 65"):
+        titans_memory(*x, chunk_size=65, memory="mlp", initial_state=st, backend="triton")
+
+
+def test_mlp_auto_picks_triton_only_within_limits(monkeypatch):
+    """Auto on CUDA tensors: triton is offered for the MLP memory only for shapes its kernels take."""
+    import hope_kernels.ops.titans as T
+    seen = []
+    monkeypatch.setattr(T, "resolve_backend",
+                        lambda backend, tensors, **kw: seen.append(kw["supported"]) or "reference")
+    q32 = torch.zeros(1, 1, 4, 8)
+    T._resolve("auto", "mlp", (q32,), dh=8, chunk_size=16)
+    T._resolve("auto", "mlp", (q32,), dh=65, chunk_size=16)
+    T._resolve("auto", "mlp", (torch.zeros(1, 1, 4, 80),), dh=8, chunk_size=16)
+    T._resolve("auto", "mlp", (q32,), dh=8, chunk_size=128)
+    T._resolve("auto", "mlp", (q32.double(),), dh=8, chunk_size=16)
+    assert ["triton" in s for s in seen] == [True, False, False, False, False]

@@ -4,13 +4,14 @@
 
 Semantics, closed form and shapes: hope_kernels/ops/titans/reference.py; backward derivation: docs/titans.md.
 Backends: reference (eager chunked closed form, autograd; the token loop when chunk_size == 1) for both
-memories; compiled C++ ("cpu") and Triton ("triton", hope_kernels/ops/titans/triton.py: float32/bf16/fp16
-inputs, dk, dv, chunk_size <= 128) fast paths for the linear memory only (listed in `LINEAR_BACKENDS`);
-auto prefers triton for CUDA tensors (not for float64), cpu for CPU tensors. The fast
-paths go through the custom op `torch.ops.hope_kernels.titans_memory_linear(q, k, v, alpha, eta, theta,
-W0, S0, chunk_size, backend) -> (o, Ws, Ss)` (Ws, Ss: chunk-boundary states) whose backward is
-`torch.ops.hope_kernels.titans_memory_linear_backward`; both have fake kernels, so they trace under
-torch.compile.
+memories; compiled C++ ("cpu", linear only) and Triton ("triton", hope_kernels/ops/titans/triton.py:
+float32/bf16/fp16 inputs; linear: dk, dv, chunk_size <= 128; mlp: dk = dv, dh, chunk_size <= 64) fast paths,
+listed in `LINEAR_BACKENDS` / `MLP_BACKENDS`. Auto prefers triton for CUDA tensors (not for float64, nor for
+MLP shapes past its limits), cpu for CPU tensors (linear), else reference. The fast paths go through custom ops
+`torch.ops.hope_kernels.titans_memory_linear(q, k, v, alpha, eta, theta, W0, S0, chunk_size, backend)
+-> (o, Ws, Ss)` and `titans_memory_mlp(q, k, v, alpha, eta, theta, W1, W2, S1, S2, chunk_size, backend)
+-> (o, W1s, W2s, S1s, S2s)` (chunk-boundary states (B, H, N+1, ., .)), whose backwards are the custom ops
+`..._backward`; all have fake kernels, so they trace under torch.compile.
 """
 from __future__ import annotations
 
@@ -21,14 +22,34 @@ import torch
 from hope_kernels.dispatch import resolve_backend
 from hope_kernels.ops.checks import accum_dtype, check_same_device, check_same_dtype, check_tensor
 from hope_kernels.ops.titans.reference import (titans_chunked, titans_linear_chunked_bwd, titans_linear_chunked_fwd,
-                                               titans_token_loop)
+                                               titans_mlp_chunked_bwd, titans_mlp_chunked_fwd, titans_token_loop)
 
-__all__ = ["titans_memory", "titans_token_loop", "titans_chunked", "LINEAR_BACKENDS"]
+__all__ = ["titans_memory", "titans_token_loop", "titans_chunked", "LINEAR_BACKENDS", "MLP_BACKENDS"]
 
 _OP = "titans_memory"
 # Backends with a forward AND backward for the linear memory (a backend appears here only when both pass tests).
 LINEAR_BACKENDS: Tuple[str, ...] = ("reference", "cpu", "triton")
+MLP_BACKENDS: Tuple[str, ...] = ("reference", "triton")
 MEMORIES = ("linear", "mlp")
+# Triton MLP kernels: D = dk = dv and dh at most MLP_MAX_D (four (D, dh) state tiles, eight in backward, live in
+# registers), chunk_size at most MLP_MAX_CHUNK.
+MLP_MAX_D = 64
+MLP_MAX_CHUNK = 64
+
+
+def mlp_unsupported(q: torch.Tensor, dh: int, chunk_size: int):
+    """(exception type, message) saying why the triton MLP kernels cannot take these inputs; None when they can."""
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return TypeError, (f"{_OP}: the triton backend takes float32/bfloat16/float16 inputs (no fp64 tl.dot on "
+                           f"GPU), got {q.dtype}; use backend='reference' for float64")
+    D = q.shape[-1]
+    if D > MLP_MAX_D or dh > MLP_MAX_D:
+        return ValueError, (f"{_OP}: the triton backend for memory='mlp' supports dk = dv <= {MLP_MAX_D} and "
+                            f"dh <= {MLP_MAX_D}, got dk={D}, dh={dh}")
+    if chunk_size > MLP_MAX_CHUNK:
+        return ValueError, (f"{_OP}: the triton backend for memory='mlp' supports chunk_size <= {MLP_MAX_CHUNK}, "
+                            f"got {chunk_size}")
+    return None
 
 
 def _validate(q, k, v, alpha, eta, theta, chunk_size, memory, initial_state) -> None:
@@ -92,8 +113,14 @@ def _check_gate_values(alpha, eta, theta) -> None:
             raise ValueError(f"{name} must be in {rng}, got values in [{gmin}, {g.max().item()}]")
 
 
-def _resolve(backend: str, memory: str, tensors) -> str:
-    supported = LINEAR_BACKENDS if memory == "linear" else ("reference",)
+def _resolve(backend: str, memory: str, tensors, dh: int = 0, chunk_size: int = 1) -> str:
+    supported = LINEAR_BACKENDS if memory == "linear" else MLP_BACKENDS
+    if memory == "mlp":
+        why = mlp_unsupported(tensors[0], dh, chunk_size)
+        if why is not None:
+            if backend == "triton":
+                raise why[0](why[1])
+            supported = tuple(b for b in supported if b != "triton")   # auto: reference for these shapes
     if tensors[0].dtype == torch.float64:
         if backend == "triton":
             raise TypeError(f"{_OP}: the triton backend does not take float64 inputs (no fp64 tl.dot on GPU), got "
@@ -190,6 +217,82 @@ def _backward(ctx, do, dWs, dSs):
 _linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# ---------------------------------------------------------------- fast-path custom op (MLP memory)
+# hope_kernels::titans_memory_mlp(q, k, v, alpha, eta, theta, W1, W2, S1, S2, chunk_size, backend)
+#     -> (o, W1s, W2s, S1s, S2s): the chunk-boundary states (B, H, N+1, ., .). backend "triton" runs the Triton
+# kernels; any other value the explicit PyTorch forward/backward of reference.py (tests: "explicit").
+
+def _mlp_fwd_impl(backend, q, k, v, alpha, eta, theta, W1, W2, S1, S2, chunk_size):
+    if backend == "triton":
+        from hope_kernels.ops.titans.triton import titans_mlp_fwd_triton
+        return titans_mlp_fwd_triton(q, k, v, alpha, eta, theta, W1, W2, S1, S2, chunk_size)
+    acc = W1.dtype
+    o, *bs = titans_mlp_chunked_fwd(*(x.to(acc) for x in (q, k, v)), alpha, eta, theta, W1, W2, S1, S2, chunk_size)
+    return (o.to(q.dtype), *bs)
+
+
+@torch.library.custom_op("hope_kernels::titans_memory_mlp", mutates_args=())
+def _mlp_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor, eta: torch.Tensor,
+            theta: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor, S1: torch.Tensor, S2: torch.Tensor,
+            chunk_size: int, backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                    torch.Tensor]:
+    return tuple(_mlp_fwd_impl(backend, q, k, v, alpha, eta, theta, W1, W2, S1, S2, chunk_size))
+
+
+@_mlp_op.register_fake
+def _(q, k, v, alpha, eta, theta, W1, W2, S1, S2, chunk_size, backend):
+    B, H, L, D = q.shape
+    dh = W1.shape[-1]
+    n = _num_chunks(L, chunk_size) + 1
+    return (v.new_empty(B, H, L, D), W1.new_empty(B, H, n, D, dh), W1.new_empty(B, H, n, dh, D),
+            W1.new_empty(B, H, n, D, dh), W1.new_empty(B, H, n, dh, D))
+
+
+@torch.library.custom_op("hope_kernels::titans_memory_mlp_backward", mutates_args=())
+def _mlp_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor, eta: torch.Tensor,
+                     theta: torch.Tensor, W1s: torch.Tensor, W2s: torch.Tensor, S1s: torch.Tensor, S2s: torch.Tensor,
+                     do: torch.Tensor, dW1T: torch.Tensor, dW2T: torch.Tensor, dS1T: torch.Tensor, dS2T: torch.Tensor,
+                     chunk_size: int, backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                             torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                             torch.Tensor, torch.Tensor]:
+    do, dW1T, dW2T, dS1T, dS2T = (x.contiguous() for x in (do, dW1T, dW2T, dS1T, dS2T))
+    if backend == "triton":
+        from hope_kernels.ops.titans.triton import titans_mlp_bwd_triton
+        return tuple(titans_mlp_bwd_triton(q, k, v, alpha, eta, theta, W1s, W2s, S1s, S2s, do, dW1T, dW2T, dS1T,
+                                           dS2T, chunk_size))
+    acc = W1s.dtype
+    g = titans_mlp_chunked_bwd(*(x.to(acc) for x in (q, k, v)), alpha, eta, theta, W1s, W2s, S1s, S2s, do.to(acc),
+                               dW1T, dW2T, dS1T, dS2T, chunk_size)
+    return (g[0].to(q.dtype), g[1].to(k.dtype), g[2].to(v.dtype)) + tuple(g[3:])
+
+
+@_mlp_backward_op.register_fake
+def _(q, k, v, alpha, eta, theta, W1s, W2s, S1s, S2s, do, dW1T, dW2T, dS1T, dS2T, chunk_size, backend):
+    s1, s2 = W1s[:, :, 0], W2s[:, :, 0]
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(alpha),
+            torch.empty_like(eta), torch.empty_like(theta), torch.empty_like(s1), torch.empty_like(s2),
+            torch.empty_like(s1), torch.empty_like(s2))
+
+
+def _mlp_setup_context(ctx, inputs, output):
+    q, k, v, alpha, eta, theta, W1, W2, S1, S2, chunk_size, backend = inputs
+    ctx.save_for_backward(q, k, v, alpha, eta, theta, *output[1:])
+    ctx.chunk_size, ctx.backend = chunk_size, backend
+
+
+def _mlp_backward(ctx, do, *dstates):
+    q, k, v, alpha, eta, theta, *bs = ctx.saved_tensors
+    if do is None:
+        do = torch.zeros_like(v)
+    # only the last boundary state is a public output (the final state)
+    dT = [b.new_zeros(b[:, :, -1].shape) if d is None else d[:, :, -1] for b, d in zip(bs, dstates)]
+    g = _mlp_backward_op(q, k, v, alpha, eta, theta, *bs, do, *dT, ctx.chunk_size, ctx.backend)
+    return (*g, None, None)
+
+
+_mlp_op.register_autograd(_mlp_backward, setup_context=_mlp_setup_context)
+
+
 # ---------------------------------------------------------------- public function
 
 def titans_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor, eta: torch.Tensor,
@@ -206,29 +309,34 @@ def titans_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torc
     memory="linear": M_W(x) = x W. State (W, S), each (B, H, dk, dv); zeros when initial_state is None.
     memory="mlp": M(x) = x + silu(x W1) W2 (residual, dk == dv). The hidden width dh and the initial weights
         come from initial_state = (W1, W2, S1, S2), REQUIRED: W1, S1 (B, H, dk, dh); W2, S2 (B, H, dh, dv).
-        Reference backend only.
+        Backends: reference and triton.
     Returns (o (B, H, L, dv) in q's dtype, final_state): final_state is None unless output_final_state, else
     the state tuple in the accumulation dtype (float32; float64 for float64 inputs).
     Gradients flow to q, k, v, alpha, eta, theta and initial_state. On the fast paths the gradient to a gate
     that sits exactly at 1 - alpha = 0 or eta = 0 is not exact (the forward is).
-    backend="triton" (linear memory): float32/bfloat16/float16 only (float64 raises TypeError), dk, dv and
-    chunk_size <= 128.
+    backend="triton": float32/bfloat16/float16 only (float64 raises TypeError); linear memory: dk, dv and
+    chunk_size <= 128; mlp memory: dk = dv, dh and chunk_size <= 64 (auto falls back to reference outside).
     """
     _validate(q, k, v, alpha, eta, theta, chunk_size, memory, initial_state)
     if not torch.compiler.is_compiling():
         _check_gate_values(alpha, eta, theta)
-    backend = _resolve(backend, memory, (q, k, v, alpha, eta, theta))
+    dh = initial_state[0].shape[-1] if memory == "mlp" else 0
+    backend = _resolve(backend, memory, (q, k, v, alpha, eta, theta), dh=dh, chunk_size=chunk_size)
     if backend == "reference":
         fn = titans_token_loop if chunk_size == 1 else titans_chunked
         o, state = fn(q, k, v, alpha, eta, theta, chunk_size=chunk_size, memory=memory, initial_state=initial_state)
         return o, (tuple(state) if output_final_state else None)
     acc = accum_dtype(q.dtype)
+    gates = [g.to(acc).contiguous() for g in (alpha, eta, theta)]
+    if memory == "mlp":
+        W1, W2, S1, S2 = (s.to(acc).contiguous() for s in initial_state)
+        o, *bs = _mlp_op(q.contiguous(), k.contiguous(), v.contiguous(), *gates, W1, W2, S1, S2, chunk_size, backend)
+        return o, (tuple(b[:, :, -1] for b in bs) if output_final_state else None)
     B, H, L, dk = q.shape
     dv = v.shape[-1]
     if initial_state is None:
         W0 = S0 = q.new_zeros(B, H, dk, dv, dtype=acc)
     else:
         W0, S0 = (s.to(acc).contiguous() for s in initial_state)
-    gates = (g.to(acc).contiguous() for g in (alpha, eta, theta))
     o, Ws, Ss = _linear_op(q.contiguous(), k.contiguous(), v.contiguous(), *gates, W0, S0, chunk_size, backend)
     return o, ((Ws[:, :, -1], Ss[:, :, -1]) if output_final_state else None)

@@ -268,3 +268,145 @@ def titans_linear_chunked_bwd(q, k, v, alpha, eta, theta, Ws, Ss, do, dWT, dST, 
         dW, dS = (Q.transpose(-1, -2) @ (b.unsqueeze(-1) * dO) + b[..., -1, None, None] * dW + K.transpose(-1, -2) @ dE,
                   Q.transpose(-1, -2) @ (f.unsqueeze(-1) * dO) + f[..., -1, None, None] * dW + m[..., -1, None, None] * dS)
     return dq, dk, dv, dalpha, deta, dtheta, dW, dS
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Explicit chunked forward / backward of the MLP memory (docs/titans.md, "MLP memory: backward"), no
+# autograd. The Triton MLP kernels are this algorithm; `test_mlp_explicit_backward_matches_autograd` checks
+# it against autograd through the token loop. Each layer is a "dual block": for rows X (reads), A (writes),
+# G (theta-scaled inner gradients) and the chunk-start pair (P0, Pf) = (W, S) of the layer,
+#     R  = b o (X P0) + f o (X Pf) - (Cm o X A^T) G
+#     Wn = b_n P0 + f_n Pf - A^T (c o G),   Sn = m_n Pf - A^T (r o G)
+# ---------------------------------------------------------------------------------------------------------
+
+def _mlp_chunk_forward(Q, K, V, th, W1, W2, S1, S2, b, f, Cm):
+    """The inside of one MLP chunk: (Z, Hk, E, GZ, G1, G2, Zq, Hq, O); th (..., n, 1)."""
+    Z = K @ W1
+    Hk = F.silu(Z)
+    E = K + Hk @ W2 - V
+    GZ = (E @ W2.transpose(-1, -2)) * silu_grad(Z)
+    G1, G2 = th * GZ, th * E
+    Zq = _dual(Q @ W1, Q @ S1, b, f, Cm, Q, K, G1)
+    Hq = F.silu(Zq)
+    O = Q + _dual(Hq @ W2, Hq @ S2, b, f, Cm, Hq, Hk, G2)
+    return Z, Hk, E, GZ, G1, G2, Zq, Hq, O
+
+
+def titans_mlp_chunked_fwd(q, k, v, alpha, eta, theta, W1, W2, S1, S2, chunk_size: int):
+    """Returns o (B, H, L, dv) and the chunk-boundary states W1s, W2s, S1s, S2s (B, H, N+1, ., .),
+    N = ceil(L / C); index n is the state at the start of chunk n, index N the final one."""
+    L = q.shape[2]
+    o = q.new_empty(*q.shape[:3], v.shape[-1])
+    st = [[W1], [W2], [S1], [S2]]
+    for s in range(0, L, chunk_size):
+        sl = slice(s, min(s + chunk_size, L))
+        b, f, Cm, m, Dm = chunk_gates(alpha[:, :, sl], eta[:, :, sl])
+        w1, w2, s1, s2 = (x[-1] for x in st)
+        K = k[:, :, sl]
+        _, Hk, _, _, G1, G2, _, _, O = _mlp_chunk_forward(q[:, :, sl], K, v[:, :, sl], theta[:, :, sl].unsqueeze(-1),
+                                                          w1, w2, s1, s2, b, f, Cm)
+        o[:, :, sl] = O
+        w1, s1 = _end_state(w1, s1, K, G1, b, f, Cm, m, Dm)
+        w2, s2 = _end_state(w2, s2, Hk, G2, b, f, Cm, m, Dm)
+        for x, y in zip(st, (w1, w2, s1, s2)):
+            x.append(y)
+    return (o,) + tuple(torch.stack(x, dim=2) for x in st)
+
+
+def silu_grad2(z: torch.Tensor) -> torch.Tensor:
+    """Second derivative of silu: s (1 - s) (2 + z (1 - 2 s))."""
+    s = torch.sigmoid(z)
+    return s * (1 - s) * (2 + z * (1 - 2 * s))
+
+
+def _dual_bwd(X, A, G, P0, Pf, dR, dWn, dSn, b, f, Cm, c, r, QK):
+    """Backward of one dual block given dR and the gradients dWn, dSn of its end state.
+
+    Returns dX, dA, dG, dP0, dPf and the gate pieces (db, df, dm_n, dCm, dr) where dr is the gradient to the
+    last row r of Dm."""
+    AdW, AdS = A @ dWn, A @ dSn
+    P = Cm * QK
+    dG = -P.transpose(-1, -2) @ dR - c.unsqueeze(-1) * AdW - r.unsqueeze(-1) * AdS
+    dP = -(dR @ G.transpose(-1, -2)).tril()
+    dQK = dP * Cm
+    dCm = dP * QK
+    dCm[..., -1, :] -= (AdW * G).sum(-1)
+    dr = -(AdS * G).sum(-1)
+    dX = dQK @ A + b.unsqueeze(-1) * (dR @ P0.transpose(-1, -2)) + f.unsqueeze(-1) * (dR @ Pf.transpose(-1, -2))
+    dA = dQK.transpose(-1, -2) @ X - c.unsqueeze(-1) * (G @ dWn.transpose(-1, -2)) - r.unsqueeze(-1) * (
+        G @ dSn.transpose(-1, -2))
+    Xt = X.transpose(-1, -2)
+    dP0 = Xt @ (b.unsqueeze(-1) * dR) + b[..., -1, None, None] * dWn
+    dPf = Xt @ (f.unsqueeze(-1) * dR) + f[..., -1, None, None] * dWn
+    db = (dR * (X @ P0)).sum(-1)
+    df = (dR * (X @ Pf)).sum(-1)
+    db[..., -1] += (dWn * P0).sum((-1, -2))
+    df[..., -1] += (dWn * Pf).sum((-1, -2))
+    dm_n = (dSn * Pf).sum((-1, -2))
+    return dX, dA, dG, dP0, dPf, (db, df, dm_n, dCm, dr)
+
+
+def _gate_bwd(a, et, db, df, dm_n, dCm, dr):
+    """Gradients to alpha, eta of one chunk from the gradients of its gate coefficients b, f, m_n, Cm and the
+    last row r of Dm (log-derivative form, as the linear backward)."""
+    Db, Dm = _segment_products(a), _segment_products(et)
+    b, m = torch.cumprod(a, -1), torch.cumprod(et, -1)
+    dm = torch.zeros_like(m)
+    dm[..., -1] = dm_n
+    dDb = (dCm @ Dm.transpose(-1, -2) + df.unsqueeze(-1) * m.unsqueeze(-2)).tril()
+    dDm = (Db.transpose(-1, -2) @ dCm).tril()
+    dDm[..., -1, :] += dr
+    dm = dm + (Db.transpose(-1, -2) @ df.unsqueeze(-1)).squeeze(-1)
+    dgb = _log_grad(dDb, Db) + db * b
+    dgm = _log_grad(dDm, Dm) + dm * m
+    dla = dgb.flip(-1).cumsum(-1).flip(-1)
+    dle = dgm.flip(-1).cumsum(-1).flip(-1)
+    tiny = torch.finfo(a.dtype).tiny
+    return -dla / a.clamp_min(tiny), dle / et.clamp_min(tiny)
+
+
+def titans_mlp_chunked_bwd(q, k, v, alpha, eta, theta, W1s, W2s, S1s, S2s, do, dW1T, dW2T, dS1T, dS2T,
+                           chunk_size: int):
+    """Gradients (dq, dk, dv, dalpha, deta, dtheta, dW1, dW2, dS1, dS2) given do (B, H, L, dv) and the gradients
+    of the final state; W1s.. from `titans_mlp_chunked_fwd`. Walks the chunks backwards, recomputing each
+    chunk's inside from its boundary state."""
+    L = q.shape[2]
+    N = W1s.shape[2] - 1
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dalpha, deta, dtheta = torch.zeros_like(alpha), torch.zeros_like(eta), torch.zeros_like(theta)
+    dW1, dW2, dS1, dS2 = dW1T.clone(), dW2T.clone(), dS1T.clone(), dS2T.clone()
+    for n in reversed(range(N)):
+        sl = slice(n * chunk_size, min((n + 1) * chunk_size, L))
+        Q, K, V, dO = q[:, :, sl], k[:, :, sl], v[:, :, sl], do[:, :, sl]
+        th = theta[:, :, sl].unsqueeze(-1)
+        W1, W2, S1, S2 = W1s[:, :, n], W2s[:, :, n], S1s[:, :, n], S2s[:, :, n]
+        b, f, Cm, m, Dm = chunk_gates(alpha[:, :, sl], eta[:, :, sl])
+        c, r = Cm[..., -1, :], Dm[..., -1, :]
+        Z, Hk, E, GZ, G1, G2, Zq, Hq, _ = _mlp_chunk_forward(Q, K, V, th, W1, W2, S1, S2, b, f, Cm)
+        # layer 2 (reads Hq, writes Hk), then layer 1 (reads Q, writes K)
+        dHq, dHk, dG2, dW2p, dS2p, gp2 = _dual_bwd(Hq, Hk, G2, W2, S2, dO, dW2, dS2, b, f, Cm, c, r,
+                                                   Hq @ Hk.transpose(-1, -2))
+        dZq = dHq * silu_grad(Zq)
+        dQ, dK, dG1, dW1p, dS1p, gp1 = _dual_bwd(Q, K, G1, W1, S1, dZq, dW1, dS1, b, f, Cm, c, r,
+                                                 Q @ K.transpose(-1, -2))
+        dQ = dQ + dO
+        # G1 = theta GZ, G2 = theta E, GZ = (E W2^T) o silu'(Z), E = K + Hk W2 - V, Hk = silu(Z), Z = K W1
+        dtheta[:, :, sl] = (dG1 * GZ).sum(-1) + (dG2 * E).sum(-1)
+        dGZ = th * dG1
+        sp = silu_grad(Z)
+        Y = E @ W2.transpose(-1, -2)
+        dY = dGZ * sp
+        dZ = dGZ * Y * silu_grad2(Z)
+        dE = th * dG2 + dY @ W2
+        dW2p = dW2p + dY.transpose(-1, -2) @ E + Hk.transpose(-1, -2) @ dE
+        dHk = dHk + dE @ W2.transpose(-1, -2)
+        dZ = dZ + dHk * sp
+        dK = dK + dE + dZ @ W1.transpose(-1, -2)
+        dW1p = dW1p + K.transpose(-1, -2) @ dZ
+        dq[:, :, sl], dk[:, :, sl], dv[:, :, sl] = dQ, dK, -dE
+        db, df, dm_n, dCm, dr = (x + y for x, y in zip(gp1, gp2))
+        dalpha[:, :, sl], deta[:, :, sl] = _gate_bwd(1 - alpha[:, :, sl], eta[:, :, sl], db, df, dm_n, dCm, dr)
+        # the chunk-start momenta also reach the end momenta directly (S_n = m_n S0 + ...)
+        mn = m[..., -1, None, None]
+        dW1, dW2, dS1, dS2 = dW1p, dW2p, dS1p + mn * dS1, dS2p + mn * dS2
+    return dq, dk, dv, dalpha, deta, dtheta, dW1, dW2, dS1, dS2

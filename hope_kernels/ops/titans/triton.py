@@ -1,4 +1,5 @@
-"""Triton kernels of the chunk-parallel Titans LINEAR memory (DESIGN 4.3), forward and backward.
+"""Triton kernels of the chunk-parallel Titans memory (DESIGN 4.3), forward and backward: the LINEAR memory
+first (described here), the MLP memory further down (its own header comment; docs/titans.md).
 
 Same algorithm, inputs and outputs as `titans_linear_chunked_fwd` / `titans_linear_chunked_bwd` in
 reference.py (derivation: docs/titans.md). One program per (batch, head) walks the chunks in order with the
@@ -24,6 +25,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from hope_kernels.ops.titans import mlp_unsupported
 
 MAX_D = 128      # dk, dv: the (dk, dv) state tiles live in registers
 MAX_CHUNK = 128
@@ -251,3 +254,270 @@ def titans_linear_bwd_triton(q, k, v, alpha, eta, theta, Ws, Ss, do, dWT, dST, c
     titans_linear_bwd_kernel[(B * H,)](q, k, v, alpha, eta, theta, Ws, Ss, do, dWT, dST, dq, dk_, dv_, dal, det, dth,
                                        dW0, dS0, L, dk, dv, NC, C=chunk_size, BC=BC, BK=BK, BV=BV, num_warps=4)
     return dq, dk_, dv_, dal, det, dth, dW0, dS0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# MLP memory, M(x) = x + silu(x W1) W2 (dk == dv = D, hidden width dh): same structure as the linear kernels,
+# one program per (batch, head), the four state tiles W1, S1 (D, dh) and W2, S2 (dh, D) in registers. Each
+# layer of a chunk is a "dual block" (reference.py, `_dual` / `_dual_bwd`): layer 1 reads Q and writes K,
+# layer 2 reads Hq = silu(layer-1 read) and writes Hk = silu(K W1). Algorithm identical to
+# `titans_mlp_chunked_fwd` / `titans_mlp_chunked_bwd` (derivation: docs/titans.md).
+# ---------------------------------------------------------------------------------------------------------
+
+# Size limits (MLP_MAX_D, MLP_MAX_CHUNK) and `mlp_unsupported` live in __init__.py: the dispatcher reads them
+# without importing triton.
+
+
+@triton.jit
+def _dot(a, b):
+    return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _silu(z):
+    return z * tl.sigmoid(z)
+
+
+@triton.jit
+def _silu_grad(z):
+    s = tl.sigmoid(z)
+    return s * (1.0 + z * (1.0 - s))
+
+
+@triton.jit
+def _silu_grad2(z):
+    s = tl.sigmoid(z)
+    return s * (1.0 - s) * (2.0 + z * (1.0 - 2.0 * s))
+
+
+@triton.jit
+def _mlp_chunk(Q, K, V, th, W1, W2, S1, S2, b, f, Cm):
+    """Inside of one chunk: hidden rows, errors, theta-scaled inner gradients G1 (BC, BH), G2 (BC, BD), the
+    layer-1 read Zq, Hq = silu(Zq) and the output O."""
+    Z = _dot(K, W1)
+    Hk = _silu(Z)
+    E = K + _dot(Hk, W2) - V
+    GZ = _dot(E, tl.trans(W2)) * _silu_grad(Z)
+    G1 = th[:, None] * GZ
+    G2 = th[:, None] * E
+    Zq = (b[:, None] * _dot(Q, W1) + f[:, None] * _dot(Q, S1) - _dot(Cm * _dot(Q, tl.trans(K)), G1))
+    Hq = _silu(Zq)
+    O = Q + b[:, None] * _dot(Hq, W2) + f[:, None] * _dot(Hq, S2) - _dot(Cm * _dot(Hq, tl.trans(Hk)), G2)
+    return Z, Hk, E, GZ, G1, G2, Zq, Hq, O
+
+
+@triton.jit
+def titans_mlp_fwd_kernel(q_ptr, k_ptr, v_ptr, al_ptr, et_ptr, th_ptr, w1_ptr, w2_ptr, s1_ptr, s2_ptr, o_ptr,
+                          w1s_ptr, w2s_ptr, s1s_ptr, s2s_ptr, L, D, DH, NC, C: tl.constexpr, BC: tl.constexpr,
+                          BD: tl.constexpr, BH: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    rc = tl.arange(0, BC)
+    rd = tl.arange(0, BD)
+    rh = tl.arange(0, BH)
+    dmask, hmask = rd < D, rh < DH
+    off1 = rd[:, None] * DH + rh[None, :]          # (D, dh) tiles
+    off2 = rh[:, None] * D + rd[None, :]           # (dh, D) tiles
+    m1 = dmask[:, None] & hmask[None, :]
+    m2 = hmask[:, None] & dmask[None, :]
+    sb = pid * D * DH
+    W1 = tl.load(w1_ptr + sb + off1, mask=m1, other=0.0).to(tl.float32)
+    S1 = tl.load(s1_ptr + sb + off1, mask=m1, other=0.0).to(tl.float32)
+    W2 = tl.load(w2_ptr + sb + off2, mask=m2, other=0.0).to(tl.float32)
+    S2 = tl.load(s2_ptr + sb + off2, mask=m2, other=0.0).to(tl.float32)
+    st_base = pid * (NC + 1) * D * DH
+    tl.store(w1s_ptr + st_base + off1, W1, mask=m1)
+    tl.store(s1s_ptr + st_base + off1, S1, mask=m1)
+    tl.store(w2s_ptr + st_base + off2, W2, mask=m2)
+    tl.store(s2s_ptr + st_base + off2, S2, mask=m2)
+    for n in range(NC):
+        t = n * C + rc
+        tmask = (rc < C) & (t < L)
+        last = tl.minimum(C, L - n * C) - 1
+        x = (pid * L + t)[:, None] * D + rd[None, :]
+        xm = tmask[:, None] & dmask[None, :]
+        Q = tl.load(q_ptr + x, mask=xm, other=0.0).to(tl.float32)
+        K = tl.load(k_ptr + x, mask=xm, other=0.0).to(tl.float32)
+        V = tl.load(v_ptr + x, mask=xm, other=0.0).to(tl.float32)
+        a, e, th, b, m, f, Db, Dm, Cm = _chunk_gates(al_ptr, et_ptr, th_ptr, pid * L, t, tmask, rc, BC)
+        Z, Hk, E, GZ, G1, G2, Zq, Hq, O = _mlp_chunk(Q, K, V, th, W1, W2, S1, S2, b, f, Cm)
+        tl.store(o_ptr + x, O.to(o_ptr.dtype.element_ty), mask=xm)
+        c = _row(Cm, rc, last)
+        r = _row(Dm, rc, last)
+        bn, fn, mn = _at(b, rc, last), _at(f, rc, last), _at(m, rc, last)
+        Kt, Hkt = tl.trans(K), tl.trans(Hk)
+        W1n = bn * W1 + fn * S1 - _dot(Kt, c[:, None] * G1)
+        S1 = mn * S1 - _dot(Kt, r[:, None] * G1)
+        W2n = bn * W2 + fn * S2 - _dot(Hkt, c[:, None] * G2)
+        S2 = mn * S2 - _dot(Hkt, r[:, None] * G2)
+        W1, W2 = W1n, W2n
+        ob = st_base + (n + 1) * D * DH
+        tl.store(w1s_ptr + ob + off1, W1, mask=m1)
+        tl.store(s1s_ptr + ob + off1, S1, mask=m1)
+        tl.store(w2s_ptr + ob + off2, W2, mask=m2)
+        tl.store(s2s_ptr + ob + off2, S2, mask=m2)
+
+
+@triton.jit
+def _dual_bwd(X, A, G, P0, Pf, dR, dWn, dSn, b, f, Cm, c, r, bn, fn, incl, is_last):
+    """Backward of one dual block R = b o X P0 + f o X Pf - (Cm o X A^T) G with end state
+    (b_n P0 + f_n Pf - A^T (c o G), m_n Pf - A^T (r o G)); the m_n Pf term is added by the caller.
+    Returns dX, dA, dG, dP0, dPf and the gate pieces db, df, dm_n, dCm, dr (dr: to the last row of Dm)."""
+    AdW = _dot(A, dWn)
+    AdS = _dot(A, dSn)
+    QK = _dot(X, tl.trans(A))
+    dG = -_dot(tl.trans(Cm * QK), dR) - c[:, None] * AdW - r[:, None] * AdS
+    dP = tl.where(incl, -_dot(dR, tl.trans(G)), 0.0)
+    dQK = dP * Cm
+    dCm = dP * QK - tl.where(is_last[:, None], tl.sum(AdW * G, axis=1)[None, :], 0.0)
+    dr = -tl.sum(AdS * G, axis=1)
+    dX = _dot(dQK, A) + b[:, None] * _dot(dR, tl.trans(P0)) + f[:, None] * _dot(dR, tl.trans(Pf))
+    dA = (_dot(tl.trans(dQK), X) - c[:, None] * _dot(G, tl.trans(dWn)) - r[:, None] * _dot(G, tl.trans(dSn)))
+    Xt = tl.trans(X)
+    dP0 = _dot(Xt, b[:, None] * dR) + bn * dWn
+    dPf = _dot(Xt, f[:, None] * dR) + fn * dWn
+    db = tl.sum(dR * _dot(X, P0), axis=1) + tl.where(is_last, tl.sum(tl.sum(dWn * P0, axis=1), axis=0), 0.0)
+    df = tl.sum(dR * _dot(X, Pf), axis=1) + tl.where(is_last, tl.sum(tl.sum(dWn * Pf, axis=1), axis=0), 0.0)
+    dmn = tl.sum(tl.sum(dSn * Pf, axis=1), axis=0)
+    return dX, dA, dG, dP0, dPf, db, df, dmn, dCm, dr
+
+
+@triton.jit
+def titans_mlp_bwd_kernel(q_ptr, k_ptr, v_ptr, al_ptr, et_ptr, th_ptr, w1s_ptr, w2s_ptr, s1s_ptr, s2s_ptr, do_ptr,
+                          dw1t_ptr, dw2t_ptr, ds1t_ptr, ds2t_ptr, dq_ptr, dk_ptr, dv_ptr, dal_ptr, det_ptr, dth_ptr,
+                          dw1_ptr, dw2_ptr, ds1_ptr, ds2_ptr, L, D, DH, NC, C: tl.constexpr, BC: tl.constexpr,
+                          BD: tl.constexpr, BH: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    rc = tl.arange(0, BC)
+    rd = tl.arange(0, BD)
+    rh = tl.arange(0, BH)
+    dmask, hmask = rd < D, rh < DH
+    off1 = rd[:, None] * DH + rh[None, :]
+    off2 = rh[:, None] * D + rd[None, :]
+    m1 = dmask[:, None] & hmask[None, :]
+    m2 = hmask[:, None] & dmask[None, :]
+    sb = pid * D * DH
+    dW1 = tl.load(dw1t_ptr + sb + off1, mask=m1, other=0.0).to(tl.float32)
+    dS1 = tl.load(ds1t_ptr + sb + off1, mask=m1, other=0.0).to(tl.float32)
+    dW2 = tl.load(dw2t_ptr + sb + off2, mask=m2, other=0.0).to(tl.float32)
+    dS2 = tl.load(ds2t_ptr + sb + off2, mask=m2, other=0.0).to(tl.float32)
+    st_base = pid * (NC + 1) * D * DH
+    incl = rc[:, None] >= rc[None, :]
+    tiny = 1.1754943508222875e-38
+    for i in range(NC):
+        n = NC - 1 - i
+        t = n * C + rc
+        tmask = (rc < C) & (t < L)
+        last = tl.minimum(C, L - n * C) - 1
+        is_last = rc == last
+        x = (pid * L + t)[:, None] * D + rd[None, :]
+        xm = tmask[:, None] & dmask[None, :]
+        Q = tl.load(q_ptr + x, mask=xm, other=0.0).to(tl.float32)
+        K = tl.load(k_ptr + x, mask=xm, other=0.0).to(tl.float32)
+        V = tl.load(v_ptr + x, mask=xm, other=0.0).to(tl.float32)
+        dO = tl.load(do_ptr + x, mask=xm, other=0.0).to(tl.float32)
+        ob = st_base + n * D * DH
+        W1 = tl.load(w1s_ptr + ob + off1, mask=m1, other=0.0)
+        S1 = tl.load(s1s_ptr + ob + off1, mask=m1, other=0.0)
+        W2 = tl.load(w2s_ptr + ob + off2, mask=m2, other=0.0)
+        S2 = tl.load(s2s_ptr + ob + off2, mask=m2, other=0.0)
+        a, e, th, b, m, f, Db, Dm, Cm = _chunk_gates(al_ptr, et_ptr, th_ptr, pid * L, t, tmask, rc, BC)
+        c = _row(Cm, rc, last)
+        r = _row(Dm, rc, last)
+        bn, fn, mn = _at(b, rc, last), _at(f, rc, last), _at(m, rc, last)
+        Z, Hk, E, GZ, G1, G2, Zq, Hq, O = _mlp_chunk(Q, K, V, th, W1, W2, S1, S2, b, f, Cm)
+        # layer 2 (reads Hq, writes Hk), then layer 1 (reads Q, writes K)
+        dHq, dHk, dG2, dW2p, dS2p, db2, df2, dmn2, dCm2, dr2 = _dual_bwd(
+            Hq, Hk, G2, W2, S2, dO, dW2, dS2, b, f, Cm, c, r, bn, fn, incl, is_last)
+        dZq = dHq * _silu_grad(Zq)
+        dQ, dK, dG1, dW1p, dS1p, db1, df1, dmn1, dCm1, dr1 = _dual_bwd(
+            Q, K, G1, W1, S1, dZq, dW1, dS1, b, f, Cm, c, r, bn, fn, incl, is_last)
+        dQ += dO
+        # G1 = theta GZ, G2 = theta E, GZ = (E W2^T) o silu'(Z), E = K + Hk W2 - V, Hk = silu(Z), Z = K W1
+        tl.store(dth_ptr + pid * L + t, tl.sum(dG1 * GZ, axis=1) + tl.sum(dG2 * E, axis=1), mask=tmask)
+        dGZ = th[:, None] * dG1
+        sp = _silu_grad(Z)
+        dY = dGZ * sp
+        dZ = dGZ * _dot(E, tl.trans(W2)) * _silu_grad2(Z)
+        dE = th[:, None] * dG2 + _dot(dY, W2)
+        dW2p += _dot(tl.trans(dY), E) + _dot(tl.trans(Hk), dE)
+        dHk += _dot(dE, tl.trans(W2))
+        dZ += dHk * sp
+        dK += dE + _dot(dZ, tl.trans(W1))
+        dW1p += _dot(tl.trans(K), dZ)
+        tl.store(dq_ptr + x, dQ.to(dq_ptr.dtype.element_ty), mask=xm)
+        tl.store(dk_ptr + x, dK.to(dk_ptr.dtype.element_ty), mask=xm)
+        tl.store(dv_ptr + x, (-dE).to(dv_ptr.dtype.element_ty), mask=xm)
+        # gate coefficients of both layers, then to the gates (log-derivative form, as the linear kernel)
+        db = db1 + db2
+        df = df1 + df2
+        dCm = dCm1 + dCm2
+        dr = dr1 + dr2
+        dm = tl.where(is_last, dmn1 + dmn2, 0.0) + tl.sum(Db * df[:, None], axis=0)
+        dDb = tl.where(incl, _dot(dCm, tl.trans(Dm)) + df[:, None] * m[None, :], 0.0)
+        dDm = tl.where(incl, _dot(tl.trans(Db), dCm), 0.0) + tl.where(is_last[:, None] & incl, dr[None, :], 0.0)
+        Xb = dDb * Db
+        Xm = dDm * Dm
+        dgb = tl.where(tmask, tl.sum(Xb, axis=1) - tl.sum(Xb, axis=0) + db * b, 0.0)
+        dgm = tl.where(tmask, tl.sum(Xm, axis=1) - tl.sum(Xm, axis=0) + dm * m, 0.0)
+        dla = tl.sum(tl.where(incl, dgb[:, None], 0.0), axis=0)
+        dle = tl.sum(tl.where(incl, dgm[:, None], 0.0), axis=0)
+        tl.store(dal_ptr + pid * L + t, -dla / tl.maximum(a, tiny), mask=tmask)
+        tl.store(det_ptr + pid * L + t, dle / tl.maximum(e, tiny), mask=tmask)
+        # to the chunk-start state (the momenta also reach the end momenta through S_n = m_n S0 + ...)
+        dW1 = dW1p
+        dW2 = dW2p
+        dS1 = dS1p + mn * dS1
+        dS2 = dS2p + mn * dS2
+    tl.store(dw1_ptr + pid * D * DH + off1, dW1, mask=m1)
+    tl.store(ds1_ptr + pid * D * DH + off1, dS1, mask=m1)
+    tl.store(dw2_ptr + pid * D * DH + off2, dW2, mask=m2)
+    tl.store(ds2_ptr + pid * D * DH + off2, dS2, mask=m2)
+
+
+def _check_mlp(q: torch.Tensor, dh: int, chunk_size: int) -> None:
+    why = mlp_unsupported(q, dh, chunk_size)
+    if why is not None:
+        raise why[0](why[1])
+
+
+def _mlp_launch_args(D: int, dh: int, chunk_size: int):
+    p2 = lambda x: max(16, triton.next_power_of_2(x))
+    BC, BD, BH = p2(chunk_size), p2(D), p2(dh)
+    return dict(BC=BC, BD=BD, BH=BH, num_warps=8 if max(BD, BH) * max(BD, BH, BC) >= 64 * 64 else 4)
+
+
+def titans_mlp_fwd_triton(q, k, v, alpha, eta, theta, W1, W2, S1, S2, chunk_size: int):
+    """q, k, v (B, H, L, D); gates (B, H, L); W1, S1 (B, H, D, dh), W2, S2 (B, H, dh, D) float32.
+    Returns o (B, H, L, D) in q's dtype and the boundary states W1s, W2s, S1s, S2s (B, H, N+1, ., .) float32."""
+    B, H, L, D = q.shape
+    dh = W1.shape[-1]
+    _check_mlp(q, dh, chunk_size)
+    NC = (L + chunk_size - 1) // chunk_size
+    q, k, v, alpha, eta, theta, W1, W2, S1, S2 = (x.contiguous() for x in (q, k, v, alpha, eta, theta, W1, W2, S1, S2))
+    o = _alloc((B, H, L, D), q, q.dtype)
+    W1s, S1s = (_alloc((B, H, NC + 1, D, dh), q, torch.float32) for _ in range(2))
+    W2s, S2s = (_alloc((B, H, NC + 1, dh, D), q, torch.float32) for _ in range(2))
+    titans_mlp_fwd_kernel[(B * H,)](q, k, v, alpha, eta, theta, W1, W2, S1, S2, o, W1s, W2s, S1s, S2s, L, D, dh, NC,
+                                    C=chunk_size, **_mlp_launch_args(D, dh, chunk_size))
+    return o, W1s, W2s, S1s, S2s
+
+
+def titans_mlp_bwd_triton(q, k, v, alpha, eta, theta, W1s, W2s, S1s, S2s, do, dW1T, dW2T, dS1T, dS2T,
+                          chunk_size: int):
+    """Gradients (dq, dk, dv, dalpha, deta, dtheta, dW1, dW2, dS1, dS2) of `titans_mlp_fwd_triton`, same contract
+    as `titans_mlp_chunked_bwd`."""
+    B, H, L, D = q.shape
+    dh = W1s.shape[-1]
+    _check_mlp(q, dh, chunk_size)
+    NC = W1s.shape[2] - 1
+    q, k, v, alpha, eta, theta, do = (x.contiguous() for x in (q, k, v, alpha, eta, theta, do))
+    W1s, W2s, S1s, S2s, dW1T, dW2T, dS1T, dS2T = (x.float().contiguous()
+                                                  for x in (W1s, W2s, S1s, S2s, dW1T, dW2T, dS1T, dS2T))
+    dq, dk_, dv_ = (_alloc(x.shape, x, x.dtype) for x in (q, k, v))
+    dal, det, dth = (_alloc(x.shape, x, x.dtype) for x in (alpha, eta, theta))
+    dW1, dS1 = (_alloc((B, H, D, dh), q, torch.float32) for _ in range(2))
+    dW2, dS2 = (_alloc((B, H, dh, D), q, torch.float32) for _ in range(2))
+    titans_mlp_bwd_kernel[(B * H,)](q, k, v, alpha, eta, theta, W1s, W2s, S1s, S2s, do, dW1T, dW2T, dS1T, dS2T,
+                                    dq, dk_, dv_, dal, det, dth, dW1, dW2, dS1, dS2, L, D, dh, NC, C=chunk_size,
+                                    **_mlp_launch_args(D, dh, chunk_size))
+    return dq, dk_, dv_, dal, det, dth, dW1, dW2, dS1, dS2
