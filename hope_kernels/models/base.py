@@ -73,6 +73,11 @@ class PredictorBase(nn.Module):
             for i, blk in enumerate(self.blocks):
                 for p in blk.residual_projections():
                     p.div_(math.sqrt(2.0 * (i + 1)))
+            if self.config.predict_delta:
+                # the delta head starts at zero: an untrained predictor is exactly copy-last, and training only
+                # moves it where the next latent differs (a random head costs ~10x the copy-last error at init)
+                self.proj.weight.zero_()
+                self.proj.bias.zero_()
 
     def layernorm_parameters(self) -> list[nn.Parameter]:
         return [p for m in self.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()]
