@@ -4,9 +4,11 @@
 
 Semantics, closed form and shapes: hope_kernels/ops/titans/reference.py; backward derivation: docs/titans.md.
 Backends: reference (eager chunked closed form, autograd; the token loop when chunk_size == 1) for both
-memories; compiled C++ ("cpu") and Triton ("triton", hope_kernels/ops/titans/triton.py: float32/bf16/fp16
-inputs, dk, dv, chunk_size <= 128) fast paths for the linear memory only (listed in `LINEAR_BACKENDS`);
-auto prefers triton for CUDA tensors (not for float64), cpu for CPU tensors. The fast
+memories; compiled C++ ("cpu"), Triton ("triton", hope_kernels/ops/titans/triton.py: float32/bf16/fp16
+inputs, dk, dv, chunk_size <= 128) and CUDA ("cuda", csrc/cuda/titans.cu: fused token-serial kernel, any
+chunk_size, float64/32/bf16/fp16, dk up to the device's shared memory, any dv) fast paths for the linear
+memory only (listed in `LINEAR_BACKENDS`); auto prefers triton for CUDA tensors when triton supports the
+call, else cuda (chunk_size or dk, dv > 128, float64), and cpu for CPU tensors. The fast
 paths go through the custom op `torch.ops.hope_kernels.titans_memory_linear(q, k, v, alpha, eta, theta,
 W0, S0, chunk_size, backend) -> (o, Ws, Ss)` (Ws, Ss: chunk-boundary states) whose backward is
 `torch.ops.hope_kernels.titans_memory_linear_backward`; both have fake kernels, so they trace under
@@ -27,7 +29,7 @@ __all__ = ["titans_memory", "titans_token_loop", "titans_chunked", "LINEAR_BACKE
 
 _OP = "titans_memory"
 # Backends with a forward AND backward for the linear memory (a backend appears here only when both pass tests).
-LINEAR_BACKENDS: Tuple[str, ...] = ("reference", "cpu", "triton")
+LINEAR_BACKENDS: Tuple[str, ...] = ("reference", "cpu", "triton", "cuda")
 MEMORIES = ("linear", "mlp")
 
 
@@ -92,15 +94,24 @@ def _check_gate_values(alpha, eta, theta) -> None:
             raise ValueError(f"{name} must be in {rng}, got values in [{gmin}, {g.max().item()}]")
 
 
-def _resolve(backend: str, memory: str, tensors) -> str:
+# Triton's limits (hope_kernels/ops/titans/triton.py MAX_D, MAX_CHUNK): register tiles.
+TRITON_MAX_D = 128
+TRITON_MAX_CHUNK = 128
+
+
+def _resolve(backend: str, memory: str, tensors, chunk_size: int) -> str:
     supported = LINEAR_BACKENDS if memory == "linear" else ("reference",)
     if tensors[0].dtype == torch.float64:
         if backend == "triton":
             raise TypeError(f"{_OP}: the triton backend does not take float64 inputs (no fp64 tl.dot on GPU), got "
-                            "q of dtype torch.float64; use float32/bfloat16/float16, or backend='cpu'/'reference'")
+                            "q of dtype torch.float64; use float32/bfloat16/float16, or backend='cuda'/'cpu'/"
+                            "'reference'")
         supported = tuple(b for b in supported if b != "triton")   # auto on float64 CUDA tensors skips triton
-    return resolve_backend(backend, tensors, op=_OP, gpu_order=("triton", "cuda"), cpu_order=("cpu",),
-                           supported=supported)
+    dk, dv = tensors[0].shape[-1], tensors[2].shape[-1]
+    triton_fits = dk <= TRITON_MAX_D and dv <= TRITON_MAX_D and chunk_size <= TRITON_MAX_CHUNK
+    # auto on CUDA tensors: triton (chunk-parallel) when it takes the call, else the CUDA token-serial kernel
+    gpu_order = ("triton", "cuda") if triton_fits else ("cuda", "triton")
+    return resolve_backend(backend, tensors, op=_OP, gpu_order=gpu_order, cpu_order=("cpu",), supported=supported)
 
 
 # ---------------------------------------------------------------- fast-path custom op (linear memory)
@@ -213,11 +224,14 @@ def titans_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torc
     that sits exactly at 1 - alpha = 0 or eta = 0 is not exact (the forward is).
     backend="triton" (linear memory): float32/bfloat16/float16 only (float64 raises TypeError), dk, dv and
     chunk_size <= 128.
+    backend="cuda" (linear memory, CUDA tensors): fused token-serial kernel, any chunk_size and dv, dk limited by
+    the device's shared memory (dk <= 128 everywhere from sm_80; beyond, a clear error). Its gate gradients are
+    exact also at alpha = 1 or eta = 0. auto on CUDA tensors takes it when triton does not fit the call.
     """
     _validate(q, k, v, alpha, eta, theta, chunk_size, memory, initial_state)
     if not torch.compiler.is_compiling():
         _check_gate_values(alpha, eta, theta)
-    backend = _resolve(backend, memory, (q, k, v, alpha, eta, theta))
+    backend = _resolve(backend, memory, (q, k, v, alpha, eta, theta), chunk_size)
     if backend == "reference":
         fn = titans_token_loop if chunk_size == 1 else titans_chunked
         o, state = fn(q, k, v, alpha, eta, theta, chunk_size=chunk_size, memory=memory, initial_state=initial_state)
