@@ -97,7 +97,7 @@ titans_fwd_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k
                   const acc_t* __restrict__ alpha, const acc_t* __restrict__ eta, const acc_t* __restrict__ theta,
                   const acc_t* __restrict__ W0, const acc_t* __restrict__ S0, scalar_t* __restrict__ o,
                   acc_t* __restrict__ Ws, acc_t* __restrict__ Ss, int64_t L, int64_t C, int64_t N, int dk, int dv) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* W = reinterpret_cast<acc_t*>(smem_raw);
   acc_t* S = W + dk * kStride;
   acc_t* Wr = S + dk * kStride;
@@ -179,7 +179,7 @@ titans_bwd_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k
                   acc_t* __restrict__ dal_part, acc_t* __restrict__ deta_part, acc_t* __restrict__ dth_part,
                   acc_t* __restrict__ dW0, acc_t* __restrict__ dS0, int64_t L, int64_t C, int64_t N, int64_t R,
                   int64_t NS_max, int dk, int dv) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* dW = reinterpret_cast<acc_t*>(smem_raw);  // adjoint of W, carried across tokens and chunks
   acc_t* dS = dW + dk * kStride;                    // adjoint of S
   acc_t* Wr = dS + dk * kStride;                    // the chunk's W_ref
