@@ -40,9 +40,10 @@ def grads_of(fn, inputs, state, seed=1):
     st = None if state is None else [s.detach().clone().requires_grad_(True) for s in state]
     o, fs = fn(*leaves, st)
     g = torch.Generator().manual_seed(seed)
-    loss = (o.double() * torch.randn(o.shape, generator=g, dtype=torch.float64)).sum()
+    # cotangents drawn on the CPU, then moved: the same numbers for CPU and CUDA runs
+    loss = (o.double() * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device)).sum()
     for s in fs:
-        loss = loss + (s.double() * torch.randn(s.shape, generator=g, dtype=torch.float64)).sum()
+        loss = loss + (s.double() * torch.randn(s.shape, generator=g, dtype=torch.float64).to(s.device)).sum()
     grads = torch.autograd.grad(loss, leaves + (st or []))
     return (o, *fs), grads
 
@@ -59,6 +60,7 @@ def op_fn(C, backend, memory="linear"):
 
 def assert_close_all(xs, refs, tol, what):
     for i, (x, r) in enumerate(zip(xs, refs)):
+        x, r = x.cpu(), r.cpu()
         assert x.shape == r.shape, f"{what}[{i}] shape {tuple(x.shape)} vs {tuple(r.shape)}"
         err = rel_err(x, r)
         assert err < tol, f"{what}[{i}] rel err {err:.2e} >= {tol:.0e}"
