@@ -3,6 +3,8 @@ forward and forward+backward, side by side.
 
     pytest benchmarks/test_bench_titans.py --benchmark-only -s
 
+Fast paths are every backend of LINEAR_BACKENDS: on GPU the chunked Triton kernel ("triton") and the fused
+token-serial CUDA kernel ("cuda", the streaming path); on CPU the compiled C++ one ("cpu").
 GPU shapes: one clip of the real grid (B=4, H=16, L=8*258, dk=dv=64) and 8x that length; CPU: a smaller
 shape (the compiled C++ path against the eager ones). Each row's extra_info holds the ratio to the eager
 chunked time of the same shape and mode, and the peak CUDA memory; a table is printed at the end.

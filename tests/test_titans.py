@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import cpu_fast_backends, rel_err
+from conftest import cpu_fast_backends, rel_err, requires_cuda
 from hope_kernels.ops import titans_memory
 from hope_kernels.ops.titans import LINEAR_BACKENDS, _linear_op
 from hope_kernels.ops.titans.reference import (titans_chunked, titans_linear_chunked_bwd, titans_linear_chunked_fwd,
@@ -40,9 +40,10 @@ def grads_of(fn, inputs, state, seed=1):
     st = None if state is None else [s.detach().clone().requires_grad_(True) for s in state]
     o, fs = fn(*leaves, st)
     g = torch.Generator().manual_seed(seed)
-    loss = (o.double() * torch.randn(o.shape, generator=g, dtype=torch.float64)).sum()
+    # cotangents drawn on the CPU, then moved: the same numbers for CPU and CUDA runs
+    loss = (o.double() * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device)).sum()
     for s in fs:
-        loss = loss + (s.double() * torch.randn(s.shape, generator=g, dtype=torch.float64)).sum()
+        loss = loss + (s.double() * torch.randn(s.shape, generator=g, dtype=torch.float64).to(s.device)).sum()
     grads = torch.autograd.grad(loss, leaves + (st or []))
     return (o, *fs), grads
 
@@ -59,6 +60,7 @@ def op_fn(C, backend, memory="linear"):
 
 def assert_close_all(xs, refs, tol, what):
     for i, (x, r) in enumerate(zip(xs, refs)):
+        x, r = x.cpu(), r.cpu()
         assert x.shape == r.shape, f"{what}[{i}] shape {tuple(x.shape)} vs {tuple(r.shape)}"
         err = rel_err(x, r)
         assert err < tol, f"{what}[{i}] rel err {err:.2e} >= {tol:.0e}"
@@ -526,3 +528,155 @@ def test_mlp_auto_picks_triton_only_within_limits(monkeypatch):
     T._resolve("auto", "mlp", (q32,), dh=8, chunk_size=128)
     T._resolve("auto", "mlp", (q32.double(),), dh=8, chunk_size=16)
     assert ["triton" in s for s in seen] == [True, False, False, False, False]
+
+
+# ------------------------------------------------------------------ CUDA fused token-serial kernel (GPU only)
+
+def test_auto_order_prefers_triton_when_it_fits(monkeypatch):
+    """auto on CUDA tensors: triton first when it takes the call, the CUDA kernel first otherwise."""
+    import hope_kernels.ops.titans as T
+    from hope_kernels.ops.titans import triton as titans_triton
+    assert (T.TRITON_MAX_D, T.TRITON_MAX_CHUNK) == (titans_triton.MAX_D, titans_triton.MAX_CHUNK)
+    seen = {}
+    monkeypatch.setattr(T, "resolve_backend", lambda backend, tensors, **kw: seen.setdefault("order", kw["gpu_order"]))
+    for (dk, dv, C), want in (((64, 64, 16), ("triton", "cuda")), ((64, 64, 128), ("triton", "cuda")),
+                              ((64, 64, 129), ("cuda", "triton")), ((256, 64, 16), ("cuda", "triton")),
+                              ((64, 200, 16), ("cuda", "triton"))):
+        seen.clear()
+        x, _ = make(B=1, H=1, L=2, dk=dk, dv=dv, dtype=torch.float32)
+        T._resolve("auto", "linear", tuple(x), chunk_size=C)
+        assert seen["order"] == want, (dk, dv, C, seen)
+    assert "cuda" in LINEAR_BACKENDS
+
+
+def _cuda(xs):
+    return None if xs is None else [t.cuda() for t in xs]
+
+
+CUDA_SHAPES = [dict(B=2, H=2, L=19), dict(B=1, H=1, L=37, dk=6, dv=3), dict(B=1, H=3, L=70, dk=16, dv=40),
+               dict(B=2, H=1, L=5), dict(B=1, H=2, L=130, dk=8, dv=70)]
+
+
+@requires_cuda
+@pytest.mark.parametrize("C", [1, 4, 16, 64, 100])
+@pytest.mark.parametrize("si", range(len(CUDA_SHAPES)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_matches_token_loop(C, si, dtype):
+    """backend='cuda' against autograd through the token loop: o, final state and every gradient (q, k, v, gates,
+    initial state). Shapes: L not a multiple of C, L < C, dk != dv, B = H = 1, dv over several 32-column tiles."""
+    x, st = make(dtype=dtype, state=(si % 2 == 0), seed=si, **CUDA_SHAPES[si])
+    ref, gref = grads_of(loop_fn(C), [t.double() for t in x], None if st is None else [s.double() for s in st])
+    out, g = grads_of(op_fn(C, "cuda"), _cuda(x), _cuda(st))
+    assert out[0].is_cuda and out[0].dtype == dtype
+    tol = {torch.float32: 2e-5, torch.float64: 1e-10}[dtype]
+    assert_close_all(out, ref, tol, "cuda forward")
+    assert_close_all(g, gref, tol * 10, "cuda grads")
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("C", [4, 100])
+def test_cuda_half_inputs_accumulate_in_fp32(dtype, C):
+    x, st = make(B=2, H=2, L=45, dk=16, dv=24, dtype=torch.float32, state=True)
+    x = [t.to(dtype) if i < 3 else t for i, t in enumerate(x)]   # q, k, v in half precision, gates fp32
+    ref, gref = grads_of(loop_fn(C), [t.double() for t in x], [s.double() for s in st])
+    out, g = grads_of(op_fn(C, "cuda"), _cuda(x), _cuda(st))
+    assert out[0].dtype == dtype and g[0].dtype == dtype and out[1].dtype == torch.float32
+    assert_close_all(out[1:], ref[1:], 1e-5, "half state")      # the state is fp32: only o is rounded
+    assert_close_all(out[:1], ref[:1], 1e-2, "half o")
+    assert_close_all(g, gref, 2e-2, "half grads")
+
+
+@requires_cuda
+def test_cuda_big_heads_and_auto_fallback():
+    """dk = dv = 128 (shared memory beyond 48 KiB), and chunk_size > 128: auto picks the CUDA kernel."""
+    from hope_kernels import backends
+    assert backends()["cuda"]
+    x, st = make(B=1, H=2, L=40, dk=128, dv=128, dtype=torch.float32, state=True)
+    ref, gref = grads_of(loop_fn(16), [t.double() for t in x], [s.double() for s in st])
+    out, g = grads_of(op_fn(16, "cuda"), _cuda(x), _cuda(st))
+    assert_close_all(out, ref, 2e-5, "cuda 128 forward")
+    assert_close_all(g, gref, 2e-4, "cuda 128 grads")
+    from hope_kernels.ops.titans import _resolve
+    xc = _cuda(make(B=1, H=1, L=300, dtype=torch.float32)[0])
+    assert _resolve("auto", "linear", tuple(xc), chunk_size=200) == "cuda"
+    assert _resolve("auto", "linear", tuple(xc), chunk_size=16) == "triton"
+    ref, _ = titans_token_loop(*[t.double() for t in xc], chunk_size=200)
+    o, _ = titans_memory(*xc, chunk_size=200)
+    assert rel_err(o, ref) < 2e-5
+
+
+@requires_cuda
+def test_cuda_gate_edges_exact_gradients():
+    """alpha = 1 and eta = 0 inside a chunk: the token-serial backward has no division, so even the gate
+    gradients match autograd through the token loop there."""
+    x, st = make(B=1, H=2, L=23, dk=5, dv=7, state=True)
+    x[3][..., 5], x[4][..., 2], x[4][..., 9] = 1.0, 0.0, 0.0
+    for C in (1, 8):
+        ref, gref = grads_of(loop_fn(C), x, st)
+        out, g = grads_of(op_fn(C, "cuda"), _cuda(x), _cuda(st))
+        assert_close_all(out, ref, 1e-10, f"edge forward C={C}")
+        assert_close_all(g, gref, 1e-9, f"edge grads C={C}")
+
+
+@requires_cuda
+def test_cuda_split_equals_whole_and_theta_zero():
+    x, st = (_cuda(t) for t in make(L=20, state=True, dtype=torch.float32))
+    o, s = titans_memory(*x, chunk_size=4, initial_state=st, output_final_state=True, backend="cuda")
+    oa, sa = titans_memory(*(t[:, :, :12] for t in x), chunk_size=4, initial_state=st, output_final_state=True,
+                           backend="cuda")
+    ob, sb = titans_memory(*(t[:, :, 12:] for t in x), chunk_size=4, initial_state=sa, output_final_state=True,
+                           backend="cuda")
+    assert_close_all((torch.cat([oa, ob], 2), *sb), (o, *s), 1e-5, "cuda split")
+    q, k, v, alpha, eta, theta = x
+    W0, S0 = st[0], torch.zeros_like(st[1])
+    o, (W, S) = titans_memory(q, k, v, torch.zeros_like(alpha), eta, torch.zeros_like(theta), chunk_size=4,
+                              initial_state=(W0, S0), output_final_state=True, backend="cuda")
+    assert torch.equal(W, W0) and torch.equal(S, S0)
+
+
+@requires_cuda
+def test_cuda_outputs_fully_written(monkeypatch):
+    """Kernel-allocated outputs (and the per-tile partials) start as NaN: every element must be written."""
+    monkeypatch.setenv("HOPE_KERNELS_POISON", "1")
+    x, st = make(B=2, H=1, L=11, dk=5, dv=37, state=True, dtype=torch.float32)
+    out, g = grads_of(op_fn(4, "cuda"), _cuda(x), _cuda(st))
+    for t in list(out) + list(g):
+        assert torch.isfinite(t).all()
+
+
+@requires_cuda
+def test_cuda_long_sequence_strong_decay_finite():
+    x, _ = make(B=1, H=2, L=4096, dk=16, dv=16, dtype=torch.float32, theta_scale=0.2)
+    x[3] = 0.5 + 0.5 * x[3]
+    x[4] = 0.9 * torch.ones_like(x[4])
+    xc = _cuda(x)
+    o, (W, S) = titans_memory(*xc, chunk_size=64, output_final_state=True, backend="cuda")
+    assert torch.isfinite(o).all() and torch.isfinite(W).all() and torch.isfinite(S).all()
+    ref, _ = titans_token_loop(*xc, chunk_size=64)
+    assert rel_err(o, ref) < 1e-4
+
+
+@requires_cuda
+def test_cuda_opcheck_and_compile():
+    x, st = make(B=1, H=2, L=9, dk=4, dv=3, state=True, dtype=torch.float32)
+    args = [t.cuda().requires_grad_(True) for t in x + list(st)] + [4, "cuda"]
+    torch.library.opcheck(_linear_op, args)
+    xc, stc = _cuda(x), _cuda(st)
+    fn = lambda *a: titans_memory(*a, chunk_size=4, initial_state=stc, output_final_state=True, backend="cuda")
+    (o, *s), g = grads_of(lambda *a: fn(*a[:6]), xc, None)
+    compiled = torch.compile(fn, fullgraph=False)
+    (o2, *s2), g2 = grads_of(lambda *a: compiled(*a[:6]), xc, None)
+    assert_close_all((o2, *s2), (o, *s), 1e-6, "cuda compiled")
+    assert_close_all(g2, g, 1e-6, "cuda compiled grads")
+
+
+@requires_cuda
+def test_cuda_rejects_too_big_dk_and_cpu_tensors():
+    x, _ = make(B=1, H=1, L=3, dk=2048, dv=4, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="shared memory"):
+        titans_memory(*_cuda(x), backend="cuda")
+    x, _ = make(B=1, H=1, L=3, dtype=torch.float32)
+    from hope_kernels.dispatch import BackendUnavailableError
+    with pytest.raises(BackendUnavailableError):
+        titans_memory(*x, backend="cuda")

@@ -4,10 +4,12 @@
 
 Semantics, closed form and shapes: hope_kernels/ops/titans/reference.py; backward derivation: docs/titans.md.
 Backends: reference (eager chunked closed form, autograd; the token loop when chunk_size == 1) for both
-memories; compiled C++ ("cpu", linear only) and Triton ("triton", hope_kernels/ops/titans/triton.py:
-float32/bf16/fp16 inputs; linear: dk, dv, chunk_size <= 128; mlp: dk = dv, dh, chunk_size <= 64) fast paths,
-listed in `LINEAR_BACKENDS` / `MLP_BACKENDS`. Auto prefers triton for CUDA tensors (not for float64, nor for
-MLP shapes past its limits), cpu for CPU tensors (linear), else reference. The fast paths go through custom ops
+memories; compiled C++ ("cpu", linear only), Triton ("triton", hope_kernels/ops/titans/triton.py:
+float32/bf16/fp16 inputs; linear: dk, dv, chunk_size <= 128; mlp: dk = dv, dh, chunk_size <= 64) and CUDA
+("cuda", csrc/cuda/titans.cu, linear only: fused token-serial kernel, any chunk_size, float64/32/bf16/fp16, dk up
+to the device's shared memory, any dv) fast paths, listed in `LINEAR_BACKENDS` / `MLP_BACKENDS`. Auto prefers
+triton for CUDA tensors when triton takes the call (not float64, not past its size limits), else cuda (linear) or
+reference (mlp); cpu for CPU tensors (linear), else reference. The fast paths go through custom ops
 `torch.ops.hope_kernels.titans_memory_linear(q, k, v, alpha, eta, theta, W0, S0, chunk_size, backend)
 -> (o, Ws, Ss)` and `titans_memory_mlp(q, k, v, alpha, eta, theta, W1, W2, S1, S2, chunk_size, backend)
 -> (o, W1s, W2s, S1s, S2s)` (chunk-boundary states (B, H, N+1, ., .)), whose backwards are the custom ops
@@ -28,7 +30,7 @@ __all__ = ["titans_memory", "titans_token_loop", "titans_chunked", "LINEAR_BACKE
 
 _OP = "titans_memory"
 # Backends with a forward AND backward for the linear memory (a backend appears here only when both pass tests).
-LINEAR_BACKENDS: Tuple[str, ...] = ("reference", "cpu", "triton")
+LINEAR_BACKENDS: Tuple[str, ...] = ("reference", "cpu", "triton", "cuda")
 MLP_BACKENDS: Tuple[str, ...] = ("reference", "triton")
 MEMORIES = ("linear", "mlp")
 # Triton MLP kernels: D = dk = dv and dh at most MLP_MAX_D (four (D, dh) state tiles, eight in backward, live in
@@ -113,6 +115,11 @@ def _check_gate_values(alpha, eta, theta) -> None:
             raise ValueError(f"{name} must be in {rng}, got values in [{gmin}, {g.max().item()}]")
 
 
+# Triton's limits (hope_kernels/ops/titans/triton.py MAX_D, MAX_CHUNK): register tiles.
+TRITON_MAX_D = 128
+TRITON_MAX_CHUNK = 128
+
+
 def _resolve(backend: str, memory: str, tensors, dh: int = 0, chunk_size: int = 1) -> str:
     supported = LINEAR_BACKENDS if memory == "linear" else MLP_BACKENDS
     if memory == "mlp":
@@ -124,10 +131,15 @@ def _resolve(backend: str, memory: str, tensors, dh: int = 0, chunk_size: int = 
     if tensors[0].dtype == torch.float64:
         if backend == "triton":
             raise TypeError(f"{_OP}: the triton backend does not take float64 inputs (no fp64 tl.dot on GPU), got "
-                            "q of dtype torch.float64; use float32/bfloat16/float16, or backend='cpu'/'reference'")
+                            "q of dtype torch.float64; use float32/bfloat16/float16, or backend='cuda'/'cpu'/"
+                            "'reference'")
         supported = tuple(b for b in supported if b != "triton")   # auto on float64 CUDA tensors skips triton
-    return resolve_backend(backend, tensors, op=_OP, gpu_order=("triton", "cuda"), cpu_order=("cpu",),
-                           supported=supported)
+    dk = tensors[0].shape[-1]
+    dv = tensors[2].shape[-1] if len(tensors) > 2 else dk
+    triton_fits = dk <= TRITON_MAX_D and dv <= TRITON_MAX_D and chunk_size <= TRITON_MAX_CHUNK
+    # auto on CUDA tensors: triton (chunk-parallel) when it takes the call, else the CUDA token-serial kernel
+    gpu_order = ("triton", "cuda") if triton_fits else ("cuda", "triton")
+    return resolve_backend(backend, tensors, op=_OP, gpu_order=gpu_order, cpu_order=("cpu",), supported=supported)
 
 
 # ---------------------------------------------------------------- fast-path custom op (linear memory)
@@ -316,6 +328,9 @@ def titans_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torc
     that sits exactly at 1 - alpha = 0 or eta = 0 is not exact (the forward is).
     backend="triton": float32/bfloat16/float16 only (float64 raises TypeError); linear memory: dk, dv and
     chunk_size <= 128; mlp memory: dk = dv, dh and chunk_size <= 64 (auto falls back to reference outside).
+    backend="cuda" (linear memory, CUDA tensors): fused token-serial kernel, any chunk_size and dv, dk limited by
+    the device's shared memory (dk <= 128 everywhere from sm_80; beyond, a clear error). Its gate gradients are
+    exact also at alpha = 1 or eta = 0. auto on CUDA tensors takes it when triton does not fit the call.
     """
     _validate(q, k, v, alpha, eta, theta, chunk_size, memory, initial_state)
     if not torch.compiler.is_compiling():
