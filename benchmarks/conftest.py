@@ -3,7 +3,8 @@ session; at the end a table prints ms, speed-up over eager, GB/s or TFLOP/s, and
 Set HOPE_BENCH_JSON=path to also write the rows as JSON (benchmarks/run_gpu.sh does).
 
 Use the `bench` fixture:  bench(fn, group="l1 fwd (4,8,256,1024) fp32", backend="eager", nbytes=..., flops=...)
-The row whose backend is "eager" is the baseline of its group.
+The row whose backend is "eager" is the baseline of its group. `calls=k` when one fn() runs the op k times (a
+CUDA graph of k launches: ms is then per launch, nbytes is for all k); `ceiling_gbps` adds "% copy" to the row.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def _peak_bytes(fn, device: str) -> int | None:
 @pytest.fixture
 def bench(benchmark):
     def run(fn, *, group: str, backend: str, device: str = "cpu", nbytes: int | None = None,
-            flops: float | None = None, budget_s: float = 1.0):
+            flops: float | None = None, budget_s: float = 1.0, calls: int = 1, ceiling_gbps: float | None = None):
         def call():
             fn()
             _sync(device)
@@ -51,10 +52,11 @@ def bench(benchmark):
         benchmark.extra_info.update(backend=backend, device=device)
         benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=1)
         median = benchmark.stats.stats.median
-        row = dict(group=group, backend=backend, device=device, ms=median * 1e3, rounds=rounds,
-                   gbps=(nbytes / median / 1e9) if nbytes else None,
-                   tflops=(flops / median / 1e12) if flops else None,
-                   peak_mib=(peak / 2**20) if peak is not None else None)
+        gbps = (nbytes / median / 1e9) if nbytes else None
+        row = dict(group=group, backend=backend, device=device, ms=median * 1e3 / calls, rounds=rounds,
+                   gbps=gbps, tflops=(flops / median / 1e12) if flops else None,
+                   peak_mib=(peak / 2**20) if peak is not None else None,
+                   pct_copy=(100 * gbps / ceiling_gbps) if gbps and ceiling_gbps else None)
         ROWS.append(row)
         return row
 
@@ -70,12 +72,13 @@ def pytest_terminal_summary(terminalreporter):
     tr = terminalreporter
     tr.section("hope-kernels benchmark summary (speed-up = eager ms / ms)")
     tr.write_line(f"{'group':58s} {'backend':16s} {'ms':>10s} {'speed-up':>9s} {'GB/s':>8s} {'TFLOP/s':>8s} "
-                  f"{'peak MiB':>9s}")
+                  f"{'peak MiB':>9s} {'% copy':>7s}")
     fmt = lambda v, f: (f % v) if v is not None else "-"
     for r in ROWS:
         tr.write_line(f"{r['group'][:58]:58s} {r['backend'][:16]:16s} {r['ms']:10.3f} "
                       f"{fmt(r['speedup_vs_eager'], '%8.2fx'):>9s} {fmt(r['gbps'], '%8.1f'):>8s} "
-                      f"{fmt(r['tflops'], '%8.2f'):>8s} {fmt(r['peak_mib'], '%9.1f'):>9s}")
+                      f"{fmt(r['tflops'], '%8.2f'):>8s} {fmt(r['peak_mib'], '%9.1f'):>9s} "
+                      f"{fmt(r.get('pct_copy'), '%6.1f%%'):>7s}")
     path = os.environ.get("HOPE_BENCH_JSON")
     if path:
         existing = []

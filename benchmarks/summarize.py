@@ -28,10 +28,12 @@ def main() -> None:
     lines = [f"# {a.title}", "", a.preamble, "",
              "Speed-up = eager ms / ms, in the same run on the same device. GB/s counts each input read once "
              "and each output written once; the copy row is the device's measured ceiling.", "",
-             "| group | backend | ms | speed-up | GB/s | TFLOP/s | peak MiB |", "|---|---|---:|---:|---:|---:|---:|"]
+             "| group | backend | ms | speed-up | GB/s | TFLOP/s | peak MiB | % copy |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['group']} | {r['backend']} | {r['ms']:.4f} | {fmt(r.get('speedup_vs_eager'), '%.2fx')} | "
-                     f"{fmt(r.get('gbps'), '%.1f')} | {fmt(r.get('tflops'), '%.2f')} | {fmt(r.get('peak_mib'), '%.1f')} |")
+                     f"{fmt(r.get('gbps'), '%.1f')} | {fmt(r.get('tflops'), '%.2f')} | {fmt(r.get('peak_mib'), '%.1f')} | "
+                     f"{fmt(r.get('pct_copy'), '%.1f%%')} |")
     for path in a.extra:
         try:
             with open(path) as f:

@@ -215,3 +215,44 @@ def test_env_var_selects_backend(monkeypatch):
         monkeypatch.setenv("HOPE_KERNELS_BACKEND", b)
         l1_rollout_loss(p, t)
     assert calls == FAST_CPU
+
+
+def test_validates_and_resolves_once_per_call(monkeypatch):
+    import hope_kernels.ops.l1_loss as mod
+    calls = []
+    for name in ("_validate", "_resolve"):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
+    p, t, w = _inputs((1, 2, 3, 8), torch.float32)
+    for backend in FAST_CPU:
+        calls.clear()
+        l1_rollout_loss(p, t, w, backend=backend)[0].backward()
+        assert calls == ["_validate", "_resolve"], (backend, calls)
+
+
+def test_weight_values_read_off_cpu_only_in_debug(monkeypatch):
+    """Reading step_weight on a GPU is a host sync per call, so off the CPU the value check runs only with
+    HOPE_KERNELS_DEBUG=1. A meta tensor stands for a device tensor here: reading its values fails."""
+    from hope_kernels.ops.l1_loss import DEBUG_ENV, _check_weight_values
+    w = torch.zeros(3, device="meta")
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    _check_weight_values(w)  # skipped: no read
+    monkeypatch.setenv(DEBUG_ENV, "1")
+    with pytest.raises(Exception):
+        _check_weight_values(w)  # read attempted
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_bad_weight_values_gpu(backend, monkeypatch):
+    """On GPU: no check by default (a zero sum gives a non-finite loss); HOPE_KERNELS_DEBUG=1 raises."""
+    if not backends()[backend]:
+        pytest.skip(f"{backend} backend not built")
+    from hope_kernels.ops.l1_loss import DEBUG_ENV
+    p, t, w = _inputs((2, 3, 4, 8), torch.float32, "cuda")
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    assert not torch.isfinite(l1_rollout_loss(p, t, w * 0, backend=backend)[0])
+    monkeypatch.setenv(DEBUG_ENV, "1")
+    for bad, msg in ((w * 0, "must not sum to 0"), (-w, ">= 0"), (w * float("nan"), "finite")):
+        with pytest.raises(ValueError, match=msg):
+            l1_rollout_loss(p, t, bad, backend=backend)

@@ -1,10 +1,12 @@
 """Triton kernels of the fused L1 loss.
 
 Each program owns ROWS rows (b, t, n) of length D held in registers as one (ROWS, BLOCK_D) tile: the
-target's layer-norm statistics, the difference and its reduction are computed from that single load, so
-pred and target are read once. Forward writes one partial sum per row (deterministic; the (B, T, N) -> (T,)
-reduction is a tiny torch sum); backward writes coef[t] * sign(pred - target_n). Nothing is saved between
-the two: backward recomputes the row statistics from the target it must read anyway.
+target's layer-norm statistics (mean, then centred variance), the difference and its reduction are computed
+from that single load, so pred and target are read once (16-byte vector loads when D is a multiple of 16,
+which Triton specialises on). Forward writes each row's sum already divided by B*N*D, laid out (T, B*N), so
+per_step is one contiguous torch sum (deterministic, no atomics); backward writes coef[t] * sign(pred -
+target_n). Nothing is saved between the two: backward recomputes the row statistics from the target it must
+read anyway.
 """
 from __future__ import annotations
 
@@ -32,12 +34,17 @@ def _normalized_diff(p_ptr, t_ptr, row, rows, D, eps, NORMALIZE: tl.constexpr, A
 
 
 @triton.jit
-def l1_fwd_rows_kernel(p_ptr, t_ptr, row_sum_ptr, rows, D, eps, NORMALIZE: tl.constexpr, ACC: tl.constexpr,
-                       ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+def l1_fwd_rows_kernel(p_ptr, t_ptr, row_sum_ptr, rows, T, N, D, count, eps, NORMALIZE: tl.constexpr,
+                       ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     b_d, mask, _ = _normalized_diff(p_ptr, t_ptr, row, rows, D, eps, NORMALIZE, ACC, BLOCK_D)
     b_abs = tl.where(mask, tl.abs(b_d), 0.0)
-    tl.store(row_sum_ptr + row, tl.sum(b_abs, axis=1), mask=row < rows)
+    # row = (b T + t) N + n is stored at t (B N) + b N + n
+    b_idx = row // (T * N)
+    t_idx = (row // N) % T
+    out = t_idx * (rows // T) + b_idx * N + row % N
+    # count = B N D passed as an int: a float argument would be fp32 on the GPU, too coarse for float64
+    tl.store(row_sum_ptr + out, tl.sum(b_abs, axis=1) / count, mask=row < rows)
 
 
 @triton.jit
@@ -71,14 +78,15 @@ def l1_per_step_triton(pred: torch.Tensor, target: torch.Tensor, normalize_targe
     B, T, N, D = pred.shape
     rows = B * T * N
     acc_tl, acc_torch = _acc(pred.dtype)
-    row_sums = torch.empty(rows, device=pred.device, dtype=acc_torch)
     if rows == 0:
         return torch.zeros(T, device=pred.device, dtype=acc_torch)
+    row_sums = torch.empty(T, B * N, device=pred.device, dtype=acc_torch)
     block_d, rows_per_prog, num_warps = _launch_shape(D)
     grid = (triton.cdiv(rows, rows_per_prog),)
-    l1_fwd_rows_kernel[grid](pred, target, row_sums, rows, D, eps, NORMALIZE=normalize_target, ACC=acc_tl,
-                             ROWS=rows_per_prog, BLOCK_D=block_d, num_warps=num_warps)
-    return row_sums.view(B, T, N).sum(dim=(0, 2)) / (B * N * D)
+    l1_fwd_rows_kernel[grid](pred, target, row_sums, rows, T, N, D, B * N * D, eps,
+                             NORMALIZE=normalize_target, ACC=acc_tl, ROWS=rows_per_prog, BLOCK_D=block_d,
+                             num_warps=num_warps)
+    return row_sums.sum(dim=1)
 
 
 def l1_per_step_backward_triton(pred: torch.Tensor, target: torch.Tensor, coef: torch.Tensor,
