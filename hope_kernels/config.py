@@ -30,6 +30,7 @@ class PredictorConfig:
     window: int | None = None               # timesteps visible to attention, the current one included (None: all)
     rope_compat: str | None = None          # "vjepa2": the official (non-rotation) RoPE formula
     init_std: float = 0.02
+    stem_kernel: int = 5                    # causal space-time conv on the input latents, kernel (2, k, k); 0: off
     predict_delta: bool = True              # z_hat = layer_norm(z_t) + head(...); False: absolute output (official AC)
     # HOPE
     self_referential: bool = True           # False: static k, v, eta, alpha projections
@@ -58,6 +59,8 @@ class PredictorConfig:
             raise ValueError(f"rope_compat must be None or 'vjepa2', got {self.rope_compat!r}")
         if any(b <= a for a, b in zip(self.cms_periods, self.cms_periods[1:])) or min(self.cms_periods) < 1:
             raise ValueError(f"cms_periods must be strictly increasing positive ints, got {self.cms_periods}")
+        if self.stem_kernel < 0 or (self.stem_kernel and self.stem_kernel % 2 == 0):
+            raise ValueError(f"stem_kernel must be 0 (off) or an odd kernel size, got {self.stem_kernel}")
         for name in ("enc_dim", "action_dim", "depth"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

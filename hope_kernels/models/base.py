@@ -53,6 +53,10 @@ class PredictorBase(nn.Module):
         c = self.config = config
         self.n_cond = 1 + (c.state_dim > 0)
         self.embed = nn.Linear(c.enc_dim, c.width)
+        k = c.stem_kernel
+        # each patch token also sees its k x k neighbourhood now and one timestep back (causal): motion is local,
+        # and block-causal attention alone learns such sharp local patterns slowly (docs/training.md)
+        self.stem = nn.Conv3d(c.enc_dim, c.width, (2, k, k), padding=(0, k // 2, k // 2), bias=False) if k else None
         self.action_encoder = nn.Linear(c.action_dim, c.width)
         self.state_encoder = nn.Linear(c.state_dim, c.width) if c.state_dim > 0 else None
         self.norm = nn.LayerNorm(c.width, eps=c.ln_eps)
@@ -69,6 +73,9 @@ class PredictorBase(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Conv3d):                      # the stem: the embedding's output scale
+                s = std / math.sqrt(m.weight[0, 0].numel())
+                nn.init.trunc_normal_(m.weight, std=s, a=-2 * s, b=2 * s)
         with torch.no_grad():
             for i, blk in enumerate(self.blocks):
                 for p in blk.residual_projections():
@@ -101,7 +108,14 @@ class PredictorBase(nn.Module):
             raise ValueError(f"this predictor has state_dim=0 but states {tuple(states.shape)} were given")
 
     def _tokens(self, z, actions, states):
-        x = self.embed(F.layer_norm(z, z.shape[-1:]))
+        zn = F.layer_norm(z, z.shape[-1:])
+        x = self.embed(zn)
+        if self.stem is not None:
+            B, T, N, D = z.shape
+            _, H, W = self.config.grid
+            g = zn.transpose(2, 3).reshape(B, T, D, H, W).transpose(1, 2)          # (B, D, T, H, W)
+            g = torch.cat([g[:, :, :1], g], dim=2)          # the first timestep sees itself as its past
+            x = x + self.stem(g.to(x.dtype)).permute(0, 2, 3, 4, 1).reshape(B, T, N, -1)
         x_dtype = x.dtype
         cond = [self.action_encoder(actions.to(x_dtype))]
         if self.state_encoder is not None:
