@@ -1,16 +1,26 @@
-// HOPE's delta-gradient-descent memory (DESIGN 4.4), chunked, on the CPU with ATen matrix products.
+// HOPE's delta-gradient-descent memory (DESIGN 4.4), chunked, on the CPU.
 //
-// Per chunk of C tokens (docs/dgd.md): A = strict_tril(D * K K^T) diag(eta), P = strict_tril(D * Q K^T) diag(eta),
-// U = (I + A)^{-1} diag(1 + c) K, TV = (I + A)^{-1} V, W = diag(eta * g) K. Everything that does not depend on
-// the state is computed for all chunks in one batched call; the serial loop over chunks only carries the state:
-//   X_n = U_n M_n - TV_n,  M_{n+1} = gamma_C M_n - W_n^T X_n;  then O = diag(c) Q M_n - P X_n for all chunks.
-// Forward returns the chunk-start states M_n (saved for backward). Backward recomputes the chunk-local
-// quantities, runs one reverse loop for dM and dX, and then forms every other gradient chunk-parallel.
-// Math in float32 (float64 for double inputs).
+// One task per (b, h) (at::parallel_for over B*H); each task walks its chunks serially on raw pointers, so a
+// chunk's q, k, v and the (dk, dv) state are touched while they sit in cache. Per chunk of len <= C tokens
+// (docs/dgd.md), with c_t = gamma_{t-1}, g_i = gamma_C / gamma_i, D[t, i] = gamma_{t-1} / gamma_i (i < t):
+//   A[t, i] = D eta_i k_t.k_i,  P[t, i] = D eta_i q_t.k_i                          (strictly lower, C x C)
+//   X_t = (1 + c_t) k_t^T M_0 - v_t - sum_{i<t} A[t, i] X_i                      (UT solve = forward substitution)
+//   o_t = c_t q_t^T M_0 - sum_{i<t} P[t, i] X_i
+//   M_C = gamma_C M_0 - sum_i eta_i g_i k_i X_i^T
+// The forward saves the chunk-start states M_n. The backward walks the chunks in reverse: it recomputes the
+// chunk from M_n, forms dR = (I + A)^{-T} dX by back substitution fused with dX = -W dM_C - P^T dO, then
+// every chunk-local gradient and dM_n = gamma_C dM_C + Q^T diag(c) dO + K^T diag(1 + c) dR.
+// A last chunk shorter than C is a chunk of len tokens (the padded tokens of the reference contribute nothing).
+// Every inner loop runs over a contiguous row (axpy form) or is a short dot product, so the compiler
+// vectorises it. Math in float32 (float64 for double inputs); q, k, v, gate gradients come back in their dtype.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <tuple>
+#include <vector>
 
 namespace {
 
@@ -30,64 +40,120 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
   TORCH_CHECK(chunk_size >= 1, "chunk_size must be >= 1, got ", chunk_size);
 }
 
-// (B, H, L, d) -> (B, H, N, C, d), padded with `value`; (B, H, L) gates -> (B, H, N, C).
-Tensor chunked(const Tensor& x, int64_t C, int64_t N, double value, at::ScalarType acc) {
-  auto y = x.to(acc);
-  const int64_t L = x.size(2);
-  if (N * C != L) {
-    if (x.dim() == 4) y = at::constant_pad_nd(y, {0, 0, 0, N * C - L}, value);
-    else y = at::constant_pad_nd(y, {0, N * C - L}, value);
+template <typename T>
+inline T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) s += a[j] * b[j];
+  return s;
+}
+
+template <typename T>
+inline void axpy(T a, const T* __restrict x, T* __restrict y, int64_t n) {  // y += a x
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) y[j] += a * x[j];
+}
+
+// Y (len, n) = X (len, m) Mat (m, n), Mat row-major: each output row is a sum of Mat rows.
+template <typename T>
+void rows_times(const T* __restrict X, const T* __restrict Mat, T* __restrict Y, int64_t len, int64_t m, int64_t n) {
+  for (int64_t t = 0; t < len; ++t) {
+    T* y = Y + t * n;
+    for (int64_t j = 0; j < n; ++j) y[j] = 0;
+    const T* x = X + t * m;
+    for (int64_t a = 0; a < m; ++a) axpy(x[a], Mat + a * n, y, n);
   }
-  if (x.dim() == 4) return y.reshape({x.size(0), x.size(1), N, C, x.size(3)});
-  return y.reshape({x.size(0), x.size(1), N, C});
 }
 
-Tensor unchunk(const Tensor& x, int64_t L) {  // (B, H, N, C, ...) -> (B, H, L, ...)
-  std::vector<int64_t> shape{x.size(0), x.size(1), x.size(2) * x.size(3)};
-  for (int64_t d = 4; d < x.dim(); ++d) shape.push_back(x.size(d));
-  return x.reshape(shape).narrow(2, 0, L);
+template <typename T>
+void transpose(const T* __restrict src, T* __restrict dst, int64_t rows, int64_t cols) {
+  for (int64_t a = 0; a < rows; ++a)
+    for (int64_t j = 0; j < cols; ++j) dst[j * rows + a] = src[a * cols + j];
 }
 
-struct ChunkTensors {
-  Tensor q, k, v, alpha, eta;  // (B, H, N, C, .)
-  Tensor c, g, gC, D;          // decays: c_t = gamma_{t-1}, g_i = gamma_C / gamma_i, D[t, i] = gamma_{t-1} / gamma_i
-  Tensor KK, QK, A, P, I_A, U, TV, W, Qc;
+// Chunk-local terms recomputed by forward and backward; buffers sized for a full chunk of C tokens.
+template <typename T>
+struct Chunk {
+  int64_t C, dk, dv;
+  std::vector<T> lg, lgp, c, g, D, DKK, DQK, KM, QM, X;
+  T gC = 1;
+  Chunk(int64_t C_, int64_t dk_, int64_t dv_)
+      : C(C_), dk(dk_), dv(dv_), lg(C_), lgp(C_), c(C_), g(C_), D(C_ * C_), DKK(C_ * C_), DQK(C_ * C_),
+        KM(C_ * dv_), QM(C_ * dv_), X(C_ * dv_) {}
+
+  // q, k (len, dk), v (len, dv), al, et (len) of one chunk; M0 (dk, dv). Fills every member; writes o (len, dv)
+  // when o != nullptr.
+  void run(const T* __restrict q, const T* __restrict k, const T* __restrict v, const T* __restrict al,
+           const T* __restrict et, int64_t len, const T* __restrict M0, T* __restrict o) {
+    T run_lg = 0;
+    for (int64_t t = 0; t < len; ++t) {
+      lgp[t] = run_lg;
+      run_lg += std::log(al[t]);
+      lg[t] = run_lg;
+    }
+    gC = std::exp(run_lg);
+    for (int64_t t = 0; t < len; ++t) {
+      c[t] = std::exp(lgp[t]);
+      g[t] = std::exp(run_lg - lg[t]);
+    }
+    for (int64_t t = 0; t < len; ++t) {
+      const T* kt = k + t * dk;
+      const T* qt = q + t * dk;
+      for (int64_t i = 0; i < t; ++i) {
+        const T d = std::exp(lgp[t] - lg[i]);
+        D[t * C + i] = d;
+        DKK[t * C + i] = d * dot(kt, k + i * dk, dk);
+        DQK[t * C + i] = d * dot(qt, k + i * dk, dk);
+      }
+    }
+    rows_times(k, M0, KM.data(), len, dk, dv);
+    rows_times(q, M0, QM.data(), len, dk, dv);
+    for (int64_t t = 0; t < len; ++t) {
+      T* x = X.data() + t * dv;
+      const T* km = KM.data() + t * dv;
+      const T* vt = v + t * dv;
+      const T s = 1 + c[t];
+#pragma omp simd
+      for (int64_t j = 0; j < dv; ++j) x[j] = s * km[j] - vt[j];
+      for (int64_t i = 0; i < t; ++i) axpy(-DKK[t * C + i] * et[i], X.data() + i * dv, x, dv);
+      if (o != nullptr) {
+        T* ot = o + t * dv;
+        const T* qm = QM.data() + t * dv;
+#pragma omp simd
+        for (int64_t j = 0; j < dv; ++j) ot[j] = c[t] * qm[j];
+        for (int64_t i = 0; i < t; ++i) axpy(-DQK[t * C + i] * et[i], X.data() + i * dv, ot, dv);
+      }
+    }
+  }
+
+  // M (dk, dv) <- gamma_C M - sum_i eta_i g_i k_i X_i^T (M holds M_0 on entry).
+  void end_state(const T* __restrict k, const T* __restrict et, int64_t len, T* __restrict M) const {
+    for (int64_t a = 0; a < dk; ++a) {
+      T* row = M + a * dv;
+#pragma omp simd
+      for (int64_t j = 0; j < dv; ++j) row[j] *= gC;
+      for (int64_t i = 0; i < len; ++i) axpy(-et[i] * g[i] * k[i * dk + a], X.data() + i * dv, row, dv);
+    }
+  }
 };
 
-ChunkTensors prepare(const Tensor& q_, const Tensor& k_, const Tensor& v_, const Tensor& alpha_, const Tensor& eta_,
-                     int64_t C) {
-  const auto acc = acc_type(q_);
-  const int64_t L = q_.size(2);
-  const int64_t N = (L + C - 1) / C;
-  ChunkTensors t;
-  t.q = chunked(q_, C, N, 0.0, acc);
-  t.k = chunked(k_, C, N, 0.0, acc);
-  t.v = chunked(v_, C, N, 0.0, acc);
-  t.alpha = chunked(alpha_, C, N, 1.0, acc);  // padded tokens: alpha 1, eta 0 leave the state untouched
-  t.eta = chunked(eta_, C, N, 0.0, acc);
-  auto la = t.alpha.log();
-  auto lg = la.cumsum(-1);
-  auto lgp = lg - la;
-  auto opts = q_.options().dtype(acc);
-  auto strict = at::ones({C, C}, opts.dtype(at::kBool)).tril(-1);
-  auto last = lg.narrow(-1, C - 1, 1);
-  t.c = lgp.exp();
-  t.g = (last - lg).exp();
-  t.gC = last.squeeze(-1).exp();
-  t.D = (lgp.unsqueeze(-1) - lg.unsqueeze(-2)).masked_fill(strict.logical_not(), -INFINITY).exp();
-  auto kT = t.k.transpose(-1, -2);
-  t.KK = at::matmul(t.k, kT);
-  t.QK = at::matmul(t.q, kT);
-  auto e_col = t.eta.unsqueeze(-2);
-  t.A = t.D * t.KK * e_col;
-  t.P = t.D * t.QK * e_col;
-  t.I_A = t.A + at::eye(C, opts);
-  t.U = at::linalg_solve_triangular(t.I_A, (1 + t.c).unsqueeze(-1) * t.k, /*upper=*/false, /*left=*/true,
-                                    /*unitriangular=*/true);
-  t.TV = at::linalg_solve_triangular(t.I_A, t.v, false, true, true);
-  t.W = t.k * (t.eta * t.g).unsqueeze(-1);
-  t.Qc = t.q * t.c.unsqueeze(-1);
-  return t;
+template <typename T>
+void fwd_kernel(const T* q, const T* k, const T* v, const T* alpha, const T* eta, T* M_all, T* o, T* states,
+                int64_t BH, int64_t L, int64_t dk, int64_t dv, int64_t C) {
+  const int64_t N = (L + C - 1) / C, S = dk * dv;
+  at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
+    Chunk<T> ch(C, dk, dv);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      T* M = M_all + bh * S;
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t s = n * C, len = std::min(C, L - s);
+        const int64_t r = bh * L + s;
+        std::copy(M, M + S, states + (bh * N + n) * S);
+        ch.run(q + r * dk, k + r * dk, v + r * dv, alpha + r, eta + r, len, M, o + r * dv);
+        ch.end_state(k + r * dk, eta + r, len, M);
+      }
+    }
+  });
 }
 
 std::tuple<Tensor, Tensor, Tensor> dgd_chunk_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
@@ -96,83 +162,161 @@ std::tuple<Tensor, Tensor, Tensor> dgd_chunk_fwd_cpu(const Tensor& q, const Tens
   check_inputs(q, k, v, alpha, eta, C);
   const auto acc = acc_type(q);
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), dk = q.size(3), dv = v.size(3);
-  auto t = prepare(q, k, v, alpha, eta, C);
-  const int64_t N = t.q.size(2);
+  const int64_t N = (L + C - 1) / C;
   auto opts = q.options().dtype(acc);
-  Tensor M = initial_state.has_value() ? initial_state->to(acc).contiguous() : at::zeros({B, H, dk, dv}, opts);
+  auto qa = q.to(acc).contiguous(), ka = k.to(acc).contiguous(), va = v.to(acc).contiguous();
+  auto al = alpha.to(acc).contiguous(), et = eta.to(acc).contiguous();
+  Tensor M = initial_state.has_value() ? initial_state->to(acc).contiguous().clone() : at::zeros({B, H, dk, dv}, opts);
   auto states = at::empty({B, H, N, dk, dv}, opts);
-  auto X = at::empty({B, H, N, C, dv}, opts);
-  auto WT = t.W.transpose(-1, -2);
-  for (int64_t n = 0; n < N; ++n) {
-    states.select(2, n).copy_(M);
-    auto Xn = X.select(2, n);
-    at::matmul_out(Xn, t.U.select(2, n), M);
-    Xn.sub_(t.TV.select(2, n));
-    M = at::matmul(WT.select(2, n), Xn).neg_().add_(M * t.gC.select(2, n).view({B, H, 1, 1}));
-  }
-  auto o = at::matmul(t.Qc, states) - at::matmul(t.P, X);
-  return {unchunk(o, L).to(q.scalar_type()), M, states};
+  auto o = at::empty({B, H, L, dv}, opts);
+  AT_DISPATCH_FLOATING_TYPES(acc, "dgd_chunk_fwd_cpu", [&] {
+    fwd_kernel<scalar_t>(qa.data_ptr<scalar_t>(), ka.data_ptr<scalar_t>(), va.data_ptr<scalar_t>(),
+                         al.data_ptr<scalar_t>(), et.data_ptr<scalar_t>(), M.data_ptr<scalar_t>(),
+                         o.data_ptr<scalar_t>(), states.data_ptr<scalar_t>(), B * H, L, dk, dv, C);
+  });
+  return {o.to(q.scalar_type()), M, states};
 }
 
-Tensor rev_cumsum(const Tensor& x) { return x.flip(-1).cumsum(-1).flip(-1); }
+template <typename T>
+void bwd_kernel(const T* q, const T* k, const T* v, const T* alpha, const T* eta, const T* states, const T* dO,
+                const T* dM_in, T* dq, T* dk_out, T* dv_out, T* dalpha, T* deta, T* dM0, int64_t BH, int64_t L,
+                int64_t dk, int64_t dv, int64_t C) {
+  const int64_t N = (L + C - 1) / C, S = dk * dv;
+  at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
+    Chunk<T> ch(C, dk, dv);
+    std::vector<T> dMC(S), dMn(S), M0T(S), dMCT(S), KdM(C * dv), dR(C * dv), E(C * C), GA(C * C), GP(C * C),
+        dlg(C), dlgp(C), wdot(C), dcol(C);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      std::copy(dM_in + bh * S, dM_in + (bh + 1) * S, dMC.data());
+      for (int64_t n = N - 1; n >= 0; --n) {
+        const int64_t s = n * C, len = std::min(C, L - s);
+        const int64_t r = bh * L + s;
+        const T *qc = q + r * dk, *kc = k + r * dk, *vc = v + r * dv, *al = alpha + r, *et = eta + r;
+        const T* dOc = dO + r * dv;
+        const T* M0 = states + (bh * N + n) * S;
+        T *dqc = dq + r * dk, *dkc = dk_out + r * dk, *dvc = dv_out + r * dv;
+        ch.run(qc, kc, vc, al, et, len, M0, nullptr);
+        const T* X = ch.X.data();
+        const T* D = ch.D.data();
+        // KdM_t = k_t^T dM_C; then dR_i = -eta_i g_i KdM_i - sum_{t>i} (P[t, i] dO_t + A[t, i] dR_t)
+        rows_times(kc, dMC.data(), KdM.data(), len, dk, dv);
+        for (int64_t i = len - 1; i >= 0; --i) {
+          T* dr = dR.data() + i * dv;
+          const T w = -et[i] * ch.g[i];
+          const T* kd = KdM.data() + i * dv;
+#pragma omp simd
+          for (int64_t j = 0; j < dv; ++j) dr[j] = w * kd[j];
+          for (int64_t t = i + 1; t < len; ++t) {
+            axpy(-ch.DQK[t * C + i] * et[i], dOc + t * dv, dr, dv);
+            axpy(-ch.DKK[t * C + i] * et[i], dR.data() + t * dv, dr, dv);
+          }
+        }
+        // C x C terms: dA = -dR X^T, dP = -dO X^T (strictly lower); GA = dA D eta_col, GP = dP D eta_col,
+        // E = dA D KK + dP D QK (its column sums go to eta; eta_col * E = dA A + dP P goes to the gates)
+        for (int64_t t = 0; t < len; ++t) dlgp[t] = 0;
+        for (int64_t i = 0; i < len; ++i) dcol[i] = 0;
+        for (int64_t t = 0; t < len; ++t) {
+          for (int64_t i = 0; i < t; ++i) {
+            const T dA = -dot(dR.data() + t * dv, X + i * dv, dv);
+            const T dP = -dot(dOc + t * dv, X + i * dv, dv);
+            const T d = D[t * C + i];
+            GA[t * C + i] = dA * d * et[i];
+            GP[t * C + i] = dP * d * et[i];
+            const T e = dA * ch.DKK[t * C + i] + dP * ch.DQK[t * C + i];
+            dcol[i] += e;
+            dlgp[t] += e * et[i];
+          }
+        }
+        transpose(M0, M0T.data(), dk, dv);
+        transpose(dMC.data(), dMCT.data(), dk, dv);
+        T dgg_sum = 0;
+        for (int64_t t = 0; t < len; ++t) {
+          const T* dr = dR.data() + t * dv;
+          const T* x = X + t * dv;
+          const T* dot_ = dOc + t * dv;
+          T* dkt = dkc + t * dk;
+          T* dqt = dqc + t * dk;
+          for (int64_t a = 0; a < dk; ++a) dkt[a] = 0, dqt[a] = 0;
+          const T s = 1 + ch.c[t], w = -et[t] * ch.g[t];
+          for (int64_t j = 0; j < dv; ++j) {
+            axpy(s * dr[j], M0T.data() + j * dk, dkt, dk);
+            axpy(w * x[j], dMCT.data() + j * dk, dkt, dk);
+            axpy(ch.c[t] * dot_[j], M0T.data() + j * dk, dqt, dk);
+          }
+          for (int64_t i = 0; i < t; ++i) {
+            axpy(GA[t * C + i], kc + i * dk, dkt, dk);
+            axpy(GP[t * C + i], kc + i * dk, dqt, dk);
+          }
+          for (int64_t i = t + 1; i < len; ++i) {
+            axpy(GA[i * C + t], kc + i * dk, dkt, dk);
+            axpy(GP[i * C + t], qc + i * dk, dkt, dk);
+          }
+          T* dvt = dvc + t * dv;
+#pragma omp simd
+          for (int64_t j = 0; j < dv; ++j) dvt[j] = -dr[j];
+          wdot[t] = -dot(x, KdM.data() + t * dv, dv);
+          const T dc = dot(ch.QM.data() + t * dv, dot_, dv) + dot(ch.KM.data() + t * dv, dr, dv);
+          const T dgg = et[t] * wdot[t] * ch.g[t];
+          deta[r + t] = ch.g[t] * wdot[t] + dcol[t];
+          dlgp[t] += dc * ch.c[t];
+          dlg[t] = -et[t] * dcol[t] - dgg;
+          dgg_sum += dgg;
+        }
+        dlg[len - 1] += dgg_sum + dot(M0, dMC.data(), S) * ch.gC;
+        // dlog alpha_j = sum_{t >= j} dlg_t + sum_{t > j} dlgp_t
+        T run = 0;
+        for (int64_t j = len - 1; j >= 0; --j) {
+          run += dlg[j];
+          dalpha[r + j] = run / al[j];
+          run += dlgp[j];
+        }
+        // dM_n = gamma_C dM_C + sum_t c_t q_t dO_t^T + (1 + c_t) k_t dR_t^T
+        for (int64_t a = 0; a < dk; ++a) {
+          T* row = dMn.data() + a * dv;
+          const T* src = dMC.data() + a * dv;
+#pragma omp simd
+          for (int64_t j = 0; j < dv; ++j) row[j] = ch.gC * src[j];
+          for (int64_t t = 0; t < len; ++t) {
+            axpy(ch.c[t] * qc[t * dk + a], dOc + t * dv, row, dv);
+            axpy((1 + ch.c[t]) * kc[t * dk + a], dR.data() + t * dv, row, dv);
+          }
+        }
+        std::swap(dMC, dMn);
+      }
+      std::copy(dMC.begin(), dMC.end(), dM0 + bh * S);
+    }
+  });
+}
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dgd_chunk_bwd_cpu(
     const Tensor& q_, const Tensor& k_, const Tensor& v_, const Tensor& alpha_, const Tensor& eta_,
     const Tensor& states_, const Tensor& do_, const Tensor& dM, int64_t C) {
   check_inputs(q_, k_, v_, alpha_, eta_, C);
   const auto acc = acc_type(q_);
-  const int64_t B = q_.size(0), H = q_.size(1), L = q_.size(2), dv = v_.size(3);
-  auto t = prepare(q_, k_, v_, alpha_, eta_, C);
-  const int64_t N = t.q.size(2);
-  TORCH_CHECK(states_.dim() == 5 && states_.size(2) == N, "states must be (B, H, N, dk, dv) with N = ", N,
-              ", got ", states_.sizes());
-  auto Ms = states_.to(acc);
-  auto dO = chunked(do_, C, N, 0.0, acc);
-  auto X = at::matmul(t.U, Ms) - t.TV;
-  // reverse loop over chunks: dM_end[n] (gradient of chunk n's end state) and dX_n
-  auto dM_end = at::empty_like(Ms);
-  auto dX = at::empty_like(X);
-  auto PT = t.P.transpose(-1, -2);
-  auto UT = t.U.transpose(-1, -2);
-  // dM_n = gamma_C dM_{n+1} + (diag(c) Q)^T dO_n + U^T dX_n
-  auto QcT_dO = at::matmul(t.Qc.transpose(-1, -2), dO);
-  auto PT_dO = at::matmul(PT, dO);
-  Tensor dMC = dM.to(acc);
-  for (int64_t n = N - 1; n >= 0; --n) {
-    dM_end.select(2, n).copy_(dMC);
-    auto dXn = dX.select(2, n);
-    at::matmul_out(dXn, t.W.select(2, n), dMC);
-    dXn.add_(PT_dO.select(2, n)).neg_();
-    dMC = dMC * t.gC.select(2, n).view({B, H, 1, 1}) + QcT_dO.select(2, n) + at::matmul(UT.select(2, n), dXn);
-  }
-  auto MsT = Ms.transpose(-1, -2);
-  auto XT = X.transpose(-1, -2);
-  auto strict = at::ones({C, C}, Ms.options().dtype(at::kBool)).tril(-1);
-  auto dR = at::linalg_solve_triangular(t.I_A.transpose(-1, -2), dX, /*upper=*/true, true, true);
-  auto dA = at::matmul(dR, XT).neg_().mul_(strict);
-  auto dP = at::matmul(dO, XT).neg_().mul_(strict);
-  auto dW = at::matmul(X, dM_end.transpose(-1, -2)).neg_();
-  auto e_col = t.eta.unsqueeze(-2);
-  auto GA = dA * t.D * e_col;
-  auto GP = dP * t.D * e_col;
-  auto dk = (1 + t.c).unsqueeze(-1) * at::matmul(dR, MsT) + (t.eta * t.g).unsqueeze(-1) * dW +
-            at::matmul(GA + GA.transpose(-1, -2), t.k) + at::matmul(GP.transpose(-1, -2), t.q);
-  auto dq = t.c.unsqueeze(-1) * at::matmul(dO, MsT) + at::matmul(GP, t.k);
-  auto dc = (at::matmul(t.q, Ms) * dO).sum(-1) + (at::matmul(t.k, Ms) * dR).sum(-1);
-  auto wdot = (dW * t.k).sum(-1);
-  auto deta = t.g * wdot + (dA * t.D * t.KK).sum(-2) + (dP * t.D * t.QK).sum(-2);
-  auto dgg = t.eta * wdot * t.g;
-  auto dgC = (Ms * dM_end).sum(at::IntArrayRef{-1, -2});
-  auto dDD = dA * t.A + dP * t.P;
-  auto dlgp = dDD.sum(-1) + dc * t.c;
-  auto dlg = -dDD.sum(-2) - dgg;
-  dlg.select(-1, C - 1).add_(dgg.sum(-1) + dgC * t.gC);
-  auto dla = rev_cumsum(dlg) + rev_cumsum(dlgp) - dlgp;
-  auto dalpha = dla / t.alpha;
-  (void)dv;
-  return {unchunk(dq, L).to(q_.scalar_type()),        unchunk(dk, L).to(k_.scalar_type()),
-          unchunk(dR.neg(), L).to(v_.scalar_type()),  unchunk(dalpha, L).to(alpha_.scalar_type()),
-          unchunk(deta, L).to(eta_.scalar_type()),    dMC};
+  const int64_t B = q_.size(0), H = q_.size(1), L = q_.size(2), dk = q_.size(3), dv = v_.size(3);
+  const int64_t N = (L + C - 1) / C;
+  TORCH_CHECK(states_.dim() == 5 && states_.size(0) == B && states_.size(1) == H && states_.size(2) == N &&
+                  states_.size(3) == dk && states_.size(4) == dv,
+              "states must be (B, H, N, dk, dv) = (", B, ", ", H, ", ", N, ", ", dk, ", ", dv, "), got ",
+              states_.sizes());
+  TORCH_CHECK(do_.sizes() == v_.sizes(), "do must be (B, H, L, dv) like v ", v_.sizes(), ", got ", do_.sizes());
+  TORCH_CHECK(dM.dim() == 4 && dM.size(0) == B && dM.size(1) == H && dM.size(2) == dk && dM.size(3) == dv,
+              "dM must be (B, H, dk, dv), got ", dM.sizes());
+  auto opts = q_.options().dtype(acc);
+  auto qa = q_.to(acc).contiguous(), ka = k_.to(acc).contiguous(), va = v_.to(acc).contiguous();
+  auto al = alpha_.to(acc).contiguous(), et = eta_.to(acc).contiguous();
+  auto Ms = states_.to(acc).contiguous(), dOa = do_.to(acc).contiguous(), dMa = dM.to(acc).contiguous();
+  auto dq = at::empty({B, H, L, dk}, opts), dk_ = at::empty({B, H, L, dk}, opts), dv_ = at::empty({B, H, L, dv}, opts);
+  auto dalpha = at::empty({B, H, L}, opts), deta = at::empty({B, H, L}, opts), dM0 = at::empty({B, H, dk, dv}, opts);
+  AT_DISPATCH_FLOATING_TYPES(acc, "dgd_chunk_bwd_cpu", [&] {
+    bwd_kernel<scalar_t>(qa.data_ptr<scalar_t>(), ka.data_ptr<scalar_t>(), va.data_ptr<scalar_t>(),
+                         al.data_ptr<scalar_t>(), et.data_ptr<scalar_t>(), Ms.data_ptr<scalar_t>(),
+                         dOa.data_ptr<scalar_t>(), dMa.data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(),
+                         dk_.data_ptr<scalar_t>(), dv_.data_ptr<scalar_t>(), dalpha.data_ptr<scalar_t>(),
+                         deta.data_ptr<scalar_t>(), dM0.data_ptr<scalar_t>(), B * H, L, dk, dv, C);
+  });
+  return {dq.to(q_.scalar_type()),         dk_.to(k_.scalar_type()),        dv_.to(v_.scalar_type()),
+          dalpha.to(alpha_.scalar_type()), deta.to(eta_.scalar_type()),     dM0};
 }
 
 }  // namespace
