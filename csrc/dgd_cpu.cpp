@@ -11,8 +11,11 @@
 // chunk from M_n, forms dR = (I + A)^{-T} dX by back substitution fused with dX = -W dM_C - P^T dO, then
 // every chunk-local gradient and dM_n = gamma_C dM_C + Q^T diag(c) dO + K^T diag(1 + c) dR.
 // A last chunk shorter than C is a chunk of len tokens (the padded tokens of the reference contribute nothing).
-// Every inner loop runs over a contiguous row (axpy form) or is a short dot product, so the compiler
-// vectorises it. Math in float32 (float64 for double inputs); q, k, v, gate gradients come back in their dtype.
+//
+// Every product is written as "row += sum_a coef_a * row_a" over contiguous rows (accum_rows, four rows per
+// pass) or as a short dot product, which the compiler vectorises. The per-head kernels are compiled twice:
+// for the baseline ISA and with AVX2 + FMA, picked at run time (x86 with GCC or clang only).
+// Math in float32 (float64 for double inputs); q, k, v, gate gradients come back in their dtype.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -21,6 +24,15 @@
 #include <cmath>
 #include <tuple>
 #include <vector>
+
+#if defined(__GNUC__)
+#define HK_INLINE __attribute__((always_inline)) inline
+#else
+#define HK_INLINE inline
+#endif
+#if defined(__GNUC__) && defined(__x86_64__)
+#define HK_AVX2_CLONE 1
+#endif
 
 namespace {
 
@@ -41,119 +53,264 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
 }
 
 template <typename T>
-inline T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
+HK_INLINE T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
   T s = 0;
 #pragma omp simd reduction(+ : s)
   for (int64_t j = 0; j < n; ++j) s += a[j] * b[j];
   return s;
 }
 
+// y[0:n] += sum_{a < m} coef[a] * rows[a * stride : a * stride + n], four rows per pass over y.
 template <typename T>
-inline void axpy(T a, const T* __restrict x, T* __restrict y, int64_t n) {  // y += a x
+HK_INLINE void accum_rows(T* __restrict y, const T* __restrict coef, const T* __restrict rows, int64_t stride,
+                          int64_t m, int64_t n) {
+  int64_t a = 0;
+  for (; a + 4 <= m; a += 4) {
+    const T c0 = coef[a], c1 = coef[a + 1], c2 = coef[a + 2], c3 = coef[a + 3];
+    const T *r0 = rows + a * stride, *r1 = r0 + stride, *r2 = r1 + stride, *r3 = r2 + stride;
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) y[j] += a * x[j];
-}
-
-// Y (len, n) = X (len, m) Mat (m, n), Mat row-major: each output row is a sum of Mat rows.
-template <typename T>
-void rows_times(const T* __restrict X, const T* __restrict Mat, T* __restrict Y, int64_t len, int64_t m, int64_t n) {
-  for (int64_t t = 0; t < len; ++t) {
-    T* y = Y + t * n;
-    for (int64_t j = 0; j < n; ++j) y[j] = 0;
-    const T* x = X + t * m;
-    for (int64_t a = 0; a < m; ++a) axpy(x[a], Mat + a * n, y, n);
+    for (int64_t j = 0; j < n; ++j) y[j] += c0 * r0[j] + c1 * r1[j] + c2 * r2[j] + c3 * r3[j];
+  }
+  for (; a < m; ++a) {
+    const T c0 = coef[a];
+    const T* r0 = rows + a * stride;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) y[j] += c0 * r0[j];
   }
 }
 
+// Scratch of one task, sized for a full chunk of C tokens. Forward terms first, backward-only ones after.
 template <typename T>
-void transpose(const T* __restrict src, T* __restrict dst, int64_t rows, int64_t cols) {
-  for (int64_t a = 0; a < rows; ++a)
-    for (int64_t j = 0; j < cols; ++j) dst[j * rows + a] = src[a * cols + j];
-}
-
-// Chunk-local terms recomputed by forward and backward; buffers sized for a full chunk of C tokens.
-template <typename T>
-struct Chunk {
+struct Work {
   int64_t C, dk, dv;
-  std::vector<T> lg, lgp, c, g, D, DKK, DQK, KM, QM, X;
+  std::vector<T> buf;
+  T *lg, *lgp, *c, *g, *D, *DKK, *DQK, *nA, *nP, *KM, *QM, *X, *WT;  // nA = -A, nP = -P (row t: i < t)
+  T *dMC, *dMn, *MT, *KdM, *dR, *cf, *GS, *GP, *GPT, *QcT, *KcT, *dlg, *dlgp, *dcol;
   T gC = 1;
-  Chunk(int64_t C_, int64_t dk_, int64_t dv_)
-      : C(C_), dk(dk_), dv(dv_), lg(C_), lgp(C_), c(C_), g(C_), D(C_ * C_), DKK(C_ * C_), DQK(C_ * C_),
-        KM(C_ * dv_), QM(C_ * dv_), X(C_ * dv_) {}
 
-  // q, k (len, dk), v (len, dv), al, et (len) of one chunk; M0 (dk, dv). Fills every member; writes o (len, dv)
-  // when o != nullptr.
-  void run(const T* __restrict q, const T* __restrict k, const T* __restrict v, const T* __restrict al,
-           const T* __restrict et, int64_t len, const T* __restrict M0, T* __restrict o) {
-    T run_lg = 0;
-    for (int64_t t = 0; t < len; ++t) {
-      lgp[t] = run_lg;
-      run_lg += std::log(al[t]);
-      lg[t] = run_lg;
+  Work(int64_t C_, int64_t dk_, int64_t dv_, bool backward) : C(C_), dk(dk_), dv(dv_) {
+    const int64_t S = dk * dv, CC = C * C;
+    std::vector<std::pair<T**, int64_t>> parts = {
+        {&lg, C}, {&lgp, C}, {&c, C}, {&g, C}, {&D, CC}, {&DKK, CC}, {&DQK, CC}, {&nA, CC}, {&nP, CC},
+        {&KM, C * dv}, {&QM, C * dv}, {&X, C * dv}, {&WT, dk * C}};
+    if (backward) {
+      parts.insert(parts.end(), {{&dMC, S}, {&dMn, S}, {&MT, 2 * S}, {&KdM, C * dv}, {&dR, C * dv},
+                                 {&cf, 2 * (C + dv)}, {&GS, CC}, {&GP, CC}, {&GPT, CC}, {&QcT, dk * C},
+                                 {&KcT, dk * C}, {&dlg, C}, {&dlgp, C}, {&dcol, C}});
     }
-    gC = std::exp(run_lg);
-    for (int64_t t = 0; t < len; ++t) {
-      c[t] = std::exp(lgp[t]);
-      g[t] = std::exp(run_lg - lg[t]);
-    }
-    for (int64_t t = 0; t < len; ++t) {
-      const T* kt = k + t * dk;
-      const T* qt = q + t * dk;
-      for (int64_t i = 0; i < t; ++i) {
-        const T d = std::exp(lgp[t] - lg[i]);
-        D[t * C + i] = d;
-        DKK[t * C + i] = d * dot(kt, k + i * dk, dk);
-        DQK[t * C + i] = d * dot(qt, k + i * dk, dk);
-      }
-    }
-    rows_times(k, M0, KM.data(), len, dk, dv);
-    rows_times(q, M0, QM.data(), len, dk, dv);
-    for (int64_t t = 0; t < len; ++t) {
-      T* x = X.data() + t * dv;
-      const T* km = KM.data() + t * dv;
-      const T* vt = v + t * dv;
-      const T s = 1 + c[t];
-#pragma omp simd
-      for (int64_t j = 0; j < dv; ++j) x[j] = s * km[j] - vt[j];
-      for (int64_t i = 0; i < t; ++i) axpy(-DKK[t * C + i] * et[i], X.data() + i * dv, x, dv);
-      if (o != nullptr) {
-        T* ot = o + t * dv;
-        const T* qm = QM.data() + t * dv;
-#pragma omp simd
-        for (int64_t j = 0; j < dv; ++j) ot[j] = c[t] * qm[j];
-        for (int64_t i = 0; i < t; ++i) axpy(-DQK[t * C + i] * et[i], X.data() + i * dv, ot, dv);
-      }
-    }
-  }
-
-  // M (dk, dv) <- gamma_C M - sum_i eta_i g_i k_i X_i^T (M holds M_0 on entry).
-  void end_state(const T* __restrict k, const T* __restrict et, int64_t len, T* __restrict M) const {
-    for (int64_t a = 0; a < dk; ++a) {
-      T* row = M + a * dv;
-#pragma omp simd
-      for (int64_t j = 0; j < dv; ++j) row[j] *= gC;
-      for (int64_t i = 0; i < len; ++i) axpy(-et[i] * g[i] * k[i * dk + a], X.data() + i * dv, row, dv);
+    int64_t total = 0;
+    for (auto& p : parts) total += p.second;
+    buf.assign(total, T(0));
+    T* ptr = buf.data();
+    for (auto& p : parts) {
+      *p.first = ptr;
+      ptr += p.second;
     }
   }
 };
 
+// Recompute one chunk from its start state M0: gates, D, D k k^T, D q k^T, K M0, Q M0 and X; writes o (len, dv)
+// when o != nullptr. q, k (len, dk), v (len, dv), al, et (len) point at the chunk's first token.
 template <typename T>
-void fwd_kernel(const T* q, const T* k, const T* v, const T* alpha, const T* eta, T* M_all, T* o, T* states,
-                int64_t BH, int64_t L, int64_t dk, int64_t dv, int64_t C) {
-  const int64_t N = (L + C - 1) / C, S = dk * dv;
-  at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
-    Chunk<T> ch(C, dk, dv);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      T* M = M_all + bh * S;
-      for (int64_t n = 0; n < N; ++n) {
-        const int64_t s = n * C, len = std::min(C, L - s);
-        const int64_t r = bh * L + s;
-        std::copy(M, M + S, states + (bh * N + n) * S);
-        ch.run(q + r * dk, k + r * dk, v + r * dv, alpha + r, eta + r, len, M, o + r * dv);
-        ch.end_state(k + r * dk, eta + r, len, M);
+HK_INLINE void chunk_forward(Work<T>& w, const T* __restrict q, const T* __restrict k, const T* __restrict v,
+                             const T* __restrict al, const T* __restrict et, int64_t len, const T* __restrict M0,
+                             T* __restrict o) {
+  const int64_t C = w.C, dk = w.dk, dv = w.dv;
+  T run = 0;
+  for (int64_t t = 0; t < len; ++t) {
+    w.lgp[t] = run;
+    run += std::log(al[t]);
+    w.lg[t] = run;
+  }
+  w.gC = std::exp(run);
+  for (int64_t t = 0; t < len; ++t) {
+    w.c[t] = std::exp(w.lgp[t]);
+    w.g[t] = std::exp(run - w.lg[t]);
+  }
+  for (int64_t t = 0; t < len; ++t) {
+    for (int64_t i = 0; i < t; ++i) {
+      const T d = std::exp(w.lgp[t] - w.lg[i]);
+      const T dkk = d * dot(k + t * dk, k + i * dk, dk), dqk = d * dot(q + t * dk, k + i * dk, dk);
+      w.D[t * C + i] = d;
+      w.DKK[t * C + i] = dkk;
+      w.DQK[t * C + i] = dqk;
+      w.nA[t * C + i] = -dkk * et[i];
+      w.nP[t * C + i] = -dqk * et[i];
+    }
+  }
+  for (int64_t t = 0; t < len; ++t) {
+    T *km = w.KM + t * dv, *qm = w.QM + t * dv, *x = w.X + t * dv;
+    for (int64_t j = 0; j < dv; ++j) km[j] = 0, qm[j] = 0;
+    accum_rows(km, k + t * dk, M0, dv, dk, dv);
+    accum_rows(qm, q + t * dk, M0, dv, dk, dv);
+    const T s = 1 + w.c[t];
+    const T* vt = v + t * dv;
+#pragma omp simd
+    for (int64_t j = 0; j < dv; ++j) x[j] = s * km[j] - vt[j];
+    accum_rows(x, w.nA + t * C, w.X, dv, t, dv);
+    if (o != nullptr) {
+      T* ot = o + t * dv;
+#pragma omp simd
+      for (int64_t j = 0; j < dv; ++j) ot[j] = w.c[t] * qm[j];
+      accum_rows(ot, w.nP + t * C, w.X, dv, t, dv);
+    }
+  }
+}
+
+// One (b, h): all chunks in order; M (dk, dv) holds the initial state on entry and the final state on exit.
+template <typename T>
+HK_INLINE void fwd_head_body(Work<T>& w, const T* q, const T* k, const T* v, const T* al, const T* et, T* M, T* o,
+                             T* states, int64_t L, int64_t step) {
+  const int64_t C = w.C, dk = w.dk, dv = w.dv, S = dk * dv;
+  for (int64_t s = 0, n = 0; s < L; s += step, ++n) {
+    const int64_t len = std::min(step, L - s);
+    std::copy(M, M + S, states + n * S);
+    chunk_forward(w, q + s * dk, k + s * dk, v + s * dv, al + s, et + s, len, M, o + s * dv);
+    // M <- gamma_C M - sum_i eta_i g_i k_i X_i^T
+    for (int64_t i = 0; i < len; ++i)
+      for (int64_t a = 0; a < dk; ++a) w.WT[a * C + i] = -et[s + i] * w.g[i] * k[(s + i) * dk + a];
+    for (int64_t a = 0; a < dk; ++a) {
+      T* row = M + a * dv;
+#pragma omp simd
+      for (int64_t j = 0; j < dv; ++j) row[j] *= w.gC;
+      accum_rows(row, w.WT + a * C, w.X, dv, len, dv);
+    }
+  }
+}
+
+// One (b, h), chunks in reverse. dM (dk, dv) holds the final-state gradient on entry and dM_0 on exit.
+template <typename T>
+HK_INLINE void bwd_head_body(Work<T>& w, const T* q, const T* k, const T* v, const T* al, const T* et,
+                             const T* states, const T* dO, T* dM, T* dq, T* dk_, T* dv_, T* dalpha, T* deta,
+                             int64_t L, int64_t step) {
+  const int64_t C = w.C, dk = w.dk, dv = w.dv, S = dk * dv;
+  const int64_t N = (L + step - 1) / step;
+  std::copy(dM, dM + S, w.dMC);
+  for (int64_t n = N - 1; n >= 0; --n) {
+    const int64_t s = n * step, len = std::min(step, L - s);
+    const T *qc = q + s * dk, *kc = k + s * dk, *e = et + s, *dOc = dO + s * dv, *M0 = states + n * S;
+    chunk_forward(w, qc, kc, v + s * dv, al + s, e, len, M0, static_cast<T*>(nullptr));
+    const T *X = w.X, *dMC = w.dMC;
+    T* dR = w.dR;
+    // KdM_t = k_t^T dM_C; dR_i = -eta_i g_i KdM_i - sum_{t>i} (P[t, i] dO_t + A[t, i] dR_t)
+    for (int64_t i = len - 1; i >= 0; --i) {
+      T* kd = w.KdM + i * dv;
+      for (int64_t j = 0; j < dv; ++j) kd[j] = 0;
+      accum_rows(kd, kc + i * dk, dMC, dv, dk, dv);
+      T* dr = dR + i * dv;
+      const T wi = -e[i] * w.g[i];
+#pragma omp simd
+      for (int64_t j = 0; j < dv; ++j) dr[j] = wi * kd[j];
+      const int64_t m = len - i - 1;
+      T *cP = w.cf, *cA = w.cf + C;
+      for (int64_t t = i + 1; t < len; ++t) cP[t - i - 1] = w.nP[t * C + i], cA[t - i - 1] = w.nA[t * C + i];
+      accum_rows(dr, cP, dOc + (i + 1) * dv, dv, m, dv);
+      accum_rows(dr, cA, dR + (i + 1) * dv, dv, m, dv);
+    }
+    // C x C terms: dA = -dR X^T, dP = -dO X^T (i < t); GA = dA D eta_i, GP = dP D eta_i;
+    // E = dA D KK + dP D QK: its column sums go to eta, and eta_i E[t, i] = dA A + dP P to the gates.
+    for (int64_t t = 0; t < len; ++t) w.dlgp[t] = 0, w.dcol[t] = 0, w.GS[t * C + t] = 0;
+    for (int64_t t = 0; t < len; ++t) {
+      for (int64_t i = 0; i < t; ++i) {
+        const T dA = -dot(dR + t * dv, X + i * dv, dv), dP = -dot(dOc + t * dv, X + i * dv, dv);
+        const T de = w.D[t * C + i] * e[i];
+        w.GS[t * C + i] = w.GS[i * C + t] = dA * de;
+        w.GP[t * C + i] = w.GPT[i * C + t] = dP * de;
+        const T E = dA * w.DKK[t * C + i] + dP * w.DQK[t * C + i];
+        w.dcol[i] += E;
+        w.dlgp[t] += E * e[i];
       }
     }
-  });
+    // MT = [M0^T; dM_C^T] (2 dv, dk): dk_t gets (1 + c_t) M0 dR_t - eta_t g_t dM_C X_t, dq_t gets c_t M0 dO_t
+    for (int64_t a = 0; a < dk; ++a)
+      for (int64_t j = 0; j < dv; ++j) w.MT[j * dk + a] = M0[a * dv + j], w.MT[S + j * dk + a] = dMC[a * dv + j];
+    T dgg_sum = 0;
+    for (int64_t t = 0; t < len; ++t) {
+      const T *dr = dR + t * dv, *x = X + t * dv, *dot_ = dOc + t * dv;
+      T *dkt = dk_ + (s + t) * dk, *dqt = dq + (s + t) * dk;
+      for (int64_t a = 0; a < dk; ++a) dkt[a] = 0, dqt[a] = 0;
+      const T sc = 1 + w.c[t], wt = -e[t] * w.g[t];
+      T* cf = w.cf;
+      for (int64_t j = 0; j < dv; ++j) cf[j] = sc * dr[j], cf[dv + j] = wt * x[j];
+      accum_rows(dkt, cf, w.MT, dk, 2 * dv, dk);
+      accum_rows(dkt, w.GS + t * C, kc, dk, len, dk);
+      accum_rows(dkt, w.GPT + t * C + t + 1, qc + (t + 1) * dk, dk, len - t - 1, dk);
+      for (int64_t j = 0; j < dv; ++j) cf[j] = w.c[t] * dot_[j];
+      accum_rows(dqt, cf, w.MT, dk, dv, dk);
+      accum_rows(dqt, w.GP + t * C, kc, dk, t, dk);
+      T* dvt = dv_ + (s + t) * dv;
+#pragma omp simd
+      for (int64_t j = 0; j < dv; ++j) dvt[j] = -dr[j];
+      const T wdot = -dot(x, w.KdM + t * dv, dv);
+      const T dc = dot(w.QM + t * dv, dot_, dv) + dot(w.KM + t * dv, dr, dv);
+      const T dgg = e[t] * wdot * w.g[t];
+      deta[s + t] = w.g[t] * wdot + w.dcol[t];
+      w.dlgp[t] += dc * w.c[t];
+      w.dlg[t] = -e[t] * w.dcol[t] - dgg;
+      dgg_sum += dgg;
+    }
+    w.dlg[len - 1] += dgg_sum + dot(M0, dMC, S) * w.gC;
+    // dlog alpha_j = sum_{t >= j} dlg_t + sum_{t > j} dlgp_t
+    T run = 0;
+    for (int64_t j = len - 1; j >= 0; --j) {
+      run += w.dlg[j];
+      dalpha[s + j] = run / al[s + j];
+      run += w.dlgp[j];
+    }
+    // dM_n = gamma_C dM_C + sum_t c_t q_t dO_t^T + (1 + c_t) k_t dR_t^T
+    for (int64_t t = 0; t < len; ++t)
+      for (int64_t a = 0; a < dk; ++a)
+        w.QcT[a * C + t] = w.c[t] * qc[t * dk + a], w.KcT[a * C + t] = (1 + w.c[t]) * kc[t * dk + a];
+    for (int64_t a = 0; a < dk; ++a) {
+      T* row = w.dMn + a * dv;
+      const T* src = dMC + a * dv;
+#pragma omp simd
+      for (int64_t j = 0; j < dv; ++j) row[j] = w.gC * src[j];
+      accum_rows(row, w.QcT + a * C, dOc, dv, len, dv);
+      accum_rows(row, w.KcT + a * C, dR, dv, len, dv);
+    }
+    std::swap(w.dMC, w.dMn);
+  }
+  std::copy(w.dMC, w.dMC + S, dM);
+}
+
+#define HK_FWD_PARAMS                                                                                       \
+  Work<T>&w, const T *q, const T *k, const T *v, const T *al, const T *et, T *M, T *o, T *states, int64_t L, \
+      int64_t step
+#define HK_FWD_ARGS w, q, k, v, al, et, M, o, states, L, step
+#define HK_BWD_PARAMS                                                                                          \
+  Work<T>&w, const T *q, const T *k, const T *v, const T *al, const T *et, const T *states, const T *dO, T *dM, \
+      T *dq, T *dk, T *dv, T *dalpha, T *deta, int64_t L, int64_t step
+#define HK_BWD_ARGS w, q, k, v, al, et, states, dO, dM, dq, dk, dv, dalpha, deta, L, step
+
+template <typename T>
+void fwd_head_generic(HK_FWD_PARAMS) { fwd_head_body(HK_FWD_ARGS); }
+template <typename T>
+void bwd_head_generic(HK_BWD_PARAMS) { bwd_head_body(HK_BWD_ARGS); }
+#ifdef HK_AVX2_CLONE
+template <typename T>
+__attribute__((target("avx2,fma"))) void fwd_head_avx2(HK_FWD_PARAMS) { fwd_head_body(HK_FWD_ARGS); }
+template <typename T>
+__attribute__((target("avx2,fma"))) void bwd_head_avx2(HK_BWD_PARAMS) { bwd_head_body(HK_BWD_ARGS); }
+bool has_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+#endif
+
+template <typename T>
+void fwd_head(HK_FWD_PARAMS) {
+#ifdef HK_AVX2_CLONE
+  if (has_avx2()) return fwd_head_avx2(HK_FWD_ARGS);
+#endif
+  fwd_head_generic(HK_FWD_ARGS);
+}
+template <typename T>
+void bwd_head(HK_BWD_PARAMS) {
+#ifdef HK_AVX2_CLONE
+  if (has_avx2()) return bwd_head_avx2(HK_BWD_ARGS);
+#endif
+  bwd_head_generic(HK_BWD_ARGS);
 }
 
 std::tuple<Tensor, Tensor, Tensor> dgd_chunk_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
@@ -170,122 +327,18 @@ std::tuple<Tensor, Tensor, Tensor> dgd_chunk_fwd_cpu(const Tensor& q, const Tens
   auto states = at::empty({B, H, N, dk, dv}, opts);
   auto o = at::empty({B, H, L, dv}, opts);
   AT_DISPATCH_FLOATING_TYPES(acc, "dgd_chunk_fwd_cpu", [&] {
-    fwd_kernel<scalar_t>(qa.data_ptr<scalar_t>(), ka.data_ptr<scalar_t>(), va.data_ptr<scalar_t>(),
-                         al.data_ptr<scalar_t>(), et.data_ptr<scalar_t>(), M.data_ptr<scalar_t>(),
-                         o.data_ptr<scalar_t>(), states.data_ptr<scalar_t>(), B * H, L, dk, dv, C);
+    using T = scalar_t;
+    const T *pq = qa.data_ptr<T>(), *pk = ka.data_ptr<T>(), *pv = va.data_ptr<T>();
+    const T *pa = al.data_ptr<T>(), *pe = et.data_ptr<T>();
+    T *pM = M.data_ptr<T>(), *po = o.data_ptr<T>(), *ps = states.data_ptr<T>();
+    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+      Work<T> w(std::min(C, L), dk, dv, false);  // no chunk holds more than L tokens
+      for (int64_t bh = begin; bh < end; ++bh)
+        fwd_head<T>(w, pq + bh * L * dk, pk + bh * L * dk, pv + bh * L * dv, pa + bh * L, pe + bh * L,
+                    pM + bh * dk * dv, po + bh * L * dv, ps + bh * N * dk * dv, L, C);
+    });
   });
   return {o.to(q.scalar_type()), M, states};
-}
-
-template <typename T>
-void bwd_kernel(const T* q, const T* k, const T* v, const T* alpha, const T* eta, const T* states, const T* dO,
-                const T* dM_in, T* dq, T* dk_out, T* dv_out, T* dalpha, T* deta, T* dM0, int64_t BH, int64_t L,
-                int64_t dk, int64_t dv, int64_t C) {
-  const int64_t N = (L + C - 1) / C, S = dk * dv;
-  at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
-    Chunk<T> ch(C, dk, dv);
-    std::vector<T> dMC(S), dMn(S), M0T(S), dMCT(S), KdM(C * dv), dR(C * dv), E(C * C), GA(C * C), GP(C * C),
-        dlg(C), dlgp(C), wdot(C), dcol(C);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      std::copy(dM_in + bh * S, dM_in + (bh + 1) * S, dMC.data());
-      for (int64_t n = N - 1; n >= 0; --n) {
-        const int64_t s = n * C, len = std::min(C, L - s);
-        const int64_t r = bh * L + s;
-        const T *qc = q + r * dk, *kc = k + r * dk, *vc = v + r * dv, *al = alpha + r, *et = eta + r;
-        const T* dOc = dO + r * dv;
-        const T* M0 = states + (bh * N + n) * S;
-        T *dqc = dq + r * dk, *dkc = dk_out + r * dk, *dvc = dv_out + r * dv;
-        ch.run(qc, kc, vc, al, et, len, M0, nullptr);
-        const T* X = ch.X.data();
-        const T* D = ch.D.data();
-        // KdM_t = k_t^T dM_C; then dR_i = -eta_i g_i KdM_i - sum_{t>i} (P[t, i] dO_t + A[t, i] dR_t)
-        rows_times(kc, dMC.data(), KdM.data(), len, dk, dv);
-        for (int64_t i = len - 1; i >= 0; --i) {
-          T* dr = dR.data() + i * dv;
-          const T w = -et[i] * ch.g[i];
-          const T* kd = KdM.data() + i * dv;
-#pragma omp simd
-          for (int64_t j = 0; j < dv; ++j) dr[j] = w * kd[j];
-          for (int64_t t = i + 1; t < len; ++t) {
-            axpy(-ch.DQK[t * C + i] * et[i], dOc + t * dv, dr, dv);
-            axpy(-ch.DKK[t * C + i] * et[i], dR.data() + t * dv, dr, dv);
-          }
-        }
-        // C x C terms: dA = -dR X^T, dP = -dO X^T (strictly lower); GA = dA D eta_col, GP = dP D eta_col,
-        // E = dA D KK + dP D QK (its column sums go to eta; eta_col * E = dA A + dP P goes to the gates)
-        for (int64_t t = 0; t < len; ++t) dlgp[t] = 0;
-        for (int64_t i = 0; i < len; ++i) dcol[i] = 0;
-        for (int64_t t = 0; t < len; ++t) {
-          for (int64_t i = 0; i < t; ++i) {
-            const T dA = -dot(dR.data() + t * dv, X + i * dv, dv);
-            const T dP = -dot(dOc + t * dv, X + i * dv, dv);
-            const T d = D[t * C + i];
-            GA[t * C + i] = dA * d * et[i];
-            GP[t * C + i] = dP * d * et[i];
-            const T e = dA * ch.DKK[t * C + i] + dP * ch.DQK[t * C + i];
-            dcol[i] += e;
-            dlgp[t] += e * et[i];
-          }
-        }
-        transpose(M0, M0T.data(), dk, dv);
-        transpose(dMC.data(), dMCT.data(), dk, dv);
-        T dgg_sum = 0;
-        for (int64_t t = 0; t < len; ++t) {
-          const T* dr = dR.data() + t * dv;
-          const T* x = X + t * dv;
-          const T* dot_ = dOc + t * dv;
-          T* dkt = dkc + t * dk;
-          T* dqt = dqc + t * dk;
-          for (int64_t a = 0; a < dk; ++a) dkt[a] = 0, dqt[a] = 0;
-          const T s = 1 + ch.c[t], w = -et[t] * ch.g[t];
-          for (int64_t j = 0; j < dv; ++j) {
-            axpy(s * dr[j], M0T.data() + j * dk, dkt, dk);
-            axpy(w * x[j], dMCT.data() + j * dk, dkt, dk);
-            axpy(ch.c[t] * dot_[j], M0T.data() + j * dk, dqt, dk);
-          }
-          for (int64_t i = 0; i < t; ++i) {
-            axpy(GA[t * C + i], kc + i * dk, dkt, dk);
-            axpy(GP[t * C + i], kc + i * dk, dqt, dk);
-          }
-          for (int64_t i = t + 1; i < len; ++i) {
-            axpy(GA[i * C + t], kc + i * dk, dkt, dk);
-            axpy(GP[i * C + t], qc + i * dk, dkt, dk);
-          }
-          T* dvt = dvc + t * dv;
-#pragma omp simd
-          for (int64_t j = 0; j < dv; ++j) dvt[j] = -dr[j];
-          wdot[t] = -dot(x, KdM.data() + t * dv, dv);
-          const T dc = dot(ch.QM.data() + t * dv, dot_, dv) + dot(ch.KM.data() + t * dv, dr, dv);
-          const T dgg = et[t] * wdot[t] * ch.g[t];
-          deta[r + t] = ch.g[t] * wdot[t] + dcol[t];
-          dlgp[t] += dc * ch.c[t];
-          dlg[t] = -et[t] * dcol[t] - dgg;
-          dgg_sum += dgg;
-        }
-        dlg[len - 1] += dgg_sum + dot(M0, dMC.data(), S) * ch.gC;
-        // dlog alpha_j = sum_{t >= j} dlg_t + sum_{t > j} dlgp_t
-        T run = 0;
-        for (int64_t j = len - 1; j >= 0; --j) {
-          run += dlg[j];
-          dalpha[r + j] = run / al[j];
-          run += dlgp[j];
-        }
-        // dM_n = gamma_C dM_C + sum_t c_t q_t dO_t^T + (1 + c_t) k_t dR_t^T
-        for (int64_t a = 0; a < dk; ++a) {
-          T* row = dMn.data() + a * dv;
-          const T* src = dMC.data() + a * dv;
-#pragma omp simd
-          for (int64_t j = 0; j < dv; ++j) row[j] = ch.gC * src[j];
-          for (int64_t t = 0; t < len; ++t) {
-            axpy(ch.c[t] * qc[t * dk + a], dOc + t * dv, row, dv);
-            axpy((1 + ch.c[t]) * kc[t * dk + a], dR.data() + t * dv, row, dv);
-          }
-        }
-        std::swap(dMC, dMn);
-      }
-      std::copy(dMC.begin(), dMC.end(), dM0 + bh * S);
-    }
-  });
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dgd_chunk_bwd_cpu(
@@ -305,18 +358,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dgd_chunk_bwd_cpu(
   auto opts = q_.options().dtype(acc);
   auto qa = q_.to(acc).contiguous(), ka = k_.to(acc).contiguous(), va = v_.to(acc).contiguous();
   auto al = alpha_.to(acc).contiguous(), et = eta_.to(acc).contiguous();
-  auto Ms = states_.to(acc).contiguous(), dOa = do_.to(acc).contiguous(), dMa = dM.to(acc).contiguous();
+  auto Ms = states_.to(acc).contiguous(), dOa = do_.to(acc).contiguous();
+  auto dM0 = dM.to(acc).contiguous().clone();  // overwritten per head with dM_0
   auto dq = at::empty({B, H, L, dk}, opts), dk_ = at::empty({B, H, L, dk}, opts), dv_ = at::empty({B, H, L, dv}, opts);
-  auto dalpha = at::empty({B, H, L}, opts), deta = at::empty({B, H, L}, opts), dM0 = at::empty({B, H, dk, dv}, opts);
+  auto dalpha = at::empty({B, H, L}, opts), deta = at::empty({B, H, L}, opts);
   AT_DISPATCH_FLOATING_TYPES(acc, "dgd_chunk_bwd_cpu", [&] {
-    bwd_kernel<scalar_t>(qa.data_ptr<scalar_t>(), ka.data_ptr<scalar_t>(), va.data_ptr<scalar_t>(),
-                         al.data_ptr<scalar_t>(), et.data_ptr<scalar_t>(), Ms.data_ptr<scalar_t>(),
-                         dOa.data_ptr<scalar_t>(), dMa.data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(),
-                         dk_.data_ptr<scalar_t>(), dv_.data_ptr<scalar_t>(), dalpha.data_ptr<scalar_t>(),
-                         deta.data_ptr<scalar_t>(), dM0.data_ptr<scalar_t>(), B * H, L, dk, dv, C);
+    using T = scalar_t;
+    const T *pq = qa.data_ptr<T>(), *pk = ka.data_ptr<T>(), *pv = va.data_ptr<T>();
+    const T *pa = al.data_ptr<T>(), *pe = et.data_ptr<T>(), *ps = Ms.data_ptr<T>(), *pdo = dOa.data_ptr<T>();
+    T *pdM = dM0.data_ptr<T>(), *pdq = dq.data_ptr<T>(), *pdk = dk_.data_ptr<T>(), *pdv = dv_.data_ptr<T>();
+    T *pda = dalpha.data_ptr<T>(), *pde = deta.data_ptr<T>();
+    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+      Work<T> w(std::min(C, L), dk, dv, true);
+      for (int64_t bh = begin; bh < end; ++bh)
+        bwd_head<T>(w, pq + bh * L * dk, pk + bh * L * dk, pv + bh * L * dv, pa + bh * L, pe + bh * L,
+                    ps + bh * N * dk * dv, pdo + bh * L * dv, pdM + bh * dk * dv, pdq + bh * L * dk,
+                    pdk + bh * L * dk, pdv + bh * L * dv, pda + bh * L, pde + bh * L, L, C);
+    });
   });
-  return {dq.to(q_.scalar_type()),         dk_.to(k_.scalar_type()),        dv_.to(v_.scalar_type()),
-          dalpha.to(alpha_.scalar_type()), deta.to(eta_.scalar_type()),     dM0};
+  return {dq.to(q_.scalar_type()),         dk_.to(k_.scalar_type()),    dv_.to(v_.scalar_type()),
+          dalpha.to(alpha_.scalar_type()), deta.to(eta_.scalar_type()), dM0};
 }
 
 }  // namespace
