@@ -12,8 +12,9 @@
 // every chunk-local gradient and dM_n = gamma_C dM_C + Q^T diag(c) dO + K^T diag(1 + c) dR.
 // A last chunk shorter than C is a chunk of len tokens (the padded tokens of the reference contribute nothing).
 //
-// Every product is written as "row += sum_a coef_a * row_a" over contiguous rows (accum_rows, four rows per
-// pass) or as a short dot product, which the compiler vectorises. The per-head kernels are compiled twice:
+// Every product is a small row-major matrix product (gemm_acc: 4-row x 64-byte register tiles, inner loops the
+// compiler vectorises; triangular operands skip their zero blocks), the forward substitution runs a block of 16
+// rows at a time (one product against all earlier rows, then serially inside the block). The per-head kernels are compiled twice:
 // for the baseline ISA and with AVX2 + FMA, picked at run time (x86 with GCC or clang only).
 // Math in float32 (float64 for double inputs); q, k, v, gate gradients come back in their dtype.
 #include <ATen/ATen.h>
@@ -79,24 +80,80 @@ HK_INLINE void accum_rows(T* __restrict y, const T* __restrict coef, const T* __
   }
 }
 
+// Y (m, n) += A (m, p) B (p, n), row-major with leading dimensions, in 4 x (64 bytes) register tiles.
+// lower_n: row r only needs columns < r (the others may hold anything afterwards);
+// lower_p: A[r, a] = 0 for a >= r (the caller zero-fills it), so the inner sum stops at the tile's last row.
+template <typename T>
+HK_INLINE void gemm_acc(T* __restrict Y, int64_t ldy, const T* __restrict A, int64_t lda, const T* __restrict B,
+                        int64_t ldb, int64_t m, int64_t p, int64_t n, bool lower_n = false, bool lower_p = false) {
+  constexpr int64_t MR = 4, NR = 64 / sizeof(T);
+  for (int64_t r = 0; r < m; r += MR) {
+    const int64_t ne = lower_n ? std::min(n, r + MR) : n, pe = lower_p ? std::min(p, r + MR) : p;
+    if (r + MR > m) {
+      for (int64_t i = r; i < m; ++i) accum_rows(Y + i * ldy, A + i * lda, B, ldb, pe, ne);
+      continue;
+    }
+    const T *a0 = A + r * lda, *a1 = a0 + lda, *a2 = a1 + lda, *a3 = a2 + lda;
+    T *y0 = Y + r * ldy, *y1 = y0 + ldy, *y2 = y1 + ldy, *y3 = y2 + ldy;
+    int64_t j = 0;
+    for (; j + NR <= ne; j += NR) {
+      T s0[NR] = {}, s1[NR] = {}, s2[NR] = {}, s3[NR] = {};
+      for (int64_t a = 0; a < pe; ++a) {
+        const T* b = B + a * ldb + j;
+        const T x0 = a0[a], x1 = a1[a], x2 = a2[a], x3 = a3[a];
+#pragma omp simd
+        for (int64_t jj = 0; jj < NR; ++jj) {
+          s0[jj] += x0 * b[jj];
+          s1[jj] += x1 * b[jj];
+          s2[jj] += x2 * b[jj];
+          s3[jj] += x3 * b[jj];
+        }
+      }
+#pragma omp simd
+      for (int64_t jj = 0; jj < NR; ++jj) {
+        y0[j + jj] += s0[jj];
+        y1[j + jj] += s1[jj];
+        y2[j + jj] += s2[jj];
+        y3[j + jj] += s3[jj];
+      }
+    }
+    if (j < ne)
+      for (int64_t i = 0; i < MR; ++i) accum_rows(Y + (r + i) * ldy + j, A + (r + i) * lda, B + j, ldb, pe, ne - j);
+  }
+}
+
+template <typename T>
+HK_INLINE void transpose(const T* __restrict src, int64_t lds, T* __restrict dst, int64_t ldd, int64_t rows,
+                         int64_t cols) {  // dst[j, a] = src[a, j]
+  for (int64_t a = 0; a < rows; ++a)
+    for (int64_t j = 0; j < cols; ++j) dst[j * ldd + a] = src[a * lds + j];
+}
+
+template <typename T>
+HK_INLINE void zero(T* y, int64_t ld, int64_t rows, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r) std::fill(y + r * ld, y + r * ld + cols, T(0));
+}
+
 // Scratch of one task, sized for a full chunk of C tokens. Forward terms first, backward-only ones after.
 template <typename T>
 struct Work {
   int64_t C, dk, dv;
   std::vector<T> buf;
-  T *lg, *lgp, *c, *g, *D, *DKK, *DQK, *nA, *nP, *KM, *QM, *X, *WT;  // nA = -A, nP = -P (row t: i < t)
-  T *dMC, *dMn, *MT, *KdM, *dR, *cf, *GS, *GP, *GPT, *QcT, *KcT, *dlg, *dlgp, *dcol;
+  // nA = -A, nP = -P (row t: i < t, zero elsewhere); KT = K^T (dk, C); WT[a, i] = -eta_i g_i k_i[a]
+  T *lg, *lgp, *c, *g, *D, *DKK, *DQK, *nA, *nP, *KT, *KM, *QM, *X, *WT;
+  T *dMC, *dMn, *MT, *KdM, *dR, *XT, *nAT, *nPT, *dA, *dP, *GS, *GP, *GPT, *CK, *QcT, *KcT, *dlg, *dlgp, *dcol;
   T gC = 1;
 
   Work(int64_t C_, int64_t dk_, int64_t dv_, bool backward) : C(C_), dk(dk_), dv(dv_) {
     const int64_t S = dk * dv, CC = C * C;
     std::vector<std::pair<T**, int64_t>> parts = {
         {&lg, C}, {&lgp, C}, {&c, C}, {&g, C}, {&D, CC}, {&DKK, CC}, {&DQK, CC}, {&nA, CC}, {&nP, CC},
-        {&KM, C * dv}, {&QM, C * dv}, {&X, C * dv}, {&WT, dk * C}};
+        {&KT, dk * C}, {&KM, C * dv}, {&QM, C * dv}, {&X, C * dv}, {&WT, dk * C}};
     if (backward) {
-      parts.insert(parts.end(), {{&dMC, S}, {&dMn, S}, {&MT, 2 * S}, {&KdM, C * dv}, {&dR, C * dv},
-                                 {&cf, 2 * (C + dv)}, {&GS, CC}, {&GP, CC}, {&GPT, CC}, {&QcT, dk * C},
-                                 {&KcT, dk * C}, {&dlg, C}, {&dlgp, C}, {&dcol, C}});
+      parts.insert(parts.end(), {{&dMC, S}, {&dMn, S}, {&MT, 2 * S}, {&KdM, C * dv}, {&dR, C * dv}, {&XT, dv * C},
+                                 {&nAT, CC}, {&nPT, CC}, {&dA, CC}, {&dP, CC}, {&GS, CC}, {&GP, CC}, {&GPT, CC},
+                                 {&CK, C * 2 * dv}, {&QcT, dk * C}, {&KcT, dk * C}, {&dlg, C}, {&dlgp, C},
+                                 {&dcol, C}});
     }
     int64_t total = 0;
     for (auto& p : parts) total += p.second;
@@ -108,6 +165,8 @@ struct Work {
     }
   }
 };
+
+constexpr int64_t kSolveBlock = 16;  // forward substitution: off-diagonal blocks as one product each
 
 // Recompute one chunk from its start state M0: gates, D, D k k^T, D q k^T, K M0, Q M0 and X; writes o (len, dv)
 // when o != nullptr. q, k (len, dk), v (len, dv), al, et (len) point at the chunk's first token.
@@ -127,33 +186,51 @@ HK_INLINE void chunk_forward(Work<T>& w, const T* __restrict q, const T* __restr
     w.c[t] = std::exp(w.lgp[t]);
     w.g[t] = std::exp(run - w.lg[t]);
   }
+  transpose(k, dk, w.KT, C, len, dk);
+  zero(w.DKK, C, len, len);
+  zero(w.DQK, C, len, len);
+  gemm_acc(w.DKK, C, k, dk, w.KT, C, len, dk, len, /*lower_n=*/true);
+  gemm_acc(w.DQK, C, q, dk, w.KT, C, len, dk, len, /*lower_n=*/true);
   for (int64_t t = 0; t < len; ++t) {
+    T *Dr = w.D + t * C, *kk = w.DKK + t * C, *qk = w.DQK + t * C, *nA = w.nA + t * C, *nP = w.nP + t * C;
+    const T lt = w.lgp[t];
     for (int64_t i = 0; i < t; ++i) {
-      const T d = std::exp(w.lgp[t] - w.lg[i]);
-      const T dkk = d * dot(k + t * dk, k + i * dk, dk), dqk = d * dot(q + t * dk, k + i * dk, dk);
-      w.D[t * C + i] = d;
-      w.DKK[t * C + i] = dkk;
-      w.DQK[t * C + i] = dqk;
-      w.nA[t * C + i] = -dkk * et[i];
-      w.nP[t * C + i] = -dqk * et[i];
+      const T d = std::exp(lt - w.lg[i]);
+      Dr[i] = d;
+      kk[i] *= d;
+      qk[i] *= d;
+      nA[i] = -kk[i] * et[i];
+      nP[i] = -qk[i] * et[i];
     }
+    std::fill(nA + t, nA + len, T(0));
+    std::fill(nP + t, nP + len, T(0));
   }
+  zero(w.KM, dv, len, dv);
+  zero(w.QM, dv, len, dv);
+  gemm_acc(w.KM, dv, k, dk, M0, dv, len, dk, dv);
+  gemm_acc(w.QM, dv, q, dk, M0, dv, len, dk, dv);
   for (int64_t t = 0; t < len; ++t) {
-    T *km = w.KM + t * dv, *qm = w.QM + t * dv, *x = w.X + t * dv;
-    for (int64_t j = 0; j < dv; ++j) km[j] = 0, qm[j] = 0;
-    accum_rows(km, k + t * dk, M0, dv, dk, dv);
-    accum_rows(qm, q + t * dk, M0, dv, dk, dv);
     const T s = 1 + w.c[t];
-    const T* vt = v + t * dv;
+    const T *km = w.KM + t * dv, *vt = v + t * dv;
+    T* x = w.X + t * dv;
 #pragma omp simd
     for (int64_t j = 0; j < dv; ++j) x[j] = s * km[j] - vt[j];
-    accum_rows(x, w.nA + t * C, w.X, dv, t, dv);
-    if (o != nullptr) {
+  }
+  // X_t += sum_{i<t} nA[t, i] X_i: the block's rows against all earlier blocks, then serially inside the block
+  for (int64_t t0 = 0; t0 < len; t0 += kSolveBlock) {
+    const int64_t b = std::min(kSolveBlock, len - t0);
+    gemm_acc(w.X + t0 * dv, dv, w.nA + t0 * C, C, w.X, dv, b, t0, dv);
+    for (int64_t t = t0 + 1; t < t0 + b; ++t)
+      accum_rows(w.X + t * dv, w.nA + t * C + t0, w.X + t0 * dv, dv, t - t0, dv);
+  }
+  if (o != nullptr) {
+    for (int64_t t = 0; t < len; ++t) {
+      const T* qm = w.QM + t * dv;
       T* ot = o + t * dv;
 #pragma omp simd
       for (int64_t j = 0; j < dv; ++j) ot[j] = w.c[t] * qm[j];
-      accum_rows(ot, w.nP + t * C, w.X, dv, t, dv);
     }
+    gemm_acc(o, dv, w.nP, C, w.X, dv, len, len, dv, false, /*lower_p=*/true);
   }
 }
 
@@ -167,14 +244,10 @@ HK_INLINE void fwd_head_body(Work<T>& w, const T* q, const T* k, const T* v, con
     std::copy(M, M + S, states + n * S);
     chunk_forward(w, q + s * dk, k + s * dk, v + s * dv, al + s, et + s, len, M, o + s * dv);
     // M <- gamma_C M - sum_i eta_i g_i k_i X_i^T
-    for (int64_t i = 0; i < len; ++i)
-      for (int64_t a = 0; a < dk; ++a) w.WT[a * C + i] = -et[s + i] * w.g[i] * k[(s + i) * dk + a];
-    for (int64_t a = 0; a < dk; ++a) {
-      T* row = M + a * dv;
-#pragma omp simd
-      for (int64_t j = 0; j < dv; ++j) row[j] *= w.gC;
-      accum_rows(row, w.WT + a * C, w.X, dv, len, dv);
-    }
+    for (int64_t a = 0; a < dk; ++a)
+      for (int64_t i = 0; i < len; ++i) w.WT[a * C + i] = -et[s + i] * w.g[i] * w.KT[a * C + i];
+    for (int64_t j = 0; j < S; ++j) M[j] *= w.gC;
+    gemm_acc(M, dv, w.WT, C, w.X, dv, dk, len, dv);
   }
 }
 
@@ -192,57 +265,77 @@ HK_INLINE void bwd_head_body(Work<T>& w, const T* q, const T* k, const T* v, con
     chunk_forward(w, qc, kc, v + s * dv, al + s, e, len, M0, static_cast<T*>(nullptr));
     const T *X = w.X, *dMC = w.dMC;
     T* dR = w.dR;
-    // KdM_t = k_t^T dM_C; dR_i = -eta_i g_i KdM_i - sum_{t>i} (P[t, i] dO_t + A[t, i] dR_t)
-    for (int64_t i = len - 1; i >= 0; --i) {
-      T* kd = w.KdM + i * dv;
-      for (int64_t j = 0; j < dv; ++j) kd[j] = 0;
-      accum_rows(kd, kc + i * dk, dMC, dv, dk, dv);
-      T* dr = dR + i * dv;
+    transpose(w.nA, C, w.nAT, C, len, len);
+    transpose(w.nP, C, w.nPT, C, len, len);
+    // dR = -diag(eta g) K dM_C - P^T dO, then (I + A^T) dR = that, by back substitution
+    zero(w.KdM, dv, len, dv);
+    gemm_acc(w.KdM, dv, kc, dk, dMC, dv, len, dk, dv);
+    for (int64_t i = 0; i < len; ++i) {
       const T wi = -e[i] * w.g[i];
+      const T* kd = w.KdM + i * dv;
+      T* dr = dR + i * dv;
 #pragma omp simd
       for (int64_t j = 0; j < dv; ++j) dr[j] = wi * kd[j];
-      const int64_t m = len - i - 1;
-      T *cP = w.cf, *cA = w.cf + C;
-      for (int64_t t = i + 1; t < len; ++t) cP[t - i - 1] = w.nP[t * C + i], cA[t - i - 1] = w.nA[t * C + i];
-      accum_rows(dr, cP, dOc + (i + 1) * dv, dv, m, dv);
-      accum_rows(dr, cA, dR + (i + 1) * dv, dv, m, dv);
     }
+    gemm_acc(dR, dv, w.nPT, C, dOc, dv, len, len, dv);
+    for (int64_t i = len - 2; i >= 0; --i)
+      accum_rows(dR + i * dv, w.nAT + i * C + i + 1, dR + (i + 1) * dv, dv, len - i - 1, dv);
     // C x C terms: dA = -dR X^T, dP = -dO X^T (i < t); GA = dA D eta_i, GP = dP D eta_i;
     // E = dA D KK + dP D QK: its column sums go to eta, and eta_i E[t, i] = dA A + dP P to the gates.
-    for (int64_t t = 0; t < len; ++t) w.dlgp[t] = 0, w.dcol[t] = 0, w.GS[t * C + t] = 0;
+    transpose(X, dv, w.XT, C, len, dv);
+    zero(w.dA, C, len, len);
+    zero(w.dP, C, len, len);
+    gemm_acc(w.dA, C, dR, dv, w.XT, C, len, dv, len, /*lower_n=*/true);
+    gemm_acc(w.dP, C, dOc, dv, w.XT, C, len, dv, len, /*lower_n=*/true);
+    for (int64_t t = 0; t < len; ++t) w.dcol[t] = 0;
     for (int64_t t = 0; t < len; ++t) {
+      T rowsum = 0;
+      T *GS = w.GS + t * C, *GP = w.GP + t * C, *GPT = w.GPT + t * C;
       for (int64_t i = 0; i < t; ++i) {
-        const T dA = -dot(dR + t * dv, X + i * dv, dv), dP = -dot(dOc + t * dv, X + i * dv, dv);
+        const T dA = -w.dA[t * C + i], dP = -w.dP[t * C + i];
         const T de = w.D[t * C + i] * e[i];
-        w.GS[t * C + i] = w.GS[i * C + t] = dA * de;
-        w.GP[t * C + i] = w.GPT[i * C + t] = dP * de;
+        GS[i] = w.GS[i * C + t] = dA * de;
+        GP[i] = w.GPT[i * C + t] = dP * de;
         const T E = dA * w.DKK[t * C + i] + dP * w.DQK[t * C + i];
         w.dcol[i] += E;
-        w.dlgp[t] += E * e[i];
+        rowsum += E * e[i];
       }
+      w.dlgp[t] = rowsum;
+      GS[t] = 0;
+      std::fill(GP + t, GP + len, T(0));
+      std::fill(GPT, GPT + t + 1, T(0));
     }
-    // MT = [M0^T; dM_C^T] (2 dv, dk): dk_t gets (1 + c_t) M0 dR_t - eta_t g_t dM_C X_t, dq_t gets c_t M0 dO_t
-    for (int64_t a = 0; a < dk; ++a)
-      for (int64_t j = 0; j < dv; ++j) w.MT[j * dk + a] = M0[a * dv + j], w.MT[S + j * dk + a] = dMC[a * dv + j];
+    // dK = [(1 + c) dR, -eta g X] [M0^T; dM_C^T] + GS K + GP^T Q;  dQ = c dO M0^T + GP K
+    transpose(M0, dv, w.MT, dk, dk, dv);
+    transpose(dMC, dv, w.MT + S, dk, dk, dv);
+    T* dkc = dk_ + s * dk;
+    T* dqc = dq + s * dk;
+    for (int64_t t = 0; t < len; ++t) {
+      const T sc = 1 + w.c[t], wt = -e[t] * w.g[t];
+      const T *dr = dR + t * dv, *x = X + t * dv;
+      T* ck = w.CK + t * 2 * dv;
+      for (int64_t j = 0; j < dv; ++j) ck[j] = sc * dr[j], ck[dv + j] = wt * x[j];
+    }
+    zero(dkc, dk, len, dk);
+    zero(dqc, dk, len, dk);
+    gemm_acc(dkc, dk, w.CK, 2 * dv, w.MT, dk, len, 2 * dv, dk);
+    gemm_acc(dkc, dk, w.GS, C, kc, dk, len, len, dk);
+    gemm_acc(dkc, dk, w.GPT, C, qc, dk, len, len, dk);
+    for (int64_t t = 0; t < len; ++t) {
+      const T* dot_ = dOc + t * dv;
+      T* ck = w.CK + t * dv;
+      for (int64_t j = 0; j < dv; ++j) ck[j] = w.c[t] * dot_[j];
+    }
+    gemm_acc(dqc, dk, w.CK, dv, w.MT, dk, len, dv, dk);
+    gemm_acc(dqc, dk, w.GP, C, kc, dk, len, len, dk, false, /*lower_p=*/true);
     T dgg_sum = 0;
     for (int64_t t = 0; t < len; ++t) {
-      const T *dr = dR + t * dv, *x = X + t * dv, *dot_ = dOc + t * dv;
-      T *dkt = dk_ + (s + t) * dk, *dqt = dq + (s + t) * dk;
-      for (int64_t a = 0; a < dk; ++a) dkt[a] = 0, dqt[a] = 0;
-      const T sc = 1 + w.c[t], wt = -e[t] * w.g[t];
-      T* cf = w.cf;
-      for (int64_t j = 0; j < dv; ++j) cf[j] = sc * dr[j], cf[dv + j] = wt * x[j];
-      accum_rows(dkt, cf, w.MT, dk, 2 * dv, dk);
-      accum_rows(dkt, w.GS + t * C, kc, dk, len, dk);
-      accum_rows(dkt, w.GPT + t * C + t + 1, qc + (t + 1) * dk, dk, len - t - 1, dk);
-      for (int64_t j = 0; j < dv; ++j) cf[j] = w.c[t] * dot_[j];
-      accum_rows(dqt, cf, w.MT, dk, dv, dk);
-      accum_rows(dqt, w.GP + t * C, kc, dk, t, dk);
+      const T *dr = dR + t * dv, *x = X + t * dv;
       T* dvt = dv_ + (s + t) * dv;
 #pragma omp simd
       for (int64_t j = 0; j < dv; ++j) dvt[j] = -dr[j];
       const T wdot = -dot(x, w.KdM + t * dv, dv);
-      const T dc = dot(w.QM + t * dv, dot_, dv) + dot(w.KM + t * dv, dr, dv);
+      const T dc = dot(w.QM + t * dv, dOc + t * dv, dv) + dot(w.KM + t * dv, dr, dv);
       const T dgg = e[t] * wdot * w.g[t];
       deta[s + t] = w.g[t] * wdot + w.dcol[t];
       w.dlgp[t] += dc * w.c[t];
@@ -261,14 +354,9 @@ HK_INLINE void bwd_head_body(Work<T>& w, const T* q, const T* k, const T* v, con
     for (int64_t t = 0; t < len; ++t)
       for (int64_t a = 0; a < dk; ++a)
         w.QcT[a * C + t] = w.c[t] * qc[t * dk + a], w.KcT[a * C + t] = (1 + w.c[t]) * kc[t * dk + a];
-    for (int64_t a = 0; a < dk; ++a) {
-      T* row = w.dMn + a * dv;
-      const T* src = dMC + a * dv;
-#pragma omp simd
-      for (int64_t j = 0; j < dv; ++j) row[j] = w.gC * src[j];
-      accum_rows(row, w.QcT + a * C, dOc, dv, len, dv);
-      accum_rows(row, w.KcT + a * C, dR, dv, len, dv);
-    }
+    for (int64_t j = 0; j < S; ++j) w.dMn[j] = w.gC * dMC[j];
+    gemm_acc(w.dMn, dv, w.QcT, C, dOc, dv, dk, len, dv);
+    gemm_acc(w.dMn, dv, w.KcT, C, dR, dv, dk, len, dv);
     std::swap(w.dMC, w.dMn);
   }
   std::copy(w.dMC, w.dMC + S, dM);
