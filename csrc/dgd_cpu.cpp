@@ -23,6 +23,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstring>
 #include <tuple>
 #include <vector>
 
@@ -80,6 +81,20 @@ HK_INLINE void accum_rows(T* __restrict y, const T* __restrict coef, const T* __
   }
 }
 
+#if defined(__GNUC__)
+// 32-byte vectors (GCC/clang vector extension): one AVX register in the AVX2 build, two SSE ones otherwise.
+template <typename T>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef float type __attribute__((vector_size(32)));
+};
+template <>
+struct Vec<double> {
+  typedef double type __attribute__((vector_size(32)));
+};
+#endif
+
 // Y (m, n) += A (m, p) B (p, n), row-major with leading dimensions, in 4 x (64 bytes) register tiles.
 // lower_n: row r only needs columns < r (the others may hold anything afterwards);
 // lower_p: A[r, a] = 0 for a >= r (the caller zero-fills it), so the inner sum stops at the tile's last row.
@@ -94,31 +109,34 @@ HK_INLINE void gemm_acc(T* __restrict Y, int64_t ldy, const T* __restrict A, int
       continue;
     }
     const T *a0 = A + r * lda, *a1 = a0 + lda, *a2 = a1 + lda, *a3 = a2 + lda;
-    T *y0 = Y + r * ldy, *y1 = y0 + ldy, *y2 = y1 + ldy, *y3 = y2 + ldy;
+    T* y[MR] = {Y + r * ldy, Y + (r + 1) * ldy, Y + (r + 2) * ldy, Y + (r + 3) * ldy};
     int64_t j = 0;
+#if defined(__GNUC__)
+    using V = typename Vec<T>::type;
+    constexpr int64_t W = NR / 2;
     for (; j + NR <= ne; j += NR) {
-      T s0[NR] = {}, s1[NR] = {}, s2[NR] = {}, s3[NR] = {};
+      V s[MR][2] = {};  // eight accumulators, kept in registers
       for (int64_t a = 0; a < pe; ++a) {
-        const T* b = B + a * ldb + j;
+        V b0, b1;
+        std::memcpy(&b0, B + a * ldb + j, sizeof(V));
+        std::memcpy(&b1, B + a * ldb + j + W, sizeof(V));
         const T x0 = a0[a], x1 = a1[a], x2 = a2[a], x3 = a3[a];
-#pragma omp simd
-        for (int64_t jj = 0; jj < NR; ++jj) {
-          s0[jj] += x0 * b[jj];
-          s1[jj] += x1 * b[jj];
-          s2[jj] += x2 * b[jj];
-          s3[jj] += x3 * b[jj];
+        s[0][0] += x0 * b0, s[0][1] += x0 * b1;
+        s[1][0] += x1 * b0, s[1][1] += x1 * b1;
+        s[2][0] += x2 * b0, s[2][1] += x2 * b1;
+        s[3][0] += x3 * b0, s[3][1] += x3 * b1;
+      }
+      for (int64_t i = 0; i < MR; ++i)
+        for (int64_t h = 0; h < 2; ++h) {
+          V cur;
+          std::memcpy(&cur, y[i] + j + h * W, sizeof(V));
+          cur += s[i][h];
+          std::memcpy(y[i] + j + h * W, &cur, sizeof(V));
         }
-      }
-#pragma omp simd
-      for (int64_t jj = 0; jj < NR; ++jj) {
-        y0[j + jj] += s0[jj];
-        y1[j + jj] += s1[jj];
-        y2[j + jj] += s2[jj];
-        y3[j + jj] += s3[jj];
-      }
     }
+#endif
     if (j < ne)
-      for (int64_t i = 0; i < MR; ++i) accum_rows(Y + (r + i) * ldy + j, A + (r + i) * lda, B + j, ldb, pe, ne - j);
+      for (int64_t i = 0; i < MR; ++i) accum_rows(y[i] + j, A + (r + i) * lda, B + j, ldb, pe, ne - j);
   }
 }
 
