@@ -97,15 +97,18 @@ struct Vec<double> {
 
 // Y (m, n) += A (m, p) B (p, n), row-major with leading dimensions, in 4 x (64 bytes) register tiles.
 // lower_n: row r only needs columns < r (the others may hold anything afterwards);
-// lower_p: A[r, a] = 0 for a >= r (the caller zero-fills it), so the inner sum stops at the tile's last row.
+// lower_p / upper_p: A[r, a] = 0 for a >= r / a <= r (the caller zero-fills it), so the inner sum stops at the
+// tile's last row / starts after its first row.
 template <typename T>
 HK_INLINE void gemm_acc(T* __restrict Y, int64_t ldy, const T* __restrict A, int64_t lda, const T* __restrict B,
-                        int64_t ldb, int64_t m, int64_t p, int64_t n, bool lower_n = false, bool lower_p = false) {
+                        int64_t ldb, int64_t m, int64_t p, int64_t n, bool lower_n = false, bool lower_p = false,
+                        bool upper_p = false) {
   constexpr int64_t MR = 4, NR = 64 / sizeof(T);
   for (int64_t r = 0; r < m; r += MR) {
     const int64_t ne = lower_n ? std::min(n, r + MR) : n, pe = lower_p ? std::min(p, r + MR) : p;
+    const int64_t pb = upper_p ? std::min(p, r + 1) : 0;
     if (r + MR > m) {
-      for (int64_t i = r; i < m; ++i) accum_rows(Y + i * ldy, A + i * lda, B, ldb, pe, ne);
+      for (int64_t i = r; i < m; ++i) accum_rows(Y + i * ldy, A + i * lda + pb, B + pb * ldb, ldb, pe - pb, ne);
       continue;
     }
     const T *a0 = A + r * lda, *a1 = a0 + lda, *a2 = a1 + lda, *a3 = a2 + lda;
@@ -116,7 +119,7 @@ HK_INLINE void gemm_acc(T* __restrict Y, int64_t ldy, const T* __restrict A, int
     constexpr int64_t W = NR / 2;
     for (; j + NR <= ne; j += NR) {
       V s[MR][2] = {};  // eight accumulators, kept in registers
-      for (int64_t a = 0; a < pe; ++a) {
+      for (int64_t a = pb; a < pe; ++a) {
         V b0, b1;
         std::memcpy(&b0, B + a * ldb + j, sizeof(V));
         std::memcpy(&b1, B + a * ldb + j + W, sizeof(V));
@@ -136,7 +139,8 @@ HK_INLINE void gemm_acc(T* __restrict Y, int64_t ldy, const T* __restrict A, int
     }
 #endif
     if (j < ne)
-      for (int64_t i = 0; i < MR; ++i) accum_rows(y[i] + j, A + (r + i) * lda, B + j, ldb, pe, ne - j);
+      for (int64_t i = 0; i < MR; ++i)
+        accum_rows(y[i] + j, A + (r + i) * lda + pb, B + pb * ldb + j, ldb, pe - pb, ne - j);
   }
 }
 
@@ -295,7 +299,7 @@ HK_INLINE void bwd_head_body(Work<T>& w, const T* q, const T* k, const T* v, con
 #pragma omp simd
       for (int64_t j = 0; j < dv; ++j) dr[j] = wi * kd[j];
     }
-    gemm_acc(dR, dv, w.nPT, C, dOc, dv, len, len, dv);
+    gemm_acc(dR, dv, w.nPT, C, dOc, dv, len, len, dv, false, false, /*upper_p=*/true);
     for (int64_t i = len - 2; i >= 0; --i)
       accum_rows(dR + i * dv, w.nAT + i * C + i + 1, dR + (i + 1) * dv, dv, len - i - 1, dv);
     // C x C terms: dA = -dR X^T, dP = -dO X^T (i < t); GA = dA D eta_i, GP = dP D eta_i;
@@ -338,7 +342,7 @@ HK_INLINE void bwd_head_body(Work<T>& w, const T* q, const T* k, const T* v, con
     zero(dqc, dk, len, dk);
     gemm_acc(dkc, dk, w.CK, 2 * dv, w.MT, dk, len, 2 * dv, dk);
     gemm_acc(dkc, dk, w.GS, C, kc, dk, len, len, dk);
-    gemm_acc(dkc, dk, w.GPT, C, qc, dk, len, len, dk);
+    gemm_acc(dkc, dk, w.GPT, C, qc, dk, len, len, dk, false, false, /*upper_p=*/true);
     for (int64_t t = 0; t < len; ++t) {
       const T* dot_ = dOc + t * dv;
       T* ck = w.CK + t * dv;
