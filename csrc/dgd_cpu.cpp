@@ -12,10 +12,11 @@
 // every chunk-local gradient and dM_n = gamma_C dM_C + Q^T diag(c) dO + K^T diag(1 + c) dR.
 // A last chunk shorter than C is a chunk of len tokens (the padded tokens of the reference contribute nothing).
 //
-// Every product is a small row-major matrix product (gemm_acc: 4-row x 64-byte register tiles, inner loops the
-// compiler vectorises; triangular operands skip their zero blocks), the forward substitution runs a block of 16
-// rows at a time (one product against all earlier rows, then serially inside the block). The per-head kernels are compiled twice:
-// for the baseline ISA and with AVX2 + FMA, picked at run time (x86 with GCC or clang only).
+// Every product is a small row-major matrix product (gemm_acc: register tiles of 4 rows x 2 vectors, written with
+// the GCC/clang vector extension; triangular operands skip their zero parts); the forward substitution runs 16
+// rows at a time (one product against all earlier rows, then serially inside the block). The per-head kernels
+// are compiled twice, for the baseline ISA (16-byte vectors) and for AVX2 + FMA (32-byte vectors), picked at run
+// time (x86 with GCC or clang; HOPE_KERNELS_NO_AVX2=1 forces the baseline build).
 // Math in float32 (float64 for double inputs); q, k, v, gate gradients come back in their dtype.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -23,6 +24,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <tuple>
 #include <vector>
@@ -82,28 +84,36 @@ HK_INLINE void accum_rows(T* __restrict y, const T* __restrict coef, const T* __
 }
 
 #if defined(__GNUC__)
-// 32-byte vectors (GCC/clang vector extension): one AVX register in the AVX2 build, two SSE ones otherwise.
-template <typename T>
+// VB-byte vectors (GCC/clang vector extension): 32 in the AVX2 build, 16 (SSE2 / NEON) in the baseline one.
+template <typename T, int VB>
 struct Vec;
 template <>
-struct Vec<float> {
+struct Vec<float, 16> {
+  typedef float type __attribute__((vector_size(16)));
+};
+template <>
+struct Vec<float, 32> {
   typedef float type __attribute__((vector_size(32)));
 };
 template <>
-struct Vec<double> {
+struct Vec<double, 16> {
+  typedef double type __attribute__((vector_size(16)));
+};
+template <>
+struct Vec<double, 32> {
   typedef double type __attribute__((vector_size(32)));
 };
 #endif
 
-// Y (m, n) += A (m, p) B (p, n), row-major with leading dimensions, in 4 x (64 bytes) register tiles.
+// Y (m, n) += A (m, p) B (p, n), row-major with leading dimensions, in 4 x (2 VB bytes) register tiles.
 // lower_n: row r only needs columns < r (the others may hold anything afterwards);
 // lower_p / upper_p: A[r, a] = 0 for a >= r / a <= r (the caller zero-fills it), so the inner sum stops at the
 // tile's last row / starts after its first row.
-template <typename T>
+template <int VB, typename T>
 HK_INLINE void gemm_acc(T* __restrict Y, int64_t ldy, const T* __restrict A, int64_t lda, const T* __restrict B,
                         int64_t ldb, int64_t m, int64_t p, int64_t n, bool lower_n = false, bool lower_p = false,
                         bool upper_p = false) {
-  constexpr int64_t MR = 4, NR = 64 / sizeof(T);
+  constexpr int64_t MR = 4, NR = 2 * VB / sizeof(T);
   for (int64_t r = 0; r < m; r += MR) {
     const int64_t ne = lower_n ? std::min(n, r + MR) : n, pe = lower_p ? std::min(p, r + MR) : p;
     const int64_t pb = upper_p ? std::min(p, r + 1) : 0;
@@ -115,7 +125,7 @@ HK_INLINE void gemm_acc(T* __restrict Y, int64_t ldy, const T* __restrict A, int
     T* y[MR] = {Y + r * ldy, Y + (r + 1) * ldy, Y + (r + 2) * ldy, Y + (r + 3) * ldy};
     int64_t j = 0;
 #if defined(__GNUC__)
-    using V = typename Vec<T>::type;
+    using V = typename Vec<T, VB>::type;
     constexpr int64_t W = NR / 2;
     for (; j + NR <= ne; j += NR) {
       V s[MR][2] = {};  // eight accumulators, kept in registers
@@ -192,7 +202,7 @@ constexpr int64_t kSolveBlock = 16;  // forward substitution: off-diagonal block
 
 // Recompute one chunk from its start state M0: gates, D, D k k^T, D q k^T, K M0, Q M0 and X; writes o (len, dv)
 // when o != nullptr. q, k (len, dk), v (len, dv), al, et (len) point at the chunk's first token.
-template <typename T>
+template <int VB, typename T>
 HK_INLINE void chunk_forward(Work<T>& w, const T* __restrict q, const T* __restrict k, const T* __restrict v,
                              const T* __restrict al, const T* __restrict et, int64_t len, const T* __restrict M0,
                              T* __restrict o) {
@@ -211,8 +221,8 @@ HK_INLINE void chunk_forward(Work<T>& w, const T* __restrict q, const T* __restr
   transpose(k, dk, w.KT, C, len, dk);
   zero(w.DKK, C, len, len);
   zero(w.DQK, C, len, len);
-  gemm_acc(w.DKK, C, k, dk, w.KT, C, len, dk, len, /*lower_n=*/true);
-  gemm_acc(w.DQK, C, q, dk, w.KT, C, len, dk, len, /*lower_n=*/true);
+  gemm_acc<VB>(w.DKK, C, k, dk, w.KT, C, len, dk, len, /*lower_n=*/true);
+  gemm_acc<VB>(w.DQK, C, q, dk, w.KT, C, len, dk, len, /*lower_n=*/true);
   for (int64_t t = 0; t < len; ++t) {
     T *Dr = w.D + t * C, *kk = w.DKK + t * C, *qk = w.DQK + t * C, *nA = w.nA + t * C, *nP = w.nP + t * C;
     const T lt = w.lgp[t];
@@ -229,8 +239,8 @@ HK_INLINE void chunk_forward(Work<T>& w, const T* __restrict q, const T* __restr
   }
   zero(w.KM, dv, len, dv);
   zero(w.QM, dv, len, dv);
-  gemm_acc(w.KM, dv, k, dk, M0, dv, len, dk, dv);
-  gemm_acc(w.QM, dv, q, dk, M0, dv, len, dk, dv);
+  gemm_acc<VB>(w.KM, dv, k, dk, M0, dv, len, dk, dv);
+  gemm_acc<VB>(w.QM, dv, q, dk, M0, dv, len, dk, dv);
   for (int64_t t = 0; t < len; ++t) {
     const T s = 1 + w.c[t];
     const T *km = w.KM + t * dv, *vt = v + t * dv;
@@ -241,7 +251,7 @@ HK_INLINE void chunk_forward(Work<T>& w, const T* __restrict q, const T* __restr
   // X_t += sum_{i<t} nA[t, i] X_i: the block's rows against all earlier blocks, then serially inside the block
   for (int64_t t0 = 0; t0 < len; t0 += kSolveBlock) {
     const int64_t b = std::min(kSolveBlock, len - t0);
-    gemm_acc(w.X + t0 * dv, dv, w.nA + t0 * C, C, w.X, dv, b, t0, dv);
+    gemm_acc<VB>(w.X + t0 * dv, dv, w.nA + t0 * C, C, w.X, dv, b, t0, dv);
     for (int64_t t = t0 + 1; t < t0 + b; ++t)
       accum_rows(w.X + t * dv, w.nA + t * C + t0, w.X + t0 * dv, dv, t - t0, dv);
   }
@@ -252,29 +262,29 @@ HK_INLINE void chunk_forward(Work<T>& w, const T* __restrict q, const T* __restr
 #pragma omp simd
       for (int64_t j = 0; j < dv; ++j) ot[j] = w.c[t] * qm[j];
     }
-    gemm_acc(o, dv, w.nP, C, w.X, dv, len, len, dv, false, /*lower_p=*/true);
+    gemm_acc<VB>(o, dv, w.nP, C, w.X, dv, len, len, dv, false, /*lower_p=*/true);
   }
 }
 
 // One (b, h): all chunks in order; M (dk, dv) holds the initial state on entry and the final state on exit.
-template <typename T>
+template <int VB, typename T>
 HK_INLINE void fwd_head_body(Work<T>& w, const T* q, const T* k, const T* v, const T* al, const T* et, T* M, T* o,
                              T* states, int64_t L, int64_t step) {
   const int64_t C = w.C, dk = w.dk, dv = w.dv, S = dk * dv;
   for (int64_t s = 0, n = 0; s < L; s += step, ++n) {
     const int64_t len = std::min(step, L - s);
     std::copy(M, M + S, states + n * S);
-    chunk_forward(w, q + s * dk, k + s * dk, v + s * dv, al + s, et + s, len, M, o + s * dv);
+    chunk_forward<VB>(w, q + s * dk, k + s * dk, v + s * dv, al + s, et + s, len, M, o + s * dv);
     // M <- gamma_C M - sum_i eta_i g_i k_i X_i^T
     for (int64_t a = 0; a < dk; ++a)
       for (int64_t i = 0; i < len; ++i) w.WT[a * C + i] = -et[s + i] * w.g[i] * w.KT[a * C + i];
     for (int64_t j = 0; j < S; ++j) M[j] *= w.gC;
-    gemm_acc(M, dv, w.WT, C, w.X, dv, dk, len, dv);
+    gemm_acc<VB>(M, dv, w.WT, C, w.X, dv, dk, len, dv);
   }
 }
 
 // One (b, h), chunks in reverse. dM (dk, dv) holds the final-state gradient on entry and dM_0 on exit.
-template <typename T>
+template <int VB, typename T>
 HK_INLINE void bwd_head_body(Work<T>& w, const T* q, const T* k, const T* v, const T* al, const T* et,
                              const T* states, const T* dO, T* dM, T* dq, T* dk_, T* dv_, T* dalpha, T* deta,
                              int64_t L, int64_t step) {
@@ -284,14 +294,14 @@ HK_INLINE void bwd_head_body(Work<T>& w, const T* q, const T* k, const T* v, con
   for (int64_t n = N - 1; n >= 0; --n) {
     const int64_t s = n * step, len = std::min(step, L - s);
     const T *qc = q + s * dk, *kc = k + s * dk, *e = et + s, *dOc = dO + s * dv, *M0 = states + n * S;
-    chunk_forward(w, qc, kc, v + s * dv, al + s, e, len, M0, static_cast<T*>(nullptr));
+    chunk_forward<VB>(w, qc, kc, v + s * dv, al + s, e, len, M0, static_cast<T*>(nullptr));
     const T *X = w.X, *dMC = w.dMC;
     T* dR = w.dR;
     transpose(w.nA, C, w.nAT, C, len, len);
     transpose(w.nP, C, w.nPT, C, len, len);
     // dR = -diag(eta g) K dM_C - P^T dO, then (I + A^T) dR = that, by back substitution
     zero(w.KdM, dv, len, dv);
-    gemm_acc(w.KdM, dv, kc, dk, dMC, dv, len, dk, dv);
+    gemm_acc<VB>(w.KdM, dv, kc, dk, dMC, dv, len, dk, dv);
     for (int64_t i = 0; i < len; ++i) {
       const T wi = -e[i] * w.g[i];
       const T* kd = w.KdM + i * dv;
@@ -299,7 +309,7 @@ HK_INLINE void bwd_head_body(Work<T>& w, const T* q, const T* k, const T* v, con
 #pragma omp simd
       for (int64_t j = 0; j < dv; ++j) dr[j] = wi * kd[j];
     }
-    gemm_acc(dR, dv, w.nPT, C, dOc, dv, len, len, dv, false, false, /*upper_p=*/true);
+    gemm_acc<VB>(dR, dv, w.nPT, C, dOc, dv, len, len, dv, false, false, /*upper_p=*/true);
     for (int64_t i = len - 2; i >= 0; --i)
       accum_rows(dR + i * dv, w.nAT + i * C + i + 1, dR + (i + 1) * dv, dv, len - i - 1, dv);
     // C x C terms: dA = -dR X^T, dP = -dO X^T (i < t); GA = dA D eta_i, GP = dP D eta_i;
@@ -307,8 +317,8 @@ HK_INLINE void bwd_head_body(Work<T>& w, const T* q, const T* k, const T* v, con
     transpose(X, dv, w.XT, C, len, dv);
     zero(w.dA, C, len, len);
     zero(w.dP, C, len, len);
-    gemm_acc(w.dA, C, dR, dv, w.XT, C, len, dv, len, /*lower_n=*/true);
-    gemm_acc(w.dP, C, dOc, dv, w.XT, C, len, dv, len, /*lower_n=*/true);
+    gemm_acc<VB>(w.dA, C, dR, dv, w.XT, C, len, dv, len, /*lower_n=*/true);
+    gemm_acc<VB>(w.dP, C, dOc, dv, w.XT, C, len, dv, len, /*lower_n=*/true);
     for (int64_t t = 0; t < len; ++t) w.dcol[t] = 0;
     for (int64_t t = 0; t < len; ++t) {
       T rowsum = 0;
@@ -340,16 +350,16 @@ HK_INLINE void bwd_head_body(Work<T>& w, const T* q, const T* k, const T* v, con
     }
     zero(dkc, dk, len, dk);
     zero(dqc, dk, len, dk);
-    gemm_acc(dkc, dk, w.CK, 2 * dv, w.MT, dk, len, 2 * dv, dk);
-    gemm_acc(dkc, dk, w.GS, C, kc, dk, len, len, dk);
-    gemm_acc(dkc, dk, w.GPT, C, qc, dk, len, len, dk, false, false, /*upper_p=*/true);
+    gemm_acc<VB>(dkc, dk, w.CK, 2 * dv, w.MT, dk, len, 2 * dv, dk);
+    gemm_acc<VB>(dkc, dk, w.GS, C, kc, dk, len, len, dk);
+    gemm_acc<VB>(dkc, dk, w.GPT, C, qc, dk, len, len, dk, false, false, /*upper_p=*/true);
     for (int64_t t = 0; t < len; ++t) {
       const T* dot_ = dOc + t * dv;
       T* ck = w.CK + t * dv;
       for (int64_t j = 0; j < dv; ++j) ck[j] = w.c[t] * dot_[j];
     }
-    gemm_acc(dqc, dk, w.CK, dv, w.MT, dk, len, dv, dk);
-    gemm_acc(dqc, dk, w.GP, C, kc, dk, len, len, dk, false, /*lower_p=*/true);
+    gemm_acc<VB>(dqc, dk, w.CK, dv, w.MT, dk, len, dv, dk);
+    gemm_acc<VB>(dqc, dk, w.GP, C, kc, dk, len, len, dk, false, /*lower_p=*/true);
     T dgg_sum = 0;
     for (int64_t t = 0; t < len; ++t) {
       const T *dr = dR + t * dv, *x = X + t * dv;
@@ -377,8 +387,8 @@ HK_INLINE void bwd_head_body(Work<T>& w, const T* q, const T* k, const T* v, con
       for (int64_t a = 0; a < dk; ++a)
         w.QcT[a * C + t] = w.c[t] * qc[t * dk + a], w.KcT[a * C + t] = (1 + w.c[t]) * kc[t * dk + a];
     for (int64_t j = 0; j < S; ++j) w.dMn[j] = w.gC * dMC[j];
-    gemm_acc(w.dMn, dv, w.QcT, C, dOc, dv, dk, len, dv);
-    gemm_acc(w.dMn, dv, w.KcT, C, dR, dv, dk, len, dv);
+    gemm_acc<VB>(w.dMn, dv, w.QcT, C, dOc, dv, dk, len, dv);
+    gemm_acc<VB>(w.dMn, dv, w.KcT, C, dR, dv, dk, len, dv);
     std::swap(w.dMC, w.dMn);
   }
   std::copy(w.dMC, w.dMC + S, dM);
@@ -394,31 +404,38 @@ HK_INLINE void bwd_head_body(Work<T>& w, const T* q, const T* k, const T* v, con
 #define HK_BWD_ARGS w, q, k, v, al, et, states, dO, dM, dq, dk, dv, dalpha, deta, L, step
 
 template <typename T>
-void fwd_head_generic(HK_FWD_PARAMS) { fwd_head_body(HK_FWD_ARGS); }
+void fwd_head_generic(HK_FWD_PARAMS) { fwd_head_body<16>(HK_FWD_ARGS); }
 template <typename T>
-void bwd_head_generic(HK_BWD_PARAMS) { bwd_head_body(HK_BWD_ARGS); }
+void bwd_head_generic(HK_BWD_PARAMS) { bwd_head_body<16>(HK_BWD_ARGS); }
 #ifdef HK_AVX2_CLONE
 template <typename T>
-__attribute__((target("avx2,fma"))) void fwd_head_avx2(HK_FWD_PARAMS) { fwd_head_body(HK_FWD_ARGS); }
+__attribute__((target("avx2,fma"))) void fwd_head_avx2(HK_FWD_PARAMS) { fwd_head_body<32>(HK_FWD_ARGS); }
 template <typename T>
-__attribute__((target("avx2,fma"))) void bwd_head_avx2(HK_BWD_PARAMS) { bwd_head_body(HK_BWD_ARGS); }
-bool has_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-}
+__attribute__((target("avx2,fma"))) void bwd_head_avx2(HK_BWD_PARAMS) { bwd_head_body<32>(HK_BWD_ARGS); }
 #endif
 
-template <typename T>
-void fwd_head(HK_FWD_PARAMS) {
+// AVX2 clone when the CPU has AVX2 + FMA, unless HOPE_KERNELS_NO_AVX2=1 (tests run the baseline build with it).
+bool use_avx2() {
 #ifdef HK_AVX2_CLONE
-  if (has_avx2()) return fwd_head_avx2(HK_FWD_ARGS);
+  static const bool cpu = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const char* off = std::getenv("HOPE_KERNELS_NO_AVX2");
+  return cpu && !(off != nullptr && off[0] == '1');
+#else
+  return false;
+#endif
+}
+
+template <typename T>
+void fwd_head(bool avx2, HK_FWD_PARAMS) {
+#ifdef HK_AVX2_CLONE
+  if (avx2) return fwd_head_avx2(HK_FWD_ARGS);
 #endif
   fwd_head_generic(HK_FWD_ARGS);
 }
 template <typename T>
-void bwd_head(HK_BWD_PARAMS) {
+void bwd_head(bool avx2, HK_BWD_PARAMS) {
 #ifdef HK_AVX2_CLONE
-  if (has_avx2()) return bwd_head_avx2(HK_BWD_ARGS);
+  if (avx2) return bwd_head_avx2(HK_BWD_ARGS);
 #endif
   bwd_head_generic(HK_BWD_ARGS);
 }
@@ -436,6 +453,7 @@ std::tuple<Tensor, Tensor, Tensor> dgd_chunk_fwd_cpu(const Tensor& q, const Tens
   Tensor M = initial_state.has_value() ? initial_state->to(acc).contiguous().clone() : at::zeros({B, H, dk, dv}, opts);
   auto states = at::empty({B, H, N, dk, dv}, opts);
   auto o = at::empty({B, H, L, dv}, opts);
+  const bool avx2 = use_avx2();
   AT_DISPATCH_FLOATING_TYPES(acc, "dgd_chunk_fwd_cpu", [&] {
     using T = scalar_t;
     const T *pq = qa.data_ptr<T>(), *pk = ka.data_ptr<T>(), *pv = va.data_ptr<T>();
@@ -444,7 +462,7 @@ std::tuple<Tensor, Tensor, Tensor> dgd_chunk_fwd_cpu(const Tensor& q, const Tens
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
       Work<T> w(std::min(C, L), dk, dv, false);  // no chunk holds more than L tokens
       for (int64_t bh = begin; bh < end; ++bh)
-        fwd_head<T>(w, pq + bh * L * dk, pk + bh * L * dk, pv + bh * L * dv, pa + bh * L, pe + bh * L,
+        fwd_head<T>(avx2, w, pq + bh * L * dk, pk + bh * L * dk, pv + bh * L * dv, pa + bh * L, pe + bh * L,
                     pM + bh * dk * dv, po + bh * L * dv, ps + bh * N * dk * dv, L, C);
     });
   });
@@ -472,6 +490,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dgd_chunk_bwd_cpu(
   auto dM0 = dM.to(acc).contiguous().clone();  // overwritten per head with dM_0
   auto dq = at::empty({B, H, L, dk}, opts), dk_ = at::empty({B, H, L, dk}, opts), dv_ = at::empty({B, H, L, dv}, opts);
   auto dalpha = at::empty({B, H, L}, opts), deta = at::empty({B, H, L}, opts);
+  const bool avx2 = use_avx2();
   AT_DISPATCH_FLOATING_TYPES(acc, "dgd_chunk_bwd_cpu", [&] {
     using T = scalar_t;
     const T *pq = qa.data_ptr<T>(), *pk = ka.data_ptr<T>(), *pv = va.data_ptr<T>();
@@ -481,7 +500,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dgd_chunk_bwd_cpu(
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
       Work<T> w(std::min(C, L), dk, dv, true);
       for (int64_t bh = begin; bh < end; ++bh)
-        bwd_head<T>(w, pq + bh * L * dk, pk + bh * L * dk, pv + bh * L * dv, pa + bh * L, pe + bh * L,
+        bwd_head<T>(avx2, w, pq + bh * L * dk, pk + bh * L * dk, pv + bh * L * dv, pa + bh * L, pe + bh * L,
                     ps + bh * N * dk * dv, pdo + bh * L * dv, pdM + bh * dk * dv, pdq + bh * L * dk,
                     pdk + bh * L * dk, pdv + bh * L * dv, pda + bh * L, pde + bh * L, L, C);
     });
