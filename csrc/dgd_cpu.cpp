@@ -223,12 +223,24 @@ HK_INLINE void chunk_forward(Work<T>& w, const T* __restrict q, const T* __restr
   zero(w.DQK, C, len, len);
   gemm_acc<VB>(w.DKK, C, k, dk, w.KT, C, len, dk, len, /*lower_n=*/true);
   gemm_acc<VB>(w.DQK, C, q, dk, w.KT, C, len, dk, len, /*lower_n=*/true);
+  // D[t, i] = exp(lgp_t - lg_i). Across 16-column blocks it factors as exp(lgp_t - m) exp(m - lg_i) with m = lg at
+  // the block's last column (both exponents <= 0), so only the diagonal blocks take one exp per entry.
+  for (int64_t j0 = 0; j0 < len; j0 += kSolveBlock) {
+    const int64_t j1 = std::min(len, j0 + kSolveBlock);
+    const T m = w.lg[j1 - 1];
+    T colf[kSolveBlock];
+    for (int64_t i = j0; i < j1; ++i) colf[i - j0] = std::exp(m - w.lg[i]);
+    for (int64_t t = j0; t < j1; ++t)
+      for (int64_t i = j0; i < t; ++i) w.D[t * C + i] = std::exp(w.lgp[t] - w.lg[i]);
+    for (int64_t t = j1; t < len; ++t) {
+      const T rowf = std::exp(w.lgp[t] - m);
+      for (int64_t i = j0; i < j1; ++i) w.D[t * C + i] = rowf * colf[i - j0];
+    }
+  }
   for (int64_t t = 0; t < len; ++t) {
     T *Dr = w.D + t * C, *kk = w.DKK + t * C, *qk = w.DQK + t * C, *nA = w.nA + t * C, *nP = w.nP + t * C;
-    const T lt = w.lgp[t];
     for (int64_t i = 0; i < t; ++i) {
-      const T d = std::exp(lt - w.lg[i]);
-      Dr[i] = d;
+      const T d = Dr[i];
       kk[i] *= d;
       qk[i] *= d;
       nA[i] = -kk[i] * et[i];
