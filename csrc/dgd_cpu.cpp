@@ -1,16 +1,42 @@
-// HOPE's delta-gradient-descent memory (DESIGN 4.4), chunked, on the CPU with ATen matrix products.
+// HOPE's delta-gradient-descent memory (DESIGN 4.4), chunked, on the CPU.
 //
-// Per chunk of C tokens (docs/dgd.md): A = strict_tril(D * K K^T) diag(eta), P = strict_tril(D * Q K^T) diag(eta),
-// U = (I + A)^{-1} diag(1 + c) K, TV = (I + A)^{-1} V, W = diag(eta * g) K. Everything that does not depend on
-// the state is computed for all chunks in one batched call; the serial loop over chunks only carries the state:
-//   X_n = U_n M_n - TV_n,  M_{n+1} = gamma_C M_n - W_n^T X_n;  then O = diag(c) Q M_n - P X_n for all chunks.
-// Forward returns the chunk-start states M_n (saved for backward). Backward recomputes the chunk-local
-// quantities, runs one reverse loop for dM and dX, and then forms every other gradient chunk-parallel.
-// Math in float32 (float64 for double inputs).
+// One task per (b, h) (at::parallel_for over B*H); each task walks its chunks serially on raw pointers, so a
+// chunk's q, k, v and the (dk, dv) state are touched while they sit in cache. Per chunk of len <= C tokens
+// (docs/dgd.md), with c_t = gamma_{t-1}, g_i = gamma_C / gamma_i, D[t, i] = gamma_{t-1} / gamma_i (i < t):
+//   A[t, i] = D eta_i k_t.k_i,  P[t, i] = D eta_i q_t.k_i                          (strictly lower, C x C)
+//   X_t = (1 + c_t) k_t^T M_0 - v_t - sum_{i<t} A[t, i] X_i                      (UT solve = forward substitution)
+//   o_t = c_t q_t^T M_0 - sum_{i<t} P[t, i] X_i
+//   M_C = gamma_C M_0 - sum_i eta_i g_i k_i X_i^T
+// The forward saves the chunk-start states M_n. The backward walks the chunks in reverse: it recomputes the
+// chunk from M_n, forms dR = (I + A)^{-T} dX by back substitution fused with dX = -W dM_C - P^T dO, then
+// every chunk-local gradient and dM_n = gamma_C dM_C + Q^T diag(c) dO + K^T diag(1 + c) dR.
+// A last chunk shorter than C is a chunk of len tokens (the padded tokens of the reference contribute nothing).
+//
+// Every product is a small row-major matrix product (gemm_acc: register tiles of 4 rows x 2 vectors, written with
+// the GCC/clang vector extension; triangular operands skip their zero parts); the forward substitution runs 16
+// rows at a time (one product against all earlier rows, then serially inside the block). The per-head kernels
+// are compiled twice, for the baseline ISA (16-byte vectors) and for AVX2 + FMA (32-byte vectors), picked at run
+// time (x86 with GCC or clang; HOPE_KERNELS_NO_AVX2=1 forces the baseline build).
+// Math in float32 (float64 for double inputs); q, k, v, gate gradients come back in their dtype.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <tuple>
+#include <vector>
+
+#if defined(__GNUC__)
+#define HK_INLINE __attribute__((always_inline)) inline
+#else
+#define HK_INLINE inline
+#endif
+#if defined(__GNUC__) && defined(__x86_64__)
+#define HK_AVX2_CLONE 1
+#endif
 
 namespace {
 
@@ -30,64 +56,400 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
   TORCH_CHECK(chunk_size >= 1, "chunk_size must be >= 1, got ", chunk_size);
 }
 
-// (B, H, L, d) -> (B, H, N, C, d), padded with `value`; (B, H, L) gates -> (B, H, N, C).
-Tensor chunked(const Tensor& x, int64_t C, int64_t N, double value, at::ScalarType acc) {
-  auto y = x.to(acc);
-  const int64_t L = x.size(2);
-  if (N * C != L) {
-    if (x.dim() == 4) y = at::constant_pad_nd(y, {0, 0, 0, N * C - L}, value);
-    else y = at::constant_pad_nd(y, {0, N * C - L}, value);
+template <typename T>
+HK_INLINE T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) s += a[j] * b[j];
+  return s;
+}
+
+// y[0:n] += sum_{a < m} coef[a] * rows[a * stride : a * stride + n], four rows per pass over y.
+template <typename T>
+HK_INLINE void accum_rows(T* __restrict y, const T* __restrict coef, const T* __restrict rows, int64_t stride,
+                          int64_t m, int64_t n) {
+  int64_t a = 0;
+  for (; a + 4 <= m; a += 4) {
+    const T c0 = coef[a], c1 = coef[a + 1], c2 = coef[a + 2], c3 = coef[a + 3];
+    const T *r0 = rows + a * stride, *r1 = r0 + stride, *r2 = r1 + stride, *r3 = r2 + stride;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) y[j] += c0 * r0[j] + c1 * r1[j] + c2 * r2[j] + c3 * r3[j];
   }
-  if (x.dim() == 4) return y.reshape({x.size(0), x.size(1), N, C, x.size(3)});
-  return y.reshape({x.size(0), x.size(1), N, C});
+  for (; a < m; ++a) {
+    const T c0 = coef[a];
+    const T* r0 = rows + a * stride;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) y[j] += c0 * r0[j];
+  }
 }
 
-Tensor unchunk(const Tensor& x, int64_t L) {  // (B, H, N, C, ...) -> (B, H, L, ...)
-  std::vector<int64_t> shape{x.size(0), x.size(1), x.size(2) * x.size(3)};
-  for (int64_t d = 4; d < x.dim(); ++d) shape.push_back(x.size(d));
-  return x.reshape(shape).narrow(2, 0, L);
+#if defined(__GNUC__)
+// VB-byte vectors (GCC/clang vector extension): 32 in the AVX2 build, 16 (SSE2 / NEON) in the baseline one.
+template <typename T, int VB>
+struct Vec;
+template <>
+struct Vec<float, 16> {
+  typedef float type __attribute__((vector_size(16)));
+};
+template <>
+struct Vec<float, 32> {
+  typedef float type __attribute__((vector_size(32)));
+};
+template <>
+struct Vec<double, 16> {
+  typedef double type __attribute__((vector_size(16)));
+};
+template <>
+struct Vec<double, 32> {
+  typedef double type __attribute__((vector_size(32)));
+};
+#endif
+
+// Y (m, n) += A (m, p) B (p, n), row-major with leading dimensions, in 4 x (2 VB bytes) register tiles.
+// lower_n: row r only needs columns < r (the others may hold anything afterwards);
+// lower_p / upper_p: A[r, a] = 0 for a >= r / a <= r (the caller zero-fills it), so the inner sum stops at the
+// tile's last row / starts after its first row.
+template <int VB, typename T>
+HK_INLINE void gemm_acc(T* __restrict Y, int64_t ldy, const T* __restrict A, int64_t lda, const T* __restrict B,
+                        int64_t ldb, int64_t m, int64_t p, int64_t n, bool lower_n = false, bool lower_p = false,
+                        bool upper_p = false) {
+  constexpr int64_t MR = 4, NR = 2 * VB / sizeof(T);
+  for (int64_t r = 0; r < m; r += MR) {
+    const int64_t ne = lower_n ? std::min(n, r + MR) : n, pe = lower_p ? std::min(p, r + MR) : p;
+    const int64_t pb = upper_p ? std::min(p, r + 1) : 0;
+    if (r + MR > m) {
+      for (int64_t i = r; i < m; ++i) accum_rows(Y + i * ldy, A + i * lda + pb, B + pb * ldb, ldb, pe - pb, ne);
+      continue;
+    }
+    const T *a0 = A + r * lda, *a1 = a0 + lda, *a2 = a1 + lda, *a3 = a2 + lda;
+    T* y[MR] = {Y + r * ldy, Y + (r + 1) * ldy, Y + (r + 2) * ldy, Y + (r + 3) * ldy};
+    int64_t j = 0;
+#if defined(__GNUC__)
+    using V = typename Vec<T, VB>::type;
+    constexpr int64_t W = NR / 2;
+    for (; j + NR <= ne; j += NR) {
+      V s[MR][2] = {};  // eight accumulators, kept in registers
+      for (int64_t a = pb; a < pe; ++a) {
+        V b0, b1;
+        std::memcpy(&b0, B + a * ldb + j, sizeof(V));
+        std::memcpy(&b1, B + a * ldb + j + W, sizeof(V));
+        const T x0 = a0[a], x1 = a1[a], x2 = a2[a], x3 = a3[a];
+        s[0][0] += x0 * b0, s[0][1] += x0 * b1;
+        s[1][0] += x1 * b0, s[1][1] += x1 * b1;
+        s[2][0] += x2 * b0, s[2][1] += x2 * b1;
+        s[3][0] += x3 * b0, s[3][1] += x3 * b1;
+      }
+      for (int64_t i = 0; i < MR; ++i)
+        for (int64_t h = 0; h < 2; ++h) {
+          V cur;
+          std::memcpy(&cur, y[i] + j + h * W, sizeof(V));
+          cur += s[i][h];
+          std::memcpy(y[i] + j + h * W, &cur, sizeof(V));
+        }
+    }
+#endif
+    if (j < ne)
+      for (int64_t i = 0; i < MR; ++i)
+        accum_rows(y[i] + j, A + (r + i) * lda + pb, B + pb * ldb + j, ldb, pe - pb, ne - j);
+  }
 }
 
-struct ChunkTensors {
-  Tensor q, k, v, alpha, eta;  // (B, H, N, C, .)
-  Tensor c, g, gC, D;          // decays: c_t = gamma_{t-1}, g_i = gamma_C / gamma_i, D[t, i] = gamma_{t-1} / gamma_i
-  Tensor KK, QK, A, P, I_A, U, TV, W, Qc;
+template <typename T>
+HK_INLINE void transpose(const T* __restrict src, int64_t lds, T* __restrict dst, int64_t ldd, int64_t rows,
+                         int64_t cols) {  // dst[j, a] = src[a, j]
+  for (int64_t a = 0; a < rows; ++a)
+    for (int64_t j = 0; j < cols; ++j) dst[j * ldd + a] = src[a * lds + j];
+}
+
+template <typename T>
+HK_INLINE void zero(T* y, int64_t ld, int64_t rows, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r) std::fill(y + r * ld, y + r * ld + cols, T(0));
+}
+
+// Scratch of one task, sized for a full chunk of C tokens. Forward terms first, backward-only ones after.
+template <typename T>
+struct Work {
+  int64_t C, dk, dv;
+  std::vector<T> buf;
+  // nA = -A, nP = -P (row t: i < t, zero elsewhere); KT = K^T (dk, C); WT[a, i] = -eta_i g_i k_i[a]
+  T *lg, *lgp, *c, *g, *D, *DKK, *DQK, *nA, *nP, *KT, *KM, *QM, *X, *WT;
+  T *dMC, *dMn, *MT, *KdM, *dR, *XT, *nAT, *nPT, *dA, *dP, *GS, *GP, *GPT, *CK, *QcT, *KcT, *dlg, *dlgp, *dcol;
+  T gC = 1;
+
+  Work(int64_t C_, int64_t dk_, int64_t dv_, bool backward) : C(C_), dk(dk_), dv(dv_) {
+    const int64_t S = dk * dv, CC = C * C;
+    std::vector<std::pair<T**, int64_t>> parts = {
+        {&lg, C}, {&lgp, C}, {&c, C}, {&g, C}, {&D, CC}, {&DKK, CC}, {&DQK, CC}, {&nA, CC}, {&nP, CC},
+        {&KT, dk * C}, {&KM, C * dv}, {&QM, C * dv}, {&X, C * dv}, {&WT, dk * C}};
+    if (backward) {
+      parts.insert(parts.end(), {{&dMC, S}, {&dMn, S}, {&MT, 2 * S}, {&KdM, C * dv}, {&dR, C * dv}, {&XT, dv * C},
+                                 {&nAT, CC}, {&nPT, CC}, {&dA, CC}, {&dP, CC}, {&GS, CC}, {&GP, CC}, {&GPT, CC},
+                                 {&CK, C * 2 * dv}, {&QcT, dk * C}, {&KcT, dk * C}, {&dlg, C}, {&dlgp, C},
+                                 {&dcol, C}});
+    }
+    int64_t total = 0;
+    for (auto& p : parts) total += p.second;
+    buf.assign(total, T(0));
+    T* ptr = buf.data();
+    for (auto& p : parts) {
+      *p.first = ptr;
+      ptr += p.second;
+    }
+  }
 };
 
-ChunkTensors prepare(const Tensor& q_, const Tensor& k_, const Tensor& v_, const Tensor& alpha_, const Tensor& eta_,
-                     int64_t C) {
-  const auto acc = acc_type(q_);
-  const int64_t L = q_.size(2);
-  const int64_t N = (L + C - 1) / C;
-  ChunkTensors t;
-  t.q = chunked(q_, C, N, 0.0, acc);
-  t.k = chunked(k_, C, N, 0.0, acc);
-  t.v = chunked(v_, C, N, 0.0, acc);
-  t.alpha = chunked(alpha_, C, N, 1.0, acc);  // padded tokens: alpha 1, eta 0 leave the state untouched
-  t.eta = chunked(eta_, C, N, 0.0, acc);
-  auto la = t.alpha.log();
-  auto lg = la.cumsum(-1);
-  auto lgp = lg - la;
-  auto opts = q_.options().dtype(acc);
-  auto strict = at::ones({C, C}, opts.dtype(at::kBool)).tril(-1);
-  auto last = lg.narrow(-1, C - 1, 1);
-  t.c = lgp.exp();
-  t.g = (last - lg).exp();
-  t.gC = last.squeeze(-1).exp();
-  t.D = (lgp.unsqueeze(-1) - lg.unsqueeze(-2)).masked_fill(strict.logical_not(), -INFINITY).exp();
-  auto kT = t.k.transpose(-1, -2);
-  t.KK = at::matmul(t.k, kT);
-  t.QK = at::matmul(t.q, kT);
-  auto e_col = t.eta.unsqueeze(-2);
-  t.A = t.D * t.KK * e_col;
-  t.P = t.D * t.QK * e_col;
-  t.I_A = t.A + at::eye(C, opts);
-  t.U = at::linalg_solve_triangular(t.I_A, (1 + t.c).unsqueeze(-1) * t.k, /*upper=*/false, /*left=*/true,
-                                    /*unitriangular=*/true);
-  t.TV = at::linalg_solve_triangular(t.I_A, t.v, false, true, true);
-  t.W = t.k * (t.eta * t.g).unsqueeze(-1);
-  t.Qc = t.q * t.c.unsqueeze(-1);
-  return t;
+constexpr int64_t kSolveBlock = 16;  // forward substitution: off-diagonal blocks as one product each
+
+// Recompute one chunk from its start state M0: gates, D, D k k^T, D q k^T, K M0, Q M0 and X; writes o (len, dv)
+// when o != nullptr. q, k (len, dk), v (len, dv), al, et (len) point at the chunk's first token.
+template <int VB, typename T>
+HK_INLINE void chunk_forward(Work<T>& w, const T* __restrict q, const T* __restrict k, const T* __restrict v,
+                             const T* __restrict al, const T* __restrict et, int64_t len, const T* __restrict M0,
+                             T* __restrict o) {
+  const int64_t C = w.C, dk = w.dk, dv = w.dv;
+  T run = 0;
+  for (int64_t t = 0; t < len; ++t) {
+    w.lgp[t] = run;
+    run += std::log(al[t]);
+    w.lg[t] = run;
+  }
+  w.gC = std::exp(run);
+  for (int64_t t = 0; t < len; ++t) {
+    w.c[t] = std::exp(w.lgp[t]);
+    w.g[t] = std::exp(run - w.lg[t]);
+  }
+  transpose(k, dk, w.KT, C, len, dk);
+  zero(w.DKK, C, len, len);
+  zero(w.DQK, C, len, len);
+  gemm_acc<VB>(w.DKK, C, k, dk, w.KT, C, len, dk, len, /*lower_n=*/true);
+  gemm_acc<VB>(w.DQK, C, q, dk, w.KT, C, len, dk, len, /*lower_n=*/true);
+  // D[t, i] = exp(lgp_t - lg_i). Across 16-column blocks it factors as exp(lgp_t - m) exp(m - lg_i) with m = lg at
+  // the block's last column (both exponents <= 0), so only the diagonal blocks take one exp per entry.
+  for (int64_t j0 = 0; j0 < len; j0 += kSolveBlock) {
+    const int64_t j1 = std::min(len, j0 + kSolveBlock);
+    const T m = w.lg[j1 - 1];
+    T colf[kSolveBlock];
+    for (int64_t i = j0; i < j1; ++i) colf[i - j0] = std::exp(m - w.lg[i]);
+    for (int64_t t = j0; t < j1; ++t)
+      for (int64_t i = j0; i < t; ++i) w.D[t * C + i] = std::exp(w.lgp[t] - w.lg[i]);
+    for (int64_t t = j1; t < len; ++t) {
+      const T rowf = std::exp(w.lgp[t] - m);
+      for (int64_t i = j0; i < j1; ++i) w.D[t * C + i] = rowf * colf[i - j0];
+    }
+  }
+  for (int64_t t = 0; t < len; ++t) {
+    T *Dr = w.D + t * C, *kk = w.DKK + t * C, *qk = w.DQK + t * C, *nA = w.nA + t * C, *nP = w.nP + t * C;
+    for (int64_t i = 0; i < t; ++i) {
+      const T d = Dr[i];
+      kk[i] *= d;
+      qk[i] *= d;
+      nA[i] = -kk[i] * et[i];
+      nP[i] = -qk[i] * et[i];
+    }
+    std::fill(nA + t, nA + len, T(0));
+    std::fill(nP + t, nP + len, T(0));
+  }
+  zero(w.KM, dv, len, dv);
+  zero(w.QM, dv, len, dv);
+  gemm_acc<VB>(w.KM, dv, k, dk, M0, dv, len, dk, dv);
+  gemm_acc<VB>(w.QM, dv, q, dk, M0, dv, len, dk, dv);
+  for (int64_t t = 0; t < len; ++t) {
+    const T s = 1 + w.c[t];
+    const T *km = w.KM + t * dv, *vt = v + t * dv;
+    T* x = w.X + t * dv;
+#pragma omp simd
+    for (int64_t j = 0; j < dv; ++j) x[j] = s * km[j] - vt[j];
+  }
+  // X_t += sum_{i<t} nA[t, i] X_i: the block's rows against all earlier blocks, then serially inside the block
+  for (int64_t t0 = 0; t0 < len; t0 += kSolveBlock) {
+    const int64_t b = std::min(kSolveBlock, len - t0);
+    gemm_acc<VB>(w.X + t0 * dv, dv, w.nA + t0 * C, C, w.X, dv, b, t0, dv);
+    for (int64_t t = t0 + 1; t < t0 + b; ++t)
+      accum_rows(w.X + t * dv, w.nA + t * C + t0, w.X + t0 * dv, dv, t - t0, dv);
+  }
+  if (o != nullptr) {
+    for (int64_t t = 0; t < len; ++t) {
+      const T* qm = w.QM + t * dv;
+      T* ot = o + t * dv;
+#pragma omp simd
+      for (int64_t j = 0; j < dv; ++j) ot[j] = w.c[t] * qm[j];
+    }
+    gemm_acc<VB>(o, dv, w.nP, C, w.X, dv, len, len, dv, false, /*lower_p=*/true);
+  }
+}
+
+// One (b, h): all chunks in order; M (dk, dv) holds the initial state on entry and the final state on exit.
+template <int VB, typename T>
+HK_INLINE void fwd_head_body(Work<T>& w, const T* q, const T* k, const T* v, const T* al, const T* et, T* M, T* o,
+                             T* states, int64_t L, int64_t step) {
+  const int64_t C = w.C, dk = w.dk, dv = w.dv, S = dk * dv;
+  for (int64_t s = 0, n = 0; s < L; s += step, ++n) {
+    const int64_t len = std::min(step, L - s);
+    std::copy(M, M + S, states + n * S);
+    chunk_forward<VB>(w, q + s * dk, k + s * dk, v + s * dv, al + s, et + s, len, M, o + s * dv);
+    // M <- gamma_C M - sum_i eta_i g_i k_i X_i^T
+    for (int64_t a = 0; a < dk; ++a)
+      for (int64_t i = 0; i < len; ++i) w.WT[a * C + i] = -et[s + i] * w.g[i] * w.KT[a * C + i];
+    for (int64_t j = 0; j < S; ++j) M[j] *= w.gC;
+    gemm_acc<VB>(M, dv, w.WT, C, w.X, dv, dk, len, dv);
+  }
+}
+
+// One (b, h), chunks in reverse. dM (dk, dv) holds the final-state gradient on entry and dM_0 on exit.
+template <int VB, typename T>
+HK_INLINE void bwd_head_body(Work<T>& w, const T* q, const T* k, const T* v, const T* al, const T* et,
+                             const T* states, const T* dO, T* dM, T* dq, T* dk_, T* dv_, T* dalpha, T* deta,
+                             int64_t L, int64_t step) {
+  const int64_t C = w.C, dk = w.dk, dv = w.dv, S = dk * dv;
+  const int64_t N = (L + step - 1) / step;
+  std::copy(dM, dM + S, w.dMC);
+  for (int64_t n = N - 1; n >= 0; --n) {
+    const int64_t s = n * step, len = std::min(step, L - s);
+    const T *qc = q + s * dk, *kc = k + s * dk, *e = et + s, *dOc = dO + s * dv, *M0 = states + n * S;
+    chunk_forward<VB>(w, qc, kc, v + s * dv, al + s, e, len, M0, static_cast<T*>(nullptr));
+    const T *X = w.X, *dMC = w.dMC;
+    T* dR = w.dR;
+    transpose(w.nA, C, w.nAT, C, len, len);
+    transpose(w.nP, C, w.nPT, C, len, len);
+    // dR = -diag(eta g) K dM_C - P^T dO, then (I + A^T) dR = that, by back substitution
+    zero(w.KdM, dv, len, dv);
+    gemm_acc<VB>(w.KdM, dv, kc, dk, dMC, dv, len, dk, dv);
+    for (int64_t i = 0; i < len; ++i) {
+      const T wi = -e[i] * w.g[i];
+      const T* kd = w.KdM + i * dv;
+      T* dr = dR + i * dv;
+#pragma omp simd
+      for (int64_t j = 0; j < dv; ++j) dr[j] = wi * kd[j];
+    }
+    gemm_acc<VB>(dR, dv, w.nPT, C, dOc, dv, len, len, dv, false, false, /*upper_p=*/true);
+    for (int64_t i = len - 2; i >= 0; --i)
+      accum_rows(dR + i * dv, w.nAT + i * C + i + 1, dR + (i + 1) * dv, dv, len - i - 1, dv);
+    // C x C terms: dA = -dR X^T, dP = -dO X^T (i < t); GA = dA D eta_i, GP = dP D eta_i;
+    // E = dA D KK + dP D QK: its column sums go to eta, and eta_i E[t, i] = dA A + dP P to the gates.
+    transpose(X, dv, w.XT, C, len, dv);
+    zero(w.dA, C, len, len);
+    zero(w.dP, C, len, len);
+    gemm_acc<VB>(w.dA, C, dR, dv, w.XT, C, len, dv, len, /*lower_n=*/true);
+    gemm_acc<VB>(w.dP, C, dOc, dv, w.XT, C, len, dv, len, /*lower_n=*/true);
+    for (int64_t t = 0; t < len; ++t) w.dcol[t] = 0;
+    for (int64_t t = 0; t < len; ++t) {
+      T rowsum = 0;
+      T *GS = w.GS + t * C, *GP = w.GP + t * C, *GPT = w.GPT + t * C;
+      for (int64_t i = 0; i < t; ++i) {
+        const T dA = -w.dA[t * C + i], dP = -w.dP[t * C + i];
+        const T de = w.D[t * C + i] * e[i];
+        GS[i] = w.GS[i * C + t] = dA * de;
+        GP[i] = w.GPT[i * C + t] = dP * de;
+        const T E = dA * w.DKK[t * C + i] + dP * w.DQK[t * C + i];
+        w.dcol[i] += E;
+        rowsum += E * e[i];
+      }
+      w.dlgp[t] = rowsum;
+      GS[t] = 0;
+      std::fill(GP + t, GP + len, T(0));
+      std::fill(GPT, GPT + t + 1, T(0));
+    }
+    // dK = [(1 + c) dR, -eta g X] [M0^T; dM_C^T] + GS K + GP^T Q;  dQ = c dO M0^T + GP K
+    transpose(M0, dv, w.MT, dk, dk, dv);
+    transpose(dMC, dv, w.MT + S, dk, dk, dv);
+    T* dkc = dk_ + s * dk;
+    T* dqc = dq + s * dk;
+    for (int64_t t = 0; t < len; ++t) {
+      const T sc = 1 + w.c[t], wt = -e[t] * w.g[t];
+      const T *dr = dR + t * dv, *x = X + t * dv;
+      T* ck = w.CK + t * 2 * dv;
+      for (int64_t j = 0; j < dv; ++j) ck[j] = sc * dr[j], ck[dv + j] = wt * x[j];
+    }
+    zero(dkc, dk, len, dk);
+    zero(dqc, dk, len, dk);
+    gemm_acc<VB>(dkc, dk, w.CK, 2 * dv, w.MT, dk, len, 2 * dv, dk);
+    gemm_acc<VB>(dkc, dk, w.GS, C, kc, dk, len, len, dk);
+    gemm_acc<VB>(dkc, dk, w.GPT, C, qc, dk, len, len, dk, false, false, /*upper_p=*/true);
+    for (int64_t t = 0; t < len; ++t) {
+      const T* dot_ = dOc + t * dv;
+      T* ck = w.CK + t * dv;
+      for (int64_t j = 0; j < dv; ++j) ck[j] = w.c[t] * dot_[j];
+    }
+    gemm_acc<VB>(dqc, dk, w.CK, dv, w.MT, dk, len, dv, dk);
+    gemm_acc<VB>(dqc, dk, w.GP, C, kc, dk, len, len, dk, false, /*lower_p=*/true);
+    T dgg_sum = 0;
+    for (int64_t t = 0; t < len; ++t) {
+      const T *dr = dR + t * dv, *x = X + t * dv;
+      T* dvt = dv_ + (s + t) * dv;
+#pragma omp simd
+      for (int64_t j = 0; j < dv; ++j) dvt[j] = -dr[j];
+      const T wdot = -dot(x, w.KdM + t * dv, dv);
+      const T dc = dot(w.QM + t * dv, dOc + t * dv, dv) + dot(w.KM + t * dv, dr, dv);
+      const T dgg = e[t] * wdot * w.g[t];
+      deta[s + t] = w.g[t] * wdot + w.dcol[t];
+      w.dlgp[t] += dc * w.c[t];
+      w.dlg[t] = -e[t] * w.dcol[t] - dgg;
+      dgg_sum += dgg;
+    }
+    w.dlg[len - 1] += dgg_sum + dot(M0, dMC, S) * w.gC;
+    // dlog alpha_j = sum_{t >= j} dlg_t + sum_{t > j} dlgp_t
+    T run = 0;
+    for (int64_t j = len - 1; j >= 0; --j) {
+      run += w.dlg[j];
+      dalpha[s + j] = run / al[s + j];
+      run += w.dlgp[j];
+    }
+    // dM_n = gamma_C dM_C + sum_t c_t q_t dO_t^T + (1 + c_t) k_t dR_t^T
+    for (int64_t t = 0; t < len; ++t)
+      for (int64_t a = 0; a < dk; ++a)
+        w.QcT[a * C + t] = w.c[t] * qc[t * dk + a], w.KcT[a * C + t] = (1 + w.c[t]) * kc[t * dk + a];
+    for (int64_t j = 0; j < S; ++j) w.dMn[j] = w.gC * dMC[j];
+    gemm_acc<VB>(w.dMn, dv, w.QcT, C, dOc, dv, dk, len, dv);
+    gemm_acc<VB>(w.dMn, dv, w.KcT, C, dR, dv, dk, len, dv);
+    std::swap(w.dMC, w.dMn);
+  }
+  std::copy(w.dMC, w.dMC + S, dM);
+}
+
+#define HK_FWD_PARAMS                                                                                       \
+  Work<T>&w, const T *q, const T *k, const T *v, const T *al, const T *et, T *M, T *o, T *states, int64_t L, \
+      int64_t step
+#define HK_FWD_ARGS w, q, k, v, al, et, M, o, states, L, step
+#define HK_BWD_PARAMS                                                                                          \
+  Work<T>&w, const T *q, const T *k, const T *v, const T *al, const T *et, const T *states, const T *dO, T *dM, \
+      T *dq, T *dk, T *dv, T *dalpha, T *deta, int64_t L, int64_t step
+#define HK_BWD_ARGS w, q, k, v, al, et, states, dO, dM, dq, dk, dv, dalpha, deta, L, step
+
+template <typename T>
+void fwd_head_generic(HK_FWD_PARAMS) { fwd_head_body<16>(HK_FWD_ARGS); }
+template <typename T>
+void bwd_head_generic(HK_BWD_PARAMS) { bwd_head_body<16>(HK_BWD_ARGS); }
+#ifdef HK_AVX2_CLONE
+template <typename T>
+__attribute__((target("avx2,fma"))) void fwd_head_avx2(HK_FWD_PARAMS) { fwd_head_body<32>(HK_FWD_ARGS); }
+template <typename T>
+__attribute__((target("avx2,fma"))) void bwd_head_avx2(HK_BWD_PARAMS) { bwd_head_body<32>(HK_BWD_ARGS); }
+#endif
+
+// AVX2 clone when the CPU has AVX2 + FMA, unless HOPE_KERNELS_NO_AVX2=1 (tests run the baseline build with it).
+bool use_avx2() {
+#ifdef HK_AVX2_CLONE
+  static const bool cpu = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const char* off = std::getenv("HOPE_KERNELS_NO_AVX2");
+  return cpu && !(off != nullptr && off[0] == '1');
+#else
+  return false;
+#endif
+}
+
+template <typename T>
+void fwd_head(bool avx2, HK_FWD_PARAMS) {
+#ifdef HK_AVX2_CLONE
+  if (avx2) return fwd_head_avx2(HK_FWD_ARGS);
+#endif
+  fwd_head_generic(HK_FWD_ARGS);
+}
+template <typename T>
+void bwd_head(bool avx2, HK_BWD_PARAMS) {
+#ifdef HK_AVX2_CLONE
+  if (avx2) return bwd_head_avx2(HK_BWD_ARGS);
+#endif
+  bwd_head_generic(HK_BWD_ARGS);
 }
 
 std::tuple<Tensor, Tensor, Tensor> dgd_chunk_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
@@ -96,83 +458,67 @@ std::tuple<Tensor, Tensor, Tensor> dgd_chunk_fwd_cpu(const Tensor& q, const Tens
   check_inputs(q, k, v, alpha, eta, C);
   const auto acc = acc_type(q);
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), dk = q.size(3), dv = v.size(3);
-  auto t = prepare(q, k, v, alpha, eta, C);
-  const int64_t N = t.q.size(2);
+  const int64_t N = (L + C - 1) / C;
   auto opts = q.options().dtype(acc);
-  Tensor M = initial_state.has_value() ? initial_state->to(acc).contiguous() : at::zeros({B, H, dk, dv}, opts);
+  auto qa = q.to(acc).contiguous(), ka = k.to(acc).contiguous(), va = v.to(acc).contiguous();
+  auto al = alpha.to(acc).contiguous(), et = eta.to(acc).contiguous();
+  Tensor M = initial_state.has_value() ? initial_state->to(acc).contiguous().clone() : at::zeros({B, H, dk, dv}, opts);
   auto states = at::empty({B, H, N, dk, dv}, opts);
-  auto X = at::empty({B, H, N, C, dv}, opts);
-  auto WT = t.W.transpose(-1, -2);
-  for (int64_t n = 0; n < N; ++n) {
-    states.select(2, n).copy_(M);
-    auto Xn = X.select(2, n);
-    at::matmul_out(Xn, t.U.select(2, n), M);
-    Xn.sub_(t.TV.select(2, n));
-    M = at::matmul(WT.select(2, n), Xn).neg_().add_(M * t.gC.select(2, n).view({B, H, 1, 1}));
-  }
-  auto o = at::matmul(t.Qc, states) - at::matmul(t.P, X);
-  return {unchunk(o, L).to(q.scalar_type()), M, states};
+  auto o = at::empty({B, H, L, dv}, opts);
+  const bool avx2 = use_avx2();
+  AT_DISPATCH_FLOATING_TYPES(acc, "dgd_chunk_fwd_cpu", [&] {
+    using T = scalar_t;
+    const T *pq = qa.data_ptr<T>(), *pk = ka.data_ptr<T>(), *pv = va.data_ptr<T>();
+    const T *pa = al.data_ptr<T>(), *pe = et.data_ptr<T>();
+    T *pM = M.data_ptr<T>(), *po = o.data_ptr<T>(), *ps = states.data_ptr<T>();
+    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+      Work<T> w(std::min(C, L), dk, dv, false);  // no chunk holds more than L tokens
+      for (int64_t bh = begin; bh < end; ++bh)
+        fwd_head<T>(avx2, w, pq + bh * L * dk, pk + bh * L * dk, pv + bh * L * dv, pa + bh * L, pe + bh * L,
+                    pM + bh * dk * dv, po + bh * L * dv, ps + bh * N * dk * dv, L, C);
+    });
+  });
+  return {o.to(q.scalar_type()), M, states};
 }
-
-Tensor rev_cumsum(const Tensor& x) { return x.flip(-1).cumsum(-1).flip(-1); }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dgd_chunk_bwd_cpu(
     const Tensor& q_, const Tensor& k_, const Tensor& v_, const Tensor& alpha_, const Tensor& eta_,
     const Tensor& states_, const Tensor& do_, const Tensor& dM, int64_t C) {
   check_inputs(q_, k_, v_, alpha_, eta_, C);
   const auto acc = acc_type(q_);
-  const int64_t B = q_.size(0), H = q_.size(1), L = q_.size(2), dv = v_.size(3);
-  auto t = prepare(q_, k_, v_, alpha_, eta_, C);
-  const int64_t N = t.q.size(2);
-  TORCH_CHECK(states_.dim() == 5 && states_.size(2) == N, "states must be (B, H, N, dk, dv) with N = ", N,
-              ", got ", states_.sizes());
-  auto Ms = states_.to(acc);
-  auto dO = chunked(do_, C, N, 0.0, acc);
-  auto X = at::matmul(t.U, Ms) - t.TV;
-  // reverse loop over chunks: dM_end[n] (gradient of chunk n's end state) and dX_n
-  auto dM_end = at::empty_like(Ms);
-  auto dX = at::empty_like(X);
-  auto PT = t.P.transpose(-1, -2);
-  auto UT = t.U.transpose(-1, -2);
-  // dM_n = gamma_C dM_{n+1} + (diag(c) Q)^T dO_n + U^T dX_n
-  auto QcT_dO = at::matmul(t.Qc.transpose(-1, -2), dO);
-  auto PT_dO = at::matmul(PT, dO);
-  Tensor dMC = dM.to(acc);
-  for (int64_t n = N - 1; n >= 0; --n) {
-    dM_end.select(2, n).copy_(dMC);
-    auto dXn = dX.select(2, n);
-    at::matmul_out(dXn, t.W.select(2, n), dMC);
-    dXn.add_(PT_dO.select(2, n)).neg_();
-    dMC = dMC * t.gC.select(2, n).view({B, H, 1, 1}) + QcT_dO.select(2, n) + at::matmul(UT.select(2, n), dXn);
-  }
-  auto MsT = Ms.transpose(-1, -2);
-  auto XT = X.transpose(-1, -2);
-  auto strict = at::ones({C, C}, Ms.options().dtype(at::kBool)).tril(-1);
-  auto dR = at::linalg_solve_triangular(t.I_A.transpose(-1, -2), dX, /*upper=*/true, true, true);
-  auto dA = at::matmul(dR, XT).neg_().mul_(strict);
-  auto dP = at::matmul(dO, XT).neg_().mul_(strict);
-  auto dW = at::matmul(X, dM_end.transpose(-1, -2)).neg_();
-  auto e_col = t.eta.unsqueeze(-2);
-  auto GA = dA * t.D * e_col;
-  auto GP = dP * t.D * e_col;
-  auto dk = (1 + t.c).unsqueeze(-1) * at::matmul(dR, MsT) + (t.eta * t.g).unsqueeze(-1) * dW +
-            at::matmul(GA + GA.transpose(-1, -2), t.k) + at::matmul(GP.transpose(-1, -2), t.q);
-  auto dq = t.c.unsqueeze(-1) * at::matmul(dO, MsT) + at::matmul(GP, t.k);
-  auto dc = (at::matmul(t.q, Ms) * dO).sum(-1) + (at::matmul(t.k, Ms) * dR).sum(-1);
-  auto wdot = (dW * t.k).sum(-1);
-  auto deta = t.g * wdot + (dA * t.D * t.KK).sum(-2) + (dP * t.D * t.QK).sum(-2);
-  auto dgg = t.eta * wdot * t.g;
-  auto dgC = (Ms * dM_end).sum(at::IntArrayRef{-1, -2});
-  auto dDD = dA * t.A + dP * t.P;
-  auto dlgp = dDD.sum(-1) + dc * t.c;
-  auto dlg = -dDD.sum(-2) - dgg;
-  dlg.select(-1, C - 1).add_(dgg.sum(-1) + dgC * t.gC);
-  auto dla = rev_cumsum(dlg) + rev_cumsum(dlgp) - dlgp;
-  auto dalpha = dla / t.alpha;
-  (void)dv;
-  return {unchunk(dq, L).to(q_.scalar_type()),        unchunk(dk, L).to(k_.scalar_type()),
-          unchunk(dR.neg(), L).to(v_.scalar_type()),  unchunk(dalpha, L).to(alpha_.scalar_type()),
-          unchunk(deta, L).to(eta_.scalar_type()),    dMC};
+  const int64_t B = q_.size(0), H = q_.size(1), L = q_.size(2), dk = q_.size(3), dv = v_.size(3);
+  const int64_t N = (L + C - 1) / C;
+  TORCH_CHECK(states_.dim() == 5 && states_.size(0) == B && states_.size(1) == H && states_.size(2) == N &&
+                  states_.size(3) == dk && states_.size(4) == dv,
+              "states must be (B, H, N, dk, dv) = (", B, ", ", H, ", ", N, ", ", dk, ", ", dv, "), got ",
+              states_.sizes());
+  TORCH_CHECK(do_.sizes() == v_.sizes(), "do must be (B, H, L, dv) like v ", v_.sizes(), ", got ", do_.sizes());
+  TORCH_CHECK(dM.dim() == 4 && dM.size(0) == B && dM.size(1) == H && dM.size(2) == dk && dM.size(3) == dv,
+              "dM must be (B, H, dk, dv), got ", dM.sizes());
+  auto opts = q_.options().dtype(acc);
+  auto qa = q_.to(acc).contiguous(), ka = k_.to(acc).contiguous(), va = v_.to(acc).contiguous();
+  auto al = alpha_.to(acc).contiguous(), et = eta_.to(acc).contiguous();
+  auto Ms = states_.to(acc).contiguous(), dOa = do_.to(acc).contiguous();
+  auto dM0 = dM.to(acc).contiguous().clone();  // overwritten per head with dM_0
+  auto dq = at::empty({B, H, L, dk}, opts), dk_ = at::empty({B, H, L, dk}, opts), dv_ = at::empty({B, H, L, dv}, opts);
+  auto dalpha = at::empty({B, H, L}, opts), deta = at::empty({B, H, L}, opts);
+  const bool avx2 = use_avx2();
+  AT_DISPATCH_FLOATING_TYPES(acc, "dgd_chunk_bwd_cpu", [&] {
+    using T = scalar_t;
+    const T *pq = qa.data_ptr<T>(), *pk = ka.data_ptr<T>(), *pv = va.data_ptr<T>();
+    const T *pa = al.data_ptr<T>(), *pe = et.data_ptr<T>(), *ps = Ms.data_ptr<T>(), *pdo = dOa.data_ptr<T>();
+    T *pdM = dM0.data_ptr<T>(), *pdq = dq.data_ptr<T>(), *pdk = dk_.data_ptr<T>(), *pdv = dv_.data_ptr<T>();
+    T *pda = dalpha.data_ptr<T>(), *pde = deta.data_ptr<T>();
+    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+      Work<T> w(std::min(C, L), dk, dv, true);
+      for (int64_t bh = begin; bh < end; ++bh)
+        bwd_head<T>(avx2, w, pq + bh * L * dk, pk + bh * L * dk, pv + bh * L * dv, pa + bh * L, pe + bh * L,
+                    ps + bh * N * dk * dv, pdo + bh * L * dv, pdM + bh * dk * dv, pdq + bh * L * dk,
+                    pdk + bh * L * dk, pdv + bh * L * dv, pda + bh * L, pde + bh * L, L, C);
+    });
+  });
+  return {dq.to(q_.scalar_type()),         dk_.to(k_.scalar_type()),    dv_.to(v_.scalar_type()),
+          dalpha.to(alpha_.scalar_type()), deta.to(eta_.scalar_type()), dM0};
 }
 
 }  // namespace

@@ -136,6 +136,28 @@ def test_backend_edge_shapes(backend, B, H, dk, dv):
     assert_close(got, ref, 1e-9, f"{backend} B={B} H={H} dk={dk} dv={dv}")
 
 
+@pytest.mark.parametrize("backend", ["reference"] + [b for b in FAST if b == "cpu"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-4)])
+def test_long_chunk_matches_token_loop(backend, dtype, tol):
+    # HOPE's chunk = one timestep of 258 tokens: a full chunk and a partial one, all gradients
+    inputs = make(B=1, H=2, L=300, dk=24, dv=20, dtype=dtype, eta_max=0.5)
+    ref = run_with_grads(loop_fn(258), [x.double() for x in inputs])
+    got = run_with_grads(api_fn(258, backend), inputs)
+    assert_close(got, ref, tol, f"{backend} C=258 {dtype}")
+
+
+@pytest.mark.skipif("cpu" not in FAST, reason="C++ extension not built")
+@pytest.mark.parametrize("C,L", [(4, 13), (16, 37)])
+def test_cpu_baseline_isa_build(monkeypatch, C, L):
+    # the C++ kernels are compiled twice (baseline ISA and AVX2 + FMA); this runs the one the CPU does not pick
+    monkeypatch.setenv("HOPE_KERNELS_NO_AVX2", "1")
+    for dtype, tol in ((torch.float64, 1e-9), (torch.float32, 1e-4)):
+        inputs = make(B=1, H=2, L=L, dk=20, dv=36, dtype=dtype)
+        ref = run_with_grads(loop_fn(C), [x.double() for x in inputs])
+        got = run_with_grads(api_fn(C, "cpu"), inputs)
+        assert_close(got, ref, tol, f"baseline ISA C={C} {dtype}")
+
+
 @pytest.mark.parametrize("backend", ALL)
 def test_backend_without_initial_state(backend):
     inputs = make(L=11, state=False)
