@@ -13,7 +13,10 @@ VARIANTS = [("ac", {}), ("hope", {}), ("hope", dict(self_referential=False)), ("
 
 
 def make(kind, **kw):
-    return build_predictor(kind, **{**SMALL, **kw}).double()
+    m = build_predictor(kind, **{**SMALL, **kw}).double()
+    with torch.no_grad():           # predict_delta zero-initialises the head: give it weights, as training would
+        m.proj.weight.normal_(0, 0.02)
+    return m
 
 
 def inputs(B=2, T=3, S=0):
@@ -154,7 +157,7 @@ def official_state_dict(c):
 
 
 def test_official_ac_keys_load():
-    m = make("ac", state_dim=3, rope_compat="vjepa2", predict_delta=False)
+    m = make("ac", state_dim=3, rope_compat="vjepa2", predict_delta=False, stem_kernel=0)
     sd = official_state_dict(m.config)
     m.load_official_state_dict(sd)
     assert torch.equal(m.blocks[1].attn.qkv.weight, sd["module.predictor_blocks.1.attn.qkv.weight"])
@@ -169,17 +172,18 @@ def test_official_ac_keys_load():
     with pytest.raises(ValueError, match="lacks"):
         m.load_official_state_dict(bad)
     with pytest.raises(ValueError, match="predict_delta=False"):
-        make("ac", state_dim=3, predict_delta=True).load_official_state_dict(sd)
+        make("ac", state_dim=3, predict_delta=True, stem_kernel=0).load_official_state_dict(sd)
+    with pytest.raises(ValueError, match="stem_kernel=0"):
+        make("ac", state_dim=3, predict_delta=False).load_official_state_dict(sd)
 
 
 @pytest.mark.parametrize("kind", ["ac", "hope"])
 def test_predict_delta_output_is_last_latent_plus_head(kind):
     torch.manual_seed(0)
-    m = make(kind)
+    m = build_predictor(kind, **SMALL).double()
     z, a, _ = inputs()
+    assert not m.proj.weight.any() and not m.proj.bias.any()       # an untrained predictor is copy-last
     with torch.no_grad():
-        for p in m.proj.parameters():
-            p.zero_()
         torch.testing.assert_close(m(z, a), torch.nn.functional.layer_norm(z, z.shape[-1:]))
         m.config.predict_delta = False
         assert m(z, a).abs().max() == 0

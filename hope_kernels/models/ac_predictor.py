@@ -36,9 +36,9 @@ class ACPredictor(PredictorBase):
 
     def load_official_state_dict(self, sd: dict, strict: bool = True):
         """Load a state dict in the official V-JEPA 2-AC predictor layout (see `official_to_local`)."""
-        if self.config.predict_delta:
-            raise ValueError("the official V-JEPA 2-AC predictor outputs absolute latents: build this predictor "
-                             "with predict_delta=False to load its weights")
+        if self.config.predict_delta or self.config.stem_kernel:
+            raise ValueError("the official V-JEPA 2-AC predictor has no input stem and outputs absolute latents: "
+                             "build this predictor with predict_delta=False, stem_kernel=0 to load its weights")
         mapped = official_to_local(sd)
         own = self.state_dict()
         bad = [f"{k}: expected {tuple(own[k].shape)}, got {tuple(v.shape)}" for k, v in mapped.items()

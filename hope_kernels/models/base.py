@@ -56,7 +56,7 @@ class PredictorBase(nn.Module):
         k = c.stem_kernel
         # each patch token also sees its k x k neighbourhood now and one timestep back (causal): motion is local,
         # and block-causal attention alone learns such sharp local patterns slowly (docs/training.md)
-        self.stem = nn.Conv3d(c.enc_dim, c.width, (2, k, k), padding=(0, k // 2, k // 2), bias=False) if k else None
+        self.stem = nn.Conv3d(2 * c.enc_dim, c.width, (1, k, k), padding=(0, k // 2, k // 2), bias=False) if k else None
         self.action_encoder = nn.Linear(c.action_dim, c.width)
         self.state_encoder = nn.Linear(c.state_dim, c.width) if c.state_dim > 0 else None
         self.norm = nn.LayerNorm(c.width, eps=c.ln_eps)
@@ -113,8 +113,10 @@ class PredictorBase(nn.Module):
         if self.stem is not None:
             B, T, N, D = z.shape
             _, H, W = self.config.grid
-            g = zn.transpose(2, 3).reshape(B, T, D, H, W).transpose(1, 2)          # (B, D, T, H, W)
-            g = torch.cat([g[:, :, :1], g], dim=2)          # the first timestep sees itself as its past
+            # input: the latent and its change since the previous timestep (zero at t = 0), explicitly: a
+            # difference that the model would otherwise have to learn is what carries the motion
+            dz = torch.cat([torch.zeros_like(zn[:, :1]), zn[:, 1:] - zn[:, :-1]], dim=1)
+            g = torch.cat([zn, dz], dim=-1).transpose(2, 3).reshape(B, T, 2 * D, H, W).transpose(1, 2)
             x = x + self.stem(g.to(x.dtype)).permute(0, 2, 3, 4, 1).reshape(B, T, N, -1)
         x_dtype = x.dtype
         cond = [self.action_encoder(actions.to(x_dtype))]
