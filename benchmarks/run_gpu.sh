@@ -40,7 +40,7 @@ echo "== benchmarks"
 # ratios some suites put in extra_info) to $BASE.<suite>.json.
 rm -f "$BASE".*json
 VERSIONS=$($PY -c 'import torch, triton; print(f"torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}")')
-for spec in ${BENCH_SPECS:-device:20 l1_loss:60 rope_attention:100 dgd:90 titans:60}; do
+for spec in ${BENCH_SPECS:-device:20 l1_loss:60 rope_attention:90 dgd:80 titans:80}; do
   name=${spec%%:*}; limit=${spec##*:}; file=benchmarks/test_bench_$name.py
   [ -f "$file" ] || continue
   t0=$SECONDS

@@ -241,5 +241,6 @@ def test_hope_alpha_gate_never_underflows_to_zero():
     from hope_kernels.models import build_predictor
     m = build_predictor("hope", "tiny", enc_dim=8, grid=(2, 2, 2), width=32, heads=2, depth=1)
     mem = m.blocks[0].memory
-    eta, alpha = mem._gates(torch.zeros(3), torch.tensor([-1e4, 0.0, 1e4]))
+    eta, alpha = mem._gates(torch.zeros(3), torch.tensor([-1e4, 0.0, 1e4]), chunk=5)
+    assert (eta > 0).all() and (eta < mem.eta_max / 5).all()        # the per-token rate is eta_max / chunk
     assert (alpha > 0).all() and (alpha <= 1).all() and torch.isfinite(eta).all()

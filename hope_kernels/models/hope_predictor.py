@@ -45,8 +45,11 @@ class SelfModifyingMemory(nn.Module):
         if self.rule == "titans":
             self.momentum_logit = nn.Parameter(torch.zeros(H))           # Titans momentum eta (ablation)
 
-    def _gates(self, e_logit, a_logit):
-        eta = self.eta_max * torch.sigmoid(e_logit + self.gate_bias[0])
+    def _gates(self, e_logit, a_logit, chunk: int):
+        # the chunk's tokens share one gradient step taken at the chunk-start state, so their updates add up
+        # coherently: the per-token rate is eta_max / chunk, which keeps the summed step of a timestep at most
+        # eta_max whatever the grid (with eta_max per token, 65 tokens blew the memory up to 1e34 in 3 steps)
+        eta = self.eta_max / chunk * torch.sigmoid(e_logit + self.gate_bias[0])
         # float32 sigmoid underflows to exactly 0 below ~-104 (a carried memory can drive the logit there);
         # the memory ops need alpha in (0, 1]
         alpha = torch.sigmoid(a_logit + self.gate_bias[1]).clamp_min(1e-6)
@@ -75,7 +78,7 @@ class SelfModifyingMemory(nn.Module):
         if not self.self_ref:
             k_, v_ = self.kv(x).chunk(2, dim=-1)
             e_l, a_l = self.gates(x).reshape(B, L, 2, H).permute(2, 0, 3, 1)
-            eta, alpha = self._gates(e_l, a_l)
+            eta, alpha = self._gates(e_l, a_l, P)
             o, state = self._update(q, F.normalize(heads(k_), dim=-1), heads(v_), alpha, eta, P, state)
         else:
             xh, outs = heads(x), []
@@ -87,7 +90,7 @@ class SelfModifyingMemory(nn.Module):
                 k = F.normalize(xc @ Mk, dim=-1)
                 v = xc @ Mv
                 eta, alpha = self._gates(((xc @ Me) * self.gate_read[0, :, None]).sum(-1),
-                                         ((xc @ Ma) * self.gate_read[1, :, None]).sum(-1))
+                                         ((xc @ Ma) * self.gate_read[1, :, None]).sum(-1), P)
                 v_hat = torch.cat([v @ M for M in (Mk, Mv, Me, Ma, Mm)], dim=1)   # self-generated targets
                 rep = lambda t_: torch.cat([t_] * _N_MEM, dim=1)        # noqa: E731
                 o, state = self._update(rep(q[:, :, sl]), rep(k), v_hat, rep(alpha), rep(eta), P, state)
