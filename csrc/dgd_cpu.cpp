@@ -86,22 +86,8 @@ HK_INLINE void accum_rows(T* __restrict y, const T* __restrict coef, const T* __
 #if defined(__GNUC__)
 // VB-byte vectors (GCC/clang vector extension): 32 in the AVX2 build, 16 (SSE2 / NEON) in the baseline one.
 template <typename T, int VB>
-struct Vec;
-template <>
-struct Vec<float, 16> {
-  typedef float type __attribute__((vector_size(16)));
-};
-template <>
-struct Vec<float, 32> {
-  typedef float type __attribute__((vector_size(32)));
-};
-template <>
-struct Vec<double, 16> {
-  typedef double type __attribute__((vector_size(16)));
-};
-template <>
-struct Vec<double, 32> {
-  typedef double type __attribute__((vector_size(32)));
+struct Vec {
+  typedef T type __attribute__((vector_size(VB)));
 };
 #endif
 

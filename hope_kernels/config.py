@@ -30,7 +30,7 @@ class PredictorConfig:
     window: int | None = None               # timesteps visible to attention, the current one included (None: all)
     rope_compat: str | None = None          # "vjepa2": the official (non-rotation) RoPE formula
     init_std: float = 0.02
-    stem_kernel: int = 5                    # causal space-time conv on the input latents, kernel (2, k, k); 0: off
+    stem_kernel: int = 5                    # k x k conv over [z_t, z_t - z_{t-1}] added to the embedding; 0: off
     predict_delta: bool = True              # z_hat = layer_norm(z_t) + head(...); False: absolute output (official AC)
     # HOPE
     self_referential: bool = True           # False: static k, v, eta, alpha projections

@@ -225,7 +225,9 @@ def load_checkpoint(path, device="cpu"):
     if meta.get("format") != "hope-kernels-checkpoint-1":
         raise ValueError(f"{path!r} is not a hope-kernels checkpoint (metadata format={meta.get('format')!r})")
     stored = json.loads(meta["predictor_config"])
-    stored.setdefault("predict_delta", False)     # checkpoints written before the field existed: absolute output
+    # checkpoints written before these fields existed: absolute output, no input stem
+    stored.setdefault("predict_delta", False)
+    stored.setdefault("stem_kernel", 0)
     pcfg = PredictorConfig.from_dict(stored)
     model = predictor_from_config(pcfg)
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})

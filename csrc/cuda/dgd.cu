@@ -18,14 +18,13 @@
 
 #include <tuple>
 
+#include "accum.cuh"
+
 namespace {
 
 using at::Tensor;
 
-template <typename T>
-struct acc_of { using type = float; };
-template <>
-struct acc_of<double> { using type = double; };
+using hope_kernels_cuda::acc_of;
 
 constexpr int kThreads = 128;
 

@@ -26,10 +26,11 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "accum.cuh"
+
 namespace {
 
-template <typename T> struct acc_of { using type = float; };
-template <> struct acc_of<double> { using type = double; };
+using hope_kernels_cuda::acc_of;
 
 constexpr int kThreads = 256;  // __launch_bounds__(kThreads, 1): without the 1, ptxas capped big rows at 80
                                 // registers and spilled

@@ -40,14 +40,13 @@
 #include <cstdlib>
 #include <tuple>
 
+#include "accum.cuh"
+
 namespace {
 
 using at::Tensor;
 
-template <typename T>
-struct acc_of { using type = float; };
-template <>
-struct acc_of<double> { using type = double; };
+using hope_kernels_cuda::acc_of;
 
 constexpr int kCols = 32;                  // columns of (W, S) per block
 constexpr int kRowLanes = 4;               // threads per column; thread (r, c) owns rows i = r (mod 4)
