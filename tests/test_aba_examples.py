@@ -68,9 +68,14 @@ def test_quick_stream_shift_is_real_and_full_adapts(tmp_path):
     pm = phase_means(frozen.tf, frozen.phases)
     assert pm["B"] > pm["A1"]
     full = adapt_stream(copy.deepcopy(model), stream, "full", lr=1e-3, steps=2)
+    # paired with the frozen model on the same B clips (clip difficulty varies far more than the adaptation
+    # effect): full's error relative to frozen falls from the first half of B to the second
+    fb = [e for e, p in zip(frozen.tf, frozen.phases) if p == "B"]
     eb = [e for e, p in zip(full.tf, full.phases) if p == "B"]
-    assert sum(eb[len(eb) // 2:]) / len(eb[len(eb) // 2:]) < sum(eb[:len(eb) // 2]) / len(eb[:len(eb) // 2])
-    # Not asserted (beyond the requirement): full's mean B error below the frozen model's. Measured on the real
-    # pieces (this set-up, one thread): frozen A1 0.0399, B 0.0527; full lr 1e-3 x 2 steps: B halves 0.0581 ->
-    # 0.0537 but mean B 0.0559 (adapting on A1 clips first raised A1 to 0.0587); lr 3e-4: B 0.0543 -> 0.0511,
-    # mean B 0.052687 vs frozen 0.052686 (a tie).
+    h = len(eb) // 2
+    rel = [e / f for e, f in zip(eb, fb)]
+    assert sum(rel[h:]) / (len(rel) - h) < sum(rel[:h]) / h, rel
+    # Measured on the real pieces (this set-up, one thread; predictors with predict_delta and the input stem, so
+    # 150 pre-training steps leave the model near copy-last): frozen A1 0.0145, B 0.0338; full lr 1e-3 x 2
+    # steps: B error / frozen 1.0235 in the first half of B, 1.0088 in the second (mean B 0.0343, above frozen:
+    # adapting on A1 clips first raised A1 to 0.0172). Not asserted: full below frozen (lr 1e-4: 0.9992).
