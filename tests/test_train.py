@@ -194,10 +194,8 @@ def _has_data():
 @pytest.mark.skipif(not _has_data(), reason="hope_kernels.data.ensure_dataset is not available yet")
 @pytest.mark.parametrize("kind,steps", [
     ("ac", 1500),
-    # measured before this test's final settings: tiny HOPE on the TF loss alone 0.93x copy-last at 400 of 1000
-    # steps, tracking tiny AC (0.95x at 400, 0.61x after 1500 here); the 1500-step result is not measured yet
-    pytest.param("hope", 1500, marks=pytest.mark.xfail(strict=False, reason="tiny HOPE at 1500 steps not yet "
-                                                       "measured against the 0.7x copy-last requirement"))])
+    ("hope", 1500),   # xpassed in a clean-clone CI run before the xfail mark was removed
+])
 def test_tiny_predictors_learn_on_quick_a1(tmp_path, kind, steps):
     from hope_kernels.data import ClipDataset, ensure_dataset
     n = torch.get_num_threads()
