@@ -107,11 +107,11 @@ class PredictorBase(nn.Module):
         elif states is not None and states.numel() > 0:
             raise ValueError(f"this predictor has state_dim=0 but states {tuple(states.shape)} were given")
 
-    def _tokens(self, z, actions, states):
-        zn = F.layer_norm(z, z.shape[-1:])
+    def _tokens(self, zn, actions, states):
+        """zn: the layer-normalised latents (B, T, N, D)."""
         x = self.embed(zn)
         if self.stem is not None:
-            B, T, N, D = z.shape
+            B, T, N, D = zn.shape
             _, H, W = self.config.grid
             # input: the latent and its change since the previous timestep (zero at t = 0), explicitly: a
             # difference that the model would otherwise have to learn is what carries the motion
@@ -128,7 +128,8 @@ class PredictorBase(nn.Module):
         """-> (z_hat (B, T, N, D), per-block end states)."""
         self._check_inputs(z, actions, states)
         T, (_, H, W) = z.shape[1], self.config.grid
-        x = self._tokens(z, actions, states)
+        zn = F.layer_norm(z, z.shape[-1:])
+        x = self._tokens(zn, actions, states)
         pos = token_positions(T, H, W, self.n_cond, device=z.device)
         new = []
         for i, blk in enumerate(self.blocks):
@@ -136,7 +137,7 @@ class PredictorBase(nn.Module):
             new.append(st)
         y = self.proj(self.norm(drop_cond_tokens(x, T, self.n_cond)))
         if self.config.predict_delta:
-            y = y + F.layer_norm(z, z.shape[-1:]).to(y.dtype)
+            y = y + zn.to(y.dtype)
         return y, new
 
     def forward(self, z, actions, states=None):

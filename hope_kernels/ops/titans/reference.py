@@ -248,22 +248,10 @@ def titans_linear_chunked_bwd(q, k, v, alpha, eta, theta, Ws, Ss, do, dWT, dST, 
         df = (dO * QS).sum(-1)
         db[..., -1] += (dW * W0).sum((-1, -2))
         df[..., -1] += (dW * S0).sum((-1, -2))
-        dm = torch.zeros_like(m)
-        dm[..., -1] = (dS * S0).sum((-1, -2))
         dCm = dP * QK
         dCm[..., -1, :] -= (KdW * G).sum(-1)
-        dDb = (dCm @ Dm.transpose(-1, -2) + df.unsqueeze(-1) * m.unsqueeze(-2)).tril()
-        dDm = (Db.transpose(-1, -2) @ dCm).tril()
-        dDm[..., -1, :] -= (KdS * G).sum(-1)
-        dm = dm + (Db.transpose(-1, -2) @ df.unsqueeze(-1)).squeeze(-1)
-        # to log gates g = cumsum(log a): dg_t, then d log a_l = sum_{t >= l} dg_t
-        dgb = _log_grad(dDb, Db) + db * b
-        dgm = _log_grad(dDm, Dm) + dm * m
-        dla = dgb.flip(-1).cumsum(-1).flip(-1)
-        dle = dgm.flip(-1).cumsum(-1).flip(-1)
-        tiny = torch.finfo(a.dtype).tiny
-        dalpha[:, :, sl] = -dla / a.clamp_min(tiny)
-        deta[:, :, sl] = dle / et.clamp_min(tiny)
+        dalpha[:, :, sl], deta[:, :, sl] = _gate_bwd(a, et, db, df, (dS * S0).sum((-1, -2)), dCm,
+                                                     -(KdS * G).sum(-1))
         # to the chunk-start state
         dW, dS = (Q.transpose(-1, -2) @ (b.unsqueeze(-1) * dO) + b[..., -1, None, None] * dW + K.transpose(-1, -2) @ dE,
                   Q.transpose(-1, -2) @ (f.unsqueeze(-1) * dO) + f[..., -1, None, None] * dW + m[..., -1, None, None] * dS)
@@ -357,6 +345,7 @@ def _gate_bwd(a, et, db, df, dm_n, dCm, dr):
     dDm = (Db.transpose(-1, -2) @ dCm).tril()
     dDm[..., -1, :] += dr
     dm = dm + (Db.transpose(-1, -2) @ df.unsqueeze(-1)).squeeze(-1)
+    # to log gates g = cumsum(log a): dg_t, then d log a_l = sum_{t >= l} dg_t
     dgb = _log_grad(dDb, Db) + db * b
     dgm = _log_grad(dDm, Dm) + dm * m
     dla = dgb.flip(-1).cumsum(-1).flip(-1)
