@@ -24,7 +24,6 @@ __all__ = ["dgd_memory", "dgd_memory_token_loop", "dgd_memory_chunked_reference"
 
 _OP = "dgd_memory"
 SUPPORTED = ("reference", "cpu", "triton", "cuda")
-TRITON_MAX_CHUNK = 64  # the (C, C) triangular tile lives in registers
 
 
 def _validate(q, k, v, alpha, eta, chunk_size, initial_state) -> None:
@@ -67,14 +66,9 @@ def _check_gate_values(alpha: torch.Tensor, eta: torch.Tensor) -> None:
                          f"({int(bad.sum())} values out of range)")
 
 
-def _resolve(backend: str, tensors, chunk_size: int) -> str:
-    gpu_order = ("triton", "cuda") if chunk_size <= TRITON_MAX_CHUNK else ("cuda", "triton")
-    backend = resolve_backend(backend, tensors, op=_OP, gpu_order=gpu_order, cpu_order=("cpu",),
-                              supported=SUPPORTED)
-    if backend == "triton" and chunk_size > TRITON_MAX_CHUNK:
-        raise ValueError(f"dgd_memory: the triton backend supports chunk_size <= {TRITON_MAX_CHUNK}, got "
-                         f"{chunk_size}; use backend='cuda', 'cpu' or 'reference'")
-    return backend
+def _resolve(backend: str, tensors) -> str:
+    return resolve_backend(backend, tensors, op=_OP, gpu_order=("triton", "cuda"), cpu_order=("cpu",),
+                           supported=SUPPORTED)
 
 
 def _forward(backend, q, k, v, alpha, eta, initial_state, chunk_size):
@@ -106,7 +100,7 @@ def _dgd_memory_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: tor
     """Returns (o (B, H, L, dv) in q's dtype, final state (B, H, dk, dv), chunk-start states (B, H, N, dk, dv)),
     states in the accumulation dtype."""
     _check_gate_values(alpha, eta)
-    backend = _resolve(backend, (q, k, v, alpha, eta, initial_state), chunk_size)
+    backend = _resolve(backend, (q, k, v, alpha, eta, initial_state))
     return _forward(backend, q, k, v, alpha, eta, initial_state, chunk_size)
 
 
@@ -126,7 +120,7 @@ def _dgd_memory_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a
                             chunk_size: int, backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                     torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv, dalpha, deta, dM0) from do (B, H, L, dv) and the final-state gradient dM."""
-    backend = _resolve(backend, (q, k, v, alpha, eta, states), chunk_size)
+    backend = _resolve(backend, (q, k, v, alpha, eta, states))
     return _backward_kernels(backend, q, k, v, alpha, eta, states, do, dM, chunk_size)
 
 
@@ -174,7 +168,7 @@ def dgd_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.T
     or None unless output_final_state). Differentiable in q, k, v, alpha, eta and initial_state.
     """
     _validate(q, k, v, alpha, eta, chunk_size, initial_state)
-    backend = _resolve(backend, (q, k, v, alpha, eta, initial_state), chunk_size)
+    backend = _resolve(backend, (q, k, v, alpha, eta, initial_state))
     if backend == "reference":
         if not torch.compiler.is_compiling():
             _check_gate_values(alpha, eta)

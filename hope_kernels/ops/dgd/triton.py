@@ -1,13 +1,17 @@
 """Triton kernels of the chunked delta-gradient-descent memory (DESIGN 4.4, derivation in docs/dgd.md).
 
-One program per (batch, head) walks over the chunks with the state M (dk, dv) held in registers. Per chunk of C
-tokens (padded to BLOCK_C >= 16 rows, head dims padded to >= 16, masked): the Gram matrices K K^T and Q K^T
-and the decay mask D are tl.dot / elementwise tiles, T = (I + A)^{-1} is built by forward substitution on the
-(BLOCK_C, BLOCK_C) tile (the UT transform), then
-    X = T (diag(1 + c) K M - V),   O = diag(c) Q M - P X,   M <- gamma_C M - (diag(eta g) K)^T X.
+One program per (batch, head) walks over the chunks with the state M (dk, dv) held in registers. A chunk of C
+tokens is processed as sub-chunks of S = min(C, 64) tokens (padded to BLOCK_C >= 16 rows, head dims padded to
+>= 16, masked), so HOPE's chunk of one timestep (65 or 258 tokens) runs here too. Per sub-chunk with start
+state M_s and the chunk-start reference state M_ref (the same matrix when S = C): the Gram matrices K K^T and
+Q K^T and the decay mask D are tl.dot / elementwise tiles, T = (I + A)^{-1} is built by forward substitution on
+the (BLOCK_C, BLOCK_C) tile (the UT transform), then
+    X = T (diag(c) K M_s + K M_ref - V),   O = diag(c) Q M_s - P X,   M_s <- gamma_S M_s - (diag(eta g) K)^T X.
 Forward saves the chunk-start states (B, H, N, dk, dv). Backward runs one program per (batch, head) over the
-chunks in reverse with dM in registers: it reloads the chunk-start state, recomputes every chunk-local
-quantity and writes all gradients of the chunk, then dM <- gamma_C dM + (diag(c) Q)^T dO + (diag(1+c) K)^T dR.
+chunks in reverse with dM in registers: it reloads the chunk-start state, recomputes the sub-chunk start
+states into a per-program scratch buffer (when a chunk has several), then walks the sub-chunks in reverse,
+recomputing every local quantity and writing all gradients; dM_ref collects K^T dR over the chunk's
+sub-chunks and joins dM at the chunk start.
 Loads are upcast to float32 (float64 for float64 inputs) at once; products accumulate in that dtype.
 """
 from __future__ import annotations
@@ -16,16 +20,17 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_HEAD_DIM = 128  # the state tile (dk, dv) lives in registers
+MAX_HEAD_DIM = 128  # the state tiles (dk, dv) live in registers
+MAX_SUB_CHUNK = 64  # the (S, S) triangular tile lives in registers
 
 
 @triton.jit
-def _chunk_prologue(q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, bh, n, L, C, dk, dv, ACC: tl.constexpr,
-                    BLOCK_C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    """Loads one chunk and computes its state-independent quantities."""
+def _sub_chunk_prologue(q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, bh, start, count, L, dk, dv, ACC: tl.constexpr,
+                        BLOCK_C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """Loads tokens [start, start + count) and computes their state-independent quantities."""
     r = tl.arange(0, BLOCK_C)
-    tok = n * C + r
-    valid = (r < C) & (tok < L)
+    tok = start + r
+    valid = (r < count) & (tok < L)
     ck = tl.arange(0, BK)
     cv = tl.arange(0, BV)
     row = bh.to(tl.int64) * L + tok
@@ -59,9 +64,21 @@ def _chunk_prologue(q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, bh, n, L, C, dk, dv, ACC:
 
 
 @triton.jit
-def dgd_fwd_kernel(q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, m0_ptr, o_ptr, mT_ptr, states_ptr, L, C, N, dk, dv,
-                   HAS_INIT: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BK: tl.constexpr,
-                   BV: tl.constexpr, PREC: tl.constexpr):
+def _sub_chunk_solve(b_k, b_v, b_M, b_Mref, c, T, ONE_SUB: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """(K M_s, K M_ref, X) of one sub-chunk; with one sub-chunk per chunk M_s is M_ref and K M_ref = K M_s."""
+    KM = tl.dot(b_k, b_M, input_precision=PREC, out_dtype=ACC)
+    if ONE_SUB:
+        KMref = KM
+    else:
+        KMref = tl.dot(b_k, b_Mref, input_precision=PREC, out_dtype=ACC)
+    X = tl.dot(T, c[:, None] * KM + KMref - b_v, input_precision=PREC, out_dtype=ACC)
+    return KM, KMref, X
+
+
+@triton.jit
+def dgd_fwd_kernel(q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, m0_ptr, o_ptr, mT_ptr, states_ptr, L, C, N, S, NS, dk, dv,
+                   HAS_INIT: tl.constexpr, ONE_SUB: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+                   BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     bh = tl.program_id(0)
     ck = tl.arange(0, BK)
     cv = tl.arange(0, BV)
@@ -73,22 +90,25 @@ def dgd_fwd_kernel(q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, m0_ptr, o_ptr, mT_ptr, sta
         b_M = tl.zeros((BK, BV), dtype=ACC)
     for n in range(0, N):
         tl.store(states_ptr + (bh.to(tl.int64) * N + n) * dk * dv + m_offs, b_M, mask=m_mask)
-        (b_q, b_k, b_v, b_a, b_e, valid, mk, mv, row, c, g, gC, D, KK, QK, A, P, T) = _chunk_prologue(
-            q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, bh, n, L, C, dk, dv, ACC, BLOCK_C, BK, BV, PREC)
-        KM = tl.dot(b_k, b_M, input_precision=PREC, out_dtype=ACC)
-        QM = tl.dot(b_q, b_M, input_precision=PREC, out_dtype=ACC)
-        X = tl.dot(T, (1.0 + c)[:, None] * KM - b_v, input_precision=PREC, out_dtype=ACC)
-        b_o = c[:, None] * QM - tl.dot(P, X, input_precision=PREC, out_dtype=ACC)
-        tl.store(o_ptr + row[:, None] * dv + cv[None, :], b_o, mask=mv)
-        W = b_k * (b_e * g)[:, None]
-        b_M = gC * b_M - tl.dot(tl.trans(W), X, input_precision=PREC, out_dtype=ACC)
+        b_Mref = b_M
+        for s in range(0, NS):
+            (b_q, b_k, b_v, b_a, b_e, valid, mk, mv, row, c, g, gC, D, KK, QK, A, P, T) = _sub_chunk_prologue(
+                q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, bh, n * C + s * S, tl.minimum(S, C - s * S), L, dk, dv,
+                ACC, BLOCK_C, BK, BV, PREC)
+            KM, KMref, X = _sub_chunk_solve(b_k, b_v, b_M, b_Mref, c, T, ONE_SUB, ACC, PREC)
+            QM = tl.dot(b_q, b_M, input_precision=PREC, out_dtype=ACC)
+            b_o = c[:, None] * QM - tl.dot(P, X, input_precision=PREC, out_dtype=ACC)
+            tl.store(o_ptr + row[:, None] * dv + cv[None, :], b_o, mask=mv)
+            W = b_k * (b_e * g)[:, None]
+            b_M = gC * b_M - tl.dot(tl.trans(W), X, input_precision=PREC, out_dtype=ACC)
     tl.store(mT_ptr + bh.to(tl.int64) * dk * dv + m_offs, b_M, mask=m_mask)
 
 
 @triton.jit
 def dgd_bwd_kernel(q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, states_ptr, do_ptr, dmT_ptr, dq_ptr, dk_ptr, dv_ptr,
-                   da_ptr, de_ptr, dm0_ptr, L, C, N, dk, dv, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
-                   BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+                   da_ptr, de_ptr, dm0_ptr, sub_ptr, L, C, N, S, NS, dk, dv, ONE_SUB: tl.constexpr,
+                   ACC: tl.constexpr, BLOCK_C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                   PREC: tl.constexpr):
     bh = tl.program_id(0)
     r = tl.arange(0, BLOCK_C)
     ck = tl.arange(0, BK)
@@ -96,70 +116,105 @@ def dgd_bwd_kernel(q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, states_ptr, do_ptr, dmT_pt
     m_mask = (ck[:, None] < dk) & (cv[None, :] < dv)
     m_offs = ck[:, None] * dv + cv[None, :]
     strict = r[:, None] > r[None, :]
+    sub_base = sub_ptr + bh.to(tl.int64) * NS * dk * dv
     b_dM = tl.load(dmT_ptr + bh.to(tl.int64) * dk * dv + m_offs, mask=m_mask, other=0.0).to(ACC)
     for step in range(0, N):
         n = N - 1 - step
-        b_M = tl.load(states_ptr + (bh.to(tl.int64) * N + n) * dk * dv + m_offs, mask=m_mask, other=0.0).to(ACC)
-        (b_q, b_k, b_v, b_a, b_e, valid, mk, mv, row, c, g, gC, D, KK, QK, A, P, T) = _chunk_prologue(
-            q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, bh, n, L, C, dk, dv, ACC, BLOCK_C, BK, BV, PREC)
-        b_do = tl.load(do_ptr + row[:, None] * dv + cv[None, :], mask=mv, other=0.0).to(ACC)
-        KM = tl.dot(b_k, b_M, input_precision=PREC, out_dtype=ACC)
-        QM = tl.dot(b_q, b_M, input_precision=PREC, out_dtype=ACC)
-        X = tl.dot(T, (1.0 + c)[:, None] * KM - b_v, input_precision=PREC, out_dtype=ACC)
-        W = b_k * (b_e * g)[:, None]
-        dX = -tl.dot(W, b_dM, input_precision=PREC, out_dtype=ACC) \
-            - tl.dot(tl.trans(P), b_do, input_precision=PREC, out_dtype=ACC)
-        dR = tl.dot(tl.trans(T), dX, input_precision=PREC, out_dtype=ACC)
-        XT = tl.trans(X)
-        dA = tl.where(strict, -tl.dot(dR, XT, input_precision=PREC, out_dtype=ACC), 0.0)
-        dP = tl.where(strict, -tl.dot(b_do, XT, input_precision=PREC, out_dtype=ACC), 0.0)
-        dW = -tl.dot(X, tl.trans(b_dM), input_precision=PREC, out_dtype=ACC)
-        GA = dA * D * b_e[None, :]
-        GP = dP * D * b_e[None, :]
-        MT = tl.trans(b_M)
-        b_dk = (1.0 + c)[:, None] * tl.dot(dR, MT, input_precision=PREC, out_dtype=ACC) \
-            + (b_e * g)[:, None] * dW \
-            + tl.dot(GA + tl.trans(GA), b_k, input_precision=PREC, out_dtype=ACC) \
-            + tl.dot(tl.trans(GP), b_q, input_precision=PREC, out_dtype=ACC)
-        b_dq = c[:, None] * tl.dot(b_do, MT, input_precision=PREC, out_dtype=ACC) \
-            + tl.dot(GP, b_k, input_precision=PREC, out_dtype=ACC)
-        dc = tl.sum(QM * b_do, 1) + tl.sum(KM * dR, 1)
-        wdot = tl.sum(dW * b_k, 1)
-        b_de = g * wdot + tl.sum(dA * D * KK, 0) + tl.sum(dP * D * QK, 0)
-        dgg = b_e * wdot * g
-        dgC = tl.sum(tl.sum(b_M * b_dM, 1), 0)
-        dDD = dA * A + dP * P
-        dlgp = tl.sum(dDD, 1) + dc * c
-        dlg = -tl.sum(dDD, 0) - dgg + tl.where(r == BLOCK_C - 1, tl.sum(dgg, 0) + dgC * gC, 0.0)
-        # dla_j = sum_{t >= j} dlg_t + sum_{t > j} dlgp_t  (t along rows, j along columns)
-        dla = tl.sum(tl.where(r[:, None] >= r[None, :], dlg[:, None], 0.0)
-                     + tl.where(strict, dlgp[:, None], 0.0), 0)
-        tl.store(dq_ptr + row[:, None] * dk + ck[None, :], b_dq, mask=mk)
-        tl.store(dk_ptr + row[:, None] * dk + ck[None, :], b_dk, mask=mk)
-        tl.store(dv_ptr + row[:, None] * dv + cv[None, :], -dR, mask=mv)
-        tl.store(da_ptr + row, dla / b_a, mask=valid)
-        tl.store(de_ptr + row, b_de, mask=valid)
-        b_dM = gC * b_dM + tl.dot(tl.trans(b_q * c[:, None]), b_do, input_precision=PREC, out_dtype=ACC) \
-            + tl.dot(tl.trans(b_k * (1.0 + c)[:, None]), dR, input_precision=PREC, out_dtype=ACC)
+        b_Mref = tl.load(states_ptr + (bh.to(tl.int64) * N + n) * dk * dv + m_offs, mask=m_mask,
+                         other=0.0).to(ACC)
+        if not ONE_SUB:
+            # the sub-chunk start states of this chunk, recomputed forward into this program's scratch rows
+            b_M = b_Mref
+            for s in range(0, NS):
+                tl.store(sub_base + s * dk * dv + m_offs, b_M, mask=m_mask)
+                (b_q, b_k, b_v, b_a, b_e, valid, mk, mv, row, c, g, gC, D, KK, QK, A, P, T) = \
+                    _sub_chunk_prologue(q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, bh, n * C + s * S,
+                                        tl.minimum(S, C - s * S), L, dk, dv, ACC, BLOCK_C, BK, BV, PREC)
+                KM, KMref, X = _sub_chunk_solve(b_k, b_v, b_M, b_Mref, c, T, ONE_SUB, ACC, PREC)
+                W = b_k * (b_e * g)[:, None]
+                b_M = gC * b_M - tl.dot(tl.trans(W), X, input_precision=PREC, out_dtype=ACC)
+            tl.debug_barrier()   # the scratch rows were written by other threads of this program
+        b_dMref = tl.zeros((BK, BV), dtype=ACC)
+        for sstep in range(0, NS):
+            s = NS - 1 - sstep
+            if ONE_SUB:
+                b_M = b_Mref
+            else:
+                b_M = tl.load(sub_base + s * dk * dv + m_offs, mask=m_mask, other=0.0)
+            (b_q, b_k, b_v, b_a, b_e, valid, mk, mv, row, c, g, gC, D, KK, QK, A, P, T) = _sub_chunk_prologue(
+                q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, bh, n * C + s * S, tl.minimum(S, C - s * S), L, dk, dv,
+                ACC, BLOCK_C, BK, BV, PREC)
+            b_do = tl.load(do_ptr + row[:, None] * dv + cv[None, :], mask=mv, other=0.0).to(ACC)
+            KM, KMref, X = _sub_chunk_solve(b_k, b_v, b_M, b_Mref, c, T, ONE_SUB, ACC, PREC)
+            QM = tl.dot(b_q, b_M, input_precision=PREC, out_dtype=ACC)
+            W = b_k * (b_e * g)[:, None]
+            dX = -tl.dot(W, b_dM, input_precision=PREC, out_dtype=ACC) \
+                - tl.dot(tl.trans(P), b_do, input_precision=PREC, out_dtype=ACC)
+            dR = tl.dot(tl.trans(T), dX, input_precision=PREC, out_dtype=ACC)
+            XT = tl.trans(X)
+            dA = tl.where(strict, -tl.dot(dR, XT, input_precision=PREC, out_dtype=ACC), 0.0)
+            dP = tl.where(strict, -tl.dot(b_do, XT, input_precision=PREC, out_dtype=ACC), 0.0)
+            dW = -tl.dot(X, tl.trans(b_dM), input_precision=PREC, out_dtype=ACC)
+            GA = dA * D * b_e[None, :]
+            GP = dP * D * b_e[None, :]
+            MT = tl.trans(b_M)
+            if ONE_SUB:
+                dk_state = (1.0 + c)[:, None] * tl.dot(dR, MT, input_precision=PREC, out_dtype=ACC)
+            else:
+                dk_state = c[:, None] * tl.dot(dR, MT, input_precision=PREC, out_dtype=ACC) \
+                    + tl.dot(dR, tl.trans(b_Mref), input_precision=PREC, out_dtype=ACC)
+            b_dk = dk_state + (b_e * g)[:, None] * dW \
+                + tl.dot(GA + tl.trans(GA), b_k, input_precision=PREC, out_dtype=ACC) \
+                + tl.dot(tl.trans(GP), b_q, input_precision=PREC, out_dtype=ACC)
+            b_dq = c[:, None] * tl.dot(b_do, MT, input_precision=PREC, out_dtype=ACC) \
+                + tl.dot(GP, b_k, input_precision=PREC, out_dtype=ACC)
+            dc = tl.sum(QM * b_do, 1) + tl.sum(KM * dR, 1)
+            wdot = tl.sum(dW * b_k, 1)
+            b_de = g * wdot + tl.sum(dA * D * KK, 0) + tl.sum(dP * D * QK, 0)
+            dgg = b_e * wdot * g
+            dgC = tl.sum(tl.sum(b_M * b_dM, 1), 0)
+            dDD = dA * A + dP * P
+            dlgp = tl.sum(dDD, 1) + dc * c
+            dlg = -tl.sum(dDD, 0) - dgg + tl.where(r == BLOCK_C - 1, tl.sum(dgg, 0) + dgC * gC, 0.0)
+            # dla_j = sum_{t >= j} dlg_t + sum_{t > j} dlgp_t  (t along rows, j along columns)
+            dla = tl.sum(tl.where(r[:, None] >= r[None, :], dlg[:, None], 0.0)
+                         + tl.where(strict, dlgp[:, None], 0.0), 0)
+            tl.store(dq_ptr + row[:, None] * dk + ck[None, :], b_dq, mask=mk)
+            tl.store(dk_ptr + row[:, None] * dk + ck[None, :], b_dk, mask=mk)
+            tl.store(dv_ptr + row[:, None] * dv + cv[None, :], -dR, mask=mv)
+            tl.store(da_ptr + row, dla / b_a, mask=valid)
+            tl.store(de_ptr + row, b_de, mask=valid)
+            # dM of this sub-chunk's start state; the K M_ref term goes to dM_ref
+            if ONE_SUB:
+                b_dM = gC * b_dM + tl.dot(tl.trans(b_q * c[:, None]), b_do, input_precision=PREC, out_dtype=ACC) \
+                    + tl.dot(tl.trans(b_k * (1.0 + c)[:, None]), dR, input_precision=PREC, out_dtype=ACC)
+            else:
+                b_dM = gC * b_dM + tl.dot(tl.trans(b_q * c[:, None]), b_do, input_precision=PREC, out_dtype=ACC) \
+                    + tl.dot(tl.trans(b_k * c[:, None]), dR, input_precision=PREC, out_dtype=ACC)
+                b_dMref += tl.dot(tl.trans(b_k), dR, input_precision=PREC, out_dtype=ACC)
+        b_dM += b_dMref
     tl.store(dm0_ptr + bh.to(tl.int64) * dk * dv + m_offs, b_dM, mask=m_mask)
 
 
 def _config(q: torch.Tensor, v: torch.Tensor, C: int):
+    """Kernel meta-parameters and the sub-chunk length S for chunk size C."""
     dk, dv = q.shape[3], v.shape[3]
     if dk > MAX_HEAD_DIM or dv > MAX_HEAD_DIM:
         raise ValueError(f"dgd_memory: the triton backend supports dk, dv <= {MAX_HEAD_DIM}, got dk={dk}, dv={dv}; "
                          f"use backend='cpu', 'cuda' or 'reference'")
     acc_tl, acc = (tl.float64, torch.float64) if q.dtype == torch.float64 else (tl.float32, torch.float32)
     prec = "tf32" if q.dtype in (torch.bfloat16, torch.float16) else "ieee"
-    block_c = max(16, triton.next_power_of_2(C))
+    S = min(C, MAX_SUB_CHUNK)
+    block_c = max(16, triton.next_power_of_2(S))
     bk, bv = max(16, triton.next_power_of_2(dk)), max(16, triton.next_power_of_2(dv))
     num_warps = 4 if bk * bv <= 64 * 64 and block_c <= 32 else 8
-    return dict(ACC=acc_tl, BLOCK_C=block_c, BK=bk, BV=bv, PREC=prec, num_warps=num_warps), acc
+    cfg = dict(ONE_SUB=S == C, ACC=acc_tl, BLOCK_C=block_c, BK=bk, BV=bv, PREC=prec, num_warps=num_warps)
+    return cfg, acc, S, triton.cdiv(C, S)
 
 
 def dgd_fwd_triton(q, k, v, alpha, eta, initial_state, C: int):
     """Returns (o (B, H, L, dv) in q's dtype, final state (B, H, dk, dv), chunk-start states (B, H, N, dk, dv))."""
-    cfg, acc = _config(q, v, C)
+    cfg, acc, S, NS = _config(q, v, C)
     q, k, v, alpha, eta = (x.contiguous() for x in (q, k, v, alpha, eta))
     B, H, L, dk = q.shape
     dv = v.shape[3]
@@ -168,14 +223,14 @@ def dgd_fwd_triton(q, k, v, alpha, eta, initial_state, C: int):
     M_T = torch.empty(B, H, dk, dv, device=q.device, dtype=acc)
     states = torch.empty(B, H, N, dk, dv, device=q.device, dtype=acc)
     m0 = initial_state.to(acc).contiguous() if initial_state is not None else M_T
-    dgd_fwd_kernel[(B * H,)](q, k, v, alpha, eta, m0, o, M_T, states, L, C, N, dk, dv,
+    dgd_fwd_kernel[(B * H,)](q, k, v, alpha, eta, m0, o, M_T, states, L, C, N, S, NS, dk, dv,
                              HAS_INIT=initial_state is not None, **cfg)
     return o, M_T, states
 
 
 def dgd_bwd_triton(q, k, v, alpha, eta, states, do, dM, C: int):
     """Returns (dq, dk, dv, dalpha, deta, dM0) from the chunk-start states saved by the forward."""
-    cfg, acc = _config(q, v, C)
+    cfg, acc, S, NS = _config(q, v, C)
     q, k, v, alpha, eta, do = (x.contiguous() for x in (q, k, v, alpha, eta, do))
     states = states.to(acc).contiguous()
     dM = dM.to(acc).contiguous()
@@ -185,6 +240,8 @@ def dgd_bwd_triton(q, k, v, alpha, eta, states, do, dM, C: int):
     dq, dk_, dv_ = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dalpha, deta = torch.empty_like(alpha), torch.empty_like(eta)
     dM0 = torch.empty(B, H, dk, dv, device=q.device, dtype=acc)
-    dgd_bwd_kernel[(B * H,)](q, k, v, alpha, eta, states, do, dM, dq, dk_, dv_, dalpha, deta, dM0,
-                             L, C, N, dk, dv, **cfg)
+    # sub-chunk start states of the chunk being differentiated, one slab per program (unused with one sub-chunk)
+    scratch = dM0 if cfg["ONE_SUB"] else torch.empty(B * H, NS, dk, dv, device=q.device, dtype=acc)
+    dgd_bwd_kernel[(B * H,)](q, k, v, alpha, eta, states, do, dM, dq, dk_, dv_, dalpha, deta, dM0, scratch,
+                             L, C, N, S, NS, dk, dv, **cfg)
     return dq, dk_, dv_, dalpha, deta, dM0
