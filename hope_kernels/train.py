@@ -330,6 +330,19 @@ def train(config, dataset=None) -> TrainResult:
             g["lr"] = lr
         idx = _batch_indices(step, len(ds), cfg.batch_size, cfg.seed)[rank * local:(rank + 1) * local]
         z, a, s = _collate(ds, idx, device)
+
+        def stop(what):
+            if bar is not None:
+                bar.close()
+            raise RuntimeError(f"training stopped at step {step + 1}: {what}; no checkpoint was written for this "
+                               f"step" + (f" (last good checkpoint: {ckpt_written})" if ckpt_written else ""))
+
+        # non-finite inputs are named with their clips here: inside the model an op would only see, say, a NaN
+        # memory gate
+        bad = [name for name, x in (("latents", z), ("actions", a), ("states", s))
+               if x is not None and not torch.isfinite(x).all()]
+        if bad:
+            stop(f"the batch's {' and '.join(bad)} contain NaN or inf (dataset clips {idx.tolist()})")
         w = rollout_weight(step, cfg.steps, cfg.rollout_w0, cfg.rollout_w1, cfg.rollout_schedule)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             losses = prediction_losses(model, z, a, s, cfg.rollout_steps if w > 0 else 0, cfg.rollout_score)
@@ -338,16 +351,15 @@ def train(config, dataset=None) -> TrainResult:
         if world > 1:
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         if finite.item() < 1:
-            if bar is not None:
-                bar.close()
-            raise RuntimeError(f"training stopped: loss is {loss.item()} (not finite) at step {step + 1}; "
-                               f"no checkpoint was written for this step"
-                               + (f" (last good checkpoint: {ckpt_written})" if ckpt_written else ""))
+            stop(f"loss is {loss.item()} (not finite)")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if world > 1:
             _allreduce_grads(model, world)
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+        if gnorm is not None and not torch.isfinite(gnorm):
+            # clipping would scale every gradient by NaN: the step would poison all parameters
+            stop(f"gradient norm is {gnorm.item()} (not finite); parameters left as they were")
         opt.step()
         stats = torch.stack([loss.detach().float(), losses["tf"].detach().float(), losses["rollout"].detach().float()])
         if world > 1:  # log the global-batch mean, as one process would

@@ -122,11 +122,45 @@ class _NaNAfter(torch.utils.data.Dataset):
         return item
 
 
-def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path):
+@pytest.mark.parametrize("kind", ["ac", "hope"])
+def test_nan_batch_stops_with_step_and_keeps_last_checkpoint(tmp_path, kind):
     ds = _NaNAfter(small_data(), n_ok=2 * 4)                      # steps 1-2 fine, step 3 NaN
-    with pytest.raises(RuntimeError, match="at step 3"):
-        tr.train(cfg(steps=6, out=str(tmp_path)), dataset=ds)
+    with pytest.raises(RuntimeError, match=r"at step 3: the batch's latents contain NaN or inf \(dataset clips"):
+        tr.train(cfg(model=kind, steps=6, out=str(tmp_path)), dataset=ds)
     assert tr.load_checkpoint(tmp_path / tr.CKPT_NAME)[1]["step"] == 2
+
+
+def test_non_finite_loss_stops_with_step(tmp_path, monkeypatch):
+    real = tr.prediction_losses
+    calls = []
+
+    def poisoned(*args, **kw):
+        out = real(*args, **kw)
+        calls.append(1)
+        if len(calls) == 3:
+            out["tf"] = out["tf"] * float("inf")
+        return out
+    monkeypatch.setattr(tr, "prediction_losses", poisoned)
+    with pytest.raises(RuntimeError, match=r"at step 3: loss is (inf|nan) \(not finite\)"):
+        tr.train(cfg(steps=6, out=str(tmp_path)), dataset=small_data())
+    assert tr.load_checkpoint(tmp_path / tr.CKPT_NAME)[1]["step"] == 2
+
+
+def test_non_finite_gradient_stops_before_the_update(tmp_path, monkeypatch):
+    real = torch.nn.utils.clip_grad_norm_
+    calls = []
+
+    def poisoned(params, max_norm):
+        params = list(params)
+        calls.append(1)
+        if len(calls) == 2:
+            params[0].grad.fill_(float("nan"))
+        return real(params, max_norm)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", poisoned)
+    with pytest.raises(RuntimeError, match=r"at step 2: gradient norm is nan \(not finite\); parameters left"):
+        tr.train(cfg(steps=4, ckpt_every=1, out=str(tmp_path)), dataset=small_data())
+    _, st = tr.load_checkpoint(tmp_path / tr.CKPT_NAME)
+    assert st["step"] == 1
 
 
 _WORKER = r"""
