@@ -62,6 +62,16 @@ def _load_halves(x_ptr, rows, L, D, HALF, BH: tl.constexpr):
 
 
 @triton.jit
+def _load_rotated(x_ptr, pos_ptr, w_ptr, rows, L, D, HALF, scale, DT: tl.constexpr, BH: tl.constexpr):
+    """Token rows rotated in registers, times `scale`, cast to DT: (y_e, y_o) and the (cos, sin) tiles used."""
+    c_e, s_e, c_o, s_o = _angles_cs(pos_ptr, w_ptr, rows, L, D, HALF, BH)
+    x_e, x_o = _load_halves(x_ptr, rows, L, D, HALF, BH)
+    y_e = ((x_e * c_e - x_o * s_e) * scale).to(DT)
+    y_o = ((x_o * c_o + x_e * s_o) * scale).to(DT)
+    return y_e, y_o, c_e, s_e, c_o, s_o
+
+
+@triton.jit
 def _load_rows(x_ptr, rows, L, D, BD: tl.constexpr):
     col = tl.arange(0, BD)
     m = (rows < L)[:, None] & (col < D)[None, :]
@@ -93,11 +103,8 @@ def rope_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, pos_ptr, w_ptr, kv
     off = bh * L * D
     dt = DT
     rows = pid_m * BM + tl.arange(0, BM)
-    c_e, s_e, c_o, s_o = _angles_cs(pos_ptr, w_ptr, rows, L, D, HALF, BH)
-    x_e, x_o = _load_halves(q_ptr + off, rows, L, D, HALF, BH)
     # rotated q with the softmax scale (base 2) folded in, cast to the input dtype like the reference's SDPA
-    b_qe = ((x_e * c_e - x_o * s_e) * qk_scale).to(dt)
-    b_qo = ((x_o * c_o + x_e * s_o) * qk_scale).to(dt)
+    b_qe, b_qo, c_e, s_e, c_o, s_o = _load_rotated(q_ptr + off, pos_ptr, w_ptr, rows, L, D, HALF, qk_scale, DT, BH)
     t_i = tl.load(pos_ptr + rows * 3, mask=rows < L, other=0)
     lo = tl.load(kv_lo_ptr + pid_m)
     hi = tl.load(kv_hi_ptr + pid_m)
@@ -106,10 +113,7 @@ def rope_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, pos_ptr, w_ptr, kv
     acc = tl.zeros([BM, BD], dtype=tl.float32)
     for start in range(lo, hi, BN):
         cols = start + tl.arange(0, BN)
-        kc_e, ks_e, kc_o, ks_o = _angles_cs(pos_ptr, w_ptr, cols, L, D, HALF, BH)
-        y_e, y_o = _load_halves(k_ptr + off, cols, L, D, HALF, BH)
-        b_ke = (y_e * kc_e - y_o * ks_e).to(dt)
-        b_ko = (y_o * kc_o + y_e * ks_o).to(dt)
+        b_ke, b_ko, kc_e, ks_e, kc_o, ks_o = _load_rotated(k_ptr + off, pos_ptr, w_ptr, cols, L, D, HALF, 1.0, DT, BH)
         s = (tl.dot(b_qe, tl.trans(b_ke), input_precision=DOT_PREC)
              + tl.dot(b_qo, tl.trans(b_ko), input_precision=DOT_PREC))
         t_j = tl.load(pos_ptr + cols * 3, mask=cols < L, other=0)
@@ -139,10 +143,8 @@ def rope_attn_bwd_dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk
     off = bh * L * D
     dt = DT
     cols = pid_n * BN + tl.arange(0, BN)
-    kc_e, ks_e, kc_o, ks_o = _angles_cs(pos_ptr, w_ptr, cols, L, D, HALF, BH)
-    y_e, y_o = _load_halves(k_ptr + off, cols, L, D, HALF, BH)
-    b_ke = ((y_e * kc_e - y_o * ks_e) * qk_scale).to(dt)
-    b_ko = ((y_o * kc_o + y_e * ks_o) * qk_scale).to(dt)
+    b_ke, b_ko, kc_e, ks_e, kc_o, ks_o = _load_rotated(k_ptr + off, pos_ptr, w_ptr, cols, L, D, HALF, qk_scale,
+                                                       DT, BH)
     b_v = _load_rows(v_ptr + off, cols, L, D, BD).to(dt)
     t_j = tl.load(pos_ptr + cols * 3, mask=cols < L, other=0)
     lo = tl.load(q_lo_ptr + pid_n)
@@ -152,10 +154,8 @@ def rope_attn_bwd_dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk
     dv = tl.zeros([BN, BD], dtype=tl.float32)
     for start in range(lo, hi, BM):
         rows = start + tl.arange(0, BM)
-        qc_e, qs_e, qc_o, qs_o = _angles_cs(pos_ptr, w_ptr, rows, L, D, HALF, BH)
-        x_e, x_o = _load_halves(q_ptr + off, rows, L, D, HALF, BH)
-        b_qe = (x_e * qc_e - x_o * qs_e).to(dt)
-        b_qo = (x_o * qc_o + x_e * qs_o).to(dt)
+        b_qe, b_qo, qc_e, qs_e, qc_o, qs_o = _load_rotated(q_ptr + off, pos_ptr, w_ptr, rows, L, D, HALF, 1.0,
+                                                           DT, BH)
         b_do = _load_rows(do_ptr + off, rows, L, D, BD).to(dt)
         lse = tl.load(lse_ptr + bh * L + rows, mask=rows < L, other=0.0)
         delta = tl.load(delta_ptr + bh * L + rows, mask=rows < L, other=0.0)
@@ -186,10 +186,7 @@ def rope_attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_
     off = bh * L * D
     dt = DT
     rows = pid_m * BM + tl.arange(0, BM)
-    c_e, s_e, c_o, s_o = _angles_cs(pos_ptr, w_ptr, rows, L, D, HALF, BH)
-    x_e, x_o = _load_halves(q_ptr + off, rows, L, D, HALF, BH)
-    b_qe = ((x_e * c_e - x_o * s_e) * qk_scale).to(dt)
-    b_qo = ((x_o * c_o + x_e * s_o) * qk_scale).to(dt)
+    b_qe, b_qo, c_e, s_e, c_o, s_o = _load_rotated(q_ptr + off, pos_ptr, w_ptr, rows, L, D, HALF, qk_scale, DT, BH)
     b_do = _load_rows(do_ptr + off, rows, L, D, BD).to(dt)
     lse = tl.load(lse_ptr + bh * L + rows, mask=rows < L, other=0.0)
     delta = tl.load(delta_ptr + bh * L + rows, mask=rows < L, other=0.0)
@@ -200,10 +197,7 @@ def rope_attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_
     dq_o = tl.zeros([BM, BH], dtype=tl.float32)
     for start in range(lo, hi, BN):
         cols = start + tl.arange(0, BN)
-        kc_e, ks_e, kc_o, ks_o = _angles_cs(pos_ptr, w_ptr, cols, L, D, HALF, BH)
-        y_e, y_o = _load_halves(k_ptr + off, cols, L, D, HALF, BH)
-        b_ke = (y_e * kc_e - y_o * ks_e).to(dt)
-        b_ko = (y_o * kc_o + y_e * ks_o).to(dt)
+        b_ke, b_ko, kc_e, ks_e, kc_o, ks_o = _load_rotated(k_ptr + off, pos_ptr, w_ptr, cols, L, D, HALF, 1.0, DT, BH)
         b_v = _load_rows(v_ptr + off, cols, L, D, BD).to(dt)
         s = (tl.dot(b_qe, tl.trans(b_ke), input_precision=DOT_PREC)
              + tl.dot(b_qo, tl.trans(b_ko), input_precision=DOT_PREC))

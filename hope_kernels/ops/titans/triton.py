@@ -63,6 +63,23 @@ def _at(x, rc, last):
 
 
 @triton.jit
+def _load_chunk(q_ptr, k_ptr, v_ptr, pid, n, L, DK, DV, rc, rk, rv, C: tl.constexpr):
+    """Token rows of chunk n of program pid: t, tmask, the last valid row, offsets and masks of the (BC, BK)
+    and (BC, BV) tiles, and Q, K, V upcast to fp32 (padded rows and columns 0)."""
+    t = n * C + rc
+    tmask = (rc < C) & (t < L)
+    last = tl.minimum(C, L - n * C) - 1
+    xk = (pid * L + t)[:, None] * DK + rk[None, :]
+    xv = (pid * L + t)[:, None] * DV + rv[None, :]
+    kmask2 = tmask[:, None] & (rk < DK)[None, :]
+    vmask2 = tmask[:, None] & (rv < DV)[None, :]
+    Q = tl.load(q_ptr + xk, mask=kmask2, other=0.0).to(tl.float32)
+    K = tl.load(k_ptr + xk, mask=kmask2, other=0.0).to(tl.float32)
+    V = tl.load(v_ptr + xv, mask=vmask2, other=0.0).to(tl.float32)
+    return t, tmask, last, xk, xv, kmask2, vmask2, Q, K, V
+
+
+@triton.jit
 def titans_linear_fwd_kernel(q_ptr, k_ptr, v_ptr, al_ptr, et_ptr, th_ptr, w0_ptr, s0_ptr, o_ptr, ws_ptr, ss_ptr,
                              L, DK, DV, NC, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                              BV: tl.constexpr):
@@ -79,20 +96,14 @@ def titans_linear_fwd_kernel(q_ptr, k_ptr, v_ptr, al_ptr, et_ptr, th_ptr, w0_ptr
     tl.store(ws_ptr + st_base + st_off, W, mask=st_mask)
     tl.store(ss_ptr + st_base + st_off, S, mask=st_mask)
     for n in range(NC):
-        t = n * C + rc
-        tmask = (rc < C) & (t < L)
-        last = tl.minimum(C, L - n * C) - 1
-        xk = (pid * L + t)[:, None] * DK + rk[None, :]
-        xv = (pid * L + t)[:, None] * DV + rv[None, :]
-        Q = tl.load(q_ptr + xk, mask=tmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
-        K = tl.load(k_ptr + xk, mask=tmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
-        V = tl.load(v_ptr + xv, mask=tmask[:, None] & vmask[None, :], other=0.0).to(tl.float32)
+        t, tmask, last, xk, xv, kmask2, vmask2, Q, K, V = _load_chunk(q_ptr, k_ptr, v_ptr, pid, n, L, DK, DV,
+                                                                      rc, rk, rv, C)
         a, e, th, b, m, f, Db, Dm, Cm = _chunk_gates(al_ptr, et_ptr, th_ptr, pid * L, t, tmask, rc, BC)
         G = th[:, None] * (tl.dot(K, W, input_precision="ieee") - V)
         P = Cm * tl.dot(Q, tl.trans(K), input_precision="ieee")
         O = (b[:, None] * tl.dot(Q, W, input_precision="ieee") + f[:, None] * tl.dot(Q, S, input_precision="ieee")
              - tl.dot(P, G, input_precision="ieee"))
-        tl.store(o_ptr + xv, O.to(o_ptr.dtype.element_ty), mask=tmask[:, None] & vmask[None, :])
+        tl.store(o_ptr + xv, O.to(o_ptr.dtype.element_ty), mask=vmask2)
         cC = _row(Cm, rc, last)
         r = _row(Dm, rc, last)
         Kt = tl.trans(K)
@@ -162,16 +173,8 @@ def titans_linear_bwd_kernel(q_ptr, k_ptr, v_ptr, al_ptr, et_ptr, th_ptr, ws_ptr
     tiny = 1.1754943508222875e-38
     for i in range(NC):
         n = NC - 1 - i
-        t = n * C + rc
-        tmask = (rc < C) & (t < L)
-        last = tl.minimum(C, L - n * C) - 1
-        kmask2 = tmask[:, None] & kmask[None, :]
-        vmask2 = tmask[:, None] & vmask[None, :]
-        xk = (pid * L + t)[:, None] * DK + rk[None, :]
-        xv = (pid * L + t)[:, None] * DV + rv[None, :]
-        Q = tl.load(q_ptr + xk, mask=kmask2, other=0.0).to(tl.float32)
-        K = tl.load(k_ptr + xk, mask=kmask2, other=0.0).to(tl.float32)
-        V = tl.load(v_ptr + xv, mask=vmask2, other=0.0).to(tl.float32)
+        t, tmask, last, xk, xv, kmask2, vmask2, Q, K, V = _load_chunk(q_ptr, k_ptr, v_ptr, pid, n, L, DK, DV,
+                                                                      rc, rk, rv, C)
         dO = tl.load(do_ptr + xv, mask=vmask2, other=0.0).to(tl.float32)
         W0 = tl.load(ws_ptr + st_base + n * DK * DV + st_off, mask=st_mask, other=0.0)
         S0 = tl.load(ss_ptr + st_base + n * DK * DV + st_off, mask=st_mask, other=0.0)
@@ -330,14 +333,7 @@ def titans_mlp_fwd_kernel(q_ptr, k_ptr, v_ptr, al_ptr, et_ptr, th_ptr, w1_ptr, w
     tl.store(w2s_ptr + st_base + off2, W2, mask=m2)
     tl.store(s2s_ptr + st_base + off2, S2, mask=m2)
     for n in range(NC):
-        t = n * C + rc
-        tmask = (rc < C) & (t < L)
-        last = tl.minimum(C, L - n * C) - 1
-        x = (pid * L + t)[:, None] * D + rd[None, :]
-        xm = tmask[:, None] & dmask[None, :]
-        Q = tl.load(q_ptr + x, mask=xm, other=0.0).to(tl.float32)
-        K = tl.load(k_ptr + x, mask=xm, other=0.0).to(tl.float32)
-        V = tl.load(v_ptr + x, mask=xm, other=0.0).to(tl.float32)
+        t, tmask, last, x, _, xm, _, Q, K, V = _load_chunk(q_ptr, k_ptr, v_ptr, pid, n, L, D, D, rc, rd, rd, C)
         a, e, th, b, m, f, Db, Dm, Cm = _chunk_gates(al_ptr, et_ptr, th_ptr, pid * L, t, tmask, rc, BC)
         Z, Hk, E, GZ, G1, G2, Zq, Hq, O = _mlp_chunk(Q, K, V, th, W1, W2, S1, S2, b, f, Cm)
         tl.store(o_ptr + x, O.to(o_ptr.dtype.element_ty), mask=xm)
@@ -405,15 +401,8 @@ def titans_mlp_bwd_kernel(q_ptr, k_ptr, v_ptr, al_ptr, et_ptr, th_ptr, w1s_ptr, 
     tiny = 1.1754943508222875e-38
     for i in range(NC):
         n = NC - 1 - i
-        t = n * C + rc
-        tmask = (rc < C) & (t < L)
-        last = tl.minimum(C, L - n * C) - 1
+        t, tmask, last, x, _, xm, _, Q, K, V = _load_chunk(q_ptr, k_ptr, v_ptr, pid, n, L, D, D, rc, rd, rd, C)
         is_last = rc == last
-        x = (pid * L + t)[:, None] * D + rd[None, :]
-        xm = tmask[:, None] & dmask[None, :]
-        Q = tl.load(q_ptr + x, mask=xm, other=0.0).to(tl.float32)
-        K = tl.load(k_ptr + x, mask=xm, other=0.0).to(tl.float32)
-        V = tl.load(v_ptr + x, mask=xm, other=0.0).to(tl.float32)
         dO = tl.load(do_ptr + x, mask=xm, other=0.0).to(tl.float32)
         ob = st_base + n * D * DH
         W1 = tl.load(w1s_ptr + ob + off1, mask=m1, other=0.0)
