@@ -286,6 +286,14 @@ def test_bad_inputs():
             call(backend="cuda")
 
 
+@pytest.mark.skipif("triton" not in FAST, reason="triton not available")
+def test_triton_head_dim_limit():
+    # head dims above 64 spill on sm_90 (docs/dgd.md, Limits): an explicit triton call says so
+    q, k, v, a, e, M0 = make(L=5, dk=72, dv=8)
+    with pytest.raises(ValueError, match=r"triton backend supports dk, dv <= 64, got dk=72"):
+        dgd_memory(q, k, v, a, e, initial_state=M0, backend="triton")
+
+
 def test_bad_device():
     q, k, v, a, e, M0 = make(L=5)
     with pytest.raises(ValueError, match="device"):

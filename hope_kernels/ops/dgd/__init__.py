@@ -24,6 +24,8 @@ __all__ = ["dgd_memory", "dgd_memory_token_loop", "dgd_memory_chunked_reference"
 
 _OP = "dgd_memory"
 SUPPORTED = ("reference", "cpu", "triton", "cuda")
+# the Triton kernels hold (dk, dv) state tiles in registers: larger heads spill (ptxas report in triton.py)
+TRITON_MAX_HEAD_DIM = 64
 
 
 def _validate(q, k, v, alpha, eta, chunk_size, initial_state) -> None:
@@ -67,8 +69,10 @@ def _check_gate_values(alpha: torch.Tensor, eta: torch.Tensor) -> None:
 
 
 def _resolve(backend: str, tensors) -> str:
-    return resolve_backend(backend, tensors, op=_OP, gpu_order=("triton", "cuda"), cpu_order=("cpu",),
-                           supported=SUPPORTED)
+    q, v = tensors[0], tensors[2]
+    fits = max(q.shape[-1], v.shape[-1]) <= TRITON_MAX_HEAD_DIM
+    return resolve_backend(backend, tensors, op=_OP, gpu_order=("triton", "cuda") if fits else ("cuda", "triton"),
+                           cpu_order=("cpu",), supported=SUPPORTED)
 
 
 def _forward(backend, q, k, v, alpha, eta, initial_state, chunk_size):

@@ -1,8 +1,9 @@
 """Triton kernels of the chunked delta-gradient-descent memory (DESIGN 4.4, derivation in docs/dgd.md).
 
 One program per (batch, head) walks over the chunks with the state M (dk, dv) held in registers. A chunk of C
-tokens is processed as sub-chunks of S = min(C, 64) tokens (padded to BLOCK_C >= 16 rows, head dims padded to
->= 16, masked), so HOPE's chunk of one timestep (65 or 258 tokens) runs here too. Per sub-chunk with start
+tokens is processed as sub-chunks of S <= C tokens (16 or 32, `_sub_chunk_len`; padded to BLOCK_C >= 16 rows,
+head dims padded to >= 16, masked), so any chunk size runs here, HOPE's chunk of one timestep (65 or 258
+tokens) included. Per sub-chunk with start
 state M_s and the chunk-start reference state M_ref (the same matrix when S = C): the Gram matrices K K^T and
 Q K^T and the decay mask D are tl.dot / elementwise tiles, T = (I + A)^{-1} is built by forward substitution on
 the (BLOCK_C, BLOCK_C) tile (the UT transform), then
@@ -20,8 +21,17 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_HEAD_DIM = 128  # the state tiles (dk, dv) live in registers
-MAX_SUB_CHUNK = 64  # the (S, S) triangular tile lives in registers
+from hope_kernels.ops.dgd import TRITON_MAX_HEAD_DIM as MAX_HEAD_DIM
+
+# Register budget, read from ptxas' report for sm_90 (benchmarks/compile_sm90.py; 8 warps): with head dims of
+# 64, sub-chunks of 16 compile to 255 registers and at most 1.6 KB of spills, while sub-chunks of 32 or 64 make
+# ptxas fall back to 32 registers and 8-76 KB of spills; head dims of 128 do that at any sub-chunk size (so
+# they go to the CUDA kernel).
+
+
+def _sub_chunk_len(C: int, bk: int, bv: int) -> int:
+    """Tokens per sub-chunk S <= C: the (S, S) triangular tiles share the registers with the state tiles."""
+    return min(C, 32 if max(bk, bv) <= 32 else 16)
 
 
 @triton.jit
@@ -204,10 +214,10 @@ def _config(q: torch.Tensor, v: torch.Tensor, C: int):
                          f"use backend='cpu', 'cuda' or 'reference'")
     acc_tl, acc = (tl.float64, torch.float64) if q.dtype == torch.float64 else (tl.float32, torch.float32)
     prec = "tf32" if q.dtype in (torch.bfloat16, torch.float16) else "ieee"
-    S = min(C, MAX_SUB_CHUNK)
-    block_c = max(16, triton.next_power_of_2(S))
     bk, bv = max(16, triton.next_power_of_2(dk)), max(16, triton.next_power_of_2(dv))
-    num_warps = 4 if bk * bv <= 64 * 64 and block_c <= 32 else 8
+    S = _sub_chunk_len(C, bk, bv)
+    block_c = max(16, triton.next_power_of_2(S))
+    num_warps = 4 if bk * bv <= 16 * 16 else 8   # 4 warps spilled at dk = dv = 64 (fwd 460 B, bwd 1.2 KB)
     cfg = dict(ONE_SUB=S == C, ACC=acc_tl, BLOCK_C=block_c, BK=bk, BV=bv, PREC=prec, num_warps=num_warps)
     return cfg, acc, S, triton.cdiv(C, S)
 

@@ -216,10 +216,15 @@ def _empty_like(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-def _config(d: int):
-    """(BM, BN, num_warps, num_stages). Small tiles under the interpreter (tests), fixed GPU tiles otherwise."""
+def _config(d: int, dtype: torch.dtype):
+    """(BM, BN, num_warps, num_stages). Small tiles under the interpreter (tests), fixed GPU tiles otherwise.
+    float32 takes 32 x 32 tiles: ptxas (sm_90, benchmarks/compile_sm90.py) gave 64 x 64 float32 tiles at d = 64
+    4.8-27 KB of register spills per thread (the dq pass fell back to 32 registers), 32 x 32 tiles 0.5-1.4 KB;
+    bf16 64 x 64 tiles spill 0.1-0.5 KB."""
     if triton_interpret():
         return 16, 16, 1, 1
+    if dtype == torch.float32:
+        return 32, 32, 4, 2
     if d <= 64:
         return 64, 64, 4, 2
     return 64, 32, 4, 2
@@ -275,7 +280,7 @@ def rope_attention_fwd_triton(q, k, v, pos, w, window: int, scale: float):
     if q.numel() == 0:
         return o, lse
     t, pos32, w, win = _prep(q, pos, w, window)
-    BM, BN, warps, stages = _config(d)
+    BM, BN, warps, stages = _config(d, q.dtype)
     half, BH, BD = _dims(d)
     kv_lo, kv_hi = _ranges(t, BM, win, keys_of_queries=True)
     grid = (triton.cdiv(L, BM), B * H)
@@ -294,7 +299,7 @@ def rope_attention_bwd_triton(do, q, k, v, o, lse, pos, w, window: int, scale: f
         return dq, dk, dv
     delta = (o.float() * do.float()).sum(-1).contiguous()
     t, pos32, w, win = _prep(q, pos, w, window)
-    BM, BN, warps, stages = _config(d)
+    BM, BN, warps, stages = _config(d, q.dtype)
     half, BH, BD = _dims(d)
     prec = _dot_precision(q.dtype)
     q_lo, q_hi = _ranges(t, BN, win, keys_of_queries=False)
