@@ -144,8 +144,10 @@ def _cases():
         "rope d=64 bf16": rope_case(torch.bfloat16),
         "rope d=64 fp32": rope_case(torch.float32),
         "rope d=128 bf16": rope_case(torch.bfloat16, d=128),
+        "rope d=128 fp32": rope_case(torch.float32, d=128),
         "dgd C=16 d=64": dgd_case(16),
         "dgd C=258 d=64 (sub-chunks)": dgd_case(258),
+        "dgd C=65 d=24 (HOPE tiny)": dgd_case(65, d=24),
         "titans linear C=16 d=64": titans_linear_case(16),
         "titans mlp C=16 d=dh=64": titans_mlp_case(16),
     }

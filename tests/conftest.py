@@ -8,6 +8,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist (`-n N`) the workers share the machine's cores: one worker's intra-op threads would spin
+# against another's, so each gets its share.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 
@@ -44,3 +49,14 @@ def cpu_fast_backends():
     from hope_kernels.dispatch import has_cpp, triton_can_run
     cpu = torch.device("cpu")
     return [b for b, ok in (("cpu", has_cpp()), ("triton", triton_can_run(cpu))) if ok]
+
+
+def _expected_minutes(item) -> float:
+    mark = item.get_closest_marker("slow")
+    return 0.0 if mark is None else float(mark.kwargs.get("minutes", 1.0))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Longest first (`@pytest.mark.slow(minutes=...)`; stable order otherwise): under `-n 2 --dist loadgroup`
+    the two learning runs start at once on separate workers while the short tests fill in around them."""
+    items.sort(key=lambda item: -_expected_minutes(item))
