@@ -87,6 +87,37 @@ def test_hope_carry_memory():
         m(*inputs(B=3)[:2])
 
 
+@pytest.mark.parametrize("rule", ["dgd", "titans"])
+def test_hope_memory_layouts_agree(monkeypatch, rule):
+    # the five memories share q, k and the gates and the rules act per value column: one wide memory (CPU
+    # layout) and five memories stacked along heads (CUDA layout) give the same outputs, end state and gradients
+    from hope_kernels.models.hope_predictor import SelfModifyingMemory, _stack, _unstack
+    t = torch.randn(2, 3, 4, 5 * 6)
+    assert torch.equal(_unstack(_stack(t, 5), 5), t)
+    m = make("hope", memory_rule=rule)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    z, a, _ = inputs()
+    w = torch.randn_like(z)
+    got = []
+    for stack in (False, True):
+        monkeypatch.setattr(SelfModifyingMemory, "stack_memories", stack)
+        m.zero_grad()
+        m.carry_memory = True
+        m.reset_memory()
+        y = m(z, a)
+        (y * w).sum().backward()
+        state = [torch.cat([u.flatten() for u in s]) if isinstance(s, tuple) else s.flatten() for s in m._memory]
+        got.append((y.detach(), torch.cat(state), [p.grad.clone() for p in m.parameters()]))
+    (y0, s0, g0), (y1, s1, g1) = got
+    torch.testing.assert_close(y1, y0, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(s1, s0, rtol=1e-12, atol=1e-12)
+    for p0, p1 in zip(g0, g1):
+        torch.testing.assert_close(p1, p0, rtol=1e-10, atol=1e-12)
+    assert max(g.abs().max() for g in g0) > 0
+
+
 def test_hope_cms_levels_and_shared_attributes():
     m = make("hope")
     levels = m.cms_levels()
