@@ -138,6 +138,13 @@ def _blocks(dk: int, dv: int, chunk_size: int):
     return p2(chunk_size), p2(dk), p2(dv)
 
 
+def _linear_fwd_warps(BK: int, BV: int) -> int:
+    # ptxas for sm_90 (benchmarks/compile_sm90.py) at dk = dv = 64, C = 16: 4 warps fell back to 32 registers
+    # with 11.5 KB of spills per thread, 8 warps 255 registers with 0.8 KB. (The backward spills 11-26 KB at
+    # 4, 8 or 16 warps: docs/titans.md.)
+    return 8 if BK * BV >= 64 * 64 else 4
+
+
 def titans_linear_fwd_triton(q, k, v, alpha, eta, theta, W0, S0, chunk_size: int):
     """q, k (B, H, L, dk); v (B, H, L, dv); gates (B, H, L); W0, S0 (B, H, dk, dv) float32.
     Returns o (B, H, L, dv) in q's dtype and the boundary states Ws, Ss (B, H, N+1, dk, dv) float32."""
@@ -151,7 +158,7 @@ def titans_linear_fwd_triton(q, k, v, alpha, eta, theta, W0, S0, chunk_size: int
     Ss = _alloc((B, H, NC + 1, dk, dv), q, torch.float32)
     BC, BK, BV = _blocks(dk, dv, chunk_size)
     titans_linear_fwd_kernel[(B * H,)](q, k, v, alpha, eta, theta, W0, S0, o, Ws, Ss, L, dk, dv, NC,
-                                       C=chunk_size, BC=BC, BK=BK, BV=BV, num_warps=4)
+                                       C=chunk_size, BC=BC, BK=BK, BV=BV, num_warps=_linear_fwd_warps(BK, BV))
     return o, Ws, Ss
 
 
