@@ -118,6 +118,31 @@ def test_hope_memory_layouts_agree(monkeypatch, rule):
     assert max(g.abs().max() for g in g0) > 0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind,kw", [("ac", {}), ("hope", {}), ("hope", dict(memory_rule="titans"))])
+def test_gpu_predictor_matches_cpu(kind, kw):
+    # the whole model on the GPU paths (Triton attention, stacked HOPE memories on the sub-chunked Triton dgd
+    # kernel) against the CPU paths (C++ kernels, wide memories), float32, outputs and parameter gradients
+    torch.manual_seed(0)
+    m = make(kind, **kw).float()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    z, a = (t.float() for t in inputs()[:2])
+    w = torch.randn_like(z)
+    got = []
+    for dev in ("cpu", "cuda"):
+        md = m.to(dev)
+        md.zero_grad()
+        y = md(z.to(dev), a.to(dev))
+        (y * w.to(dev)).sum().backward()
+        got.append((y.detach().cpu(), [p.grad.detach().cpu().clone() for p in md.parameters()]))
+    (y0, g0), (y1, g1) = got
+    assert (y1 - y0).norm() / y0.norm() < 1e-4
+    for p0, p1 in zip(g0, g1):
+        assert (p1 - p0).norm() <= 1e-3 * p0.norm() + 1e-6
+
+
 def test_hope_cms_levels_and_shared_attributes():
     m = make("hope")
     levels = m.cms_levels()
