@@ -553,6 +553,28 @@ def _cuda(xs):
     return None if xs is None else [t.cuda() for t in xs]
 
 
+@requires_cuda
+@pytest.mark.parametrize("memory,C,shape", [
+    ("linear", 16, dict(B=2, H=2, L=37, dk=64, dv=64)),       # the benchmark's head dims (the kernel spills)
+    ("linear", 4, dict(B=1, H=3, L=70, dk=16, dv=40)),
+    ("linear", 128, dict(B=1, H=1, L=130, dk=8, dv=8)),
+    ("mlp", 16, dict(B=1, H=2, L=37, dk=64, dv=64, mlp_dh=64)),
+    ("mlp", 4, dict(B=1, H=1, L=10, dk=8, dv=8, mlp_dh=12)),
+])
+def test_gpu_triton_matches_token_loop(memory, C, shape):
+    """The Triton kernels compiled for the GPU (the other Triton tests run them in the interpreter) against the
+    float64 token loop: o, final state and every gradient, float32."""
+    from hope_kernels import backends
+    if not backends()["triton"]:
+        pytest.skip("triton not available")
+    x, st = make(dtype=torch.float32, state=memory == "linear", seed=3, **shape)
+    ref, gref = grads_of(loop_fn(C, memory), [t.double() for t in x], None if st is None else [s.double() for s in st])
+    out, g = grads_of(op_fn(C, "triton", memory), _cuda(x), _cuda(st))
+    assert out[0].is_cuda and out[0].dtype == torch.float32
+    assert_close_all(out, ref, 1e-4, f"triton {memory} forward on the GPU")
+    assert_close_all(g, gref, 1e-3, f"triton {memory} grads on the GPU")
+
+
 CUDA_SHAPES = [dict(B=2, H=2, L=19), dict(B=1, H=1, L=37, dk=6, dv=3), dict(B=1, H=3, L=70, dk=16, dv=40),
                dict(B=2, H=1, L=5), dict(B=1, H=2, L=130, dk=8, dv=70)]
 
