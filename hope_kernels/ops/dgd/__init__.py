@@ -5,7 +5,8 @@
 q, k (B, H, L, dk); v (B, H, L, dv); alpha in (0, 1] and eta >= 0, both (B, H, L); M (B, H, dk, dv).
 Semantics and the chunked form: reference.py; backward derivation: docs/dgd.md.
 
-Backends: reference (eager chunked PyTorch, autograd), cpu (compiled C++ chunked), triton (chunked),
+Backends: reference (eager chunked PyTorch, autograd), cpu (compiled C++ chunked), triton (chunked, any chunk
+size as sub-chunks; dk, dv <= 64, larger heads go to cuda under auto),
 cuda (fused token-serial recurrent). The fast paths go through the custom op `hope_kernels::dgd_memory`
 (returns o, the final state and the per-chunk start states saved for backward) whose backward is the custom
 op `hope_kernels::dgd_memory_backward`; both have fake kernels, so they trace under torch.compile.
