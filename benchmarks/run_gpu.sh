@@ -47,7 +47,8 @@ for spec in ${BENCH_SPECS:-device:20 l1_loss:60 rope_attention:90 dgd:80 titans:
   name=${spec%%:*}; limit=${spec##*:}; file=benchmarks/test_bench_$name.py
   [ -f "$file" ] || continue
   t0=$SECONDS
-  HOPE_BENCH_JSON=$BASE.json timeout $limit $PY -m pytest "$file" -q -s -p no:cacheprovider \
+  # SIGINT at the limit (SIGKILL 20 s later): pytest then still writes the rows measured so far
+  HOPE_BENCH_JSON=$BASE.json timeout -s INT -k 20 $limit $PY -m pytest "$file" -q -s -p no:cacheprovider \
     --benchmark-disable-gc --benchmark-columns=median,rounds --benchmark-json="$BASE.$name.json" \
     > "${OUT:-/tmp}/bench_$name.log" 2>&1
   echo "benchmark $name: rc=$? in $((SECONDS - t0)) s"

@@ -3,8 +3,9 @@
 GPU: one clip of the real grid (B=4, H=16, L=8*258, dk=dv=64, chunk 16), 8x that length, and HOPE's own call
 at the real grid (one timestep of 258 tokens as one chunk, the five memories of 16 heads stacked: H=80);
 CPU: a smaller shape. Forward and forward+backward. Each row reports ms, the ratio to the eager chunked
-reference and to the token loop (measured in the same session), and peak memory (GPU only). Rows run shape by
-shape, fast paths before the slow baselines, so a run cut by its time limit still has the fast paths' numbers.
+reference and to the token loop (measured in the same session), and peak memory (GPU only). The eager and fast
+rows of every shape run before the slow baselines (token loop, torch.compile), so a run cut by its time limit
+still has the fast paths' numbers.
 Speed is reported, never asserted.
 
     pytest benchmarks/test_bench_dgd.py --benchmark-only -s
@@ -87,10 +88,13 @@ def _time(fn, inputs, backward, reps=3):
     return (time.perf_counter() - t) / reps * 1e3
 
 
-# decorator nearest the function varies slowest: shape by shape, then path, then mode
-@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
-@pytest.mark.parametrize("path", list(PATHS))
-@pytest.mark.parametrize("shape_name", list(SHAPES))
+SLOW = ("token_loop", "compiled_chunked")
+# every shape's eager and fast rows first, then the slow baselines (a run cut by its time limit keeps the former)
+CASES = [(s, p, m) for group in (False, True) for s in SHAPES for p in PATHS if (p in SLOW) == group
+         for m in ("fwd", "fwd_bwd")]
+
+
+@pytest.mark.parametrize("shape_name,path,mode", CASES)
 def test_bench_dgd(benchmark, path, shape_name, mode):
     shape, C = SHAPES[shape_name]
     if path in ("token_loop", "compiled_chunked") and shape_name.endswith("x8"):
@@ -115,7 +119,8 @@ def test_bench_dgd(benchmark, path, shape_name, mode):
     peak = torch.cuda.max_memory_allocated() / 2**30 if HAS_CUDA else float("nan")
     eager = _BASE.get(("eager_chunked", shape_name, mode), float("nan"))
     loop = _BASE.get(("token_loop", shape_name, mode), float("nan"))
-    benchmark.extra_info.update(shape=shape, chunk_size=C, mode=mode, ms=ms, vs_eager_chunked=eager / ms, vs_token_loop=loop / ms,
-                                peak_gib=peak, device=torch.cuda.get_device_name() if HAS_CUDA else "cpu")
+    benchmark.extra_info.update(shape=shape, chunk_size=C, mode=mode, ms=ms, vs_eager_chunked=eager / ms,
+                                vs_token_loop=loop / ms, peak_gib=peak,
+                                device=torch.cuda.get_device_name() if HAS_CUDA else "cpu")
     print(f"\n[dgd] {shape_name} {tuple(shape)} C={C} {mode:7s} {path:16s} {ms:9.2f} ms  "
           f"x{eager / ms:6.2f} vs eager chunked  x{loop / ms:7.2f} vs token loop  peak {peak:.2f} GiB")

@@ -25,8 +25,7 @@ DEVICE = "cuda" if CUDA else "cpu"
 C = 16
 SHAPES = ({"clip": (4, 16, 8 * 258, 64), "clip_x8": (4, 16, 8 * 8 * 258, 64)} if CUDA
           else {"cpu_small": (1, 4, 512, 32)})
-# eager first (the ratios' base), then the fast paths, then the slow baselines: a run cut by its time limit
-# still has the fast paths' rows
+# eager first (the ratios' base), then the fast paths, then the slow baselines
 PATHS = ["eager_chunked"] + [b for b in LINEAR_BACKENDS if b != "reference"] + ["token_loop", "compiled_chunked"]
 RESULTS = {}
 
@@ -71,10 +70,16 @@ def _skip(path, shape_name):
         pytest.skip("token loop at 8x length: minutes")
 
 
-# decorator nearest the function varies slowest: shape by shape, then path, then mode
-@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
-@pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("shape_name", list(SHAPES))
+SLOW = ("token_loop", "compiled_chunked")
+
+
+def _cases(paths):
+    """Every shape's eager and fast rows first, then the slow baselines."""
+    return [(s, p, m) for group in (False, True) for s in SHAPES for p in paths if (p in SLOW) == group
+            for m in ("fwd", "fwd_bwd")]
+
+
+@pytest.mark.parametrize("shape_name,path,mode", _cases(PATHS))
 def test_titans(benchmark, path, shape_name, mode):
     _skip(path, shape_name)
     x = _inputs(SHAPES[shape_name], mode == "fwd_bwd")
@@ -86,9 +91,7 @@ MLP_PATHS = ["eager_chunked"] + [b for b in MLP_BACKENDS if b != "reference"] + 
 
 
 @pytest.mark.skipif(not CUDA, reason="MLP memory: the fast path is Triton (GPU only)")
-@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
-@pytest.mark.parametrize("path", MLP_PATHS)
-@pytest.mark.parametrize("shape_name", list(SHAPES))
+@pytest.mark.parametrize("shape_name,path,mode", _cases(MLP_PATHS))
 def test_titans_mlp(benchmark, path, shape_name, mode):
     _skip(path, shape_name)
     B, H, L, d = SHAPES[shape_name]
