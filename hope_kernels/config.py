@@ -139,6 +139,9 @@ class TrainConfig:
     log_every: int = 10
     progress: bool = True
     resume: bool = False
+    # HOPE: CMS level l accumulates its gradient and applies the mean every cms_periods[l] optimiser steps
+    # (DESIGN 5); off by default: every level is then updated every step (the learning test's setting)
+    cms_train_periods: bool = False
 
     def __post_init__(self):
         if self.model not in KINDS:

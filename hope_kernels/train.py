@@ -167,12 +167,14 @@ def _rng_state() -> dict:
     return st
 
 
-def save_checkpoint(path, model, optimizer, step: int, config) -> str:
-    """Atomic safetensors checkpoint: model weights, AdamW state, step, RNG states, configs."""
+def save_checkpoint(path, model, optimizer, step: int, config, cms_grads: dict | None = None) -> str:
+    """Atomic safetensors checkpoint: model weights, AdamW state, step, RNG states, configs, and the CMS
+    gradients accumulated since each level's last update ({parameter name: tensor}, cms_train_periods)."""
     from safetensors.torch import save_file
 
     model = getattr(model, "module", model)
     tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tensors.update({f"cms_grad.{k}": v.detach().contiguous().cpu() for k, v in (cms_grads or {}).items()})
     opt_meta = None
     if optimizer is not None:
         osd = optimizer.state_dict()
@@ -209,7 +211,8 @@ def _np_rng_to_json(st):
 
 
 def load_checkpoint(path, device="cpu"):
-    """-> (model, state) with state = {step, config, predictor_config, optimizer (state_dict or None), rng}."""
+    """-> (model, state) with state = {step, config, predictor_config, optimizer (state_dict or None), rng,
+    cms_grads ({parameter name: accumulated gradient})}."""
     from safetensors import SafetensorError
     from safetensors.torch import safe_open
 
@@ -243,8 +246,9 @@ def load_checkpoint(path, device="cpu"):
         opt = {"state": state, "param_groups": groups}
     rng = {k: v for k, v in tensors.items() if k.startswith("rng.")}
     rng["python"], rng["numpy"] = json.loads(meta["python_rng"]), json.loads(meta["numpy_rng"])
+    cms_grads = {k[len("cms_grad."):]: v for k, v in tensors.items() if k.startswith("cms_grad.")}
     return model, {"step": int(meta["step"]), "config": json.loads(meta["train_config"]),
-                   "predictor_config": pcfg, "optimizer": opt, "rng": rng}
+                   "predictor_config": pcfg, "optimizer": opt, "rng": rng, "cms_grads": cms_grads}
 
 
 def _restore_rng(rng: dict):
@@ -280,6 +284,33 @@ def _param_groups(model, wd):
     return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+class _CMSPeriods:
+    """cms_train_periods: a level with period p > 1 keeps the sum of its (clipped) gradients between updates and
+    gets their mean as its gradient on every p-th optimiser step (global step numbers, so a resumed run
+    updates on the same steps); on the other steps its grads are set to None, so AdamW leaves those parameters
+    and their moments untouched."""
+
+    def __init__(self, model, enabled: bool):
+        levels = model.cms_levels() if enabled and hasattr(model, "cms_levels") else []
+        names = {id(p): n for n, p in model.named_parameters()}
+        self.levels = [(int(period), [(names[id(p)], p) for p in ps]) for period, ps in levels if period > 1]
+        self.acc: dict[str, torch.Tensor] = {}
+
+    def apply(self, step: int) -> None:
+        """Call between clipping and optimizer.step() of step index `step` (0-based)."""
+        for period, params in self.levels:
+            due = (step + 1) % period == 0
+            for name, p in params:
+                if p.grad is None:
+                    continue
+                total = p.grad if name not in self.acc else self.acc.pop(name) + p.grad
+                if due:
+                    p.grad = total / period
+                else:
+                    self.acc[name] = total.detach().clone()
+                    p.grad = None
+
+
 def train(config, dataset=None) -> TrainResult:
     """Train a predictor. `config`: TrainConfig or dict of its fields. `dataset`: optional in-memory dataset
     (ClipDataset interface) used instead of `config.data`."""
@@ -299,6 +330,7 @@ def train(config, dataset=None) -> TrainResult:
                             action_dim=ds.action_dim, state_dim=ds.state_dim, **cfg.overrides).to(device)
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
     start, history = 0, []
+    cms = _CMSPeriods(model, cfg.cms_train_periods)
     if cfg.resume and ckpt_path and os.path.exists(ckpt_path):
         loaded, st = load_checkpoint(ckpt_path)
         if loaded.config != model.config:
@@ -308,6 +340,7 @@ def train(config, dataset=None) -> TrainResult:
         if st["optimizer"] is not None:
             opt.load_state_dict(st["optimizer"])
         _restore_rng(st["rng"])
+        cms.acc = {k: v.to(device) for k, v in st["cms_grads"].items()}
         start = st["step"]
         if log_path and os.path.exists(log_path):
             with open(log_path) as f:
@@ -360,6 +393,7 @@ def train(config, dataset=None) -> TrainResult:
         if gnorm is not None and not torch.isfinite(gnorm):
             # clipping would scale every gradient by NaN: the step would poison all parameters
             stop(f"gradient norm is {gnorm.item()} (not finite); parameters left as they were")
+        cms.apply(step)
         opt.step()
         stats = torch.stack([loss.detach().float(), losses["tf"].detach().float(), losses["rollout"].detach().float()])
         if world > 1:  # log the global-batch mean, as one process would
@@ -381,7 +415,7 @@ def train(config, dataset=None) -> TrainResult:
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", clips_s=f"{rec['clips_per_s']:.1f}")
         if ckpt_path and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps):
             if rank == 0:
-                ckpt_written = save_checkpoint(ckpt_path, model, opt, step + 1, cfg)
+                ckpt_written = save_checkpoint(ckpt_path, model, opt, step + 1, cfg, cms.acc)
             if world > 1:
                 dist.barrier()
     if bar is not None:

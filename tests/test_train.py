@@ -85,10 +85,14 @@ def test_checkpoint_roundtrip_atomic_and_corrupt(tmp_path, monkeypatch):
         tr.load_checkpoint(tmp_path / "missing.safetensors")
 
 
-@pytest.mark.parametrize("kind", ["ac", "hope"])
-def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch, kind):
+CMS_PERIODS = dict(overrides={**TINY, "cms_periods": (1, 2, 4)}, cms_train_periods=True)
+
+
+@pytest.mark.parametrize("kind,extra", [("ac", {}), ("hope", {}), ("hope", CMS_PERIODS)], ids=["ac", "hope", "hope-cms"])
+def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch, kind, extra):
+    # hope-cms: the checkpoint of step 2 holds the period-4 level's gradients of steps 1-2, applied at step 4
     ds = small_data()
-    full = tr.train(cfg(model=kind, steps=5, out=str(tmp_path / "a")), dataset=ds).history
+    full = tr.train(cfg(model=kind, steps=5, out=str(tmp_path / "a"), **extra), dataset=ds).history
     real = tr.lr_at
 
     def interrupt(step, c):
@@ -97,13 +101,34 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch, kind):
         return real(step, c)
     monkeypatch.setattr(tr, "lr_at", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        tr.train(cfg(model=kind, steps=5, out=str(tmp_path / "b")), dataset=ds)
+        tr.train(cfg(model=kind, steps=5, out=str(tmp_path / "b"), **extra), dataset=ds)
     monkeypatch.setattr(tr, "lr_at", real)
-    resumed = tr.train(cfg(model=kind, steps=5, out=str(tmp_path / "b"), resume=True), dataset=ds).history
+    if extra:
+        assert tr.load_checkpoint(tmp_path / "b" / tr.CKPT_NAME)[1]["cms_grads"], "no CMS gradients saved"
+    resumed = tr.train(cfg(model=kind, steps=5, out=str(tmp_path / "b"), resume=True, **extra), dataset=ds).history
     assert [h["step"] for h in resumed] == [1, 2, 3, 4, 5]
     assert [h["loss"] for h in resumed] == [h["loss"] for h in full]
     log = [json.loads(line) for line in open(tmp_path / "b" / tr.LOG_NAME)]
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5]
+
+
+def test_cms_levels_update_at_their_periods_in_training():
+    ds = small_data()
+    torch.manual_seed(0)                                       # train() seeds the same way before building
+    init = build_predictor("hope", enc_dim=ds.enc_dim, grid=tuple(ds.grid), action_dim=ds.action_dim,
+                           state_dim=ds.state_dim, **CMS_PERIODS["overrides"])
+
+    def changed(model):
+        """{period: did any parameter of that CMS level move from its initial value}"""
+        return {period: any(not torch.equal(p, p0) for p, p0 in zip(ps, ps0))
+                for (period, ps), (_, ps0) in zip(model.cms_levels(), init.cms_levels())}
+    moved = {k: changed(tr.train(cfg(model="hope", steps=k, **CMS_PERIODS), dataset=ds).model) for k in (1, 2, 3, 4)}
+    assert moved[1] == {1: True, 2: False, 4: False}
+    assert moved[2] == {1: True, 2: True, 4: False}
+    assert moved[3] == {1: True, 2: True, 4: False}
+    assert moved[4] == {1: True, 2: True, 4: True}
+    every_step = tr.train(cfg(model="hope", steps=1, overrides=CMS_PERIODS["overrides"]), dataset=ds).model
+    assert changed(every_step) == {1: True, 2: True, 4: True}         # off (the default): all levels every step
 
 
 class _NaNAfter(torch.utils.data.Dataset):
