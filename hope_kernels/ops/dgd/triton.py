@@ -168,11 +168,14 @@ def dgd_bwd_kernel(q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, states_ptr, do_ptr, dmT_pt
             GA = dA * D * b_e[None, :]
             GP = dP * D * b_e[None, :]
             MT = tl.trans(b_M)
+            # R = diag(c) K M_s + K M_ref - V; with one sub-chunk M_s is M_ref, so K carries (1 + c)
             if ONE_SUB:
-                dk_state = (1.0 + c)[:, None] * tl.dot(dR, MT, input_precision=PREC, out_dtype=ACC)
+                kc = 1.0 + c
             else:
-                dk_state = c[:, None] * tl.dot(dR, MT, input_precision=PREC, out_dtype=ACC) \
-                    + tl.dot(dR, tl.trans(b_Mref), input_precision=PREC, out_dtype=ACC)
+                kc = c
+            dk_state = kc[:, None] * tl.dot(dR, MT, input_precision=PREC, out_dtype=ACC)
+            if not ONE_SUB:
+                dk_state += tl.dot(dR, tl.trans(b_Mref), input_precision=PREC, out_dtype=ACC)
             b_dk = dk_state + (b_e * g)[:, None] * dW \
                 + tl.dot(GA + tl.trans(GA), b_k, input_precision=PREC, out_dtype=ACC) \
                 + tl.dot(tl.trans(GP), b_q, input_precision=PREC, out_dtype=ACC)
@@ -194,13 +197,10 @@ def dgd_bwd_kernel(q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, states_ptr, do_ptr, dmT_pt
             tl.store(dv_ptr + row[:, None] * dv + cv[None, :], -dR, mask=mv)
             tl.store(da_ptr + row, dla / b_a, mask=valid)
             tl.store(de_ptr + row, b_de, mask=valid)
-            # dM of this sub-chunk's start state; the K M_ref term goes to dM_ref
-            if ONE_SUB:
-                b_dM = gC * b_dM + tl.dot(tl.trans(b_q * c[:, None]), b_do, input_precision=PREC, out_dtype=ACC) \
-                    + tl.dot(tl.trans(b_k * (1.0 + c)[:, None]), dR, input_precision=PREC, out_dtype=ACC)
-            else:
-                b_dM = gC * b_dM + tl.dot(tl.trans(b_q * c[:, None]), b_do, input_precision=PREC, out_dtype=ACC) \
-                    + tl.dot(tl.trans(b_k * c[:, None]), dR, input_precision=PREC, out_dtype=ACC)
+            # dM of this sub-chunk's start state; with several sub-chunks the K M_ref term goes to dM_ref
+            b_dM = gC * b_dM + tl.dot(tl.trans(b_q * c[:, None]), b_do, input_precision=PREC, out_dtype=ACC) \
+                + tl.dot(tl.trans(b_k * kc[:, None]), dR, input_precision=PREC, out_dtype=ACC)
+            if not ONE_SUB:
                 b_dMref += tl.dot(tl.trans(b_k), dR, input_precision=PREC, out_dtype=ACC)
         b_dM += b_dMref
     tl.store(dm0_ptr + bh.to(tl.int64) * dk * dv + m_offs, b_dM, mask=m_mask)
