@@ -88,13 +88,11 @@ def _time(fn, inputs, backward, reps=3):
     return (time.perf_counter() - t) / reps * 1e3
 
 
-SLOW = ("token_loop", "compiled_chunked")
-# every shape's eager and fast rows first, then the slow baselines (a run cut by its time limit keeps the former)
-CASES = [(s, p, m) for group in (False, True) for s in SHAPES for p in PATHS if (p in SLOW) == group
-         for m in ("fwd", "fwd_bwd")]
-
-
-@pytest.mark.parametrize("shape_name,path,mode", CASES)
+# shape by shape (the decorator nearest the function varies slowest); benchmarks/conftest.py moves the slow
+# baselines' rows (token loop, torch.compile) after all others
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("shape_name", list(SHAPES))
 def test_bench_dgd(benchmark, path, shape_name, mode):
     shape, C = SHAPES[shape_name]
     if path in ("token_loop", "compiled_chunked") and shape_name.endswith("x8"):

@@ -70,16 +70,11 @@ def _skip(path, shape_name):
         pytest.skip("token loop at 8x length: minutes")
 
 
-SLOW = ("token_loop", "compiled_chunked")
-
-
-def _cases(paths):
-    """Every shape's eager and fast rows first, then the slow baselines."""
-    return [(s, p, m) for group in (False, True) for s in SHAPES for p in paths if (p in SLOW) == group
-            for m in ("fwd", "fwd_bwd")]
-
-
-@pytest.mark.parametrize("shape_name,path,mode", _cases(PATHS))
+# shape by shape (the decorator nearest the function varies slowest); benchmarks/conftest.py moves the slow
+# baselines' rows (token loop, torch.compile) after all others
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("shape_name", list(SHAPES))
 def test_titans(benchmark, path, shape_name, mode):
     _skip(path, shape_name)
     x = _inputs(SHAPES[shape_name], mode == "fwd_bwd")
@@ -91,7 +86,9 @@ MLP_PATHS = ["eager_chunked"] + [b for b in MLP_BACKENDS if b != "reference"] + 
 
 
 @pytest.mark.skipif(not CUDA, reason="MLP memory: the fast path is Triton (GPU only)")
-@pytest.mark.parametrize("shape_name,path,mode", _cases(MLP_PATHS))
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("path", MLP_PATHS)
+@pytest.mark.parametrize("shape_name", list(SHAPES))
 def test_titans_mlp(benchmark, path, shape_name, mode):
     _skip(path, shape_name)
     B, H, L, d = SHAPES[shape_name]

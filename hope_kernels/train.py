@@ -357,19 +357,19 @@ def train(config, dataset=None) -> TrainResult:
         from tqdm.auto import tqdm
         bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.model}", unit="step")
     t_last, ckpt_written = time.perf_counter(), None
+
+    def stop(what):   # reads the loop's current step and last checkpoint when called
+        if bar is not None:
+            bar.close()
+        raise RuntimeError(f"training stopped at step {step + 1}: {what}; no checkpoint was written for this "
+                           f"step" + (f" (last good checkpoint: {ckpt_written})" if ckpt_written else ""))
+
     for step in range(start, cfg.steps):
         lr = lr_at(step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
         idx = _batch_indices(step, len(ds), cfg.batch_size, cfg.seed)[rank * local:(rank + 1) * local]
         z, a, s = _collate(ds, idx, device)
-
-        def stop(what):
-            if bar is not None:
-                bar.close()
-            raise RuntimeError(f"training stopped at step {step + 1}: {what}; no checkpoint was written for this "
-                               f"step" + (f" (last good checkpoint: {ckpt_written})" if ckpt_written else ""))
-
         # non-finite inputs are named with their clips here: inside the model an op would only see, say, a NaN
         # memory gate
         bad = [name for name, x in (("latents", z), ("actions", a), ("states", s))
