@@ -5,7 +5,7 @@
 Semantics, closed form and shapes: hope_kernels/ops/titans/reference.py; backward derivation: docs/titans.md.
 Backends: reference (eager chunked closed form, autograd; the token loop when chunk_size == 1) for both
 memories; compiled C++ ("cpu", linear only), Triton ("triton", hope_kernels/ops/titans/triton.py:
-float32/bf16/fp16 inputs; linear: dk, dv, chunk_size <= 128; mlp: dk = dv, dh, chunk_size <= 64) and CUDA
+float32/bf16/fp16 inputs; linear: dk, dv <= 128, chunk_size <= 64; mlp: dk = dv, dh, chunk_size <= 64) and CUDA
 ("cuda", csrc/cuda/titans.cu, linear only: fused token-serial kernel, any chunk_size, float64/32/bf16/fp16, dk up
 to the device's shared memory, any dv) fast paths, listed in `LINEAR_BACKENDS` / `MLP_BACKENDS`. Auto prefers
 triton for CUDA tensors when triton takes the call (not float64, not past its size limits), else cuda (linear) or
@@ -117,7 +117,7 @@ def _check_gate_values(alpha, eta, theta) -> None:
 
 # Triton's limits (hope_kernels/ops/titans/triton.py MAX_D, MAX_CHUNK): register tiles.
 TRITON_MAX_D = 128
-TRITON_MAX_CHUNK = 128
+TRITON_MAX_CHUNK = 64
 
 
 def _resolve(backend: str, memory: str, tensors, dh: int = 0, chunk_size: int = 1) -> str:
@@ -327,7 +327,7 @@ def titans_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torc
     Gradients flow to q, k, v, alpha, eta, theta and initial_state. On the fast paths the gradient to a gate
     that sits exactly at 1 - alpha = 0 or eta = 0 is not exact (the forward is).
     backend="triton": float32/bfloat16/float16 only (float64 raises TypeError); linear memory: dk, dv and
-    chunk_size <= 128; mlp memory: dk = dv, dh and chunk_size <= 64 (auto falls back to reference outside).
+    chunk_size <= 64; mlp memory: dk = dv, dh and chunk_size <= 64 (auto falls back to reference outside).
     backend="cuda" (linear memory, CUDA tensors): fused token-serial kernel, any chunk_size and dv, dk limited by
     the device's shared memory (dk <= 128 everywhere from sm_80; beyond, a clear error). Its gate gradients are
     exact also at alpha = 1 or eta = 0. auto on CUDA tensors takes it when triton does not fit the call.

@@ -29,7 +29,9 @@ import triton.language as tl
 from hope_kernels.ops.titans import mlp_unsupported
 
 MAX_D = 128      # dk, dv: the (dk, dv) state tiles live in registers
-MAX_CHUNK = 128
+# ptxas for sm_90 took 340 s to compile the linear backward at chunk 128 (a GPU test stage hung on it,
+# 2026-11-26, H200); at chunk 64 it takes 21 s
+MAX_CHUNK = 64
 
 
 @triton.jit
