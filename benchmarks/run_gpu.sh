@@ -30,10 +30,11 @@ $PY -m hope_kernels.cli backends
 
 echo "== tests on the GPU"
 t0=$SECONDS
-# SIGINT at the limit, so pytest still prints its summary of what ran. Only the tests that touch the GPU
+# SIGINT at the limit, so pytest still prints its summary of what ran; SIGKILL 20 s later (a SIGINT alone left
+# pytest waiting on a ptxas compile for the rest of a 560 s call on the H200, 2026-11-26). Only the tests that touch the GPU
 # (CI runs the rest), kernels that have never run on a GPU first; the nvcc compile checks are CI's too.
 GPU_TESTS="tests/test_titans.py tests/test_dgd.py tests/test_l1_loss.py tests/test_models.py tests/test_rope_attention.py"
-timeout -s INT ${TEST_TIMEOUT:-80} $PY -m pytest ${TEST_PATHS:-$GPU_TESTS} -q -m "not slow" -p no:cacheprovider \
+timeout -s INT -k 20 ${TEST_TIMEOUT:-80} $PY -m pytest ${TEST_PATHS:-$GPU_TESTS} -q -m "not slow" -p no:cacheprovider \
   -k "${TEST_K:-(gpu or cuda) and not source_compiles}" --tb=line -rfE 2>&1 | tail -40
 echo "tests: ${PIPESTATUS[0]} in $((SECONDS - t0)) s"
 
