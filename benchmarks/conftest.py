@@ -1,6 +1,9 @@
 """Benchmark harness: every benchmark of one group runs the eager baseline and each fast path in the same
 session; at the end a table prints ms, speed-up over eager, GB/s or TFLOP/s, and peak memory per row.
 Set HOPE_BENCH_JSON=path to also write the rows as JSON (benchmarks/run_gpu.sh does).
+HOPE_BENCH_WARMUP=1: every benchmark runs its function once and is then skipped, nothing is timed. This fills
+the Triton and Inductor caches on disk, so benchmarks/run_gpu.sh compiles every suite's kernels at once, in
+parallel processes (pytest-xdist), before the timed runs, which then find them compiled.
 
 Use the `bench` fixture:  bench(fn, group="l1 fwd (4,8,256,1024) fp32", backend="eager", nbytes=..., flops=...)
 The row whose backend is "eager" is the baseline of its group. `calls=k` when one fn() runs the op k times (a
@@ -16,6 +19,7 @@ import pytest
 import torch
 
 ROWS: list[dict] = []
+WARMUP = os.environ.get("HOPE_BENCH_WARMUP", "0") == "1"
 
 
 def _sync(device: str):
@@ -61,6 +65,17 @@ def bench(benchmark):
         return row
 
     return run
+
+
+@pytest.fixture(autouse=True)
+def _warmup_only(request):
+    """HOPE_BENCH_WARMUP=1: `benchmark.pedantic` runs its target once (compiling what it launches), then skips."""
+    if WARMUP and "benchmark" in request.fixturenames:
+        def compile_only(target, args=(), kwargs=None, **_):
+            target(*args, **(kwargs or {}))
+            pytest.skip("HOPE_BENCH_WARMUP=1: ran once to compile, not timed")
+        request.getfixturevalue("benchmark").pedantic = compile_only
+    yield
 
 
 # baselines that take long per row (a Python loop over tokens, torch.compile's compilation)

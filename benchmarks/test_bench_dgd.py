@@ -12,6 +12,7 @@ Speed is reported, never asserted.
 """
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -64,6 +65,7 @@ def _paths():
 
 
 PATHS = _paths()
+WARMUP = os.environ.get("HOPE_BENCH_WARMUP", "0") == "1"   # conftest.py: run once, time nothing
 
 
 def _sync():
@@ -106,7 +108,7 @@ def test_bench_dgd(benchmark, path, shape_name, mode):
     with ctx:
         for base in ("eager_chunked", "token_loop"):
             key = (base, shape_name, mode)
-            if key not in _BASE and not (base == "token_loop" and shape_name.endswith("x8")):
+            if key not in _BASE and not (base == "token_loop" and shape_name.endswith("x8")) and not WARMUP:
                 _BASE[key] = _time(PATHS[base](C), inputs, backward, reps=1)
         if HAS_CUDA:
             torch.cuda.reset_peak_memory_stats()

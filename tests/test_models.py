@@ -3,6 +3,7 @@ carry and CMS levels, official V-JEPA 2-AC key mapping, RoPE properties."""
 import pytest
 import torch
 
+from conftest import rel_err
 from hope_kernels.models import build_predictor, predictor_from_config
 from hope_kernels.ops import rope_attention
 
@@ -121,26 +122,33 @@ def test_hope_memory_layouts_agree(monkeypatch, rule):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("kind,kw", [("ac", {}), ("hope", {}), ("hope", dict(memory_rule="titans"))])
 def test_gpu_predictor_matches_cpu(kind, kw):
-    # the whole model on the GPU paths (Triton attention, stacked HOPE memories on the sub-chunked Triton dgd
-    # kernel) against the CPU paths (C++ kernels, wide memories), float32, outputs and parameter gradients
+    """The whole model on the GPU paths (Triton attention, stacked HOPE memories on the Triton memory kernels)
+    and on the CPU paths (C++ kernels, wide memories), both float32, against the float64 CPU model: outputs and
+    every parameter gradient. On the CPU, float32 loses 1e-7 (outputs) to 3e-6 (gate gradients) here."""
     torch.manual_seed(0)
-    m = make(kind, **kw).float()
+    m = make(kind, **kw)
     with torch.no_grad():
         for p in m.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    z, a = (t.float() for t in inputs()[:2])
+    z, a = inputs()[:2]
     w = torch.randn_like(z)
-    got = []
-    for dev in ("cpu", "cuda"):
-        md = m.to(dev)
+    got = {}
+    for dev, dt in (("cpu", torch.float64), ("cpu", torch.float32), ("cuda", torch.float32)):
+        md = m.to(device=dev, dtype=dt)
         md.zero_grad()
-        y = md(z.to(dev), a.to(dev))
-        (y * w.to(dev)).sum().backward()
-        got.append((y.detach().cpu(), [p.grad.detach().cpu().clone() for p in md.parameters()]))
-    (y0, g0), (y1, g1) = got
-    assert (y1 - y0).norm() / y0.norm() < 1e-4
-    for p0, p1 in zip(g0, g1):
-        assert (p1 - p0).norm() <= 1e-3 * p0.norm() + 1e-6
+        y = md(z.to(dev, dt), a.to(dev, dt))
+        (y * w.to(dev, dt)).sum().backward()
+        got[(dev, dt)] = (y.detach().cpu().double(),
+                          {n: p.grad.detach().cpu().double().clone() for n, p in md.named_parameters()})
+    y64, g64 = got[("cpu", torch.float64)]
+    report = {}
+    for dev in ("cpu", "cuda"):
+        y, g = got[(dev, torch.float32)]
+        errs = {n: rel_err(g[n], g64[n]) for n in g64 if g64[n].norm() > 0}
+        report[dev] = (rel_err(y, y64), sorted(errs.items(), key=lambda kv: -kv[1])[:4])
+    msg = f"rel. errors against float64 (output, worst gradients): {report}"
+    assert report["cuda"][0] < 1e-5, msg
+    assert report["cuda"][1][0][1] < 1e-4, msg
 
 
 def test_hope_cms_levels_and_shared_attributes():

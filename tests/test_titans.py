@@ -59,11 +59,14 @@ def op_fn(C, backend, memory="linear"):
 
 
 def assert_close_all(xs, refs, tol, what):
+    """Every x against its reference (relative error); a failure lists the errors of all of them."""
+    errs = []
     for i, (x, r) in enumerate(zip(xs, refs)):
         x, r = x.cpu(), r.cpu()
         assert x.shape == r.shape, f"{what}[{i}] shape {tuple(x.shape)} vs {tuple(r.shape)}"
-        err = rel_err(x, r)
-        assert err < tol, f"{what}[{i}] rel err {err:.2e} >= {tol:.0e}"
+        errs.append(rel_err(x, r))
+    bad = [i for i, e in enumerate(errs) if not e < tol]
+    assert not bad, f"{what}{bad}: rel err >= {tol:.0e}; all: {', '.join(f'{e:.1e}' for e in errs)}"
 
 
 # ------------------------------------------------------------------ closed form vs the definition
@@ -558,6 +561,9 @@ def _cuda(xs):
     ("linear", 16, dict(B=2, H=2, L=37, dk=64, dv=64)),       # the benchmark's head dims (the kernel spills)
     ("linear", 4, dict(B=1, H=3, L=70, dk=16, dv=40)),
     ("linear", 64, dict(B=1, H=1, L=130, dk=8, dv=8)),
+    # the HOPE predictor's titans-rule call in tests/test_models.py (5 stacked memories x 2 heads, head dim 12,
+    # one chunk per timestep of 5 tokens): its GPU gradients were 1e-3 off the CPU ones on the H200
+    ("linear", 5, dict(B=2, H=10, L=15, dk=12, dv=12)),
     ("mlp", 16, dict(B=1, H=2, L=37, dk=64, dv=64, mlp_dh=64)),
     ("mlp", 4, dict(B=1, H=1, L=10, dk=8, dv=8, mlp_dh=12)),
 ])
@@ -571,8 +577,10 @@ def test_gpu_triton_matches_token_loop(memory, C, shape):
     ref, gref = grads_of(loop_fn(C, memory), [t.double() for t in x], None if st is None else [s.double() for s in st])
     out, g = grads_of(op_fn(C, "triton", memory), _cuda(x), _cuda(st))
     assert out[0].is_cuda and out[0].dtype == torch.float32
-    assert_close_all(out, ref, 1e-4, f"triton {memory} forward on the GPU")
-    assert_close_all(g, gref, 1e-3, f"triton {memory} grads on the GPU")
+    # float32 in the interpreter is 1e-7 off here (gradients 1e-7 to 2e-6); ieee fp32 products on the GPU
+    # should be too
+    assert_close_all(out, ref, 1e-5, f"triton {memory} forward on the GPU")
+    assert_close_all(g, gref, 1e-4, f"triton {memory} grads on the GPU")
 
 
 CUDA_SHAPES = [dict(B=2, H=2, L=19), dict(B=1, H=1, L=37, dk=6, dv=3), dict(B=1, H=3, L=70, dk=16, dv=40),
