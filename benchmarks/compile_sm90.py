@@ -119,13 +119,14 @@ def _cases():
             dgd.dgd_bwd_triton(q, k, v, a, e, states, r(1, 2, L, d, dtype=dtype), r(1, 2, d, d), C)
         return run
 
-    def titans_linear_case(C, d=64):
+    def titans_linear_case(C, d=64, vb=None):
         def run():
             L = 2 * C
             q, k, v = (r(1, 2, L, d) for _ in range(3))
             g = [0.1 * u(1, 2, L) for _ in range(3)]
-            o, Ws, Ss = titans.titans_linear_fwd_triton(q, k, v, *g, r(1, 2, d, d), r(1, 2, d, d), C)
-            titans.titans_linear_bwd_triton(q, k, v, *g, Ws, Ss, r(1, 2, L, d), r(1, 2, d, d), r(1, 2, d, d), C)
+            o, Ws, Ss = titans.titans_linear_fwd_triton(q, k, v, *g, r(1, 2, d, d), r(1, 2, d, d), C, vb)
+            titans.titans_linear_bwd_triton(q, k, v, *g, Ws, Ss, r(1, 2, L, d), r(1, 2, d, d), r(1, 2, d, d), C,
+                                            vb)
         return run
 
     def titans_mlp_case(C, d=64, dh=64):
@@ -149,6 +150,8 @@ def _cases():
         "dgd C=258 d=64 (sub-chunks)": dgd_case(258),
         "dgd C=65 d=24 (HOPE tiny)": dgd_case(65, d=24),
         "titans linear C=16 d=64": titans_linear_case(16),
+        "titans linear C=16 d=64 vb=32": titans_linear_case(16, vb=32),
+        "titans linear C=16 d=64 vb=16": titans_linear_case(16, vb=16),
         "titans mlp C=16 d=dh=64": titans_mlp_case(16),
     }
 

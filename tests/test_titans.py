@@ -306,6 +306,21 @@ def test_triton_padded_shapes_match_token_loop(C, si):
 
 
 @pytest.mark.skipif("triton" not in fast_backends(), reason="triton cannot run here")
+@pytest.mark.parametrize("value_block", [0, 16, 32])
+def test_triton_value_blocks_match_token_loop(value_block, monkeypatch):
+    """The linear kernels split the value columns over programs (VALUE_BLOCK): dv = 40 in 1, 3 or 2 blocks (the
+    last one partial), outputs and every gradient (dq, dk and the gates summed over blocks), each element
+    written (NaN-filled buffers), against the float64 token loop."""
+    monkeypatch.setenv("HOPE_TITANS_VALUE_BLOCK", str(value_block))
+    monkeypatch.setenv("HOPE_KERNELS_POISON", "1")
+    x, st = make(B=1, H=2, L=21, dk=12, dv=40, dtype=torch.float32, state=True, seed=5)
+    ref, gref = grads_of(loop_fn(8), [t.double() for t in x], [s.double() for s in st])
+    out, g = grads_of(op_fn(8, "triton"), x, st)
+    assert_close_all(out, ref, TOL[torch.float32], f"triton forward, value block {value_block}")
+    assert_close_all(g, gref, TOL[torch.float32] * 10, f"triton grads, value block {value_block}")
+
+
+@pytest.mark.skipif("triton" not in fast_backends(), reason="triton cannot run here")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_triton_half_inputs_accumulate_in_fp32(dtype):
     x, st = make(B=1, H=2, L=13, dk=16, dv=16, dtype=torch.float32, state=True)

@@ -2,8 +2,8 @@
 first (described here), the MLP memory further down (its own header comment; docs/titans.md).
 
 Same algorithm, inputs and outputs as `titans_linear_chunked_fwd` / `titans_linear_chunked_bwd` in
-reference.py (derivation: docs/titans.md). One program per (batch, head) walks the chunks in order with the
-state W, S (dk, dv, fp32) held in registers; inside a chunk of n <= C tokens the closed form is a handful of
+reference.py (derivation: docs/titans.md). One program per (batch, head, block of VALUE_BLOCK value columns)
+walks the chunks in order with its columns of the state W, S (dk, BV, fp32) held in registers; inside a chunk of n <= C tokens the closed form is a handful of
 masked tl.dot products on (BC, BC), (BC, BK), (BC, BV) and (BK, BV) tiles:
     E = K W0 - V,  G = theta * E,  o = b * Q W0 + f * Q S0 - (Cm o Q K^T) G
     W1 = b_n W0 + f_n S0 - K^T (c_n * G),  S1 = m_n S0 - K^T (r_n * G)
@@ -88,7 +88,7 @@ def titans_linear_fwd_kernel(q_ptr, k_ptr, v_ptr, al_ptr, et_ptr, th_ptr, w0_ptr
     pid = tl.program_id(0).to(tl.int64)
     rc = tl.arange(0, BC)
     rk = tl.arange(0, BK)
-    rv = tl.arange(0, BV)
+    rv = tl.program_id(1) * BV + tl.arange(0, BV)       # this program's block of value columns
     kmask, vmask = rk < DK, rv < DV
     st_off = rk[:, None] * DV + rv[None, :]
     st_mask = kmask[:, None] & vmask[None, :]
@@ -135,9 +135,30 @@ def _alloc(shape, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(shape, device=like.device, dtype=dtype)
 
 
-def _blocks(dk: int, dv: int, chunk_size: int):
-    p2 = lambda x: max(16, triton.next_power_of_2(x))
-    return p2(chunk_size), p2(dk), p2(dv)
+def _p2(x: int) -> int:
+    return max(16, triton.next_power_of_2(x))
+
+
+# Value columns per program of the linear kernels (grid (B*H, cdiv(dv, VALUE_BLOCK))); the launchers'
+# `value_block` argument or HOPE_TITANS_VALUE_BLOCK overrides it, 0 = all columns in one program. ptxas for
+# sm_90 at dk = dv = 64, C = 16 (benchmarks/compile_sm90.py, with MAXNREG): backward spills 4.5 KB per thread
+# with all 64 columns, 2.8 KB with 32, 1.1 KB with 16 (8 warps); forward 0.8 / 1.4 / 0.6 KB.
+VALUE_BLOCK = 16
+VALUE_BLOCK_ENV = "HOPE_TITANS_VALUE_BLOCK"
+# ptxas -O3 gave the linear backward and both MLP kernels 32 registers and 8-38 KB of spills per thread; with
+# the register cap stated (.maxnreg 255) it uses 255 and spills 3-4x less (MLP fwd 12.9 -> 3.2 KB, bwd
+# 27.6 -> 9.9 KB; linear bwd 8.3 -> 1.1 KB at 16 columns)
+MAXNREG = 255
+
+
+def _blocks(dk: int, dv: int, chunk_size: int, value_block: int | None = None):
+    """(BC, BK, BV): chunk, key and value tiles. The linear memory's value columns are independent (E, G, O
+    and the state's columns mix keys only), so the value dim is split over programs in blocks of BV: more
+    programs, smaller register tiles; dq, dk and the gate gradients are then summed over the blocks."""
+    if value_block is None:
+        value_block = int(os.environ.get(VALUE_BLOCK_ENV, VALUE_BLOCK))
+    BV = _p2(dv) if value_block <= 0 else min(_p2(value_block), _p2(dv))
+    return _p2(chunk_size), _p2(dk), BV
 
 
 def _linear_fwd_warps(BK: int, BV: int) -> int:
@@ -147,9 +168,10 @@ def _linear_fwd_warps(BK: int, BV: int) -> int:
     return 8 if BK * BV >= 64 * 64 else 4
 
 
-def titans_linear_fwd_triton(q, k, v, alpha, eta, theta, W0, S0, chunk_size: int):
+def titans_linear_fwd_triton(q, k, v, alpha, eta, theta, W0, S0, chunk_size: int, value_block: int | None = None):
     """q, k (B, H, L, dk); v (B, H, L, dv); gates (B, H, L); W0, S0 (B, H, dk, dv) float32.
-    Returns o (B, H, L, dv) in q's dtype and the boundary states Ws, Ss (B, H, N+1, dk, dv) float32."""
+    Returns o (B, H, L, dv) in q's dtype and the boundary states Ws, Ss (B, H, N+1, dk, dv) float32.
+    value_block: value columns per program (grid (B*H, cdiv(dv, value_block))); see `_blocks`."""
     _check(q, v, chunk_size)
     B, H, L, dk = q.shape
     dv = v.shape[-1]
@@ -158,8 +180,8 @@ def titans_linear_fwd_triton(q, k, v, alpha, eta, theta, W0, S0, chunk_size: int
     o = _alloc((B, H, L, dv), q, q.dtype)
     Ws = _alloc((B, H, NC + 1, dk, dv), q, torch.float32)
     Ss = _alloc((B, H, NC + 1, dk, dv), q, torch.float32)
-    BC, BK, BV = _blocks(dk, dv, chunk_size)
-    titans_linear_fwd_kernel[(B * H,)](q, k, v, alpha, eta, theta, W0, S0, o, Ws, Ss, L, dk, dv, NC,
+    BC, BK, BV = _blocks(dk, dv, chunk_size, value_block)
+    titans_linear_fwd_kernel[(B * H, triton.cdiv(dv, BV))](q, k, v, alpha, eta, theta, W0, S0, o, Ws, Ss, L, dk, dv, NC,
                                        C=chunk_size, BC=BC, BK=BK, BV=BV, num_warps=_linear_fwd_warps(BK, BV))
     return o, Ws, Ss
 
@@ -167,15 +189,19 @@ def titans_linear_fwd_triton(q, k, v, alpha, eta, theta, W0, S0, chunk_size: int
 @triton.jit
 def titans_linear_bwd_kernel(q_ptr, k_ptr, v_ptr, al_ptr, et_ptr, th_ptr, ws_ptr, ss_ptr, do_ptr, dwt_ptr, dst_ptr,
                              dq_ptr, dk_ptr, dv_ptr, dal_ptr, det_ptr, dth_ptr, dw0_ptr, ds0_ptr,
-                             L, DK, DV, NC, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                             L, DK, DV, NC, BH, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                              BV: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
+    iv = tl.program_id(1)
     rc = tl.arange(0, BC)
     rk = tl.arange(0, BK)
-    rv = tl.arange(0, BV)
+    rv = iv * BV + tl.arange(0, BV)                     # this program's block of value columns
     kmask, vmask = rk < DK, rv < DV
     st_off = rk[:, None] * DV + rv[None, :]
     st_mask = kmask[:, None] & vmask[None, :]
+    # dq, dk and the gate gradients are sums over value columns: each block of columns writes its partial sum
+    # to its own slab (rows iv * BH * L on), the launcher adds the slabs up
+    part = iv.to(tl.int64) * BH * L
     dW = tl.load(dwt_ptr + pid * DK * DV + st_off, mask=st_mask, other=0.0).to(tl.float32)
     dS = tl.load(dst_ptr + pid * DK * DV + st_off, mask=st_mask, other=0.0).to(tl.float32)
     st_base = pid * (NC + 1) * DK * DV
@@ -202,17 +228,17 @@ def titans_linear_bwd_kernel(q_ptr, k_ptr, v_ptr, al_ptr, et_ptr, th_ptr, ws_ptr
         dP = tl.where(incl, -tl.dot(dO, tl.trans(G), input_precision="ieee"), 0.0)
         dQK = dP * Cm
         dE = th[:, None] * dG
-        tl.store(dth_ptr + pid * L + t, tl.sum(E * dG, axis=1), mask=tmask)
+        tl.store(dth_ptr + part + pid * L + t, tl.sum(E * dG, axis=1), mask=tmask)
         tl.store(dv_ptr + xv, (-dE).to(dv_ptr.dtype.element_ty), mask=vmask2)
         W0t, S0t = tl.trans(W0), tl.trans(S0)
         dQ = (tl.dot(dQK, K, input_precision="ieee") + b[:, None] * tl.dot(dO, W0t, input_precision="ieee")
               + f[:, None] * tl.dot(dO, S0t, input_precision="ieee"))
-        tl.store(dq_ptr + xk, dQ.to(dq_ptr.dtype.element_ty), mask=kmask2)
+        tl.store(dq_ptr + part * DK + xk, dQ.to(dq_ptr.dtype.element_ty), mask=kmask2)
         dK = (tl.dot(tl.trans(dQK), Q, input_precision="ieee")
               - cC[:, None] * tl.dot(G, tl.trans(dW), input_precision="ieee")
               - r[:, None] * tl.dot(G, tl.trans(dS), input_precision="ieee")
               + tl.dot(dE, W0t, input_precision="ieee"))
-        tl.store(dk_ptr + xk, dK.to(dk_ptr.dtype.element_ty), mask=kmask2)
+        tl.store(dk_ptr + part * DK + xk, dK.to(dk_ptr.dtype.element_ty), mask=kmask2)
         # gate coefficients
         is_last = rc == last
         db = tl.sum(dO * tl.dot(Q, W0, input_precision="ieee"), axis=1)
@@ -235,8 +261,8 @@ def titans_linear_bwd_kernel(q_ptr, k_ptr, v_ptr, al_ptr, et_ptr, th_ptr, ws_ptr
         dgm = tl.where(tmask, dgm, 0.0)
         dla = tl.sum(tl.where(incl, dgb[:, None], 0.0), axis=0)
         dle = tl.sum(tl.where(incl, dgm[:, None], 0.0), axis=0)
-        tl.store(dal_ptr + pid * L + t, -dla / tl.maximum(a, tiny), mask=tmask)
-        tl.store(det_ptr + pid * L + t, dle / tl.maximum(e, tiny), mask=tmask)
+        tl.store(dal_ptr + part + pid * L + t, -dla / tl.maximum(a, tiny), mask=tmask)
+        tl.store(det_ptr + part + pid * L + t, dle / tl.maximum(e, tiny), mask=tmask)
         # to the chunk-start state
         Qt, Kt = tl.trans(Q), tl.trans(K)
         dW_new = (tl.dot(Qt, b[:, None] * dO, input_precision="ieee") + _at(b, rc, last) * dW
@@ -248,9 +274,12 @@ def titans_linear_bwd_kernel(q_ptr, k_ptr, v_ptr, al_ptr, et_ptr, th_ptr, ws_ptr
     tl.store(ds0_ptr + pid * DK * DV + st_off, dS, mask=st_mask)
 
 
-def titans_linear_bwd_triton(q, k, v, alpha, eta, theta, Ws, Ss, do, dWT, dST, chunk_size: int):
+def titans_linear_bwd_triton(q, k, v, alpha, eta, theta, Ws, Ss, do, dWT, dST, chunk_size: int,
+                             value_block: int | None = None):
     """Gradients (dq, dk, dv, dalpha, deta, dtheta, dW0, dS0) of `titans_linear_fwd_triton`, same contract as
-    `titans_linear_chunked_bwd`: do (B, H, L, dv), dWT, dST (B, H, dk, dv), Ws, Ss from the forward."""
+    `titans_linear_chunked_bwd`: do (B, H, L, dv), dWT, dST (B, H, dk, dv), Ws, Ss from the forward.
+    With NV = cdiv(dv, value_block) > 1 blocks of value columns, dq, dk and the gate gradients are summed
+    from NV float32 partial slabs."""
     _check(q, v, chunk_size)
     B, H, L, dk = q.shape
     dv = v.shape[-1]
@@ -258,13 +287,23 @@ def titans_linear_bwd_triton(q, k, v, alpha, eta, theta, Ws, Ss, do, dWT, dST, c
     q, k, v, alpha, eta, theta, Ws, Ss, do, dWT, dST = (
         x.contiguous() for x in (q, k, v, alpha, eta, theta, Ws, Ss, do, dWT, dST))
     Ws, Ss, dWT, dST = (x.float() for x in (Ws, Ss, dWT, dST))
-    dq, dk_, dv_ = (_alloc(x.shape, x, x.dtype) for x in (q, k, v))
-    dal, det, dth = (_alloc(x.shape, x, x.dtype) for x in (alpha, eta, theta))
+    BC, BK, BV = _blocks(dk, dv, chunk_size, value_block)
+    NV = triton.cdiv(dv, BV)
+    dv_ = _alloc(v.shape, v, v.dtype)
+    if NV == 1:
+        dq, dk_ = (_alloc(x.shape, x, x.dtype) for x in (q, k))
+        dal, det, dth = (_alloc(x.shape, x, x.dtype) for x in (alpha, eta, theta))
+    else:
+        dq, dk_ = (_alloc((NV,) + x.shape, x, torch.float32) for x in (q, k))
+        dal, det, dth = (_alloc((NV,) + x.shape, x, torch.float32) for x in (alpha, eta, theta))
     dW0 = _alloc((B, H, dk, dv), q, torch.float32)
     dS0 = _alloc((B, H, dk, dv), q, torch.float32)
-    BC, BK, BV = _blocks(dk, dv, chunk_size)
-    titans_linear_bwd_kernel[(B * H,)](q, k, v, alpha, eta, theta, Ws, Ss, do, dWT, dST, dq, dk_, dv_, dal, det, dth,
-                                       dW0, dS0, L, dk, dv, NC, C=chunk_size, BC=BC, BK=BK, BV=BV, num_warps=4)
+    titans_linear_bwd_kernel[(B * H, NV)](q, k, v, alpha, eta, theta, Ws, Ss, do, dWT, dST, dq, dk_, dv_, dal, det,
+                                          dth, dW0, dS0, L, dk, dv, NC, B * H, C=chunk_size, BC=BC, BK=BK, BV=BV,
+                                          num_warps=8 if BK >= 64 else 4, maxnreg=MAXNREG)
+    if NV > 1:
+        dq, dk_ = dq.sum(0).to(q.dtype), dk_.sum(0).to(k.dtype)
+        dal, det, dth = dal.sum(0).to(alpha.dtype), det.sum(0).to(eta.dtype), dth.sum(0).to(theta.dtype)
     return dq, dk_, dv_, dal, det, dth, dW0, dS0
 
 
@@ -479,9 +518,9 @@ def _check_mlp(q: torch.Tensor, dh: int, chunk_size: int) -> None:
 
 
 def _mlp_launch_args(D: int, dh: int, chunk_size: int):
-    p2 = lambda x: max(16, triton.next_power_of_2(x))
-    BC, BD, BH = p2(chunk_size), p2(D), p2(dh)
-    return dict(BC=BC, BD=BD, BH=BH, num_warps=8 if max(BD, BH) * max(BD, BH, BC) >= 64 * 64 else 4)
+    BC, BD, BH = _p2(chunk_size), _p2(D), _p2(dh)
+    return dict(BC=BC, BD=BD, BH=BH, num_warps=8 if max(BD, BH) * max(BD, BH, BC) >= 64 * 64 else 4,
+                maxnreg=MAXNREG)
 
 
 def titans_mlp_fwd_triton(q, k, v, alpha, eta, theta, W1, W2, S1, S2, chunk_size: int):
