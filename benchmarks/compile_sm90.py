@@ -110,13 +110,13 @@ def _cases():
             rope.rope_attention_bwd_triton(r(1, 2, L, d, dtype=dtype), q, k, v, o, lse, pos, w, 0, d ** -0.5)
         return run
 
-    def dgd_case(C, d=64, dtype=torch.float32):
+    def dgd_case(C, d=64, dtype=torch.float32, vb=None):
         def run():
             L = 2 * C
             q, k, v = (r(1, 2, L, d, dtype=dtype) for _ in range(3))
             a, e = u(1, 2, L), 0.1 * u(1, 2, L)
-            o, M, states = dgd.dgd_fwd_triton(q, k, v, a, e, r(1, 2, d, d), C)
-            dgd.dgd_bwd_triton(q, k, v, a, e, states, r(1, 2, L, d, dtype=dtype), r(1, 2, d, d), C)
+            o, M, states = dgd.dgd_fwd_triton(q, k, v, a, e, r(1, 2, d, d), C, vb)
+            dgd.dgd_bwd_triton(q, k, v, a, e, states, r(1, 2, L, d, dtype=dtype), r(1, 2, d, d), C, vb)
         return run
 
     def titans_linear_case(C, d=64, vb=None):
@@ -147,11 +147,14 @@ def _cases():
         "rope d=128 bf16": rope_case(torch.bfloat16, d=128),
         "rope d=128 fp32": rope_case(torch.float32, d=128),
         "dgd C=16 d=64": dgd_case(16),
+        "dgd C=16 d=64 vb=0 (all columns)": dgd_case(16, vb=0),
+        "dgd C=16 d=64 vb=32": dgd_case(16, vb=32),
         "dgd C=258 d=64 (sub-chunks)": dgd_case(258),
+        "dgd C=258 d=64 vb=0 (sub-chunks, all columns)": dgd_case(258, vb=0),
         "dgd C=65 d=24 (HOPE tiny)": dgd_case(65, d=24),
         "titans linear C=16 d=64": titans_linear_case(16),
+        "titans linear C=16 d=64 vb=0 (all columns)": titans_linear_case(16, vb=0),
         "titans linear C=16 d=64 vb=32": titans_linear_case(16, vb=32),
-        "titans linear C=16 d=64 vb=16": titans_linear_case(16, vb=16),
         "titans mlp C=16 d=dh=64": titans_mlp_case(16),
     }
 

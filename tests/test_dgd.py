@@ -329,6 +329,28 @@ def test_outputs_fully_written(backend):
     assert_close(got, ref, 1e-9, f"{backend} NaN-poisoned")
 
 
+@pytest.mark.skipif("triton" not in FAST, reason="triton cannot run here")
+@pytest.mark.parametrize("value_block", [0, 16, 32])
+@pytest.mark.parametrize("C,L", [(16, 37), (40, 50)])
+def test_triton_value_blocks_match_token_loop(monkeypatch, value_block, C, L):
+    """The value columns split over programs (VALUE_BLOCK): dv = 40 in 1, 3 or 2 blocks (the last one partial),
+    with one sub-chunk per chunk and with two (C = 40); dq, dk and the gates summed over blocks; every output
+    element written (uninitialised memory NaN-filled)."""
+    monkeypatch.setenv("HOPE_DGD_VALUE_BLOCK", str(value_block))
+    inputs = make(B=1, H=2, L=L, dk=12, dv=40, eta_max=0.5)
+    ref = run_with_grads(loop_fn(C), inputs)
+    det = torch.are_deterministic_algorithms_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    try:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.utils.deterministic.fill_uninitialized_memory = True
+        got = run_with_grads(api_fn(C, "triton"), inputs)
+    finally:
+        torch.use_deterministic_algorithms(det)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+    assert_close(got, ref, 1e-9, f"triton value block {value_block} C={C}")
+
+
 @pytest.mark.parametrize("backend", FAST)
 def test_opcheck(backend):
     from hope_kernels.ops.dgd import _dgd_memory_backward_op, _dgd_memory_op

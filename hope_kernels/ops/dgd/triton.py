@@ -1,6 +1,8 @@
 """Triton kernels of the chunked delta-gradient-descent memory (DESIGN 4.4, derivation in docs/dgd.md).
 
-One program per (batch, head) walks over the chunks with the state M (dk, dv) held in registers. A chunk of C
+One program per (batch, head, block of VALUE_BLOCK value columns) walks over the chunks with its columns of the
+state M (dk, BV) held in registers (each value column of M follows the rule on its own; dq, dk and the gate
+gradients, sums over columns, are summed over the blocks). A chunk of C
 tokens is processed as sub-chunks of S <= C tokens (16 or 32, `_sub_chunk_len`; padded to BLOCK_C >= 16 rows,
 head dims padded to >= 16, masked), so any chunk size runs here, HOPE's chunk of one timestep (65 or 258
 tokens) included. Per sub-chunk with start
@@ -16,6 +18,8 @@ sub-chunks and joins dM at the chunk start.
 Loads are upcast to float32 (float64 for float64 inputs) at once; products accumulate in that dtype.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -35,14 +39,13 @@ def _sub_chunk_len(C: int, bk: int, bv: int) -> int:
 
 
 @triton.jit
-def _sub_chunk_prologue(q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, bh, start, count, L, dk, dv, ACC: tl.constexpr,
-                        BLOCK_C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    """Loads tokens [start, start + count) and computes their state-independent quantities."""
+def _sub_chunk_prologue(q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, bh, start, count, L, dk, dv, cv, ACC: tl.constexpr,
+                        BLOCK_C: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """Loads tokens [start, start + count) (value columns cv) and computes their state-independent quantities."""
     r = tl.arange(0, BLOCK_C)
     tok = start + r
     valid = (r < count) & (tok < L)
     ck = tl.arange(0, BK)
-    cv = tl.arange(0, BV)
     row = bh.to(tl.int64) * L + tok
     mk = valid[:, None] & (ck[None, :] < dk)
     mv = valid[:, None] & (cv[None, :] < dv)
@@ -91,7 +94,7 @@ def dgd_fwd_kernel(q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, m0_ptr, o_ptr, mT_ptr, sta
                    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     bh = tl.program_id(0)
     ck = tl.arange(0, BK)
-    cv = tl.arange(0, BV)
+    cv = tl.program_id(1) * BV + tl.arange(0, BV)      # this program's block of value columns
     m_mask = (ck[:, None] < dk) & (cv[None, :] < dv)
     m_offs = ck[:, None] * dv + cv[None, :]
     if HAS_INIT:
@@ -104,7 +107,7 @@ def dgd_fwd_kernel(q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, m0_ptr, o_ptr, mT_ptr, sta
         for s in range(0, NS):
             (b_q, b_k, b_v, b_a, b_e, valid, mk, mv, row, c, g, gC, D, KK, QK, A, P, T) = _sub_chunk_prologue(
                 q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, bh, n * C + s * S, tl.minimum(S, C - s * S), L, dk, dv,
-                ACC, BLOCK_C, BK, BV, PREC)
+                cv, ACC, BLOCK_C, BK, PREC)
             KM, KMref, X = _sub_chunk_solve(b_k, b_v, b_M, b_Mref, c, T, ONE_SUB, ACC, PREC)
             QM = tl.dot(b_q, b_M, input_precision=PREC, out_dtype=ACC)
             b_o = c[:, None] * QM - tl.dot(P, X, input_precision=PREC, out_dtype=ACC)
@@ -116,17 +119,21 @@ def dgd_fwd_kernel(q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, m0_ptr, o_ptr, mT_ptr, sta
 
 @triton.jit
 def dgd_bwd_kernel(q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, states_ptr, do_ptr, dmT_ptr, dq_ptr, dk_ptr, dv_ptr,
-                   da_ptr, de_ptr, dm0_ptr, sub_ptr, L, C, N, S, NS, dk, dv, ONE_SUB: tl.constexpr,
+                   da_ptr, de_ptr, dm0_ptr, sub_ptr, L, C, N, S, NS, dk, dv, BH, ONE_SUB: tl.constexpr,
                    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                    PREC: tl.constexpr):
     bh = tl.program_id(0)
+    iv = tl.program_id(1)
     r = tl.arange(0, BLOCK_C)
     ck = tl.arange(0, BK)
-    cv = tl.arange(0, BV)
+    cv = iv * BV + tl.arange(0, BV)                     # this program's block of value columns
     m_mask = (ck[:, None] < dk) & (cv[None, :] < dv)
     m_offs = ck[:, None] * dv + cv[None, :]
     strict = r[:, None] > r[None, :]
-    sub_base = sub_ptr + bh.to(tl.int64) * NS * dk * dv
+    sub_base = sub_ptr + (iv.to(tl.int64) * BH + bh) * NS * dk * dv
+    # dq, dk and the gate gradients are sums over value columns: each block of columns writes its partial sum
+    # to its own slab (rows iv * BH * L on), the launcher adds the slabs up
+    part = iv.to(tl.int64) * BH * L
     b_dM = tl.load(dmT_ptr + bh.to(tl.int64) * dk * dv + m_offs, mask=m_mask, other=0.0).to(ACC)
     for step in range(0, N):
         n = N - 1 - step
@@ -139,7 +146,7 @@ def dgd_bwd_kernel(q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, states_ptr, do_ptr, dmT_pt
                 tl.store(sub_base + s * dk * dv + m_offs, b_M, mask=m_mask)
                 (b_q, b_k, b_v, b_a, b_e, valid, mk, mv, row, c, g, gC, D, KK, QK, A, P, T) = \
                     _sub_chunk_prologue(q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, bh, n * C + s * S,
-                                        tl.minimum(S, C - s * S), L, dk, dv, ACC, BLOCK_C, BK, BV, PREC)
+                                        tl.minimum(S, C - s * S), L, dk, dv, cv, ACC, BLOCK_C, BK, PREC)
                 KM, KMref, X = _sub_chunk_solve(b_k, b_v, b_M, b_Mref, c, T, ONE_SUB, ACC, PREC)
                 W = b_k * (b_e * g)[:, None]
                 b_M = gC * b_M - tl.dot(tl.trans(W), X, input_precision=PREC, out_dtype=ACC)
@@ -153,7 +160,7 @@ def dgd_bwd_kernel(q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, states_ptr, do_ptr, dmT_pt
                 b_M = tl.load(sub_base + s * dk * dv + m_offs, mask=m_mask, other=0.0)
             (b_q, b_k, b_v, b_a, b_e, valid, mk, mv, row, c, g, gC, D, KK, QK, A, P, T) = _sub_chunk_prologue(
                 q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, bh, n * C + s * S, tl.minimum(S, C - s * S), L, dk, dv,
-                ACC, BLOCK_C, BK, BV, PREC)
+                cv, ACC, BLOCK_C, BK, PREC)
             b_do = tl.load(do_ptr + row[:, None] * dv + cv[None, :], mask=mv, other=0.0).to(ACC)
             KM, KMref, X = _sub_chunk_solve(b_k, b_v, b_M, b_Mref, c, T, ONE_SUB, ACC, PREC)
             QM = tl.dot(b_q, b_M, input_precision=PREC, out_dtype=ACC)
@@ -192,11 +199,11 @@ def dgd_bwd_kernel(q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, states_ptr, do_ptr, dmT_pt
             # dla_j = sum_{t >= j} dlg_t + sum_{t > j} dlgp_t  (t along rows, j along columns)
             dla = tl.sum(tl.where(r[:, None] >= r[None, :], dlg[:, None], 0.0)
                          + tl.where(strict, dlgp[:, None], 0.0), 0)
-            tl.store(dq_ptr + row[:, None] * dk + ck[None, :], b_dq, mask=mk)
-            tl.store(dk_ptr + row[:, None] * dk + ck[None, :], b_dk, mask=mk)
+            tl.store(dq_ptr + (part + row)[:, None] * dk + ck[None, :], b_dq, mask=mk)
+            tl.store(dk_ptr + (part + row)[:, None] * dk + ck[None, :], b_dk, mask=mk)
             tl.store(dv_ptr + row[:, None] * dv + cv[None, :], -dR, mask=mv)
-            tl.store(da_ptr + row, dla / b_a, mask=valid)
-            tl.store(de_ptr + row, b_de, mask=valid)
+            tl.store(da_ptr + part + row, dla / b_a, mask=valid)
+            tl.store(de_ptr + part + row, b_de, mask=valid)
             # dM of this sub-chunk's start state; with several sub-chunks the K M_ref term goes to dM_ref
             b_dM = gC * b_dM + tl.dot(tl.trans(b_q * c[:, None]), b_do, input_precision=PREC, out_dtype=ACC) \
                 + tl.dot(tl.trans(b_k * kc[:, None]), dR, input_precision=PREC, out_dtype=ACC)
@@ -206,25 +213,39 @@ def dgd_bwd_kernel(q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, states_ptr, do_ptr, dmT_pt
     tl.store(dm0_ptr + bh.to(tl.int64) * dk * dv + m_offs, b_dM, mask=m_mask)
 
 
-def _config(q: torch.Tensor, v: torch.Tensor, C: int):
-    """Kernel meta-parameters and the sub-chunk length S for chunk size C."""
+# Value columns per program (grid (B*H, cdiv(dv, VALUE_BLOCK))): the rule acts on each value column of M
+# separately, so the columns split over programs; the launchers' `value_block` argument or
+# HOPE_DGD_VALUE_BLOCK overrides it, 0 = all columns in one program. ptxas for sm_90 at dk = dv = 64, 8 warps:
+# backward spills 104 B per thread with blocks of 16 columns, 532 B with 32, 684 B with all 64 (C = 16);
+# 348 B against 1612 B at C = 258 (sub-chunks). 4 warps spill more (0.4-1.8 KB).
+VALUE_BLOCK = 16
+VALUE_BLOCK_ENV = "HOPE_DGD_VALUE_BLOCK"
+
+
+def _config(q: torch.Tensor, v: torch.Tensor, C: int, value_block: int | None = None):
+    """Kernel meta-parameters, the sub-chunk length S for chunk size C, and the number of value blocks NV."""
     dk, dv = q.shape[3], v.shape[3]
     if dk > MAX_HEAD_DIM or dv > MAX_HEAD_DIM:
         raise ValueError(f"dgd_memory: the triton backend supports dk, dv <= {MAX_HEAD_DIM}, got dk={dk}, dv={dv}; "
                          f"use backend='cpu', 'cuda' or 'reference'")
     acc_tl, acc = (tl.float64, torch.float64) if q.dtype == torch.float64 else (tl.float32, torch.float32)
     prec = "tf32" if q.dtype in (torch.bfloat16, torch.float16) else "ieee"
+    if value_block is None:
+        value_block = int(os.environ.get(VALUE_BLOCK_ENV, VALUE_BLOCK))
     bk, bv = max(16, triton.next_power_of_2(dk)), max(16, triton.next_power_of_2(dv))
+    if value_block > 0:
+        bv = min(bv, max(16, triton.next_power_of_2(value_block)))
     S = _sub_chunk_len(C, bk, bv)
     block_c = max(16, triton.next_power_of_2(S))
-    num_warps = 4 if bk * bv <= 16 * 16 else 8   # 4 warps spilled at dk = dv = 64 (fwd 460 B, bwd 1.2 KB)
+    num_warps = 4 if bk * bv <= 16 * 16 else 8   # 4 warps spilled more at dk = 64 (dv 64 or blocks of 16)
     cfg = dict(ONE_SUB=S == C, ACC=acc_tl, BLOCK_C=block_c, BK=bk, BV=bv, PREC=prec, num_warps=num_warps)
-    return cfg, acc, S, triton.cdiv(C, S)
+    return cfg, acc, S, triton.cdiv(C, S), triton.cdiv(dv, bv)
 
 
-def dgd_fwd_triton(q, k, v, alpha, eta, initial_state, C: int):
-    """Returns (o (B, H, L, dv) in q's dtype, final state (B, H, dk, dv), chunk-start states (B, H, N, dk, dv))."""
-    cfg, acc, S, NS = _config(q, v, C)
+def dgd_fwd_triton(q, k, v, alpha, eta, initial_state, C: int, value_block: int | None = None):
+    """Returns (o (B, H, L, dv) in q's dtype, final state (B, H, dk, dv), chunk-start states (B, H, N, dk, dv)).
+    value_block: value columns per program (VALUE_BLOCK)."""
+    cfg, acc, S, NS, NV = _config(q, v, C, value_block)
     q, k, v, alpha, eta = (x.contiguous() for x in (q, k, v, alpha, eta))
     B, H, L, dk = q.shape
     dv = v.shape[3]
@@ -233,25 +254,32 @@ def dgd_fwd_triton(q, k, v, alpha, eta, initial_state, C: int):
     M_T = torch.empty(B, H, dk, dv, device=q.device, dtype=acc)
     states = torch.empty(B, H, N, dk, dv, device=q.device, dtype=acc)
     m0 = initial_state.to(acc).contiguous() if initial_state is not None else M_T
-    dgd_fwd_kernel[(B * H,)](q, k, v, alpha, eta, m0, o, M_T, states, L, C, N, S, NS, dk, dv,
+    dgd_fwd_kernel[(B * H, NV)](q, k, v, alpha, eta, m0, o, M_T, states, L, C, N, S, NS, dk, dv,
                              HAS_INIT=initial_state is not None, **cfg)
     return o, M_T, states
 
 
-def dgd_bwd_triton(q, k, v, alpha, eta, states, do, dM, C: int):
-    """Returns (dq, dk, dv, dalpha, deta, dM0) from the chunk-start states saved by the forward."""
-    cfg, acc, S, NS = _config(q, v, C)
+def dgd_bwd_triton(q, k, v, alpha, eta, states, do, dM, C: int, value_block: int | None = None):
+    """Returns (dq, dk, dv, dalpha, deta, dM0) from the chunk-start states saved by the forward. With NV > 1
+    blocks of value columns, dq, dk and the gate gradients are summed from NV partial slabs."""
+    cfg, acc, S, NS, NV = _config(q, v, C, value_block)
     q, k, v, alpha, eta, do = (x.contiguous() for x in (q, k, v, alpha, eta, do))
     states = states.to(acc).contiguous()
     dM = dM.to(acc).contiguous()
     B, H, L, dk = q.shape
     dv = v.shape[3]
     N = triton.cdiv(L, C)
-    dq, dk_, dv_ = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    dalpha, deta = torch.empty_like(alpha), torch.empty_like(eta)
+    dv_ = torch.empty_like(v)
+    if NV == 1:
+        dq, dk_, dalpha, deta = (torch.empty_like(x) for x in (q, k, alpha, eta))
+    else:
+        dq, dk_, dalpha, deta = (x.new_empty((NV,) + x.shape, dtype=acc) for x in (q, k, alpha, eta))
     dM0 = torch.empty(B, H, dk, dv, device=q.device, dtype=acc)
     # sub-chunk start states of the chunk being differentiated, one slab per program (unused with one sub-chunk)
-    scratch = dM0 if cfg["ONE_SUB"] else torch.empty(B * H, NS, dk, dv, device=q.device, dtype=acc)
-    dgd_bwd_kernel[(B * H,)](q, k, v, alpha, eta, states, do, dM, dq, dk_, dv_, dalpha, deta, dM0, scratch,
-                             L, C, N, S, NS, dk, dv, **cfg)
+    scratch = dM0 if cfg["ONE_SUB"] else torch.empty(NV * B * H, NS, dk, dv, device=q.device, dtype=acc)
+    dgd_bwd_kernel[(B * H, NV)](q, k, v, alpha, eta, states, do, dM, dq, dk_, dv_, dalpha, deta, dM0, scratch,
+                                L, C, N, S, NS, dk, dv, B * H, **cfg)
+    if NV > 1:
+        dq, dk_ = dq.sum(0).to(q.dtype), dk_.sum(0).to(k.dtype)
+        dalpha, deta = dalpha.sum(0).to(alpha.dtype), deta.sum(0).to(eta.dtype)
     return dq, dk_, dv_, dalpha, deta, dM0
