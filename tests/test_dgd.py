@@ -351,6 +351,13 @@ def test_triton_value_blocks_match_token_loop(monkeypatch, value_block, C, L):
     assert_close(got, ref, 1e-9, f"triton value block {value_block} C={C}")
 
 
+@pytest.mark.skipif("triton" not in FAST, reason="triton cannot run here")
+def test_triton_value_block_env_must_be_an_integer(monkeypatch):
+    monkeypatch.setenv("HOPE_DGD_VALUE_BLOCK", "sixteen")
+    with pytest.raises(ValueError, match="HOPE_DGD_VALUE_BLOCK must be an integer, got 'sixteen'"):
+        dgd_memory(*make(B=1, H=1, L=4, dk=4, dv=4)[:5], chunk_size=4, backend="triton")
+
+
 @pytest.mark.parametrize("backend", FAST)
 def test_opcheck(backend):
     from hope_kernels.ops.dgd import _dgd_memory_backward_op, _dgd_memory_op

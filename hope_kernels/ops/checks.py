@@ -1,6 +1,7 @@
 """Input validation shared by the ops: errors name the argument, what was expected and what was given."""
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import torch
@@ -40,3 +41,14 @@ def check_same_dtype(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> N
 def accum_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation / reduction dtype: float64 stays float64, everything else reduces in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def env_int(name: str, default: int) -> int:
+    """An integer setting from the environment variable `name` (unset or empty: default)."""
+    raw = os.environ.get(name, "")
+    if raw.strip() == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None

@@ -1,17 +1,17 @@
 """Triton kernels of the chunked delta-gradient-descent memory (DESIGN 4.4, derivation in docs/dgd.md).
 
-One program per (batch, head, block of VALUE_BLOCK value columns) walks over the chunks with its columns of the
-state M (dk, BV) held in registers (each value column of M follows the rule on its own; dq, dk and the gate
-gradients, sums over columns, are summed over the blocks). A chunk of C
-tokens is processed as sub-chunks of S <= C tokens (16 or 32, `_sub_chunk_len`; padded to BLOCK_C >= 16 rows,
-head dims padded to >= 16, masked), so any chunk size runs here, HOPE's chunk of one timestep (65 or 258
-tokens) included. Per sub-chunk with start
+One program per (batch, head, block of VALUE_BLOCK value columns) walks over the chunks with its columns of
+the state M (dk, BV) held in registers (each value column of M follows the rule on its own; dq, dk and the
+gate gradients, sums over columns, are summed over the blocks). A chunk of C tokens is processed as
+sub-chunks of S <= C tokens (16 or 32, `_sub_chunk_len`; padded to BLOCK_C >= 16 rows, head dims padded to
+>= 16, masked), so any chunk size runs here, HOPE's chunk of one timestep (65 or 258 tokens) included.
+Per sub-chunk with start
 state M_s and the chunk-start reference state M_ref (the same matrix when S = C): the Gram matrices K K^T and
 Q K^T and the decay mask D are tl.dot / elementwise tiles, T = (I + A)^{-1} is built by forward substitution on
 the (BLOCK_C, BLOCK_C) tile (the UT transform), then
     X = T (diag(c) K M_s + K M_ref - V),   O = diag(c) Q M_s - P X,   M_s <- gamma_S M_s - (diag(eta g) K)^T X.
-Forward saves the chunk-start states (B, H, N, dk, dv). Backward runs one program per (batch, head) over the
-chunks in reverse with dM in registers: it reloads the chunk-start state, recomputes the sub-chunk start
+Forward saves the chunk-start states (B, H, N, dk, dv). Backward runs one program per (batch, head, block)
+over the chunks in reverse with dM in registers: it reloads the chunk-start state, recomputes the sub-chunk start
 states into a per-program scratch buffer (when a chunk has several), then walks the sub-chunks in reverse,
 recomputing every local quantity and writing all gradients; dM_ref collects K^T dR over the chunk's
 sub-chunks and joins dM at the chunk start.
@@ -19,12 +19,11 @@ Loads are upcast to float32 (float64 for float64 inputs) at once; products accum
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from hope_kernels.ops.checks import env_int
 from hope_kernels.ops.dgd import TRITON_MAX_HEAD_DIM as MAX_HEAD_DIM
 
 # Register budget, read from ptxas' report for sm_90 (benchmarks/compile_sm90.py; 8 warps): with head dims of
@@ -231,7 +230,7 @@ def _config(q: torch.Tensor, v: torch.Tensor, C: int, value_block: int | None = 
     acc_tl, acc = (tl.float64, torch.float64) if q.dtype == torch.float64 else (tl.float32, torch.float32)
     prec = "tf32" if q.dtype in (torch.bfloat16, torch.float16) else "ieee"
     if value_block is None:
-        value_block = int(os.environ.get(VALUE_BLOCK_ENV, VALUE_BLOCK))
+        value_block = env_int(VALUE_BLOCK_ENV, VALUE_BLOCK)
     bk, bv = max(16, triton.next_power_of_2(dk)), max(16, triton.next_power_of_2(dv))
     if value_block > 0:
         bv = min(bv, max(16, triton.next_power_of_2(value_block)))
@@ -255,7 +254,7 @@ def dgd_fwd_triton(q, k, v, alpha, eta, initial_state, C: int, value_block: int 
     states = torch.empty(B, H, N, dk, dv, device=q.device, dtype=acc)
     m0 = initial_state.to(acc).contiguous() if initial_state is not None else M_T
     dgd_fwd_kernel[(B * H, NV)](q, k, v, alpha, eta, m0, o, M_T, states, L, C, N, S, NS, dk, dv,
-                             HAS_INIT=initial_state is not None, **cfg)
+                                HAS_INIT=initial_state is not None, **cfg)
     return o, M_T, states
 
 

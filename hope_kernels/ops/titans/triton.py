@@ -3,8 +3,9 @@ first (described here), the MLP memory further down (its own header comment; doc
 
 Same algorithm, inputs and outputs as `titans_linear_chunked_fwd` / `titans_linear_chunked_bwd` in
 reference.py (derivation: docs/titans.md). One program per (batch, head, block of VALUE_BLOCK value columns)
-walks the chunks in order with its columns of the state W, S (dk, BV, fp32) held in registers; inside a chunk of n <= C tokens the closed form is a handful of
-masked tl.dot products on (BC, BC), (BC, BK), (BC, BV) and (BK, BV) tiles:
+walks the chunks in order with its columns of the state W, S (dk, BV, fp32) held in registers; inside a
+chunk of n <= C tokens the closed form is a handful of masked tl.dot products on (BC, BC), (BC, BK),
+(BC, BV) and (BK, BV) tiles:
     E = K W0 - V,  G = theta * E,  o = b * Q W0 + f * Q S0 - (Cm o Q K^T) G
     W1 = b_n W0 + f_n S0 - K^T (c_n * G),  S1 = m_n S0 - K^T (r_n * G)
 The segment gate products D[t, j] = prod_{l=j+1..t} a_l are a masked cumulative product along t (no logs,
@@ -26,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hope_kernels.ops.checks import env_int
 from hope_kernels.ops.titans import mlp_unsupported
 
 MAX_D = 128      # dk, dv: the (dk, dv) state tiles live in registers
@@ -145,7 +147,7 @@ def _p2(x: int) -> int:
 # with all 64 columns, 2.8 KB with 32, 1.1 KB with 16 (8 warps); forward 0.8 / 1.4 / 0.6 KB.
 VALUE_BLOCK = 16
 VALUE_BLOCK_ENV = "HOPE_TITANS_VALUE_BLOCK"
-# ptxas -O3 gave the linear backward and both MLP kernels 32 registers and 8-38 KB of spills per thread; with
+# ptxas -O3 gave the linear backward and both MLP kernels 32 registers and 8-28 KB of spills per thread; with
 # the register cap stated (.maxnreg 255) it uses 255 and spills 3-4x less (MLP fwd 12.9 -> 3.2 KB, bwd
 # 27.6 -> 9.9 KB; linear bwd 8.3 -> 1.1 KB at 16 columns)
 MAXNREG = 255
@@ -156,7 +158,7 @@ def _blocks(dk: int, dv: int, chunk_size: int, value_block: int | None = None):
     and the state's columns mix keys only), so the value dim is split over programs in blocks of BV: more
     programs, smaller register tiles; dq, dk and the gate gradients are then summed over the blocks."""
     if value_block is None:
-        value_block = int(os.environ.get(VALUE_BLOCK_ENV, VALUE_BLOCK))
+        value_block = env_int(VALUE_BLOCK_ENV, VALUE_BLOCK)
     BV = _p2(dv) if value_block <= 0 else min(_p2(value_block), _p2(dv))
     return _p2(chunk_size), _p2(dk), BV
 
@@ -181,8 +183,9 @@ def titans_linear_fwd_triton(q, k, v, alpha, eta, theta, W0, S0, chunk_size: int
     Ws = _alloc((B, H, NC + 1, dk, dv), q, torch.float32)
     Ss = _alloc((B, H, NC + 1, dk, dv), q, torch.float32)
     BC, BK, BV = _blocks(dk, dv, chunk_size, value_block)
-    titans_linear_fwd_kernel[(B * H, triton.cdiv(dv, BV))](q, k, v, alpha, eta, theta, W0, S0, o, Ws, Ss, L, dk, dv, NC,
-                                       C=chunk_size, BC=BC, BK=BK, BV=BV, num_warps=_linear_fwd_warps(BK, BV))
+    titans_linear_fwd_kernel[(B * H, triton.cdiv(dv, BV))](
+        q, k, v, alpha, eta, theta, W0, S0, o, Ws, Ss, L, dk, dv, NC, C=chunk_size, BC=BC, BK=BK, BV=BV,
+        num_warps=_linear_fwd_warps(BK, BV))
     return o, Ws, Ss
 
 
