@@ -1,6 +1,7 @@
 """Build checks that need no GPU: every CUDA source compiles with nvcc, the CMake build links against the
 installed torch and registers the ops, and the package reports its backends."""
 import glob
+import json
 import os
 import shutil
 import subprocess
@@ -70,7 +71,8 @@ def _triton_ptxas():
 
 # One GPU configuration of every Triton kernel family, compiled for sm_90 here (no GPU): the interpreter the
 # other tests use accepts code that the GPU compiler rejects (tile shapes, layouts, shared memory).
-SM90_CASES = ["l1 D=1024 bf16", "rope d=64 bf16", "dgd C=258", "titans linear", "titans mlp"]
+# (prefixes of compile_sm90.py case names: the launchers' default configurations only)
+SM90_CASES = ["l1 D=1024 bf16", "rope d=64 bf16", "dgd C=258", "titans linear C=16", "titans mlp"]
 SM90_KERNELS = ["l1_fwd_rows_kernel", "l1_bwd_rows_kernel", "rope_attn_fwd_kernel", "rope_attn_bwd_dkv_kernel",
                 "rope_attn_bwd_dq_kernel", "dgd_fwd_kernel", "dgd_bwd_kernel", "titans_linear_fwd_kernel",
                 "titans_linear_bwd_kernel", "titans_mlp_fwd_kernel", "titans_mlp_bwd_kernel"]
@@ -91,3 +93,19 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
     # every row carries ptxas' register count (a report that failed to parse would show -1)
     rows = [line for line in table.splitlines() if line.startswith("| ") and "_kernel |" in line]
     assert rows and all(" | -1 |" not in line for line in rows), table
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the smoke sweep runs in the interpreter")
+def test_sweep_script_smoke(tmp_path):
+    """benchmarks/sweep_gpu.py (one GPU call times every launch configuration) on tiny shapes: every
+    configuration runs, computes what the default computes, and lands in the markdown and JSON outputs."""
+    md, js = tmp_path / "sweep.md", tmp_path / "sweep.json"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "sweep_gpu.py"), "--smoke",
+                        "--only", "titans,l1", "--md", str(md), "--json", str(js)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = json.loads(js.read_text())
+    assert {row["family"] for row in rows} == {"titans", "l1"}
+    assert all("error" not in row for row in rows), rows
+    assert all(row["rel_err_vs_default"] < 1e-5 and row["fwd_ms"] > 0 and row["bwd_ms"] > 0 for row in rows)
+    assert md.read_text().count("| titans |") == 3

@@ -58,11 +58,15 @@ def l1_bwd_rows_kernel(p_ptr, t_ptr, coef_ptr, g_ptr, rows, T, N, D, eps, NORMAL
     tl.store(g_ptr + offs, b_g.to(g_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch_shape(D: int):
+def _launch_shape(D: int, launch: tuple[int, int] | None = None):
+    """(BLOCK_D, rows per program, warps); `launch` = (rows, warps) overrides the last two (benchmarks/
+    sweep_gpu.py)."""
     if D > MAX_D:
         raise ValueError(f"l1_rollout_loss: the triton backend supports D <= {MAX_D}, got D={D}; "
                          f"use backend='cuda' or 'reference'")
     block_d = triton.next_power_of_2(max(D, 1))
+    if launch is not None:
+        return block_d, int(launch[0]), int(launch[1])
     rows = max(1, min(16, 2048 // block_d))
     num_warps = 4 if rows * block_d <= 4096 else 8
     return block_d, rows, num_warps
@@ -72,8 +76,9 @@ def _acc(dtype: torch.dtype):
     return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
 
 
-def l1_per_step_triton(pred: torch.Tensor, target: torch.Tensor, normalize_target: bool, eps: float) -> torch.Tensor:
-    """(B, T, N, D) x2 -> per_step (T,) in the accumulation dtype."""
+def l1_per_step_triton(pred: torch.Tensor, target: torch.Tensor, normalize_target: bool, eps: float,
+                       launch: tuple[int, int] | None = None) -> torch.Tensor:
+    """(B, T, N, D) x2 -> per_step (T,) in the accumulation dtype. launch: (rows per program, warps)."""
     pred, target = pred.contiguous(), target.contiguous()
     B, T, N, D = pred.shape
     rows = B * T * N
@@ -81,7 +86,7 @@ def l1_per_step_triton(pred: torch.Tensor, target: torch.Tensor, normalize_targe
     if rows == 0:
         return torch.zeros(T, device=pred.device, dtype=acc_torch)
     row_sums = torch.empty(T, B * N, device=pred.device, dtype=acc_torch)
-    block_d, rows_per_prog, num_warps = _launch_shape(D)
+    block_d, rows_per_prog, num_warps = _launch_shape(D, launch)
     grid = (triton.cdiv(rows, rows_per_prog),)
     l1_fwd_rows_kernel[grid](pred, target, row_sums, rows, T, N, D, B * N * D, eps,
                              NORMALIZE=normalize_target, ACC=acc_tl, ROWS=rows_per_prog, BLOCK_D=block_d,
@@ -90,8 +95,9 @@ def l1_per_step_triton(pred: torch.Tensor, target: torch.Tensor, normalize_targe
 
 
 def l1_per_step_backward_triton(pred: torch.Tensor, target: torch.Tensor, coef: torch.Tensor,
-                                normalize_target: bool, eps: float) -> torch.Tensor:
-    """grad_pred (B, T, N, D) = coef[t] * sign(pred - target_n)."""
+                                normalize_target: bool, eps: float,
+                                launch: tuple[int, int] | None = None) -> torch.Tensor:
+    """grad_pred (B, T, N, D) = coef[t] * sign(pred - target_n). launch: (rows per program, warps)."""
     pred, target = pred.contiguous(), target.contiguous()
     B, T, N, D = pred.shape
     rows = B * T * N
@@ -100,7 +106,7 @@ def l1_per_step_backward_triton(pred: torch.Tensor, target: torch.Tensor, coef: 
     if rows == 0:
         return grad
     coef = coef.to(device=pred.device, dtype=acc_torch).contiguous()
-    block_d, rows_per_prog, num_warps = _launch_shape(D)
+    block_d, rows_per_prog, num_warps = _launch_shape(D, launch)
     grid = (triton.cdiv(rows, rows_per_prog),)
     l1_bwd_rows_kernel[grid](pred, target, coef, grad, rows, T, N, D, eps, NORMALIZE=normalize_target,
                              ACC=acc_tl, ROWS=rows_per_prog, BLOCK_D=block_d, num_warps=num_warps)

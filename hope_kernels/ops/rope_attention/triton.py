@@ -271,8 +271,9 @@ def _prep(q, pos, w, window):
     return t, pos32, w.to(device=q.device, dtype=torch.float32).contiguous(), win
 
 
-def rope_attention_fwd_triton(q, k, v, pos, w, window: int, scale: float):
-    """q, k, v (B, H, L, d), pos (L, 3), w (3, d) -> o (B, H, L, d), lse (B, H, L) fp32 in base-2 units."""
+def rope_attention_fwd_triton(q, k, v, pos, w, window: int, scale: float, config=None):
+    """q, k, v (B, H, L, d), pos (L, 3), w (3, d) -> o (B, H, L, d), lse (B, H, L) fp32 in base-2 units.
+    config: (BM, BN, num_warps, num_stages) instead of `_config`'s (benchmarks/sweep_gpu.py)."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, H, L, d = q.shape
     o = _empty_like(q)
@@ -280,7 +281,7 @@ def rope_attention_fwd_triton(q, k, v, pos, w, window: int, scale: float):
     if q.numel() == 0:
         return o, lse
     t, pos32, w, win = _prep(q, pos, w, window)
-    BM, BN, warps, stages = _config(d, q.dtype)
+    BM, BN, warps, stages = config or _config(d, q.dtype)
     half, BH, BD = _dims(d)
     kv_lo, kv_hi = _ranges(t, BM, win, keys_of_queries=True)
     grid = (triton.cdiv(L, BM), B * H)
@@ -290,7 +291,7 @@ def rope_attention_fwd_triton(q, k, v, pos, w, window: int, scale: float):
     return o, lse
 
 
-def rope_attention_bwd_triton(do, q, k, v, o, lse, pos, w, window: int, scale: float):
+def rope_attention_bwd_triton(do, q, k, v, o, lse, pos, w, window: int, scale: float, config=None):
     """Gradients (dq, dk, dv) of rope_attention_fwd_triton, each (B, H, L, d) in the input dtype."""
     q, k, v, o, do = q.contiguous(), k.contiguous(), v.contiguous(), o.contiguous(), do.contiguous().to(q.dtype)
     B, H, L, d = q.shape
@@ -299,7 +300,7 @@ def rope_attention_bwd_triton(do, q, k, v, o, lse, pos, w, window: int, scale: f
         return dq, dk, dv
     delta = (o.float() * do.float()).sum(-1).contiguous()
     t, pos32, w, win = _prep(q, pos, w, window)
-    BM, BN, warps, stages = _config(d, q.dtype)
+    BM, BN, warps, stages = config or _config(d, q.dtype)
     half, BH, BD = _dims(d)
     prec = _dot_precision(q.dtype)
     q_lo, q_hi = _ranges(t, BN, win, keys_of_queries=False)
