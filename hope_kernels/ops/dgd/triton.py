@@ -129,7 +129,7 @@ def dgd_bwd_kernel(q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, states_ptr, do_ptr, dmT_pt
     m_mask = (ck[:, None] < dk) & (cv[None, :] < dv)
     m_offs = ck[:, None] * dv + cv[None, :]
     strict = r[:, None] > r[None, :]
-    sub_base = sub_ptr + (iv.to(tl.int64) * BH + bh) * NS * dk * dv
+    sub_base = sub_ptr + bh.to(tl.int64) * NS * dk * dv     # the blocks of a head write disjoint columns
     # dq, dk and the gate gradients are sums over value columns: each block of columns writes its partial sum
     # to its own slab (rows iv * BH * L on), the launcher adds the slabs up
     part = iv.to(tl.int64) * BH * L
@@ -274,8 +274,9 @@ def dgd_bwd_triton(q, k, v, alpha, eta, states, do, dM, C: int, value_block: int
     else:
         dq, dk_, dalpha, deta = (x.new_empty((NV,) + x.shape, dtype=acc) for x in (q, k, alpha, eta))
     dM0 = torch.empty(B, H, dk, dv, device=q.device, dtype=acc)
-    # sub-chunk start states of the chunk being differentiated, one slab per program (unused with one sub-chunk)
-    scratch = dM0 if cfg["ONE_SUB"] else torch.empty(NV * B * H, NS, dk, dv, device=q.device, dtype=acc)
+    # sub-chunk start states of the chunk being differentiated, one slab per (batch, head), each value block
+    # writing its own columns (unused with one sub-chunk)
+    scratch = dM0 if cfg["ONE_SUB"] else torch.empty(B * H, NS, dk, dv, device=q.device, dtype=acc)
     dgd_bwd_kernel[(B * H, NV)](q, k, v, alpha, eta, states, do, dM, dq, dk_, dv_, dalpha, deta, dM0, scratch,
                                 L, C, N, S, NS, dk, dv, B * H, **cfg)
     if NV > 1:
