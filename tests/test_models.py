@@ -124,7 +124,7 @@ def test_hope_memory_layouts_agree(monkeypatch, rule):
 def test_gpu_predictor_matches_cpu(kind, kw):
     """The whole model on the GPU paths (Triton attention, stacked HOPE memories on the Triton memory kernels)
     and on the CPU paths (C++ kernels, wide memories), both float32, against the float64 CPU model: outputs and
-    every parameter gradient. On the CPU, float32 loses 1e-7 (outputs) to 3e-6 (gate gradients) here."""
+    every parameter gradient. On the CPU, float32 loses 1e-7 (outputs) to 2.5e-6 (gate gradients) here."""
     torch.manual_seed(0)
     m = make(kind, **kw)
     with torch.no_grad():
