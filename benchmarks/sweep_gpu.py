@@ -3,6 +3,8 @@ that one GPU session can decide the settings the launchers pick (they are chosen
 report alone: benchmarks/compile_sm90.py).
 
     python benchmarks/sweep_gpu.py [--only dgd,titans,l1,rope] [--md sweep.md] [--json sweep.json]
+        (on a GPU the table and rows go by default to benchmarks/results/<date>-<gpu>-sweep.{md,json}, and
+        are copied to $OUT when it is set, as on a lent device machine)
     TRITON_INTERPRET=1 python benchmarks/sweep_gpu.py --smoke      # tiny shapes on the CPU (CI checks the script)
 
 Per family and configuration: the launchers' forward and backward timed separately (GPU: CUDA events via
@@ -222,12 +224,20 @@ def main(argv=None) -> int:
             "| family | shape | config | fwd ms | bwd ms | rel err vs default | |\n|---|---|---|---|---|---|---|")
     print(head, flush=True)
     rows = [r for f in families for r in sweep(f, args.smoke)]
-    for path, text in ((args.md, head + "\n" + "\n".join(_line(r) for r in rows) + "\n"),
-                       (args.json, json.dumps(rows, indent=1))):
+    outputs = [(args.md, "md"), (args.json, "json")]
+    if HAS_CUDA and not args.smoke and not (args.md or args.json):
+        gpu = device.replace("NVIDIA ", "").replace(" ", "-")
+        base = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                            f"{time.strftime('%Y-%m-%d', time.gmtime())}-{gpu}-sweep")
+        outputs = [(base + ".md", "md"), (base + ".json", "json")]
+        if os.environ.get("OUT"):
+            outputs += [(os.path.join(os.environ["OUT"], os.path.basename(p)), kind) for p, kind in outputs]
+    texts = {"md": head + "\n" + "\n".join(_line(r) for r in rows) + "\n", "json": json.dumps(rows, indent=1)}
+    for path, kind in outputs:
         if path:
             tmp = path + ".tmp"
             with open(tmp, "w") as f:
-                f.write(text)
+                f.write(texts[kind])
             os.replace(tmp, path)
     return 1 if any("error" in r and r["default"] for r in rows) else 0
 
