@@ -68,7 +68,8 @@ if [[ " $SPECS " == *"titans@O1"* ]]; then
 fi
 wait $tests_pid; trc=$?
 wait $warm_pid; wrc=$?
-wait
+# (not a bare `wait`: it could wait for the `tee` of the log as well)
+[ -z "$o1_pid" ] || wait $o1_pid
 # timeout(1) leads its own process group: whatever outlived it (xdist workers, ptxas) must not run beside
 # the timed benchmarks
 for p in $tests_pid $warm_pid $o1_pid; do kill -9 -- "-$p" 2>/dev/null; done
