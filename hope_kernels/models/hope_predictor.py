@@ -28,6 +28,11 @@ def _stack(t: torch.Tensor, m: int) -> torch.Tensor:
     return t.reshape(B, H, a, m, mb // m).permute(0, 3, 1, 2, 4).reshape(B, m * H, a, mb // m)
 
 
+def _each(fn, state):
+    """fn on a memory state: one tensor (dgd) or a tuple of them (titans: W, S)."""
+    return tuple(fn(t) for t in state) if isinstance(state, tuple) else fn(state)
+
+
 def _unstack(t: torch.Tensor, m: int) -> torch.Tensor:
     """Inverse of _stack: (B, m*H, a, b) -> (B, H, a, m*b)."""
     B, mH, a, b = t.shape
@@ -88,7 +93,7 @@ class SelfModifyingMemory(nn.Module):
         if stack:
             rep = lambda t: torch.cat([t] * m, dim=1)                   # noqa: E731
             q, k, alpha, eta, v = rep(q), rep(k), rep(alpha), rep(eta), _stack(v, m)
-            state = tuple(_stack(t, m) for t in state) if isinstance(state, tuple) else _stack(state, m)
+            state = _each(lambda t: _stack(t, m), state)
         if self.rule == "dgd":
             o, state = dgd_memory(q, k, v, alpha, eta, chunk_size=chunk, initial_state=state,
                                   output_final_state=True)
@@ -99,7 +104,7 @@ class SelfModifyingMemory(nn.Module):
                                      output_final_state=True)
         if stack:
             o = _unstack(o, m)
-            state = tuple(_unstack(t, m) for t in state) if isinstance(state, tuple) else _unstack(state, m)
+            state = _each(lambda t: _unstack(t, m), state)
         return o, state
 
     def forward(self, x, T: int, state=None):
@@ -193,12 +198,12 @@ class HOPEPredictor(PredictorBase):
                 return t.expand(B, *t.shape[1:])
             raise ValueError(f"carried memory has batch {t.shape[0]} but the input has batch {B}; "
                              f"call reset_memory() first")
-        return [tuple(fit(t) for t in s) if isinstance(s, tuple) else fit(s) for s in self._memory]
+        return [_each(fit, s) for s in self._memory]
 
     def forward(self, z, actions, states=None):
         y, new = self._predict(z, actions, states, self._stored(z.shape[0]))
         if self.carry_memory:
-            self._memory = [tuple(t.detach() for t in s) if isinstance(s, tuple) else s.detach() for s in new]
+            self._memory = [_each(torch.Tensor.detach, s) for s in new]
         return y
 
     def _rollout_step(self, z, actions, states):

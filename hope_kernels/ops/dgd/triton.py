@@ -5,14 +5,13 @@ the state M (dk, BV) held in registers (each value column of M follows the rule 
 gate gradients, sums over columns, are summed over the blocks). A chunk of C tokens is processed as
 sub-chunks of S <= C tokens (16 or 32, `_sub_chunk_len`; padded to BLOCK_C >= 16 rows, head dims padded to
 >= 16, masked), so any chunk size runs here, HOPE's chunk of one timestep (65 or 258 tokens) included.
-Per sub-chunk with start
-state M_s and the chunk-start reference state M_ref (the same matrix when S = C): the Gram matrices K K^T and
-Q K^T and the decay mask D are tl.dot / elementwise tiles, T = (I + A)^{-1} is built by forward substitution on
-the (BLOCK_C, BLOCK_C) tile (the UT transform), then
+Per sub-chunk with start state M_s and the chunk-start reference state M_ref (the same matrix when S = C):
+the Gram matrices K K^T and Q K^T and the decay mask D are tl.dot / elementwise tiles, T = (I + A)^{-1} is
+built by forward substitution on the (BLOCK_C, BLOCK_C) tile (the UT transform), then
     X = T (diag(c) K M_s + K M_ref - V),   O = diag(c) Q M_s - P X,   M_s <- gamma_S M_s - (diag(eta g) K)^T X.
 Forward saves the chunk-start states (B, H, N, dk, dv). Backward runs one program per (batch, head, block)
-over the chunks in reverse with dM in registers: it reloads the chunk-start state, recomputes the sub-chunk start
-states into a per-program scratch buffer (when a chunk has several), then walks the sub-chunks in reverse,
+over the chunks in reverse with dM in registers: it reloads the chunk-start state, recomputes the sub-chunk
+start states into a scratch buffer (when a chunk has several), then walks the sub-chunks in reverse,
 recomputing every local quantity and writing all gradients; dM_ref collects K^T dR over the chunk's
 sub-chunks and joins dM at the chunk start.
 Loads are upcast to float32 (float64 for float64 inputs) at once; products accumulate in that dtype.
@@ -27,9 +26,10 @@ from hope_kernels.ops.checks import env_int
 from hope_kernels.ops.dgd import TRITON_MAX_HEAD_DIM as MAX_HEAD_DIM
 
 # Register budget, read from ptxas' report for sm_90 (benchmarks/compile_sm90.py; 8 warps): with head dims of
-# 64, sub-chunks of 16 compile to 255 registers and at most 1.6 KB of spills, while sub-chunks of 32 or 64 make
-# ptxas fall back to 32 registers and 8-76 KB of spills; head dims of 128 do that at any sub-chunk size (so
-# they go to the CUDA kernel).
+# 64 and all value columns in one program, sub-chunks of 16 compiled to 255 registers and at most 1.6 KB of
+# spills, while sub-chunks of 32 or 64 made ptxas fall back to 32 registers and 8-76 KB of spills; head dims
+# of 128 did that at any sub-chunk size (so they go to the CUDA kernel). With blocks of 16 value columns
+# (VALUE_BLOCK below) the spills are at most 348 B.
 
 
 def _sub_chunk_len(C: int, bk: int, bv: int) -> int:

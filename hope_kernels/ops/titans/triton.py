@@ -164,9 +164,9 @@ def _blocks(dk: int, dv: int, chunk_size: int, value_block: int | None = None):
 
 
 def _linear_fwd_warps(BK: int, BV: int) -> int:
-    # ptxas for sm_90 (benchmarks/compile_sm90.py) at dk = dv = 64, C = 16: 4 warps fell back to 32 registers
-    # with 11.5 KB of spills per thread, 8 warps 255 registers with 0.8 KB. (The backward spills 11-26 KB at
-    # 4, 8 or 16 warps: docs/titans.md.)
+    # ptxas for sm_90 (benchmarks/compile_sm90.py) at dk = dv = 64, C = 16, all 64 value columns: 4 warps fell
+    # back to 32 registers with 11.5 KB of spills per thread, 8 warps 255 registers with 0.8 KB; with blocks of
+    # 16 columns (BK * BV = 1024) 4 warps spill 0.6 KB.
     return 8 if BK * BV >= 64 * 64 else 4
 
 
