@@ -306,8 +306,8 @@ class _CMSPeriods:
                 total = p.grad if name not in self.acc else self.acc.pop(name) + p.grad
                 if due:
                     p.grad = total / period
-                else:
-                    self.acc[name] = total.detach().clone()
+                else:   # p.grad is dropped here, so the stored tensor is not aliased by later steps
+                    self.acc[name] = total.detach()
                     p.grad = None
 
 
