@@ -136,12 +136,13 @@ def l1_family(smoke: bool):
 def rope_family(smoke: bool):
     from hope_kernels.ops.rope_attention.reference import rope_freqs
     from hope_kernels.ops.rope_attention.triton import _config, rope_attention_bwd_triton, rope_attention_fwd_triton
-    T, side, d, BH = (2, 3, 32, (1, 2)) if smoke else (8, 16, 64, (4, 16))
-    shapes = {f"T={T} {side}x{side}+2 d={d} bf16": (T, side, d, BH)}
-    default = _config(d, torch.bfloat16)
-    configs = [("default " + "x".join(map(str, default)), None)] + [
+    d, BH = (32, (1, 2)) if smoke else (64, (4, 16))
+    side = 3 if smoke else 16
+    shapes = {f"T={T} {side}x{side}+2 d={d} bf16": (T, side, d, BH) for T in ((2,) if smoke else (8, 64))}
+    default = _config(d, torch.bfloat16), _config(d, torch.bfloat16, backward=True)
+    configs = [("default " + " / ".join("x".join(map(str, c)) for c in default), None)] + [
         (f"BM={c[0]} BN={c[1]} warps={c[2]} stages={c[3]}", c)
-        for c in ((64, 64, 4, 3), (128, 64, 8, 2), (128, 32, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2))]
+        for c in ((64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2))]
 
     def make(shape):
         T, side, d, (B, H) = shape
@@ -175,7 +176,7 @@ def sweep(family: str, smoke: bool) -> list[dict]:
         C = shape[1] if family in ("dgd", "titans") else None
         ref_f = ref_b = None
         for i, (label, cfg) in enumerate(configs):
-            row = dict(family=family, shape=shape_name, config=label, default=i == 0)
+            row = dict(family=family, shape=shape_name, config=label, default=i == 0, launch=cfg)
             try:
                 out = fwd(x, C, cfg)
                 grads = bwd(x, C, out, cfg)
@@ -210,6 +211,8 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (a check of the script, not a measurement)")
     ap.add_argument("--md", default="", help="also write the table as markdown to this file")
     ap.add_argument("--json", default="", help="also write the rows as JSON to this file")
+    ap.add_argument("--rope-env", default="", help="write HOPE_ROPE_CONFIG / HOPE_ROPE_BWD_CONFIG lines of the "
+                    "fastest rope configuration per pass at the longest shape to this file (none: the default)")
     args = ap.parse_args(argv)
     if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("sweep_gpu.py: no GPU; on the CPU run it with TRITON_INTERPRET=1 --smoke")
@@ -239,7 +242,27 @@ def main(argv=None) -> int:
             with open(tmp, "w") as f:
                 f.write(texts[kind])
             os.replace(tmp, path)
+    if args.rope_env:
+        _write_rope_env(rows, args.rope_env)
     return 1 if any("error" in r and r["default"] for r in rows) else 0
+
+
+def _write_rope_env(rows: list, path: str) -> None:
+    """Lines `NAME=BM,BN,warps,stages` of the fastest rope configuration per pass at the last (longest) shape,
+    among those that agree with the default; nothing for a pass whose default is fastest."""
+    rope = [r for r in rows if r["family"] == "rope" and "error" not in r and r["rel_err_vs_default"] < 1e-3]
+    lines = []
+    if rope:
+        last = [r for r in rope if r["shape"] == rope[-1]["shape"]]
+        for name, key in (("HOPE_ROPE_CONFIG", "fwd_ms"), ("HOPE_ROPE_BWD_CONFIG", "bwd_ms")):
+            best = min(last, key=lambda r: r[key])
+            if best["launch"] is not None:
+                lines.append(f"{name}={','.join(map(str, best['launch']))}")
+            print(f"fastest rope {key[:3]}: {best['config']} ({best[key]:.3f} ms)", flush=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write("".join(line + "\n" for line in lines))
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

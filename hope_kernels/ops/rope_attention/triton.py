@@ -1,23 +1,29 @@
 """Fused 3D-RoPE block-causal flash attention in Triton, forward and backward.
 
 Layout: one program per (block of BM query rows, batch*head) in the forward and the dq pass, one per (block
-of BN key rows, batch*head) in the dk/dv pass. q and k are never rotated in memory: each tile is loaded as
-its even and odd columns (two (rows, d/2) halves) and rotated in registers,
+of BN key rows, batch*head) in the dk/dv pass. q and k are rotated once, by `rope_rotate_kernel`, into
+scratch tensors (B, H, L, 2 * BH) that hold the even columns' rotation in [0, BH) and the odd columns' in
+[BH, 2 * BH) (zero padding beyond d / 2):
     y_e = x_e C_e - x_o S_e,   y_o = x_o C_o + x_e S_o,   C, S = cos, sin(pos @ W)
 (W (3, d) of reference.rope_freqs encodes the slices and the rope_compat mode; the unrotated remainder has
-angle 0). Scores are dot(q_e, k_e^T) + dot(q_o, k_o^T), the same as with interleaved columns. Because t is
-non-decreasing, the keys a query block can see form one contiguous range [kv_lo, kv_hi) (and the queries a
-key block is seen by, [q_lo, q_hi)); the host computes these ranges with searchsorted, so tiles hidden by the
-block-causal mask or the window are never visited; inside the range the mask is applied elementwise.
+angle 0). Scores are dot(q_e, k_e^T) + dot(q_o, k_o^T), the same as with interleaved columns. Rotating
+inside the attention loops would cost four sin/cos per key element for every query block (O(L^2 d) on the
+special-function units, 21 TFLOP/s on an H200 against 118 for SDPA); the scratch costs O(L d) memory.
+Because t is non-decreasing, the keys a query block can see form one contiguous range [kv_lo, kv_hi) (and
+the queries a key block is seen by, [q_lo, q_hi)); the host computes these ranges with searchsorted, so
+tiles hidden by the block-causal mask or the window are never visited; inside the range the mask is
+applied elementwise.
 Forward: online softmax in base 2 with fp32 accumulators; saves lse (B, H, L) only (O(L) memory).
-Backward: delta = rowsum(o * do) in torch; pass 1 (per key block) recomputes p = exp2(s - lse) and
-accumulates dv = p^T do and dk_rot = scale * ds^T q_rot; pass 2 (per query block) accumulates
-dq_rot = scale * ds k_rot. The gradients in rotated space are mapped back with the transpose rotation
+Backward: the rotation is recomputed; delta = rowsum(o * do) in torch; pass 1 (per key block) recomputes
+p = exp2(s - lse) and accumulates dv = p^T do and dk_rot = scale * ds^T q_rot; pass 2 (per query block)
+accumulates dq_rot = scale * ds k_rot. The gradients in rotated space are mapped back with the transpose
+rotation
     dx_e = g_e C_e + g_o S_o,   dx_o = g_o C_o - g_e S_e
-before the store. No atomics: deterministic.
+before the store (sin/cos once per output row). No atomics: deterministic.
 """
 from __future__ import annotations
 
+import os
 
 import torch
 import triton
@@ -51,24 +57,30 @@ def _angles_cs(pos_ptr, w_ptr, rows, L, D, HALF, BH: tl.constexpr):
 
 
 @triton.jit
-def _load_halves(x_ptr, rows, L, D, HALF, BH: tl.constexpr):
-    """Even and odd columns of token rows of one (L, D) matrix, upcast to fp32: two (R, BH) tiles."""
+def rope_rotate_kernel(x_ptr, out_ptr, pos_ptr, w_ptr, L, D, HALF, BR: tl.constexpr, BH: tl.constexpr):
+    """x (B*H, L, D) -> out (B*H, L, 2*BH): rotated even columns in [0, BH), odd in [BH, 2*BH), zero padded."""
+    bh = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
     col = tl.arange(0, BH)
-    m = (rows < L)[:, None] & (col < HALF)[None, :]
-    offs = rows[:, None] * D + 2 * col[None, :]
-    x_e = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    x_o = tl.load(x_ptr + offs + 1, mask=m, other=0.0).to(tl.float32)
-    return x_e, x_o
+    rmask = (rows < L)[:, None]
+    m = rmask & (col < HALF)[None, :]
+    src = x_ptr + bh * L * D + rows[:, None] * D + 2 * col[None, :]
+    x_e = tl.load(src, mask=m, other=0.0).to(tl.float32)
+    x_o = tl.load(src + 1, mask=m, other=0.0).to(tl.float32)
+    c_e, s_e, c_o, s_o = _angles_cs(pos_ptr, w_ptr, rows, L, D, HALF, BH)
+    dst = out_ptr + bh * L * 2 * BH + rows[:, None] * (2 * BH) + col[None, :]
+    tl.store(dst, (x_e * c_e - x_o * s_e).to(out_ptr.dtype.element_ty), mask=rmask)
+    tl.store(dst + BH, (x_o * c_o + x_e * s_o).to(out_ptr.dtype.element_ty), mask=rmask)
 
 
 @triton.jit
-def _load_rotated(x_ptr, pos_ptr, w_ptr, rows, L, D, HALF, scale, DT: tl.constexpr, BH: tl.constexpr):
-    """Token rows rotated in registers, times `scale`, cast to DT: (y_e, y_o) and the (cos, sin) tiles used."""
-    c_e, s_e, c_o, s_o = _angles_cs(pos_ptr, w_ptr, rows, L, D, HALF, BH)
-    x_e, x_o = _load_halves(x_ptr, rows, L, D, HALF, BH)
-    y_e = ((x_e * c_e - x_o * s_e) * scale).to(DT)
-    y_o = ((x_o * c_o + x_e * s_o) * scale).to(DT)
-    return y_e, y_o, c_e, s_e, c_o, s_o
+def _load_pair(xr_ptr, rows, L, DT: tl.constexpr, BH: tl.constexpr):
+    """Rotated even and odd halves of token rows from a rope_rotate_kernel scratch: two (R, BH) DT tiles."""
+    col = tl.arange(0, BH)
+    m = (rows < L)[:, None]
+    offs = rows[:, None] * (2 * BH) + col[None, :]
+    return (tl.load(xr_ptr + offs, mask=m, other=0.0).to(DT),
+            tl.load(xr_ptr + offs + BH, mask=m, other=0.0).to(DT))
 
 
 @triton.jit
@@ -79,8 +91,9 @@ def _load_rows(x_ptr, rows, L, D, BD: tl.constexpr):
 
 
 @triton.jit
-def _store_halves_transposed(x_ptr, g_e, g_o, c_e, s_e, c_o, s_o, rows, L, D, HALF, BH: tl.constexpr):
+def _store_unrotated(x_ptr, g_e, g_o, pos_ptr, w_ptr, rows, L, D, HALF, BH: tl.constexpr):
     """Store the gradient of the unrotated input: transpose rotation of (g_e, g_o), interleaved."""
+    c_e, s_e, c_o, s_o = _angles_cs(pos_ptr, w_ptr, rows, L, D, HALF, BH)
     col = tl.arange(0, BH)
     m = (rows < L)[:, None] & (col < HALF)[None, :]
     offs = rows[:, None] * D + 2 * col[None, :]
@@ -95,16 +108,15 @@ def _visible(t_i, t_j, rows, cols, L, window):
 
 
 @triton.jit
-def rope_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, pos_ptr, w_ptr, kv_lo_ptr, kv_hi_ptr,
-                         L, D, HALF, window, qk_scale, DOT_PREC: tl.constexpr, DT: tl.constexpr,
+def rope_attn_fwd_kernel(qr_ptr, kr_ptr, v_ptr, o_ptr, lse_ptr, pos_ptr, kv_lo_ptr, kv_hi_ptr,
+                         L, D, window, qk_scale, DOT_PREC: tl.constexpr, DT: tl.constexpr,
                          BM: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     off = bh * L * D
-    dt = DT
+    off_r = bh * L * 2 * BH
     rows = pid_m * BM + tl.arange(0, BM)
-    # rotated q with the softmax scale (base 2) folded in, cast to the input dtype like the reference's SDPA
-    b_qe, b_qo, c_e, s_e, c_o, s_o = _load_rotated(q_ptr + off, pos_ptr, w_ptr, rows, L, D, HALF, qk_scale, DT, BH)
+    b_qe, b_qo = _load_pair(qr_ptr + off_r, rows, L, DT, BH)
     t_i = tl.load(pos_ptr + rows * 3, mask=rows < L, other=0)
     lo = tl.load(kv_lo_ptr + pid_m)
     hi = tl.load(kv_hi_ptr + pid_m)
@@ -113,17 +125,17 @@ def rope_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, pos_ptr, w_ptr, kv
     acc = tl.zeros([BM, BD], dtype=tl.float32)
     for start in range(lo, hi, BN):
         cols = start + tl.arange(0, BN)
-        b_ke, b_ko, kc_e, ks_e, kc_o, ks_o = _load_rotated(k_ptr + off, pos_ptr, w_ptr, cols, L, D, HALF, 1.0, DT, BH)
-        s = (tl.dot(b_qe, tl.trans(b_ke), input_precision=DOT_PREC)
-             + tl.dot(b_qo, tl.trans(b_ko), input_precision=DOT_PREC))
+        b_ke, b_ko = _load_pair(kr_ptr + off_r, cols, L, DT, BH)
+        s = tl.dot(b_qo, tl.trans(b_ko), tl.dot(b_qe, tl.trans(b_ke), input_precision=DOT_PREC),
+                   input_precision=DOT_PREC) * qk_scale             # softmax scale in base 2, in fp32 like SDPA
         t_j = tl.load(pos_ptr + cols * 3, mask=cols < L, other=0)
         s = tl.where(_visible(t_i, t_j, rows, cols, L, window), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        b_v = _load_rows(v_ptr + off, cols, L, D, BD).to(dt)
-        acc = acc * alpha[:, None] + tl.dot(p.to(dt), b_v, input_precision=DOT_PREC)
+        b_v = _load_rows(v_ptr + off, cols, L, D, BD).to(DT)
+        acc = tl.dot(p.to(DT), b_v, acc * alpha[:, None], input_precision=DOT_PREC)
         m_i = m_new
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     acc = acc / l_safe[:, None]
@@ -134,18 +146,17 @@ def rope_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, pos_ptr, w_ptr, kv
 
 
 @triton.jit
-def rope_attn_bwd_dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, pos_ptr, w_ptr,
+def rope_attn_bwd_dkv_kernel(qr_ptr, kr_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, pos_ptr, w_ptr,
                              q_lo_ptr, q_hi_ptr, L, D, HALF, window, qk_scale, scale,
                              DOT_PREC: tl.constexpr, DT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                              BH: tl.constexpr, BD: tl.constexpr):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     off = bh * L * D
-    dt = DT
+    off_r = bh * L * 2 * BH
     cols = pid_n * BN + tl.arange(0, BN)
-    b_ke, b_ko, kc_e, ks_e, kc_o, ks_o = _load_rotated(k_ptr + off, pos_ptr, w_ptr, cols, L, D, HALF, qk_scale,
-                                                       DT, BH)
-    b_v = _load_rows(v_ptr + off, cols, L, D, BD).to(dt)
+    b_ke, b_ko = _load_pair(kr_ptr + off_r, cols, L, DT, BH)
+    b_v = _load_rows(v_ptr + off, cols, L, D, BD).to(DT)
     t_j = tl.load(pos_ptr + cols * 3, mask=cols < L, other=0)
     lo = tl.load(q_lo_ptr + pid_n)
     hi = tl.load(q_hi_ptr + pid_n)
@@ -154,40 +165,38 @@ def rope_attn_bwd_dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk
     dv = tl.zeros([BN, BD], dtype=tl.float32)
     for start in range(lo, hi, BM):
         rows = start + tl.arange(0, BM)
-        b_qe, b_qo, qc_e, qs_e, qc_o, qs_o = _load_rotated(q_ptr + off, pos_ptr, w_ptr, rows, L, D, HALF, 1.0,
-                                                           DT, BH)
-        b_do = _load_rows(do_ptr + off, rows, L, D, BD).to(dt)
+        b_qe, b_qo = _load_pair(qr_ptr + off_r, rows, L, DT, BH)
+        b_do = _load_rows(do_ptr + off, rows, L, D, BD).to(DT)
         lse = tl.load(lse_ptr + bh * L + rows, mask=rows < L, other=0.0)
         delta = tl.load(delta_ptr + bh * L + rows, mask=rows < L, other=0.0)
         t_i = tl.load(pos_ptr + rows * 3, mask=rows < L, other=0)
-        s_t = (tl.dot(b_ke, tl.trans(b_qe), input_precision=DOT_PREC)
-               + tl.dot(b_ko, tl.trans(b_qo), input_precision=DOT_PREC))            # (BN, BM), base 2
+        s_t = tl.dot(b_ko, tl.trans(b_qo), tl.dot(b_ke, tl.trans(b_qe), input_precision=DOT_PREC),
+                     input_precision=DOT_PREC) * qk_scale                            # (BN, BM), base 2
         vis_t = tl.trans(_visible(t_i, t_j, rows, cols, L, window))
         p_t = tl.where(vis_t, tl.exp2(s_t - lse[None, :]), 0.0)
-        dv += tl.dot(p_t.to(dt), b_do, input_precision=DOT_PREC)
+        dv = tl.dot(p_t.to(DT), b_do, dv, input_precision=DOT_PREC)
         dp_t = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PREC)
-        ds_t = (p_t * (dp_t - delta[None, :])).to(dt)
-        dk_e += tl.dot(ds_t, b_qe, input_precision=DOT_PREC)
-        dk_o += tl.dot(ds_t, b_qo, input_precision=DOT_PREC)
-    _store_halves_transposed(dk_ptr + off, dk_e * scale, dk_o * scale, kc_e, ks_e, kc_o, ks_o, cols, L, D, HALF,
-                             BH)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(DT)
+        dk_e = tl.dot(ds_t, b_qe, dk_e, input_precision=DOT_PREC)
+        dk_o = tl.dot(ds_t, b_qo, dk_o, input_precision=DOT_PREC)
+    _store_unrotated(dk_ptr + off, dk_e * scale, dk_o * scale, pos_ptr, w_ptr, cols, L, D, HALF, BH)
     col = tl.arange(0, BD)
     tl.store(dv_ptr + off + cols[:, None] * D + col[None, :], dv.to(dv_ptr.dtype.element_ty),
              mask=(cols < L)[:, None] & (col < D)[None, :])
 
 
 @triton.jit
-def rope_attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, pos_ptr, w_ptr,
+def rope_attn_bwd_dq_kernel(qr_ptr, kr_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, pos_ptr, w_ptr,
                             kv_lo_ptr, kv_hi_ptr, L, D, HALF, window, qk_scale, scale,
                             DOT_PREC: tl.constexpr, DT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                             BH: tl.constexpr, BD: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     off = bh * L * D
-    dt = DT
+    off_r = bh * L * 2 * BH
     rows = pid_m * BM + tl.arange(0, BM)
-    b_qe, b_qo, c_e, s_e, c_o, s_o = _load_rotated(q_ptr + off, pos_ptr, w_ptr, rows, L, D, HALF, qk_scale, DT, BH)
-    b_do = _load_rows(do_ptr + off, rows, L, D, BD).to(dt)
+    b_qe, b_qo = _load_pair(qr_ptr + off_r, rows, L, DT, BH)
+    b_do = _load_rows(do_ptr + off, rows, L, D, BD).to(DT)
     lse = tl.load(lse_ptr + bh * L + rows, mask=rows < L, other=0.0)
     delta = tl.load(delta_ptr + bh * L + rows, mask=rows < L, other=0.0)
     t_i = tl.load(pos_ptr + rows * 3, mask=rows < L, other=0)
@@ -197,17 +206,17 @@ def rope_attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_
     dq_o = tl.zeros([BM, BH], dtype=tl.float32)
     for start in range(lo, hi, BN):
         cols = start + tl.arange(0, BN)
-        b_ke, b_ko, kc_e, ks_e, kc_o, ks_o = _load_rotated(k_ptr + off, pos_ptr, w_ptr, cols, L, D, HALF, 1.0, DT, BH)
-        b_v = _load_rows(v_ptr + off, cols, L, D, BD).to(dt)
-        s = (tl.dot(b_qe, tl.trans(b_ke), input_precision=DOT_PREC)
-             + tl.dot(b_qo, tl.trans(b_ko), input_precision=DOT_PREC))
+        b_ke, b_ko = _load_pair(kr_ptr + off_r, cols, L, DT, BH)
+        b_v = _load_rows(v_ptr + off, cols, L, D, BD).to(DT)
+        s = tl.dot(b_qo, tl.trans(b_ko), tl.dot(b_qe, tl.trans(b_ke), input_precision=DOT_PREC),
+                   input_precision=DOT_PREC) * qk_scale
         t_j = tl.load(pos_ptr + cols * 3, mask=cols < L, other=0)
         p = tl.where(_visible(t_i, t_j, rows, cols, L, window), tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC)
-        ds = (p * (dp - delta[:, None])).to(dt)
-        dq_e += tl.dot(ds, b_ke, input_precision=DOT_PREC)
-        dq_o += tl.dot(ds, b_ko, input_precision=DOT_PREC)
-    _store_halves_transposed(dq_ptr + off, dq_e * scale, dq_o * scale, c_e, s_e, c_o, s_o, rows, L, D, HALF, BH)
+        ds = (p * (dp - delta[:, None])).to(DT)
+        dq_e = tl.dot(ds, b_ke, dq_e, input_precision=DOT_PREC)
+        dq_o = tl.dot(ds, b_ko, dq_o, input_precision=DOT_PREC)
+    _store_unrotated(dq_ptr + off, dq_e * scale, dq_o * scale, pos_ptr, w_ptr, rows, L, D, HALF, BH)
 
 
 # --------------------------------------------------------------------------------------------- launchers
@@ -216,11 +225,26 @@ def _empty_like(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-def _config(d: int, dtype: torch.dtype):
-    """(BM, BN, num_warps, num_stages). Small tiles under the interpreter (tests), fixed GPU tiles otherwise.
-    float32 takes 32 x 32 tiles: ptxas (sm_90, benchmarks/compile_sm90.py) gave 64 x 64 float32 tiles at d = 64
-    4.8-27 KB of register spills per thread (the dq pass fell back to 32 registers), 32 x 32 tiles 0.5-1.4 KB;
-    bf16 64 x 64 tiles spill 0.1-0.5 KB."""
+def _env_config(name: str):
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        BM, BN, warps, stages = (int(x) for x in raw.split(","))
+    except ValueError:
+        raise ValueError(f"{name} must be four integers 'BM,BN,warps,stages', got {raw!r}") from None
+    return BM, BN, warps, stages
+
+
+def _config(d: int, dtype: torch.dtype, backward: bool = False):
+    """(BM, BN, num_warps, num_stages) of the forward or the backward kernels. Small tiles under the
+    interpreter (tests), fixed GPU tiles otherwise. HOPE_ROPE_CONFIG="BM,BN,warps,stages" overrides both
+    passes, HOPE_ROPE_BWD_CONFIG the backward (sweeps, compile reports). ptxas (sm_90, pre-rotated q/k, bf16,
+    d = 64): 64 x 64 tiles with 4 warps do not spill in any pass; 128 x 64 spills 108-308 B in the backward
+    with 4 warps, 20 B with 8."""
+    env = (_env_config("HOPE_ROPE_BWD_CONFIG") if backward else None) or _env_config("HOPE_ROPE_CONFIG")
+    if env is not None:
+        return env
     if triton_interpret():
         return 16, 16, 1, 1
     if dtype == torch.float32:
@@ -271,9 +295,18 @@ def _prep(q, pos, w, window):
     return t, pos32, w.to(device=q.device, dtype=torch.float32).contiguous(), win
 
 
+def _rotate(x: torch.Tensor, pos32: torch.Tensor, w: torch.Tensor, BH: int) -> torch.Tensor:
+    """x (B, H, L, d) -> rotated halves (B, H, L, 2 * BH) in x's dtype (rope_rotate_kernel's layout)."""
+    B, H, L, d = x.shape
+    out = x.new_empty((B, H, L, 2 * BH))
+    BR = 16 if triton_interpret() else max(8, 1024 // BH)    # 32 rows at d = 64: ptxas gave 64 rows 197 registers
+    rope_rotate_kernel[(triton.cdiv(L, BR), B * H)](x, out, pos32, w, L, d, d // 2, BR=BR, BH=BH, num_warps=4)
+    return out
+
+
 def rope_attention_fwd_triton(q, k, v, pos, w, window: int, scale: float, config=None):
     """q, k, v (B, H, L, d), pos (L, 3), w (3, d) -> o (B, H, L, d), lse (B, H, L) fp32 in base-2 units.
-    config: (BM, BN, num_warps, num_stages) instead of `_config`'s (benchmarks/sweep_gpu.py)."""
+    config: (BM, BN, num_warps, num_stages) instead of `_config`'s (benchmarks/sweep_gpu.py), both passes."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, H, L, d = q.shape
     o = _empty_like(q)
@@ -283,9 +316,10 @@ def rope_attention_fwd_triton(q, k, v, pos, w, window: int, scale: float, config
     t, pos32, w, win = _prep(q, pos, w, window)
     BM, BN, warps, stages = config or _config(d, q.dtype)
     half, BH, BD = _dims(d)
+    qr, kr = _rotate(q, pos32, w, BH), _rotate(k, pos32, w, BH)
     kv_lo, kv_hi = _ranges(t, BM, win, keys_of_queries=True)
     grid = (triton.cdiv(L, BM), B * H)
-    rope_attn_fwd_kernel[grid](q, k, v, o, lse, pos32, w, kv_lo, kv_hi, L, d, half, win, scale * _LOG2E,
+    rope_attn_fwd_kernel[grid](qr, kr, v, o, lse, pos32, kv_lo, kv_hi, L, d, win, scale * _LOG2E,
                                DOT_PREC=_dot_precision(q.dtype), DT=_dot_dtype(q.dtype), BM=BM, BN=BN, BH=BH,
                                BD=BD, num_warps=warps, num_stages=stages)
     return o, lse
@@ -300,15 +334,16 @@ def rope_attention_bwd_triton(do, q, k, v, o, lse, pos, w, window: int, scale: f
         return dq, dk, dv
     delta = (o.float() * do.float()).sum(-1).contiguous()
     t, pos32, w, win = _prep(q, pos, w, window)
-    BM, BN, warps, stages = config or _config(d, q.dtype)
+    BM, BN, warps, stages = config or _config(d, q.dtype, backward=True)
     half, BH, BD = _dims(d)
+    qr, kr = _rotate(q, pos32, w, BH), _rotate(k, pos32, w, BH)
     prec = _dot_precision(q.dtype)
     q_lo, q_hi = _ranges(t, BN, win, keys_of_queries=False)
     rope_attn_bwd_dkv_kernel[(triton.cdiv(L, BN), B * H)](
-        q, k, v, do, lse, delta, dk, dv, pos32, w, q_lo, q_hi, L, d, half, win, scale * _LOG2E, scale,
+        qr, kr, v, do, lse, delta, dk, dv, pos32, w, q_lo, q_hi, L, d, half, win, scale * _LOG2E, scale,
         DOT_PREC=prec, DT=_dot_dtype(q.dtype), BM=BM, BN=BN, BH=BH, BD=BD, num_warps=warps, num_stages=stages)
     kv_lo, kv_hi = _ranges(t, BM, win, keys_of_queries=True)
     rope_attn_bwd_dq_kernel[(triton.cdiv(L, BM), B * H)](
-        q, k, v, do, lse, delta, dq, pos32, w, kv_lo, kv_hi, L, d, half, win, scale * _LOG2E, scale,
+        qr, kr, v, do, lse, delta, dq, pos32, w, kv_lo, kv_hi, L, d, half, win, scale * _LOG2E, scale,
         DOT_PREC=prec, DT=_dot_dtype(q.dtype), BM=BM, BN=BN, BH=BH, BD=BD, num_warps=warps, num_stages=stages)
     return dq, dk, dv
