@@ -265,6 +265,46 @@ def test_triton_outputs_fully_written(monkeypatch):
     assert rel_err(got[0], want[0]) < 5 * RTOL[torch.float32]
 
 
+@pytest.mark.parametrize("window", [None, 2])
+@pytest.mark.parametrize("block,step", [(16, 16), (32, 16), (16, 32), (64, 32)])
+def test_triton_tile_ranges(block, step, window):
+    """The host-side tile ranges against the mask: every visible pair lies in [lo, hi), and the tiles marked
+    whole (fwd/dq: [lo, mid); dk/dv: [mid, hi)) are fully visible to every real row of the block."""
+    from hope_kernels.ops.rope_attention.triton import _NO_WINDOW, _ranges
+    t = torch.tensor(sorted(torch.randint(0, 6, (61,)).tolist()))
+    L = t.shape[0]
+    mask = ref.block_causal_mask(t, window)                 # (query, key)
+    win = window or _NO_WINDOW
+    for keys_of_queries, m in ((True, mask), (False, mask.T)):
+        lo, mid, hi = _ranges(t, block, step, win, keys_of_queries=keys_of_queries)
+        for b in range(lo.shape[0]):
+            own = m[b * block:(b + 1) * block]              # rows of this block, partners as columns
+            seen = own.any(0).nonzero().flatten()
+            assert seen.min() >= lo[b] and seen.max() < hi[b]
+            whole = range(int(lo[b]), int(mid[b]), step) if keys_of_queries else range(int(mid[b]), int(hi[b]), step)
+            # the two loops (lo -> mid, mid -> hi) must not overlap: mid on lo's tile grid, or at hi
+            assert (int(mid[b]) - int(lo[b])) % step == 0 or mid[b] == hi[b]
+            for start in whole:
+                assert own[:, start:min(start + step, L)].all(), (b, start)
+                assert keys_of_queries is False or start + step <= L   # unmasked key tiles never cross L
+        if window is None and block == step == 16:
+            assert any((mid - lo) > 0 if keys_of_queries else (hi - mid) > 0)     # the case is exercised
+
+
+@pytest.mark.skipif("triton" not in attn_backends_cpu(), reason="triton cannot run here")
+@pytest.mark.parametrize("config", ["32,16,1,1", "16,32,1,1"])
+def test_triton_unequal_tiles(monkeypatch, config):
+    """BM != BN: the masked / whole tile split holds when query blocks and key tiles differ in size."""
+    monkeypatch.setenv("HOPE_ROPE_CONFIG", config)
+    pos = make_pos(4, 3, 4, actions=1)[:53]
+    q, k, v = qkv(1, 2, pos.shape[0], 32)
+    g = torch.randn_like(q)
+    got = _fwd_bwd(lambda a, b, c: rope_attention(a, b, c, pos, backend="triton"), q, k, v, g)
+    want = _fwd_bwd(lambda a, b, c: rope_attention(a, b, c, pos, backend="reference"), q, k, v, g)
+    for name, a, b in zip(("o", "dq", "dk", "dv"), got, want):
+        assert rel_err(a, b) < 5 * RTOL[torch.float32], name
+
+
 @pytest.mark.skipif("triton" not in attn_backends_cpu(), reason="triton cannot run here")
 def test_triton_opcheck():
     pos = make_pos(2, 2, 2, actions=1)[:9]

@@ -11,8 +11,8 @@ inside the attention loops would cost four sin/cos per key element for every que
 special-function units, 21 TFLOP/s on an H200 against 118 for SDPA); the scratch costs O(L d) memory.
 Because t is non-decreasing, the keys a query block can see form one contiguous range [kv_lo, kv_hi) (and
 the queries a key block is seen by, [q_lo, q_hi)); the host computes these ranges with searchsorted, so
-tiles hidden by the block-causal mask or the window are never visited; inside the range the mask is
-applied elementwise.
+tiles hidden by the block-causal mask or the window are never visited. Tiles that every row of a block sees
+whole (without a window: the keys up to the block's first timestep) run without the elementwise mask.
 Forward: online softmax in base 2 with fp32 accumulators; saves lse (B, H, L) only (O(L) memory).
 Backward: the rotation is recomputed; delta = rowsum(o * do) in torch; pass 1 (per key block) recomputes
 p = exp2(s - lse) and accumulates dv = p^T do and dk_rot = scale * ds^T q_rot; pass 2 (per query block)
@@ -108,10 +108,33 @@ def _visible(t_i, t_j, rows, cols, L, window):
 
 
 @triton.jit
-def rope_attn_fwd_kernel(qr_ptr, kr_ptr, v_ptr, o_ptr, lse_ptr, pos_ptr, kv_lo_ptr, kv_hi_ptr,
+def _fwd_tiles(acc, m_i, l_i, b_qe, b_qo, t_i, rows, kr_ptr, v_ptr, pos_ptr, start_lo, start_hi, L, D, window,
+               qk_scale, MASKED: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr, BN: tl.constexpr,
+               BH: tl.constexpr, BD: tl.constexpr):
+    """Online softmax over the key tiles [start_lo, start_hi); MASKED=False for tiles every row sees whole."""
+    for start in range(start_lo, start_hi, BN):
+        cols = start + tl.arange(0, BN)
+        b_ke, b_ko = _load_pair(kr_ptr, cols, L, DT, BH)
+        s = tl.dot(b_qo, tl.trans(b_ko), tl.dot(b_qe, tl.trans(b_ke), input_precision=DOT_PREC),
+                   input_precision=DOT_PREC) * qk_scale             # softmax scale in base 2, in fp32 like SDPA
+        if MASKED:
+            t_j = tl.load(pos_ptr + cols * 3, mask=cols < L, other=0)
+            s = tl.where(_visible(t_i, t_j, rows, cols, L, window), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        b_v = _load_rows(v_ptr, cols, L, D, BD).to(DT)
+        acc = tl.dot(p.to(DT), b_v, acc * alpha[:, None], input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def rope_attn_fwd_kernel(qr_ptr, kr_ptr, v_ptr, o_ptr, lse_ptr, pos_ptr, kv_lo_ptr, kv_mid_ptr, kv_hi_ptr,
                          L, D, window, qk_scale, DOT_PREC: tl.constexpr, DT: tl.constexpr,
                          BM: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr):
-    pid_m = tl.program_id(0)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)      # the longest key ranges start first
     bh = tl.program_id(1).to(tl.int64)
     off = bh * L * D
     off_r = bh * L * 2 * BH
@@ -119,24 +142,15 @@ def rope_attn_fwd_kernel(qr_ptr, kr_ptr, v_ptr, o_ptr, lse_ptr, pos_ptr, kv_lo_p
     b_qe, b_qo = _load_pair(qr_ptr + off_r, rows, L, DT, BH)
     t_i = tl.load(pos_ptr + rows * 3, mask=rows < L, other=0)
     lo = tl.load(kv_lo_ptr + pid_m)
+    mid = tl.load(kv_mid_ptr + pid_m)
     hi = tl.load(kv_hi_ptr + pid_m)
     m_i = tl.full([BM], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
     acc = tl.zeros([BM, BD], dtype=tl.float32)
-    for start in range(lo, hi, BN):
-        cols = start + tl.arange(0, BN)
-        b_ke, b_ko = _load_pair(kr_ptr + off_r, cols, L, DT, BH)
-        s = tl.dot(b_qo, tl.trans(b_ko), tl.dot(b_qe, tl.trans(b_ke), input_precision=DOT_PREC),
-                   input_precision=DOT_PREC) * qk_scale             # softmax scale in base 2, in fp32 like SDPA
-        t_j = tl.load(pos_ptr + cols * 3, mask=cols < L, other=0)
-        s = tl.where(_visible(t_i, t_j, rows, cols, L, window), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        b_v = _load_rows(v_ptr + off, cols, L, D, BD).to(DT)
-        acc = tl.dot(p.to(DT), b_v, acc * alpha[:, None], input_precision=DOT_PREC)
-        m_i = m_new
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, b_qe, b_qo, t_i, rows, kr_ptr + off_r, v_ptr + off, pos_ptr, lo, mid,
+                               L, D, window, qk_scale, False, DOT_PREC, DT, BN, BH, BD)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, b_qe, b_qo, t_i, rows, kr_ptr + off_r, v_ptr + off, pos_ptr, mid, hi,
+                               L, D, window, qk_scale, True, DOT_PREC, DT, BN, BH, BD)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     acc = acc / l_safe[:, None]
     col = tl.arange(0, BD)
@@ -146,8 +160,34 @@ def rope_attn_fwd_kernel(qr_ptr, kr_ptr, v_ptr, o_ptr, lse_ptr, pos_ptr, kv_lo_p
 
 
 @triton.jit
+def _dkv_tiles(dk_e, dk_o, dv, b_ke, b_ko, b_v, t_j, cols, qr_ptr, do_ptr, lse_ptr, delta_ptr, pos_ptr,
+               start_lo, start_hi, L, D, window, qk_scale, MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
+               DT: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr):
+    """dk, dv of one key block over the query tiles [start_lo, start_hi). Unmasked tiles may run past L: those
+    rows load q = do = lse = delta = 0 and add exactly 0."""
+    for start in range(start_lo, start_hi, BM):
+        rows = start + tl.arange(0, BM)
+        b_qe, b_qo = _load_pair(qr_ptr, rows, L, DT, BH)
+        b_do = _load_rows(do_ptr, rows, L, D, BD).to(DT)
+        lse = tl.load(lse_ptr + rows, mask=rows < L, other=0.0)
+        delta = tl.load(delta_ptr + rows, mask=rows < L, other=0.0)
+        s_t = tl.dot(b_ko, tl.trans(b_qo), tl.dot(b_ke, tl.trans(b_qe), input_precision=DOT_PREC),
+                     input_precision=DOT_PREC) * qk_scale                            # (BN, BM), base 2
+        p_t = tl.exp2(s_t - lse[None, :])
+        if MASKED:
+            t_i = tl.load(pos_ptr + rows * 3, mask=rows < L, other=0)
+            p_t = tl.where(tl.trans(_visible(t_i, t_j, rows, cols, L, window)), p_t, 0.0)
+        dv = tl.dot(p_t.to(DT), b_do, dv, input_precision=DOT_PREC)
+        dp_t = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PREC)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(DT)
+        dk_e = tl.dot(ds_t, b_qe, dk_e, input_precision=DOT_PREC)
+        dk_o = tl.dot(ds_t, b_qo, dk_o, input_precision=DOT_PREC)
+    return dk_e, dk_o, dv
+
+
+@triton.jit
 def rope_attn_bwd_dkv_kernel(qr_ptr, kr_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, pos_ptr, w_ptr,
-                             q_lo_ptr, q_hi_ptr, L, D, HALF, window, qk_scale, scale,
+                             q_lo_ptr, q_mid_ptr, q_hi_ptr, L, D, HALF, window, qk_scale, scale,
                              DOT_PREC: tl.constexpr, DT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                              BH: tl.constexpr, BD: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -159,26 +199,18 @@ def rope_attn_bwd_dkv_kernel(qr_ptr, kr_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, 
     b_v = _load_rows(v_ptr + off, cols, L, D, BD).to(DT)
     t_j = tl.load(pos_ptr + cols * 3, mask=cols < L, other=0)
     lo = tl.load(q_lo_ptr + pid_n)
+    mid = tl.load(q_mid_ptr + pid_n)
     hi = tl.load(q_hi_ptr + pid_n)
     dk_e = tl.zeros([BN, BH], dtype=tl.float32)
     dk_o = tl.zeros([BN, BH], dtype=tl.float32)
     dv = tl.zeros([BN, BD], dtype=tl.float32)
-    for start in range(lo, hi, BM):
-        rows = start + tl.arange(0, BM)
-        b_qe, b_qo = _load_pair(qr_ptr + off_r, rows, L, DT, BH)
-        b_do = _load_rows(do_ptr + off, rows, L, D, BD).to(DT)
-        lse = tl.load(lse_ptr + bh * L + rows, mask=rows < L, other=0.0)
-        delta = tl.load(delta_ptr + bh * L + rows, mask=rows < L, other=0.0)
-        t_i = tl.load(pos_ptr + rows * 3, mask=rows < L, other=0)
-        s_t = tl.dot(b_ko, tl.trans(b_qo), tl.dot(b_ke, tl.trans(b_qe), input_precision=DOT_PREC),
-                     input_precision=DOT_PREC) * qk_scale                            # (BN, BM), base 2
-        vis_t = tl.trans(_visible(t_i, t_j, rows, cols, L, window))
-        p_t = tl.where(vis_t, tl.exp2(s_t - lse[None, :]), 0.0)
-        dv = tl.dot(p_t.to(DT), b_do, dv, input_precision=DOT_PREC)
-        dp_t = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PREC)
-        ds_t = (p_t * (dp_t - delta[None, :])).to(DT)
-        dk_e = tl.dot(ds_t, b_qe, dk_e, input_precision=DOT_PREC)
-        dk_o = tl.dot(ds_t, b_qo, dk_o, input_precision=DOT_PREC)
+    # the partly visible query tiles come first here: [lo, mid) masked, [mid, hi) whole
+    dk_e, dk_o, dv = _dkv_tiles(dk_e, dk_o, dv, b_ke, b_ko, b_v, t_j, cols, qr_ptr + off_r, do_ptr + off,
+                                lse_ptr + bh * L, delta_ptr + bh * L, pos_ptr, lo, mid, L, D, window, qk_scale,
+                                True, DOT_PREC, DT, BM, BH, BD)
+    dk_e, dk_o, dv = _dkv_tiles(dk_e, dk_o, dv, b_ke, b_ko, b_v, t_j, cols, qr_ptr + off_r, do_ptr + off,
+                                lse_ptr + bh * L, delta_ptr + bh * L, pos_ptr, mid, hi, L, D, window, qk_scale,
+                                False, DOT_PREC, DT, BM, BH, BD)
     _store_unrotated(dk_ptr + off, dk_e * scale, dk_o * scale, pos_ptr, w_ptr, cols, L, D, HALF, BH)
     col = tl.arange(0, BD)
     tl.store(dv_ptr + off + cols[:, None] * D + col[None, :], dv.to(dv_ptr.dtype.element_ty),
@@ -186,11 +218,32 @@ def rope_attn_bwd_dkv_kernel(qr_ptr, kr_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, 
 
 
 @triton.jit
+def _dq_tiles(dq_e, dq_o, b_qe, b_qo, b_do, lse, delta, t_i, rows, kr_ptr, v_ptr, pos_ptr, start_lo, start_hi,
+              L, D, window, qk_scale, MASKED: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr,
+              BN: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr):
+    for start in range(start_lo, start_hi, BN):
+        cols = start + tl.arange(0, BN)
+        b_ke, b_ko = _load_pair(kr_ptr, cols, L, DT, BH)
+        b_v = _load_rows(v_ptr, cols, L, D, BD).to(DT)
+        s = tl.dot(b_qo, tl.trans(b_ko), tl.dot(b_qe, tl.trans(b_ke), input_precision=DOT_PREC),
+                   input_precision=DOT_PREC) * qk_scale
+        p = tl.exp2(s - lse[:, None])
+        if MASKED:
+            t_j = tl.load(pos_ptr + cols * 3, mask=cols < L, other=0)
+            p = tl.where(_visible(t_i, t_j, rows, cols, L, window), p, 0.0)
+        dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC)
+        ds = (p * (dp - delta[:, None])).to(DT)
+        dq_e = tl.dot(ds, b_ke, dq_e, input_precision=DOT_PREC)
+        dq_o = tl.dot(ds, b_ko, dq_o, input_precision=DOT_PREC)
+    return dq_e, dq_o
+
+
+@triton.jit
 def rope_attn_bwd_dq_kernel(qr_ptr, kr_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, pos_ptr, w_ptr,
-                            kv_lo_ptr, kv_hi_ptr, L, D, HALF, window, qk_scale, scale,
+                            kv_lo_ptr, kv_mid_ptr, kv_hi_ptr, L, D, HALF, window, qk_scale, scale,
                             DOT_PREC: tl.constexpr, DT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                             BH: tl.constexpr, BD: tl.constexpr):
-    pid_m = tl.program_id(0)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)      # the longest key ranges start first
     bh = tl.program_id(1).to(tl.int64)
     off = bh * L * D
     off_r = bh * L * 2 * BH
@@ -201,21 +254,14 @@ def rope_attn_bwd_dq_kernel(qr_ptr, kr_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, d
     delta = tl.load(delta_ptr + bh * L + rows, mask=rows < L, other=0.0)
     t_i = tl.load(pos_ptr + rows * 3, mask=rows < L, other=0)
     lo = tl.load(kv_lo_ptr + pid_m)
+    mid = tl.load(kv_mid_ptr + pid_m)
     hi = tl.load(kv_hi_ptr + pid_m)
     dq_e = tl.zeros([BM, BH], dtype=tl.float32)
     dq_o = tl.zeros([BM, BH], dtype=tl.float32)
-    for start in range(lo, hi, BN):
-        cols = start + tl.arange(0, BN)
-        b_ke, b_ko = _load_pair(kr_ptr + off_r, cols, L, DT, BH)
-        b_v = _load_rows(v_ptr + off, cols, L, D, BD).to(DT)
-        s = tl.dot(b_qo, tl.trans(b_ko), tl.dot(b_qe, tl.trans(b_ke), input_precision=DOT_PREC),
-                   input_precision=DOT_PREC) * qk_scale
-        t_j = tl.load(pos_ptr + cols * 3, mask=cols < L, other=0)
-        p = tl.where(_visible(t_i, t_j, rows, cols, L, window), tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC)
-        ds = (p * (dp - delta[:, None])).to(DT)
-        dq_e = tl.dot(ds, b_ke, dq_e, input_precision=DOT_PREC)
-        dq_o = tl.dot(ds, b_ko, dq_o, input_precision=DOT_PREC)
+    dq_e, dq_o = _dq_tiles(dq_e, dq_o, b_qe, b_qo, b_do, lse, delta, t_i, rows, kr_ptr + off_r, v_ptr + off,
+                           pos_ptr, lo, mid, L, D, window, qk_scale, False, DOT_PREC, DT, BN, BH, BD)
+    dq_e, dq_o = _dq_tiles(dq_e, dq_o, b_qe, b_qo, b_do, lse, delta, t_i, rows, kr_ptr + off_r, v_ptr + off,
+                           pos_ptr, mid, hi, L, D, window, qk_scale, True, DOT_PREC, DT, BN, BH, BD)
     _store_unrotated(dq_ptr + off, dq_e * scale, dq_o * scale, pos_ptr, w_ptr, rows, L, D, HALF, BH)
 
 
@@ -270,22 +316,29 @@ def _dot_dtype(dtype: torch.dtype):
     return tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
 
 
-def _ranges(t: torch.Tensor, block: int, window: int, *, keys_of_queries: bool):
-    """Per block of `block` rows: the contiguous [lo, hi) range of partner rows that can be visible.
+def _ranges(t: torch.Tensor, block: int, step: int, window: int, *, keys_of_queries: bool):
+    """Per block of `block` rows: the contiguous [lo, hi) range of partner rows that can be visible, walked in
+    tiles of `step`, and the split `mid` between masked tiles and tiles that every row of the block sees whole.
 
-    keys_of_queries: for query blocks, the keys they see (t_j <= t_i, t_i - t_j < window); else for key
-    blocks, the queries that see them."""
+    keys_of_queries: for query blocks, the keys they see (t_j <= t_i, t_i - t_j < window); tiles in [lo, mid)
+    need no mask. Else for key blocks, the queries that see them; tiles in [mid, hi) need no mask. With a
+    window every tile is masked (mid = lo, resp. hi)."""
     L = t.shape[0]
     starts = torch.arange(0, L, block, device=t.device)
     first, last = t[starts], t[(starts + block).clamp(max=L) - 1]
+    windowed = window < _NO_WINDOW
     if keys_of_queries:
         hi = torch.searchsorted(t, last, right=True)
-        lo = torch.searchsorted(t, first - window + 1) if window < _NO_WINDOW else torch.zeros_like(hi)
+        lo = torch.searchsorted(t, first - window + 1) if windowed else torch.zeros_like(hi)
+        whole = torch.searchsorted(t, first, right=True)           # keys every query of the block sees
+        mid = lo if windowed else lo + torch.div(whole - lo, step, rounding_mode="floor") * step
     else:
         lo = torch.searchsorted(t, first)
-        hi = (torch.searchsorted(t, last + window - 1, right=True) if window < _NO_WINDOW
-              else torch.full_like(lo, L))
-    return lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous()
+        hi = torch.searchsorted(t, last + window - 1, right=True) if windowed else torch.full_like(lo, L)
+        whole = torch.searchsorted(t, last)                         # queries that see every key of the block
+        mid = hi if windowed else torch.minimum(lo + torch.div(whole - lo + step - 1, step, rounding_mode="floor")
+                                                * step, hi)
+    return tuple(x.to(torch.int32).contiguous() for x in (lo, mid, hi))
 
 
 def _prep(q, pos, w, window):
@@ -317,9 +370,9 @@ def rope_attention_fwd_triton(q, k, v, pos, w, window: int, scale: float, config
     BM, BN, warps, stages = config or _config(d, q.dtype)
     half, BH, BD = _dims(d)
     qr, kr = _rotate(q, pos32, w, BH), _rotate(k, pos32, w, BH)
-    kv_lo, kv_hi = _ranges(t, BM, win, keys_of_queries=True)
+    kv = _ranges(t, BM, BN, win, keys_of_queries=True)
     grid = (triton.cdiv(L, BM), B * H)
-    rope_attn_fwd_kernel[grid](qr, kr, v, o, lse, pos32, kv_lo, kv_hi, L, d, win, scale * _LOG2E,
+    rope_attn_fwd_kernel[grid](qr, kr, v, o, lse, pos32, *kv, L, d, win, scale * _LOG2E,
                                DOT_PREC=_dot_precision(q.dtype), DT=_dot_dtype(q.dtype), BM=BM, BN=BN, BH=BH,
                                BD=BD, num_warps=warps, num_stages=stages)
     return o, lse
@@ -338,12 +391,12 @@ def rope_attention_bwd_triton(do, q, k, v, o, lse, pos, w, window: int, scale: f
     half, BH, BD = _dims(d)
     qr, kr = _rotate(q, pos32, w, BH), _rotate(k, pos32, w, BH)
     prec = _dot_precision(q.dtype)
-    q_lo, q_hi = _ranges(t, BN, win, keys_of_queries=False)
+    qs = _ranges(t, BN, BM, win, keys_of_queries=False)
     rope_attn_bwd_dkv_kernel[(triton.cdiv(L, BN), B * H)](
-        qr, kr, v, do, lse, delta, dk, dv, pos32, w, q_lo, q_hi, L, d, half, win, scale * _LOG2E, scale,
+        qr, kr, v, do, lse, delta, dk, dv, pos32, w, *qs, L, d, half, win, scale * _LOG2E, scale,
         DOT_PREC=prec, DT=_dot_dtype(q.dtype), BM=BM, BN=BN, BH=BH, BD=BD, num_warps=warps, num_stages=stages)
-    kv_lo, kv_hi = _ranges(t, BM, win, keys_of_queries=True)
+    kv = _ranges(t, BM, BN, win, keys_of_queries=True)
     rope_attn_bwd_dq_kernel[(triton.cdiv(L, BM), B * H)](
-        qr, kr, v, do, lse, delta, dq, pos32, w, kv_lo, kv_hi, L, d, half, win, scale * _LOG2E, scale,
+        qr, kr, v, do, lse, delta, dq, pos32, w, *kv, L, d, half, win, scale * _LOG2E, scale,
         DOT_PREC=prec, DT=_dot_dtype(q.dtype), BM=BM, BN=BN, BH=BH, BD=BD, num_warps=warps, num_stages=stages)
     return dq, dk, dv
