@@ -282,12 +282,15 @@ def _env_config(name: str):
     return BM, BN, warps, stages
 
 
-def _config(d: int, dtype: torch.dtype, backward: bool = False):
+def _config(d: int, dtype: torch.dtype, backward: bool = False, L: int = 0):
     """(BM, BN, num_warps, num_stages) of the forward or the backward kernels. Small tiles under the
     interpreter (tests), fixed GPU tiles otherwise. HOPE_ROPE_CONFIG="BM,BN,warps,stages" overrides both
-    passes, HOPE_ROPE_BWD_CONFIG the backward (sweeps, compile reports). ptxas (sm_90, pre-rotated q/k, bf16,
-    d = 64): 64 x 64 tiles with 4 warps do not spill in any pass; 128 x 64 spills 108-308 B in the backward
-    with 4 warps, 20 B with 8."""
+    passes, HOPE_ROPE_BWD_CONFIG the backward (sweeps, compile reports).
+    16-bit, d <= 64: measured on an H200 (benchmarks/results/2026-11-27-H200-rope-sweep.md, B=4, H=16): forward
+    64x64/4 warps/2 stages 0.51 ms at L = 2064 against 0.70 for 128x64/4/3, which wins at L = 16512 (6.58 ms
+    against 7.68); backward 64x64/4/3 1.54 / 22.98 ms against 1.57 / 27.29 for 64x64/4/2. ptxas (sm_90): no
+    spills in these; 128x64 backward tiles spill 108-308 B with 4 warps. float32 keeps 32 x 32 tiles (64 x 64
+    spilled 4.8-27 KB per thread before q and k were pre-rotated; not measured since)."""
     env = (_env_config("HOPE_ROPE_BWD_CONFIG") if backward else None) or _env_config("HOPE_ROPE_CONFIG")
     if env is not None:
         return env
@@ -296,7 +299,9 @@ def _config(d: int, dtype: torch.dtype, backward: bool = False):
     if dtype == torch.float32:
         return 32, 32, 4, 2
     if d <= 64:
-        return 64, 64, 4, 2
+        if backward:
+            return 64, 64, 4, 3
+        return (128, 64, 4, 3) if L >= 8192 else (64, 64, 4, 2)
     return 64, 32, 4, 2
 
 
@@ -367,7 +372,7 @@ def rope_attention_fwd_triton(q, k, v, pos, w, window: int, scale: float, config
     if q.numel() == 0:
         return o, lse
     t, pos32, w, win = _prep(q, pos, w, window)
-    BM, BN, warps, stages = config or _config(d, q.dtype)
+    BM, BN, warps, stages = config or _config(d, q.dtype, L=L)
     half, BH, BD = _dims(d)
     qr, kr = _rotate(q, pos32, w, BH), _rotate(k, pos32, w, BH)
     kv = _ranges(t, BM, BN, win, keys_of_queries=True)
@@ -387,7 +392,7 @@ def rope_attention_bwd_triton(do, q, k, v, o, lse, pos, w, window: int, scale: f
         return dq, dk, dv
     delta = (o.float() * do.float()).sum(-1).contiguous()
     t, pos32, w, win = _prep(q, pos, w, window)
-    BM, BN, warps, stages = config or _config(d, q.dtype, backward=True)
+    BM, BN, warps, stages = config or _config(d, q.dtype, backward=True, L=L)
     half, BH, BD = _dims(d)
     qr, kr = _rotate(q, pos32, w, BH), _rotate(k, pos32, w, BH)
     prec = _dot_precision(q.dtype)
