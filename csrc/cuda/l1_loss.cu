@@ -219,9 +219,26 @@ __global__ void __launch_bounds__(kThreads, 1) l1_fwd_kernel(
   const int warp = threadIdx.x / 32, wl = threadIdx.x % 32;
   const int64_t BN = rows / T;  // = B * N
   const acc_t count = static_cast<acc_t>(BN * D);
+  // kUnroll independent partial sums keep kUnroll L2 loads in flight per lane: with one running sum the loads
+  // of this serial tail waited on each other (on an H200 the forward took 27.5 us where the backward, which
+  // moves 1.5x the bytes without this tail, took 14.7 us). The order stays fixed: deterministic.
+  constexpr int kUnroll = 8;
   for (int64_t t = warp; t < T; t += kThreads / 32) {
+    acc_t part[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) part[u] = 0;
+    int64_t k = wl;
+    for (; k + 32 * (kUnroll - 1) < BN; k += 32 * kUnroll) {
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t kk = k + 32 * u;
+        part[u] += __ldcg(row_sums + ((kk / N) * T + t) * N + kk % N);
+      }
+    }
+    for (; k < BN; k += 32) part[0] += __ldcg(row_sums + ((k / N) * T + t) * N + k % N);
     acc_t a = 0;
-    for (int64_t k = wl; k < BN; k += 32) a += __ldcg(row_sums + ((k / N) * T + t) * N + k % N);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) a += part[u];
     a = group_sum<32>(a);
     if (wl == 0) per_step[t] = a / count;
   }
