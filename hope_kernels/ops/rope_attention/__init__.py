@@ -7,8 +7,8 @@ Token i attends token j iff t_j <= t_i and, when `window` is given, t_i - t_j < 
 visible timesteps including the current one (window=1: own timestep only), as V-JEPA 2's local_window_time.
 
 rope_attention backends: reference (rope + SDPA with a materialised (L, L) bool mask), cpu / cuda (compiled
-rotation op, forward and backward, composed with PyTorch SDPA), triton (one fused flash-attention kernel
-that rotates q and k tiles on the fly). rope3d backends: reference, cpu, cuda.
+rotation op, forward and backward, composed with PyTorch SDPA), triton (q and k rotated once into O(L d)
+scratch, then fused flash-attention kernels, forward and backward). rope3d backends: reference, cpu, cuda.
 """
 from __future__ import annotations
 
