@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Short GPU check of the fused RoPE attention (Triton only: no extension build), for a lent machine with a few
-# minutes left: (1) the GPU tests of rope attention (no CUDA-extension cases) and of the predictors, side by side
-# with a compile warm-up of every swept launch configuration; (2) the launch sweep at the clip and the 8x clip
+# minutes left: (1) the GPU tests of rope attention (no CUDA-extension cases) and of the predictors, then a
+# compile warm-up of every swept launch configuration in parallel processes (side by side with the tests, on
+# an H200 the tests did not finish in 55 s; alone they took 25 s); (2) the launch sweep at the clip and the 8x clip
 # (benchmarks/sweep_gpu.py --only rope); (3) the rope benchmark's GPU rows (eager, triton, then torch.compile)
-# with the fastest configuration per pass from (2). Stage limits: T_TESTS, T_SWEEP, T_BENCH seconds.
+# with the fastest configuration per pass from (2). Stage limits: T_TESTS, T_WARM, T_SWEEP, T_BENCH, T_COMPILE
+# seconds.
 # Logs and tables go to $OUT (else /tmp) and the sweep/bench tables to benchmarks/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -17,12 +19,15 @@ echo "== $GPU, $($PY -c 'import torch, triton; print("torch", torch.__version__,
 
 t0=$SECONDS
 timeout -s INT -k 10 "${T_TESTS:-60}" $PY -m pytest tests/test_rope_attention.py tests/test_models.py -q \
-  -p no:cacheprovider -n 6 -k "gpu and not cuda" --tb=short -rfE > "$O/rope_tests.log" 2>&1 &
-tests_pid=$!
+  -p no:cacheprovider -n 12 -k "gpu and not cuda" --tb=short -rfE > "$O/rope_tests.log" 2>&1
+trc=$?
+echo "tests: rc=$trc in $((SECONDS - t0)) s"
+grep -E "passed|failed|FAILED|Error" "$O/rope_tests.log" | tail -15
+t0=$SECONDS
 warm_pids=()
 for c in 64,64,4,2 64,64,4,3 128,64,8,3 128,64,4,3 64,32,4,3 32,32,4,2; do
   # same L divisibility, d and dtype as the swept shapes: the sweep finds these kernels compiled
-  HOPE_ROPE_CONFIG=$c timeout -k 5 "${T_TESTS:-60}" $PY -c "
+  HOPE_ROPE_CONFIG=$c timeout -k 5 "${T_WARM:-45}" $PY -c "
 import torch
 from hope_kernels.ops.rope_attention.reference import rope_freqs
 from hope_kernels.ops.rope_attention.triton import rope_attention_bwd_triton as bwd, rope_attention_fwd_triton as fwd
@@ -34,10 +39,8 @@ bwd(g, q, k, v, o, lse, pos, w, 0, 0.125)
 torch.cuda.synchronize()" > /dev/null 2>&1 &
   warm_pids+=($!)
 done
-wait $tests_pid; trc=$?
 for p in "${warm_pids[@]}"; do wait "$p"; done
-echo "tests: rc=$trc in $((SECONDS - t0)) s"
-grep -E "passed|failed|FAILED|Error" "$O/rope_tests.log" | tail -15
+echo "compile warm-up: $((SECONDS - t0)) s"
 
 echo "== sweep"
 t0=$SECONDS
