@@ -281,7 +281,8 @@ def test_triton_tile_ranges(block, step, window):
             own = m[b * block:(b + 1) * block]              # rows of this block, partners as columns
             seen = own.any(0).nonzero().flatten()
             assert seen.min() >= lo[b] and seen.max() < hi[b]
-            whole = range(int(lo[b]), int(mid[b]), step) if keys_of_queries else range(int(mid[b]), int(hi[b]), step)
+            whole = (range(int(lo[b]), int(mid[b]), step) if keys_of_queries
+                     else range(int(mid[b]), int(hi[b]), step))
             # the two loops (lo -> mid, mid -> hi) must not overlap: mid on lo's tile grid, or at hi
             assert (int(mid[b]) - int(lo[b])) % step == 0 or mid[b] == hi[b]
             for start in whole:

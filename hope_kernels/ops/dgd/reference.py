@@ -74,12 +74,22 @@ def chunk_gates(alpha: torch.Tensor, eta: torch.Tensor, C: int):
     return lgp.exp(), (lg[..., -1:] - lg).exp(), lg[..., -1].exp(), diff.exp()
 
 
+def dgd_chunk_step(U, TV, Qc, P, gC, Wt, M):
+    """One chunk of the chunked form: the chunk's outputs (B, H, C, dv) and the next state M (B, H, dk, dv).
+    U, Qc (B, H, C, dk), TV (B, H, C, dv), P (B, H, C, C), gC (B, H), Wt (B, H, dk, C)."""
+    X = U @ M - TV
+    return Qc @ M - P @ X, gC[:, :, None, None] * M - Wt @ X
+
+
 def dgd_memory_chunked_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor,
-                                 eta: torch.Tensor, chunk_size: int = 16, initial_state: torch.Tensor | None = None):
+                                 eta: torch.Tensor, chunk_size: int = 16, initial_state: torch.Tensor | None = None,
+                                 chunk_step=dgd_chunk_step):
     """Chunk-parallel WY / UT-transform form (same arguments and results as `dgd_memory_token_loop`).
 
     Everything that does not depend on the state is computed for all chunks at once; the loop over chunks
-    only carries M: X_n = U_n M_n - (I + A)^{-1} V_n, M_{n+1} = gamma_C M_n - W_n^T X_n."""
+    only carries M: X_n = U_n M_n - (I + A)^{-1} V_n, M_{n+1} = gamma_C M_n - W_n^T X_n.
+    chunk_step: `dgd_chunk_step` or a stand-in with its signature (the benchmarks pass it through
+    torch.compile: compiling the whole unrolled loop took minutes)."""
     out_dtype = q.dtype
     acc, (q, k, v, alpha, eta), M = _prep(q, k, v, alpha, eta, initial_state)
     B, H, L, dk = q.shape
@@ -90,9 +100,9 @@ def dgd_memory_chunked_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     Wt = t.W.transpose(-1, -2)                                               # (B, H, N, dk, C)
     outs = []
     for n in range(N):
-        X = t.U[:, :, n] @ M - t.TV[:, :, n]
-        outs.append(t.Qc[:, :, n] @ M - t.P[:, :, n] @ X)
-        M = t.gC[:, :, n, None, None] * M - Wt[:, :, n] @ X
+        o_n, M = chunk_step(t.U[:, :, n], t.TV[:, :, n], t.Qc[:, :, n], t.P[:, :, n], t.gC[:, :, n], Wt[:, :, n],
+                            M)
+        outs.append(o_n)
     o = torch.stack(outs, dim=2).reshape(B, H, N * chunk_size, dv)[:, :, :L]
     return o.to(out_dtype), M
 

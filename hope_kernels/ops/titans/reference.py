@@ -143,37 +143,46 @@ def _end_state(W0, S0, X, G, b, f, Cm, m, Dm):
     return W, S
 
 
+def titans_linear_chunk_step(Q, K, V, th, a, e, W0, S0):
+    """One chunk of the linear memory: Q, K (B, H, n, dk), V (B, H, n, dv), th (B, H, n, 1), gates a, e
+    (B, H, n), state W0, S0 (B, H, dk, dv) -> the chunk's outputs (B, H, n, dv) and (W, S) at its end."""
+    b, f, Cm, m, Dm = chunk_gates(a, e)
+    G = th * (K @ W0 - V)                                                      # theta_i e_i  (n, dv)
+    return _dual(Q @ W0, Q @ S0, b, f, Cm, Q, K, G), _end_state(W0, S0, K, G, b, f, Cm, m, Dm)
+
+
+def titans_mlp_chunk_step(Q, K, V, th, a, e, W1, W2, S1, S2):
+    """One chunk of the MLP memory (dk = dv): the chunk's outputs and (W1, W2, S1, S2) at its end."""
+    b, f, Cm, m, Dm = chunk_gates(a, e)
+    h, g_z, err = _mlp_inner_grad(K, V, W1, W2)
+    G1, G2 = th * g_z, th * err
+    hq = F.silu(_dual(Q @ W1, Q @ S1, b, f, Cm, Q, K, G1))
+    o = Q + _dual(hq @ W2, hq @ S2, b, f, Cm, hq, h, G2)
+    W1n, S1n = _end_state(W1, S1, K, G1, b, f, Cm, m, Dm)
+    W2n, S2n = _end_state(W2, S2, h, G2, b, f, Cm, m, Dm)
+    return o, (W1n, W2n, S1n, S2n)
+
+
 def titans_chunked(q, k, v, alpha, eta, theta, *, chunk_size: int = 16, memory: str = "linear",
-                   initial_state: Sequence[torch.Tensor] | None = None):
+                   initial_state: Sequence[torch.Tensor] | None = None, chunk_step=None):
     """The chunk-parallel closed form in eager PyTorch (loop over chunks, matrix products inside).
 
-    Same arguments, semantics and returns as `titans_token_loop`.
+    Same arguments, semantics and returns as `titans_token_loop`. chunk_step: a stand-in for
+    `titans_linear_chunk_step` / `titans_mlp_chunk_step` with the same signature (the benchmarks pass it
+    through torch.compile: compiling the whole unrolled loop took minutes).
     """
     in_dtype = q.dtype
     acc, q, k, v, alpha, eta, theta, state = _prepare(q, k, v, alpha, eta, theta, initial_state, memory)
     L = q.shape[2]
     if memory not in ("linear", "mlp"):
         raise ValueError(f"memory must be 'linear' or 'mlp', got {memory!r}")
+    step = chunk_step or (titans_linear_chunk_step if memory == "linear" else titans_mlp_chunk_step)
     outs = []
     for s in range(0, L, chunk_size):
         sl = slice(s, min(s + chunk_size, L))
-        Q, K, V = q[:, :, sl], k[:, :, sl], v[:, :, sl]
-        th = theta[:, :, sl].unsqueeze(-1)
-        b, f, Cm, m, Dm = chunk_gates(alpha[:, :, sl], eta[:, :, sl])
-        if memory == "linear":
-            W0, S0 = state
-            G = th * (K @ W0 - V)                                              # theta_i e_i  (n, dv)
-            outs.append(_dual(Q @ W0, Q @ S0, b, f, Cm, Q, K, G))
-            state = _end_state(W0, S0, K, G, b, f, Cm, m, Dm)
-        else:
-            W1, W2, S1, S2 = state
-            h, g_z, e = _mlp_inner_grad(K, V, W1, W2)
-            G1, G2 = th * g_z, th * e
-            hq = F.silu(_dual(Q @ W1, Q @ S1, b, f, Cm, Q, K, G1))
-            outs.append(Q + _dual(hq @ W2, hq @ S2, b, f, Cm, hq, h, G2))
-            W1n, S1n = _end_state(W1, S1, K, G1, b, f, Cm, m, Dm)
-            W2n, S2n = _end_state(W2, S2, h, G2, b, f, Cm, m, Dm)
-            state = (W1n, W2n, S1n, S2n)
+        o, state = step(q[:, :, sl], k[:, :, sl], v[:, :, sl], theta[:, :, sl].unsqueeze(-1), alpha[:, :, sl],
+                        eta[:, :, sl], *state)
+        outs.append(o)
     o = torch.cat(outs, dim=2) if outs else q.new_zeros(*q.shape[:3], v.shape[-1])
     return o.to(in_dtype), tuple(state)
 
