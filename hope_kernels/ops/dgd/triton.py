@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from hope_kernels.ops.checks import env_int
 from hope_kernels.ops.dgd import TRITON_MAX_HEAD_DIM as MAX_HEAD_DIM
+from hope_kernels.ops.value_blocks import alloc_partials, sum_partials, value_tile
 
 # Register budget, read from ptxas' report for sm_90 (benchmarks/compile_sm90.py; 8 warps): with head dims of
 # 64 and all value columns in one program, sub-chunks of 16 compiled to 255 registers and at most 1.6 KB of
@@ -229,11 +229,7 @@ def _config(q: torch.Tensor, v: torch.Tensor, C: int, value_block: int | None = 
                          f"use backend='cpu', 'cuda' or 'reference'")
     acc_tl, acc = (tl.float64, torch.float64) if q.dtype == torch.float64 else (tl.float32, torch.float32)
     prec = "tf32" if q.dtype in (torch.bfloat16, torch.float16) else "ieee"
-    if value_block is None:
-        value_block = env_int(VALUE_BLOCK_ENV, VALUE_BLOCK)
-    bk, bv = max(16, triton.next_power_of_2(dk)), max(16, triton.next_power_of_2(dv))
-    if value_block > 0:
-        bv = min(bv, max(16, triton.next_power_of_2(value_block)))
+    bk, bv = max(16, triton.next_power_of_2(dk)), value_tile(dv, value_block, VALUE_BLOCK_ENV, VALUE_BLOCK)
     S = _sub_chunk_len(C, bk, bv)
     block_c = max(16, triton.next_power_of_2(S))
     num_warps = 4 if bk * bv <= 16 * 16 else 8   # 4 warps spilled more at dk = 64 (dv 64 or blocks of 16)
@@ -269,17 +265,13 @@ def dgd_bwd_triton(q, k, v, alpha, eta, states, do, dM, C: int, value_block: int
     dv = v.shape[3]
     N = triton.cdiv(L, C)
     dv_ = torch.empty_like(v)
-    if NV == 1:
-        dq, dk_, dalpha, deta = (torch.empty_like(x) for x in (q, k, alpha, eta))
-    else:
-        dq, dk_, dalpha, deta = (x.new_empty((NV,) + x.shape, dtype=acc) for x in (q, k, alpha, eta))
+    summed = (q, k, alpha, eta)
+    dq, dk_, dalpha, deta = alloc_partials(summed, NV, acc, lambda shape, x, dt: x.new_empty(shape, dtype=dt))
     dM0 = torch.empty(B, H, dk, dv, device=q.device, dtype=acc)
     # sub-chunk start states of the chunk being differentiated, one slab per (batch, head), each value block
     # writing its own columns (unused with one sub-chunk)
     scratch = dM0 if cfg["ONE_SUB"] else torch.empty(B * H, NS, dk, dv, device=q.device, dtype=acc)
     dgd_bwd_kernel[(B * H, NV)](q, k, v, alpha, eta, states, do, dM, dq, dk_, dv_, dalpha, deta, dM0, scratch,
                                 L, C, N, S, NS, dk, dv, B * H, **cfg)
-    if NV > 1:
-        dq, dk_ = dq.sum(0).to(q.dtype), dk_.sum(0).to(k.dtype)
-        dalpha, deta = dalpha.sum(0).to(alpha.dtype), deta.sum(0).to(eta.dtype)
+    dq, dk_, dalpha, deta = sum_partials((dq, dk_, dalpha, deta), summed, NV)
     return dq, dk_, dv_, dalpha, deta, dM0

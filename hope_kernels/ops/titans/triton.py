@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from hope_kernels.ops.checks import env_int
 from hope_kernels.ops.titans import mlp_unsupported
+from hope_kernels.ops.value_blocks import alloc_partials, sum_partials, value_tile
 
 MAX_D = 128      # dk, dv: the (dk, dv) state tiles live in registers
 # ptxas for sm_90 took 340 s to compile the linear backward at chunk 128 (a GPU test stage hung on it,
@@ -157,10 +157,7 @@ def _blocks(dk: int, dv: int, chunk_size: int, value_block: int | None = None):
     """(BC, BK, BV): chunk, key and value tiles. The linear memory's value columns are independent (E, G, O
     and the state's columns mix keys only), so the value dim is split over programs in blocks of BV: more
     programs, smaller register tiles; dq, dk and the gate gradients are then summed over the blocks."""
-    if value_block is None:
-        value_block = env_int(VALUE_BLOCK_ENV, VALUE_BLOCK)
-    BV = _p2(dv) if value_block <= 0 else min(_p2(value_block), _p2(dv))
-    return _p2(chunk_size), _p2(dk), BV
+    return _p2(chunk_size), _p2(dk), value_tile(dv, value_block, VALUE_BLOCK_ENV, VALUE_BLOCK)
 
 
 def _linear_fwd_warps(BK: int, BV: int) -> int:
@@ -293,20 +290,14 @@ def titans_linear_bwd_triton(q, k, v, alpha, eta, theta, Ws, Ss, do, dWT, dST, c
     BC, BK, BV = _blocks(dk, dv, chunk_size, value_block)
     NV = triton.cdiv(dv, BV)
     dv_ = _alloc(v.shape, v, v.dtype)
-    if NV == 1:
-        dq, dk_ = (_alloc(x.shape, x, x.dtype) for x in (q, k))
-        dal, det, dth = (_alloc(x.shape, x, x.dtype) for x in (alpha, eta, theta))
-    else:
-        dq, dk_ = (_alloc((NV,) + x.shape, x, torch.float32) for x in (q, k))
-        dal, det, dth = (_alloc((NV,) + x.shape, x, torch.float32) for x in (alpha, eta, theta))
+    summed = (q, k, alpha, eta, theta)
+    dq, dk_, dal, det, dth = alloc_partials(summed, NV, torch.float32, _alloc)
     dW0 = _alloc((B, H, dk, dv), q, torch.float32)
     dS0 = _alloc((B, H, dk, dv), q, torch.float32)
     titans_linear_bwd_kernel[(B * H, NV)](q, k, v, alpha, eta, theta, Ws, Ss, do, dWT, dST, dq, dk_, dv_, dal, det,
                                           dth, dW0, dS0, L, dk, dv, NC, B * H, C=chunk_size, BC=BC, BK=BK, BV=BV,
                                           num_warps=8 if BK >= 64 else 4, maxnreg=MAXNREG)
-    if NV > 1:
-        dq, dk_ = dq.sum(0).to(q.dtype), dk_.sum(0).to(k.dtype)
-        dal, det, dth = dal.sum(0).to(alpha.dtype), det.sum(0).to(eta.dtype), dth.sum(0).to(theta.dtype)
+    dq, dk_, dal, det, dth = sum_partials((dq, dk_, dal, det, dth), summed, NV)
     return dq, dk_, dv_, dal, det, dth, dW0, dS0
 
 
