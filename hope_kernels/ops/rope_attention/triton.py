@@ -102,6 +102,14 @@ def _store_unrotated(x_ptr, g_e, g_o, pos_ptr, w_ptr, rows, L, D, HALF, BH: tl.c
 
 
 @triton.jit
+def _scores(x_e, x_o, y_e, y_o, qk_scale, DOT_PREC: tl.constexpr):
+    """Scaled scores x y^T of rotated rows from their even / odd halves: (R, R') fp32, the softmax scale (base 2)
+    applied to the fp32 product as SDPA does."""
+    return tl.dot(x_o, tl.trans(y_o), tl.dot(x_e, tl.trans(y_e), input_precision=DOT_PREC),
+                  input_precision=DOT_PREC) * qk_scale
+
+
+@triton.jit
 def _visible(t_i, t_j, rows, cols, L, window):
     return ((t_j[None, :] <= t_i[:, None]) & (t_i[:, None] - t_j[None, :] < window)
             & (rows < L)[:, None] & (cols < L)[None, :])
@@ -115,8 +123,7 @@ def _fwd_tiles(acc, m_i, l_i, b_qe, b_qo, t_i, rows, kr_ptr, v_ptr, pos_ptr, sta
     for start in range(start_lo, start_hi, BN):
         cols = start + tl.arange(0, BN)
         b_ke, b_ko = _load_pair(kr_ptr, cols, L, DT, BH)
-        s = tl.dot(b_qo, tl.trans(b_ko), tl.dot(b_qe, tl.trans(b_ke), input_precision=DOT_PREC),
-                   input_precision=DOT_PREC) * qk_scale             # softmax scale in base 2, in fp32 like SDPA
+        s = _scores(b_qe, b_qo, b_ke, b_ko, qk_scale, DOT_PREC)
         if MASKED:
             t_j = tl.load(pos_ptr + cols * 3, mask=cols < L, other=0)
             s = tl.where(_visible(t_i, t_j, rows, cols, L, window), s, float("-inf"))
@@ -171,8 +178,7 @@ def _dkv_tiles(dk_e, dk_o, dv, b_ke, b_ko, b_v, t_j, cols, qr_ptr, do_ptr, lse_p
         b_do = _load_rows(do_ptr, rows, L, D, BD).to(DT)
         lse = tl.load(lse_ptr + rows, mask=rows < L, other=0.0)
         delta = tl.load(delta_ptr + rows, mask=rows < L, other=0.0)
-        s_t = tl.dot(b_ko, tl.trans(b_qo), tl.dot(b_ke, tl.trans(b_qe), input_precision=DOT_PREC),
-                     input_precision=DOT_PREC) * qk_scale                            # (BN, BM), base 2
+        s_t = _scores(b_ke, b_ko, b_qe, b_qo, qk_scale, DOT_PREC)                 # (BN, BM), base 2
         p_t = tl.exp2(s_t - lse[None, :])
         if MASKED:
             t_i = tl.load(pos_ptr + rows * 3, mask=rows < L, other=0)
@@ -225,8 +231,7 @@ def _dq_tiles(dq_e, dq_o, b_qe, b_qo, b_do, lse, delta, t_i, rows, kr_ptr, v_ptr
         cols = start + tl.arange(0, BN)
         b_ke, b_ko = _load_pair(kr_ptr, cols, L, DT, BH)
         b_v = _load_rows(v_ptr, cols, L, D, BD).to(DT)
-        s = tl.dot(b_qo, tl.trans(b_ko), tl.dot(b_qe, tl.trans(b_ke), input_precision=DOT_PREC),
-                   input_precision=DOT_PREC) * qk_scale
+        s = _scores(b_qe, b_qo, b_ke, b_ko, qk_scale, DOT_PREC)
         p = tl.exp2(s - lse[:, None])
         if MASKED:
             t_j = tl.load(pos_ptr + cols * 3, mask=cols < L, other=0)
