@@ -83,13 +83,40 @@ def _device_of(tensors: Iterable[torch.Tensor | None]) -> torch.device:
     return devices.pop() if devices else torch.device("cpu")
 
 
+def needs_backward(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd will run the backward of an op called now on `tensors`."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+def cuda_shared_memory_per_block(device: torch.device) -> int:
+    """Bytes of dynamic shared memory one block may opt in to on `device` (227 KiB on sm_90)."""
+    props = torch.cuda.get_device_properties(device)
+    return int(getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block))
+
+
+def cuda_shared_memory_problem(op: str, need: tuple[int, str] | None, device: torch.device) -> str | None:
+    """Why the cuda kernels cannot take this call on `device`, or None. need: (bytes per block, how they
+    follow from the shapes). Checked here rather than only by the kernels' launchers: an error raised in the
+    compiled CUDA launcher crashed the process on an H200 (2026-11-27) instead of reaching Python."""
+    if need is None or device.type != "cuda":
+        return None
+    limit = cuda_shared_memory_per_block(device)
+    if need[0] <= limit:
+        return None
+    return (f"{op}: the cuda backend needs {need[0]} bytes of shared memory per block for these shapes "
+            f"({need[1]}); {device} allows {limit}; use smaller heads or backend='reference'")
+
+
 def resolve_backend(backend: str | None, tensors: Sequence[torch.Tensor | None], *, op: str,
                     gpu_order: Sequence[str] = ("triton", "cuda"), cpu_order: Sequence[str] = ("cpu",),
-                    supported: Sequence[str] = ("reference", "triton", "cuda", "cpu")) -> str:
+                    supported: Sequence[str] = ("reference", "triton", "cuda", "cpu"),
+                    cuda_shared_memory: tuple[int, str] | None = None) -> str:
     """Pick the backend for one call of `op` on `tensors`.
 
     gpu_order / cpu_order: the op's preference among fast paths for CUDA / CPU tensors under "auto";
-    supported: the backends this op implements.
+    supported: the backends this op implements; cuda_shared_memory: (bytes per block, formula) the cuda
+    kernels need for these shapes. Auto passes over cuda when the device has less; an explicit "cuda" raises
+    ValueError.
     """
     if backend is None:
         backend = "auto"
@@ -101,6 +128,8 @@ def resolve_backend(backend: str | None, tensors: Sequence[torch.Tensor | None],
     if backend == "auto":
         if device.type == "cuda":
             for b in gpu_order:
+                if b == "cuda" and cuda_shared_memory_problem(op, cuda_shared_memory, device):
+                    continue
                 if b in supported and _available(b, device):
                     return b
         elif device.type == "cpu":
@@ -114,6 +143,10 @@ def resolve_backend(backend: str | None, tensors: Sequence[torch.Tensor | None],
     if not _available(backend, device):
         raise BackendUnavailableError(f"{op}: backend {backend!r} cannot run on {device} tensors here: "
                                       f"{_why_unavailable(backend, device)}")
+    if backend == "cuda":
+        problem = cuda_shared_memory_problem(op, cuda_shared_memory, device)
+        if problem:
+            raise ValueError(problem)
     return backend
 
 

@@ -301,6 +301,17 @@ def test_bad_device():
 
 
 @requires_cuda
+def test_cuda_rejects_heads_too_big_for_shared_memory():
+    """dk = dv = 256: 792 KB of backward tiles. Raised by the dispatcher, before the CUDA launcher (an error
+    raised inside the Titans launcher crashed the process on an H200)."""
+    q, k, v, a, e, _ = make(L=3, dk=256, dv=256, dtype=torch.float32, device="cuda")
+    with pytest.raises(ValueError, match="shared memory"):
+        dgd_memory(q, k, v.requires_grad_(True), a, e, backend="cuda")
+    o, _ = dgd_memory(q, k, v, a, e)  # auto: the reference
+    assert torch.isfinite(o).all()
+
+
+@requires_cuda
 def test_gpu_backends_match_token_loop():
     for backend in [b for b in ("triton", "cuda") if b in SUPPORTED]:
         for C, L in ((1, 7), (16, 37), (64, 130), (258, 300)):

@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from hope_kernels.dispatch import resolve_backend
+from hope_kernels.dispatch import needs_backward, resolve_backend
 from hope_kernels.ops.checks import accum_dtype, check_same_device, check_same_dtype, check_tensor
 from hope_kernels.ops.dgd.reference import dgd_memory_chunked_reference, dgd_memory_token_loop
 
@@ -69,11 +69,23 @@ def _check_gate_values(alpha: torch.Tensor, eta: torch.Tensor) -> None:
                          f"({int(bad.sum())} values out of range)")
 
 
-def _resolve(backend: str, tensors) -> str:
+def cuda_shared_memory(q: torch.Tensor, v: torch.Tensor, stage: str) -> tuple[int, str]:
+    """(bytes per block, formula) of the cuda kernels' shared memory, as csrc/cuda/dgd.cu sizes it.
+    stage: "fwd", "bwd" or "both" (the larger)."""
+    dk, dv = q.shape[-1], v.shape[-1]
+    acc = accum_dtype(q.dtype).itemsize
+    fwd = ((2 * dk * dv + 2 * dk) * acc, f"forward (2 dk dv + 2 dk) * {acc} with dk={dk}, dv={dv}")
+    bwd = ((3 * dk * dv + 2 * dk + 3 * dv + 128) * acc,
+           f"backward (3 dk dv + 2 dk + 3 dv + 128) * {acc} with dk={dk}, dv={dv}")
+    return {"fwd": fwd, "bwd": bwd, "both": max(fwd, bwd)}[stage]
+
+
+def _resolve(backend: str, tensors, stage: str = "both") -> str:
     q, v = tensors[0], tensors[2]
     fits = max(q.shape[-1], v.shape[-1]) <= TRITON_MAX_HEAD_DIM
-    return resolve_backend(backend, tensors, op=_OP, gpu_order=("triton", "cuda") if fits else ("cuda", "triton"),
-                           cpu_order=("cpu",), supported=SUPPORTED)
+    return resolve_backend(backend, tensors, op=_OP, gpu_order=("triton", "cuda") if fits else ("cuda",),
+                           cpu_order=("cpu",), supported=SUPPORTED,
+                           cuda_shared_memory=cuda_shared_memory(q, v, stage))
 
 
 def _forward(backend, q, k, v, alpha, eta, initial_state, chunk_size):
@@ -105,7 +117,7 @@ def _dgd_memory_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: tor
     """Returns (o (B, H, L, dv) in q's dtype, final state (B, H, dk, dv), chunk-start states (B, H, N, dk, dv)),
     states in the accumulation dtype."""
     _check_gate_values(alpha, eta)
-    backend = _resolve(backend, (q, k, v, alpha, eta, initial_state))
+    backend = _resolve(backend, (q, k, v, alpha, eta, initial_state), "fwd")
     return _forward(backend, q, k, v, alpha, eta, initial_state, chunk_size)
 
 
@@ -125,7 +137,7 @@ def _dgd_memory_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a
                             chunk_size: int, backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                     torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv, dalpha, deta, dM0) from do (B, H, L, dv) and the final-state gradient dM."""
-    backend = _resolve(backend, (q, k, v, alpha, eta, states))
+    backend = _resolve(backend, (q, k, v, alpha, eta, states), "bwd")
     return _backward_kernels(backend, q, k, v, alpha, eta, states, do, dM, chunk_size)
 
 
@@ -173,7 +185,8 @@ def dgd_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.T
     or None unless output_final_state). Differentiable in q, k, v, alpha, eta and initial_state.
     """
     _validate(q, k, v, alpha, eta, chunk_size, initial_state)
-    backend = _resolve(backend, (q, k, v, alpha, eta, initial_state))
+    backend = _resolve(backend, (q, k, v, alpha, eta, initial_state),
+                       "both" if needs_backward(q, k, v, alpha, eta, initial_state) else "fwd")
     if backend == "reference":
         if not torch.compiler.is_compiling():
             _check_gate_values(alpha, eta)

@@ -21,7 +21,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from hope_kernels.dispatch import resolve_backend
+from hope_kernels.dispatch import cuda_shared_memory_problem, needs_backward, resolve_backend
 from hope_kernels.ops.checks import accum_dtype, check_same_device, check_same_dtype, check_tensor
 from hope_kernels.ops.titans.reference import (titans_chunked, titans_linear_chunked_bwd, titans_linear_chunked_fwd,
                                                titans_mlp_chunked_bwd, titans_mlp_chunked_fwd, titans_token_loop)
@@ -120,7 +120,16 @@ TRITON_MAX_D = 128
 TRITON_MAX_CHUNK = 64
 
 
-def _resolve(backend: str, memory: str, tensors, dh: int = 0, chunk_size: int = 1) -> str:
+def cuda_shared_memory(q: torch.Tensor, stage: str) -> tuple[int, str]:
+    """(bytes per block, formula) of the linear-memory cuda kernels' shared memory, as csrc/cuda/titans.cu
+    sizes it (tiles of 32 columns with a row stride of 40, 4 warps). stage: "fwd", "bwd" or "both"."""
+    dk, acc = q.shape[-1], accum_dtype(q.dtype).itemsize
+    fwd = (3 * dk * 40 * acc, f"forward 3 * dk * 40 * {acc} with dk={dk}")
+    bwd = ((4 * dk * 40 + 12 * dk + 12) * acc, f"backward (4 * dk * 40 + 12 * dk + 12) * {acc} with dk={dk}")
+    return {"fwd": fwd, "bwd": bwd, "both": max(fwd, bwd)}[stage]
+
+
+def _resolve(backend: str, memory: str, tensors, dh: int = 0, chunk_size: int = 1, stage: str = "both") -> str:
     supported = LINEAR_BACKENDS if memory == "linear" else MLP_BACKENDS
     if memory == "mlp":
         why = mlp_unsupported(tensors[0], dh, chunk_size)
@@ -138,8 +147,10 @@ def _resolve(backend: str, memory: str, tensors, dh: int = 0, chunk_size: int = 
     dv = tensors[2].shape[-1] if len(tensors) > 2 else dk
     triton_fits = dk <= TRITON_MAX_D and dv <= TRITON_MAX_D and chunk_size <= TRITON_MAX_CHUNK
     # auto on CUDA tensors: triton (chunk-parallel) when it takes the call, else the CUDA token-serial kernel
-    gpu_order = ("triton", "cuda") if triton_fits else ("cuda", "triton")
-    return resolve_backend(backend, tensors, op=_OP, gpu_order=gpu_order, cpu_order=("cpu",), supported=supported)
+    # when the device's shared memory holds its tiles, else the reference
+    gpu_order = ("triton", "cuda") if triton_fits else ("cuda",)
+    return resolve_backend(backend, tensors, op=_OP, gpu_order=gpu_order, cpu_order=("cpu",), supported=supported,
+                           cuda_shared_memory=cuda_shared_memory(tensors[0], stage) if memory == "linear" else None)
 
 
 # ---------------------------------------------------------------- fast-path custom op (linear memory)
@@ -159,6 +170,10 @@ def _bwd_impl(backend, q, k, v, alpha, eta, theta, Ws, Ss, do, dWT, dST, chunk_s
     if backend == "triton":
         from hope_kernels.ops.titans.triton import titans_linear_bwd_triton
         return titans_linear_bwd_triton(q, k, v, alpha, eta, theta, Ws, Ss, do, dWT, dST, chunk_size)
+    if backend == "cuda":
+        problem = cuda_shared_memory_problem(_OP, cuda_shared_memory(q, "bwd"), q.device)
+        if problem:
+            raise ValueError(problem)
     if backend in ("cpu", "cuda"):
         return torch.ops.hope_kernels.titans_linear_bwd(q, k, v, alpha, eta, theta, Ws, Ss, do, dWT, dST, chunk_size)
     acc = Ws.dtype
@@ -336,7 +351,9 @@ def titans_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torc
     if not torch.compiler.is_compiling():
         _check_gate_values(alpha, eta, theta)
     dh = initial_state[0].shape[-1] if memory == "mlp" else 0
-    backend = _resolve(backend, memory, (q, k, v, alpha, eta, theta), dh=dh, chunk_size=chunk_size)
+    tensors = (q, k, v, alpha, eta, theta)
+    stage = "both" if needs_backward(*tensors, *(initial_state or ())) else "fwd"
+    backend = _resolve(backend, memory, tensors, dh=dh, chunk_size=chunk_size, stage=stage)
     if backend == "reference":
         fn = titans_token_loop if chunk_size == 1 else titans_chunked
         o, state = fn(q, k, v, alpha, eta, theta, chunk_size=chunk_size, memory=memory, initial_state=initial_state)
