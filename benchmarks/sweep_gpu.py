@@ -111,7 +111,9 @@ def l1_family(smoke: bool):
     from hope_kernels.ops.l1_loss.triton import l1_per_step_backward_triton, l1_per_step_triton
     shape = (1, 2, 3, 40) if smoke else (4, 8, 256, 1024)
     shapes = {f"{tuple(shape)} {str(dt)[6:]}": (shape, dt) for dt in (torch.float32, torch.bfloat16)}
-    configs = [("default", None)] + [(f"rows={r} warps={w}", (r, w)) for r in (1, 2, 4) for w in (2, 4, 8)]
+    configs = [("default", (None, None))] + [
+        (f"rows={r} warps={w} {red}", ((r, w), red)) for red in ("torch_sum", "last_program")
+        for r in (1, 2, 4, 8) for w in (2, 4, 8)]
 
     def make(shape):
         (B, T, N, D), dt = shape
@@ -120,11 +122,11 @@ def l1_family(smoke: bool):
                     t=torch.randn(B, T, N, D, device=DEVICE, generator=g).to(dt),
                     coef=torch.rand(T, device=DEVICE, generator=g))
 
-    def fwd(x, _, launch):
-        return (l1_per_step_triton(x["p"], x["t"], True, 1e-6, launch),)
+    def fwd(x, _, cfg):   # cfg: (launch, forward reduce mode)
+        return (l1_per_step_triton(x["p"], x["t"], True, 1e-6, cfg[0], cfg[1]),)
 
-    def bwd(x, _, out, launch):
-        return (l1_per_step_backward_triton(x["p"], x["t"], x["coef"], True, 1e-6, launch),)
+    def bwd(x, _, out, cfg):
+        return (l1_per_step_backward_triton(x["p"], x["t"], x["coef"], True, 1e-6, cfg[0]),)
 
     def nbytes(x):   # fwd reads pred and target; bwd reads both and writes the gradient
         n = x["p"].numel() * x["p"].element_size()

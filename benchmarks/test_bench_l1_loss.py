@@ -91,12 +91,16 @@ def _device_copy_gbps() -> float:
 @pytest.mark.skipif(not ON_GPU, reason="kernel-only rows are measured on the GPU")
 @pytest.mark.parametrize("stage", ["fwd", "bwd"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backend", ["copy"] + FAST)
+@pytest.mark.parametrize("backend", ["copy"] + FAST + (["triton last_program"] if "triton" in FAST else []))
 def test_l1_kernel_only(bench, backend, dtype, stage):
     """The kernels alone (no custom-op / autograd dispatch) at the ViT-L shape: GB/s and % of a 1 GiB device
     copy timed the same way. Bytes: fwd reads pred and target; bwd reads them and writes grad. The copy row
-    moves the same bytes as the kernel rows of its group (same-size ceiling, for context)."""
+    moves the same bytes as the kernel rows of its group (same-size ceiling, for context).
+    "triton last_program": the Triton forward reduced inside its one launch (HOPE_L1_FWD_REDUCE)."""
     from hope_kernels.ops.l1_loss import _per_step, _per_step_backward
+    from hope_kernels.ops.l1_loss.triton import l1_per_step_triton
+    if backend == "triton last_program" and stage == "bwd":
+        pytest.skip("the reduce mode changes the forward only")
     ceiling = _device_copy_gbps()
     shape = SHAPES[0]
     numel, size = torch.Size(shape).numel(), torch.empty((), dtype=dtype).element_size()
@@ -111,7 +115,9 @@ def test_l1_kernel_only(bench, backend, dtype, stage):
             continue
         pred = torch.randn(shape, device=DEVICE, dtype=dtype)
         target = torch.randn(shape, device=DEVICE, dtype=dtype)
-        if stage == "fwd":
+        if backend == "triton last_program":
+            calls.append(lambda p=pred, t=target: l1_per_step_triton(p, t, True, 1e-6, reduce="last_program"))
+        elif stage == "fwd":
             calls.append(lambda p=pred, t=target: _per_step(backend, p, t, True, 1e-6))
         else:
             calls.append(lambda p=pred, t=target: _per_step_backward(backend, p, t, coef, True, 1e-6))

@@ -69,6 +69,44 @@ def test_matches_reference_gpu(backend, dtype, shape):
     _check_against_reference(backend, shape, dtype, "cuda")
 
 
+@pytest.mark.skipif("triton" not in FAST_CPU, reason="needs triton (TRITON_INTERPRET=1 on CPU)")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", SHAPES + [(3, 2, 700, 16)])   # the last: B*N = 2100, three reduction blocks
+def test_triton_last_program_reduce_cpu(shape, dtype, monkeypatch):
+    """The one-launch forward (the last program adds the row sums) against the reference."""
+    from hope_kernels.ops.l1_loss.triton import REDUCE_ENV
+    monkeypatch.setenv(REDUCE_ENV, "last_program")
+    _check_against_reference("triton", shape, dtype, "cpu")
+
+
+@requires_cuda
+@pytest.mark.parametrize("reduce", ["torch_sum", "last_program"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_reduce_modes_gpu(reduce, dtype):
+    """Both forward reductions at the ViT-L shape (4096 programs race for the counter) give per_step within
+    rounding of each other, and the same bits on every call (fixed order)."""
+    if not backends()["triton"]:
+        pytest.skip("triton backend not available")
+    from hope_kernels.ops.l1_loss.reference import l1_rollout_loss_reference as ref_fn
+    from hope_kernels.ops.l1_loss.triton import l1_per_step_triton
+    pred, target = (torch.randn(4, 8, 256, 1024, device="cuda").to(dtype) for _ in range(2))
+    got = [l1_per_step_triton(pred, target, True, 1e-6, reduce=reduce) for _ in range(3)]
+    ref = ref_fn(pred.double(), target.double(), None, True, 1e-6)[1]
+    assert rel_err(got[0], ref) < 1e-5
+    assert all(torch.equal(g, got[0]) for g in got[1:])
+
+
+def test_triton_reduce_mode_env_checked(monkeypatch):
+    from hope_kernels.ops.l1_loss.triton import REDUCE_ENV, _reduce_mode
+    assert _reduce_mode(None) == "torch_sum"
+    monkeypatch.setenv(REDUCE_ENV, "last_program")
+    assert _reduce_mode(None) == "last_program"
+    assert _reduce_mode("torch_sum") == "torch_sum"
+    monkeypatch.setenv(REDUCE_ENV, "atomics")
+    with pytest.raises(ValueError, match="HOPE_L1_FWD_REDUCE / reduce must be one of"):
+        _reduce_mode(None)
+
+
 @requires_cuda
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

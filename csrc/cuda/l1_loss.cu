@@ -11,7 +11,7 @@
 // Fallback (any other D or alignment): one warp per row striding over D, three sweeps (the second and third
 // hit L1/L2), as before.
 //
-// Forward: each row's sum |.| goes to a (B, T, N) workspace; the last block to finish (a device-scope
+// Forward: each row's sum |.| goes to a (T, B, N) workspace; the last block to finish (a device-scope
 // counter) reduces it to per_step (T,) in a fixed order (warp per t), so the result is deterministic and the
 // op is a single kernel after a 4-byte memset. Backward writes coef[t] * sign(pred - target_n) with 16-byte
 // stores from the same registers. Accumulation in float for half/bf16/float, double for double.
@@ -205,7 +205,12 @@ __global__ void __launch_bounds__(kThreads, 1) l1_fwd_kernel(
   Row<scalar_t, acc_t, VEC, LANES, NP> r;
   r.load(pred + row * D, target + row * D, P, D, lane, normalize, eps);
   const acc_t s = r.abs_sum(P, lane);
-  if (valid && lane == 0) row_sums[row] = s;
+  // row = (b T + t) N + n is stored at t (B N) + b N + n: the last block then reads each t's sums contiguously,
+  // without a 64-bit division per element in its serial loop
+  if (valid && lane == 0) {
+    const int64_t n = row % N, bt = row / N;
+    row_sums[(bt % T) * (rows / T) + (bt / T) * N + n] = s;
+  }
 
   // Last block reduces the (B, T, N) row sums to per_step (T,): warp w sums t = w, w + 8, ... over (b, n) in
   // a fixed order, so the result does not depend on which block finishes last.
@@ -219,23 +224,22 @@ __global__ void __launch_bounds__(kThreads, 1) l1_fwd_kernel(
   const int warp = threadIdx.x / 32, wl = threadIdx.x % 32;
   const int64_t BN = rows / T;  // = B * N
   const acc_t count = static_cast<acc_t>(BN * D);
-  // kUnroll independent partial sums keep kUnroll L2 loads in flight per lane: with one running sum the loads
-  // of this serial tail waited on each other (on an H200 the forward took 27.5 us where the backward, which
-  // moves 1.5x the bytes without this tail, took 14.7 us). The order stays fixed: deterministic.
+  // kUnroll independent partial sums keep kUnroll L2 loads in flight per lane: with one running sum (and the
+  // (B, T, N) layout, two 64-bit divisions per element) the loads of this serial tail waited on each other (on
+  // an H200 the forward took 27.5 us where the backward, which moves 1.5x the bytes without this tail, took
+  // 14.7 us). The order stays fixed: deterministic.
   constexpr int kUnroll = 8;
   for (int64_t t = warp; t < T; t += kThreads / 32) {
+    const acc_t* sums_t = row_sums + t * BN;
     acc_t part[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) part[u] = 0;
     int64_t k = wl;
     for (; k + 32 * (kUnroll - 1) < BN; k += 32 * kUnroll) {
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t kk = k + 32 * u;
-        part[u] += __ldcg(row_sums + ((kk / N) * T + t) * N + kk % N);
-      }
+      for (int u = 0; u < kUnroll; ++u) part[u] += __ldcg(sums_t + k + 32 * u);
     }
-    for (; k < BN; k += 32) part[0] += __ldcg(row_sums + ((k / N) * T + t) * N + k % N);
+    for (; k < BN; k += 32) part[0] += __ldcg(sums_t + k);
     acc_t a = 0;
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) a += part[u];
