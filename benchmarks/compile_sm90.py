@@ -95,6 +95,7 @@ def _cases():
         def run():
             p, t = r(2, 2, 3, 1024, dtype=dtype), r(2, 2, 3, 1024, dtype=dtype)
             l1.l1_per_step_triton(p, t, True, 1e-6)
+            l1.l1_per_step_triton(p, t, True, 1e-6, reduce="last_program")
             l1.l1_per_step_backward_triton(p, t, torch.ones(2), True, 1e-6)
         return run
 

@@ -210,12 +210,12 @@ __global__ void __launch_bounds__(kThreads, 1) l1_fwd_kernel(
   if (valid && lane == 0) {
     const int64_t n = row % N, bt = row / N;
     row_sums[(bt % T) * (rows / T) + (bt / T) * N + n] = s;
+    __threadfence();  // this row sum is visible device-wide before the block is counted (only writers wait)
   }
 
-  // Last block reduces the (B, T, N) row sums to per_step (T,): warp w sums t = w, w + 8, ... over (b, n) in
+  // Last block reduces the (T, B, N) row sums to per_step (T,): warp w sums t = w, w + 8, ... over (b, n) in
   // a fixed order, so the result does not depend on which block finishes last.
   __shared__ bool is_last;
-  __threadfence();  // this thread's row sum is visible device-wide before the block is counted
   __syncthreads();
   if (threadIdx.x == 0) is_last = atomicAdd(blocks_done, 1u) == gridDim.x - 1;
   __syncthreads();
