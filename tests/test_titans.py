@@ -727,6 +727,39 @@ def test_cuda_rejects_too_big_dk():
     assert torch.isfinite(o).all()
 
 
+_LAUNCHER_ERROR = """
+import torch, hope_kernels
+z = lambda *s: torch.zeros(*s, device="cuda")
+dk = {dk}
+W0 = z(1, 1, {wrows}, 4)
+try:
+    torch.ops.hope_kernels.titans_linear_fwd(z(1, 1, 3, dk), z(1, 1, 3, dk), z(1, 1, 3, 4), z(1, 1, 3), z(1, 1, 3),
+                                             z(1, 1, 3), W0, W0, 1)
+except RuntimeError as e:
+    assert "{want}" in str(e), str(e)
+    print("raised")
+"""
+
+
+@requires_cuda
+@pytest.mark.parametrize("where,dk,wrows,want", [
+    ("argument check, before the dtype dispatch", 8, 5, "states must be (B, H, dk, dv)"),
+    ("shared-memory check, inside the dtype dispatch", 2048, 2048, "shared memory")])
+def test_cuda_launcher_errors_reach_python(where, dk, wrows, want):
+    """A TORCH_CHECK that fails in the compiled CUDA launcher arrives in Python as a RuntimeError. In a
+    subprocess: on an H200 (2026-11-27) the shared-memory case killed its process with a segmentation fault
+    (the dispatcher now checks first, so users no longer reach it); the two cases tell whether any error raised
+    in the .cu launcher crashes or only one raised inside the AT_DISPATCH lambda."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", _LAUNCHER_ERROR.format(dk=dk, wrows=wrows, want=want)],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0 and "raised" in r.stdout, f"{where}: rc={r.returncode}\n{r.stderr[-3000:]}"
+
+
 @requires_cuda
 def test_cuda_rejects_cpu_tensors():
     x, _ = make(B=1, H=1, L=3, dtype=torch.float32)
