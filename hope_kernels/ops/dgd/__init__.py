@@ -117,7 +117,8 @@ def _dgd_memory_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: tor
     """Returns (o (B, H, L, dv) in q's dtype, final state (B, H, dk, dv), chunk-start states (B, H, N, dk, dv)),
     states in the accumulation dtype."""
     _check_gate_values(alpha, eta)
-    backend = _resolve(backend, (q, k, v, alpha, eta, initial_state), "fwd")
+    # "auto" here resolves again in the backward op: size for both so that the two picks agree
+    backend = _resolve(backend, (q, k, v, alpha, eta, initial_state), "both" if backend == "auto" else "fwd")
     return _forward(backend, q, k, v, alpha, eta, initial_state, chunk_size)
 
 

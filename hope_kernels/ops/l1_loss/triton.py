@@ -6,8 +6,8 @@ from that single load, so pred and target are read once (16-byte vector loads wh
 which Triton specialises on). Forward writes each row's sum already divided by B*N*D, laid out (T, B*N), so
 per_step is one contiguous torch sum (deterministic, no atomics); or, with reduce="last_program", the last
 program of the same launch adds them (deterministic too: a fixed order, whichever program is last). Backward
-writes coef[t] * sign(pred - target_n). Nothing is saved between the two: backward recomputes the row statistics from the target it must
-read anyway.
+writes coef[t] * sign(pred - target_n). Nothing is saved between the two: backward recomputes the row
+statistics from the target it must read anyway.
 """
 from __future__ import annotations
 
