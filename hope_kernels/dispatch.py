@@ -88,10 +88,15 @@ def needs_backward(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
+@torch.compiler.assume_constant_result   # a device property: torch.compile reads it once while tracing
+def _shared_memory_optin(index: int) -> int:
+    props = torch.cuda.get_device_properties(index if index >= 0 else torch.cuda.current_device())
+    return int(getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block))
+
+
 def cuda_shared_memory_per_block(device: torch.device) -> int:
     """Bytes of dynamic shared memory one block may opt in to on `device` (227 KiB on sm_90)."""
-    props = torch.cuda.get_device_properties(device)
-    return int(getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block))
+    return _shared_memory_optin(-1 if device.index is None else device.index)
 
 
 def cuda_shared_memory_problem(op: str, need: tuple[int, str] | None, device: torch.device) -> str | None:

@@ -312,6 +312,15 @@ def test_cuda_rejects_heads_too_big_for_shared_memory():
 
 
 @requires_cuda
+def test_gpu_auto_inside_torch_compile_fullgraph():
+    """auto on CUDA tensors traces in one graph: the dispatcher's shared-memory lookup is a constant to dynamo."""
+    inputs = make(L=9, dk=16, dv=8, dtype=torch.float32, device="cuda")
+    torch._dynamo.reset()
+    got = run_with_grads(torch.compile(api_fn(4, "auto"), fullgraph=True, backend="aot_eager"), inputs)
+    assert_close(got, run_with_grads(loop_fn(4), [x.double() for x in inputs]), 1e-4, "auto compiled")
+
+
+@requires_cuda
 def test_gpu_backends_match_token_loop():
     for backend in [b for b in ("triton", "cuda") if b in SUPPORTED]:
         for C, L in ((1, 7), (16, 37), (64, 130), (258, 300)):
