@@ -43,7 +43,9 @@ PAR_T=(); PAR_W=(); PAR_O=(); CASE_LIMIT=()
 if have xdist; then PAR_T=(-n "${TEST_WORKERS:-6}"); PAR_W=(-n "${WARMUP_WORKERS:-6}"); PAR_O=(-n 2); fi
 have pytest_timeout && CASE_LIMIT=(--timeout "${CASE_TIMEOUT:-90}" --timeout-method thread)
 LIMIT=${STAGE_TIMEOUT:-100}
-SPECS=${BENCH_SPECS:-device:10 l1_loss:35 rope_attention:50 dgd:60 titans:60}
+# rope_attention's target is met (issue 9); its 20 s went to the suites whose torch.compile and token-loop
+# rows issues 7 and 8 still need
+SPECS=${BENCH_SPECS:-device:10 l1_loss:35 rope_attention:30 dgd:70 titans:70}
 # only the tests that touch the GPU (CI runs the rest), kernels never run on a GPU first; the nvcc compile
 # checks are CI's too
 GPU_TESTS="tests/test_titans.py tests/test_dgd.py tests/test_l1_loss.py tests/test_models.py tests/test_rope_attention.py"
