@@ -112,6 +112,13 @@ def cuda_shared_memory_problem(op: str, need: tuple[int, str] | None, device: to
             f"({need[1]}); {device} allows {limit}; use smaller heads or backend='reference'")
 
 
+def require_cuda_shared_memory(op: str, need: tuple[int, str] | None, device: torch.device) -> None:
+    """Raise ValueError when the cuda kernels cannot take this call on `device` (cuda_shared_memory_problem)."""
+    problem = cuda_shared_memory_problem(op, need, device)
+    if problem:
+        raise ValueError(problem)
+
+
 def resolve_backend(backend: str | None, tensors: Sequence[torch.Tensor | None], *, op: str,
                     gpu_order: Sequence[str] = ("triton", "cuda"), cpu_order: Sequence[str] = ("cpu",),
                     supported: Sequence[str] = ("reference", "triton", "cuda", "cpu"),
@@ -149,9 +156,7 @@ def resolve_backend(backend: str | None, tensors: Sequence[torch.Tensor | None],
         raise BackendUnavailableError(f"{op}: backend {backend!r} cannot run on {device} tensors here: "
                                       f"{_why_unavailable(backend, device)}")
     if backend == "cuda":
-        problem = cuda_shared_memory_problem(op, cuda_shared_memory, device)
-        if problem:
-            raise ValueError(problem)
+        require_cuda_shared_memory(op, cuda_shared_memory, device)
     return backend
 
 

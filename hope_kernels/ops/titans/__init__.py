@@ -21,7 +21,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from hope_kernels.dispatch import cuda_shared_memory_problem, needs_backward, resolve_backend
+from hope_kernels.dispatch import needs_backward, require_cuda_shared_memory, resolve_backend
 from hope_kernels.ops.checks import accum_dtype, check_same_device, check_same_dtype, check_tensor
 from hope_kernels.ops.titans.reference import (titans_chunked, titans_linear_chunked_bwd, titans_linear_chunked_fwd,
                                                titans_mlp_chunked_bwd, titans_mlp_chunked_fwd, titans_token_loop)
@@ -171,9 +171,7 @@ def _bwd_impl(backend, q, k, v, alpha, eta, theta, Ws, Ss, do, dWT, dST, chunk_s
         from hope_kernels.ops.titans.triton import titans_linear_bwd_triton
         return titans_linear_bwd_triton(q, k, v, alpha, eta, theta, Ws, Ss, do, dWT, dST, chunk_size)
     if backend == "cuda":
-        problem = cuda_shared_memory_problem(_OP, cuda_shared_memory(q, "bwd"), q.device)
-        if problem:
-            raise ValueError(problem)
+        require_cuda_shared_memory(_OP, cuda_shared_memory(q, "bwd"), q.device)
     if backend in ("cpu", "cuda"):
         return torch.ops.hope_kernels.titans_linear_bwd(q, k, v, alpha, eta, theta, Ws, Ss, do, dWT, dST, chunk_size)
     acc = Ws.dtype
