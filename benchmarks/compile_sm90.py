@@ -111,13 +111,13 @@ def _cases():
             rope.rope_attention_bwd_triton(r(1, 2, L, d, dtype=dtype), q, k, v, o, lse, pos, w, 0, d ** -0.5)
         return run
 
-    def dgd_case(C, d=64, dtype=torch.float32, vb=None):
+    def dgd_case(C, d=64, dtype=torch.float32, vb=None, tsolve=None):
         def run():
             L = 2 * C
             q, k, v = (r(1, 2, L, d, dtype=dtype) for _ in range(3))
             a, e = u(1, 2, L), 0.1 * u(1, 2, L)
-            o, M, states = dgd.dgd_fwd_triton(q, k, v, a, e, r(1, 2, d, d), C, vb)
-            dgd.dgd_bwd_triton(q, k, v, a, e, states, r(1, 2, L, d, dtype=dtype), r(1, 2, d, d), C, vb)
+            o, M, states = dgd.dgd_fwd_triton(q, k, v, a, e, r(1, 2, d, d), C, vb, tsolve)
+            dgd.dgd_bwd_triton(q, k, v, a, e, states, r(1, 2, L, d, dtype=dtype), r(1, 2, d, d), C, vb, tsolve)
         return run
 
     def titans_linear_case(C, d=64, vb=None):
@@ -153,6 +153,9 @@ def _cases():
         "dgd C=258 d=64 (sub-chunks)": dgd_case(258),
         "dgd vb=0 C=258 d=64 (sub-chunks, all columns)": dgd_case(258, vb=0),
         "dgd C=65 d=24 (HOPE tiny)": dgd_case(65, d=24),
+        "dgd precompute C=16 d=64": dgd_case(16, tsolve="precompute"),
+        "dgd precompute C=258 d=64 (sub-chunks)": dgd_case(258, tsolve="precompute"),
+        "dgd precompute C=65 d=24 (HOPE tiny)": dgd_case(65, d=24, tsolve="precompute"),
         "titans linear C=16 d=64": titans_linear_case(16),
         "titans linear vb=0 C=16 d=64 (all columns)": titans_linear_case(16, vb=0),
         "titans linear vb=32 C=16 d=64": titans_linear_case(16, vb=32),

@@ -79,13 +79,15 @@ def dgd_family(smoke: bool):
         x["alpha"], x["eta"] = 0.9 + 0.1 * x["u"][0], 0.5 * x["u"][1]
         return x
 
-    def fwd(x, C, vb):
-        return dgd_fwd_triton(x["q"], x["k"], x["v"], x["alpha"], x["eta"], x["M0"], C, vb)
+    def fwd(x, C, cfg):   # cfg: (value block, where T is solved)
+        return dgd_fwd_triton(x["q"], x["k"], x["v"], x["alpha"], x["eta"], x["M0"], C, *cfg)
 
-    def bwd(x, C, out, vb):
-        return dgd_bwd_triton(x["q"], x["k"], x["v"], x["alpha"], x["eta"], out[2], x["do"], x["dM"], C, vb)
+    def bwd(x, C, out, cfg):
+        return dgd_bwd_triton(x["q"], x["k"], x["v"], x["alpha"], x["eta"], out[2], x["do"], x["dM"], C, *cfg)
 
-    return shapes, [("value_block=16", 16), ("value_block=32", 32), ("all columns", 0)], make, fwd, bwd
+    configs = [(f"{'all columns' if vb == 0 else f'value_block={vb}'} T {ts}", (vb, ts))
+               for ts in ("inline", "precompute") for vb in (16, 32, 0)]
+    return shapes, configs, make, fwd, bwd
 
 
 def titans_family(smoke: bool):

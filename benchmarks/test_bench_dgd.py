@@ -51,6 +51,11 @@ def _inputs(shape, grad):
 _compiled_step = torch.compile(dgd_chunk_step)
 
 
+TRITON_PRE_T = "triton precompute_t"
+# environment a path runs under, forward and backward: HOPE_DGD_TSOLVE picks where the Triton kernels solve T
+PATH_ENV = {TRITON_PRE_T: {"HOPE_DGD_TSOLVE": "precompute"}}
+
+
 def _paths():
     """name -> fn(C) -> callable(q, k, v, alpha, eta, M0); eager first (the ratios' base), then the fast paths,
     then the slow baselines."""
@@ -61,6 +66,8 @@ def _paths():
         if avail[b]:
             paths[b] = (lambda b: lambda C: lambda *x: dgd_memory(*x[:5], chunk_size=C, initial_state=x[5],
                                                                   output_final_state=True, backend=b))(b)
+            if b == "triton":   # the same backend with each sub-chunk's T solved before the walk (PATH_ENV)
+                paths[TRITON_PRE_T] = paths[b]
     paths["token_loop"] = lambda C: lambda *x: dgd_memory_token_loop(*x[:5], C, x[5])
     paths["compiled_chunked"] = lambda C: lambda *x: dgd_memory_chunked_reference(*x[:5], C, x[5],
                                                                                    chunk_step=_compiled_step)
@@ -76,13 +83,22 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def _step(fn, inputs, backward):
-    o, M = fn(*inputs)
-    if backward:
-        (o.float().square().mean() + M.square().mean()).backward()
-        for x in inputs:
-            x.grad = None
-    _sync()
+def _step(fn, inputs, backward, env=None):
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        o, M = fn(*inputs)
+        if backward:
+            (o.float().square().mean() + M.square().mean()).backward()
+            for x in inputs:
+                x.grad = None
+        _sync()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _time(fn, inputs, backward, reps=3):
@@ -113,7 +129,8 @@ def test_bench_dgd(benchmark, path, shape_name, mode):
                 _BASE[key] = _time(PATHS[base](C), inputs, backward, reps=1)
         if HAS_CUDA:
             torch.cuda.reset_peak_memory_stats()
-        benchmark.pedantic(_step, args=(fn, inputs, backward), rounds=3, iterations=1, warmup_rounds=1)
+        benchmark.pedantic(_step, args=(fn, inputs, backward, PATH_ENV.get(path)), rounds=3, iterations=1,
+                           warmup_rounds=1)
     ms = benchmark.stats.stats.mean * 1e3
     if path in ("eager_chunked", "token_loop"):
         _BASE[(path, shape_name, mode)] = ms      # baselines run first: later rows compare with these

@@ -71,12 +71,13 @@ def _triton_ptxas():
 
 # One GPU configuration of every Triton kernel family, compiled for sm_90 here (no GPU): the interpreter the
 # other tests use accepts code that the GPU compiler rejects (tile shapes, layouts, shared memory).
-# (prefixes of compile_sm90.py case names: the launchers' default configurations only)
-SM90_CASES = ["l1 D=1024 bf16", "rope d=64 bf16", "dgd C=258", "titans linear C=16", "titans mlp"]
+# (prefixes of compile_sm90.py case names: the launchers' default configurations, and dgd with T precomputed)
+SM90_CASES = ["l1 D=1024 bf16", "rope d=64 bf16", "dgd C=258", "dgd precompute C=258", "titans linear C=16",
+              "titans mlp"]
 SM90_KERNELS = ["l1_fwd_rows_kernel", "l1_fwd_last_program_kernel", "l1_bwd_rows_kernel", "rope_rotate_kernel",
                 "rope_attn_fwd_kernel", "rope_attn_bwd_dkv_kernel", "rope_attn_bwd_dq_kernel", "dgd_fwd_kernel",
-                "dgd_bwd_kernel", "titans_linear_fwd_kernel", "titans_linear_bwd_kernel", "titans_mlp_fwd_kernel",
-                "titans_mlp_bwd_kernel"]
+                "dgd_bwd_kernel", "dgd_tsolve_kernel", "titans_linear_fwd_kernel", "titans_linear_bwd_kernel",
+                "titans_mlp_fwd_kernel", "titans_mlp_bwd_kernel"]
 
 
 @pytest.mark.slow(minutes=3)

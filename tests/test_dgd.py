@@ -321,6 +321,22 @@ def test_gpu_auto_inside_torch_compile_fullgraph():
 
 
 @requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_triton_precomputed_t_matches_token_loop(monkeypatch, dtype):
+    """HOPE_DGD_TSOLVE=precompute on the GPU (its compiled kernels: a one-warp solve, one pipeline stage), HOPE's
+    own call included (one chunk of 258 tokens, dk = dv = 64). bf16: the reference runs on the same rounded
+    inputs; the dots are tf32, so every output gets bf16's tolerance."""
+    monkeypatch.setenv("HOPE_DGD_TSOLVE", "precompute")
+    tol = 1e-4 if dtype == torch.float32 else RTOL[torch.bfloat16]
+    for C, L, d in ((1, 7, 32), (16, 37, 32), (64, 130, 32), (258, 300, 64), (258, 258, 64)):
+        inputs = make(L=L, dk=d, dv=d, dtype=torch.float32, device="cuda", eta_max=0.5)
+        inputs = [x.to(dtype) for x in inputs[:5]] + [inputs[5]]
+        ref = run_with_grads(loop_fn(C), [x.double() for x in inputs])
+        got = run_with_grads(api_fn(C, "triton"), inputs)
+        assert_close(got, ref, tol, f"triton precompute {dtype} C={C} L={L}")
+
+
+@requires_cuda
 def test_gpu_backends_match_token_loop():
     for backend in [b for b in ("triton", "cuda") if b in SUPPORTED]:
         for C, L in ((1, 7), (16, 37), (64, 130), (258, 300)):
@@ -369,6 +385,35 @@ def test_triton_value_blocks_match_token_loop(monkeypatch, value_block, C, L):
         torch.use_deterministic_algorithms(det)
         torch.utils.deterministic.fill_uninitialized_memory = fill
     assert_close(got, ref, 1e-9, f"triton value block {value_block} C={C}")
+
+
+@pytest.mark.skipif("triton" not in FAST, reason="triton cannot run here")
+@pytest.mark.parametrize("C,L,dk", [(1, 5, 12), (4, 13, 12), (16, 37, 12), (40, 50, 12), (33, 70, 40)])
+def test_triton_precomputed_t_matches_token_loop(monkeypatch, C, L, dk):
+    """HOPE_DGD_TSOLVE=precompute: every sub-chunk's T solved by dgd_tsolve_kernel before the walk. C = 1
+    (S = 1 in a 16-row tile), one sub-chunk, two (C = 40: 16 + 16 + 8 with dk = 12), sub-chunks of 32
+    (dk = 40 pads to 64, so S = 16: 16 + 16 + 1); three value blocks; NaN-filled outputs."""
+    monkeypatch.setenv("HOPE_DGD_TSOLVE", "precompute")
+    inputs = make(B=2, H=1, L=L, dk=dk, dv=40, eta_max=0.5)
+    ref = run_with_grads(loop_fn(C), inputs)
+    det = torch.are_deterministic_algorithms_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    try:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.utils.deterministic.fill_uninitialized_memory = True
+        got = run_with_grads(api_fn(C, "triton"), inputs)
+    finally:
+        torch.use_deterministic_algorithms(det)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+    assert_close(got, ref, 1e-9, f"triton precomputed T C={C} L={L}")
+
+
+@pytest.mark.skipif("triton" not in FAST, reason="triton cannot run here")
+def test_triton_tsolve_env_must_be_a_mode(monkeypatch):
+    monkeypatch.setenv("HOPE_DGD_TSOLVE", "fast")
+    with pytest.raises(ValueError, match=r"HOPE_DGD_TSOLVE / tsolve must be one of \('inline', 'precompute'\), "
+                                         r"got 'fast'"):
+        dgd_memory(*make(B=1, H=1, L=4, dk=4, dv=4)[:5], chunk_size=4, backend="triton")
 
 
 @pytest.mark.skipif("triton" not in FAST, reason="triton cannot run here")

@@ -7,7 +7,8 @@ sub-chunks of S <= C tokens (16 or 32, `_sub_chunk_len`; padded to BLOCK_C >= 16
 >= 16, masked), so any chunk size runs here, HOPE's chunk of one timestep (65 or 258 tokens) included.
 Per sub-chunk with start state M_s and the chunk-start reference state M_ref (the same matrix when S = C):
 the Gram matrices K K^T and Q K^T and the decay mask D are tl.dot / elementwise tiles, T = (I + A)^{-1} is
-built by forward substitution on the (BLOCK_C, BLOCK_C) tile (the UT transform), then
+built by forward substitution on the (BLOCK_C, BLOCK_C) tile (the UT transform; inside the walk, or, with
+tsolve="precompute", for all sub-chunks at once by dgd_tsolve_kernel before it: A needs no state), then
     X = T (diag(c) K M_s + K M_ref - V),   O = diag(c) Q M_s - P X,   M_s <- gamma_S M_s - (diag(eta g) K)^T X.
 Forward saves the chunk-start states (B, H, N, dk, dv). Backward runs one program per (batch, head, block)
 over the chunks in reverse with dM in registers: it reloads the chunk-start state, recomputes the sub-chunk
@@ -17,6 +18,8 @@ sub-chunks and joins dM at the chunk start.
 Loads are upcast to float32 (float64 for float64 inputs) at once; products accumulate in that dtype.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -38,9 +41,56 @@ def _sub_chunk_len(C: int, bk: int, bv: int) -> int:
 
 
 @triton.jit
-def _sub_chunk_prologue(q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, bh, start, count, L, dk, dv, cv, ACC: tl.constexpr,
-                        BLOCK_C: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
-    """Loads tokens [start, start + count) (value columns cv) and computes their state-independent quantities."""
+def _sub_chunk_gates(a_ptr, e_ptr, row, valid, r, ACC: tl.constexpr):
+    """Gates of one sub-chunk: alpha, eta (padded tokens: alpha 1, eta 0, a no-op), the decay mask D and
+    c = gamma_{t-1}, g = gamma_S / gamma_t, gamma_S, all from log alpha (every exponent <= 0)."""
+    b_a = tl.load(a_ptr + row, mask=valid, other=1.0).to(ACC)
+    b_e = tl.load(e_ptr + row, mask=valid, other=0.0).to(ACC)
+    la = tl.log(b_a)
+    lg = tl.cumsum(la, 0)
+    lgp = lg - la
+    lg_last = tl.sum(la, 0)
+    strict = r[:, None] > r[None, :]
+    D = tl.exp(tl.where(strict, lgp[:, None] - lg[None, :], float("-inf")))
+    return b_a, b_e, D, tl.exp(lgp), tl.exp(lg_last - lg), tl.exp(lg_last)
+
+
+@triton.jit
+def _unit_lower_inverse(A, r, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+    """T = (I + A)^{-1} for strictly lower triangular A (BLOCK_C, BLOCK_C): forward substitution over rows."""
+    T = tl.where(r[:, None] == r[None, :], 1.0, 0.0).to(ACC)
+    for i in range(1, BLOCK_C):
+        a_i = tl.sum(tl.where(r[:, None] == i, A, 0.0), 0)
+        t_i = tl.where(r == i, 1.0, 0.0).to(ACC) - tl.sum(a_i[:, None] * T, 0)
+        T = tl.where(r[:, None] == i, t_i[None, :], T)
+    return T
+
+
+@triton.jit
+def _t_offsets(bh, n, s, NS, S, C, L, r):
+    """Offsets and mask of sub-chunk (n, s)'s T in the packed buffer: (B*H, N*NS, S, S), row-major."""
+    NSUB = tl.cdiv(L, C) * NS
+    base = (bh.to(tl.int64) * NSUB + n * NS + s) * S * S
+    return base + r[:, None] * S + r[None, :], (r[:, None] < S) & (r[None, :] < S)
+
+
+@triton.jit
+def _load_t(t_ptr, bh, n, s, NS, S, C, L, r, ACC: tl.constexpr):
+    # rows and columns past S load as 0 where the solve has identity rows: both give the same X, O and
+    # gradients, since R, dX and the padded columns of T are 0 there
+    offs, mask = _t_offsets(bh, n, s, NS, S, C, L, r)
+    return tl.load(t_ptr + offs, mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
+def _sub_chunk_prologue(q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, t_ptr, bh, n, s, NS, S, C, L, dk, dv, cv,
+                        T_PRE: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BK: tl.constexpr,
+                        PREC: tl.constexpr):
+    """Loads sub-chunk s of chunk n (tokens [n C + s S, + min(S, C - s S)), value columns cv) and computes its
+    state-independent quantities. T_PRE: T comes from dgd_tsolve_kernel's buffer at t_ptr, else it is solved
+    here."""
+    start = n * C + s * S
+    count = tl.minimum(S, C - s * S)
     r = tl.arange(0, BLOCK_C)
     tok = start + r
     valid = (r < count) & (tok < L)
@@ -51,28 +101,39 @@ def _sub_chunk_prologue(q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, bh, start, count, L, 
     b_q = tl.load(q_ptr + row[:, None] * dk + ck[None, :], mask=mk, other=0.0).to(ACC)
     b_k = tl.load(k_ptr + row[:, None] * dk + ck[None, :], mask=mk, other=0.0).to(ACC)
     b_v = tl.load(v_ptr + row[:, None] * dv + cv[None, :], mask=mv, other=0.0).to(ACC)
-    b_a = tl.load(a_ptr + row, mask=valid, other=1.0).to(ACC)   # padded tokens: alpha 1, eta 0 (no-op)
-    b_e = tl.load(e_ptr + row, mask=valid, other=0.0).to(ACC)
-    la = tl.log(b_a)
-    lg = tl.cumsum(la, 0)
-    lgp = lg - la
-    lg_last = tl.sum(la, 0)
-    strict = r[:, None] > r[None, :]
-    D = tl.exp(tl.where(strict, lgp[:, None] - lg[None, :], float("-inf")))
-    c = tl.exp(lgp)
-    g = tl.exp(lg_last - lg)
-    gC = tl.exp(lg_last)
+    b_a, b_e, D, c, g, gC = _sub_chunk_gates(a_ptr, e_ptr, row, valid, r, ACC)
     KK = tl.dot(b_k, tl.trans(b_k), input_precision=PREC, out_dtype=ACC)
     QK = tl.dot(b_q, tl.trans(b_k), input_precision=PREC, out_dtype=ACC)
     A = D * KK * b_e[None, :]
     P = D * QK * b_e[None, :]
-    # T = (I + A)^{-1}, unit lower triangular, by forward substitution over rows
-    T = tl.where(r[:, None] == r[None, :], 1.0, 0.0).to(ACC)
-    for i in range(1, BLOCK_C):
-        a_i = tl.sum(tl.where(r[:, None] == i, A, 0.0), 0)
-        t_i = tl.where(r == i, 1.0, 0.0).to(ACC) - tl.sum(a_i[:, None] * T, 0)
-        T = tl.where(r[:, None] == i, t_i[None, :], T)
+    if T_PRE:
+        T = _load_t(t_ptr, bh, n, s, NS, S, C, L, r, ACC)
+    else:
+        T = _unit_lower_inverse(A, r, ACC, BLOCK_C)
     return (b_q, b_k, b_v, b_a, b_e, valid, mk, mv, row, c, g, gC, D, KK, QK, A, P, T)
+
+
+@triton.jit
+def dgd_tsolve_kernel(k_ptr, a_ptr, e_ptr, t_ptr, L, C, S, NS, dk, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+                      BK: tl.constexpr, PREC: tl.constexpr):
+    """T = (I + A)^{-1} of every sub-chunk at once, one program per (batch, head, chunk, sub-chunk): A depends
+    on k, alpha and eta only, so the triangular solves leave the serial walk over chunks (T_PRE=True)."""
+    NSUB = tl.cdiv(L, C) * NS
+    pid = tl.program_id(0)
+    bh = pid // NSUB
+    n = (pid % NSUB) // NS
+    s = pid % NS
+    r = tl.arange(0, BLOCK_C)
+    tok = n * C + s * S + r
+    valid = (r < tl.minimum(S, C - s * S)) & (tok < L)
+    ck = tl.arange(0, BK)
+    row = bh.to(tl.int64) * L + tok
+    b_k = tl.load(k_ptr + row[:, None] * dk + ck[None, :], mask=valid[:, None] & (ck[None, :] < dk),
+                  other=0.0).to(ACC)
+    b_a, b_e, D, c, g, gC = _sub_chunk_gates(a_ptr, e_ptr, row, valid, r, ACC)
+    A = D * tl.dot(b_k, tl.trans(b_k), input_precision=PREC, out_dtype=ACC) * b_e[None, :]
+    offs, mask = _t_offsets(bh, n, s, NS, S, C, L, r)
+    tl.store(t_ptr + offs, _unit_lower_inverse(A, r, ACC, BLOCK_C), mask=mask)
 
 
 @triton.jit
@@ -88,9 +149,9 @@ def _sub_chunk_solve(b_k, b_v, b_M, b_Mref, c, T, ONE_SUB: tl.constexpr, ACC: tl
 
 
 @triton.jit
-def dgd_fwd_kernel(q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, m0_ptr, o_ptr, mT_ptr, states_ptr, L, C, N, S, NS, dk, dv,
-                   HAS_INIT: tl.constexpr, ONE_SUB: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
-                   BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+def dgd_fwd_kernel(q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, t_ptr, m0_ptr, o_ptr, mT_ptr, states_ptr, L, C, N, S, NS,
+                   dk, dv, HAS_INIT: tl.constexpr, ONE_SUB: tl.constexpr, T_PRE: tl.constexpr, ACC: tl.constexpr,
+                   BLOCK_C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     bh = tl.program_id(0)
     ck = tl.arange(0, BK)
     cv = tl.program_id(1) * BV + tl.arange(0, BV)      # this program's block of value columns
@@ -105,8 +166,8 @@ def dgd_fwd_kernel(q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, m0_ptr, o_ptr, mT_ptr, sta
         b_Mref = b_M
         for s in range(0, NS):
             (b_q, b_k, b_v, b_a, b_e, valid, mk, mv, row, c, g, gC, D, KK, QK, A, P, T) = _sub_chunk_prologue(
-                q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, bh, n * C + s * S, tl.minimum(S, C - s * S), L, dk, dv,
-                cv, ACC, BLOCK_C, BK, PREC)
+                q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, t_ptr, bh, n, s, NS, S, C, L, dk, dv, cv, T_PRE, ACC,
+                BLOCK_C, BK, PREC)
             KM, KMref, X = _sub_chunk_solve(b_k, b_v, b_M, b_Mref, c, T, ONE_SUB, ACC, PREC)
             QM = tl.dot(b_q, b_M, input_precision=PREC, out_dtype=ACC)
             b_o = c[:, None] * QM - tl.dot(P, X, input_precision=PREC, out_dtype=ACC)
@@ -117,10 +178,10 @@ def dgd_fwd_kernel(q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, m0_ptr, o_ptr, mT_ptr, sta
 
 
 @triton.jit
-def dgd_bwd_kernel(q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, states_ptr, do_ptr, dmT_ptr, dq_ptr, dk_ptr, dv_ptr,
-                   da_ptr, de_ptr, dm0_ptr, sub_ptr, L, C, N, S, NS, dk, dv, BH, ONE_SUB: tl.constexpr,
-                   ACC: tl.constexpr, BLOCK_C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                   PREC: tl.constexpr):
+def dgd_bwd_kernel(q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, t_ptr, states_ptr, do_ptr, dmT_ptr, dq_ptr, dk_ptr,
+                   dv_ptr, da_ptr, de_ptr, dm0_ptr, sub_ptr, L, C, N, S, NS, dk, dv, BH, ONE_SUB: tl.constexpr,
+                   T_PRE: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BK: tl.constexpr,
+                   BV: tl.constexpr, PREC: tl.constexpr):
     bh = tl.program_id(0)
     iv = tl.program_id(1)
     r = tl.arange(0, BLOCK_C)
@@ -144,8 +205,8 @@ def dgd_bwd_kernel(q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, states_ptr, do_ptr, dmT_pt
             for s in range(0, NS):
                 tl.store(sub_base + s * dk * dv + m_offs, b_M, mask=m_mask)
                 (b_q, b_k, b_v, b_a, b_e, valid, mk, mv, row, c, g, gC, D, KK, QK, A, P, T) = \
-                    _sub_chunk_prologue(q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, bh, n * C + s * S,
-                                        tl.minimum(S, C - s * S), L, dk, dv, cv, ACC, BLOCK_C, BK, PREC)
+                    _sub_chunk_prologue(q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, t_ptr, bh, n, s, NS, S, C, L, dk, dv,
+                                        cv, T_PRE, ACC, BLOCK_C, BK, PREC)
                 KM, KMref, X = _sub_chunk_solve(b_k, b_v, b_M, b_Mref, c, T, ONE_SUB, ACC, PREC)
                 W = b_k * (b_e * g)[:, None]
                 b_M = gC * b_M - tl.dot(tl.trans(W), X, input_precision=PREC, out_dtype=ACC)
@@ -158,8 +219,8 @@ def dgd_bwd_kernel(q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, states_ptr, do_ptr, dmT_pt
             else:
                 b_M = tl.load(sub_base + s * dk * dv + m_offs, mask=m_mask, other=0.0)
             (b_q, b_k, b_v, b_a, b_e, valid, mk, mv, row, c, g, gC, D, KK, QK, A, P, T) = _sub_chunk_prologue(
-                q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, bh, n * C + s * S, tl.minimum(S, C - s * S), L, dk, dv,
-                cv, ACC, BLOCK_C, BK, PREC)
+                q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, t_ptr, bh, n, s, NS, S, C, L, dk, dv, cv, T_PRE, ACC,
+                BLOCK_C, BK, PREC)
             b_do = tl.load(do_ptr + row[:, None] * dv + cv[None, :], mask=mv, other=0.0).to(ACC)
             KM, KMref, X = _sub_chunk_solve(b_k, b_v, b_M, b_Mref, c, T, ONE_SUB, ACC, PREC)
             QM = tl.dot(b_q, b_M, input_precision=PREC, out_dtype=ACC)
@@ -219,9 +280,23 @@ def dgd_bwd_kernel(q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, states_ptr, do_ptr, dmT_pt
 # 348 B against 1612 B at C = 258 (sub-chunks). 4 warps spill more (0.4-1.8 KB).
 VALUE_BLOCK = 16
 VALUE_BLOCK_ENV = "HOPE_DGD_VALUE_BLOCK"
+# Where each sub-chunk's T = (I + A)^{-1} is solved: "inline", inside the serial walk over chunks by every
+# program of a head (one per value block; the backward solves again), or "precompute", once per sub-chunk by
+# dgd_tsolve_kernel, all sub-chunks in parallel, before the walk (the forward and the backward each launch it;
+# the buffer holds S floats per token and head). The launchers' `tsolve` argument or HOPE_DGD_TSOLVE picks.
+TSOLVE_ENV = "HOPE_DGD_TSOLVE"
+TSOLVE_MODES = ("inline", "precompute")
+TSOLVE_WARPS = 1   # (16, 16) tiles: one warp keeps the substitution's row reductions in shuffles
 
 
-def _config(q: torch.Tensor, v: torch.Tensor, C: int, value_block: int | None = None):
+def _tsolve_mode(tsolve: str | None) -> str:
+    mode = tsolve or os.environ.get(TSOLVE_ENV) or "inline"
+    if mode not in TSOLVE_MODES:
+        raise ValueError(f"dgd_memory (triton): {TSOLVE_ENV} / tsolve must be one of {TSOLVE_MODES}, got {mode!r}")
+    return mode
+
+
+def _config(q: torch.Tensor, v: torch.Tensor, C: int, value_block: int | None = None, tsolve: str | None = None):
     """Kernel meta-parameters, the sub-chunk length S for chunk size C, and the number of value blocks NV."""
     dk, dv = q.shape[3], v.shape[3]
     if dk > MAX_HEAD_DIM or dv > MAX_HEAD_DIM:
@@ -233,14 +308,33 @@ def _config(q: torch.Tensor, v: torch.Tensor, C: int, value_block: int | None = 
     S = _sub_chunk_len(C, bk, bv)
     block_c = max(16, triton.next_power_of_2(S))
     num_warps = 4 if bk * bv <= 16 * 16 else 8   # 4 warps spilled more at dk = 64 (dv 64 or blocks of 16)
-    cfg = dict(ONE_SUB=S == C, ACC=acc_tl, BLOCK_C=block_c, BK=bk, BV=bv, PREC=prec, num_warps=num_warps)
+    t_pre = _tsolve_mode(tsolve) == "precompute"
+    cfg = dict(ONE_SUB=S == C, T_PRE=t_pre, ACC=acc_tl, BLOCK_C=block_c, BK=bk, BV=bv, PREC=prec,
+               num_warps=num_warps)
+    if t_pre:
+        # the software pipeliner multi-buffers the T loads that feed tl.dot: ptxas (sm_90, C = 16, dk = dv = 64)
+        # then put the backward at 32 registers and 4.4 KB of spills; one stage: 255 registers, 144 B
+        cfg["num_stages"] = 1
     return cfg, acc, S, triton.cdiv(C, S), triton.cdiv(dv, bv)
 
 
-def dgd_fwd_triton(q, k, v, alpha, eta, initial_state, C: int, value_block: int | None = None):
+def _solve_t(k, alpha, eta, cfg, acc, C: int, S: int, NS: int) -> torch.Tensor:
+    """Every sub-chunk's T (B*H, N*NS, S, S) when cfg["T_PRE"], else an unused placeholder (k itself)."""
+    if not cfg["T_PRE"]:
+        return k
+    B, H, L, dk = k.shape
+    nsub = triton.cdiv(L, C) * NS
+    t = torch.empty(B * H, nsub, S, S, device=k.device, dtype=acc)
+    dgd_tsolve_kernel[(B * H * nsub,)](k, alpha, eta, t, L, C, S, NS, dk, ACC=cfg["ACC"], BLOCK_C=cfg["BLOCK_C"],
+                                       BK=cfg["BK"], PREC=cfg["PREC"], num_warps=TSOLVE_WARPS)
+    return t
+
+
+def dgd_fwd_triton(q, k, v, alpha, eta, initial_state, C: int, value_block: int | None = None,
+                   tsolve: str | None = None):
     """Returns (o (B, H, L, dv) in q's dtype, final state (B, H, dk, dv), chunk-start states (B, H, N, dk, dv)).
-    value_block: value columns per program (VALUE_BLOCK)."""
-    cfg, acc, S, NS, NV = _config(q, v, C, value_block)
+    value_block: value columns per program (VALUE_BLOCK); tsolve: "inline" or "precompute" (TSOLVE_MODES)."""
+    cfg, acc, S, NS, NV = _config(q, v, C, value_block, tsolve)
     q, k, v, alpha, eta = (x.contiguous() for x in (q, k, v, alpha, eta))
     B, H, L, dk = q.shape
     dv = v.shape[3]
@@ -249,15 +343,17 @@ def dgd_fwd_triton(q, k, v, alpha, eta, initial_state, C: int, value_block: int 
     M_T = torch.empty(B, H, dk, dv, device=q.device, dtype=acc)
     states = torch.empty(B, H, N, dk, dv, device=q.device, dtype=acc)
     m0 = initial_state.to(acc).contiguous() if initial_state is not None else M_T
-    dgd_fwd_kernel[(B * H, NV)](q, k, v, alpha, eta, m0, o, M_T, states, L, C, N, S, NS, dk, dv,
+    t = _solve_t(k, alpha, eta, cfg, acc, C, S, NS)
+    dgd_fwd_kernel[(B * H, NV)](q, k, v, alpha, eta, t, m0, o, M_T, states, L, C, N, S, NS, dk, dv,
                                 HAS_INIT=initial_state is not None, **cfg)
     return o, M_T, states
 
 
-def dgd_bwd_triton(q, k, v, alpha, eta, states, do, dM, C: int, value_block: int | None = None):
+def dgd_bwd_triton(q, k, v, alpha, eta, states, do, dM, C: int, value_block: int | None = None,
+                   tsolve: str | None = None):
     """Returns (dq, dk, dv, dalpha, deta, dM0) from the chunk-start states saved by the forward. With NV > 1
     blocks of value columns, dq, dk and the gate gradients are summed from NV partial slabs."""
-    cfg, acc, S, NS, NV = _config(q, v, C, value_block)
+    cfg, acc, S, NS, NV = _config(q, v, C, value_block, tsolve)
     q, k, v, alpha, eta, do = (x.contiguous() for x in (q, k, v, alpha, eta, do))
     states = states.to(acc).contiguous()
     dM = dM.to(acc).contiguous()
@@ -271,7 +367,8 @@ def dgd_bwd_triton(q, k, v, alpha, eta, states, do, dM, C: int, value_block: int
     # sub-chunk start states of the chunk being differentiated, one slab per (batch, head), each value block
     # writing its own columns (unused with one sub-chunk)
     scratch = dM0 if cfg["ONE_SUB"] else torch.empty(B * H, NS, dk, dv, device=q.device, dtype=acc)
-    dgd_bwd_kernel[(B * H, NV)](q, k, v, alpha, eta, states, do, dM, dq, dk_, dv_, dalpha, deta, dM0, scratch,
+    t = _solve_t(k, alpha, eta, cfg, acc, C, S, NS)
+    dgd_bwd_kernel[(B * H, NV)](q, k, v, alpha, eta, t, states, do, dM, dq, dk_, dv_, dalpha, deta, dM0, scratch,
                                 L, C, N, S, NS, dk, dv, B * H, **cfg)
     dq, dk_, dalpha, deta = sum_partials((dq, dk_, dalpha, deta), summed, NV)
     return dq, dk_, dv_, dalpha, deta, dM0
