@@ -60,8 +60,10 @@ void check(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& alph
               "v must be (B, H, L, dv), got ", v.sizes());
   for (const Tensor* g : {&alpha, &eta, &theta})
     TORCH_CHECK(g->dim() == 3 && g->sizes() == q.sizes().slice(0, 3), "gates must be (B, H, L), got ", g->sizes());
-  TORCH_CHECK(W0.dim() == 4 && S0.sizes() == W0.sizes(), "W0, S0 must be (B, H, dk, dv), got ", W0.sizes(),
-              " and ", S0.sizes());
+  const bool state_ok = W0.dim() == 4 && W0.size(0) == q.size(0) && W0.size(1) == q.size(1) &&
+                        W0.size(2) == q.size(3) && W0.size(3) == v.size(3) && S0.sizes() == W0.sizes();
+  TORCH_CHECK(state_ok, "W0, S0 must be (B, H, dk, dv) = (", q.size(0), ", ", q.size(1), ", ", q.size(3), ", ",
+              v.size(3), "), got ", W0.sizes(), " and ", S0.sizes());
   TORCH_CHECK(C >= 1, "chunk_size must be >= 1, got ", C);
 }
 
@@ -120,8 +122,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> titan
   check(q_in, k_in, v_in, alpha_in, eta_in, theta_in, dWT, dST, C);
   const int64_t B = q_in.size(0), H = q_in.size(1), L = q_in.size(2), dk = q_in.size(3), dv = v_in.size(3);
   const int64_t BH = B * H, N = (L + C - 1) / C;
-  TORCH_CHECK(Ws_in.dim() == 5 && Ws_in.size(2) == N + 1 && Ss_in.sizes() == Ws_in.sizes(),
-              "Ws, Ss must be (B, H, N+1, dk, dv) with N = ", N, ", got ", Ws_in.sizes());
+  TORCH_CHECK(Ws_in.dim() == 5 && Ws_in.size(0) == B && Ws_in.size(1) == H && Ws_in.size(2) == N + 1 &&
+                  Ws_in.size(3) == dk && Ws_in.size(4) == dv && Ss_in.sizes() == Ws_in.sizes(),
+              "Ws, Ss must be (B, H, N+1, dk, dv) = (", B, ", ", H, ", ", N + 1, ", ", dk, ", ", dv, "), got ",
+              Ws_in.sizes(), " and ", Ss_in.sizes());
   TORCH_CHECK(do_in.sizes() == v_in.sizes(), "do must match v ", v_in.sizes(), ", got ", do_in.sizes());
   const auto acc = acc_type(q_in.scalar_type());
   auto opt = q_in.options().dtype(acc);

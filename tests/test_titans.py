@@ -766,3 +766,22 @@ def test_cuda_rejects_cpu_tensors():
     from hope_kernels.dispatch import BackendUnavailableError
     with pytest.raises(BackendUnavailableError):
         titans_memory(*x, backend="cuda")
+
+
+@pytest.mark.skipif("cpu" not in cpu_fast_backends(), reason="the C++ extension is not built")
+@pytest.mark.parametrize("stage,bad,want", [
+    ("fwd", "W0 (1, 1, 5, 4)", r"W0, S0 must be \(B, H, dk, dv\) = \(1, 1, 8, 4\), got \[1, 1, 5, 4\]"),
+    ("fwd", "W0 (2, 1, 8, 4)", r"W0, S0 must be \(B, H, dk, dv\) = \(1, 1, 8, 4\), got \[2, 1, 8, 4\]"),
+    ("bwd", "Ws (1, 1, 2, 8, 3)", r"Ws, Ss must be \(B, H, N\+1, dk, dv\) = \(1, 1, 2, 8, 4\), got \[1, 1, 2, 8, 3\]")])
+def test_cpu_kernel_checks_state_shapes(stage, bad, want):
+    """The compiled CPU kernels check the state shapes themselves (a direct torch.ops call skips the Python
+    checks): a wrong W0 or Ws is a RuntimeError that names the expected shape, not a failed reshape."""
+    z = lambda *s: torch.zeros(*s, dtype=torch.float32)
+    q, v, g = z(1, 1, 3, 8), z(1, 1, 3, 4), z(1, 1, 3)
+    shape = tuple(int(n) for n in bad.split("(")[1].rstrip(")").split(","))
+    with pytest.raises(RuntimeError, match=want):
+        if stage == "fwd":
+            torch.ops.hope_kernels.titans_linear_fwd(q, q, v, g, g, g, z(*shape), z(*shape), 4)
+        else:
+            Ws = z(*shape)
+            torch.ops.hope_kernels.titans_linear_bwd(q, q, v, g, g, g, Ws, Ws, v, z(1, 1, 8, 4), z(1, 1, 8, 4), 4)
