@@ -388,11 +388,13 @@ def test_triton_value_blocks_match_token_loop(monkeypatch, value_block, C, L):
 
 
 @pytest.mark.skipif("triton" not in FAST, reason="triton cannot run here")
-@pytest.mark.parametrize("C,L,dk", [(1, 5, 12), (4, 13, 12), (16, 37, 12), (40, 50, 12), (33, 70, 40)])
+@pytest.mark.parametrize("C,L,dk", [(1, 5, 12), (4, 13, 12), (16, 37, 12), (40, 50, 12), (33, 70, 40),
+                                    (80, 13, 12)])
 def test_triton_precomputed_t_matches_token_loop(monkeypatch, C, L, dk):
     """HOPE_DGD_TSOLVE=precompute: every sub-chunk's T solved by dgd_tsolve_kernel before the walk. C = 1
-    (S = 1 in a 16-row tile), one sub-chunk, two (C = 40: 16 + 16 + 8 with dk = 12), sub-chunks of 32
-    (dk = 40 pads to 64, so S = 16: 16 + 16 + 1); three value blocks; NaN-filled outputs."""
+    (S = 1 in a 16-row tile); one sub-chunk per chunk; C = 40 and dk = 12: sub-chunks of 32 (32 + 8); C = 33
+    and dk = 40 (padded to 64): sub-chunks of 16 (16 + 16 + 1); L = 13 < C = 80 (sub-chunks past the end);
+    three value blocks; NaN-filled outputs."""
     monkeypatch.setenv("HOPE_DGD_TSOLVE", "precompute")
     inputs = make(B=2, H=1, L=L, dk=dk, dv=40, eta_max=0.5)
     ref = run_with_grads(loop_fn(C), inputs)
