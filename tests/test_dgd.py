@@ -42,6 +42,20 @@ def run_with_grads(fn, inputs, seed=1):
     return o.detach(), M.detach(), [x.grad if x is not None else None for x in leaves]
 
 
+def run_nan_poisoned(fn, inputs):
+    """run_with_grads with every tensor that torch.empty allocates filled with NaN first: an output element a
+    kernel skips then fails the comparison."""
+    det = torch.are_deterministic_algorithms_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    try:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.utils.deterministic.fill_uninitialized_memory = True
+        return run_with_grads(fn, inputs)
+    finally:
+        torch.use_deterministic_algorithms(det)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
 def loop_fn(C):
     return lambda q, k, v, a, e, M0: dgd_memory_token_loop(q, k, v, a, e, C, M0)
 
@@ -353,15 +367,7 @@ def test_outputs_fully_written(backend):
     # every tensor allocated with empty() is filled with NaN first: a kernel that skips an element fails here
     inputs = make(L=11, dk=8, dv=4)
     ref = run_with_grads(loop_fn(4), inputs)
-    det = torch.are_deterministic_algorithms_enabled()
-    fill = torch.utils.deterministic.fill_uninitialized_memory
-    try:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.utils.deterministic.fill_uninitialized_memory = True
-        got = run_with_grads(api_fn(4, backend), inputs)
-    finally:
-        torch.use_deterministic_algorithms(det)
-        torch.utils.deterministic.fill_uninitialized_memory = fill
+    got = run_nan_poisoned(api_fn(4, backend), inputs)
     assert_close(got, ref, 1e-9, f"{backend} NaN-poisoned")
 
 
@@ -375,15 +381,7 @@ def test_triton_value_blocks_match_token_loop(monkeypatch, value_block, C, L):
     monkeypatch.setenv("HOPE_DGD_VALUE_BLOCK", str(value_block))
     inputs = make(B=1, H=2, L=L, dk=12, dv=40, eta_max=0.5)
     ref = run_with_grads(loop_fn(C), inputs)
-    det = torch.are_deterministic_algorithms_enabled()
-    fill = torch.utils.deterministic.fill_uninitialized_memory
-    try:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.utils.deterministic.fill_uninitialized_memory = True
-        got = run_with_grads(api_fn(C, "triton"), inputs)
-    finally:
-        torch.use_deterministic_algorithms(det)
-        torch.utils.deterministic.fill_uninitialized_memory = fill
+    got = run_nan_poisoned(api_fn(C, "triton"), inputs)
     assert_close(got, ref, 1e-9, f"triton value block {value_block} C={C}")
 
 
@@ -398,15 +396,7 @@ def test_triton_precomputed_t_matches_token_loop(monkeypatch, C, L, dk):
     monkeypatch.setenv("HOPE_DGD_TSOLVE", "precompute")
     inputs = make(B=2, H=1, L=L, dk=dk, dv=40, eta_max=0.5)
     ref = run_with_grads(loop_fn(C), inputs)
-    det = torch.are_deterministic_algorithms_enabled()
-    fill = torch.utils.deterministic.fill_uninitialized_memory
-    try:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.utils.deterministic.fill_uninitialized_memory = True
-        got = run_with_grads(api_fn(C, "triton"), inputs)
-    finally:
-        torch.use_deterministic_algorithms(det)
-        torch.utils.deterministic.fill_uninitialized_memory = fill
+    got = run_nan_poisoned(api_fn(C, "triton"), inputs)
     assert_close(got, ref, 1e-9, f"triton precomputed T C={C} L={L}")
 
 
