@@ -768,20 +768,24 @@ def test_cuda_rejects_cpu_tensors():
         titans_memory(*x, backend="cuda")
 
 
+_STATE = r"W0, S0 must be \(B, H, dk, dv\) = \(1, 1, 8, 4\), got "
+_BOUNDARY = r"Ws, Ss must be \(B, H, N\+1, dk, dv\) = \(1, 1, 2, 8, 4\), got "
+
+
 @pytest.mark.skipif("cpu" not in cpu_fast_backends(), reason="the C++ extension is not built")
-@pytest.mark.parametrize("stage,bad,want", [
-    ("fwd", "W0 (1, 1, 5, 4)", r"W0, S0 must be \(B, H, dk, dv\) = \(1, 1, 8, 4\), got \[1, 1, 5, 4\]"),
-    ("fwd", "W0 (2, 1, 8, 4)", r"W0, S0 must be \(B, H, dk, dv\) = \(1, 1, 8, 4\), got \[2, 1, 8, 4\]"),
-    ("bwd", "Ws (1, 1, 2, 8, 3)", r"Ws, Ss must be \(B, H, N\+1, dk, dv\) = \(1, 1, 2, 8, 4\), got \[1, 1, 2, 8, 3\]")])
-def test_cpu_kernel_checks_state_shapes(stage, bad, want):
+@pytest.mark.parametrize("stage,shape,want", [
+    ("fwd", (1, 1, 5, 4), _STATE + r"\[1, 1, 5, 4\]"),
+    ("fwd", (2, 1, 8, 4), _STATE + r"\[2, 1, 8, 4\]"),
+    ("bwd", (1, 1, 2, 8, 3), _BOUNDARY + r"\[1, 1, 2, 8, 3\]")])
+def test_cpu_kernel_checks_state_shapes(stage, shape, want):
     """The compiled CPU kernels check the state shapes themselves (a direct torch.ops call skips the Python
-    checks): a wrong W0 or Ws is a RuntimeError that names the expected shape, not a failed reshape."""
+    checks): a wrong W0 (forward) or Ws (backward, boundary states) is a RuntimeError that names the expected
+    shape, not a failed reshape. q (1, 1, 3, 8), v (1, 1, 3, 4), chunk 4."""
     z = lambda *s: torch.zeros(*s, dtype=torch.float32)
-    q, v, g = z(1, 1, 3, 8), z(1, 1, 3, 4), z(1, 1, 3)
-    shape = tuple(int(n) for n in bad.split("(")[1].rstrip(")").split(","))
+    q, v, g, state = z(1, 1, 3, 8), z(1, 1, 3, 4), z(1, 1, 3), z(*shape)
     with pytest.raises(RuntimeError, match=want):
         if stage == "fwd":
-            torch.ops.hope_kernels.titans_linear_fwd(q, q, v, g, g, g, z(*shape), z(*shape), 4)
+            torch.ops.hope_kernels.titans_linear_fwd(q, q, v, g, g, g, state, state, 4)
         else:
-            Ws = z(*shape)
-            torch.ops.hope_kernels.titans_linear_bwd(q, q, v, g, g, g, Ws, Ws, v, z(1, 1, 8, 4), z(1, 1, 8, 4), 4)
+            dW = z(1, 1, 8, 4)
+            torch.ops.hope_kernels.titans_linear_bwd(q, q, v, g, g, g, state, state, v, dW, dW, 4)
