@@ -52,3 +52,12 @@ def env_int(name: str, default: int) -> int:
         return int(raw)
     except ValueError:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def env_choice(op: str, arg: str, value: str | None, name: str, choices: tuple[str, ...]) -> str:
+    """A kernel mode: `value` (the launcher's argument `arg`), else the environment variable `name`, else
+    choices[0]; anything not in `choices` is a ValueError that names both."""
+    mode = value or os.environ.get(name) or choices[0]
+    if mode not in choices:
+        raise ValueError(f"{op}: {name} / {arg} must be one of {choices}, got {mode!r}")
+    return mode

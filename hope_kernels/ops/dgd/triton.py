@@ -19,12 +19,11 @@ Loads are upcast to float32 (float64 for float64 inputs) at once; products accum
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from hope_kernels.ops.checks import env_choice
 from hope_kernels.ops.dgd import TRITON_MAX_HEAD_DIM as MAX_HEAD_DIM
 from hope_kernels.ops.value_blocks import alloc_partials, sum_partials, value_tile
 
@@ -290,10 +289,7 @@ TSOLVE_WARPS = 1   # (16, 16) tiles: one warp keeps the substitution's row reduc
 
 
 def _tsolve_mode(tsolve: str | None) -> str:
-    mode = tsolve or os.environ.get(TSOLVE_ENV) or "inline"
-    if mode not in TSOLVE_MODES:
-        raise ValueError(f"dgd_memory (triton): {TSOLVE_ENV} / tsolve must be one of {TSOLVE_MODES}, got {mode!r}")
-    return mode
+    return env_choice("dgd_memory (triton)", "tsolve", tsolve, TSOLVE_ENV, TSOLVE_MODES)
 
 
 def _config(q: torch.Tensor, v: torch.Tensor, C: int, value_block: int | None = None, tsolve: str | None = None):

@@ -11,11 +11,11 @@ statistics from the target it must read anyway.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from hope_kernels.ops.checks import env_choice
 
 MAX_D = 16384  # one row must fit one register tile
 REDUCE_ENV = "HOPE_L1_FWD_REDUCE"
@@ -108,11 +108,7 @@ def _acc(dtype: torch.dtype):
 
 
 def _reduce_mode(reduce: str | None) -> str:
-    mode = reduce or os.environ.get(REDUCE_ENV) or "torch_sum"
-    if mode not in REDUCE_MODES:
-        raise ValueError(f"l1_rollout_loss (triton): {REDUCE_ENV} / reduce must be one of {REDUCE_MODES}, got "
-                         f"{mode!r}")
-    return mode
+    return env_choice("l1_rollout_loss (triton)", "reduce", reduce, REDUCE_ENV, REDUCE_MODES)
 
 
 def l1_per_step_triton(pred: torch.Tensor, target: torch.Tensor, normalize_target: bool, eps: float,
