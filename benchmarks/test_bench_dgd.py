@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import time
+from unittest import mock
 
 import pytest
 import torch
@@ -84,21 +85,13 @@ def _sync():
 
 
 def _step(fn, inputs, backward, env=None):
-    saved = {k: os.environ.get(k) for k in env or {}}
-    os.environ.update(env or {})
-    try:
+    with mock.patch.dict(os.environ, env or {}):     # restored afterwards, also on an error
         o, M = fn(*inputs)
         if backward:
             (o.float().square().mean() + M.square().mean()).backward()
             for x in inputs:
                 x.grad = None
         _sync()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _time(fn, inputs, backward, reps=3):
