@@ -171,12 +171,14 @@ def test_nan_in_pred_propagates(backend):
     assert pred.grad[0, 1, 2, 5] == 0 and torch.isfinite(pred.grad).all()
 
 
-def test_target_gets_no_gradient():
-    pred, target, _ = _inputs((1, 2, 3, 8), torch.float32)
+def test_target_and_weights_get_no_gradient():
+    """DESIGN 4.1: the gradient reaches pred only, on every backend (the reference once gave step_weight one)."""
+    pred, target, w = _inputs((1, 2, 3, 8), torch.float32)
     target.requires_grad_(True)
+    w.requires_grad_(True)
     for backend in FAST_CPU + ["reference"]:
-        l1_rollout_loss(pred, target, backend=backend)[0].backward()
-        assert target.grad is None
+        l1_rollout_loss(pred, target, w, backend=backend)[0].backward()
+        assert target.grad is None and w.grad is None, backend
 
 
 @pytest.mark.parametrize("backend", FAST_CPU)
@@ -229,6 +231,29 @@ def test_bad_inputs(bad, err, msg, backend):
     p, t, w = _inputs((2, 3, 4, 8), torch.float32)
     with pytest.raises(err, match=msg):
         l1_rollout_loss(*bad(p.detach(), t, w), backend=backend)
+
+
+@pytest.mark.parametrize("kwargs,err,msg", [
+    (dict(eps=-1.0), ValueError, "eps must be a finite number >= 0"),
+    (dict(eps=float("nan")), ValueError, "eps must be a finite number >= 0"),
+    (dict(eps=float("inf")), ValueError, "eps must be a finite number >= 0"),
+    (dict(eps="1e-6"), ValueError, "eps must be"),
+    (dict(normalize_target="no"), TypeError, "normalize_target must be a bool"),
+])
+@pytest.mark.parametrize("backend", FAST_CPU + ["reference"])
+def test_bad_options(kwargs, err, msg, backend):
+    p, t, w = _inputs((2, 3, 4, 8), torch.float32)
+    with pytest.raises(err, match=msg):
+        l1_rollout_loss(p, t, w, backend=backend, **kwargs)
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4, 8), (2, 0, 4, 8), (2, 3, 0, 8), (2, 3, 4, 0)])
+@pytest.mark.parametrize("backend", FAST_CPU + ["reference"])
+def test_empty_inputs_rejected(shape, backend):
+    """A mean over no element: the paths used to disagree (NaN or 0) without an error."""
+    p, t, _ = _inputs(shape, torch.float32, weight=False)
+    with pytest.raises(ValueError, match="must not be empty"):
+        l1_rollout_loss(p, t, backend=backend)
 
 
 def test_explicit_unavailable_backend_raises(monkeypatch):

@@ -11,6 +11,7 @@ through a torch.autograd.Function (no custom-op dispatch, no host sync on GPU).
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from typing import Optional, Tuple
 
@@ -26,10 +27,16 @@ _OP = "l1_rollout_loss"
 DEBUG_ENV = "HOPE_KERNELS_DEBUG"  # "1": also check step_weight values on GPU (one host sync per call)
 
 
-def _validate(pred, target, step_weight) -> None:
+def _validate(pred, target, step_weight, normalize_target, eps) -> None:
     check_tensor("pred", pred, ndim=4, shape_doc="(B, T, N, D)")
     check_tensor("target", target, ndim=4, shape_doc="(B, T, N, D)")
     check_same_shape(("pred", "target"), (pred, target))
+    if pred.numel() == 0:   # a mean over nothing: NaN from some paths, 0 from others
+        raise ValueError(f"pred and target must not be empty, got shape {tuple(pred.shape)} (B, T, N, D)")
+    if not isinstance(normalize_target, bool):
+        raise TypeError(f"normalize_target must be a bool, got {type(normalize_target).__name__}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number >= 0 (added to the target's variance), got {eps!r}")
     check_same_dtype(("pred", "target"), (pred, target))
     check_same_device(("pred", "target", "step_weight"), (pred, target, step_weight))
     if step_weight is not None:
@@ -110,7 +117,7 @@ def _coef(grad_loss, grad_per_step, step_weight, shape) -> torch.Tensor:
 @torch.library.custom_op("hope_kernels::l1_rollout_loss", mutates_args=())
 def _l1_rollout_loss_op(pred: torch.Tensor, target: torch.Tensor, step_weight: Optional[torch.Tensor],
                         normalize_target: bool, eps: float, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    _validate(pred, target, step_weight)
+    _validate(pred, target, step_weight, normalize_target, eps)
     return _forward(_resolve(backend, pred, target), pred, target, step_weight, normalize_target, eps)
 
 
@@ -180,7 +187,7 @@ def l1_rollout_loss(pred: torch.Tensor, target: torch.Tensor, step_weight: torch
     (its values are checked on CPU always, on GPU only with HOPE_KERNELS_DEBUG=1: the check is a host sync).
     Returns (loss (), per_step (T,)) in float32 (float64 for float64 inputs). Gradient flows to pred only.
     """
-    _validate(pred, target, step_weight)
+    _validate(pred, target, step_weight, normalize_target, eps)
     backend = _resolve(backend, pred, target)
     if backend == "reference":
         if step_weight is not None and not torch.compiler.is_compiling():

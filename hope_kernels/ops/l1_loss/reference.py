@@ -23,5 +23,6 @@ def l1_rollout_loss_reference(pred: torch.Tensor, target: torch.Tensor, step_wei
     if normalize_target:
         target = F.layer_norm(target, target.shape[-1:], eps=eps)
     per_step = (pred.to(acc) - target).abs().mean(dim=(0, 2, 3))
-    w = torch.ones_like(per_step) if step_weight is None else step_weight.to(per_step)
+    # the weights get no gradient, as on every other backend (DESIGN 4.1: the gradient reaches pred only)
+    w = torch.ones_like(per_step) if step_weight is None else step_weight.detach().to(per_step)
     return (w * per_step).sum() / w.sum(), per_step
