@@ -132,10 +132,12 @@ def resolve_backend(backend: str | None, tensors: Sequence[torch.Tensor | None],
     """
     if backend is None:
         backend = "auto"
+    source = ""
     if backend == "auto":
         backend = os.environ.get(ENV_VAR, "auto") or "auto"
+        source = f" (from {ENV_VAR})" if backend != "auto" else ""
     if backend not in BACKENDS:
-        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}{source}")
     device = _device_of(tensors)
     if backend == "auto":
         if device.type == "cuda":
@@ -150,10 +152,10 @@ def resolve_backend(backend: str | None, tensors: Sequence[torch.Tensor | None],
                     return b
         return "reference"
     if backend not in supported:
-        raise BackendUnavailableError(f"{op}: backend {backend!r} is not implemented for this op "
+        raise BackendUnavailableError(f"{op}: backend {backend!r}{source} is not implemented for this op "
                                       f"(implemented: {', '.join(supported)})")
     if not _available(backend, device):
-        raise BackendUnavailableError(f"{op}: backend {backend!r} cannot run on {device} tensors here: "
+        raise BackendUnavailableError(f"{op}: backend {backend!r}{source} cannot run on {device} tensors here: "
                                       f"{_why_unavailable(backend, device)}")
     if backend == "cuda":
         require_cuda_shared_memory(op, cuda_shared_memory, device)

@@ -92,3 +92,18 @@ def test_cpu_tensors_never_consult_the_cuda_limit(monkeypatch):
     monkeypatch.setattr(D, "cuda_shared_memory_per_block", lambda device: pytest.fail("queried on CPU"))
     assert D.cuda_shared_memory_problem("op", (1 << 40, "huge"), torch.device("cpu")) is None
     assert dgd_ops._resolve("reference", _dgd(256, 256)) == "reference"
+
+
+def test_errors_name_the_environment_variable(monkeypatch):
+    """A backend forced through HOPE_KERNELS_BACKEND that an op lacks says where the choice came from."""
+    x = torch.zeros(1, 1, 2, 6)
+    pos = torch.zeros(2, 3, dtype=torch.int64)
+    monkeypatch.setenv(D.ENV_VAR, "triton")
+    from hope_kernels.ops import rope3d
+    with pytest.raises(D.BackendUnavailableError, match="'triton' \\(from HOPE_KERNELS_BACKEND\\) is not implemented"):
+        rope3d(x, pos)
+    monkeypatch.setenv(D.ENV_VAR, "fastest")
+    with pytest.raises(ValueError, match="got 'fastest' \\(from HOPE_KERNELS_BACKEND\\)"):
+        rope3d(x, pos)
+    with pytest.raises(D.BackendUnavailableError, match="'triton' is not implemented"):
+        rope3d(x, pos, backend="triton")

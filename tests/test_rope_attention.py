@@ -163,6 +163,9 @@ def test_bad_inputs():
         rope_attention(q, k, v, pos[:-1])
     with pytest.raises(TypeError, match="integer dtype"):
         rope_attention(q, k, v, pos.float())
+    for narrow in (torch.uint8, torch.int16):   # uint8 t_i - t_j wrapped: every query saw the future
+        with pytest.raises(TypeError, match=r"int32 or int64"):
+            rope_attention(q, k, v, pos.to(narrow))
     with pytest.raises(ValueError, match="non-decreasing"):
         rope_attention(q, k, v, pos.flip(0))
     with pytest.raises(ValueError, match="even and >= 6"):
@@ -195,6 +198,22 @@ def test_bad_inputs():
     else:
         with pytest.raises(ValueError, match="device"):
             rope_attention(q, k, v.to("meta"), pos)
+
+
+def test_block_causal_mask_of_unsigned_timesteps():
+    t = torch.tensor([0, 0, 1, 2, 2, 3])
+    for window in (None, 2):
+        assert torch.equal(ref.block_causal_mask(t.to(torch.uint8), window), ref.block_causal_mask(t, window))
+    assert not ref.block_causal_mask(t.to(torch.uint8))[0, 2]
+
+
+def test_triton_rejects_more_heads_than_a_grid_axis():
+    from hope_kernels.ops.rope_attention.triton import rope_attention_fwd_triton
+    pos = make_pos(1, 1, 1)
+    q = torch.zeros(1, 65536, 1, 6)
+    w = torch.zeros(3, 6)
+    with pytest.raises(ValueError, match="B \\* H = 65536 exceeds 65535"):
+        rope_attention_fwd_triton(q, q, q, pos, w, 0, 1.0)
 
 
 # ------------------------------------------------------------------------------ fast paths vs reference

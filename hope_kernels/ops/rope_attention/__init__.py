@@ -34,7 +34,7 @@ _ROPE_BACKENDS = ("reference", "cuda", "cpu")
 def _check_pos(pos, L: int) -> None:
     if not isinstance(pos, torch.Tensor):
         raise TypeError(f"pos must be a torch.Tensor of integer (t, h, w) positions, got {type(pos).__name__}")
-    if pos.is_floating_point() or pos.is_complex() or pos.dtype == torch.bool:
+    if pos.dtype not in (torch.int32, torch.int64):   # uint8 would wrap t_i - t_j and lift the causal mask
         raise TypeError(f"pos must have an integer dtype (int32 or int64), got {pos.dtype}")
     if pos.dim() != 2 or pos.shape[1] != 3 or pos.shape[0] != L:
         raise ValueError(f"pos must be (L, 3) = ({L}, 3) holding (t, h, w), got shape {tuple(pos.shape)}")

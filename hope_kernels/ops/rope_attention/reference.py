@@ -75,6 +75,7 @@ def rope3d_reference(x: torch.Tensor, pos: torch.Tensor, rope_compat: str | None
 
 def block_causal_mask(t: torch.Tensor, window: int | None = None) -> torch.Tensor:
     """t (L,) -> bool (L, L), True where query i may attend key j: t_j <= t_i (and t_i - t_j < window)."""
+    t = t.to(torch.int64)   # an unsigned t would wrap below 0 and let queries see later timesteps
     diff = t[:, None] - t[None, :]
     keep = diff >= 0
     if window is not None:

@@ -351,7 +351,13 @@ def _ranges(t: torch.Tensor, block: int, step: int, window: int, *, keys_of_quer
     return tuple(x.to(torch.int32).contiguous() for x in (lo, mid, hi))
 
 
+_MAX_GRID_Y = 65535   # CUDA's limit on a launch grid's second axis, where every kernel here puts B * H
+
+
 def _prep(q, pos, w, window):
+    if q.shape[0] * q.shape[1] > _MAX_GRID_Y:
+        raise ValueError(f"rope_attention (triton): B * H = {q.shape[0] * q.shape[1]} exceeds {_MAX_GRID_Y} "
+                         f"(one launch-grid axis per head); split the batch or use backend='cuda' / 'reference'")
     t = pos[:, 0].to(torch.int64).contiguous()
     pos32 = pos.to(torch.int32).contiguous()
     win = _NO_WINDOW if not window else int(window)
