@@ -200,6 +200,19 @@ def test_bad_inputs():
             rope_attention(q, k, v.to("meta"), pos)
 
 
+def test_pos_order_read_once_per_tensor_version(monkeypatch):
+    """The t-order check reads pos (a host sync on a GPU): once per pos tensor, again after an in-place edit."""
+    pos = make_pos(2, 2, 2)
+    q, k, v = qkv(1, 2, pos.shape[0], 12)
+    rope_attention(q, k, v, pos, backend="reference")
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "nonzero", lambda *a, **kw: pytest.fail("pos was read again"))
+        rope_attention(q, k, v, pos, backend="reference")
+    pos[:, 0] = pos[:, 0].flip(0)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        rope_attention(q, k, v, pos, backend="reference")
+
+
 def test_block_causal_mask_of_unsigned_timesteps():
     t = torch.tensor([0, 0, 1, 2, 2, 3])
     for window in (None, 2):
