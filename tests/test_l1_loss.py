@@ -296,7 +296,8 @@ def test_validates_and_resolves_once_per_call(monkeypatch):
 def test_weight_values_read_off_cpu_only_in_debug(monkeypatch):
     """Reading step_weight on a GPU is a host sync per call, so off the CPU the value check runs only with
     HOPE_KERNELS_DEBUG=1. A meta tensor stands for a device tensor here: reading its values fails."""
-    from hope_kernels.ops.l1_loss import DEBUG_ENV, _check_weight_values
+    from hope_kernels.ops.checks import DEBUG_ENV
+    from hope_kernels.ops.l1_loss import _check_weight_values
     w = torch.zeros(3, device="meta")
     monkeypatch.delenv(DEBUG_ENV, raising=False)
     _check_weight_values(w)  # skipped: no read
@@ -311,7 +312,7 @@ def test_bad_weight_values_gpu(backend, monkeypatch):
     """On GPU: no check by default (a zero sum gives a non-finite loss); HOPE_KERNELS_DEBUG=1 raises."""
     if not backends()[backend]:
         pytest.skip(f"{backend} backend not built")
-    from hope_kernels.ops.l1_loss import DEBUG_ENV
+    from hope_kernels.ops.checks import DEBUG_ENV
     p, t, w = _inputs((2, 3, 4, 8), torch.float32, "cuda")
     monkeypatch.delenv(DEBUG_ENV, raising=False)
     assert not torch.isfinite(l1_rollout_loss(p, t, w * 0, backend=backend)[0])

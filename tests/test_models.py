@@ -59,6 +59,21 @@ def test_rollout_matches_forward_and_gradients_reach_first_step(kind):
         m.rollout(z[:, :2], a, steps=3)
 
 
+@pytest.mark.parametrize("kind", ["ac", "hope"])
+def test_positions_built_once_per_length(kind, monkeypatch):
+    """Every forward of one length passes the same pos tensor, so rope_attention's order check (a host sync
+    on a GPU) reads it once; a new length builds its own."""
+    import hope_kernels.models.base as base
+    from hope_kernels.models.rope import token_positions
+    lengths = []
+    monkeypatch.setattr(base, "token_positions", lambda T, *a, **kw: lengths.append(T) or token_positions(T, *a, **kw))
+    m = make(kind)
+    for T in (3, 3, 2, 3):
+        z, a, _ = inputs(T=T)
+        m(z, a)
+    assert lengths == [3, 2]
+
+
 def test_predictions_depend_on_actions_only_forward_in_time():
     m = make("ac")
     z, a, _ = inputs()

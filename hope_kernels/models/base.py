@@ -124,13 +124,23 @@ class PredictorBase(nn.Module):
             cond.append(self.state_encoder(states.to(x_dtype)))
         return interleave_tokens(cond, x)
 
+    def _positions(self, T: int, device: torch.device) -> torch.Tensor:
+        """token_positions for T timesteps on `device`, built once per (T, device): the same tensor every
+        forward, so rope_attention's order check (a host sync on a GPU) reads it once, not once per call."""
+        cache = self.__dict__.setdefault("_pos_cache", {})
+        key = (T, str(device))
+        if key not in cache:
+            _, H, W = self.config.grid
+            cache[key] = token_positions(T, H, W, self.n_cond, device=device)
+        return cache[key]
+
     def _predict(self, z, actions, states, memory):
         """-> (z_hat (B, T, N, D), per-block end states)."""
         self._check_inputs(z, actions, states)
-        T, (_, H, W) = z.shape[1], self.config.grid
+        T = z.shape[1]
         zn = F.layer_norm(z, z.shape[-1:])
         x = self._tokens(zn, actions, states)
-        pos = token_positions(T, H, W, self.n_cond, device=z.device)
+        pos = self._positions(T, z.device)
         new = []
         for i, blk in enumerate(self.blocks):
             x, st = blk(x, pos, None if memory is None else memory[i], T)

@@ -38,6 +38,19 @@ def check_same_dtype(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> N
             raise TypeError(f"{n} has dtype {t.dtype} but {names[0]} has {dt}: they must match")
 
 
+DEBUG_ENV = "HOPE_KERNELS_DEBUG"
+
+
+def reads_values(*tensors: torch.Tensor | None) -> bool:
+    """Whether an op should check these tensors' values (gate ranges, weights, orders). Reading a value off a
+    GPU is a host sync that stalls the launch queue in every layer, so there the checks run only with
+    HOPE_KERNELS_DEBUG=1; CPU tensors are always checked. Never while torch.compile traces (fake tensors)."""
+    if torch.compiler.is_compiling():
+        return False
+    on_cpu = all(t.device.type == "cpu" for t in tensors if isinstance(t, torch.Tensor))
+    return on_cpu or os.environ.get(DEBUG_ENV) == "1"
+
+
 def accum_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation / reduction dtype: float64 stays float64, everything else reduces in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -12,19 +12,18 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 from typing import Optional, Tuple
 
 import torch
 
 from hope_kernels.dispatch import resolve_backend
-from hope_kernels.ops.checks import accum_dtype, check_same_device, check_same_dtype, check_same_shape, check_tensor
+from hope_kernels.ops.checks import (accum_dtype, check_same_device, check_same_dtype, check_same_shape, check_tensor,
+                                     reads_values)
 from hope_kernels.ops.l1_loss.reference import l1_rollout_loss_reference
 
 __all__ = ["l1_rollout_loss", "l1_rollout_loss_reference"]
 
 _OP = "l1_rollout_loss"
-DEBUG_ENV = "HOPE_KERNELS_DEBUG"  # "1": also check step_weight values on GPU (one host sync per call)
 
 
 def _validate(pred, target, step_weight, normalize_target, eps) -> None:
@@ -49,7 +48,7 @@ def _check_weight_values(step_weight: torch.Tensor) -> None:
     """step_weight must be finite, >= 0 and not sum to 0. The check reads the values: on a CPU tensor that is
     cheap and always done; on a GPU it would be a host sync per call, so there it runs only with
     HOPE_KERNELS_DEBUG=1 (otherwise a zero sum gives a non-finite loss and nothing is raised)."""
-    if step_weight.device.type != "cpu" and os.environ.get(DEBUG_ENV) != "1":
+    if not reads_values(step_weight):
         return
     vals = step_weight.detach().double().tolist()
     if not all(math.isfinite(v) for v in vals):
@@ -190,7 +189,7 @@ def l1_rollout_loss(pred: torch.Tensor, target: torch.Tensor, step_weight: torch
     _validate(pred, target, step_weight, normalize_target, eps)
     backend = _resolve(backend, pred, target)
     if backend == "reference":
-        if step_weight is not None and not torch.compiler.is_compiling():
+        if step_weight is not None:
             _check_weight_values(step_weight)
         return l1_rollout_loss_reference(pred, target, step_weight, normalize_target, eps)
     if torch.compiler.is_compiling():
