@@ -31,6 +31,8 @@ from typing import Any, Callable
 import torch
 
 from hope_kernels.adapt import PRIVILEGED, STRATEGIES, StreamLog, adapt_stream
+from hope_kernels.config import read_config_file
+from hope_kernels.data.format import KNOWN_PHASES
 from hope_kernels.metrics import aggregate, mean_ci, paired_difference, run_metrics
 from hope_kernels.report import atomic_write_json, markdown_report, write_results
 
@@ -39,38 +41,82 @@ __all__ = ["Hooks", "Results", "run_aba", "load_config", "CONFIG_DIR", "METRICS"
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 METRICS = ("tf", "rollout")
 _PAIRED = ("A1", "B", "A2", "forgetting", "speed_oracle", "speed_floor")
+_TOP_KEYS = ("preset", "data", "seeds", "device", "threads", "model_preset", "stream", "pretrain", "adapt",
+             "fisher_clips", "replay_clips", "baseline", "oracle_run", "runs", "metric_window", "speed_tolerance",
+             "progress", "out")
+_RUN_KEYS = ("name", "model", "strategy", "overrides", "train_phases", "options", "privileged", "label")
+_STREAM_KEYS = ("phases", "clips_per_phase", "heldout_per_phase")
 
 
 # ------------------------------------------------------------------------------------------ config
 
 def load_config(preset_or_path: str, **overrides: Any) -> dict:
     """Read configs/aba_<preset>.yaml (or a YAML/JSON file path) and apply top-level overrides."""
-    import yaml
-
     p = Path(preset_or_path)
     if not p.suffix:
         p = CONFIG_DIR / f"aba_{preset_or_path}.yaml"
     if not p.is_file():
         known = sorted(x.stem[4:] for x in CONFIG_DIR.glob("aba_*.yaml"))
         raise FileNotFoundError(f"no A-B-A config at {p} (presets: {known})")
-    cfg = yaml.safe_load(p.read_text())
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{p} must hold a mapping, got {type(cfg).__name__}")
+    cfg = read_config_file(p)
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     return validate_config(cfg)
 
 
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_keys(d, known, where: str) -> None:
+    if not isinstance(d, dict):
+        raise ValueError(f"{where} must be a mapping, got {d!r}")
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown} (known: {sorted(known)})")
+
+
+def _check_phases(phases, where: str) -> None:
+    if not isinstance(phases, (list, tuple)) or not phases or any(p not in KNOWN_PHASES for p in phases):
+        raise ValueError(f"{where} must be a non-empty list of phases from {list(KNOWN_PHASES)}, got {phases!r}")
+
+
 def validate_config(cfg: dict) -> dict:
+    """Check keys and values; errors name the key. Returns cfg."""
+    _check_keys(cfg, _TOP_KEYS, "A-B-A config")
     for key in ("seeds", "runs", "stream"):
         if key not in cfg:
             raise ValueError(f"A-B-A config is missing {key!r}")
-    if not cfg["seeds"]:
-        raise ValueError("A-B-A config needs at least one seed")
+    if not isinstance(cfg["seeds"], list) or not cfg["seeds"]:
+        raise ValueError(f"A-B-A config needs at least one seed (seeds: a list of ints), got {cfg['seeds']!r}")
+    if not all(_is_count(s) for s in cfg["seeds"]):
+        raise ValueError(f"seeds must be non-negative ints, got {cfg['seeds']!r}")
+    sc = cfg["stream"]
+    _check_keys(sc, _STREAM_KEYS, "stream")
+    if "phases" in sc:
+        _check_phases(sc["phases"], "stream.phases")
+    cpp = sc.get("clips_per_phase")
+    if not (cpp is None or _is_count(cpp) or isinstance(cpp, dict) and all(_is_count(v) for v in cpp.values())):
+        raise ValueError(f"stream.clips_per_phase must be a non-negative int (or phase -> int), got {cpp!r}")
+    for key in ("heldout_per_phase", "fisher_clips", "replay_clips", "metric_window", "threads"):
+        v = sc.get(key) if key == "heldout_per_phase" else cfg.get(key)
+        if v is not None and not _is_count(v):
+            raise ValueError(f"{key} must be a non-negative int, got {v!r}")
+    for key in ("pretrain", "adapt", "data"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], dict):
+            raise ValueError(f"{key} must be a mapping, got {cfg[key]!r}")
+    if not isinstance(cfg["runs"], list) or not cfg["runs"]:
+        raise ValueError(f"runs must be a non-empty list of runs, got {cfg['runs']!r}")
     names = set()
     for r in cfg["runs"]:
+        _check_keys(r, _RUN_KEYS, f"run {r.get('name') if isinstance(r, dict) else r!r}")
         for key in ("name", "model", "strategy"):
             if key not in r:
                 raise ValueError(f"run {r} is missing {key!r}")
+        if r.get("train_phases") is not None:
+            _check_phases(r["train_phases"], f"run {r['name']!r}: train_phases")
+        for key in ("options", "overrides"):
+            if r.get(key) is not None and not isinstance(r[key], dict):
+                raise ValueError(f"run {r['name']!r}: {key} must be a mapping, got {r[key]!r}")
         if r["strategy"] not in STRATEGIES:
             raise ValueError(f"run {r['name']!r}: strategy must be one of {STRATEGIES}, got {r['strategy']!r}")
         if r["model"] not in ("ac", "hope"):
@@ -88,6 +134,11 @@ def validate_config(cfg: dict) -> dict:
 def _default_ensure_dataset(path, preset, seed):
     from hope_kernels.data import ensure_dataset
     return ensure_dataset(path, preset=preset, seed=seed)
+
+
+def _default_verify_dataset(path):
+    from hope_kernels.data import verify_dataset
+    return verify_dataset(path)
 
 
 def _default_make_stream(path, phases, clips_per_phase, seed):
@@ -117,8 +168,10 @@ def _default_load_checkpoint(path):
 class Hooks:
     """The pieces run_aba calls (swap them in tests): ensure_dataset(dir, preset, seed) -> Path;
     make_stream(path, phases, clips_per_phase, seed) -> Stream; train_clips(path, phase, n, seed) -> [clip];
-    train(config) -> obj with .model and .checkpoint; load_checkpoint(path) -> (model, state)."""
+    train(config) -> obj with .model and .checkpoint; load_checkpoint(path) -> (model, state);
+    verify_dataset(path) checks an imported dataset's shards against its manifest."""
     ensure_dataset: Callable = _default_ensure_dataset
+    verify_dataset: Callable = _default_verify_dataset
     make_stream: Callable = _default_make_stream
     train_clips: Callable = _default_train_clips
     train: Callable = _default_train
@@ -150,6 +203,11 @@ def _fingerprint(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _data_id(path: Path) -> str:
+    """The dataset's identity: a hash of its manifest, which records every shard's sha256."""
+    return hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest()[:16]
+
+
 def _read_json(path: Path):
     try:
         return json.loads(path.read_text())
@@ -157,11 +215,11 @@ def _read_json(path: Path):
         return None
 
 
-def _ckpt_key(cfg: dict, run: dict, seed: int) -> tuple[str, dict]:
+def _ckpt_key(cfg: dict, run: dict, seed: int, data_id: str) -> tuple[str, dict]:
     pre = cfg.get("pretrain", {})
     phases = list(run.get("train_phases") or ["A1"])
     spec = {"model": run["model"], "preset": cfg.get("model_preset", "tiny"), "overrides": run.get("overrides") or {},
-            "phases": phases, "pretrain": pre, "seed": seed if pre.get("per_seed") else 0}
+            "phases": phases, "pretrain": pre, "seed": seed if pre.get("per_seed") else 0, "data": data_id}
     key = f"{run['model']}-{'+'.join(phases)}-{_fingerprint(spec)}-s{spec['seed']}"
     return key, spec
 
@@ -180,16 +238,18 @@ def _truncate_heldout(stream, n):
 class _Models:
     """Pre-trained models, trained once per checkpoint key and reused (in memory and on disk)."""
 
-    def __init__(self, cfg, data_path, out, hooks, progress):
-        self.cfg, self.data_path, self.dir, self.hooks, self.progress = cfg, data_path, out / "checkpoints", hooks, progress
+    def __init__(self, cfg, data_path, data_id, out, hooks, progress):
+        self.cfg, self.data_path, self.data_id, self.hooks, self.progress = cfg, data_path, data_id, hooks, progress
+        self.dir = out / "checkpoints"
         self.cache: dict[str, torch.nn.Module] = {}
 
     def get(self, run, seed) -> torch.nn.Module:
-        key, spec = _ckpt_key(self.cfg, run, seed)
+        key, spec = _ckpt_key(self.cfg, run, seed, self.data_id)
         if key not in self.cache:
             marker = self.dir / f"{key}.json"
             info = _read_json(marker)
-            if info and Path(info.get("checkpoint", "")).exists():
+            if (info and _fingerprint(info.get("spec")) == _fingerprint(spec)
+                    and Path(info.get("checkpoint", "")).exists()):
                 model = self.hooks.load_checkpoint(info["checkpoint"])[0]
             else:
                 pre = dict(self.cfg.get("pretrain", {}))
@@ -197,7 +257,7 @@ class _Models:
                 tc = {"model": spec["model"], "preset": spec["preset"], "overrides": spec["overrides"],
                       "data": str(self.data_path), "phases": spec["phases"], "split": "train", "seed": spec["seed"],
                       "device": self.cfg.get("device", "cpu"), "out": str(self.dir / key),
-                      "progress": self.progress, **pre}
+                      "progress": self.progress, "overwrite": True, **pre}
                 res = self.hooks.train(tc)
                 model = res.model
                 atomic_write_json(marker, {"checkpoint": str(res.checkpoint), "spec": spec})
@@ -213,7 +273,13 @@ def run_aba(config: dict, hooks: Hooks | None = None, out: str | Path | None = N
     (default config["out"]). Resumable: finished (run, seed) logs are kept and skipped."""
     cfg = validate_config(copy.deepcopy(config))
     hooks = hooks or Hooks()
-    out = Path(out or cfg.get("out") or "runs/aba")
+    # before simulating data: `cuda` without CUDA would otherwise fail only at the first model
+    from hope_kernels.train import resolve_device
+    cfg["device"] = str(resolve_device(cfg.get("device", "cpu")))
+    # absolute, so checkpoint markers and fingerprints do not depend on the working directory
+    out = Path(out or cfg.get("out") or "runs/aba").resolve()
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"out {out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
     progress = cfg.get("progress", True) if progress is None else progress
     if cfg.get("threads"):
@@ -226,13 +292,16 @@ def run_aba(config: dict, hooks: Hooks | None = None, out: str | Path | None = N
         data_path = Path(data_cfg["dir"])
         if not (data_path / "manifest.json").is_file():
             raise FileNotFoundError(f"--data {data_path}: no manifest.json there (import a dataset first)")
+        hooks.verify_dataset(data_path)  # sha256 of every shard: ~1 s per GB
     else:
         data_path = Path(hooks.ensure_dataset(Path(data_cfg.get("dir") or out / "data"),
                                               data_cfg.get("preset", cfg.get("preset", "quick")),
                                               int(data_cfg.get("seed", 0))))
+    data_path = data_path.resolve()
+    data_id = _data_id(data_path)
     sc = cfg["stream"]
     phases = tuple(sc.get("phases", ("A1", "B", "A2")))
-    models = _Models(cfg, data_path, out, hooks, progress)
+    models = _Models(cfg, data_path, data_id, out, hooks, progress)
     runs, seeds = cfg["runs"], [int(s) for s in cfg["seeds"]]
     adapt_defaults = cfg.get("adapt", {}) or {}
 
@@ -246,8 +315,10 @@ def run_aba(config: dict, hooks: Hooks | None = None, out: str | Path | None = N
     extra: dict[tuple, list] = {}
     for seed, run in jobs:
         options = {**adapt_defaults, **(run.get("options") or {})}
-        fp = _fingerprint({"run": run, "options": options, "stream": sc, "data": str(data_path),
-                           "ckpt": _ckpt_key(cfg, run, seed)[0]})
+        # the number of A1 clips drawn below for ewc / replay reaches adapt_stream too
+        n_extra = {"ewc": cfg.get("fisher_clips", 8), "replay": cfg.get("replay_clips", 16)}.get(run["strategy"])
+        fp = _fingerprint({"run": run, "options": options, "stream": sc, "data": data_id, "extra": n_extra,
+                           "ckpt": _ckpt_key(cfg, run, seed, data_id)[0]})
         path = out / "runs" / _safe(run["name"]) / f"seed{seed}.json"
         stored = _read_json(path)
         if stored and stored.get("fingerprint") == fp:
@@ -281,6 +352,7 @@ def run_aba(config: dict, hooks: Hooks | None = None, out: str | Path | None = N
     data["wall_seconds"] = time.perf_counter() - t0
     data["config"] = cfg
     data["data_path"] = str(data_path)
+    data["data_id"] = data_id
     paths = write_results(data, out)
     return Results(data=data, paths=paths)
 

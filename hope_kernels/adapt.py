@@ -124,6 +124,12 @@ def clip_tensors(clip: dict, device="cpu"):
         raise ValueError(f"a clip needs T >= 2 timesteps to score, got T = {z.shape[0]}")
     s = clip.get("states")
     s = None if s is None else torch.as_tensor(s).to(device=device, dtype=torch.float32)[None]
+    # named here: inside a model a NaN latent shows up only as, say, a HOPE gate out of range, or as a NaN score
+    bad = [name for name, x in (("latents", z), ("actions", a), ("states", s))
+           if x is not None and not torch.isfinite(x).all()]
+    if bad:
+        raise ValueError(f"clip {clip.get('index')} (phase {clip.get('phase')}): {' and '.join(bad)} "
+                         f"contain NaN or inf")
     return z[None], a[None], s
 
 

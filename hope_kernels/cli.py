@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, TypeError, OSError, RuntimeError) as e:  # OSError: FileNotFoundError, NotADirectoryError, ...
         # one line naming the problem, non-zero exit; tracebacks only with HOPE_KERNELS_DEBUG=1
         import os
         if os.environ.get("HOPE_KERNELS_DEBUG") == "1":

@@ -5,7 +5,6 @@
 """
 from __future__ import annotations
 
-import json
 import os
 
 
@@ -21,22 +20,13 @@ def add_arguments(p):
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
+    p.add_argument("--overwrite", action="store_true", help="start over although OUT holds a checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def load_config_file(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path!r} does not exist")
-    with open(path) as f:
-        text = f.read()
-    if path.endswith(".json"):
-        cfg = json.loads(text)
-    else:
-        import yaml
-        cfg = yaml.safe_load(text)
-    if not isinstance(cfg, dict):
-        raise ValueError(f"config file {path!r} must hold a mapping of TrainConfig keys, got {type(cfg).__name__}")
-    return cfg
+    from hope_kernels.config import read_config_file
+    return read_config_file(path)
 
 
 def run(args) -> int:
@@ -49,6 +39,8 @@ def run(args) -> int:
             cfg[key] = val
     if args.resume:
         cfg["resume"] = True
+    if args.overwrite:
+        cfg["overwrite"] = True
     if args.no_progress:
         cfg["progress"] = False
     res = train(cfg)

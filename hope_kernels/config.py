@@ -138,7 +138,8 @@ class TrainConfig:
     ckpt_every: int = 100
     log_every: int = 10
     progress: bool = True
-    resume: bool = False
+    resume: bool = False                    # continue from out/checkpoint.safetensors (which must exist)
+    overwrite: bool = False                 # start over although out/ already holds a checkpoint
     # HOPE: CMS level l accumulates its gradient and applies the mean every cms_periods[l] optimiser steps
     # (DESIGN 5); off by default: every level is then updated every step (the learning test's setting)
     cms_train_periods: bool = False
@@ -157,6 +158,9 @@ class TrainConfig:
             raise ValueError(f"rollout_steps must be >= 0, got {self.rollout_steps}")
         if not 0 <= self.decay_frac <= 1:
             raise ValueError(f"decay_frac must be in [0, 1], got {self.decay_frac}")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other: resume continues the checkpoint, "
+                             "overwrite replaces it")
         if isinstance(self.phases, str):
             self.phases = [self.phases]
         self.phases = list(self.phases)
@@ -171,3 +175,28 @@ class TrainConfig:
             raise ValueError(f"unknown training config keys {sorted(unknown)}; valid: "
                              f"{sorted(f.name for f in dataclasses.fields(cls))}")
         return cls(**d)
+
+
+def read_config_file(path) -> dict:
+    """A YAML or JSON config file -> dict; errors name the file (and the line of a syntax error)."""
+    import json
+    import os
+
+    import yaml
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    with open(path) as f:
+        text = f.read()
+    try:
+        cfg = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"config file {path!r} is not valid JSON: {e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ValueError(f"config file {path!r} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"config file {path!r} must hold a mapping, got {type(cfg).__name__}")
+    return cfg

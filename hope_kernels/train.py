@@ -14,6 +14,7 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from hope_kernels.config import PredictorConfig, TrainConfig
+from hope_kernels.io import atomic_write_bytes
 from hope_kernels.models import build_predictor, predictor_from_config
 from hope_kernels.ops import l1_rollout_loss
 
@@ -262,17 +264,52 @@ def _restore_rng(rng: dict):
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
 
 
+def _read_log(path: str, upto: int) -> list:
+    """Entries of the JSONL log `path` with step <= upto. A partial last line (a run killed while appending)
+    is dropped with a warning; any other bad line raises naming the file and line."""
+    with open(path) as f:
+        lines = f.read().splitlines()
+    history = []
+    for i, line in enumerate(lines):
+        try:
+            rec = json.loads(line)
+            step = rec["step"]
+        except (ValueError, KeyError, TypeError):
+            if i == len(lines) - 1:
+                warnings.warn(f"{path}: dropped its partial last line {i + 1} (a run stopped while writing it)")
+                break
+            raise ValueError(f"{path} line {i + 1} is not a log entry: {line[:80]!r}") from None
+        if step <= upto:
+            history.append(rec)
+    return history
+
+
 # ---------------------------------------------------------------- training loop
+def resolve_device(name: str) -> torch.device:
+    """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> torch.device. CUDA without CUDA raises here, before any work;
+    'cuda' without an index means this process's LOCAL_RANK."""
+    cuda_index = int(os.environ.get("LOCAL_RANK", 0))
+    if name == "auto":
+        return torch.device(f"cuda:{cuda_index}" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r} ({e})") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {name!r}: CUDA requested but torch.cuda.is_available() is False")
+        if device.index is None:
+            device = torch.device("cuda", cuda_index)
+    return device
+
+
 def _dist_setup(device_cfg: str):
+    device = resolve_device(device_cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if (torch.cuda.is_available() and device_cfg != "cpu") else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
-    if device_cfg == "auto":
-        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(device_cfg)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return rank, world, device
@@ -315,13 +352,21 @@ def train(config, dataset=None) -> TrainResult:
     """Train a predictor. `config`: TrainConfig or dict of its fields. `dataset`: optional in-memory dataset
     (ClipDataset interface) used instead of `config.data`."""
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(dict(config))
+    out = cfg.out
+    ckpt_path = os.path.join(out, CKPT_NAME) if out else None
+    log_path = os.path.join(out, LOG_NAME) if out else None
+    if out and os.path.exists(out) and not os.path.isdir(out):
+        raise NotADirectoryError(f"out {out!r} is a file, not a folder")
+    if cfg.resume and not (ckpt_path and os.path.exists(ckpt_path)):
+        raise FileNotFoundError(f"resume: no checkpoint at {ckpt_path!r} to continue" if ckpt_path else
+                                "resume needs 'out', the folder holding the checkpoint")
+    if ckpt_path and os.path.exists(ckpt_path) and not (cfg.resume or cfg.overwrite):
+        raise ValueError(f"{ckpt_path} already exists: pass resume (--resume) to continue it or overwrite "
+                         f"(--overwrite) to start over")
     rank, world, device = _dist_setup(cfg.device)
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {world}")
     ds = dataset if dataset is not None else _load_dataset(cfg)
-    out = cfg.out
-    ckpt_path = os.path.join(out, CKPT_NAME) if out else None
-    log_path = os.path.join(out, LOG_NAME) if out else None
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -331,7 +376,7 @@ def train(config, dataset=None) -> TrainResult:
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
     start, history = 0, []
     cms = _CMSPeriods(model, cfg.cms_train_periods)
-    if cfg.resume and ckpt_path and os.path.exists(ckpt_path):
+    if cfg.resume:
         loaded, st = load_checkpoint(ckpt_path)
         if loaded.config != model.config:
             raise ValueError(f"checkpoint {ckpt_path} was trained with a different predictor config: "
@@ -342,13 +387,11 @@ def train(config, dataset=None) -> TrainResult:
         _restore_rng(st["rng"])
         cms.acc = {k: v.to(device) for k, v in st["cms_grads"].items()}
         start = st["step"]
-        if log_path and os.path.exists(log_path):
-            with open(log_path) as f:
-                history = [r for r in map(json.loads, f) if r["step"] <= start]
+        if os.path.exists(log_path):
+            history = _read_log(log_path, start)
     if rank == 0 and log_path:
-        os.makedirs(out, exist_ok=True)
-        with open(log_path, "w") as f:  # rewrite: drops entries past the resumed checkpoint
-            f.writelines(json.dumps(r) + "\n" for r in history)
+        # rewrite: drops entries past the resumed checkpoint (and a partial last line)
+        atomic_write_bytes(log_path, "".join(json.dumps(r) + "\n" for r in history).encode())
 
     local = cfg.batch_size // world
     amp = device.type == "cuda"

@@ -7,7 +7,8 @@ stream from it.
     python python/import_own_data.py --out /tmp/demo --demo          # random arrays, to try it out
 
 Latents (n, T, N, D) or (n, T, H, W, D); actions (n, T, A). Splits are assigned automatically (train | stream |
-heldout). Then: `hope-kernels aba --preset quick --out runs/mine --data data/mine`.
+heldout; the stream gets 10% of each phase). Then: `hope-kernels aba --preset quick --out runs/mine --data data/mine`,
+which takes 6 stream clips per phase, so each phase needs at least 60 clips.
 """
 from __future__ import annotations
 

@@ -20,6 +20,7 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true", help="start over although OUT/model holds a checkpoint")
     args = p.parse_args(argv)
 
     from pathlib import Path
@@ -31,7 +32,7 @@ def main(argv=None) -> int:
     res = train({"model": args.model, "preset": args.preset, "overrides": {}, "data": str(data),
                  "phases": args.phases.split(","), "split": "train", "steps": args.steps,
                  "batch_size": args.batch_size, "lr": args.lr, "seed": 0, "device": args.device,
-                 "out": str(Path(args.out) / "model"), "progress": True})
+                 "out": str(Path(args.out) / "model"), "overwrite": args.overwrite, "progress": True})
     print(f"checkpoint: {res.checkpoint}")
     return 0
 

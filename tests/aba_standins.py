@@ -145,7 +145,8 @@ class StandInHooks:
     """hope_kernels.aba.Hooks stand-in: synthetic stream, tiny training, safetensors checkpoints. Counts calls."""
 
     def __init__(self, train_steps=10):
-        self.calls = {"ensure_dataset": 0, "make_stream": 0, "train": 0, "load_checkpoint": 0, "train_clips": 0}
+        self.calls = {"ensure_dataset": 0, "verify_dataset": 0, "make_stream": 0, "train": 0, "load_checkpoint": 0,
+                      "train_clips": 0}
         self.train_steps = train_steps
 
     def ensure_dataset(self, path, preset, seed):
@@ -155,6 +156,9 @@ class StandInHooks:
         path.mkdir(parents=True, exist_ok=True)
         (path / "manifest.json").write_text("{}")
         return path
+
+    def verify_dataset(self, path):
+        self.calls["verify_dataset"] += 1
 
     def make_stream(self, path, phases, clips_per_phase, seed):
         self.calls["make_stream"] += 1

@@ -143,3 +143,108 @@ def test_cli_aba(tmp_path, monkeypatch, capsys):
     assert "| hope |" in out and "results.json" in out
     assert json.loads((tmp_path / "o" / "results.json").read_text())["seeds"] == [3]
     assert main(["aba", "--config", str(path), "--out", str(tmp_path / "o"), "--seeds", "x"]) == 2
+
+
+def _fake_dataset(path, content):
+    path.mkdir(parents=True)
+    (path / "manifest.json").write_text(json.dumps({"stand-in": content}))
+    return {"dir": str(path), "imported": True}
+
+
+def test_checkpoints_are_not_reused_across_datasets(tmp_path):
+    cfg = tiny_config()
+    cfg["runs"], cfg["seeds"] = cfg["runs"][1:3], [0]
+    cfg["data"] = _fake_dataset(tmp_path / "d1", 1)
+    hooks = StandInHooks()
+    run_aba(cfg, hooks=hooks, out=tmp_path / "o", progress=False)
+    assert hooks.calls["train"] == 1 and hooks.calls["verify_dataset"] == 1
+    cfg["data"] = _fake_dataset(tmp_path / "d2", 2)   # other data, same everything else
+    hooks = StandInHooks()
+    res = run_aba(cfg, hooks=hooks, out=tmp_path / "o", progress=False)
+    assert hooks.calls["train"] == 1 and hooks.calls["load_checkpoint"] == 0
+    assert len(list((tmp_path / "o" / "checkpoints").glob("*.json"))) == 2
+    assert res.data["data_path"] == str(tmp_path / "d2")
+
+
+def test_imported_data_is_verified(tmp_path):
+    from hope_kernels.data.format import DatasetWriter
+    import torch
+    d = tmp_path / "d"
+    with DatasetWriter(d, grid=(2, 1, 1), enc_dim=4, action_dim=2) as w:
+        w.add_shard(torch.zeros(2, 2, 1, 4), torch.zeros(2, 2, 2), "A1", "stream")
+    shard = d / "A1-stream-0000.safetensors"
+    b = bytearray(shard.read_bytes())
+    b[-3] ^= 0xFF
+    shard.write_bytes(bytes(b))
+    hooks = StandInHooks()
+    hooks.verify_dataset = aba.Hooks().verify_dataset
+    cfg = tiny_config()
+    cfg["data"] = {"dir": str(d), "imported": True}
+    with pytest.raises(ValueError, match="shard A1-stream-0000.safetensors is corrupt"):
+        run_aba(cfg, hooks=hooks, out=tmp_path / "o", progress=False)
+    assert hooks.calls["make_stream"] == 0
+
+
+def test_cuda_without_cuda_fails_before_the_data(tmp_path, monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = tiny_config()
+    cfg["device"] = "cuda"
+    hooks = StandInHooks()
+    with pytest.raises(RuntimeError, match="CUDA requested but torch.cuda.is_available"):
+        run_aba(cfg, hooks=hooks, out=tmp_path / "o", progress=False)
+    assert hooks.calls["ensure_dataset"] == 0
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda c: c.update(basline="ac+none"), r"A-B-A config: unknown key\(s\) \['basline'\]"),
+    (lambda c: c["stream"].update(clip_per_phase=1), r"stream: unknown key\(s\) \['clip_per_phase'\]"),
+    (lambda c: c["runs"][0].update(option={}), r"run 'hope': unknown key\(s\) \['option'\]"),
+    (lambda c: c["runs"][6].update(train_phase=["B"]), r"run 'oracle': unknown key\(s\) \['train_phase'\]"),
+    (lambda c: c["stream"].update(phases=["A1", "C"]), "stream.phases must be"),
+    (lambda c: c["runs"][6].update(train_phases=["b"]), "run 'oracle': train_phases must be"),
+    (lambda c: c.update(seeds=["a"]), "seeds must be non-negative ints"),
+    (lambda c: c["stream"].update(clips_per_phase=-1), "stream.clips_per_phase must be a non-negative int"),
+    (lambda c: c.update(fisher_clips=-2), "fisher_clips must be a non-negative int"),
+], ids=["top", "stream", "run-option", "run-train_phase", "phases", "train_phases", "seeds", "clips", "fisher"])
+def test_config_typos_and_bad_values_are_named(edit, match):
+    cfg = tiny_config()
+    edit(cfg)
+    with pytest.raises(ValueError, match=match):
+        validate_config(cfg)
+
+
+def test_cli_aba_bad_yaml_and_out_file(tmp_path, capsys):
+    from hope_kernels.cli import main
+    path = tmp_path / "c.yaml"
+    path.write_text("seeds: [0\nruns: []\n")
+    assert main(["aba", "--config", str(path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "not valid YAML" in err and len(err.strip().splitlines()) == 1
+    assert main(["aba", "--config", str(path), "--out", str(path)]) == 2
+    path.write_text(json.dumps(tiny_config()))
+    assert main(["aba", "--config", str(path), "--out", str(path)]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_fingerprint_covers_fisher_clips_and_resolves_paths(tmp_path, monkeypatch):
+    cfg = tiny_config()
+    cfg["runs"] = [r for r in cfg["runs"] if r["name"] in ("ac+none", "ac+ewc")]
+    cfg["seeds"], cfg["baseline"] = [0], None
+    monkeypatch.chdir(tmp_path)
+    run_aba(cfg, hooks=StandInHooks(), out="rel", progress=False)
+    count = {"n": 0}
+    real = aba.adapt_stream
+
+    def counting(*a, **k):
+        count["n"] += 1
+        return real(*a, **k)
+    monkeypatch.setattr(aba, "adapt_stream", counting)
+    # the same output folder, named from another working directory: everything is reused
+    monkeypatch.chdir(tmp_path.parent)
+    hooks = StandInHooks()
+    run_aba(cfg, hooks=hooks, out=tmp_path / "rel", progress=False)
+    assert count["n"] == 0 and hooks.calls["train"] == 0
+    cfg["fisher_clips"] = 3
+    run_aba(cfg, hooks=StandInHooks(), out=tmp_path / "rel", progress=False)
+    assert count["n"] == 1    # only ac+ewc

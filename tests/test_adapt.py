@@ -263,3 +263,12 @@ def test_guard_rolls_back_non_finite_carried_memory():
     assert log.rollbacks == 1
     assert all(math.isfinite(x) for x in log.tf)
     assert all(torch.isfinite(s).all() for s in m._memory)
+
+
+@pytest.mark.parametrize("model_cls,strategy", [(TinyPredictor, "layernorm"), (TinyPredictor, "none"),
+                                                (TinyHOPE, "hope")])
+def test_non_finite_stream_latents_are_named(model_cls, strategy):
+    stream = make_stream(2)
+    stream.clips[3]["latents"][1, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"clip 3 \(phase B\): latents contain NaN or inf"):
+        adapt_stream(model_cls(), stream.clips, strategy, **OPTS)

@@ -1,6 +1,7 @@
 """Dataset format: manifest + shards, lazy ClipDataset, make_stream, verify, ensure_dataset, atomic writes."""
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -180,3 +181,27 @@ def test_simulate_cli(tmp_path, capsys):
     assert main(["simulate", "--out", str(tmp_path / "x"), "--set", "mu_a=-1"]) == 2
     assert "mu > 0" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda m: m["clips"][0].update(row=10_000), "clip 0 refers to row 10000 of shard"),
+    (lambda m: m["clips"][0].pop("row"), "clip entry 0 must have shard, row"),
+    (lambda m: m["clips"][0].update(shard=99), "clip 0 refers to shard 99"),
+    (lambda m: m["shards"][0].update(phase="C"), "has phase 'C'"),
+    (lambda m: m["shards"][0].pop("bytes"), "shard entry 0 must have"),
+    (lambda m: m.update(grid="8x8x8"), "grid must be"),
+], ids=["row-oob", "no-row", "shard-oob", "phase-unknown", "no-bytes", "grid-str"])
+def test_malformed_manifest_entries_are_named(tiny, tmp_path, capsys, edit, match):
+    d = _copy(tiny, tmp_path / "m")
+    m = json.loads((d / MANIFEST).read_text())
+    edit(m)
+    (d / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(ValueError, match=f"corrupt manifest {re.escape(str(d / MANIFEST))}: .*{match}"):
+        read_manifest(d)
+    assert main(["verify", str(d)]) == 2
+    assert str(d / MANIFEST) in capsys.readouterr().err
+
+
+def test_make_stream_rejects_negative_clips_per_phase(tiny):
+    with pytest.raises(ValueError, match="clips_per_phase must be a non-negative int, got -1"):
+        make_stream(tiny, clips_per_phase=-1)

@@ -227,6 +227,54 @@ def test_cli_train(tmp_path, capsys):
     assert "stepz" in capsys.readouterr().err
 
 
+def test_existing_checkpoint_needs_resume_or_overwrite(tmp_path):
+    ds = small_data()
+    tr.train(cfg(steps=2, out=str(tmp_path)), dataset=ds)
+    ckpt, log = (tmp_path / tr.CKPT_NAME).read_bytes(), (tmp_path / tr.LOG_NAME).read_text()
+    with pytest.raises(ValueError, match="already exists: pass resume"):
+        tr.train(cfg(steps=1, seed=5, out=str(tmp_path)), dataset=ds)
+    assert (tmp_path / tr.CKPT_NAME).read_bytes() == ckpt and (tmp_path / tr.LOG_NAME).read_text() == log
+    res = tr.train(cfg(steps=1, seed=5, out=str(tmp_path), overwrite=True), dataset=ds)
+    assert [h["step"] for h in res.history] == [1]
+    with pytest.raises(FileNotFoundError, match="resume: no checkpoint at"):
+        tr.train(cfg(steps=1, out=str(tmp_path / "empty"), resume=True), dataset=ds)
+
+
+def test_resume_drops_a_partial_last_log_line(tmp_path):
+    ds = small_data()
+    tr.train(cfg(steps=2, out=str(tmp_path)), dataset=ds)
+    log = tmp_path / tr.LOG_NAME
+    with open(log, "a") as f:
+        f.write('{"step": 3, "loss": 0.0')         # a run killed while appending step 3
+    with pytest.warns(UserWarning, match="partial last line 3"):
+        res = tr.train(cfg(steps=4, out=str(tmp_path), resume=True), dataset=ds)
+    assert [h["step"] for h in res.history] == [1, 2, 3, 4]
+    assert [json.loads(line)["step"] for line in open(log)] == [1, 2, 3, 4]
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join([lines[0], "garbage"] + lines[1:]) + "\n")
+    with pytest.raises(ValueError, match="train_log.jsonl line 2 is not a log entry"):
+        tr.train(cfg(steps=5, out=str(tmp_path), resume=True), dataset=ds)
+
+
+def test_cuda_without_cuda_fails_up_front(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="CUDA requested but torch.cuda.is_available"):
+        tr.train(cfg(device="cuda", out=str(tmp_path)), dataset=small_data())
+    assert not os.listdir(tmp_path)
+
+
+def test_cli_train_bad_yaml_and_out_file(tmp_path, capsys):
+    from hope_kernels.cli import main
+    conf = tmp_path / "c.yaml"
+    conf.write_text("model: ac\nsteps: [2\n")
+    assert main(["train", "--config", str(conf)]) == 2
+    err = capsys.readouterr().err
+    assert str(conf) in err and "not valid YAML" in err and len(err.strip().splitlines()) == 1
+    conf.write_text("model: ac\nsteps: 2\n")
+    assert main(["train", "--config", str(conf), "--out", str(conf)]) == 2
+    assert f"out {str(conf)!r} is a file" in capsys.readouterr().err
+
+
 def test_bad_config_values():
     with pytest.raises(ValueError, match="rollout_schedule"):
         TrainConfig(rollout_schedule="exp")
