@@ -107,3 +107,27 @@ def test_errors_name_the_environment_variable(monkeypatch):
         rope3d(x, pos)
     with pytest.raises(D.BackendUnavailableError, match="'triton' is not implemented"):
         rope3d(x, pos, backend="triton")
+
+
+def test_value_checks_read_gpu_tensors_only_in_debug(monkeypatch):
+    """Gate ranges, L1 weights: reading values off a GPU is a host sync per call, so only HOPE_KERNELS_DEBUG=1
+    reads them there (a meta tensor stands in for a GPU one); CPU tensors are always read."""
+    from hope_kernels.ops.checks import DEBUG_ENV, reads_values
+    cpu, dev = torch.zeros(2), torch.zeros(2, device="meta")
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    assert reads_values(cpu, None) and not reads_values(dev) and not reads_values(cpu, dev)
+    monkeypatch.setenv(DEBUG_ENV, "1")
+    assert reads_values(dev)
+
+
+@pytest.mark.parametrize("op", ["dgd", "titans"])
+def test_gate_checks_follow_reads_values(op, monkeypatch):
+    """The memory ops consult reads_values before their gate checks: with it off, alpha = 2 is not read."""
+    mod, args = (dgd_ops, _dgd(4, 4)[:5]) if op == "dgd" else (titans_ops, _titans(4, 4))
+    bad = list(args)
+    bad[3] = torch.full_like(args[3], 2.0)
+    fn = dgd_ops.dgd_memory if op == "dgd" else titans_ops.titans_memory
+    with pytest.raises(ValueError, match="alpha must be"):
+        fn(*bad, backend="reference")
+    monkeypatch.setattr(mod, "reads_values", lambda *t: False)
+    fn(*bad, backend="reference")

@@ -240,6 +240,113 @@ def test_split_equals_whole(backend):
     assert_close_all((torch.cat([oa, ob], 2), *sb), (o, *s), TOL[dtype], "split")
 
 
+@pytest.mark.parametrize("backend", ALL)
+def test_sigmoid_gate_preactivation_grads_match_token_loop(backend):
+    """Gates from sigmoids of widely spread logits (many within 1e-6 of an edge, some saturated in float32): the
+    gradients to the logits match the float64 token loop. The gate gradients themselves lose eps/gate relative
+    accuracy near an edge on the chunked fast paths (docs/titans.md); the sigmoid's factor g (1 - g) cancels it."""
+    x, st = make(B=1, H=2, L=16, state=True, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(3)
+    logits = [(6 * torch.randn(1, 2, 16, generator=gen)).float() for _ in range(2)]
+
+    def run(fn, dtype):
+        la, le = (t.to(dtype).requires_grad_(True) for t in logits)
+        xs = [t.to(dtype) for t in x]
+        o, s = fn(*xs[:3], torch.sigmoid(la), torch.sigmoid(le), xs[5], [t.to(dtype) for t in st])
+        g = torch.Generator().manual_seed(1)
+        loss = sum((t.double() * torch.randn(t.shape, generator=g, dtype=torch.float64)).sum() for t in (o, *s))
+        return torch.autograd.grad(loss, (la, le))
+
+    ref = run(loop_fn(4), torch.float64)
+    got = run(op_fn(4, backend), torch.float32)
+    assert_close_all(got, ref, 1e-4, "d logit (alpha, eta)")   # measured <= 1e-6; a wrong sign or factor: >= 1
+
+
+MEMORY_PATHS = [("linear", b) for b in ALL] + [("mlp", b) for b in ("reference", "triton") if b in ALL]
+
+
+@pytest.mark.parametrize("memory,backend", MEMORY_PATHS)
+def test_gate_exactly_at_edge_gradient_finite(memory, backend):
+    """1 - alpha = 0 and eta = 0 at one token each: the chunked fast paths cannot recover those two gates'
+    gradients (d log g / g at g = 0) and return 0 there, not rounding noise / tiny (~1e30); every other gradient
+    matches the token loop."""
+    x, st = make(B=1, H=1, L=6, dk=6, dv=6, dtype=torch.float32, state=True, mlp_dh=5 if memory == "mlp" else None)
+    x[3][..., 3], x[4][..., 1] = 1.0, 0.0
+    _, gref = grads_of(loop_fn(4, memory), [t.double() for t in x], [s.double() for s in st])
+    _, g = grads_of(op_fn(4, backend, memory), x, st)
+    edge = torch.zeros(6, dtype=torch.bool)
+    edge[[1, 3]] = True
+    for name, i, t in (("alpha", 3, 3), ("eta", 4, 1)):
+        got, want = g[i][0, 0, t].item(), gref[i][0, 0, t].item()
+        assert abs(got - want) <= abs(want) + 1e-6, f"d{name} at its edge: {got} (token loop {want})"
+    assert_close_all([t[..., ~edge] for t in g[3:5]], [t[..., ~edge] for t in gref[3:5]], 1e-4, "other gates")
+    assert_close_all(g[:3] + g[5:], gref[:3] + gref[5:], 1e-4, "other grads")
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("BH", [(0, 2), (2, 0)])
+def test_empty_batch_or_heads(backend, BH):
+    """B = 0 or H = 0: empty outputs of the right shapes, forward and backward (as dgd_memory)."""
+    x, st = make(B=BH[0], H=BH[1], L=5, dk=4, dv=3, state=True, dtype=torch.float32)
+    x = [t.requires_grad_(True) for t in x]
+    o, (W, S) = titans_memory(*x, chunk_size=2, initial_state=st, output_final_state=True, backend=backend)
+    assert o.shape == (*BH, 5, 3) and W.shape == S.shape == (*BH, 4, 3)
+    grads = torch.autograd.grad(o.sum() + W.sum() + S.sum(), x)
+    assert [g.shape for g in grads] == [t.shape for t in x]
+
+
+@pytest.mark.parametrize("memory,backend", MEMORY_PATHS)
+def test_final_state_is_compact(memory, backend):
+    """The final state is not a view of the (B, H, N + 1, dk, dv) chunk-boundary states (which it would keep alive),
+    and gradients still reach it."""
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    x, st = make(B=1, H=1, L=12, dk=4, dv=4, dtype=dtype, state=True, mlp_dh=3 if memory == "mlp" else None)
+    (o, *fs), _ = grads_of(op_fn(2, backend, memory), x, st)
+    for s in fs:
+        assert s.untyped_storage().nbytes() == s.numel() * s.element_size(), "final state is a view of a larger buffer"
+
+
+def _spy_chunk_sizes(monkeypatch, module, names, L):
+    """Wrap module.<names> (which take chunk_size as keyword or last argument) to fail on a chunk_size above L."""
+    for name in names:
+        def spy(*args, _fn=getattr(module, name), **kw):
+            C = kw.get("chunk_size", args[-1])
+            assert C <= L, f"{name} got chunk_size={C} for L={L}: not clamped"
+            return _fn(*args, **kw)
+        monkeypatch.setattr(module, name, spy)
+
+
+@pytest.mark.parametrize("memory,backend", MEMORY_PATHS)
+def test_chunk_size_above_length_is_length(memory, backend, monkeypatch):
+    """chunk_size > L gives the result of chunk_size = L, without building (C, C) tiles: the kernels get C = L (so
+    triton also takes C = 4096 when L <= 64)."""
+    import hope_kernels.ops.titans as T
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    x, st = make(B=1, H=1, L=5, dk=4, dv=4, dtype=dtype, state=True, mlp_dh=3 if memory == "mlp" else None)
+    out, g = grads_of(op_fn(5, backend, memory), x, st)
+    _spy_chunk_sizes(monkeypatch, T, ("titans_chunked", "titans_token_loop", "_fwd_impl", "_mlp_fwd_impl"), 5)
+    out2, g2 = grads_of(op_fn(4096, backend, memory), x, st)
+    assert all(torch.equal(a, b) for a, b in zip(out2 + g2, out + g))
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_initial_state_iterator(backend):
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    x, st = make(B=1, H=1, L=5, dk=4, dv=4, dtype=dtype, state=True)
+    o, s = titans_memory(*x, chunk_size=2, initial_state=st, output_final_state=True, backend=backend)
+    o2, s2 = titans_memory(*x, chunk_size=2, initial_state=iter(st), output_final_state=True, backend=backend)
+    assert torch.equal(o, o2) and all(torch.equal(a, b) for a, b in zip(s, s2))
+    with pytest.raises(TypeError, match="initial_state must be a sequence of tensors"):
+        titans_memory(*x, initial_state=st[0], backend=backend)
+
+
+def test_docstring_states_the_triton_limits():
+    from hope_kernels.ops.titans import MLP_MAX_D, TRITON_MAX_CHUNK, TRITON_MAX_D
+    doc = " ".join(titans_memory.__doc__.split())
+    assert f"linear memory: dk, dv <= {TRITON_MAX_D} and chunk_size <= {TRITON_MAX_CHUNK}" in doc
+    assert f"mlp memory: dk = dv, dh and chunk_size <= {MLP_MAX_D}" in doc
+
+
 # ------------------------------------------------------------------ op machinery
 
 def _op_backends():
@@ -528,7 +635,7 @@ def test_triton_mlp_bad_inputs():
     x, st = make(B=1, H=1, L=4, dk=65, dv=65, mlp_dh=3, dtype=torch.float32)
     with pytest.raises(ValueError, match="dk = dv <= 64"):
         titans_memory(*x, memory="mlp", initial_state=st, backend="triton")
-    x, st = make(B=1, H=1, L=4, dk=4, dv=4, mlp_dh=3, dtype=torch.float32)
+    x, st = make(B=1, H=1, L=66, dk=4, dv=4, mlp_dh=3, dtype=torch.float32)   # L > 65: C = 65 is not clamped
     with pytest.raises(ValueError, match="chunk_size <= 64, got 65"):
         titans_memory(*x, chunk_size=65, memory="mlp", initial_state=st, backend="triton")
 

@@ -130,7 +130,7 @@ def _pad_chunks(q, k, v, alpha, eta, C):
     if pad:
         q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
         alpha, eta = F.pad(alpha, (0, pad), value=1.0), F.pad(eta, (0, pad))
-    return (q.reshape(B, H, N, C, dk), k.reshape(B, H, N, C, dk), v.reshape(B, H, N, C, -1),
+    return (q.reshape(B, H, N, C, dk), k.reshape(B, H, N, C, dk), v.reshape(B, H, N, C, v.shape[-1]),
             alpha.reshape(B, H, N, C), eta.reshape(B, H, N, C))
 
 

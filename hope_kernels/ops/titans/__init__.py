@@ -22,7 +22,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from hope_kernels.dispatch import needs_backward, require_cuda_shared_memory, resolve_backend
-from hope_kernels.ops.checks import accum_dtype, check_same_device, check_same_dtype, check_tensor
+from hope_kernels.ops.checks import accum_dtype, check_same_device, check_same_dtype, check_tensor, reads_values
 from hope_kernels.ops.titans.reference import (titans_chunked, titans_linear_chunked_bwd, titans_linear_chunked_fwd,
                                                titans_mlp_chunked_bwd, titans_mlp_chunked_fwd, titans_token_loop)
 
@@ -107,6 +107,8 @@ def _validate(q, k, v, alpha, eta, theta, chunk_size, memory, initial_state) -> 
 def _check_gate_values(alpha, eta, theta) -> None:
     # Value checks read the data: run outside tracing only.
     for name, g, lo, hi in (("alpha", alpha, 0.0, 1.0), ("eta", eta, 0.0, 1.0), ("theta", theta, 0.0, None)):
+        if g.numel() == 0:   # B = 0 or H = 0: nothing to check (min() has no value)
+            continue
         if not torch.isfinite(g).all():
             raise ValueError(f"{name} must be finite, got NaN/Inf")
         gmin = g.min().item()
@@ -154,6 +156,15 @@ def _resolve(backend: str, memory: str, tensors, dh: int = 0, chunk_size: int = 
 
 
 # ---------------------------------------------------------------- fast-path custom op (linear memory)
+
+def _edge_gate_grads(g, alpha, eta, backend):
+    """The chunked backwards compute a gate's gradient as d(log gate) / gate (docs/titans.md, "Accuracy of the
+    gate gradients"): at a gate exactly at its edge (1 - alpha = 0 or eta = 0) that is rounding noise / tiny,
+    ~1e30. Return 0 there instead (finite; the true value is O(1)). The cuda kernel is exact there."""
+    if backend == "cuda":
+        return tuple(g)
+    return (*g[:3], torch.where(alpha == 1, 0.0, g[3]), torch.where(eta == 0, 0.0, g[4]), *g[5:])
+
 
 def _fwd_impl(backend, q, k, v, alpha, eta, theta, W0, S0, chunk_size):
     if backend == "triton":
@@ -236,7 +247,7 @@ def _backward(ctx, do, dWs, dSs):
     dWT = Ws.new_zeros(B, H, dk, dv) if dWs is None else dWs[:, :, -1]
     dST = Ss.new_zeros(B, H, dk, dv) if dSs is None else dSs[:, :, -1]
     g = _linear_backward_op(q, k, v, alpha, eta, theta, Ws, Ss, do, dWT, dST, ctx.chunk_size, ctx.backend)
-    return (*g, None, None)
+    return (*_edge_gate_grads(g, alpha, eta, ctx.backend), None, None)
 
 
 _linear_op.register_autograd(_backward, setup_context=_setup_context)
@@ -312,7 +323,7 @@ def _mlp_backward(ctx, do, *dstates):
     # only the last boundary state is a public output (the final state)
     dT = [b.new_zeros(b[:, :, -1].shape) if d is None else d[:, :, -1] for b, d in zip(bs, dstates)]
     g = _mlp_backward_op(q, k, v, alpha, eta, theta, *bs, do, *dT, ctx.chunk_size, ctx.backend)
-    return (*g, None, None)
+    return (*_edge_gate_grads(g, alpha, eta, ctx.backend), None, None)
 
 
 _mlp_op.register_autograd(_mlp_backward, setup_context=_mlp_setup_context)
@@ -337,17 +348,25 @@ def titans_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torc
         Backends: reference and triton.
     Returns (o (B, H, L, dv) in q's dtype, final_state): final_state is None unless output_final_state, else
     the state tuple in the accumulation dtype (float32; float64 for float64 inputs).
-    Gradients flow to q, k, v, alpha, eta, theta and initial_state. On the fast paths the gradient to a gate
-    that sits exactly at 1 - alpha = 0 or eta = 0 is not exact (the forward is).
-    backend="triton": float32/bfloat16/float16 only (float64 raises TypeError); linear memory: dk, dv and
-    chunk_size <= 64; mlp memory: dk = dv, dh and chunk_size <= 64 (auto falls back to reference outside).
+    Gradients flow to q, k, v, alpha, eta, theta and initial_state. On cpu and triton the gradient to a gate
+    g = 1 - alpha or eta has a relative error of about eps / g near its edge, and is 0 at g = 0 exactly (the
+    forward is exact); gradients through sigmoid-parametrised gates stay accurate (docs/titans.md).
+    backend="triton": float32/bfloat16/float16 only (float64 raises TypeError); linear memory: dk, dv <= 128 and
+    chunk_size <= 64; mlp memory: dk = dv, dh and chunk_size <= 64 (auto falls back to reference outside). A
+    chunk_size above L is taken as L (the same result), so it never counts against these limits.
     backend="cuda" (linear memory, CUDA tensors): fused token-serial kernel, any chunk_size and dv, dk limited by
     the device's shared memory (dk <= 128 everywhere from sm_80; beyond, a clear error). Its gate gradients are
     exact also at alpha = 1 or eta = 0. auto on CUDA tensors takes it when triton does not fit the call.
     """
+    if initial_state is not None:
+        if isinstance(initial_state, torch.Tensor) or not hasattr(initial_state, "__iter__"):
+            raise TypeError("initial_state must be a sequence of tensors, (W, S) for memory='linear' or "
+                            f"(W1, W2, S1, S2) for memory='mlp', got {type(initial_state).__name__}")
+        initial_state = tuple(initial_state)   # once: an iterator would be used up by the validation
     _validate(q, k, v, alpha, eta, theta, chunk_size, memory, initial_state)
-    if not torch.compiler.is_compiling():
+    if reads_values(alpha, eta, theta):   # on a GPU only with HOPE_KERNELS_DEBUG=1: a host sync per call
         _check_gate_values(alpha, eta, theta)
+    chunk_size = min(chunk_size, q.shape[2])   # a chunk longer than the sequence is the whole sequence
     dh = initial_state[0].shape[-1] if memory == "mlp" else 0
     tensors = (q, k, v, alpha, eta, theta)
     stage = "both" if needs_backward(*tensors, *(initial_state or ())) else "fwd"
@@ -361,7 +380,8 @@ def titans_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torc
     if memory == "mlp":
         W1, W2, S1, S2 = (s.to(acc).contiguous() for s in initial_state)
         o, *bs = _mlp_op(q.contiguous(), k.contiguous(), v.contiguous(), *gates, W1, W2, S1, S2, chunk_size, backend)
-        return o, (tuple(b[:, :, -1] for b in bs) if output_final_state else None)
+        # clones: a view would keep all N + 1 boundary states alive
+        return o, (tuple(b[:, :, -1].clone() for b in bs) if output_final_state else None)
     B, H, L, dk = q.shape
     dv = v.shape[-1]
     if initial_state is None:
@@ -369,4 +389,4 @@ def titans_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torc
     else:
         W0, S0 = (s.to(acc).contiguous() for s in initial_state)
     o, Ws, Ss = _linear_op(q.contiguous(), k.contiguous(), v.contiguous(), *gates, W0, S0, chunk_size, backend)
-    return o, ((Ws[:, :, -1], Ss[:, :, -1]) if output_final_state else None)
+    return o, ((Ws[:, :, -1].clone(), Ss[:, :, -1].clone()) if output_final_state else None)
