@@ -197,6 +197,9 @@ def save_checkpoint(path, model, optimizer, step: int, config, cms_grads: dict |
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
     try:
         save_file(tensors, tmp, metadata=meta)
+        os.chmod(tmp, 0o644)                    # as the datasets and results (io.atomic_write_bytes)
+        with open(tmp, "rb") as f:              # on disk before the rename, so a crash leaves old or new
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -229,15 +232,27 @@ def load_checkpoint(path, device="cpu"):
         raise ValueError(f"checkpoint {path!r} is corrupt or not a safetensors file: {e}") from None
     if meta.get("format") != "hope-kernels-checkpoint-1":
         raise ValueError(f"{path!r} is not a hope-kernels checkpoint (metadata format={meta.get('format')!r})")
-    stored = json.loads(meta["predictor_config"])
-    # checkpoints written before these fields existed: absolute output, no input stem
-    stored.setdefault("predict_delta", False)
-    stored.setdefault("stem_kernel", 0)
-    pcfg = PredictorConfig.from_dict(stored)
+    try:
+        stored = json.loads(meta["predictor_config"])
+        # checkpoints written before these fields existed: absolute output, no input stem
+        stored.setdefault("predict_delta", False)
+        stored.setdefault("stem_kernel", 0)
+        pcfg = PredictorConfig.from_dict(stored)
+        step, train_config = int(meta["step"]), json.loads(meta["train_config"])
+        groups = json.loads(meta.get("optimizer_param_groups") or "null")
+        py_rng, np_rng = json.loads(meta["python_rng"]), json.loads(meta["numpy_rng"])
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
+        raise ValueError(f"checkpoint {path!r} has corrupt metadata: {type(e).__name__}: {e}") from None
+    weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"checkpoint {path!r} holds NaN or inf in {len(bad)} tensor(s), first {bad[0]!r}")
     model = predictor_from_config(pcfg)
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint {path!r}: its weights do not fit its own predictor config: {e}") from None
     model.to(device)
-    groups = json.loads(meta.get("optimizer_param_groups") or "null")
     opt = None
     if groups is not None:
         state: dict = {}
@@ -247,9 +262,9 @@ def load_checkpoint(path, device="cpu"):
                 state.setdefault(int(pid), {})[name] = v
         opt = {"state": state, "param_groups": groups}
     rng = {k: v for k, v in tensors.items() if k.startswith("rng.")}
-    rng["python"], rng["numpy"] = json.loads(meta["python_rng"]), json.loads(meta["numpy_rng"])
+    rng["python"], rng["numpy"] = py_rng, np_rng
     cms_grads = {k[len("cms_grad."):]: v for k, v in tensors.items() if k.startswith("cms_grad.")}
-    return model, {"step": int(meta["step"]), "config": json.loads(meta["train_config"]),
+    return model, {"step": step, "config": train_config,
                    "predictor_config": pcfg, "optimizer": opt, "rng": rng, "cms_grads": cms_grads}
 
 

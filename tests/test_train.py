@@ -85,6 +85,28 @@ def test_checkpoint_roundtrip_atomic_and_corrupt(tmp_path, monkeypatch):
         tr.load_checkpoint(tmp_path / "missing.safetensors")
 
 
+def test_checkpoint_contents_checked_on_load(tmp_path):
+    """Metadata that does not parse, weights that do not fit the stored config and non-finite weights: each a
+    ValueError naming the file (they were a bare KeyError, a torch error without the path, or loaded silently)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    path = tr.train(cfg(model="ac", out=str(tmp_path)), dataset=small_data()).checkpoint
+    assert os.stat(path).st_mode & 0o777 == 0o644
+    with safe_open(path, framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    name = next(k for k in tensors if k.startswith("model.") and k.endswith("weight"))
+    cases = {"no python_rng": ({k: v for k, v in meta.items() if k != "python_rng"}, tensors, "corrupt metadata"),
+             "bad json": ({**meta, "predictor_config": "{"}, tensors, "corrupt metadata"),
+             "nan weight": (meta, {**tensors, name: tensors[name] * float("nan")}, "NaN or inf"),
+             "wrong shape": (meta, {**tensors, name: tensors[name][..., :1].contiguous()}, "do not fit")}
+    for case, (m, t, msg) in cases.items():
+        bad = tmp_path / f"{case.replace(' ', '_')}.safetensors"
+        save_file(t, str(bad), metadata=m)
+        with pytest.raises(ValueError, match=msg) as e:
+            tr.load_checkpoint(bad)
+        assert str(bad) in str(e.value), case
+
+
 CMS_PERIODS = dict(overrides={**TINY, "cms_periods": (1, 2, 4)}, cms_train_periods=True)
 
 
