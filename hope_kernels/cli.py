@@ -1,5 +1,5 @@
-"""`hope-kernels` command line. Each subcommand lives in the module that owns it and is imported lazily, so
-`hope-kernels --help` stays fast and a missing optional dependency only affects its own command.
+"""`hope-kernels` command line. Each subcommand lives in the module that owns it; the modules keep their heavy
+imports inside `run`, so a missing optional dependency only affects its own command.
 
 Every subcommand module exposes `add_arguments(parser)` and `run(args) -> int` (exit code).
 """
@@ -18,11 +18,15 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "encode": ("hope_kernels.data.cli_encode", "encode frames with the embedded or a local V-JEPA 2 encoder"),
     "aba": ("hope_kernels.cli_aba", "the A-B-A job: data, pre-training, every TTA strategy, results.json/md/png"),
     "train": ("hope_kernels.cli_train", "train an AC or HOPE predictor"),
+    "adapt": ("hope_kernels.cli_adapt", "adapt one checkpoint over a dataset's A1 -> B -> A2 stream with one strategy"),
+    "bench": ("hope_kernels.cli_bench", "run the benchmark suites (eager, torch.compile, fast paths side by side)"),
 }
+DESCRIPTION = ("hope-kernels: training and test-time adaptation of world models in V-JEPA 2 latent space, on "
+               "custom kernels")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hope-kernels", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="hope-kernels", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text)

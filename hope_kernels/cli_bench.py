@@ -1,0 +1,37 @@
+"""`hope-kernels bench`: the pytest-benchmark suites of a source checkout (benchmarks/test_bench_<suite>.py),
+eager, torch.compile and each fast path side by side, with the summary table of ratios at the end."""
+from __future__ import annotations
+
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def suites() -> list[str]:
+    return sorted(p.stem[len("test_bench_"):] for p in BENCH_DIR.glob("test_bench_*.py"))
+
+
+def add_arguments(p) -> None:
+    p.add_argument("suites", nargs="*", help=f"suites to run (default: all of {', '.join(suites()) or 'none'})")
+    p.add_argument("--json", default=None, help="also write the table's rows as JSON here")
+
+
+def run(args) -> int:
+    import os
+    import subprocess
+    import sys
+
+    if not BENCH_DIR.is_dir():
+        raise FileNotFoundError(f"bench runs the suites of a source checkout; {BENCH_DIR} does not exist "
+                                "(install with `pip install --no-build-isolation -e .` from a clone)")
+    known = suites()
+    unknown = sorted(set(args.suites) - set(known))
+    if unknown:
+        raise ValueError(f"unknown benchmark suite(s) {unknown}; known: {known}")
+    files = [str(BENCH_DIR / f"test_bench_{s}.py") for s in (args.suites or known)]
+    env = dict(os.environ)
+    if args.json:
+        env["HOPE_BENCH_JSON"] = os.path.abspath(args.json)
+    cmd = [sys.executable, "-m", "pytest", *files, "-q", "-s", "-p", "no:cacheprovider", "--benchmark-only",
+           "--benchmark-columns=median,rounds"]
+    return subprocess.call(cmd, cwd=BENCH_DIR.parent, env=env)
