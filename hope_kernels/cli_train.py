@@ -30,6 +30,7 @@ def load_config_file(path: str) -> dict:
 
 
 def run(args) -> int:
+    from hope_kernels.config import TrainConfig
     from hope_kernels.train import train
 
     cfg = load_config_file(args.config) if args.config else {}
@@ -43,6 +44,9 @@ def run(args) -> int:
         cfg["overwrite"] = True
     if args.no_progress:
         cfg["progress"] = False
+    # keys and values first; then --out: the Python API may train in memory, from the shell the model would be lost
+    if not TrainConfig.from_dict(dict(cfg)).out:
+        raise ValueError("train needs --out DIR (or `out` in the config): where the checkpoint and log go")
     res = train(cfg)
     if res.history and int(os.environ.get("RANK", "0")) == 0:
         last = res.history[-1]

@@ -299,6 +299,21 @@ def _read_log(path: str, upto: int) -> list:
     return history
 
 
+# settings a resumed run may change without leaving the uninterrupted run's trajectory
+_FREE_ON_RESUME = {"steps", "out", "resume", "overwrite", "progress", "ckpt_every", "log_every", "device", "data"}
+
+
+def _warn_changed_settings(ckpt_path: str, stored: dict, now: dict) -> None:
+    """Resuming with another seed, batch size, learning rate, ... is allowed, but it no longer reproduces the
+    uninterrupted run: say which settings differ."""
+    changed = sorted(k for k in stored if k not in _FREE_ON_RESUME and
+                     json.dumps(stored.get(k), sort_keys=True) != json.dumps(now.get(k), sort_keys=True, default=list))
+    if changed:
+        diffs = ", ".join(f"{k}: {stored.get(k)!r} -> {now.get(k)!r}" for k in changed)
+        warnings.warn(f"resuming {ckpt_path} with other settings than it was trained with ({diffs}); the run "
+                      f"will not reproduce an uninterrupted one")
+
+
 # ---------------------------------------------------------------- training loop
 def resolve_device(name: str) -> torch.device:
     """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> torch.device. CUDA without CUDA raises here, before any work;
@@ -402,6 +417,7 @@ def train(config, dataset=None) -> TrainResult:
         _restore_rng(st["rng"])
         cms.acc = {k: v.to(device) for k, v in st["cms_grads"].items()}
         start = st["step"]
+        _warn_changed_settings(ckpt_path, st["config"], cfg.to_dict())
         if os.path.exists(log_path):
             history = _read_log(log_path, start)
     if rank == 0 and log_path:

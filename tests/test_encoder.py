@@ -13,7 +13,7 @@ from hope_kernels.cli import main
 from hope_kernels.data import ClipDataset, verify_dataset
 from hope_kernels.data.physics import Physics, simulate_clips, timestep_positions
 from hope_kernels.models.encoder import (EMBEDDED_FINGERPRINT, EMBEDDED_WEIGHTS, build_embedded_weights,
-                                         get_encoder, latent_fingerprint, load_embedded_encoder)
+                                         encode_frames, get_encoder, latent_fingerprint, load_embedded_encoder)
 
 REC = json.loads(EMBEDDED_FINGERPRINT.read_text())
 
@@ -64,6 +64,10 @@ def test_bad_frames(enc):
         enc.encode(torch.zeros(1, 2, 64, 64, 3, dtype=torch.int32))
     with pytest.raises(ValueError, match="NaN"):
         enc.encode(torch.full((1, 2, 8, 8, 3), float("nan")))
+    with pytest.raises(ValueError, match=r"float frames must lie in \[0, 1\]"):
+        enc.encode(torch.full((1, 2, 8, 8, 3), 255.0))
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+        encode_frames(enc, torch.zeros(1, 2, 8, 8, 3), batch_size=0)
     with pytest.raises(ValueError, match="encoder must be 'embedded' or 'hf:DIR'"):
         get_encoder("vjepa")
 

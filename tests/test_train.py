@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import warnings
+
 import pytest
 import torch
 
@@ -249,6 +251,16 @@ def test_cli_train(tmp_path, capsys):
     assert "stepz" in capsys.readouterr().err
 
 
+def test_resume_with_other_settings_warns(tmp_path):
+    ds = small_data()
+    tr.train(cfg(steps=2, out=str(tmp_path)), dataset=ds)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")     # more steps: the same trajectory, nothing to say
+        tr.train(cfg(steps=3, out=str(tmp_path), resume=True), dataset=ds)
+    with pytest.warns(UserWarning, match=r"other settings than it was trained with \(lr: 0.001 -> 0.01\)"):
+        tr.train(cfg(steps=4, lr=0.01, out=str(tmp_path), resume=True), dataset=ds)
+
+
 def test_existing_checkpoint_needs_resume_or_overwrite(tmp_path):
     ds = small_data()
     tr.train(cfg(steps=2, out=str(tmp_path)), dataset=ds)
@@ -295,6 +307,8 @@ def test_cli_train_bad_yaml_and_out_file(tmp_path, capsys):
     conf.write_text("model: ac\nsteps: 2\n")
     assert main(["train", "--config", str(conf), "--out", str(conf)]) == 2
     assert f"out {str(conf)!r} is a file" in capsys.readouterr().err
+    assert main(["train", "--config", str(conf)]) == 2   # no --out: the trained model would be lost
+    assert "train needs --out DIR" in capsys.readouterr().err
 
 
 def test_bad_config_values():

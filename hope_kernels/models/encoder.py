@@ -48,6 +48,9 @@ def _frames_to_float(frames: torch.Tensor, patch: int, tubelet: int) -> torch.Te
         raise TypeError(f"frames must be uint8 or float in [0, 1], got {frames.dtype}")
     if not torch.isfinite(frames).all():
         raise ValueError("frames contain NaN or Inf")
+    lo, hi = frames.min().item(), frames.max().item()
+    if lo < 0 or hi > 1:   # 0..255 floats would be encoded silently as out-of-range pixels
+        raise ValueError(f"float frames must lie in [0, 1] (uint8 frames are scaled by 1/255), got [{lo}, {hi}]")
     return frames.float()
 
 
@@ -201,6 +204,8 @@ def get_encoder(spec: str, device: str = "cpu"):
 
 def encode_frames(encoder, frames, batch_size: int = 32) -> torch.Tensor:
     """Encode (n, F, H, W, 3) frames in batches -> (n, T, N, D) float32."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     n = frames.shape[0]
     outs = [encoder.encode(frames[a:a + batch_size]) for a in range(0, n, batch_size)]
     return torch.cat(outs, 0) if outs else torch.empty(0)
