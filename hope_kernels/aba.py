@@ -215,11 +215,27 @@ def _read_json(path: Path):
         return None
 
 
+def _code_id(*modules: str) -> str:
+    """A hash of these modules' source files (hope_kernels-relative, a folder: every .py in it): the code that
+    decides what a stored checkpoint or run log holds, so a changed model or adaptation rule is not reused."""
+    root = Path(__file__).resolve().parent
+    files = sorted(f for m in modules for f in ((root / m).glob("*.py") if (root / m).is_dir() else [root / m]))
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+_TRAIN_CODE = ("models", "train.py", "config.py")
+_ADAPT_CODE = ("adapt.py",)
+
+
 def _ckpt_key(cfg: dict, run: dict, seed: int, data_id: str) -> tuple[str, dict]:
     pre = cfg.get("pretrain", {})
     phases = list(run.get("train_phases") or ["A1"])
     spec = {"model": run["model"], "preset": cfg.get("model_preset", "tiny"), "overrides": run.get("overrides") or {},
-            "phases": phases, "pretrain": pre, "seed": seed if pre.get("per_seed") else 0, "data": data_id}
+            "phases": phases, "pretrain": pre, "seed": seed if pre.get("per_seed") else 0, "data": data_id,
+            "code": _code_id(*_TRAIN_CODE)}
     key = f"{run['model']}-{'+'.join(phases)}-{_fingerprint(spec)}-s{spec['seed']}"
     return key, spec
 
@@ -318,7 +334,7 @@ def run_aba(config: dict, hooks: Hooks | None = None, out: str | Path | None = N
         # the number of A1 clips drawn below for ewc / replay reaches adapt_stream too
         n_extra = {"ewc": cfg.get("fisher_clips", 8), "replay": cfg.get("replay_clips", 16)}.get(run["strategy"])
         fp = _fingerprint({"run": run, "options": options, "stream": sc, "data": data_id, "extra": n_extra,
-                           "ckpt": _ckpt_key(cfg, run, seed, data_id)[0]})
+                           "ckpt": _ckpt_key(cfg, run, seed, data_id)[0], "code": _code_id(*_ADAPT_CODE)})
         path = out / "runs" / _safe(run["name"]) / f"seed{seed}.json"
         stored = _read_json(path)
         if stored and stored.get("fingerprint") == fp:

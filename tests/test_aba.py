@@ -248,3 +248,25 @@ def test_fingerprint_covers_fisher_clips_and_resolves_paths(tmp_path, monkeypatc
     cfg["fisher_clips"] = 3
     run_aba(cfg, hooks=StandInHooks(), out=tmp_path / "rel", progress=False)
     assert count["n"] == 1    # only ac+ewc
+
+
+def test_checkpoints_and_logs_not_reused_after_a_code_change(tmp_path, monkeypatch):
+    """A changed model/training source retrains the checkpoints; a changed adaptation source reruns the runs
+    (a gate change in the HOPE predictor had kept its checkpoint key)."""
+    cfg = tiny_config()
+    cfg["runs"], cfg["seeds"], cfg["baseline"] = cfg["runs"][1:3], [0], None
+    run_aba(cfg, hooks=StandInHooks(), out=tmp_path / "o", progress=False)
+    hooks = StandInHooks()
+    run_aba(cfg, hooks=hooks, out=tmp_path / "o", progress=False)
+    assert hooks.calls["train"] == 0
+    real = aba._code_id
+    monkeypatch.setattr(aba, "_code_id", lambda *m: real(*m) + ("x" if "models" in m else ""))
+    hooks = StandInHooks()
+    run_aba(cfg, hooks=hooks, out=tmp_path / "o", progress=False)
+    assert hooks.calls["train"] == 1
+    count = {"n": 0}
+    real_adapt = aba.adapt_stream
+    monkeypatch.setattr(aba, "adapt_stream", lambda *a, **k: count.update(n=count["n"] + 1) or real_adapt(*a, **k))
+    monkeypatch.setattr(aba, "_code_id", lambda *m: real(*m) + "y")
+    run_aba(cfg, hooks=StandInHooks(), out=tmp_path / "o", progress=False)
+    assert count["n"] == len(cfg["runs"])

@@ -95,16 +95,28 @@ def test_each_strategy_changes_only_allowed_params():
     assert not _changed(before, m)
 
 
-def test_hope_uses_no_optimizer_and_updates_cms_only(monkeypatch):
-    def boom(*a, **k):
-        raise AssertionError("hope must not build an optimizer")
-    monkeypatch.setattr(adapt_mod, "_make_optimizer", boom)
+def test_hope_updates_cms_only_with_one_optimizer_per_level(monkeypatch):
+    built = []
+    real = adapt_mod._make_optimizer
+    monkeypatch.setattr(adapt_mod, "_make_optimizer", lambda ps, o: built.append((len(ps), o["lr"])) or real(ps, o))
     m = TinyHOPE()
     before = _params(m)
     cms_names = {k for k in before if k.startswith("cms.")}
     adapt_stream(m, make_stream(2).clips, "hope", cms_lr=0.05)
     changed = _changed(before, m)
     assert changed and changed <= cms_names
+    assert built == [(len(list(lvl.parameters())), 0.05) for lvl in m.cms]
+
+
+def test_hope_cms_step_is_the_size_of_an_optimizer_step():
+    """At the default cms_lr (1e-3, the LN-TTA learning rate) a CMS update moves its level by lr per weight, as
+    AdamW does: plain SGD moved it by lr * gradient, ~1e-7 relative, and `hope` scored like the frozen model."""
+    m = TinyHOPE()
+    lvl = list(m.cms[0].parameters())
+    before = [p.detach().clone() for p in lvl]
+    adapt_stream(m, make_stream(1).clips[:1], "hope", cms_periods=[1] * len(m.cms))
+    step = max((p - b).abs().max().item() for p, b in zip(lvl, before))
+    assert abs(step - 1e-3) < 1e-5, step        # AdamW's first step: lr per weight, whatever the gradient's scale
 
 
 def test_hope_ttt_changes_chosen_params_plus_cms():

@@ -62,7 +62,7 @@ class SelfModifyingMemory(nn.Module):
             self.kv = nn.Linear(c.width, 2 * c.width, bias=False)
             self.gates = nn.Linear(c.width, 2 * H)
             self.M0 = nn.Parameter(torch.randn(1, H, dh, dh) * dh ** -0.5)
-        # gate biases: eta_t starts near 0.12 * eta_max, alpha_t near 0.99 retention
+        # gate biases: eta_t starts near 0.12 * eta_max / P, the retention near 0.99 per timestep (P tokens)
         self.gate_bias = nn.Parameter(torch.tensor([-2.0, 4.6]))
         if self.rule == "titans":
             self.momentum_logit = nn.Parameter(torch.zeros(H))           # Titans momentum eta (ablation)
@@ -72,9 +72,12 @@ class SelfModifyingMemory(nn.Module):
         # coherently: the per-token rate is eta_max / chunk, which keeps the summed step of a timestep at most
         # eta_max whatever the grid (with eta_max per token, 65 tokens blew the memory up to 1e34 in 3 steps)
         eta = self.eta_max / chunk * torch.sigmoid(e_logit + self.gate_bias[0])
-        # float32 sigmoid underflows to exactly 0 below ~-104 (a carried memory can drive the logit there);
-        # the memory ops need alpha in (0, 1]
-        alpha = torch.sigmoid(a_logit + self.gate_bias[1]).clamp_min(1e-6)
+        # retention is per timestep too: the gate gives a timestep's retention and each of its `chunk` tokens
+        # keeps its chunk-th root. A per-token 0.99 kept 0.99^65 = 0.48 of the memory per timestep of the 8x8
+        # grid and 0.003 per clip, so the memory had decayed to its bias after a timestep or two and carrying it
+        # across clips changed nothing (docs/hope.md). float32 sigmoid underflows to exactly 0 below ~-104 (a
+        # carried memory can drive the logit there); the memory ops need alpha in (0, 1]
+        alpha = torch.sigmoid(a_logit + self.gate_bias[1]).clamp_min(1e-6) ** (1.0 / chunk)
         return eta, alpha
 
     def initial_state(self, B: int):
