@@ -299,8 +299,9 @@ def _read_log(path: str, upto: int) -> list:
     return history
 
 
-# settings a resumed run may change without leaving the uninterrupted run's trajectory
-_FREE_ON_RESUME = {"steps", "out", "resume", "overwrite", "progress", "ckpt_every", "log_every", "device", "data"}
+# settings a resumed run may change without leaving the uninterrupted run's trajectory (not `steps`: the
+# learning-rate and rollout-weight schedules are fractions of it)
+_FREE_ON_RESUME = {"out", "resume", "overwrite", "progress", "ckpt_every", "log_every", "device", "data"}
 
 
 def _warn_changed_settings(ckpt_path: str, stored: dict, now: dict) -> None:
