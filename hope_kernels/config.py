@@ -83,12 +83,14 @@ class PredictorConfig:
 # Width / depth / heads per preset. HOPE presets are sized to about the AC parameter count of the same name
 # (AC block ~12 w^2; HOPE block: attention 4 w^2 + memory 2 w^2 + 3 CMS levels of 2 w^2). The input stem costs
 # 2 * enc_dim * width * k^2 parameters: k = 5 for tiny (measured to learn, docs/training.md), 3 for small, and
-# none for vjepa2-ac, which keeps the official architecture (absolute output) and loads official weights as is.
+# none for vjepa2-ac, which keeps the official architecture (absolute output, its RoPE formula) and loads official
+# weights as is.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "ac": {
         "tiny": dict(width=96, depth=2, heads=4),
         "small": dict(width=384, depth=6, heads=6, stem_kernel=3),
-        "vjepa2-ac": dict(width=1024, depth=24, heads=16, enc_dim=1024, stem_kernel=0, predict_delta=False),
+        "vjepa2-ac": dict(width=1024, depth=24, heads=16, enc_dim=1024, stem_kernel=0, predict_delta=False,
+                          rope_compat="vjepa2"),
     },
     "hope": {
         "tiny": dict(width=96, depth=2, heads=4),

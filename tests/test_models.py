@@ -282,9 +282,11 @@ def test_official_ac_keys_load():
         make("ac", state_dim=3, predict_delta=True, stem_kernel=0).load_official_state_dict(sd)
     with pytest.raises(ValueError, match="stem_kernel=0"):
         make("ac", state_dim=3, predict_delta=False).load_official_state_dict(sd)
+    with pytest.raises(ValueError, match="rope_compat='vjepa2'"):   # loaded silently into the true rotation before
+        make("ac", state_dim=3, predict_delta=False, stem_kernel=0).load_official_state_dict(sd)
     from hope_kernels.config import predictor_config
     official = predictor_config("ac", "vjepa2-ac")        # the official architecture, so its weights load as is
-    assert official.predict_delta is False and official.stem_kernel == 0
+    assert official.predict_delta is False and official.stem_kernel == 0 and official.rope_compat == "vjepa2"
 
 
 @pytest.mark.parametrize("kind", ["ac", "hope"])

@@ -39,6 +39,9 @@ class ACPredictor(PredictorBase):
         if self.config.predict_delta or self.config.stem_kernel:
             raise ValueError("the official V-JEPA 2-AC predictor has no input stem and outputs absolute latents: "
                              "build this predictor with predict_delta=False, stem_kernel=0 to load its weights")
+        if self.config.rope_compat != "vjepa2":   # the weights would load, and attend with another rotation
+            raise ValueError("the official V-JEPA 2-AC weights were trained with its own RoPE formula: build this "
+                             "predictor with rope_compat='vjepa2' to load them")
         mapped = official_to_local(sd)
         own = self.state_dict()
         bad = [f"{k}: expected {tuple(own[k].shape)}, got {tuple(v.shape)}" for k, v in mapped.items()
