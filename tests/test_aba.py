@@ -34,6 +34,17 @@ def tiny_config():
     }
 
 
+def _count_adapt_calls(monkeypatch) -> dict:
+    """Wrap aba.adapt_stream; the returned dict's "n" counts the calls."""
+    count = {"n": 0}
+    real = aba.adapt_stream
+
+    def counting(*a, **k):
+        count["n"] += 1
+        return real(*a, **k)
+    monkeypatch.setattr(aba, "adapt_stream", counting)
+    return count
+
 def test_run_aba_writes_results_and_resumes(tmp_path, monkeypatch):
     hooks = StandInHooks()
     res = run_aba(tiny_config(), hooks=hooks, out=tmp_path, progress=False)
@@ -66,13 +77,7 @@ def test_run_aba_writes_results_and_resumes(tmp_path, monkeypatch):
 
     # a killed run: its file is missing -> only that (run, seed) reruns, from the stored checkpoint
     (tmp_path / "runs" / "ac+none" / "seed1.json").unlink()
-    count = {"n": 0}
-    real = aba.adapt_stream
-
-    def counting(*a, **k):
-        count["n"] += 1
-        return real(*a, **k)
-    monkeypatch.setattr(aba, "adapt_stream", counting)
+    count = _count_adapt_calls(monkeypatch)
     hooks3 = StandInHooks()
     res3 = run_aba(tiny_config(), hooks=hooks3, out=tmp_path, progress=False)
     assert count["n"] == 1 and hooks3.calls["train"] == 0 and hooks3.calls["load_checkpoint"] == 1
@@ -233,13 +238,7 @@ def test_fingerprint_covers_fisher_clips_and_resolves_paths(tmp_path, monkeypatc
     cfg["seeds"], cfg["baseline"] = [0], None
     monkeypatch.chdir(tmp_path)
     run_aba(cfg, hooks=StandInHooks(), out="rel", progress=False)
-    count = {"n": 0}
-    real = aba.adapt_stream
-
-    def counting(*a, **k):
-        count["n"] += 1
-        return real(*a, **k)
-    monkeypatch.setattr(aba, "adapt_stream", counting)
+    count = _count_adapt_calls(monkeypatch)
     # the same output folder, named from another working directory: everything is reused
     monkeypatch.chdir(tmp_path.parent)
     hooks = StandInHooks()
@@ -264,9 +263,7 @@ def test_checkpoints_and_logs_not_reused_after_a_code_change(tmp_path, monkeypat
     hooks = StandInHooks()
     run_aba(cfg, hooks=hooks, out=tmp_path / "o", progress=False)
     assert hooks.calls["train"] == 1
-    count = {"n": 0}
-    real_adapt = aba.adapt_stream
-    monkeypatch.setattr(aba, "adapt_stream", lambda *a, **k: count.update(n=count["n"] + 1) or real_adapt(*a, **k))
+    count = _count_adapt_calls(monkeypatch)
     monkeypatch.setattr(aba, "_code_id", lambda *m: real(*m) + "y")
     run_aba(cfg, hooks=StandInHooks(), out=tmp_path / "o", progress=False)
     assert count["n"] == len(cfg["runs"])
