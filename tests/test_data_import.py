@@ -144,6 +144,18 @@ def test_pt_needing_pickle_is_refused(tmp_path, capsys):
     assert "needs pickle" in e and "bad_lat.pt" in e
 
 
+@pytest.mark.parametrize("fmt", ["npy", "npz"])
+def test_object_arrays_named_not_corrupt(tmp_path, capsys, fmt):
+    """An intact object array is refused for needing pickle (it was called truncated or corrupt)."""
+    _, act = _arrays()
+    obj = np.empty(2, dtype=object)
+    obj[:] = [np.zeros(3), np.zeros(4)]
+    p = tmp_path / f"bad_lat.{fmt}"
+    np.save(p, obj) if fmt == "npy" else np.savez(p, latents=obj)
+    e = _bad(tmp_path, capsys, None, act, fmt=fmt)
+    assert f"bad_lat.{fmt}" in e and "holds Python objects, which only pickle can load" in e
+
+
 @pytest.mark.parametrize("fmt", ["npy", "npz", "safetensors", "pt"])
 def test_truncated_file(tmp_path, capsys, fmt):
     lat, act = _arrays()

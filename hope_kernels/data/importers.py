@@ -55,6 +55,11 @@ def load_array(path, role: str) -> torch.Tensor:
             return obj
     except DataError:
         raise
+    except ValueError as e:
+        if "allow_pickle" in str(e):   # numpy's refusal of an object array: intact, but loading it needs pickle
+            raise DataError(f"{role} file {path} holds Python objects, which only pickle can load (never used "
+                            f"here): save a numeric array") from None
+        raise DataError(f"{role} file {path} is truncated or corrupt: ValueError: {str(e).splitlines()[0]}") from None
     except Exception as e:  # numpy / zipfile / safetensors / torch errors on a truncated or corrupt file
         raise DataError(f"{role} file {path} is truncated or corrupt: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     raise DataError(f"{role} file {path}: unsupported extension {ext!r} (expected .npy, .npz, .safetensors, .pt)")
