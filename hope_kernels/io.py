@@ -8,16 +8,19 @@ import tempfile
 from pathlib import Path
 
 
-def atomic_write_bytes(path, data: bytes) -> Path:
-    """Write `data` to `path` atomically; creates the parent folder. Returns the path."""
+def atomic_write(path, write) -> Path:
+    """Call write(tmp_path) to produce `path`'s new content in a temp file beside it, fsync it, then rename it
+    over `path`; creates the parent folder. Any error (or interrupt) removes the temp file and leaves `path` as it
+    was. Returns the path. For writers that need a file name (safetensors' save_file); bytes: atomic_write_bytes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; datasets and results are meant to be shared
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        write(tmp)
+        # mkstemp creates 0600, and a writer may replace the file; datasets, checkpoints, results are shared
+        os.chmod(tmp, 0o644)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -25,3 +28,11 @@ def atomic_write_bytes(path, data: bytes) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def atomic_write_bytes(path, data: bytes) -> Path:
+    """Write `data` to `path` atomically (atomic_write); creates the parent folder. Returns the path."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+    return atomic_write(path, write)

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from hope_kernels.config import PredictorConfig, TrainConfig
-from hope_kernels.io import atomic_write_bytes
+from hope_kernels.io import atomic_write, atomic_write_bytes
 from hope_kernels.models import build_predictor, predictor_from_config
 from hope_kernels.ops import l1_rollout_loss
 
@@ -191,20 +191,8 @@ def save_checkpoint(path, model, optimizer, step: int, config, cms_grads: dict |
             "optimizer_param_groups": json.dumps(opt_meta),
             "python_rng": json.dumps(_py_rng_to_json(random.getstate())),
             "numpy_rng": json.dumps(_np_rng_to_json(np.random.get_state()))}
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.chmod(tmp, 0o644)                    # as the datasets and results (io.atomic_write_bytes)
-        with open(tmp, "rb") as f:              # on disk before the rename, so a crash leaves old or new
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    return os.fspath(path)
 
 
 def _py_rng_to_json(st):
