@@ -24,16 +24,11 @@ def add_arguments(p):
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def load_config_file(path: str) -> dict:
-    from hope_kernels.config import read_config_file
-    return read_config_file(path)
-
-
 def run(args) -> int:
-    from hope_kernels.config import TrainConfig
+    from hope_kernels.config import TrainConfig, read_config_file
     from hope_kernels.train import train
 
-    cfg = load_config_file(args.config) if args.config else {}
+    cfg = read_config_file(args.config) if args.config else {}
     for key in ("model", "data", "out", "preset", "steps", "batch_size", "lr", "seed", "device"):
         val = getattr(args, key)
         if val is not None:
