@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import random
@@ -215,9 +216,11 @@ def _read_json(path: Path):
         return None
 
 
+@functools.lru_cache(maxsize=None)
 def _code_id(*modules: str) -> str:
     """A hash of these modules' source files (hope_kernels-relative, a folder: every .py in it): the code that
-    decides what a stored checkpoint or run log holds, so a changed model or adaptation rule is not reused."""
+    decides what a stored checkpoint or run log holds, so a changed model or adaptation rule is not reused.
+    Cached: the code this process runs is the code it imported (every job's key used to re-read the files)."""
     root = Path(__file__).resolve().parent
     files = sorted(f for m in modules for f in ((root / m).glob("*.py") if (root / m).is_dir() else [root / m]))
     h = hashlib.sha256()
