@@ -1,13 +1,15 @@
 """Benchmark harness: every benchmark of one group runs the eager baseline and each fast path in the same
 session; at the end a table prints ms, speed-up over eager, GB/s or TFLOP/s, and peak memory per row.
-Set HOPE_BENCH_JSON=path to also write the rows as JSON (benchmarks/run_gpu.sh does).
+Set HOPE_BENCH_JSON=path to also write the rows as JSON (benchmarks/run_gpu.sh does): the file is rewritten
+(atomically) after every row, so a suite killed at its time limit keeps the rows it measured.
 HOPE_BENCH_WARMUP=1: every benchmark runs its function once and is then skipped, nothing is timed. This fills
 the Triton and Inductor caches on disk, so benchmarks/run_gpu.sh compiles every suite's kernels at once, in
 parallel processes (pytest-xdist), before the timed runs, which then find them compiled.
 
 Use the `bench` fixture:  bench(fn, group="l1 fwd (4,8,256,1024) fp32", backend="eager", nbytes=..., flops=...)
-The row whose backend is "eager" is the baseline of its group. `calls=k` when one fn() runs the op k times (a
+The row whose backend is "eager" (or "eager_chunked") is the baseline of its group. `calls=k` when one fn() runs the op k times (a
 CUDA graph of k launches: ms is then per launch, nbytes is for all k); `ceiling_gbps` adds "% copy" to the row.
+Suites that time with pytest-benchmark themselves add their rows with the `bench_row` fixture.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import pytest
 import torch
 
 ROWS: list[dict] = []
+BASELINES = ("eager", "eager_chunked")   # the backend a group's speed-ups are measured against
 WARMUP = os.environ.get("HOPE_BENCH_WARMUP", "0") == "1"
 
 
@@ -61,10 +64,48 @@ def bench(benchmark):
                    gbps=gbps, tflops=(flops / median / 1e12) if flops else None,
                    peak_mib=(peak / 2**20) if peak is not None else None,
                    pct_copy=(100 * gbps / ceiling_gbps) if gbps and ceiling_gbps else None)
-        ROWS.append(row)
-        return row
+        return add_row(row)
 
     return run
+
+
+def add_row(row: dict) -> dict:
+    """Append one finished row to the table (and to HOPE_BENCH_JSON at once)."""
+    row = dict(dict.fromkeys(("rounds", "gbps", "tflops", "peak_mib", "pct_copy")), **row)
+    ROWS.append(row)
+    _write_json()
+    return row
+
+
+@pytest.fixture
+def bench_row():
+    """add(group=, backend=, device=, ms=, peak_mib=None, ...): a row timed by the suite itself."""
+    return lambda **row: add_row(row)
+
+
+def _with_speedups(rows: list[dict]) -> list[dict]:
+    base = {r["group"]: r["ms"] for r in rows if r["backend"] in BASELINES}
+    for r in rows:
+        r["speedup_vs_eager"] = (base[r["group"]] / r["ms"]) if r["group"] in base else None
+    return rows
+
+
+_EXISTING: dict = {}   # path -> rows already in that file when this session first wrote it (earlier suites)
+
+
+def _write_json() -> None:
+    path = os.environ.get("HOPE_BENCH_JSON")
+    if not path:
+        return
+    if path not in _EXISTING:
+        _EXISTING[path] = []
+        if os.path.exists(path):
+            with open(path) as f:
+                _EXISTING[path] = json.load(f)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(_EXISTING[path] + _with_speedups(ROWS), f, indent=1)
+    os.replace(tmp, path)
 
 
 @pytest.fixture(autouse=True)
@@ -97,9 +138,7 @@ def pytest_collection_modifyitems(items):
 def pytest_terminal_summary(terminalreporter):
     if not ROWS:
         return
-    eager = {r["group"]: r["ms"] for r in ROWS if r["backend"] == "eager"}
-    for r in ROWS:
-        r["speedup_vs_eager"] = (eager[r["group"]] / r["ms"]) if r["group"] in eager else None
+    _with_speedups(ROWS)
     tr = terminalreporter
     tr.section("hope-kernels benchmark summary (speed-up = eager ms / ms)")
     tr.write_line(f"{'group':58s} {'backend':16s} {'ms':>10s} {'speed-up':>9s} {'GB/s':>8s} {'TFLOP/s':>8s} "
@@ -110,13 +149,3 @@ def pytest_terminal_summary(terminalreporter):
                       f"{fmt(r['speedup_vs_eager'], '%8.2fx'):>9s} {fmt(r['gbps'], '%8.1f'):>8s} "
                       f"{fmt(r['tflops'], '%8.2f'):>8s} {fmt(r['peak_mib'], '%9.1f'):>9s} "
                       f"{fmt(r.get('pct_copy'), '%6.1f%%'):>7s}")
-    path = os.environ.get("HOPE_BENCH_JSON")
-    if path:
-        existing = []
-        if os.path.exists(path):
-            with open(path) as f:
-                existing = json.load(f)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(existing + ROWS, f, indent=1)
-        os.replace(tmp, path)

@@ -8,6 +8,8 @@ import argparse
 import json
 import os
 
+from targets import markdown as targets_markdown
+
 
 def fmt(v, spec):
     return spec % v if v is not None else "-"
@@ -26,7 +28,7 @@ def main() -> None:
         with open(a.rows) as f:
             rows = json.load(f)
     lines = [f"# {a.title}", "", a.preamble, "",
-             "Speed-up = eager ms / ms, in the same run on the same device. GB/s counts each input read once "
+             "Speed-up = eager ms / ms (the eager chunked form for the memory ops), in the same run on the same device. GB/s counts each input read once "
              "and each output written once; the copy row is the device's measured ceiling.", "",
              "| group | backend | ms | speed-up | GB/s | TFLOP/s | peak MiB | % copy |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -34,6 +36,8 @@ def main() -> None:
         lines.append(f"| {r['group']} | {r['backend']} | {r['ms']:.4f} | {fmt(r.get('speedup_vs_eager'), '%.2fx')} | "
                      f"{fmt(r.get('gbps'), '%.1f')} | {fmt(r.get('tflops'), '%.2f')} | {fmt(r.get('peak_mib'), '%.1f')} | "
                      f"{fmt(r.get('pct_copy'), '%.1f%%')} |")
+    if rows:
+        lines += [""] + targets_markdown(rows)
     for path in a.extra:
         try:
             with open(path) as f:

@@ -107,7 +107,7 @@ def _time(fn, inputs, backward, reps=3):
 @pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
 @pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("shape_name", list(SHAPES))
-def test_bench_dgd(benchmark, path, shape_name, mode):
+def test_bench_dgd(benchmark, bench_row, path, shape_name, mode):
     shape, C = SHAPES[shape_name]
     if path == "token_loop" and shape_name.endswith("x8"):
         pytest.skip("token loop over 8x258*8 tokens: too slow to be a useful baseline")
@@ -133,5 +133,7 @@ def test_bench_dgd(benchmark, path, shape_name, mode):
     benchmark.extra_info.update(shape=shape, chunk_size=C, mode=mode, ms=ms, vs_eager_chunked=eager / ms,
                                 vs_token_loop=loop / ms, peak_gib=peak,
                                 device=torch.cuda.get_device_name() if HAS_CUDA else "cpu")
+    bench_row(group=f"dgd {shape_name} {tuple(shape)} C={C} {mode}", backend=path, device=DEVICE, ms=ms,
+              rounds=3, peak_mib=peak * 1024 if HAS_CUDA else None)
     print(f"\n[dgd] {shape_name} {tuple(shape)} C={C} {mode:7s} {path:16s} {ms:9.2f} ms  "
           f"x{eager / ms:6.2f} vs eager chunked  x{loop / ms:7.2f} vs token loop  peak {peak:.2f} GiB")

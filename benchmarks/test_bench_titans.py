@@ -76,10 +76,10 @@ def _skip(path, shape_name):
 @pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("shape_name", list(SHAPES))
-def test_titans(benchmark, path, shape_name, mode):
+def test_titans(benchmark, bench_row, path, shape_name, mode):
     _skip(path, shape_name)
     x = _inputs(SHAPES[shape_name], mode == "fwd_bwd")
-    _measure(benchmark, _fn(path), x, path, shape_name, mode)
+    _measure(benchmark, bench_row, _fn(path), x, path, shape_name, mode, SHAPES[shape_name])
 
 
 MLP_DH = 64
@@ -90,7 +90,7 @@ MLP_PATHS = ["eager_chunked"] + [b for b in MLP_BACKENDS if b != "reference"] + 
 @pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
 @pytest.mark.parametrize("path", MLP_PATHS)
 @pytest.mark.parametrize("shape_name", list(SHAPES))
-def test_titans_mlp(benchmark, path, shape_name, mode):
+def test_titans_mlp(benchmark, bench_row, path, shape_name, mode):
     _skip(path, shape_name)
     B, H, L, d = SHAPES[shape_name]
     grad = mode == "fwd_bwd"
@@ -99,10 +99,10 @@ def test_titans_mlp(benchmark, path, shape_name, mode):
     r = lambda *s: torch.randn(*s, generator=g, device=DEVICE)
     state = [(0.1 * r(*s)).requires_grad_(grad) for s in ((B, H, d, MLP_DH), (B, H, MLP_DH, d),
                                                           (B, H, d, MLP_DH), (B, H, MLP_DH, d))]
-    _measure(benchmark, _fn(path, "mlp", state), x, path, f"{shape_name}_mlp", mode)
+    _measure(benchmark, bench_row, _fn(path, "mlp", state), x, path, f"{shape_name}_mlp", mode, (B, H, L, d))
 
 
-def _measure(benchmark, fn, x, path, shape_name, mode):
+def _measure(benchmark, bench_row, fn, x, path, shape_name, mode, shape):
     grad = mode == "fwd_bwd"
 
     def run():
@@ -115,12 +115,15 @@ def _measure(benchmark, fn, x, path, shape_name, mode):
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
     benchmark.group = f"titans {shape_name} {mode}"
-    benchmark.pedantic(run, rounds=3 if path == "token_loop" else 5, iterations=1)
+    rounds = 3 if path == "token_loop" else 5
+    benchmark.pedantic(run, rounds=rounds, iterations=1)
     ms = benchmark.stats.stats.mean * 1e3
     peak = torch.cuda.max_memory_allocated() / 2**30 if CUDA else float("nan")
     RESULTS[(shape_name, mode, path)] = (ms, peak)
     eager = RESULTS.get((shape_name, mode, "eager_chunked"))
     benchmark.extra_info.update(ms=ms, peak_gib=peak, speedup_vs_eager_chunked=eager[0] / ms if eager else None)
+    bench_row(group=f"titans {shape_name} {tuple(shape)} C={C} {mode}", backend=path, device=DEVICE, ms=ms,
+              rounds=rounds, peak_mib=peak * 1024 if CUDA else None)
     # one line per row as it finishes (the end-of-module table is lost when the time limit stops the run)
     print(f"\n[titans] {shape_name} {mode:7s} {path:16s} {ms:9.2f} ms  "
           f"x{eager[0] / ms if eager else float('nan'):6.2f} vs eager chunked  peak {peak:.2f} GiB")

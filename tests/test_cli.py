@@ -43,3 +43,17 @@ def test_bench_runs_the_chosen_suites(monkeypatch, tmp_path, capsys):
     assert cli.main(["bench"]) == 0 and len([c for c in calls[1][0] if c.endswith(".py")]) == len(cli_bench.suites())
     assert cli.main(["bench", "nope"]) == 2
     assert "unknown benchmark suite(s) ['nope']" in capsys.readouterr().err
+
+
+def test_bench_ends_with_the_targets_its_rows_measured(monkeypatch, capsys):
+    """Without --json the rows go to a temporary file, and the targets table (benchmarks/targets.py) follows."""
+    g = "l1 fwd+bwd (4, 8, 256, 1024) float32"
+    rows = [dict(group=g, backend="eager", device="cpu", ms=3.1), dict(group=g, backend="cpu", device="cpu", ms=1.0)]
+
+    def fake_run(cmd, cwd, env):
+        with open(env["HOPE_BENCH_JSON"], "w") as f:
+            json.dump(rows, f)
+        return 0
+    monkeypatch.setattr("subprocess.call", fake_run)
+    assert cli.main(["bench", "l1_loss"]) == 0
+    assert "| 3 | L1 fwd+bwd float32, CPU | cpu | eager | 3.10x | >= 2.00x | met |" in capsys.readouterr().out
