@@ -7,8 +7,9 @@ the Triton and Inductor caches on disk, so benchmarks/run_gpu.sh compiles every 
 parallel processes (pytest-xdist), before the timed runs, which then find them compiled.
 
 Use the `bench` fixture:  bench(fn, group="l1 fwd (4,8,256,1024) fp32", backend="eager", nbytes=..., flops=...)
-The row whose backend is "eager" (or "eager_chunked") is the baseline of its group. `calls=k` when one fn() runs the op k times (a
-CUDA graph of k launches: ms is then per launch, nbytes is for all k); `ceiling_gbps` adds "% copy" to the row.
+The row whose backend is "eager" (or "eager_chunked") is the baseline of its group. `calls=k` when one fn()
+runs the op k times (a CUDA graph of k launches: ms is then per launch, nbytes is for all k); `ceiling_gbps`
+adds "% copy" to the row.
 Suites that time with pytest-benchmark themselves add their rows with the `bench_row` fixture.
 """
 from __future__ import annotations
