@@ -28,8 +28,9 @@ def main() -> None:
         with open(a.rows) as f:
             rows = json.load(f)
     lines = [f"# {a.title}", "", a.preamble, "",
-             "Speed-up = eager ms / ms (the eager chunked form for the memory ops), in the same run on the same device. GB/s counts each input read once "
-             "and each output written once; the copy row is the device's measured ceiling.", "",
+             "Speed-up = eager ms / ms (the eager chunked form for the memory ops), in the same run on the same "
+             "device. GB/s counts each input read once and each output written once; the copy row is the device's "
+             "measured ceiling.", "",
              "| group | backend | ms | speed-up | GB/s | TFLOP/s | peak MiB | % copy |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
