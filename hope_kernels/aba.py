@@ -32,7 +32,7 @@ from typing import Any, Callable
 import torch
 
 from hope_kernels.adapt import PRIVILEGED, STRATEGIES, StreamLog, adapt_stream
-from hope_kernels.config import read_config_file
+from hope_kernels.config import is_int, read_config_file
 from hope_kernels.data.format import KNOWN_PHASES
 from hope_kernels.metrics import aggregate, mean_ci, paired_difference, run_metrics
 from hope_kernels.report import atomic_write_json, markdown_report, write_results
@@ -65,7 +65,7 @@ def load_config(preset_or_path: str, **overrides: Any) -> dict:
 
 
 def _is_count(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    return is_int(v) and v >= 0
 
 
 def _check_keys(d, known, where: str) -> None:

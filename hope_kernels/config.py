@@ -179,6 +179,11 @@ class TrainConfig:
         return cls(**d)
 
 
+def is_int(v) -> bool:
+    """A Python int that is not a bool (True would pass isinstance(v, int) as 1)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def read_config_file(path) -> dict:
     """A YAML or JSON config file -> dict; errors name the file (and the line of a syntax error)."""
     import json

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from hope_kernels.config import is_int
 from hope_kernels.io import atomic_write_bytes
 
 FORMAT_NAME = "hope-kernels-clips"
@@ -81,23 +82,19 @@ def read_manifest(path) -> dict:
     return m
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _check_entries(mf, m: dict) -> None:
     """Types and ranges of the grid, the phases, and every shard and clip entry (so a bad entry is named here,
     not met later as a KeyError or an empty row)."""
     def bad(what):
         raise ValueError(f"corrupt manifest {mf}: {what}")
     g = m["grid"]
-    if not (isinstance(g, list) and len(g) == 3 and all(_is_int(x) and x > 0 for x in g)):
+    if not (isinstance(g, list) and len(g) == 3 and all(is_int(x) and x > 0 for x in g)):
         bad(f"grid must be [T, H, W] of positive ints, got {g!r}")
     for key in ("enc_dim", "action_dim", "state_dim"):
-        if not _is_int(m[key]) or m[key] < (0 if key == "state_dim" else 1):
+        if not is_int(m[key]) or m[key] < (0 if key == "state_dim" else 1):
             bad(f"{key} must be a {'non-negative' if key == 'state_dim' else 'positive'} int, got {m[key]!r}")
     phases, shards, clips = m["phases"], m["shards"], m["clips"]
-    if not isinstance(phases, dict) or not all(isinstance(v, dict) and _is_int(v.get("id")) for v in phases.values()):
+    if not isinstance(phases, dict) or not all(isinstance(v, dict) and is_int(v.get("id")) for v in phases.values()):
         bad(f"phases must map each phase name to {{'id': int, ...}}, got {phases!r}")
     if not isinstance(shards, list) or not isinstance(clips, list):
         bad("shards and clips must be lists")
@@ -108,15 +105,15 @@ def _check_entries(mf, m: dict) -> None:
             bad(f"shard {k} ({s['file']}) has phase {s['phase']!r}, not one of {list(phases)}")
         if s["split"] not in SPLITS:
             bad(f"shard {k} ({s['file']}) has split {s['split']!r}, not one of {SPLITS}")
-        if not (_is_int(s["n"]) and s["n"] >= 0 and _is_int(s["bytes"]) and s["bytes"] >= 0):
+        if not (is_int(s["n"]) and s["n"] >= 0 and is_int(s["bytes"]) and s["bytes"] >= 0):
             bad(f"shard {k} ({s['file']}): n and bytes must be non-negative ints, got {s['n']!r}, {s['bytes']!r}")
     for i, c in enumerate(clips):
         if not isinstance(c, dict) or not {"shard", "row", "phase", "split"} <= set(c):
             bad(f"clip entry {i} must have shard, row, phase and split, got {c!r}")
         k, r = c["shard"], c["row"]
-        if not (_is_int(k) and 0 <= k < len(shards)):
+        if not (is_int(k) and 0 <= k < len(shards)):
             bad(f"clip {i} refers to shard {k!r}, but the manifest lists {len(shards)} shards")
-        if not (_is_int(r) and 0 <= r < shards[k]["n"]):
+        if not (is_int(r) and 0 <= r < shards[k]["n"]):
             bad(f"clip {i} refers to row {r!r} of shard {k} ({shards[k]['file']}), which has {shards[k]['n']} rows")
         if (c["phase"], c["split"]) != (shards[k]["phase"], shards[k]["split"]):
             bad(f"clip {i} is {c['phase']}/{c['split']} but its shard {shards[k]['file']} holds "
@@ -410,7 +407,7 @@ def make_stream(path, phases=("A1", "B", "A2"), clips_per_phase: int | dict | No
         cand = [cand[j] for j in rng.permutation(len(cand))]
         want = clips_per_phase.get(p) if isinstance(clips_per_phase, dict) else clips_per_phase
         if want is not None:
-            if not (isinstance(want, (int, np.integer)) and not isinstance(want, bool) and want >= 0):
+            if not ((is_int(want) or isinstance(want, np.integer)) and want >= 0):
                 raise ValueError(f"clips_per_phase must be a non-negative int, got {want!r} for phase {p!r}")
             if int(want) > len(cand):
                 raise ValueError(f"clips_per_phase asks {want} stream clips of phase {p!r} but {ds.path} has {len(cand)}")

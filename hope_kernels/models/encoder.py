@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hope_kernels.config import is_int
+
 ASSETS = pathlib.Path(__file__).resolve().parent.parent / "assets"
 EMBEDDED_WEIGHTS = ASSETS / "embedded_encoder.safetensors"
 EMBEDDED_FINGERPRINT = ASSETS / "embedded_encoder.json"
@@ -204,7 +206,7 @@ def get_encoder(spec: str, device: str = "cpu"):
 
 def encode_frames(encoder, frames, batch_size: int = 32) -> torch.Tensor:
     """Encode (n, F, H, W, 3) frames in batches -> (n, T, N, D) float32."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     n = frames.shape[0]
     outs = [encoder.encode(frames[a:a + batch_size]) for a in range(0, n, batch_size)]
