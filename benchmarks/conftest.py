@@ -21,6 +21,8 @@ import time
 import pytest
 import torch
 
+from hope_kernels.io import atomic_write_bytes
+
 ROWS: list[dict] = []
 BASELINES = ("eager", "eager_chunked")   # the backend a group's speed-ups are measured against
 WARMUP = os.environ.get("HOPE_BENCH_WARMUP", "0") == "1"
@@ -103,10 +105,7 @@ def _write_json() -> None:
         if os.path.exists(path):
             with open(path) as f:
                 _EXISTING[path] = json.load(f)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(_EXISTING[path] + _with_speedups(ROWS), f, indent=1)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, json.dumps(_EXISTING[path] + _with_speedups(ROWS), indent=1).encode())
 
 
 @pytest.fixture(autouse=True)

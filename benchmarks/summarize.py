@@ -8,7 +8,9 @@ import argparse
 import json
 import os
 
-from targets import markdown as targets_markdown
+from targets import load_rows, markdown as targets_markdown
+
+from hope_kernels.io import atomic_write_bytes
 
 
 def fmt(v, spec):
@@ -23,10 +25,7 @@ def main() -> None:
     ap.add_argument("--preamble", default="")
     ap.add_argument("--extra", nargs="*", default=[], help="pytest-benchmark JSON files (one table each)")
     a = ap.parse_args()
-    rows = []
-    if os.path.exists(a.rows):
-        with open(a.rows) as f:
-            rows = json.load(f)
+    rows = load_rows(a.rows) if os.path.exists(a.rows) else []   # none yet: the first suite was cut short
     lines = [f"# {a.title}", "", a.preamble, "",
              "Speed-up = eager ms / ms (the eager chunked form for the memory ops), in the same run on the same "
              "device. GB/s counts each input read once and each output written once; the copy row is the device's "
@@ -54,10 +53,7 @@ def main() -> None:
             extra = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                               for k, v in b.get("extra_info", {}).items())
             lines.append(f"| {b['name']} | {b['stats']['median'] * 1e3:.4f} | {b['stats']['rounds']} | {extra} |")
-    tmp = a.out + ".tmp"
-    with open(tmp, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, a.out)
+    atomic_write_bytes(a.out, ("\n".join(lines) + "\n").encode())
 
 
 if __name__ == "__main__":
