@@ -145,6 +145,12 @@ class TrainConfig:
     # HOPE: CMS level l accumulates its gradient and applies the mean every cms_periods[l] optimiser steps
     # (DESIGN 5); off by default: every level is then updated every step (the learning test's setting)
     cms_train_periods: bool = False
+    # HOPE as a continual learner: each of the batch_size / seq_clips sequences is seq_clips clips in a row with
+    # the memory carried from clip to clip and the loss backpropagated through all of them (truncated at the
+    # step); the detached end memory carries on into the next step and is reset to the learned initial state
+    # every memory_reset_every steps (1: every step starts afresh). docs/training.md
+    seq_clips: int = 1
+    memory_reset_every: int = 1
 
     def __post_init__(self):
         if self.model not in KINDS:
@@ -153,13 +159,20 @@ class TrainConfig:
             raise ValueError(f"rollout_schedule must be 'linear' or 'cosine', got {self.rollout_schedule!r}")
         if self.rollout_score not in ("last", "all"):
             raise ValueError(f"rollout_score must be 'last' or 'all', got {self.rollout_score!r}")
-        for name in ("steps", "batch_size", "ckpt_every", "log_every"):
+        for name in ("steps", "batch_size", "ckpt_every", "log_every", "seq_clips", "memory_reset_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.rollout_steps < 0:
             raise ValueError(f"rollout_steps must be >= 0, got {self.rollout_steps}")
         if not 0 <= self.decay_frac <= 1:
             raise ValueError(f"decay_frac must be in [0, 1], got {self.decay_frac}")
+        if self.batch_size % self.seq_clips:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of seq_clips {self.seq_clips} "
+                             f"(batch_size counts clips: batch_size / seq_clips sequences per step)")
+        if self.model != "hope" and (self.seq_clips > 1 or self.memory_reset_every > 1):
+            raise ValueError(f"seq_clips and memory_reset_every carry a HOPE memory across clips; model "
+                             f"{self.model!r} has none (got seq_clips={self.seq_clips}, "
+                             f"memory_reset_every={self.memory_reset_every})")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: resume continues the checkpoint, "
                              "overwrite replaces it")

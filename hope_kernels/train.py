@@ -170,13 +170,16 @@ def _rng_state() -> dict:
 
 
 def save_checkpoint(path, model, optimizer, step: int, config, cms_grads: dict | None = None) -> str:
-    """Atomic safetensors checkpoint: model weights, AdamW state, step, RNG states, configs, and the CMS
-    gradients accumulated since each level's last update ({parameter name: tensor}, cms_train_periods)."""
+    """Atomic safetensors checkpoint: model weights, AdamW state, step, RNG states, configs, the CMS
+    gradients accumulated since each level's last update ({parameter name: tensor}, cms_train_periods) and a
+    HOPE model's carried memory (memory_reset_every > 1)."""
     from safetensors.torch import save_file
 
     model = getattr(model, "module", model)
     tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tensors.update({f"cms_grad.{k}": v.detach().contiguous().cpu() for k, v in (cms_grads or {}).items()})
+    if hasattr(model, "memory_tensors"):
+        tensors.update({f"memory.{k}": v.contiguous().cpu() for k, v in model.memory_tensors().items()})
     opt_meta = None
     if optimizer is not None:
         osd = optimizer.state_dict()
@@ -205,7 +208,8 @@ def _np_rng_to_json(st):
 
 def load_checkpoint(path, device="cpu"):
     """-> (model, state) with state = {step, config, predictor_config, optimizer (state_dict or None), rng,
-    cms_grads ({parameter name: accumulated gradient})}."""
+    cms_grads ({parameter name: accumulated gradient}), memory (a HOPE training run's carried memory, {} if
+    none)}."""
     from safetensors import SafetensorError
     from safetensors.torch import safe_open
 
@@ -252,8 +256,9 @@ def load_checkpoint(path, device="cpu"):
     rng = {k: v for k, v in tensors.items() if k.startswith("rng.")}
     rng["python"], rng["numpy"] = py_rng, np_rng
     cms_grads = {k[len("cms_grad."):]: v for k, v in tensors.items() if k.startswith("cms_grad.")}
-    return model, {"step": step, "config": train_config,
-                   "predictor_config": pcfg, "optimizer": opt, "rng": rng, "cms_grads": cms_grads}
+    memory = {k[len("memory."):]: v for k, v in tensors.items() if k.startswith("memory.")}
+    return model, {"step": step, "config": train_config, "predictor_config": pcfg, "optimizer": opt, "rng": rng,
+                   "cms_grads": cms_grads, "memory": memory}
 
 
 def _restore_rng(rng: dict):
@@ -383,8 +388,9 @@ def train(config, dataset=None) -> TrainResult:
         raise ValueError(f"{ckpt_path} already exists: pass resume (--resume) to continue it or overwrite "
                          f"(--overwrite) to start over")
     rank, world, device = _dist_setup(cfg.device)
-    if cfg.batch_size % world:
-        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {world}")
+    if cfg.batch_size % (world * cfg.seq_clips):
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {world} "
+                         f"times seq_clips {cfg.seq_clips}")
     ds = dataset if dataset is not None else _load_dataset(cfg)
 
     torch.manual_seed(cfg.seed)
@@ -405,6 +411,8 @@ def train(config, dataset=None) -> TrainResult:
             opt.load_state_dict(st["optimizer"])
         _restore_rng(st["rng"])
         cms.acc = {k: v.to(device) for k, v in st["cms_grads"].items()}
+        if hasattr(model, "load_memory_tensors"):
+            model.load_memory_tensors({k: v.to(device) for k, v in st["memory"].items()})
         start = st["step"]
         _warn_changed_settings(ckpt_path, st["config"], cfg.to_dict())
         if os.path.exists(log_path):
@@ -414,6 +422,9 @@ def train(config, dataset=None) -> TrainResult:
         atomic_write_bytes(log_path, "".join(json.dumps(r) + "\n" for r in history).encode())
 
     local = cfg.batch_size // world
+    sequential = cfg.seq_clips > 1 or cfg.memory_reset_every > 1
+    if sequential:   # the memory carries from clip to clip with its graph; detached at the end of each step
+        model.carry_memory, model.memory_grad = True, True
     amp = device.type == "cuda"
     bar = None
     if cfg.progress and rank == 0:
@@ -441,7 +452,10 @@ def train(config, dataset=None) -> TrainResult:
             stop(f"the batch's {' and '.join(bad)} contain NaN or inf (dataset clips {idx.tolist()})")
         w = rollout_weight(step, cfg.steps, cfg.rollout_w0, cfg.rollout_w1, cfg.rollout_schedule)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            losses = prediction_losses(model, z, a, s, cfg.rollout_steps if w > 0 else 0, cfg.rollout_score)
+            if sequential:
+                losses = _sequence_losses(model, z, a, s, cfg, step, cfg.rollout_steps if w > 0 else 0)
+            else:
+                losses = prediction_losses(model, z, a, s, cfg.rollout_steps if w > 0 else 0, cfg.rollout_score)
             loss = losses["tf"] + w * losses["rollout"]
         finite = torch.isfinite(loss.detach()).float()
         if world > 1:
@@ -458,6 +472,8 @@ def train(config, dataset=None) -> TrainResult:
             stop(f"gradient norm is {gnorm.item()} (not finite); parameters left as they were")
         cms.apply(step)
         opt.step()
+        if sequential:
+            model.detach_memory()
         stats = torch.stack([loss.detach().float(), losses["tf"].detach().float(), losses["rollout"].detach().float()])
         if world > 1:  # log the global-batch mean, as one process would
             dist.all_reduce(stats)
@@ -483,8 +499,32 @@ def train(config, dataset=None) -> TrainResult:
                 dist.barrier()
     if bar is not None:
         bar.close()
+    if sequential:
+        model.carry_memory, model.memory_grad = False, False
+        model.reset_memory()
     return TrainResult(model=model, checkpoint=ckpt_path if ckpt_path and os.path.exists(ckpt_path) else None,
                        history=history)
+
+
+def _sequence_losses(model, z, a, s, cfg: TrainConfig, step: int, rollout_steps: int) -> dict:
+    """HOPE trained on what it meets at test time: the local batch (b = k * n clips) is n sequences of
+    k = seq_clips clips, clip j of sequence i at row j * n + i. The memory runs through each sequence (the
+    rollout of a clip reads the memory left by the clips before it, its teacher-forcing pass stores the new
+    state) and the losses are averaged over all clips, so the gradient flows back through the carried memory
+    to the start of the step. Every memory_reset_every steps the sequences start from the learned initial
+    memory; otherwise from the previous step's detached end memory."""
+    k = cfg.seq_clips
+    n = z.shape[0] // k
+    if step % cfg.memory_reset_every == 0:
+        model.reset_memory()
+    total = {"tf": 0.0, "rollout": 0.0}
+    for j in range(k):
+        rows = slice(j * n, (j + 1) * n)
+        part = prediction_losses(model, z[rows], a[rows], None if s is None else s[rows], rollout_steps,
+                                 cfg.rollout_score)
+        for key in total:
+            total[key] = total[key] + part[key] / k
+    return total
 
 
 def _allreduce_grads(model, world: int):

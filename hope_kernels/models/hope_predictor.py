@@ -130,7 +130,11 @@ class SelfModifyingMemory(nn.Module):
                 k, v, e, a = (xc @ W[..., :4 * dh]).split(dh, dim=-1)     # reads of M_k, M_v, M_eta, M_alpha
                 eta, alpha = self._gates((e * self.gate_read[0, :, None]).sum(-1),
                                          (a * self.gate_read[1, :, None]).sum(-1), P)
-                v_hat = v @ W                                            # self-generated targets v M_i, (B, H, P, 5 dh)
+                # self-generated targets v M_i, (B, H, P, 5 dh), each memory's target scaled to unit length: raw,
+                # v = x M_v makes the target v M_i grow with |M_v| |M_i| and the written memory with it, so a
+                # memory carried across clips blew up (untrained tiny HOPE: norm 20 -> 400 -> NaN within 4 clips).
+                # With unit targets the update is a contraction plus a write of size <= eta (docs/hope.md)
+                v_hat = F.normalize((v @ W).unflatten(-1, (-1, dh)), dim=-1).flatten(-2)
                 o, state = self._update(q[:, :, sl], F.normalize(k, dim=-1), v_hat, alpha, eta, P, state)
                 outs.append(o[..., 4 * dh:])                             # the output memory's read
             o = torch.cat(outs, dim=2)
@@ -177,7 +181,9 @@ class HOPEPredictor(PredictorBase):
     """model(z (B, T, N, D), actions (B, T, A), states=None) -> z_hat (B, T, N, D).
 
     carry_memory=True: each forward starts from the stored memory state (else the learned initial state) and
-    stores its detached end state; `reset_memory()` forgets it. Rollouts read but never store it."""
+    stores its end state, detached unless `memory_grad` is True (training through a sequence of clips, see
+    hope_kernels.train: the caller then detaches with `detach_memory()` at the truncation point);
+    `reset_memory()` forgets it. Rollouts read but never store it."""
 
     kind = "hope"
 
@@ -186,10 +192,37 @@ class HOPEPredictor(PredictorBase):
         self.blocks = nn.ModuleList(HOPEBlock(config) for _ in range(config.depth))
         self._init_weights()
         self.carry_memory = False
+        self.memory_grad = False
         self._memory = None
 
     def reset_memory(self):
         self._memory = None
+
+    def detach_memory(self):
+        """Cut the graph behind the stored memory (truncated backprop through clips); the values stay."""
+        if self._memory is not None:
+            self._memory = [_each(torch.Tensor.detach, s) for s in self._memory]
+
+    def memory_tensors(self) -> dict[str, torch.Tensor]:
+        """The stored memory as flat named tensors ({} when none is stored), for checkpoints."""
+        out = {}
+        for i, s in enumerate(self._memory or []):
+            for j, t in enumerate(s if isinstance(s, tuple) else (s,)):
+                out[f"{i}.{j}"] = t.detach()
+        return out
+
+    def load_memory_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Inverse of memory_tensors ({} resets the memory)."""
+        if not tensors:
+            self._memory = None
+            return
+        mem = []
+        for i in range(len(self.blocks)):
+            parts = [tensors[f"{i}.{j}"] for j in range(2) if f"{i}.{j}" in tensors]
+            if not parts:
+                raise ValueError(f"stored memory has no tensors for block {i} (keys {sorted(tensors)})")
+            mem.append(tuple(parts) if self.config.memory_rule == "titans" else parts[0])
+        self._memory = mem
 
     def _stored(self, B: int):
         if not self.carry_memory or self._memory is None:
@@ -206,7 +239,7 @@ class HOPEPredictor(PredictorBase):
     def forward(self, z, actions, states=None):
         y, new = self._predict(z, actions, states, self._stored(z.shape[0]))
         if self.carry_memory:
-            self._memory = [_each(torch.Tensor.detach, s) for s in new]
+            self._memory = new if self.memory_grad else [_each(torch.Tensor.detach, s) for s in new]
         return y
 
     def _rollout_step(self, z, actions, states):
