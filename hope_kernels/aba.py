@@ -5,11 +5,19 @@
 
 Layout of `out`:
     data/                         simulated dataset (unless config["data"]["dir"] points elsewhere)
-    checkpoints/<key>/            one pre-training run per (model, overrides, training phases[, seed]);
+    checkpoints/<key>/            one pre-training run per (model, overrides, training phases[, seed]), only
+                                  when no shipped weights match (hope_kernels.pretrained): the job says so
     checkpoints/<key>.json        marker written after training: {"checkpoint": path}; reused on restart
+    heldout/<key>.json            held-out errors of each pre-trained model (every held-out clip of each phase)
+    tuning/<run>/p<i>-seed<k>.json  validation-stream logs of grid point i (config["tuning"])
     runs/<run>/seed<k>.json       one StreamLog per (run, seed), written atomically; a restart skips the ones
                                   whose stored fingerprint matches the current config
-    results.json, results.md, aba.png
+    results.json, results.md, aba.png (headline runs), aba_all.png (every run)
+
+Fair tuning (config["tuning"]): each run whose strategy has a grid in tuning["grids"] is run on validation
+streams (tuning["seeds"], drawn from the last tuning["reserve"] stream clips of every phase, which the reported
+streams never use) once per grid point; the point with the lowest mean validation error is the run's options for
+the reported seeds. Every strategy's grid has the same number of points.
 
 Each entry of config["runs"]: {"name", "model": "ac" | "hope", "strategy" (adapt.STRATEGIES), "overrides"
 (build_predictor overrides, e.g. {"memory_rule": "titans"}), "train_phases" (default ["A1"]), "options"
@@ -20,17 +28,19 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import hashlib
 import json
+import math
 import random
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from hope_kernels import pretrained
 from hope_kernels.adapt import PRIVILEGED, STRATEGIES, StreamLog, adapt_stream
 from hope_kernels.config import is_int, read_config_file
 from hope_kernels.data.format import KNOWN_PHASES
@@ -42,9 +52,11 @@ __all__ = ["Hooks", "Results", "run_aba", "load_config", "CONFIG_DIR", "METRICS"
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 METRICS = ("tf", "rollout")
 _PAIRED = ("A1", "B", "A2", "forgetting", "speed_oracle", "speed_floor")
-_TOP_KEYS = ("preset", "data", "seeds", "device", "threads", "model_preset", "stream", "pretrain", "adapt",
-             "fisher_clips", "replay_clips", "baseline", "oracle_run", "runs", "metric_window", "speed_tolerance",
-             "progress", "out")
+_TOP_KEYS = ("preset", "data", "seeds", "device", "threads", "workers", "model_preset", "stream", "pretrain", "adapt",
+             "tuning", "fisher_clips", "replay_clips", "baseline", "oracle_run", "frozen_run", "comparisons",
+             "headline", "runs", "metric_window", "speed_tolerance", "progress", "out")
+_TUNING_KEYS = ("seeds", "reserve", "clips_per_phase", "metric", "grids")
+_COMPARED = ("B", "A2", "forgetting", "speed_oracle")
 _RUN_KEYS = ("name", "model", "strategy", "overrides", "train_phases", "options", "privileged", "label")
 _STREAM_KEYS = ("phases", "clips_per_phase", "heldout_per_phase")
 
@@ -125,9 +137,48 @@ def validate_config(cfg: dict) -> dict:
         if r["name"] in names:
             raise ValueError(f"run name {r['name']!r} appears twice")
         names.add(r["name"])
-    if cfg.get("baseline") and cfg["baseline"] not in names:
-        raise ValueError(f"baseline {cfg['baseline']!r} is not a run name ({sorted(names)})")
+    for key in ("baseline", "oracle_run", "frozen_run"):
+        if cfg.get(key) and cfg[key] not in names:
+            raise ValueError(f"{key} {cfg[key]!r} is not a run name ({sorted(names)})")
+    for key in ("headline",):
+        bad = [n for n in cfg.get(key) or [] if n not in names]
+        if bad:
+            raise ValueError(f"{key} names {bad}, which are not runs ({sorted(names)})")
+    for pair in cfg.get("comparisons") or []:
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(n in names for n in pair)):
+            raise ValueError(f"comparisons must be [run, run] pairs of run names, got {pair!r}")
+    if cfg.get("workers") is not None and not (is_int(cfg["workers"]) and cfg["workers"] >= 1):
+        raise ValueError(f"workers must be an int >= 1, got {cfg['workers']!r}")
+    _validate_tuning(cfg.get("tuning"), sc)
     return cfg
+
+
+def _validate_tuning(tc, sc) -> None:
+    if tc is None:
+        return
+    _check_keys(tc, _TUNING_KEYS, "tuning")
+    seeds = tc.get("seeds")
+    if not (isinstance(seeds, list) and seeds and all(_is_count(s) for s in seeds)):
+        raise ValueError(f"tuning.seeds must be a non-empty list of non-negative ints, got {seeds!r}")
+    for key in ("reserve", "clips_per_phase"):
+        if not (is_int(tc.get(key)) and tc[key] >= 1):
+            raise ValueError(f"tuning.{key} must be an int >= 1, got {tc.get(key)!r}")
+    if tc["clips_per_phase"] > tc["reserve"]:
+        raise ValueError(f"tuning.clips_per_phase {tc['clips_per_phase']} exceeds tuning.reserve {tc['reserve']}: "
+                         f"validation streams draw only from the reserved clips")
+    grids = tc.get("grids")
+    if not isinstance(grids, dict) or not grids:
+        raise ValueError(f"tuning.grids must map strategies to lists of option sets, got {grids!r}")
+    sizes = set()
+    for strat, grid in grids.items():
+        if strat not in STRATEGIES:
+            raise ValueError(f"tuning.grids: {strat!r} is not a strategy ({STRATEGIES})")
+        if not (isinstance(grid, list) and grid and all(isinstance(g, dict) for g in grid)):
+            raise ValueError(f"tuning.grids.{strat} must be a non-empty list of option mappings, got {grid!r}")
+        sizes.add(len(grid))
+    if len(sizes) > 1:   # the same budget for every strategy
+        raise ValueError(f"tuning.grids must give every strategy the same number of points, got "
+                         f"{ {k: len(v) for k, v in grids.items()} }")
 
 
 # ------------------------------------------------------------------------------------------- hooks
@@ -142,9 +193,9 @@ def _default_verify_dataset(path):
     return verify_dataset(path)
 
 
-def _default_make_stream(path, phases, clips_per_phase, seed):
+def _default_make_stream(path, phases, clips_per_phase, seed, part="report", reserve=0):
     from hope_kernels.data import make_stream
-    return make_stream(path, phases=phases, clips_per_phase=clips_per_phase, seed=seed)
+    return make_stream(path, phases=phases, clips_per_phase=clips_per_phase, seed=seed, part=part, reserve=reserve)
 
 
 def _default_train_clips(path, phase, n, seed):
@@ -168,7 +219,8 @@ def _default_load_checkpoint(path):
 @dataclasses.dataclass
 class Hooks:
     """The pieces run_aba calls (swap them in tests): ensure_dataset(dir, preset, seed) -> Path;
-    make_stream(path, phases, clips_per_phase, seed) -> Stream; train_clips(path, phase, n, seed) -> [clip];
+    make_stream(path, phases, clips_per_phase, seed, part="report" | "validation", reserve=0) -> Stream (the
+    last `reserve` stream clips of each phase form the validation part); train_clips(path, phase, n, seed) -> [clip];
     train(config) -> obj with .model and .checkpoint; load_checkpoint(path) -> (model, state);
     verify_dataset(path) checks an imported dataset's shards against its manifest."""
     ensure_dataset: Callable = _default_ensure_dataset
@@ -204,9 +256,7 @@ def _fingerprint(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _data_id(path: Path) -> str:
-    """The dataset's identity: a hash of its manifest, which records every shard's sha256."""
-    return hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest()[:16]
+_data_id = pretrained.data_id
 
 
 def _read_json(path: Path):
@@ -216,30 +266,16 @@ def _read_json(path: Path):
         return None
 
 
-@functools.lru_cache(maxsize=None)
-def _code_id(*modules: str) -> str:
-    """A hash of these modules' source files (hope_kernels-relative, a folder: every .py in it): the code that
-    decides what a stored checkpoint or run log holds, so a changed model or adaptation rule is not reused.
-    Cached: the code this process runs is the code it imported (every job's key used to re-read the files)."""
-    root = Path(__file__).resolve().parent
-    files = sorted(f for m in modules for f in ((root / m).glob("*.py") if (root / m).is_dir() else [root / m]))
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode() + f.read_bytes())
-    return h.hexdigest()[:16]
+_code_id = pretrained.code_id
 
 
-_TRAIN_CODE = ("models", "train.py", "config.py")
+_TRAIN_CODE = pretrained.TRAIN_CODE
 _ADAPT_CODE = ("adapt.py",)
 
 
 def _ckpt_key(cfg: dict, run: dict, seed: int, data_id: str) -> tuple[str, dict]:
-    pre = cfg.get("pretrain", {})
-    phases = list(run.get("train_phases") or ["A1"])
-    spec = {"model": run["model"], "preset": cfg.get("model_preset", "tiny"), "overrides": run.get("overrides") or {},
-            "phases": phases, "pretrain": pre, "seed": seed if pre.get("per_seed") else 0, "data": data_id,
-            "code": _code_id(*_TRAIN_CODE)}
-    key = f"{run['model']}-{'+'.join(phases)}-{_fingerprint(spec)}-s{spec['seed']}"
+    spec = {**pretrained.spec_for(cfg, run, seed), "data": data_id, "code": _code_id(*_TRAIN_CODE)}
+    key = f"{run['model']}-{'+'.join(spec['phases'])}-{_fingerprint(spec)}-s{spec['seed']}"
     return key, spec
 
 
@@ -255,33 +291,103 @@ def _truncate_heldout(stream, n):
 
 
 class _Models:
-    """Pre-trained models, trained once per checkpoint key and reused (in memory and on disk)."""
+    """Pre-trained models: the shipped weights when their spec and dataset match, else trained once per checkpoint
+    key and reused (in memory and on disk). `info[key]` records where each came from and why."""
 
-    def __init__(self, cfg, data_path, data_id, out, hooks, progress):
+    def __init__(self, cfg, data_path, data_id, out, hooks, progress, say):
         self.cfg, self.data_path, self.data_id, self.hooks, self.progress = cfg, data_path, data_id, hooks, progress
         self.dir = out / "checkpoints"
+        self.say = say
         self.cache: dict[str, torch.nn.Module] = {}
+        self.info: dict[str, dict] = {}
+
+    def source(self, run, seed) -> tuple[str, str]:
+        """("shipped" | "checkpoint", path) of the run's model, training it first when needed."""
+        key, spec = _ckpt_key(self.cfg, run, seed, self.data_id)
+        if key in self.info:
+            if run["name"] not in self.info[key]["runs"]:
+                self.info[key]["runs"].append(run["name"])
+            return self.info[key]["source"], self.info[key]["path"]
+        core = pretrained.spec_for(self.cfg, run, seed)
+        name = pretrained.spec_name(core)
+        marker = self.dir / f"{key}.json"
+        info = _read_json(marker)
+        shipped, why = (None, "")
+        if self.cfg.get("preset"):
+            shipped, why = pretrained.find_shipped(self.cfg["preset"], core, self.data_id)
+        if shipped:
+            src = {"source": "shipped", "path": shipped["path"],
+                   "note": f"shipped weights ({shipped.get('dtype')}, {shipped.get('steps')} steps)"}
+        elif (info and _fingerprint(info.get("spec")) == _fingerprint(spec)
+                and Path(info.get("checkpoint", "")).exists()):
+            src = {"source": "checkpoint", "path": info["checkpoint"],
+                   "note": f"trained earlier in this folder ({why})" if why else "trained earlier in this folder"}
+        else:
+            steps = core["train"].get("steps")
+            self.say(f"{name}: {why or 'no shipped weights'}; pre-training it here ({steps} steps)")
+            res = self.hooks.train({**pretrained.train_config(core, self.data_path, self.dir / key,
+                                                              self.cfg.get("device", "cpu"), self.progress),
+                                    "overwrite": True})
+            atomic_write_json(marker, {"checkpoint": str(res.checkpoint), "spec": spec})
+            self.cache[key] = res.model.to(self.cfg.get("device", "cpu"))
+            src = {"source": "trained", "path": str(res.checkpoint), "note": f"pre-trained by this job ({why})"}
+        self.info[key] = {"name": name, "model": run["model"], "phases": core["phases"], "runs": [run["name"]],
+                          **src}
+        return src["source"], src["path"]
 
     def get(self, run, seed) -> torch.nn.Module:
-        key, spec = _ckpt_key(self.cfg, run, seed, self.data_id)
+        key, _ = _ckpt_key(self.cfg, run, seed, self.data_id)
+        kind, path = self.source(run, seed)
         if key not in self.cache:
-            marker = self.dir / f"{key}.json"
-            info = _read_json(marker)
-            if (info and _fingerprint(info.get("spec")) == _fingerprint(spec)
-                    and Path(info.get("checkpoint", "")).exists()):
-                model = self.hooks.load_checkpoint(info["checkpoint"])[0]
-            else:
-                pre = dict(self.cfg.get("pretrain", {}))
-                pre.pop("per_seed", None)
-                tc = {"model": spec["model"], "preset": spec["preset"], "overrides": spec["overrides"],
-                      "data": str(self.data_path), "phases": spec["phases"], "split": "train", "seed": spec["seed"],
-                      "device": self.cfg.get("device", "cpu"), "out": str(self.dir / key),
-                      "progress": self.progress, "overwrite": True, **pre}
-                res = self.hooks.train(tc)
-                model = res.model
-                atomic_write_json(marker, {"checkpoint": str(res.checkpoint), "spec": spec})
+            model = pretrained.load_weights(path) if kind == "shipped" else self.hooks.load_checkpoint(path)[0]
             self.cache[key] = model.to(self.cfg.get("device", "cpu"))
         return copy.deepcopy(self.cache[key])
+
+
+def _load_model(kind: str, path: str, device: str):
+    if kind == "shipped":
+        return pretrained.load_weights(path, device)
+    from hope_kernels.train import load_checkpoint
+    return load_checkpoint(path)[0].to(device)
+
+
+def _stream(hooks, data_path, phases, sc, seed, part, tuning):
+    """The reported stream of `seed` (part "report") or a validation stream (part "validation")."""
+    reserve = int(tuning["reserve"]) if tuning else 0
+    if part == "validation":
+        st = hooks.make_stream(data_path, phases, tuning["clips_per_phase"], seed, part="validation", reserve=reserve)
+        return _truncate_heldout(st, 0)      # tuning scores the stream only
+    if reserve:
+        st = hooks.make_stream(data_path, phases, sc.get("clips_per_phase"), seed, part="report", reserve=reserve)
+    else:
+        st = hooks.make_stream(data_path, phases, sc.get("clips_per_phase"), seed)
+    return _truncate_heldout(st, sc.get("heldout_per_phase"))
+
+
+def _job_worker(job: dict) -> dict:
+    """One stream run in a worker process (default hooks only): load the model and the stream, adapt, write the
+    log file. Returns the log as a dict."""
+    torch.set_num_threads(int(job["threads"] or 1))
+    hooks = Hooks()
+    model = _load_model(*job["model"], job["device"])
+    stream = _stream(hooks, job["data_path"], job["phases"], job["sc"], job["stream_seed"], job["part"],
+                     job["tuning"])
+    return _adapt_and_write(model, stream, job, hooks)
+
+
+def _adapt_and_write(model, stream, job: dict, hooks) -> dict:
+    run, options = job["run"], dict(job["options"])
+    if run["strategy"] == "ewc" and "fisher_clips" not in options:
+        options["fisher_clips"] = hooks.train_clips(job["data_path"], "A1", job["n_extra"], job["seed"])
+    if run["strategy"] == "replay" and "replay_clips" not in options:
+        options["replay_clips"] = hooks.train_clips(job["data_path"], "A1", job["n_extra"], job["seed"])
+    torch.manual_seed(job["seed"])
+    log = adapt_stream(model, stream, run["strategy"], seed=job["seed"], progress=job["progress"],
+                       desc=f"{run['name']} s{job['stream_seed']}", **options)
+    d = log.to_dict()
+    atomic_write_json(job["path"], {"run": run, "seed": job["stream_seed"], "part": job["part"],
+                                    "fingerprint": job["fingerprint"], "log": d})
+    return d
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -289,8 +395,10 @@ class _Models:
 def run_aba(config: dict, hooks: Hooks | None = None, out: str | Path | None = None,
             progress: bool | None = None) -> Results:
     """Run the whole A-B-A experiment described by `config` (see configs/aba_quick.yaml) into `out`
-    (default config["out"]). Resumable: finished (run, seed) logs are kept and skipped."""
+    (default config["out"]). Resumable: finished (run, seed) logs are kept and skipped. With config["workers"]
+    > 1 (and the default hooks) the stream runs go to that many processes of `threads` threads each."""
     cfg = validate_config(copy.deepcopy(config))
+    custom_hooks = hooks is not None
     hooks = hooks or Hooks()
     # before simulating data: `cuda` without CUDA would otherwise fail only at the first model
     from hope_kernels.train import resolve_device
@@ -305,6 +413,11 @@ def run_aba(config: dict, hooks: Hooks | None = None, out: str | Path | None = N
         # tiny models on a shared CPU: more intra-op threads than cores only add contention
         torch.set_num_threads(int(cfg["threads"]))
     t0 = time.perf_counter()
+    notes: list[str] = []
+
+    def say(msg: str) -> None:
+        notes.append(msg)
+        print(f"hope-kernels aba: {msg}", file=sys.stderr, flush=True)
 
     data_cfg = cfg.get("data", {}) or {}
     if data_cfg.get("dir") and data_cfg.get("imported", False):
@@ -320,60 +433,146 @@ def run_aba(config: dict, hooks: Hooks | None = None, out: str | Path | None = N
     data_id = _data_id(data_path)
     sc = cfg["stream"]
     phases = tuple(sc.get("phases", ("A1", "B", "A2")))
-    models = _Models(cfg, data_path, data_id, out, hooks, progress)
+    models = _Models(cfg, data_path, data_id, out, hooks, progress, say)
     runs, seeds = cfg["runs"], [int(s) for s in cfg["seeds"]]
     adapt_defaults = cfg.get("adapt", {}) or {}
+    tuning = cfg.get("tuning")
+    workers = 1 if custom_hooks else int(cfg.get("workers") or 1)
 
-    jobs = [(seed, run) for seed in seeds for run in runs]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(jobs), desc="A-B-A", unit="run")
-    logs: dict[str, dict[int, StreamLog]] = {r["name"]: {} for r in runs}
-    streams: dict[int, Any] = {}
-    extra: dict[tuple, list] = {}
-    for seed, run in jobs:
-        options = {**adapt_defaults, **(run.get("options") or {})}
-        # the number of A1 clips drawn below for ewc / replay reaches adapt_stream too
+    def job_for(run, seed, options, part, stream_seed, path):
         n_extra = {"ewc": cfg.get("fisher_clips", 8), "replay": cfg.get("replay_clips", 16)}.get(run["strategy"])
+        # the reserve decides which clips the reported streams draw from, clips_per_phase the validation streams
+        pool = {"reserve": tuning["reserve"], "val_clips": tuning["clips_per_phase"]} if tuning else None
         fp = _fingerprint({"run": run, "options": options, "stream": sc, "data": data_id, "extra": n_extra,
-                           "ckpt": _ckpt_key(cfg, run, seed, data_id)[0], "code": _code_id(*_ADAPT_CODE)})
-        path = out / "runs" / _safe(run["name"]) / f"seed{seed}.json"
-        stored = _read_json(path)
-        if stored and stored.get("fingerprint") == fp:
-            logs[run["name"]][seed] = StreamLog.from_dict(stored["log"])
-        else:
-            if bar:
-                bar.set_postfix_str(f"seed {seed} {run['name']}")
-            if seed not in streams:
-                streams[seed] = _truncate_heldout(hooks.make_stream(data_path, phases, sc.get("clips_per_phase"), seed),
-                                                  sc.get("heldout_per_phase"))
-            model = models.get(run, seed)
-            if run["strategy"] == "ewc" and "fisher_clips" not in options:
-                key = ("A1", int(cfg.get("fisher_clips", 8)), seed)
-                extra.setdefault(key, hooks.train_clips(data_path, "A1", key[1], seed))
-                options["fisher_clips"] = extra[key]
-            if run["strategy"] == "replay" and "replay_clips" not in options:
-                key = ("A1", int(cfg.get("replay_clips", 16)), seed)
-                extra.setdefault(key, hooks.train_clips(data_path, "A1", key[1], seed))
-                options["replay_clips"] = extra[key]
-            torch.manual_seed(seed)
-            log = adapt_stream(model, streams[seed], run["strategy"], seed=seed, progress=progress,
-                               desc=f"{run['name']} s{seed}", **options)
-            atomic_write_json(path, {"run": run, "seed": seed, "fingerprint": fp, "log": log.to_dict()})
-            logs[run["name"]][seed] = log
-        if bar:
-            bar.update(1)
-    if bar:
-        bar.close()
+                           "part": part, "pool": pool, "ckpt": _ckpt_key(cfg, run, seed, data_id)[0],
+                           "code": _code_id(*_ADAPT_CODE)})
+        return {"run": run, "seed": seed, "stream_seed": stream_seed, "options": options, "part": part,
+                "n_extra": n_extra, "path": str(path), "fingerprint": fp, "data_path": str(data_path),
+                "phases": phases, "sc": sc, "tuning": tuning, "threads": cfg.get("threads") or 1,
+                "device": cfg["device"], "progress": progress and workers == 1}
 
+    def execute(jobs: list[dict], desc: str) -> list[dict]:
+        """Logs (dicts) of `jobs`, in order: stored ones whose fingerprint matches, the rest run here or in the
+        worker processes."""
+        logs: list = [None] * len(jobs)
+        todo = []
+        for i, job in enumerate(jobs):
+            stored = _read_json(Path(job["path"]))
+            if stored and stored.get("fingerprint") == job["fingerprint"]:
+                logs[i] = stored["log"]
+            else:
+                todo.append(i)
+        bar = None
+        if progress and todo:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(todo), desc=desc, unit="run")
+        if workers > 1 and len(todo) > 1:
+            for i in todo:   # train or find every model first, in this process
+                jobs[i]["model"] = models.source(jobs[i]["run"], jobs[i]["seed"])
+            from concurrent.futures import ProcessPoolExecutor
+            import multiprocessing as mp
+            with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+                for i, d in zip(todo, pool.map(_job_worker, [jobs[i] for i in todo])):
+                    logs[i] = d
+                    if bar:
+                        bar.update(1)
+        else:
+            streams: dict[tuple, Any] = {}
+            for i in todo:
+                job = jobs[i]
+                if bar:
+                    bar.set_postfix_str(f"seed {job['stream_seed']} {job['run']['name']}")
+                key = (job["part"], job["stream_seed"])
+                if key not in streams:
+                    streams[key] = _stream(hooks, data_path, phases, sc, job["stream_seed"], job["part"], tuning)
+                logs[i] = _adapt_and_write(models.get(job["run"], job["seed"]), streams[key], job, hooks)
+                if bar:
+                    bar.update(1)
+        if bar:
+            bar.close()
+        return logs
+
+    # 1. fair tuning on validation streams: the same grid size for every strategy, the reported seeds unused
+    chosen: dict[str, dict] = {}
+    tuning_out = None
+    if tuning:
+        grids = tuning["grids"]
+        tuned = [r for r in runs if r["strategy"] in grids]
+        vjobs, index = [], []
+        for r in tuned:
+            for gi, point in enumerate(grids[r["strategy"]]):
+                options = {**adapt_defaults, **(r.get("options") or {}), **point}
+                for vs in tuning["seeds"]:
+                    path = out / "tuning" / _safe(r["name"]) / f"p{gi}-seed{vs}.json"
+                    vjobs.append(job_for(r, seeds[0], options, "validation", int(vs), path))
+                    index.append((r["name"], gi))
+        vlogs = execute(vjobs, "tuning")
+        metric = tuning.get("metric", "tf")
+        scores: dict[str, dict[int, list]] = {}
+        for (name, gi), d in zip(index, vlogs):
+            errs = StreamLog.from_dict(d).errors(metric)
+            scores.setdefault(name, {}).setdefault(gi, []).append(sum(errs) / len(errs))
+        tuning_out = {"seeds": tuning["seeds"], "reserve": tuning["reserve"],
+                      "clips_per_phase": tuning["clips_per_phase"], "metric": metric,
+                      "criterion": f"mean prequential {metric} L1 over every clip of the validation streams "
+                                   f"(A1, B and A2 alike), averaged over the validation seeds", "runs": {}}
+        for r in tuned:
+            grid = grids[r["strategy"]]
+            means = [sum(scores[r["name"]][gi]) / len(scores[r["name"]][gi]) for gi in range(len(grid))]
+            best = min(range(len(grid)), key=lambda gi: (means[gi], gi))
+            chosen[r["name"]] = grid[best]
+            tuning_out["runs"][r["name"]] = {"grid": grid, "scores": means, "choice": grid[best],
+                                             "chosen_index": best}
+
+    # 2. the reported streams
+    jobs = []
+    for seed in seeds:
+        for run in runs:
+            options = {**adapt_defaults, **(run.get("options") or {}), **chosen.get(run["name"], {})}
+            jobs.append(job_for(run, seed, options, "report", seed, out / "runs" / _safe(run["name"]) / f"seed{seed}.json"))
+    done = execute(jobs, "A-B-A")
+    logs: dict[str, dict[int, StreamLog]] = {r["name"]: {} for r in runs}
+    for job, d in zip(jobs, done):
+        logs[job["run"]["name"]][job["seed"]] = StreamLog.from_dict(d)
+
+    # 3. the pre-trained models' held-out errors (every held-out clip of each phase)
+    held = None
+    pre = []
+    for seed in seeds:
+        for run in runs:
+            key = _ckpt_key(cfg, run, seed, data_id)[0]
+            source = models.source(run, seed)
+            info = models.info[key]
+            if "heldout" in info:
+                continue
+            # stored beside the checkpoint markers, so a finished job's restart loads no model
+            path, fp = out / "heldout" / f"{key}.json", _fingerprint({"weights": source[1], "key": key})
+            stored = _read_json(path)
+            if stored and stored.get("fingerprint") == fp:
+                info["heldout"] = stored["heldout"]
+            else:
+                held = held or _full_heldout(hooks, data_path, phases, tuning)
+                info["heldout"] = pretrained.heldout_errors(models.get(run, seed), held)
+                atomic_write_json(path, {"fingerprint": fp, "heldout": info["heldout"]})
+            pre.append(info)
     data = summarize(cfg, logs, phases)
+    data["pretrained"] = [{k: v for k, v in i.items() if k != "path"} for i in pre]
+    if tuning_out:
+        data["tuning"] = tuning_out
+    data["notes"] = notes
     data["wall_seconds"] = time.perf_counter() - t0
     data["config"] = cfg
     data["data_path"] = str(data_path)
     data["data_id"] = data_id
     paths = write_results(data, out)
     return Results(data=data, paths=paths)
+
+
+def _full_heldout(hooks, data_path, phases, tuning) -> dict:
+    """Every held-out clip of each phase (the stream's held-out set before heldout_per_phase truncates it)."""
+    st = hooks.make_stream(data_path, phases, 0, 0) if not tuning else \
+        hooks.make_stream(data_path, phases, 0, 0, part="report", reserve=int(tuning["reserve"]))
+    return {p: list(c) for p, c in (getattr(st, "heldout", None) or {}).items()}
 
 
 def summarize(cfg: dict, logs: dict[str, dict[int, StreamLog]], phases) -> dict:
@@ -388,11 +587,19 @@ def summarize(cfg: dict, logs: dict[str, dict[int, StreamLog]], phases) -> dict:
     first = next(iter(logs.values()))
     any_log = next(iter(first.values()))
     boundaries = [i for i, p in enumerate(any_log.phases) if i == 0 or any_log.phases[i - 1] != p]
+    names = [r["name"] for r in runs]
+    labels = {r["name"]: r.get("label", r["name"]) for r in runs}
+    frozen = cfg.get("frozen_run") or ("ac+none" if "ac+none" in names else None)
+    pairs = [tuple(p) for p in cfg.get("comparisons") or []]
+    if not pairs and base and "hope" in names:
+        pairs = [("hope", base)] + [("hope", n) for n in ("hope+none", "hope[no-carry]") if n in names]
+    headline = cfg.get("headline") or [n for n in ("hope", base, frozen, oracle) if n]
     data = {"runs": [{"name": r["name"], "model": r["model"], "strategy": r["strategy"],
                       "privileged": bool(r.get("privileged", r["strategy"] in PRIVILEGED or r["name"] in PRIVILEGED)),
                       "label": r.get("label", r["name"])} for r in runs],
             "seeds": seeds, "phases": list(phases), "boundaries": boundaries, "baseline": base,
-            "oracle": oracle, "summary": {}, "paired": {}, "curves": {}, "copy": {}, "per_seed": {}}
+            "oracle": oracle, "summary": {}, "paired": {}, "curves": {}, "copy": {}, "per_seed": {},
+            "rel_curves": {}, "comparisons": {}, "shift": {}, "headline": list(dict.fromkeys(headline))}
     for metric in METRICS:
         per_seed = {}
         for r in runs:
@@ -423,4 +630,29 @@ def summarize(cfg: dict, logs: dict[str, dict[int, StreamLog]], phases) -> dict:
         data["copy"][metric] = {p: mean_ci([run_metrics(lg, metric=metric, window=window)[f"copy_{p}"]
                                             for lg in first.values()]) for p in phases}
         data["per_seed"][metric] = per_seed
+        data["rel_curves"][metric] = _relative_curves(runs, logs, metric)
+        data["comparisons"][metric] = [
+            {"a": a, "b": b, "label": f"{labels[a]} vs {labels[b]}",
+             "diffs": {k: paired_difference({s: m[k] for s, m in per_seed[a].items() if k in m},
+                                            {s: m[k] for s, m in per_seed[b].items() if k in m})
+                       for k in _COMPARED}}
+            for a, b in pairs]
+        if frozen and oracle:
+            fb = data["summary"][metric][frozen].get("B")
+            ob = data["summary"][metric][oracle].get("B")
+            data["shift"][metric] = {"frozen": frozen, "oracle": oracle, "frozen_B": fb, "oracle_B": ob,
+                                     "ratio": fb["mean"] / ob["mean"] if fb and ob and ob["mean"] else None}
     return data
+
+
+def _relative_curves(runs, logs, metric: str) -> dict:
+    """Per clip, error / copy-last error on the same clip: mean and CI across seeds."""
+    copy = "copy_rollout" if metric.startswith("rollout") else "copy_tf"
+    out = {}
+    for r in runs:
+        ls = list(logs[r["name"]].values())
+        n = min(len(lg.tf) for lg in ls)
+        rel = [[e / c if c else math.nan for e, c in zip(lg.errors(metric), lg.errors(copy))] for lg in ls]
+        cis = [mean_ci([x[i] for x in rel]) for i in range(n)]
+        out[r["name"]] = {k: [c[k] for c in cis] for k in ("mean", "lo", "hi")}
+    return out

@@ -25,6 +25,7 @@ Strategies (`STRATEGIES`):
               the mean accumulated gradient. (Plain SGD at cms_lr 1e-3 moved the weights by ~1e-7 relative
               per update: `hope` scored like the frozen model.)
   hope+ttt    hope + `steps` optimizer steps on `ttt_params` ("layernorm" | "last_block" | "full"), CMS excluded
+  (hope, hope+ttt: `memory_lr_scale` multiplies the memory's in-context step size eta_max for this stream)
 
 Memory carry: with `model.carry_memory = True` a HOPE forward starts from the stored memory and stores its
 end state. Scoring and held-out passes restore the memory afterwards (so clip i's scoring cannot leak into its
@@ -59,7 +60,7 @@ PRIVILEGED = ("replay", "oracle", "joint")
 _OPTIONS = dict(lr=1e-3, steps=1, optimizer="adamw", weight_decay=0.0, rollout_steps=2, rollout_weight=1.0,
                 grad_clip=1.0, guard_factor=10.0, lora_rank=4, lora_alpha=8.0, merge_lora=True,
                 ewc_lambda=100.0, fisher_clips=None, reset_every=10, replay_clips=None, replay_size=2,
-                carry_memory=True, cms_lr=1e-3, cms_periods=None, ttt_params="layernorm",
+                carry_memory=True, cms_lr=1e-3, cms_periods=None, memory_lr_scale=1.0, ttt_params="layernorm",
                 score_horizon=None, seed=0, progress=False, desc=None, callback=None)
 
 
@@ -363,7 +364,8 @@ def adapt_stream(model: nn.Module, stream, strategy: str, **options: Any) -> Str
     returns the StreamLog. Options (defaults in `_OPTIONS`): lr, steps, optimizer ("adamw" | "sgd"),
     weight_decay, rollout_steps, rollout_weight (adaptation loss), grad_clip, guard_factor, lora_rank,
     lora_alpha, merge_lora, ewc_lambda, fisher_clips, reset_every, replay_clips, replay_size, carry_memory,
-    cms_lr, cms_periods, ttt_params, score_horizon, seed, progress, desc, callback(i, model) after each clip.
+    cms_lr, cms_periods, memory_lr_scale, ttt_params, score_horizon, seed, progress, desc, callback(i, model)
+    after each clip.
     """
     import time
 
@@ -386,6 +388,11 @@ def adapt_stream(model: nn.Module, stream, strategy: str, **options: Any) -> Str
     loss_kw = dict(rollout_steps=o["rollout_steps"], rollout_weight=o["rollout_weight"])
     t0 = time.perf_counter()
 
+    scale = float(o["memory_lr_scale"])
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"memory_lr_scale must be a finite number > 0, got {o['memory_lr_scale']!r}")
+    if scale != 1.0 and not is_hope:
+        raise ValueError(f"memory_lr_scale scales a HOPE memory's step size; strategy {strategy!r} has none")
     had_carry = getattr(model, "carry_memory", None)
     if had_carry is not None:
         model.carry_memory = bool(is_hope and o["carry_memory"])
@@ -419,7 +426,12 @@ def adapt_stream(model: nn.Module, stream, strategy: str, **options: Any) -> Str
     if o["progress"]:
         from tqdm.auto import tqdm
         it = tqdm(it, desc=o["desc"] or strategy, leave=False, unit="clip")
+    # the memory modules read eta_max on every forward; restored below whatever happens
+    mems = [m for m in model.modules() if hasattr(m, "eta_max")] if is_hope else []
+    etas = [m.eta_max for m in mems]
     try:
+        for m in mems:
+            m.eta_max = m.eta_max * scale
         for i in it:
             clip = clips[i]
             # (1) predict and score first ...
@@ -442,6 +454,8 @@ def adapt_stream(model: nn.Module, stream, strategy: str, **options: Any) -> Str
             if o["callback"] is not None:
                 o["callback"](i, model)
     finally:
+        for m, eta in zip(mems, etas):
+            m.eta_max = eta
         if lora:
             lora.remove(bool(o["merge_lora"]))
         model.train(was_training)

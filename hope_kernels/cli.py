@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "encode": ("hope_kernels.data.cli_encode", "encode frames with the embedded or a local V-JEPA 2 encoder"),
     "aba": ("hope_kernels.cli_aba", "the A-B-A job: data, pre-training, every TTA strategy, results.json/md/png"),
     "train": ("hope_kernels.cli_train", "train an AC or HOPE predictor"),
+    "pretrain": ("hope_kernels.cli_pretrain", "regenerate the pre-trained predictors an A-B-A preset ships with"),
     "adapt": ("hope_kernels.cli_adapt", "adapt one checkpoint over a dataset's A1 -> B -> A2 stream with one strategy"),
     "bench": ("hope_kernels.cli_bench", "run the benchmark suites (eager, torch.compile, fast paths side by side)"),
 }

@@ -160,9 +160,11 @@ class StandInHooks:
     def verify_dataset(self, path):
         self.calls["verify_dataset"] += 1
 
-    def make_stream(self, path, phases, clips_per_phase, seed):
+    def make_stream(self, path, phases, clips_per_phase, seed, part="report", reserve=0):
         self.calls["make_stream"] += 1
-        return make_stream(clips_per_phase or 3, tuple(phases), seed=seed)
+        self.parts = getattr(self, "parts", []) + [(part, seed)]
+        # validation streams: other synthetic clips than any reported seed's
+        return make_stream(clips_per_phase or 3, tuple(phases), seed=seed + (7919 if part == "validation" else 0))
 
     def train_clips(self, path, phase, n, seed):
         self.calls["train_clips"] += 1

@@ -3,6 +3,7 @@ resumability per (run, seed), config fingerprints, the CLI and the shipped prese
 import json
 
 import pytest
+import torch
 
 import hope_kernels.aba as aba
 from hope_kernels.aba import load_config, run_aba, validate_config
@@ -103,14 +104,116 @@ def test_corrupt_result_file_is_rerun(tmp_path):
 
 
 def test_presets_load_and_validate():
-    for preset, n_seeds in (("quick", 3), ("paper", 5)):
+    for preset in ("quick", "paper"):
         cfg = load_config(preset)
-        assert len(cfg["seeds"]) >= n_seeds
+        assert len(cfg["seeds"]) >= 5
         names = [r["name"] for r in cfg["runs"]]
         assert names[:2] == ["hope", "ac+layernorm"] and cfg["baseline"] == "ac+layernorm"
-        assert {"oracle", "joint", "ac+replay"} <= set(names)
-        strategies = {r["strategy"] for r in cfg["runs"]}
-        assert strategies == set(aba.STRATEGIES)
+        assert {"oracle", "joint", "hope+ttt", "hope+none", "hope[no-carry]", "ac+none"} <= set(names)
+    assert {r["strategy"] for r in load_config("paper")["runs"]} == set(aba.STRATEGIES)
+    quick = load_config("quick")
+    # every adapting strategy of quick is tuned, on seeds the report never uses
+    assert {r["strategy"] for r in quick["runs"]} - {"none"} <= set(quick["tuning"]["grids"])
+    assert not set(quick["tuning"]["seeds"]) & set(quick["seeds"])
+
+
+def tuning_config():
+    cfg = tiny_config()
+    cfg["runs"] = [r for r in cfg["runs"] if r["name"] in ("hope", "ac+layernorm", "ac+none", "oracle")]
+    cfg["tuning"] = {"seeds": [100, 101], "reserve": 2, "clips_per_phase": 2,
+                     "grids": {"layernorm": [{"lr": 1e-5}, {"lr": 3e-2}], "hope": [{"cms_lr": 1e-5}, {"cms_lr": 3e-2}]}}
+    return cfg
+
+
+def test_tuning_chooses_on_validation_streams(tmp_path, monkeypatch):
+    hooks = StandInHooks()
+    res = run_aba(tuning_config(), hooks=hooks, out=tmp_path, progress=False)
+    t = res.data["tuning"]
+    assert set(t["runs"]) == {"hope", "ac+layernorm"}          # strategy none has nothing to tune
+    for name, rec in t["runs"].items():
+        assert len(rec["scores"]) == 2 and rec["chosen_index"] == min(range(2), key=rec["scores"].__getitem__)
+        assert rec["choice"] == tuning_config()["tuning"]["grids"][{"hope": "hope"}.get(name, "layernorm")][
+            rec["chosen_index"]]
+        # the reported runs use the choice
+        stored = json.loads((tmp_path / "runs" / name / "seed0.json").read_text())
+        for k, v in rec["choice"].items():
+            assert stored["log"]["options"][k] == v
+    # validation streams only on the validation seeds, reported streams only on the reported seeds
+    assert {seed for part, seed in hooks.parts if part == "validation"} == {100, 101}
+    assert {seed for part, seed in hooks.parts if part == "report" and seed != 0} <= {1}
+    assert len(list((tmp_path / "tuning").rglob("p*-seed*.json"))) == 2 * 2 * 2
+    # a restart reuses the validation logs as well
+    count = _count_adapt_calls(monkeypatch)
+    run_aba(tuning_config(), hooks=StandInHooks(), out=tmp_path, progress=False)
+    assert count["n"] == 0
+    bad = tuning_config()
+    bad["tuning"]["grids"]["hope"].append({"cms_lr": 1e-3})
+    with pytest.raises(ValueError, match="same number of points"):
+        validate_config(bad)
+    bad = tuning_config()
+    bad["tuning"]["clips_per_phase"] = 3
+    with pytest.raises(ValueError, match="exceeds tuning.reserve"):
+        validate_config(bad)
+
+
+def test_results_hold_the_verdict_inputs(tmp_path):
+    res = run_aba(tuning_config(), hooks=StandInHooks(), out=tmp_path, progress=False)
+    d = res.data
+    assert d["headline"] == ["hope", "ac+layernorm", "ac+none", "oracle"]
+    comp = d["comparisons"]["tf"][0]
+    assert (comp["a"], comp["b"]) == ("hope", "ac+layernorm")
+    per = d["per_seed"]["tf"]
+    want = sum(per["hope"][s]["B"] - per["ac+layernorm"][s]["B"] for s in (0, 1)) / 2
+    assert comp["diffs"]["B"]["mean"] == pytest.approx(want)
+    shift = d["shift"]["tf"]
+    assert shift["ratio"] == pytest.approx(d["summary"]["tf"]["ac+none"]["B"]["mean"] /
+                                           d["summary"]["tf"]["oracle"]["B"]["mean"])
+    # relative curves: error / copy-last on the same clip
+    log = json.loads((tmp_path / "runs" / "ac+none" / "seed0.json").read_text())["log"]
+    rel0 = [e / c for e, c in zip(log["tf"], log["copy_tf"])]
+    log1 = json.loads((tmp_path / "runs" / "ac+none" / "seed1.json").read_text())["log"]
+    rel1 = [e / c for e, c in zip(log1["tf"], log1["copy_tf"])]
+    assert d["rel_curves"]["tf"]["ac+none"]["mean"] == pytest.approx([(a + b) / 2 for a, b in zip(rel0, rel1)])
+    # every pre-trained model's held-out errors, once per model
+    pre = {p["name"]: p for p in d["pretrained"]}
+    assert set(pre) == {"hope-A1", "ac-A1", "ac-B"} and pre["ac-A1"]["source"] == "trained"
+    assert set(pre["ac-A1"]["runs"]) == {"ac+layernorm", "ac+none"}
+    assert set(pre["ac-B"]["heldout"]) == {"A1", "B", "A2"} and pre["ac-B"]["heldout"]["B"]["ratio"] > 0
+    assert "## Verdict" in (tmp_path / "results.md").read_text() and (tmp_path / "aba_all.png").is_file()
+
+
+def test_shipped_weights_are_used_only_for_their_spec_and_dataset(tmp_path, monkeypatch, capsys):
+    """A shipped index entry whose spec and dataset id equal the job's replaces that pre-training; another
+    dataset id pre-trains and says why."""
+    from hope_kernels import pretrained
+    from hope_kernels.models import build_predictor
+    cfg = tuning_config()
+    cfg["preset"] = "unit"
+    cfg["runs"] = [r for r in cfg["runs"] if r["model"] == "ac"]
+    spec = pretrained.spec_for(cfg, cfg["runs"][0], 0)
+    model = build_predictor("ac", "tiny", enc_dim=8, grid=(5, 2, 2))
+    root = tmp_path / "assets"
+    pretrained.save_weights(root / "unit" / "ac-A1.safetensors", model, {}, torch.float16)
+
+    def index(data_id):
+        entry = {"name": "ac-A1", "file": "ac-A1.safetensors", "spec": spec, "data_id": data_id, "dtype": "float16",
+                 "steps": 5}
+        (root / "unit" / "index.json").write_text(json.dumps({"format": pretrained.FORMAT, "preset": "unit",
+                                                              "models": [entry]}))
+    monkeypatch.setattr(pretrained, "ASSET_ROOT", root)
+    hooks = StandInHooks()
+    hooks.ensure_dataset(tmp_path / "o" / "data", "quick", 0)
+    index(aba._data_id(tmp_path / "o" / "data"))
+    res = run_aba(cfg, hooks=hooks, out=tmp_path / "o", progress=False)
+    assert hooks.calls["train"] == 1                  # the oracle (ac-B) only
+    pre = {p["name"]: p for p in res.data["pretrained"]}
+    assert pre["ac-A1"]["source"] == "shipped" and pre["ac-B"]["source"] == "trained"
+    index("another")
+    hooks = StandInHooks()
+    res = run_aba(cfg, hooks=hooks, out=tmp_path / "p", progress=False)
+    assert hooks.calls["train"] == 2
+    err = capsys.readouterr().err
+    assert "ac-A1: the shipped ac-A1 was trained on dataset another" in err and "pre-training it here" in err
 
 
 def test_bad_configs(tmp_path):

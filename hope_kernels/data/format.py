@@ -388,11 +388,22 @@ class Stream:
     state_dim: int
 
 
-def make_stream(path, phases=("A1", "B", "A2"), clips_per_phase: int | dict | None = None, seed: int = 0) -> Stream:
+def make_stream(path, phases=("A1", "B", "A2"), clips_per_phase: int | dict | None = None, seed: int = 0,
+                part: str = "report", reserve: int = 0) -> Stream:
     """Stream = the "stream" split of each phase in `phases` order; within a phase the clip order is a
     permutation drawn from `seed` (different seeds = different stream orders), truncated to clips_per_phase
     (None = all; int = same count for every phase; dict phase -> count). Held-out = the "heldout" split of each
-    phase, in stored order, independent of seed."""
+    phase, in stored order, independent of seed.
+
+    reserve > 0 splits each phase's stream clips (stored order) in two disjoint parts: part "validation" draws
+    from the last `reserve`, part "report" from the others, so hyperparameters chosen on validation streams are
+    never chosen on a reported clip."""
+    if part not in ("report", "validation"):
+        raise ValueError(f"part must be 'report' or 'validation', got {part!r}")
+    if not (is_int(reserve) and reserve >= 0):
+        raise ValueError(f"reserve must be a non-negative int, got {reserve!r}")
+    if part == "validation" and reserve == 0:
+        raise ValueError("a validation stream needs reserve > 0 clips per phase set apart from the reported ones")
     phases = (phases,) if isinstance(phases, str) else tuple(phases)
     ds = ClipDataset(path)
     for p in phases:
@@ -403,6 +414,11 @@ def make_stream(path, phases=("A1", "B", "A2"), clips_per_phase: int | dict | No
     order, bounds = [], []
     for pi, p in enumerate(phases):
         cand = [pos_of[g] for g, c in enumerate(clips) if c["phase"] == p and c["split"] == "stream"]
+        if reserve:
+            if reserve >= len(cand):
+                raise ValueError(f"reserve {reserve} leaves no reported stream clips of phase {p!r} "
+                                 f"({ds.path} has {len(cand)})")
+            cand = cand[len(cand) - reserve:] if part == "validation" else cand[:len(cand) - reserve]
         rng = np.random.default_rng([int(seed), pi])
         cand = [cand[j] for j in rng.permutation(len(cand))]
         want = clips_per_phase.get(p) if isinstance(clips_per_phase, dict) else clips_per_phase
