@@ -47,7 +47,7 @@ from hope_kernels.data.format import KNOWN_PHASES
 from hope_kernels.metrics import aggregate, mean_ci, paired_difference, run_metrics
 from hope_kernels.report import atomic_write_json, markdown_report, write_results
 
-__all__ = ["Hooks", "Results", "run_aba", "load_config", "CONFIG_DIR", "METRICS"]
+__all__ = ["Hooks", "Results", "run_aba", "load_config", "select_runs", "CONFIG_DIR", "METRICS"]
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 METRICS = ("tf", "rollout")
@@ -150,6 +150,25 @@ def validate_config(cfg: dict) -> dict:
     if cfg.get("workers") is not None and not (is_int(cfg["workers"]) and cfg["workers"] >= 1):
         raise ValueError(f"workers must be an int >= 1, got {cfg['workers']!r}")
     _validate_tuning(cfg.get("tuning"), sc)
+    return cfg
+
+
+def select_runs(cfg: dict, names) -> dict:
+    """A copy of `cfg` with only the runs named (config order), and its references to other runs (baseline,
+    oracle_run, frozen_run, headline, comparisons) dropped."""
+    keep = set(names)
+    unknown = sorted(keep - {r["name"] for r in cfg["runs"]})
+    if unknown:
+        raise ValueError(f"unknown run name(s) {unknown}; the config has {[r['name'] for r in cfg['runs']]}")
+    cfg = copy.deepcopy(cfg)
+    cfg["runs"] = [r for r in cfg["runs"] if r["name"] in keep]
+    for key in ("baseline", "oracle_run", "frozen_run"):
+        if cfg.get(key) and cfg[key] not in keep:
+            cfg[key] = None
+    if cfg.get("headline"):
+        cfg["headline"] = [n for n in cfg["headline"] if n in keep]
+    if cfg.get("comparisons"):
+        cfg["comparisons"] = [c for c in cfg["comparisons"] if set(c) <= keep]
     return cfg
 
 

@@ -55,7 +55,7 @@ def atomic_write_json(path, obj) -> Path:
 
 # ----------------------------------------------------------------------------------------------- tables
 
-def _fmt(ci, digits=3, integer=False) -> str:
+def _fmt(ci, digits=4, integer=False) -> str:
     if not ci or ci.get("mean") is None or (isinstance(ci.get("mean"), float) and math.isnan(ci["mean"])):
         return "–"
     m, h = ci["mean"], ci.get("half")

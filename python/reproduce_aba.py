@@ -19,7 +19,7 @@ def main(argv=None) -> int:
     p.add_argument("--runs", default=None, help="comma-separated run names to keep")
     args = p.parse_args(argv)
 
-    from hope_kernels.aba import load_config, run_aba
+    from hope_kernels.aba import load_config, run_aba, select_runs
 
     cfg = load_config(args.preset)
     if args.seeds:
@@ -29,10 +29,7 @@ def main(argv=None) -> int:
     if args.clips:
         cfg["stream"]["clips_per_phase"] = args.clips
     if args.runs:
-        keep = args.runs.split(",")
-        cfg["runs"] = [r for r in cfg["runs"] if r["name"] in keep]
-        if cfg.get("baseline") not in keep:
-            cfg["baseline"] = None
+        cfg = select_runs(cfg, [n.strip() for n in args.runs.split(",") if n.strip()])
     res = run_aba(cfg, out=args.out)
     print(res.table())
     return 0

@@ -82,3 +82,22 @@ def test_quick_stream_shift_is_real_and_full_adapts(tmp_path):
     # 150 pre-training steps leave the model near copy-last): frozen A1 0.0145, B 0.0338; full lr 1e-3 x 2
     # steps: B error / frozen 1.0235 in the first half of B, 1.0088 in the second (mean B 0.0343, above frozen:
     # adapting on A1 clips first raised A1 to 0.0172). Not asserted: full below frozen (lr 1e-4: 0.9992).
+
+
+@pytest.mark.slow(minutes=4)
+def test_quick_preset_on_its_shipped_weights(tmp_path):
+    """The quick preset's adaptation on 2 seeds, from its shipped pre-trained weights (no training): the two
+    facts the study stands on. The frozen A1 AC model predicts (at most 0.7x the copy-last error on the A1
+    stream clips) and the oracle trained on B beats it on B, seed by seed (there is a shift to adapt to)."""
+    _real_pieces()
+    from hope_kernels.aba import load_config, run_aba, select_runs
+    cfg = select_runs(load_config("quick"), ["ac+layernorm", "ac+none", "oracle"])
+    cfg.update(seeds=[0, 1], workers=1)
+    cfg["tuning"].update(seeds=[100], grids={"layernorm": cfg["tuning"]["grids"]["layernorm"]})
+    res = run_aba(cfg, out=tmp_path, progress=False)
+    assert {p["name"]: p["source"] for p in res.data["pretrained"]} == {"ac-A1": "shipped", "ac-B": "shipped"}
+    per = res.data["per_seed"]["tf"]
+    for seed in (0, 1):
+        assert per["ac+none"][seed]["A1"] <= 0.7 * per["ac+none"][seed]["copy_A1"], per["ac+none"][seed]
+        assert per["oracle"][seed]["B"] < per["ac+none"][seed]["B"], (per["oracle"][seed], per["ac+none"][seed])
+    assert "ac+layernorm" in res.data["tuning"]["runs"]

@@ -284,3 +284,25 @@ def test_non_finite_stream_latents_are_named(model_cls, strategy):
     stream.clips[3]["latents"][1, 0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"clip 3 \(phase B\): latents contain NaN or inf"):
         adapt_stream(model_cls(), stream.clips, strategy, **OPTS)
+
+
+def test_memory_lr_scale_scales_the_memory_step_for_the_stream_only():
+    """memory_lr_scale multiplies a HOPE memory's eta_max while the stream runs (predictions change) and
+    restores it after; strategies without a memory refuse it."""
+    from hope_kernels.models import build_predictor
+    torch.manual_seed(0)
+    model = build_predictor("hope", "tiny", enc_dim=8, grid=(5, 2, 2))
+    torch.nn.init.normal_(model.proj.weight, std=0.1)
+    stream = make_stream(2)
+    etas = [m.eta_max for m in model.modules() if hasattr(m, "eta_max")]
+    seen = []
+    cb = lambda i, m: seen.append([x.eta_max for x in m.modules() if hasattr(x, "eta_max")])  # noqa: E731
+    a = adapt_stream(copy.deepcopy(model), stream, "hope", cms_lr=0.0, callback=cb)
+    b = adapt_stream(model, stream, "hope", cms_lr=0.0, memory_lr_scale=3.0)
+    assert a.tf != b.tf
+    assert seen[0] == etas and [m.eta_max for m in model.modules() if hasattr(m, "eta_max")] == etas
+    with pytest.raises(ValueError, match="memory_lr_scale scales a HOPE memory"):
+        adapt_stream(build_predictor("ac", "tiny", enc_dim=8, grid=(5, 2, 2)), stream, "layernorm",
+                     memory_lr_scale=2.0)
+    with pytest.raises(ValueError, match="finite number > 0"):
+        adapt_stream(model, stream, "hope", memory_lr_scale=0.0)

@@ -78,6 +78,23 @@ def test_make_stream(tiny):
         make_stream(tiny, phases=("A1", "X"))
 
 
+def test_make_stream_reserves_validation_clips(tiny):
+    """reserve r: validation streams draw only from the last r stream clips of each phase, reported streams never
+    do, whatever the seed."""
+    report = {c["index"] for seed in range(8) for c in make_stream(tiny, seed=seed, reserve=2).clips}
+    val = {c["index"] for seed in (100, 101) for c in make_stream(tiny, seed=seed, part="validation", reserve=2).clips}
+    assert report and val and not report & val
+    assert len(val) == 3 * 2 and len(report) == 3 * (TINY["stream"] - 2)
+    v = make_stream(tiny, seed=100, part="validation", reserve=2, clips_per_phase=1)
+    assert [c["phase"] for c in v.clips] == ["A1", "B", "A2"]
+    with pytest.raises(ValueError, match="needs reserve > 0"):
+        make_stream(tiny, part="validation")
+    with pytest.raises(ValueError, match="leaves no reported stream clips"):
+        make_stream(tiny, reserve=TINY["stream"])
+    with pytest.raises(ValueError, match="part must be"):
+        make_stream(tiny, part="test", reserve=1)
+
+
 def test_verify_ok_and_cli(tiny, capsys):
     info = verify_dataset(tiny)
     assert info["clips"] == len(ClipDataset(tiny))

@@ -30,7 +30,7 @@ def test_quick_preset_pretrainings():
 def _index(tmp_path, spec, data_id="d1", model=None):
     root = tmp_path / "assets"
     (root / "quick").mkdir(parents=True)
-    model = model or build_predictor("ac", "tiny")
+    model = model or build_predictor("ac", "tiny", enc_dim=8, grid=(3, 2, 2))
     pretrained.save_weights(root / "quick" / "ac-A1.safetensors", model, {"spec": spec}, torch.float16)
     entry = {"name": "ac-A1", "file": "ac-A1.safetensors", "spec": spec, "data_id": data_id, "dtype": "float16"}
     (root / "quick" / "index.json").write_text(json.dumps({"format": pretrained.FORMAT, "preset": "quick",
@@ -66,7 +66,7 @@ def test_load_weights_errors_name_the_file(tmp_path):
     bad.write_bytes(b"not safetensors")
     with pytest.raises(ValueError, match="bad.safetensors.*corrupt"):
         pretrained.load_weights(bad)
-    model = build_predictor("ac", "tiny")
+    model = build_predictor("ac", "tiny", enc_dim=8, grid=(3, 2, 2))
     with torch.no_grad():
         model.proj.weight[0, 0] = float("nan")
     pretrained.save_weights(tmp_path / "nan.safetensors", model, {}, torch.float32)
@@ -81,9 +81,9 @@ def test_load_weights_errors_name_the_file(tmp_path):
 def test_heldout_errors_copy_last_model_is_one(tmp_path):
     # an untrained predict_delta predictor outputs layer_norm(z_t): exactly the copy-last-latent baseline
     g = torch.Generator().manual_seed(0)
-    clips = [{"latents": torch.randn(8, 64, 64, generator=g), "actions": torch.randn(8, 2, generator=g)}
+    clips = [{"latents": torch.randn(3, 4, 8, generator=g), "actions": torch.randn(3, 2, generator=g)}
              for _ in range(3)]
-    model = build_predictor("ac", "tiny")
+    model = build_predictor("ac", "tiny", enc_dim=8, grid=(3, 2, 2))
     torch.nn.init.zeros_(model.proj.weight)
     torch.nn.init.zeros_(model.proj.bias)
     err = pretrained.heldout_errors(model, {"A1": clips, "B": []})
