@@ -395,14 +395,14 @@ def _job_worker(job: dict) -> dict:
 
 
 def _adapt_and_write(model, stream, job: dict, hooks) -> dict:
-    run, options = job["run"], dict(job["options"])
+    run, options, seed = job["run"], dict(job["options"]), job["stream_seed"]   # the stream's seed drives it all
     if run["strategy"] == "ewc" and "fisher_clips" not in options:
-        options["fisher_clips"] = hooks.train_clips(job["data_path"], "A1", job["n_extra"], job["seed"])
+        options["fisher_clips"] = hooks.train_clips(job["data_path"], "A1", job["n_extra"], seed)
     if run["strategy"] == "replay" and "replay_clips" not in options:
-        options["replay_clips"] = hooks.train_clips(job["data_path"], "A1", job["n_extra"], job["seed"])
-    torch.manual_seed(job["seed"])
-    log = adapt_stream(model, stream, run["strategy"], seed=job["seed"], progress=job["progress"],
-                       desc=f"{run['name']} s{job['stream_seed']}", **options)
+        options["replay_clips"] = hooks.train_clips(job["data_path"], "A1", job["n_extra"], seed)
+    torch.manual_seed(seed)
+    log = adapt_stream(model, stream, run["strategy"], seed=seed, progress=job["progress"],
+                       desc=f"{run['name']} s{seed}", **options)
     d = log.to_dict()
     atomic_write_json(job["path"], {"run": run, "seed": job["stream_seed"], "part": job["part"],
                                     "fingerprint": job["fingerprint"], "log": d})
@@ -459,6 +459,7 @@ def run_aba(config: dict, hooks: Hooks | None = None, out: str | Path | None = N
     workers = 1 if custom_hooks else int(cfg.get("workers") or 1)
 
     def job_for(run, seed, options, part, stream_seed, path):
+        """seed: whose pre-trained model (per_seed pre-training); stream_seed: the stream and its randomness."""
         n_extra = {"ewc": cfg.get("fisher_clips", 8), "replay": cfg.get("replay_clips", 16)}.get(run["strategy"])
         # the reserve decides which clips the reported streams draw from, clips_per_phase the validation streams
         pool = {"reserve": tuning["reserve"], "val_clips": tuning["clips_per_phase"]} if tuning else None
