@@ -36,3 +36,20 @@ def atomic_write_bytes(path, data: bytes) -> Path:
         with open(tmp, "wb") as f:
             f.write(data)
     return atomic_write(path, write)
+
+
+def read_safetensors(path, what: str) -> tuple[dict, dict]:
+    """-> (metadata, {name: tensor}) of a safetensors file, read without pickle. `what` names the file in errors
+    ("checkpoint", "shipped weights"): FileNotFoundError when it is missing, ValueError when it is not a readable
+    safetensors file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path!r} does not exist")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{what} {path!r} is corrupt or not a safetensors file: {e}") from None

@@ -207,20 +207,11 @@ def save_weights(path, model, meta: dict, dtype: torch.dtype) -> Path:
 def load_weights(path, device="cpu"):
     """A shipped weights file -> model (float32). Errors name the file: missing, not safetensors, foreign
     metadata, weights that do not fit their config, NaN/inf."""
-    from safetensors import SafetensorError
-    from safetensors.torch import safe_open
-
     from hope_kernels.config import PredictorConfig
+    from hope_kernels.io import read_safetensors
     from hope_kernels.models import predictor_from_config
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"shipped weights {path!r} do not exist")
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"shipped weights {path!r} are corrupt or not a safetensors file: {e}") from None
+    meta, tensors = read_safetensors(path, "shipped weights")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path!r} is not a hope-kernels pretrained weights file (format {meta.get('format')!r})")
     try:
@@ -333,6 +324,7 @@ def regenerate(cfg: dict, work, assets=None, workers: int = 1, only=None, device
                  "data": {"preset": dc.get("preset", "quick"), "seed": int(dc.get("seed", 0))},
                  "dtype": str(dtype).replace("torch.", ""), "steps": st["step"], "heldout": kept,
                  "heldout_fp32": full, "float16_max_change": moved,
+                 "train_config": st["config"],
                  "code": {"git": version, "train_code": code_id(*TRAIN_CODE)}, "device": device,
                  "wall_seconds": res["wall_seconds"], "torch": torch.__version__}
         save_weights(assets / entry["file"], model, {k: v for k, v in entry.items() if k != "file"}, dtype)

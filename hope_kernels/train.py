@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from hope_kernels.config import PredictorConfig, TrainConfig
-from hope_kernels.io import atomic_write, atomic_write_bytes
+from hope_kernels.io import atomic_write, atomic_write_bytes, read_safetensors
 from hope_kernels.models import build_predictor, predictor_from_config
 from hope_kernels.ops import l1_rollout_loss
 
@@ -210,18 +210,8 @@ def load_checkpoint(path, device="cpu"):
     """-> (model, state) with state = {step, config, predictor_config, optimizer (state_dict or None), rng,
     cms_grads ({parameter name: accumulated gradient}), memory (a HOPE training run's carried memory, {} if
     none)}."""
-    from safetensors import SafetensorError
-    from safetensors.torch import safe_open
-
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"checkpoint {path!r} is corrupt or not a safetensors file: {e}") from None
+    meta, tensors = read_safetensors(path, "checkpoint")
     if meta.get("format") != "hope-kernels-checkpoint-1":
         raise ValueError(f"{path!r} is not a hope-kernels checkpoint (metadata format={meta.get('format')!r})")
     try:
