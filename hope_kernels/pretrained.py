@@ -8,7 +8,8 @@ Shipped weights live in `hope_kernels/assets/pretrained/<preset>/`: one `<name>.
         {"name": "ac-A1", "file": "ac-A1.safetensors", "spec": {...}, "data_id": "874cbd1b...",
          "data": {"preset": "quick", "seed": 0}, "dtype": "float16", "steps": 2000,
          "heldout": {"A1": {"tf", "copy_last", "ratio"}, "B": ..., "A2": ...},   # of the shipped (rounded) weights
-         "heldout_fp32": {...}, "code": {"git": "...", "train_code": "..."}, "device": "cpu",
+         "heldout_fp32": {...}, "code": {"trained": {"git", "train_code"} | None, "indexed": {...}},
+         "train_config": {...}, "device": "cpu",
          "wall_seconds": ..., "torch": "2.13.0"}, ...]}
 
 `spec` is what identifies a pre-training (model kind, predictor preset, overrides, training phases, training
@@ -263,6 +264,10 @@ def _train_one(spec: dict, data_path: str, ckpt_dir: str, device: str, threads: 
     t0 = time.perf_counter()
     ckpt = Path(ckpt_dir) / CKPT_NAME
     tc = train_config(spec, data_path, ckpt_dir, device)
+    started = Path(ckpt_dir) / "provenance.json"
+    if not ckpt.is_file():   # the code version the training starts from (a resumed run keeps the first)
+        from hope_kernels.report import atomic_write_json
+        atomic_write_json(started, {"git": git_version(), "train_code": code_id(*TRAIN_CODE)})
     if ckpt.is_file():
         done = load_checkpoint(ckpt)[1]["step"]
         if done >= int(spec["train"].get("steps", 0)):
@@ -315,6 +320,8 @@ def regenerate(cfg: dict, work, assets=None, workers: int = 1, only=None, device
     for spec, res in zip(specs, done):
         name = spec_name(spec)
         model, st = load_checkpoint(res["checkpoint"])
+        started = Path(res["checkpoint"]).parent / "provenance.json"
+        trained_at = json.loads(started.read_text()) if started.is_file() else None
         full = heldout_errors(model, heldout_clips)
         half = load_state_rounded(model, torch.float16)
         rounded = heldout_errors(half, heldout_clips)
@@ -325,7 +332,10 @@ def regenerate(cfg: dict, work, assets=None, workers: int = 1, only=None, device
                  "dtype": str(dtype).replace("torch.", ""), "steps": st["step"], "heldout": kept,
                  "heldout_fp32": full, "float16_max_change": moved,
                  "train_config": st["config"],
-                 "code": {"git": version, "train_code": code_id(*TRAIN_CODE)}, "device": device,
+                 # the code a training started from (None: started outside this command) and the one that
+                 # evaluated the weights and wrote this entry
+                 "code": {"trained": trained_at, "indexed": {"git": version, "train_code": code_id(*TRAIN_CODE)}},
+                 "device": device,
                  "wall_seconds": res["wall_seconds"], "torch": torch.__version__}
         save_weights(assets / entry["file"], model, {k: v for k, v in entry.items() if k != "file"}, dtype)
         entries[name] = entry

@@ -90,8 +90,14 @@ def test_quick_preset_on_its_shipped_weights(tmp_path):
     facts the study stands on. The frozen A1 AC model predicts (at most 0.7x the copy-last error on the A1
     stream clips) and the oracle trained on B beats it on B, seed by seed (there is a shift to adapt to)."""
     _real_pieces()
+    from hope_kernels import pretrained
     from hope_kernels.aba import load_config, run_aba, select_runs
+    from hope_kernels.data import ensure_dataset
     cfg = select_runs(load_config("quick"), ["ac+layernorm", "ac+none", "oracle"])
+    data = ensure_dataset(tmp_path / "data", "quick", 0)
+    for spec, _ in pretrained.pretrain_specs(cfg):     # fail here, not after an hour of pre-training
+        entry, why = pretrained.find_shipped("quick", spec, pretrained.data_id(data))
+        assert entry, why
     cfg.update(seeds=[0, 1], workers=1)
     cfg["tuning"].update(seeds=[100], grids={"layernorm": cfg["tuning"]["grids"]["layernorm"]})
     res = run_aba(cfg, out=tmp_path, progress=False)
