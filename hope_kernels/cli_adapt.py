@@ -5,7 +5,8 @@ from __future__ import annotations
 
 def add_arguments(p) -> None:
     from hope_kernels.adapt import STRATEGIES
-    p.add_argument("--checkpoint", required=True, help="a checkpoint.safetensors written by `train`")
+    p.add_argument("--checkpoint", required=True,
+                   help="a checkpoint.safetensors written by `train`, or shipped weights (hope_kernels/assets/pretrained)")
     p.add_argument("--data", required=True, help="dataset folder (simulated or imported)")
     p.add_argument("--strategy", default="layernorm", choices=STRATEGIES)
     p.add_argument("--clips-per-phase", type=int, default=None, help="stream clips per phase (default: all)")
@@ -23,11 +24,12 @@ def run(args) -> int:
     from hope_kernels.adapt import adapt_stream
     from hope_kernels.data import make_stream
     from hope_kernels.metrics import phase_means
+    from hope_kernels.pretrained import load_any
     from hope_kernels.report import atomic_write_json
-    from hope_kernels.train import load_checkpoint, resolve_device
+    from hope_kernels.train import resolve_device
 
     device = resolve_device(args.device)
-    model, _ = load_checkpoint(args.checkpoint, device=device)
+    model = load_any(args.checkpoint, device=device)
     stream = make_stream(args.data, clips_per_phase=args.clips_per_phase, seed=args.seed)
     log = adapt_stream(model, stream, args.strategy, lr=args.lr, steps=args.steps, seed=args.seed,
                        progress=not args.no_progress)   # on the model's device

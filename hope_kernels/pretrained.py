@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ASSET_ROOT", "spec_for", "spec_name", "pretrain_specs", "find_shipped", "load_weights",
+__all__ = ["ASSET_ROOT", "spec_for", "spec_name", "pretrain_specs", "find_shipped", "load_weights", "load_any",
            "heldout_errors", "regenerate", "code_id", "data_id", "TRAIN_CODE"]
 
 ASSET_ROOT = Path(__file__).resolve().parent / "assets" / "pretrained"
@@ -203,6 +203,14 @@ def save_weights(path, model, meta: dict, dtype: torch.dtype) -> Path:
     md = {"format": FORMAT, "kind": model.kind, "predictor_config": json.dumps(model.config.to_dict()),
           "provenance": json.dumps(meta, sort_keys=True)}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=md))
+
+
+def load_any(path, device="cpu"):
+    """A `train` checkpoint or a shipped weights file -> model (what `hope-kernels adapt --checkpoint` takes)."""
+    from hope_kernels.io import read_safetensors
+    from hope_kernels.train import load_checkpoint
+    meta, _ = read_safetensors(path, "checkpoint")
+    return load_weights(path, device) if meta.get("format") == FORMAT else load_checkpoint(path, device=device)[0]
 
 
 def load_weights(path, device="cpu"):

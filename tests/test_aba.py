@@ -109,7 +109,7 @@ def test_presets_load_and_validate():
         assert len(cfg["seeds"]) >= 5
         names = [r["name"] for r in cfg["runs"]]
         assert names[:2] == ["hope", "ac+layernorm"] and cfg["baseline"] == "ac+layernorm"
-        assert {"oracle", "joint", "hope+ttt", "hope+none", "hope[no-carry]", "ac+none"} <= set(names)
+        assert {"oracle", "hope+ttt", "hope+none", "hope[no-carry]", "ac+none"} <= set(names)
     assert {r["strategy"] for r in load_config("paper")["runs"]} == set(aba.STRATEGIES)
     quick = load_config("quick")
     # every adapting strategy of quick is tuned, on seeds the report never uses

@@ -31,6 +31,14 @@ def test_adapt_end_to_end(tmp_path, capsys):
     assert json.loads(log.read_text())["strategy"] == "layernorm"
     assert cli.main(["adapt", "--checkpoint", str(tmp_path / "none.safetensors"), "--data", str(data)]) == 2
     assert "does not exist" in capsys.readouterr().err
+    # shipped weights (hope_kernels/assets/pretrained) adapt the same way
+    import torch
+    from hope_kernels.pretrained import save_weights
+    from hope_kernels.train import load_checkpoint
+    save_weights(tmp_path / "shipped.safetensors", load_checkpoint(ckpt)[0], {}, torch.float16)
+    assert cli.main(["adapt", "--checkpoint", str(tmp_path / "shipped.safetensors"), "--data", str(data),
+                     "--clips-per-phase", "1", "--strategy", "none", "--no-progress"]) == 0
+    assert capsys.readouterr().out.startswith("tf {")
 
 
 def test_bench_runs_the_chosen_suites(monkeypatch, tmp_path, capsys):
