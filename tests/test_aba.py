@@ -370,3 +370,15 @@ def test_checkpoints_and_logs_not_reused_after_a_code_change(tmp_path, monkeypat
     monkeypatch.setattr(aba, "_code_id", lambda *m: real(*m) + "y")
     run_aba(cfg, hooks=StandInHooks(), out=tmp_path / "o", progress=False)
     assert count["n"] == len(cfg["runs"])
+
+
+def test_select_runs_drops_references_to_removed_runs():
+    cfg = load_config("quick")
+    sub = aba.select_runs(cfg, ["ac+layernorm", "ac+none"])
+    assert [r["name"] for r in sub["runs"]] == ["ac+layernorm", "ac+none"]
+    assert sub["baseline"] == "ac+layernorm" and sub["frozen_run"] == "ac+none"
+    assert sub["headline"] == ["ac+layernorm", "ac+none"] and sub["comparisons"] == []
+    validate_config(sub)
+    assert len(cfg["runs"]) > 2                        # the original is left as it was
+    with pytest.raises(ValueError, match=r"unknown run name\(s\) \['nope'\]"):
+        aba.select_runs(cfg, ["nope"])
