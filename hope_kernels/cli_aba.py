@@ -16,7 +16,9 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from hope_kernels.aba import load_config, run_aba
+    from hope_kernels.io import check_output_dir
 
+    check_output_dir(args.out, "--out")
     cfg = load_config(args.config or args.preset, device=args.device)
     if args.seeds:
         try:

@@ -23,14 +23,19 @@ def run(args) -> int:
 
     from hope_kernels.adapt import adapt_stream
     from hope_kernels.data import make_stream
+    from hope_kernels.data.compat import check_model_matches_data
+    from hope_kernels.io import check_output_file
     from hope_kernels.metrics import phase_means
     from hope_kernels.pretrained import load_any
     from hope_kernels.report import atomic_write_json
     from hope_kernels.train import resolve_device
 
+    if args.log:   # before the stream runs, not after it
+        check_output_file(args.log, "--log")
     device = resolve_device(args.device)
     model = load_any(args.checkpoint, device=device)
     stream = make_stream(args.data, clips_per_phase=args.clips_per_phase, seed=args.seed)
+    check_model_matches_data(model.config, stream, f"checkpoint {args.checkpoint}", f"dataset {args.data}")
     log = adapt_stream(model, stream, args.strategy, lr=args.lr, steps=args.steps, seed=args.seed,
                        progress=not args.no_progress)   # on the model's device
     for metric in ("tf", "rollout", "copy_tf"):

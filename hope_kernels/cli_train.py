@@ -26,6 +26,7 @@ def add_arguments(p):
 
 def run(args) -> int:
     from hope_kernels.config import TrainConfig, read_config_file
+    from hope_kernels.io import check_output_dir
     from hope_kernels.train import train
 
     cfg = read_config_file(args.config) if args.config else {}
@@ -42,6 +43,7 @@ def run(args) -> int:
     # keys and values first; then --out: the Python API may train in memory, from the shell the model would be lost
     if not TrainConfig.from_dict(dict(cfg)).out:
         raise ValueError("train needs --out DIR (or `out` in the config): where the checkpoint and log go")
+    check_output_dir(cfg["out"], "out")
     res = train(cfg)
     if res.history and int(os.environ.get("RANK", "0")) == 0:
         last = res.history[-1]

@@ -53,3 +53,33 @@ def read_safetensors(path, what: str) -> tuple[dict, dict]:
             return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{what} {path!r} is corrupt or not a safetensors file: {e}") from None
+
+
+def check_output_dir(path, what: str) -> Path:
+    """Refuse, before any work, an output folder that can never be written: `path` is an existing file, or an
+    existing ancestor of it is a file. `what` names it in the error ("--out"). Returns the path."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{what} {str(path)!r} is a file, not a folder")
+    _check_ancestors(path, what)
+    return path
+
+
+def check_output_file(path, what: str) -> Path:
+    """Refuse, before any work, an output file that can never be written: `path` is an existing folder, or an
+    existing ancestor of it is a file. `what` names it in the error ("--log"). Returns the path."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} {str(path)!r} is a folder, expected a file path")
+    _check_ancestors(path, what)
+    return path
+
+
+def _check_ancestors(path: Path, what: str) -> None:
+    """The nearest existing ancestor of `path` must be a folder (else no parent folder can be created)."""
+    for parent in path.parents:   # relative paths end at ".", which exists
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(f"{what} {str(path)!r} cannot be created: {str(parent)!r} is a file, "
+                                         f"not a folder")
+            return

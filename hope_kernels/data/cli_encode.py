@@ -23,7 +23,9 @@ def run(args) -> int:
 
     from hope_kernels.data.format import verify_dataset
     from hope_kernels.data.importers import import_arrays, load_array
+    from hope_kernels.io import check_output_dir
     from hope_kernels.models.encoder import encode_frames, get_encoder
+    check_output_dir(args.out, "--out")
     frames = load_array(args.frames, "frames")
     if frames.dim() != 5 or frames.shape[-1] != 3:
         raise ValueError(f"frames in {args.frames} must be (n, F, H, W, 3), got shape {tuple(frames.shape)}")

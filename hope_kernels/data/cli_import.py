@@ -22,6 +22,8 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from hope_kernels.data.format import verify_dataset
     from hope_kernels.data.importers import import_files
+    from hope_kernels.io import check_output_dir
+    check_output_dir(args.out, "--out")
     out = import_files(args.out, args.latents, args.actions, args.phase, states_path=args.states, split=args.split,
                        append=args.append, grid=tuple(args.grid) if args.grid else None,
                        latent_dtype=args.latent_dtype, allow_multi_step_actions=args.allow_multi_step_actions)

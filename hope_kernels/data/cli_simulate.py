@@ -32,6 +32,8 @@ def _parse_overrides(items) -> dict:
 def run(args) -> int:
     from hope_kernels.data.format import verify_dataset
     from hope_kernels.data.simulate import simulate_dataset
+    from hope_kernels.io import check_output_dir
+    check_output_dir(args.out, "--out")
     path = simulate_dataset(args.out, preset=args.preset, seed=args.seed, progress=not args.no_progress,
                             **_parse_overrides(args.set))
     info = verify_dataset(path)

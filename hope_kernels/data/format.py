@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from hope_kernels.config import is_int
-from hope_kernels.io import atomic_write_bytes
+from hope_kernels.io import atomic_write_bytes, check_output_dir
 
 FORMAT_NAME = "hope-kernels-clips"
 FORMAT_VERSION = 1
@@ -153,7 +153,7 @@ class DatasetWriter:
     _created_dir: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self):
-        self.path = pathlib.Path(self.path)
+        self.path = check_output_dir(self.path, "dataset folder")
         exists = (self.path / MANIFEST).is_file()
         if exists and not self.append:
             raise ValueError(f"{self.path} already holds a dataset: pass append (--append) to add clips, "
@@ -227,6 +227,7 @@ class DatasetWriter:
                    "phase": torch.full((n,), pid, dtype=torch.int64)}
         if states is not None:
             tensors["states"] = states.detach().to("cpu", torch.float32).contiguous()
+        _check_stored_finite(tensors, phase, split)
         data = save(tensors, metadata={"hope_kernels": f"{FORMAT_NAME} phase={phase} split={split}"})  # one key: deterministic bytes
         name = self._shard_name(phase, split)
         self._new_files.append(self.path / name)
@@ -263,6 +264,18 @@ class DatasetWriter:
         else:
             self.abort()
         return False
+
+
+def _check_stored_finite(tensors: dict, phase: str, split: str) -> None:
+    """Refuse a shard whose tensors, as stored (after the cast), hold NaN or Inf: a value that overflows the
+    stored dtype becomes Inf silently."""
+    for key, x in tensors.items():
+        if x.is_floating_point():
+            bad = ~torch.isfinite(x.flatten(1)).all(dim=1)
+            if bad.any():
+                dtype = str(x.dtype).removeprefix("torch.")
+                raise ValueError(f"{key} of row {int(bad.nonzero()[0])} of a {phase}/{split} shard are NaN or Inf "
+                                 f"as stored in {dtype} (largest finite {dtype}: {torch.finfo(x.dtype).max:.6g})")
 
 
 # ----------------------------------------------------------------------------------------------- reader

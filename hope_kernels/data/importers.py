@@ -81,11 +81,21 @@ def _np_to_torch(arr: np.ndarray, role: str, path) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
-def _check_finite(x: torch.Tensor, role: str, path) -> None:
-    bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
-    if bad.any():
-        i = int(bad.nonzero()[0])
-        raise ValueError(f"{role} in {path} contain NaN or Inf (first in clip {i} of {x.shape[0]})")
+def _cast_checked(x: torch.Tensor, dtype: torch.dtype, role: str, path, phase: str,
+                  hint: str = "rescale them") -> torch.Tensor:
+    """x cast to its stored dtype, checked AFTER the cast: NaN/Inf in the input, and finite values that overflow
+    to Inf in `dtype`, are refused naming the first bad clip, the phase and the dtype (then `hint`)."""
+    stored = x.to(dtype)
+    bad = ~torch.isfinite(stored.flatten(1)).all(dim=1)
+    if not bad.any():
+        return stored
+    i, n = int(bad.nonzero()[0]), x.shape[0]
+    if not torch.isfinite(x[i]).all():
+        raise DataError(f"{role} in {path} contain NaN or Inf (first in clip {i} of {n}, phase {phase})")
+    name = str(dtype).removeprefix("torch.")
+    raise DataError(f"{role} in {path} overflow the stored dtype {name} (first in clip {i} of {n}, phase {phase}): "
+                    f"|values| up to {x[i].abs().max().item():.4g}, the largest finite {name} is "
+                    f"{torch.finfo(dtype).max:.6g}; {hint}")
 
 
 def auto_splits(n: int) -> list[str]:
@@ -141,13 +151,21 @@ def import_arrays(out, latents, actions, phase: str, *, states=None, split: str 
             raise ValueError(f"states in {src['states']} must be (n, T, S), got shape {tuple(states.shape)}")
         if states.shape[0] != n or states.shape[1] != T:
             raise ValueError(f"states in {src['states']} are {tuple(states.shape)}, expected ({n}, {T}, S) to match the latents")
-        states = states.float()
-        _check_finite(states, "states", src["states"])
+        states = _cast_checked(states, torch.float32, "states", src["states"], phase)
     if n == 0:
         raise ValueError(f"latents in {src['latents']} hold no clips")
-    actions = actions.float()
-    _check_finite(latents, "latents", src["latents"])
-    _check_finite(actions, "actions", src["actions"])
+    if existing is not None:
+        latent_dtype = existing["latent_dtype"]   # an append stores the dataset's dtype
+    elif latent_dtype is None:
+        latent_dtype = {torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(latents.dtype, "float32")
+    if latent_dtype not in LATENT_DTYPES:
+        raise ValueError(f"latent_dtype must be one of {list(LATENT_DTYPES)}, got {latent_dtype!r}")
+    hint = "rescale them"
+    if latent_dtype != "float32":
+        hint += (f", or import into a float32 dataset ({out} stores {latent_dtype})" if existing
+                 else ", or pass --latent-dtype float32")
+    latents = _cast_checked(latents, LATENT_DTYPES[latent_dtype], "latents", src["latents"], phase, hint)
+    actions = _cast_checked(actions, torch.float32, "actions", src["actions"], phase)
     if not allow_multi_step_actions:
         steps = (actions != 0).any(dim=2).sum(dim=1)
         if (steps > 1).any():
@@ -160,10 +178,6 @@ def import_arrays(out, latents, actions, phase: str, *, states=None, split: str 
         for k, v in want.items():
             if existing[k] != v:
                 raise ValueError(f"{k} of the new clips ({v}) disagrees with the dataset at {out} ({existing[k]})")
-    if latent_dtype is None:
-        latent_dtype = {torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(latents.dtype, "float32")
-    if latent_dtype not in LATENT_DTYPES:
-        raise ValueError(f"latent_dtype must be one of {list(LATENT_DTYPES)}, got {latent_dtype!r}")
     names = auto_splits(n) if split == "auto" else [split] * n
     with DatasetWriter(out, grid=(T, H, W), enc_dim=D, action_dim=actions.shape[2], state_dim=S,
                        latent_dtype=latent_dtype, append=append) as w:
