@@ -27,7 +27,7 @@ def run(args) -> int:
     import time
 
     from hope_kernels.aba import load_config
-    from hope_kernels.pretrained import regenerate
+    from hope_kernels.pretrained import regenerate, with_steps
 
     if args.workers < 1 or args.threads < 1:
         raise ValueError(f"--workers and --threads must be >= 1, got {args.workers} and {args.threads}")
@@ -37,7 +37,7 @@ def run(args) -> int:
             raise ValueError(f"--steps must be >= 1, got {args.steps}")
         if not args.assets:   # a trial run must not replace the weights the package ships
             raise ValueError("--steps writes weights of another recipe: name their folder with --assets")
-        cfg["pretrain"] = {**(cfg.get("pretrain") or {}), "steps": args.steps}
+        cfg = with_steps(cfg, args.steps)
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
     t0 = time.perf_counter()
     index = regenerate(cfg, args.work or f"runs/pretrain_{cfg.get('preset') or 'custom'}", assets=args.assets,

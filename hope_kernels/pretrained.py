@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["ASSET_ROOT", "spec_for", "spec_name", "pretrain_specs", "find_shipped", "load_weights", "load_any",
-           "heldout_errors", "regenerate", "code_id", "data_id", "TRAIN_CODE"]
+           "heldout_errors", "regenerate", "with_steps", "code_id", "data_id", "TRAIN_CODE"]
 
 ASSET_ROOT = Path(__file__).resolve().parent / "assets" / "pretrained"
 INDEX = "index.json"
@@ -52,9 +52,18 @@ def code_id(*modules: str) -> str:
     return h.hexdigest()[:16]
 
 
+# Manifest fields that describe the process that wrote a dataset, not its content: they differ between two
+# runs that write the same bytes, so they stay out of its identity.
+RUN_FIELDS = ("seconds", "torch_threads")
+
+
 def data_id(path) -> str:
-    """A dataset's identity: a hash of its manifest, which records every shard's sha256."""
-    return hashlib.sha256((Path(path) / "manifest.json").read_bytes()).hexdigest()[:16]
+    """A dataset's identity: a hash of its manifest (which records every shard's sha256), without the
+    generator's run fields (wall seconds, thread count), so the same data has the same id on every machine."""
+    from hope_kernels.data.format import read_manifest
+    m = read_manifest(path)
+    gen = {k: v for k, v in (m.get("generator") or {}).items() if k not in RUN_FIELDS}
+    return hashlib.sha256(_canon({**m, "generator": gen}).encode()).hexdigest()[:16]
 
 
 def _canon(obj) -> str:
@@ -73,6 +82,16 @@ def train_fields(cfg: dict, model: str) -> dict:
     if not isinstance(extra, dict):
         raise ValueError(f"pretrain.{model} must be a mapping of training fields, got {extra!r}")
     return {**pre, **extra}
+
+
+def with_steps(cfg: dict, steps: int) -> dict:
+    """`cfg` with every pre-training's step count set to `steps` (the shared one and each kind's own)."""
+    pre = dict(cfg.get("pretrain") or {})
+    pre["steps"] = steps
+    for kind in ("ac", "hope"):
+        if isinstance(pre.get(kind), dict) and "steps" in pre[kind]:
+            pre[kind] = {**pre[kind], "steps": steps}
+    return {**cfg, "pretrain": pre}
 
 
 def spec_for(cfg: dict, run: dict, seed: int) -> dict:

@@ -16,14 +16,15 @@ def test_quick_preset_pretrainings():
     cfg = load_config("quick")
     specs = pretrained.pretrain_specs(cfg)
     names = [pretrained.spec_name(s) for s, _ in specs]
-    assert names == ["hope-A1", "ac-A1", "ac-B"]
+    assert names == ["hope-A1", "ac-A1", "ac-B", "ac-A1+B"]
     by_name = {pretrained.spec_name(s): (s, runs) for s, runs in specs}
     hope, runs = by_name["hope-A1"]
     assert {"hope", "hope+ttt", "hope+none", "hope[no-carry]"} <= set(runs)
     # HOPE pre-trains as a continual learner; the AC models do not get its fields
     assert hope["train"]["seq_clips"] == 4 and hope["train"]["cms_train_periods"] is True
     assert "seq_clips" not in by_name["ac-A1"][0]["train"] and "hope" not in by_name["ac-A1"][0]["train"]
-    assert by_name["ac-B"][0]["phases"] == ["B"]
+    assert by_name["ac-B"][0]["phases"] == ["B"] and by_name["ac-A1+B"][0]["phases"] == ["A1", "B"]
+    assert hope["train"]["steps"] == 2500 and by_name["ac-A1"][0]["train"]["steps"] == 2000
     assert pretrained.spec_name({**hope, "overrides": {"cms": False}, "seed": 3}) == "hope-A1[cms=False]-s3"
 
 
@@ -97,7 +98,8 @@ def test_regeneration_is_deterministic(tmp_path):
     from hope_kernels.cli import main
     cfg = load_config("quick")
     cfg["data"] = {"preset": "tiny", "seed": 0}
-    cfg["pretrain"]["steps"] = 2
+    cfg = pretrained.with_steps(cfg, 2)
+    assert {s["train"]["steps"] for s, _ in pretrained.pretrain_specs(cfg)} == {2}
     runs = []
     for k in (1, 2):
         idx = pretrained.regenerate(cfg, tmp_path / f"work{k}", assets=tmp_path / f"assets{k}",
@@ -117,6 +119,33 @@ def test_regeneration_is_deterministic(tmp_path):
     assert set(e["heldout"]) == {"A1", "B", "A2"}
     # the CLI refuses a trial run that would overwrite the package's weights
     assert main(["pretrain", "--preset", "quick", "--steps", "2"]) == 2
+
+
+def test_data_id_names_content_not_the_run_that_wrote_it(tmp_path):
+    """The same data written twice (other wall time, other thread count) has one id; other bytes, another id.
+    (CI once failed here: the id hashed the generator's wall seconds.)"""
+    import json
+
+    import torch
+
+    from hope_kernels.data import simulate_dataset
+    kw = dict(train_a1=4, train_b=2, train_a2=2, stream=2, heldout=2, progress=False)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a = simulate_dataset(tmp_path / "a", "tiny", 0, **kw)
+        torch.set_num_threads(2)
+        b = simulate_dataset(tmp_path / "b", "tiny", 0, **kw)
+    finally:
+        torch.set_num_threads(threads)
+    ma, mb = (json.loads((p / "manifest.json").read_text()) for p in (a, b))
+    assert ma["generator"]["torch_threads"] != mb["generator"]["torch_threads"]
+    assert pretrained.data_id(a) == pretrained.data_id(b)
+    mb["shards"][0]["sha256"] = "0" * 64
+    (b / "manifest.json").write_text(json.dumps(mb))
+    assert pretrained.data_id(a) != pretrained.data_id(b)
+    c = simulate_dataset(tmp_path / "c", "tiny", 1, **kw)
+    assert pretrained.data_id(c) != pretrained.data_id(a)
 
 
 def test_shipped_quick_weights_reproduce_their_heldout_errors(tmp_path):
