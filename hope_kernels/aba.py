@@ -7,7 +7,7 @@ Layout of `out`:
     data/                         simulated dataset (unless config["data"]["dir"] points elsewhere)
     checkpoints/<key>/            one pre-training run per (model, overrides, training phases[, seed]), only
                                   when no shipped weights match (hope_kernels.pretrained): the job says so
-    checkpoints/<key>.json        marker written after training: {"checkpoint": path}; reused on restart
+    checkpoints/<key>.json        marker written after training: {"checkpoint": path relative to checkpoints/}
     heldout/<key>.json            held-out errors of each pre-trained model (every held-out clip of each phase)
     tuning/<run>/p<i>-seed<k>.json  validation-stream logs of grid point i (config["tuning"])
     runs/<run>/seed<k>.json       one StreamLog per (run, seed), written atomically; a restart skips the ones
@@ -31,6 +31,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import random
 import re
 import sys
@@ -44,6 +45,7 @@ from hope_kernels import pretrained
 from hope_kernels.adapt import PRIVILEGED, STRATEGIES, StreamLog, adapt_stream
 from hope_kernels.config import is_int, read_config_file
 from hope_kernels.data.format import KNOWN_PHASES
+from hope_kernels.io import FolderLock, remove_temp_files
 from hope_kernels.metrics import aggregate, mean_ci, paired_difference, run_metrics
 from hope_kernels.report import atomic_write_json, markdown_report, write_results
 
@@ -338,8 +340,8 @@ class _Models:
             src = {"source": "shipped", "path": shipped["path"],
                    "note": f"shipped weights ({shipped.get('dtype')}, {shipped.get('steps')} steps)"}
         elif (info and _fingerprint(info.get("spec")) == _fingerprint(spec)
-                and Path(info.get("checkpoint", "")).exists()):
-            src = {"source": "checkpoint", "path": info["checkpoint"],
+                and self._marked(info).is_file()):
+            src = {"source": "checkpoint", "path": str(self._marked(info)),
                    "note": f"trained earlier in this folder ({why})" if why else "trained earlier in this folder"}
         else:
             steps = core["train"].get("steps")
@@ -347,12 +349,17 @@ class _Models:
             res = self.hooks.train({**pretrained.train_config(core, self.data_path, self.dir / key,
                                                               self.cfg.get("device", "cpu"), self.progress),
                                     "overwrite": True})
-            atomic_write_json(marker, {"checkpoint": str(res.checkpoint), "spec": spec})
+            # relative to the markers' folder, so a copied output folder uses its own checkpoints
+            atomic_write_json(marker, {"checkpoint": os.path.relpath(res.checkpoint, self.dir), "spec": spec})
             self.cache[key] = res.model.to(self.cfg.get("device", "cpu"))
             src = {"source": "trained", "path": str(res.checkpoint), "note": f"pre-trained by this job ({why})"}
         self.info[key] = {"name": name, "model": run["model"], "phases": core["phases"], "runs": [run["name"]],
                           **src}
         return src["source"], src["path"]
+
+    def _marked(self, info: dict) -> Path:
+        """The checkpoint a marker names (relative to the markers' folder; older markers hold absolute paths)."""
+        return self.dir / info.get("checkpoint", "")
 
     def get(self, run, seed) -> torch.nn.Module:
         key, _ = _ckpt_key(self.cfg, run, seed, self.data_id)
@@ -427,6 +434,13 @@ def run_aba(config: dict, hooks: Hooks | None = None, out: str | Path | None = N
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"out {out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
+    # one writer per folder; temp files a killed run left are removed once the lock is ours
+    with FolderLock(out, "aba --out"):
+        remove_temp_files(out, recursive=True)
+        return _run_locked(cfg, hooks, custom_hooks, out, progress)
+
+
+def _run_locked(cfg: dict, hooks: Hooks, custom_hooks: bool, out: Path, progress: bool | None) -> Results:
     progress = cfg.get("progress", True) if progress is None else progress
     if cfg.get("threads"):
         # tiny models on a shared CPU: more intra-op threads than cores only add contention

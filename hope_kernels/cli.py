@@ -43,6 +43,21 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"hope-kernels {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"hope-kernels {args.command}: interrupted; {RESUME_HINTS.get(args.command, 'nothing to resume')}",
+              file=sys.stderr)
+        return 130
+
+
+# what an interrupted command kept and how to go on (every file it writes is replaced atomically)
+RESUME_HINTS = {
+    "train": "the last checkpoint in --out is intact: run the same command with --resume to continue",
+    "aba": "finished runs are kept: run the same command again to continue",
+    "pretrain": "each model's checkpoints are kept in --work: run the same command again to continue",
+    "simulate": "nothing was kept: run the same command again",
+    "import": "the dataset is as it was before: run the same command again",
+    "adapt": "no log was written: run the same command again",
+}
 
 
 if __name__ == "__main__":

@@ -1,11 +1,22 @@
-"""Atomic file writes shared by the dataset format, checkpoints' neighbours and the reports: a temp file in the
-target's folder, fsync, then os.replace, so a reader never sees a half-written file and an error leaves the
-previous file intact."""
+"""File safety shared by the dataset format, checkpoints and the reports.
+
+- Atomic writes: a temp file in the target's folder, fsync, then os.replace, so a reader never sees a
+  half-written file and an error leaves the previous file intact.
+- One writer per output folder: an advisory lock (`FolderLock`), and the clean-up of temp files a killed
+  writer left, done only while holding that lock.
+- Output paths checked before any work (`check_output_dir`, `check_output_file`)."""
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:   # not POSIX: folders are not locked
+    fcntl = None
+
+LOCK_FILE = ".hope-kernels.lock"
 
 
 def atomic_write(path, write) -> Path:
@@ -83,3 +94,90 @@ def _check_ancestors(path: Path, what: str) -> None:
                 raise NotADirectoryError(f"{what} {str(path)!r} cannot be created: {str(parent)!r} is a file, "
                                          f"not a folder")
             return
+
+
+class FolderInUseError(RuntimeError):
+    """Another live process is writing to the folder."""
+
+
+_HELD: dict[str, list] = {}   # real path -> [fd, depth]: a process may re-enter a folder it holds
+
+
+class FolderLock:
+    """One writer per folder: an exclusive `flock` on `folder/.hope-kernels.lock`, which holds the holder's pid.
+
+    A second process gets FolderInUseError naming the folder and that pid. The kernel drops the lock when its
+    holder exits, kill -9 included, so the file a killed process left is simply taken over. Release deletes the
+    file while still holding the lock, and a process that locked a file which was deleted meanwhile tries again,
+    so two processes never hold two different files. Re-entrant within a process. Use as a context manager, or
+    acquire() / release()."""
+
+    def __init__(self, folder, what: str):
+        self.folder, self.what = Path(folder), what
+        self._key = None
+
+    def acquire(self) -> "FolderLock":
+        self.folder.mkdir(parents=True, exist_ok=True)
+        key = os.path.realpath(self.folder)
+        if key in _HELD:
+            _HELD[key][1] += 1
+        else:
+            _HELD[key] = [self._lock_file() if fcntl is not None else None, 1]
+        self._key = key
+        return self
+
+    def _lock_file(self) -> int:
+        path = self.folder / LOCK_FILE
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise FolderInUseError(f"{self.what} {str(self.folder)!r} is in use by process {holder} (lock "
+                                       f"{path}): wait for it to finish, or choose another folder") from None
+            try:
+                current = os.stat(path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current == os.fstat(fd).st_ino:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                return fd
+            os.close(fd)   # its holder released and deleted it between our open and our lock: again
+
+    def release(self) -> None:
+        if self._key is None:
+            return
+        held = _HELD[self._key]
+        held[1] -= 1
+        if held[1] == 0:
+            del _HELD[self._key]
+            if held[0] is not None:
+                (self.folder / LOCK_FILE).unlink(missing_ok=True)
+                os.close(held[0])   # closing the last descriptor drops the flock
+        self._key = None
+
+    def __enter__(self) -> Path:
+        self.acquire()
+        return self.folder
+
+    def __exit__(self, *exc) -> bool:
+        self.release()
+        return False
+
+
+def remove_temp_files(folder, recursive: bool = False) -> list[Path]:
+    """Delete the temp files (`.NAME.XXXX.tmp`, atomic_write's) a killed writer left in `folder`. Call it only
+    while holding the folder's FolderLock: a live writer's temp file would go too. Returns what was removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp")
+    removed = []
+    for f in found:
+        if f.is_file():
+            f.unlink()
+            removed.append(f)
+    return removed

@@ -60,10 +60,14 @@ RUN_FIELDS = ("seconds", "torch_threads")
 def data_id(path) -> str:
     """A dataset's identity: a hash of its manifest (which records every shard's sha256), without the
     generator's run fields (wall seconds, thread count), so the same data has the same id on every machine."""
-    from hope_kernels.data.format import read_manifest
-    m = read_manifest(path)
-    gen = {k: v for k, v in (m.get("generator") or {}).items() if k not in RUN_FIELDS}
-    return hashlib.sha256(_canon({**m, "generator": gen}).encode()).hexdigest()[:16]
+    mf = Path(path) / "manifest.json"
+    try:
+        m = json.loads(mf.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"corrupt manifest {mf}: {e}") from None
+    if isinstance(m, dict) and isinstance(m.get("generator"), dict):
+        m = {**m, "generator": {k: v for k, v in m["generator"].items() if k not in RUN_FIELDS}}
+    return hashlib.sha256(_canon(m).encode()).hexdigest()[:16]
 
 
 def _canon(obj) -> str:

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from hope_kernels.config import PredictorConfig, TrainConfig
-from hope_kernels.io import atomic_write, atomic_write_bytes, read_safetensors
+from hope_kernels.io import FolderLock, atomic_write, atomic_write_bytes, read_safetensors, remove_temp_files
 from hope_kernels.models import build_predictor, predictor_from_config
 from hope_kernels.ops import l1_rollout_loss
 
@@ -374,10 +374,19 @@ def train(config, dataset=None) -> TrainResult:
     if cfg.resume and not (ckpt_path and os.path.exists(ckpt_path)):
         raise FileNotFoundError(f"resume: no checkpoint at {ckpt_path!r} to continue" if ckpt_path else
                                 "resume needs 'out', the folder holding the checkpoint")
+    rank, world, device = _dist_setup(cfg.device)
+    if not (out and rank == 0):
+        return _train(cfg, dataset, ckpt_path, log_path, rank, world, device)
+    # one writer per folder; temp files a killed run left are removed once the lock is ours
+    with FolderLock(out, "train --out"):
+        remove_temp_files(out)
+        return _train(cfg, dataset, ckpt_path, log_path, rank, world, device)
+
+
+def _train(cfg: TrainConfig, dataset, ckpt_path, log_path, rank: int, world: int, device) -> TrainResult:
     if ckpt_path and os.path.exists(ckpt_path) and not (cfg.resume or cfg.overwrite):
         raise ValueError(f"{ckpt_path} already exists: pass resume (--resume) to continue it or overwrite "
                          f"(--overwrite) to start over")
-    rank, world, device = _dist_setup(cfg.device)
     if cfg.batch_size % (world * cfg.seq_clips):
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {world} "
                          f"times seq_clips {cfg.seq_clips}")

@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -35,13 +36,14 @@ import numpy as np
 import torch
 
 from hope_kernels.config import is_int
-from hope_kernels.io import atomic_write_bytes, check_output_dir
+from hope_kernels.io import FolderLock, atomic_write_bytes, check_output_dir, remove_temp_files
 
 FORMAT_NAME = "hope-kernels-clips"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SPLITS = ("train", "stream", "heldout")
 KNOWN_PHASES = ("A1", "B", "A2")
+_SHARD_NAME = re.compile(r"[A-Za-z0-9_]+-(train|stream|heldout)-[0-9]{4,}\.safetensors")   # DatasetWriter._shard_name
 LATENT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -154,6 +156,16 @@ class DatasetWriter:
 
     def __post_init__(self):
         self.path = check_output_dir(self.path, "dataset folder")
+        self._created_dir = not self.path.exists()
+        # one writer per dataset, held until commit() or abort()
+        self._lock = FolderLock(self.path, "dataset folder").acquire()
+        try:
+            self._open()
+        except BaseException:
+            self._release()
+            raise
+
+    def _open(self) -> None:
         exists = (self.path / MANIFEST).is_file()
         if exists and not self.append:
             raise ValueError(f"{self.path} already holds a dataset: pass append (--append) to add clips, "
@@ -172,14 +184,27 @@ class DatasetWriter:
                 raise ValueError("a new dataset needs grid, enc_dim and action_dim")
             if self.latent_dtype not in LATENT_DTYPES:
                 raise ValueError(f"latent_dtype must be one of {list(LATENT_DTYPES)}, got {self.latent_dtype!r}")
-            if not self.path.exists():
-                self.path.mkdir(parents=True)
-                self._created_dir = True
             self._manifest = {
                 "format": FORMAT_NAME, "version": FORMAT_VERSION, "grid": [int(g) for g in self.grid],
                 "enc_dim": int(self.enc_dim), "action_dim": int(self.action_dim), "state_dim": int(self.state_dim),
                 "latent_dtype": self.latent_dtype, "phases": {}, "generator": self.generator,
                 "encoder": self.encoder, "shards": [], "clips": []}
+
+        self._remove_leftovers()
+
+    def _remove_leftovers(self) -> None:
+        """Temp files and shard files the manifest does not list: what a killed writer left (safe to delete: we
+        hold the folder's lock)."""
+        remove_temp_files(self.path)
+        listed = {s["file"] for s in self._manifest["shards"]}
+        for f in self.path.glob("*.safetensors"):
+            if _SHARD_NAME.fullmatch(f.name) and f.name not in listed:
+                f.unlink()
+
+    def _release(self) -> None:
+        self._lock.release()
+        if self._created_dir and self.path.is_dir() and not any(self.path.iterdir()):
+            self.path.rmdir()   # nothing was written: leave no folder behind
 
     @property
     def manifest(self) -> dict:
@@ -243,8 +268,11 @@ class DatasetWriter:
         return name
 
     def commit(self) -> pathlib.Path:
-        atomic_write_bytes(self.path / MANIFEST, (json.dumps(self._manifest, indent=1) + "\n").encode())
-        self._new_files = []
+        try:
+            atomic_write_bytes(self.path / MANIFEST, (json.dumps(self._manifest, indent=1) + "\n").encode())
+            self._new_files = []
+        finally:
+            self._release()
         return self.path
 
     def abort(self) -> None:
@@ -252,8 +280,7 @@ class DatasetWriter:
             if f.exists():
                 f.unlink()
         self._new_files = []
-        if self._created_dir and self.path.exists() and not any(self.path.iterdir()):
-            self.path.rmdir()
+        self._release()
 
     def __enter__(self):
         return self

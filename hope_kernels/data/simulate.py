@@ -95,15 +95,15 @@ def simulate_dataset(out_dir, preset: str = "quick", seed: int = 0, progress: bo
     jobs = [(p, s, cfg.count(p, s)) for p in PHASES for s in SPLITS if cfg.count(p, s) > 0]
     total = sum(n for _, _, n in jobs)
     bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=total, unit="clip", desc="simulate")
     t0 = time.perf_counter()
     gen = {"preset": preset, "seed": int(seed), "config": dataclasses.asdict(cfg), "encoder": "embedded",
            "physics": "hope_kernels.data.physics"}
     try:
         with DatasetWriter(out_dir, grid=(8, 8, 8), enc_dim=enc.dim, action_dim=2, state_dim=0,
                            latent_dtype=cfg.latent_dtype, generator=gen, encoder="embedded") as w:
+            if progress:   # once the folder is ours (DatasetWriter locks it)
+                from tqdm import tqdm
+                bar = tqdm(total=total, unit="clip", desc="simulate")
             for p in PHASES:
                 w.add_phase(p, cfg.physics(p).as_dict())
             for p, s, n in jobs:
