@@ -433,8 +433,7 @@ def run_aba(config: dict, hooks: Hooks | None = None, out: str | Path | None = N
     out = Path(out or cfg.get("out") or "runs/aba").resolve()
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"out {out} is a file, not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    # one writer per folder; temp files a killed run left are removed once the lock is ours
+    # one writer per folder (the lock creates it); temp files a killed run left are removed once the lock is ours
     with FolderLock(out, "aba --out"):
         remove_temp_files(out, recursive=True)
         return _run_locked(cfg, hooks, custom_hooks, out, progress)

@@ -52,22 +52,11 @@ def code_id(*modules: str) -> str:
     return h.hexdigest()[:16]
 
 
-# Manifest fields that describe the process that wrote a dataset, not its content: they differ between two
-# runs that write the same bytes, so they stay out of its identity.
-RUN_FIELDS = ("seconds", "torch_threads")
-
-
 def data_id(path) -> str:
-    """A dataset's identity: a hash of its manifest (which records every shard's sha256), without the
-    generator's run fields (wall seconds, thread count), so the same data has the same id on every machine."""
-    mf = Path(path) / "manifest.json"
-    try:
-        m = json.loads(mf.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"corrupt manifest {mf}: {e}") from None
-    if isinstance(m, dict) and isinstance(m.get("generator"), dict):
-        m = {**m, "generator": {k: v for k, v in m["generator"].items() if k not in RUN_FIELDS}}
-    return hashlib.sha256(_canon(m).encode()).hexdigest()[:16]
+    """A dataset's identity (hope_kernels.data.format.dataset_id): what shipped weights and A-B-A checkpoints are
+    matched to data by."""
+    from hope_kernels.data.format import dataset_id
+    return dataset_id(path)
 
 
 def _canon(obj) -> str:

@@ -88,9 +88,9 @@ def test_a_killed_writers_leftovers_are_removed_by_the_next_writer(tmp_path):
     d = tmp_path / "data"
     p = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(d)])
     assert p.returncode == -signal.SIGKILL
-    left = sorted(os.listdir(d))
-    assert left == [".A1-train-0001.safetensors" + left[0][len(".A1-train-0001.safetensors"):], LOCK_FILE,
-                    "A1-train-0000.safetensors"]
+    left = sorted(os.listdir(d))   # the temp file, the dead writer's lock and its unlisted shard
+    assert left[0].startswith(".A1-train-0001.safetensors.") and left[0].endswith(".tmp")
+    assert left[1:] == [LOCK_FILE, "A1-train-0000.safetensors"]
     (d / "notes.safetensors").write_bytes(b"not a shard name: kept")
     with DatasetWriter(d, grid=(2, 2, 2), enc_dim=3, action_dim=2, latent_dtype="float32") as w:
         w.add_shard(torch.ones(2, 2, 4, 3), torch.zeros(2, 2, 2), "A1", "train")

@@ -60,16 +60,35 @@ def sha256_file(path: pathlib.Path, chunk: int = 1 << 22) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- manifest
-def read_manifest(path) -> dict:
-    """Parse and sanity-check `path/manifest.json`; errors name the file and the problem."""
+def _parse_manifest(path) -> tuple[pathlib.Path, object]:
+    """-> (path of `path/manifest.json`, its parsed JSON); errors name the file."""
     path = pathlib.Path(path)
     mf = path / MANIFEST
     if not mf.is_file():
         raise FileNotFoundError(f"no dataset at {path}: {mf} does not exist")
     try:
-        m = json.loads(mf.read_text())
+        return mf, json.loads(mf.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"corrupt manifest {mf}: {e}") from None
+
+
+# Generator fields that describe the process that wrote a dataset, not its content (simulate.py): they differ
+# between two runs that write the same bytes, so they stay out of its identity.
+GENERATOR_RUN_FIELDS = ("seconds", "torch_threads")
+
+
+def dataset_id(path) -> str:
+    """A dataset's identity: a hash of its manifest (which records every shard's sha256), without the
+    generator's run fields (wall seconds, thread count), so the same data has the same id on every machine."""
+    _, m = _parse_manifest(path)
+    if isinstance(m, dict) and isinstance(m.get("generator"), dict):
+        m = {**m, "generator": {k: v for k, v in m["generator"].items() if k not in GENERATOR_RUN_FIELDS}}
+    return hashlib.sha256(json.dumps(m, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_manifest(path) -> dict:
+    """Parse and sanity-check `path/manifest.json`; errors name the file and the problem."""
+    mf, m = _parse_manifest(path)
     if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
         raise ValueError(f"{mf} is not a hope-kernels clip manifest (format {m.get('format') if isinstance(m, dict) else None!r}, "
                          f"expected {FORMAT_NAME!r})")
