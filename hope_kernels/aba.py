@@ -46,7 +46,7 @@ from hope_kernels.adapt import PRIVILEGED, STRATEGIES, StreamLog, adapt_stream
 from hope_kernels.config import is_int, read_config_file
 from hope_kernels.data.format import KNOWN_PHASES
 from hope_kernels.io import FolderLock, remove_temp_files
-from hope_kernels.metrics import aggregate, mean_ci, paired_difference, run_metrics
+from hope_kernels.metrics import aggregate, mean_ci, paired_difference, phase_means, run_metrics
 from hope_kernels.report import atomic_write_json, markdown_report, write_results
 
 __all__ = ["Hooks", "Results", "run_aba", "load_config", "select_runs", "CONFIG_DIR", "METRICS"]
@@ -642,8 +642,7 @@ def summarize(cfg: dict, logs: dict[str, dict[int, StreamLog]], phases) -> dict:
                 ob = None
                 if oracle and seed in logs.get(oracle, {}):
                     ol = logs[oracle][seed]
-                    eb = [e for e, p in zip(ol.errors(metric), ol.phases) if p == "B"]
-                    ob = sum(eb) / len(eb) if eb else None
+                    ob = phase_means(ol.errors(metric), ol.phases).get("B")
                 per_seed[name][seed] = run_metrics(log, oracle_b=ob, metric=metric, window=window, tol=tol,
                                                    order=phases)
         data["summary"][metric] = {n: aggregate(v) for n, v in per_seed.items()}

@@ -43,6 +43,7 @@ import dataclasses
 import math
 import random
 from typing import Any, Sequence
+import warnings
 
 import torch
 import torch.nn as nn
@@ -71,7 +72,8 @@ class StreamLog:
     tf[i]: teacher-forcing L1 of clip i (before adapting on it); rollout[i][h]: rollout L1 at horizon h+1;
     copy_tf / copy_rollout: the copy-last-latent baseline on the same clip; phases[i]: phase name;
     heldout[phase_end][phase] = {"tf": ..., "rollout": ...}: mean held-out errors after the last clip of
-    phase_end (R[i][j]); rollbacks: divergence-guard rollbacks; updates: clips adapted on.
+    phase_end (R[i][j]); rollbacks: divergence-guard rollbacks; updates: clips adapted on; nonfinite: the clips
+    whose score is NaN or Inf, [{"position", "clip", "phase"}] (the metrics leave them out of every mean).
     """
     strategy: str
     phases: list = dataclasses.field(default_factory=list)
@@ -85,6 +87,7 @@ class StreamLog:
     updates: int = 0
     seconds: float = 0.0
     options: dict = dataclasses.field(default_factory=dict)
+    nonfinite: list = dataclasses.field(default_factory=list)
 
     def errors(self, metric: str = "tf") -> list[float]:
         """Per-clip error curve: "tf", "rollout" (mean over horizons), "rollout_last", "copy_tf", "copy_rollout"."""
@@ -108,7 +111,13 @@ class StreamLog:
         if not isinstance(d, dict) or "strategy" not in d or "tf" not in d:
             raise ValueError("not a StreamLog dict: expected keys 'strategy', 'tf', ...")
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        log = cls(**{k: v for k, v in d.items() if k in names})
+        # strict JSON stores a NaN/Inf score as null (report.jsonable): back to NaN, so it stays non-finite
+        nan = lambda x: math.nan if x is None else x   # noqa: E731
+        log.tf, log.copy_tf = [nan(x) for x in log.tf], [nan(x) for x in log.copy_tf]
+        log.rollout = [[nan(x) for x in r] for r in log.rollout]
+        log.copy_rollout = [[nan(x) for x in r] for r in log.copy_rollout]
+        return log
 
 
 # ---------------------------------------------------------------------------------------------- scoring
@@ -440,6 +449,8 @@ def adapt_stream(model: nn.Module, stream, strategy: str, **options: Any) -> Str
             log.clip_index.append(int(clip.get("index", i)))
             log.tf.append(s["tf"]); log.rollout.append(s["rollout"])
             log.copy_tf.append(s["copy_tf"]); log.copy_rollout.append(s["copy_rollout"])
+            if not all(math.isfinite(x) for x in (s["tf"], *s["rollout"])):
+                _name_nonfinite(log, i, s)
             # (2) ... then adapt on the clip
             if strategy != "none":
                 _adapt_clip(model, clip, strategy, o, opt, params, ewc, replay, rng, cms, cms_acc, cms_count,
@@ -461,6 +472,13 @@ def adapt_stream(model: nn.Module, stream, strategy: str, **options: Any) -> Str
         model.train(was_training)
     log.seconds = time.perf_counter() - t0
     return log
+
+
+def _name_nonfinite(log: StreamLog, i: int, score: dict) -> None:
+    bad = {"position": i, "clip": log.clip_index[-1], "phase": log.phases[-1]}
+    log.nonfinite.append(bad)
+    warnings.warn(f"clip {bad['clip']} (phase {bad['phase']}, stream position {i}) scored teacher-forcing "
+                  f"{score['tf']}, rollout {score['rollout']}: left out of the phase means", stacklevel=3)
 
 
 def _adapt_clip(model, clip, strategy, o, opt, params, ewc, replay, rng, cms, cms_acc, cms_count, cms_opts,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -35,13 +36,23 @@ def main(argv: list[str] | None = None) -> int:
         importlib.import_module(module).add_arguments(p)
     args = parser.parse_args(argv)
     try:
-        return int(importlib.import_module(args._module).run(args) or 0)
+        with warnings.catch_warnings():   # a warning is one line too (restored on exit)
+            warnings.showwarning = lambda message, *_, **__: print(
+                f"hope-kernels {args.command}: warning: {message}", file=sys.stderr)
+            return int(importlib.import_module(args._module).run(args) or 0)
     except (ValueError, TypeError, OSError, RuntimeError) as e:  # OSError: FileNotFoundError, NotADirectoryError, ...
         # one line naming the problem, non-zero exit; tracebacks only with HOPE_KERNELS_DEBUG=1
         import os
         if os.environ.get("HOPE_KERNELS_DEBUG") == "1":
             raise
-        print(f"hope-kernels {args.command}: error: {e}", file=sys.stderr)
+        from hope_kernels.io import DiskFullError, is_disk_full
+        msg = str(e)
+        if is_disk_full(e):
+            if not isinstance(e, DiskFullError):   # a write outside atomic_write (a log line): name the file
+                name = getattr(e, "filename", None)
+                msg = "no space left on the device" + (f" while writing {name!r}" if name else "")
+            msg += f"; free some space, then: {RESUME_HINTS.get(args.command, 'run the same command again')}"
+        print(f"hope-kernels {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"hope-kernels {args.command}: interrupted; {RESUME_HINTS.get(args.command, 'nothing to resume')}",

@@ -40,6 +40,10 @@ def run(args) -> int:
                        progress=not args.no_progress)   # on the model's device
     for metric in ("tf", "rollout", "copy_tf"):
         print(metric, json.dumps({k: round(v, 4) for k, v in phase_means(log.errors(metric), log.phases).items()}))
+    if log.nonfinite:   # each clip was also named as it was scored
+        left = {p: [b["clip"] for b in log.nonfinite if b["phase"] == p] for p in dict.fromkeys(log.phases)}
+        print("left out of the means (score NaN or Inf): " + ", ".join(
+            f"{p} clips {c} ({len(c)} of {log.phases.count(p)})" for p, c in left.items() if c))
     print(f"rollbacks: {log.rollbacks}, held-out matrix: {json.dumps(log.heldout)}")
     if args.log:
         atomic_write_json(args.log, log.to_dict())

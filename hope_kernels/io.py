@@ -7,6 +7,7 @@
 - Output paths checked before any work (`check_output_dir`, `check_output_file`)."""
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -19,10 +20,20 @@ except ImportError:   # not POSIX: folders are not locked
 LOCK_FILE = ".hope-kernels.lock"
 
 
+class DiskFullError(OSError):
+    """No space was left to write a file; the file's previous version, if any, is intact (the message names it)."""
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """ENOSPC / EDQUOT, also when a library re-raised it as its own error (safetensors' SafetensorError)."""
+    return (isinstance(e, DiskFullError) or (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
+            or "No space left on device" in str(e))
+
+
 def atomic_write(path, write) -> Path:
     """Call write(tmp_path) to produce `path`'s new content in a temp file beside it, fsync it, then rename it
     over `path`; creates the parent folder. Any error (or interrupt) removes the temp file and leaves `path` as it
-    was. Returns the path. For writers that need a file name (safetensors' save_file); bytes: atomic_write_bytes."""
+    was; a full disk raises DiskFullError naming the file. Returns the path. For writers that need a file name (safetensors' save_file); bytes: atomic_write_bytes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -34,9 +45,12 @@ def atomic_write(path, write) -> Path:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if is_disk_full(e):
+            what = "its previous version is intact" if path.exists() else "nothing was written"
+            raise DiskFullError(f"no space left on the device while writing {str(path)!r} ({what})") from None
         raise
     return path
 

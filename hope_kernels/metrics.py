@@ -13,14 +13,18 @@ Per run (one strategy, one seed), from the error curve e[0..n) and the phase lab
                      > 0 means phases learned earlier got worse by the end).
 Across seeds: mean and 95% confidence interval with the Student t-distribution; strategy comparisons as the
 CI of the per-seed paired differences.
+
+Non-finite clip scores (a clip so extreme that its prediction overflows) are left out of every mean here and
+counted instead (`nonfinite_counts`, run_metrics' "nonfinite"); a phase with no finite score is an error that
+names it, so no reported mean is ever NaN.
 """
 from __future__ import annotations
 
 import math
 from typing import Mapping, Sequence
 
-__all__ = ["phase_means", "running_mean", "adaptation_speed", "forgetting", "stability_gap", "error_matrix",
-           "backward_transfer", "t_quantile", "mean_ci", "paired_difference", "run_metrics", "aggregate"]
+__all__ = ["phase_means", "nonfinite_counts", "running_mean", "adaptation_speed", "forgetting", "stability_gap",
+           "error_matrix", "backward_transfer", "t_quantile", "mean_ci", "paired_difference", "run_metrics", "aggregate"]
 
 
 def _check_curve(errors, phases) -> None:
@@ -41,19 +45,34 @@ def _segments(phases: Sequence[str]) -> list[tuple[str, int, int]]:
 
 
 def _mean(xs) -> float:
+    """Mean of the finite values of xs (NaN only when none is finite)."""
     xs = list(xs)
     if not xs:
         raise ValueError("mean of an empty list")
-    return sum(xs) / len(xs)
+    kept = [float(x) for x in xs if math.isfinite(float(x))]
+    return sum(kept) / len(kept) if kept else math.nan
 
 
-def phase_means(errors: Sequence[float], phases: Sequence[str]) -> dict[str, float]:
-    """{phase: mean error over its clips} (a phase appearing twice is pooled)."""
+def _by_phase(errors, phases) -> dict[str, list]:
     _check_curve(errors, phases)
     out: dict[str, list] = {}
     for e, p in zip(errors, phases):
         out.setdefault(p, []).append(e)
+    return out
+
+
+def phase_means(errors: Sequence[float], phases: Sequence[str]) -> dict[str, float]:
+    """{phase: mean error over its clips with a finite score} (a phase appearing twice is pooled)."""
+    out = _by_phase(errors, phases)
+    for p, v in out.items():
+        if not any(math.isfinite(float(x)) for x in v):
+            raise ValueError(f"none of the {len(v)} clip scores of phase {p!r} is finite: no mean to report")
     return {p: _mean(v) for p, v in out.items()}
+
+
+def nonfinite_counts(errors: Sequence[float], phases: Sequence[str]) -> dict[str, int]:
+    """{phase: number of its clips whose score is NaN or Inf (left out of the means)}."""
+    return {p: sum(not math.isfinite(float(x)) for x in v) for p, v in _by_phase(errors, phases).items()}
 
 
 def running_mean(errors: Sequence[float], window: int) -> list[float]:
@@ -93,7 +112,7 @@ def stability_gap(errors: Sequence[float], phases: Sequence[str], window: int = 
     out = {}
     for (p0, a0, b0), (p1, a1, b1) in zip(segs, segs[1:]):
         before = _mean(errors[max(a0, b0 - window):b0])
-        peak = max(errors[a1:min(b1, a1 + window)])
+        peak = max((e for e in errors[a1:min(b1, a1 + window)] if math.isfinite(e)), default=math.nan)
         out[f"{p0}->{p1}"] = {"peak": peak, "gap": peak - before}
     return out
 
@@ -175,7 +194,7 @@ def t_quantile(p: float, df: float) -> float:
 def mean_ci(samples: Sequence[float], level: float = 0.95) -> dict:
     """{"mean", "lo", "hi", "half", "n", "std"}: t-interval mean +- t_{(1+level)/2, n-1} * s / sqrt(n).
     One sample: half-width NaN (no spread to estimate). NaN samples are dropped."""
-    xs = [float(x) for x in samples if x is not None and not math.isnan(float(x))]
+    xs = [float(x) for x in samples if x is not None and math.isfinite(float(x))]
     n = len(xs)
     if n == 0:
         return {"mean": math.nan, "lo": math.nan, "hi": math.nan, "half": math.nan, "n": 0, "std": math.nan}
@@ -206,6 +225,7 @@ def run_metrics(log, oracle_b: float | None = None, metric: str = "tf", window: 
     errors, phases = log.errors(metric), list(log.phases)
     order = list(order) if order else [p for p, _, _ in _segments(phases)]
     out = {f"{p}": v for p, v in phase_means(errors, phases).items()}
+    out["nonfinite"] = float(sum(nonfinite_counts(errors, phases).values()))
     copy = phase_means(log.errors("copy_" + ("rollout" if metric.startswith("rollout") else "tf")), phases)
     out.update({f"copy_{p}": v for p, v in copy.items()})
     if "B" in phases:

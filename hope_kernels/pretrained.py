@@ -230,7 +230,7 @@ def load_weights(path, device="cpu"):
     metadata, weights that do not fit their config, NaN/inf."""
     from hope_kernels.config import PredictorConfig
     from hope_kernels.io import read_safetensors
-    from hope_kernels.models import predictor_from_config
+    from hope_kernels.models import load_state_exactly, predictor_from_config
     path = os.fspath(path)
     meta, tensors = read_safetensors(path, "shipped weights")
     if meta.get("format") != FORMAT:
@@ -244,10 +244,9 @@ def load_weights(path, device="cpu"):
         raise ValueError(f"shipped weights {path!r} hold NaN or inf in {len(bad)} tensor(s), first {bad[0]!r}")
     model = predictor_from_config(pcfg)
     try:
-        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()})
-    except RuntimeError as e:
-        first = str(e).splitlines()[0]
-        raise ValueError(f"shipped weights {path!r} do not fit their own predictor config: {first}") from None
+        load_state_exactly(model, {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()})
+    except ValueError as e:
+        raise ValueError(f"shipped weights {path!r} do not fit their own predictor config: {e}") from None
     return model.to(device)
 
 

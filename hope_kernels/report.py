@@ -330,9 +330,23 @@ def markdown_report(results: dict) -> str:
         below = verdict(results, metric) if metric != "tf" else ""
         if below:
             out += ["", below.rstrip("\n")]
+    left = _left_out(results)
+    if left:
+        out += ["", "Clip scores that were NaN or Inf, left out of every mean above (the run's log names the "
+                f"clips): {left}."]
     if results.get("wall_seconds") is not None:
         out += ["", f"Wall time: {results['wall_seconds']:.0f} s."]
     return "\n".join(out) + "\n"
+
+
+def _left_out(results: dict) -> str:
+    """"run (seeds s, t): n clips; ..." for every run with non-finite teacher-forcing scores, "" when none."""
+    parts = []
+    for name, by_seed in results.get("per_seed", {}).get("tf", {}).items():
+        bad = {s: int(m.get("nonfinite", 0)) for s, m in by_seed.items() if m.get("nonfinite")}
+        if bad:
+            parts.append(f"{name} ({sum(bad.values())} clips; seeds {', '.join(map(str, bad))})")
+    return "; ".join(parts)
 
 
 # ------------------------------------------------------------------------------------------------- plot

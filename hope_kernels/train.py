@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from hope_kernels.config import PredictorConfig, TrainConfig
 from hope_kernels.io import FolderLock, atomic_write, atomic_write_bytes, read_safetensors, remove_temp_files
-from hope_kernels.models import build_predictor, predictor_from_config
+from hope_kernels.models import build_predictor, load_state_exactly, predictor_from_config
 from hope_kernels.ops import l1_rollout_loss
 
 try:  # the data package lands in its own branch; train() raises a clear error without it
@@ -231,8 +231,8 @@ def load_checkpoint(path, device="cpu"):
         raise ValueError(f"checkpoint {path!r} holds NaN or inf in {len(bad)} tensor(s), first {bad[0]!r}")
     model = predictor_from_config(pcfg)
     try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
+        load_state_exactly(model, weights)
+    except ValueError as e:
         raise ValueError(f"checkpoint {path!r}: its weights do not fit its own predictor config: {e}") from None
     model.to(device)
     opt = None

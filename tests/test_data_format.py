@@ -8,7 +8,7 @@ import torch
 
 from hope_kernels.cli import main
 from hope_kernels.data import ClipDataset, ensure_dataset, make_stream, simulate_dataset, verify_dataset
-from hope_kernels.data.format import MANIFEST, DatasetWriter, read_manifest
+from hope_kernels.data.format import MANIFEST, VERIFIED, DatasetWriter, read_manifest
 from hope_kernels.data.simulate import PRESETS
 
 TINY = PRESETS["tiny"]
@@ -179,7 +179,7 @@ def test_writer_refuses_overwrite_and_cleans_up(tiny, tmp_path):
             w.add_shard(torch.zeros(1, 2, 5, 3), torch.zeros(1, 2, 2), "A1", "train")
         w.add_shard(torch.randn(2, 2, 4, 3), torch.zeros(2, 2, 2), "A1", "train")
     assert ClipDataset(d)[1]["latents"].dtype == torch.bfloat16
-    assert sorted(os.listdir(d)) == ["A1-train-0000.safetensors", MANIFEST]
+    assert sorted(os.listdir(d)) == [VERIFIED, "A1-train-0000.safetensors", MANIFEST]   # VERIFIED: the read
 
 
 def test_simulate_cli(tmp_path, capsys):

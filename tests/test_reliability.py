@@ -1,6 +1,8 @@
 """Issue 21: values that overflow the stored dtype are refused (nothing written), output paths that can never be
 written are refused before any work, and `adapt` refuses a checkpoint built for other data. Real files, the real
 CLI (`hope_kernels.cli.main`, one subprocess); every error is one line on stderr with exit code 2."""
+import os
+import re
 import subprocess
 import sys
 
@@ -241,3 +243,194 @@ def test_check_model_matches_data_a_stateless_model_ignores_states():
     with pytest.raises(ValueError, match="its state_dim is 2, the data's 4"):
         check_model_matches_data(predictor_config("ac", "tiny", enc_dim=D, grid=(T, H, W), action_dim=A,
                                                   state_dim=2), data)
+
+
+# ------------------------------------------------------------------------------------ 4. corrupt shards on read
+def _flip_low_bits(shard):
+    """Flip the lowest mantissa bit of every float32 latent in place: same size, a valid header, finite values."""
+    import json
+    b = bytearray(shard.read_bytes())
+    head = int.from_bytes(b[:8], "little")
+    lo, hi = json.loads(b[8:8 + head])["latents"]["data_offsets"]
+    for i in range(8 + head + lo, 8 + head + hi, 4):
+        b[i] ^= 1
+    shard.write_bytes(bytes(b))
+
+
+def _corrupt_a1_train(data):
+    shard = data / next(s["file"] for s in read_manifest(data)["shards"] if s["phase"] == "A1" and s["split"] == "train")
+    _flip_low_bits(shard)
+    return shard
+
+
+def test_a_corrupt_shard_is_refused_by_train_adapt_and_the_api(tmp_path, capsys):
+    from hope_kernels.data import ClipDataset, make_stream
+    from hope_kernels.data import format as fmt
+    data = _dataset(tmp_path / "data")
+    assert float(ClipDataset(data, phase="A1")[0]["latents"].abs().sum()) > 0   # read once intact: cached
+    assert (data / fmt.VERIFIED).is_file()
+    shard = _corrupt_a1_train(data)
+    fmt._MATCHED.clear()   # a new process
+    line = f"corrupt shard {shard}: its sha256 differs from the one its manifest records " \
+           f"(run `hope-kernels verify {data}`)"
+    for read in (lambda: ClipDataset(data, phase="A1", split="train"), lambda: make_stream(data)):
+        with pytest.raises(ValueError) as e:
+            read()
+        assert str(e.value) == line
+    assert len(ClipDataset(data, phase="B")) == n   # the other shards still read
+    assert main(["train", "--model", "ac", "--preset", "tiny", "--data", str(data), "--out", str(tmp_path / "t"),
+                 "--steps", "1", "--batch-size", "2"]) == 2
+    assert f"hope-kernels train: error: {line}\n" == _err(capsys)
+    ckpt = _checkpoint(tmp_path / "m.safetensors")
+    r = subprocess.run([sys.executable, "-m", "hope_kernels.cli", "adapt", "--checkpoint", str(ckpt), "--data",
+                        str(data), "--no-progress", "--strategy", "none"], capture_output=True, text=True, timeout=300)
+    assert (r.returncode, r.stdout, r.stderr) == (2, "", f"hope-kernels adapt: error: {line}\n")
+
+
+def test_a_shard_is_hashed_once_per_version(tmp_path, monkeypatch):
+    from hope_kernels.data import ClipDataset
+    from hope_kernels.data import format as fmt
+    data = _dataset(tmp_path / "data")
+    hashed = []
+    real = fmt.sha256_file
+    monkeypatch.setattr(fmt, "sha256_file", lambda f: hashed.append(f.name) or real(f))
+    list(ClipDataset(data))
+    first = sorted(hashed)
+    assert first == sorted(s["file"] for s in read_manifest(data)["shards"])
+    fmt._MATCHED.clear()
+    list(ClipDataset(data))   # another process: the cache beside the manifest answers
+    assert sorted(hashed) == first
+    shard = data / first[0]
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))   # touched: checked again
+    fmt._MATCHED.clear()
+    list(ClipDataset(data))
+    assert sorted(hashed) == sorted(first + [first[0]])
+    (data / fmt.VERIFIED).write_text("{not json")   # a broken cache is rebuilt, not an error
+    fmt._MATCHED.clear()
+    assert len(list(ClipDataset(data))) == 3 * n
+
+
+def test_values_read_are_checked_even_when_the_manifest_agrees(tmp_path):
+    """A shard rewritten with NaN and its manifest entry updated to match: the read names the row."""
+    import hashlib
+    import json
+    from safetensors.torch import load_file, save_file
+    from hope_kernels.data import ClipDataset
+    from hope_kernels.data.format import MANIFEST
+    data = _dataset(tmp_path / "data")
+    m = read_manifest(data)
+    k = next(i for i, s in enumerate(m["shards"]) if s["phase"] == "B")
+    shard = data / m["shards"][k]["file"]
+    t = load_file(str(shard))
+    t["latents"][0, 1, 0, 0] = float("nan")
+    save_file(t, str(shard))
+    m["shards"][k].update(bytes=shard.stat().st_size, sha256=hashlib.sha256(shard.read_bytes()).hexdigest())
+    (data / MANIFEST).write_text(json.dumps(m))
+    row0 = next(g for g, c in enumerate(m["clips"]) if c["shard"] == k and c["row"] == 0)
+    with pytest.raises(ValueError, match=re.escape(f"corrupt shard {shard}: latents of row 0 (clip {row0}) hold "
+                                                   f"NaN or Inf (run `hope-kernels verify {data}`)")):
+        list(ClipDataset(data, phase="B"))
+
+
+# ------------------------------------------------------------------------------------ 5. non-finite clip scores
+def test_a_clip_that_scores_nan_is_named_and_left_out_of_the_means(tmp_path, capsys):
+    """A finite B clip x 1e20 overflows inside the model (its LayerNorm variance): the clip is named, the
+    phase means stay finite and count it out."""
+    import json
+    from hope_kernels.adapt import StreamLog
+    data = tmp_path / "data"
+    for k, phase in enumerate(("A1", "B", "A2")):
+        lat, act = _arrays(seed=k, big_clip=1 if phase == "B" else None)
+        if phase == "B":
+            lat[1] *= 1e14   # with _arrays' 1e6: 1e20, finite in float32
+        import_arrays(data, lat[:2], act[:2], phase, split="stream", append=k > 0)
+        import_arrays(data, lat[2:], act[2:], phase, split="heldout", append=True)
+    big = next(g for g, c in enumerate(read_manifest(data)["clips"]) if c["phase"] == "B" and c["split"] == "stream"
+               and c["row"] == 1)
+    ckpt = _checkpoint(tmp_path / "m.safetensors")
+    log = tmp_path / "log.json"
+    assert main(["adapt", "--checkpoint", str(ckpt), "--data", str(data), "--strategy", "layernorm",
+                 "--no-progress", "--log", str(log)]) == 0
+    out, err = capsys.readouterr()
+    assert re.fullmatch(rf"hope-kernels adapt: warning: clip {big} \(phase B, stream position \d\) scored "
+                        rf"teacher-forcing .*: left out of the phase means\n", err), err
+    means = json.loads(out.splitlines()[0].removeprefix("tf "))
+    assert set(means) == {"A1", "B", "A2"} and all(v == v and abs(v) < 1e3 for v in means.values()), out
+    assert f"left out of the means (score NaN or Inf): B clips [{big}] (1 of 2)" in out
+    saved = StreamLog.from_dict(json.loads(log.read_text()))   # strict JSON (null), read back as NaN
+    assert [b["clip"] for b in saved.nonfinite] == [big]
+    from hope_kernels.metrics import run_metrics
+    m = run_metrics(saved)
+    assert m["nonfinite"] == 1.0 and all(m[p] == m[p] for p in ("A1", "B", "A2", "forgetting"))
+
+
+def test_metrics_leave_non_finite_scores_out():
+    from hope_kernels.metrics import mean_ci, nonfinite_counts, phase_means, stability_gap
+    errors, phases = [1.0, 3.0, float("nan"), 2.0, float("inf")], ["A1", "A1", "B", "B", "B"]
+    assert phase_means(errors, phases) == {"A1": 2.0, "B": 2.0}
+    assert nonfinite_counts(errors, phases) == {"A1": 0, "B": 2}
+    assert stability_gap(errors, phases, window=2)["A1->B"] == {"peak": 2.0, "gap": 0.0}
+    assert mean_ci([1.0, float("inf"), 3.0])["mean"] == 2.0
+    with pytest.raises(ValueError, match="none of the 2 clip scores of phase 'B' is finite"):
+        phase_means([1.0, float("nan"), float("nan")], ["A1", "B", "B"])
+
+
+# ------------------------------------------------------------------------------------ 6. one-line errors
+def test_a_checkpoint_whose_metadata_does_not_fit_its_weights(tmp_path, capsys):
+    import json
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    data = _dataset(tmp_path / "data")
+    assert main(["train", "--model", "ac", "--preset", "tiny", "--data", str(data), "--out", str(tmp_path / "t"),
+                 "--steps", "1", "--batch-size", "2", "--no-progress"]) == 0
+    ckpt = tmp_path / "t" / "checkpoint.safetensors"
+    with safe_open(str(ckpt), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    pc = json.loads(meta["predictor_config"])
+    pc["width"] *= 2
+    save_file(tensors, str(ckpt), metadata={**meta, "predictor_config": json.dumps(pc)})
+    capsys.readouterr()
+    assert main(["adapt", "--checkpoint", str(ckpt), "--data", str(data), "--no-progress"]) == 2
+    err = _err(capsys)
+    assert re.fullmatch(rf"hope-kernels adapt: error: checkpoint {re.escape(repr(str(ckpt)))}: its weights do not "
+                        rf"fit its own predictor config: tensors \d+ of another shape \(first '[\w.]+': \(\d+(, \d+)*\) "
+                        rf"stored, \(\d+(, \d+)*\) for the config\)\n", err), err
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A real, nearly full filesystem: a tmpfs of `size` bytes mounted for the test (root only: skip otherwise)."""
+    mounted = []
+
+    def mount(size: int):
+        mnt = tmp_path / "small"
+        mnt.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.decode().strip() or r.returncode}")
+        mounted.append(mnt)
+        return mnt
+    yield mount
+    for mnt in mounted:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_disk_during_a_checkpoint_write_is_one_line(tmp_path, small_fs, capsys):
+    """The second checkpoint does not fit beside the first: one line naming the file and --resume, the first
+    checkpoint intact, no temp file left."""
+    from hope_kernels.train import load_checkpoint
+    data = _dataset(tmp_path / "data")
+    (tmp_path / "every_step.json").write_text('{"ckpt_every": 1}')
+    train = ["train", "--model", "ac", "--preset", "tiny", "--data", str(data), "--steps", "2", "--batch-size", "2",
+             "--config", str(tmp_path / "every_step.json"), "--no-progress"]
+    assert main([*train, "--out", str(tmp_path / "probe")]) == 0
+    size = (tmp_path / "probe" / "checkpoint.safetensors").stat().st_size
+    out = small_fs(int(size * 1.5) + 64 * 1024) / "run"   # room for one checkpoint and the logs, not two
+    capsys.readouterr()
+    assert main([*train, "--out", str(out)]) == 2
+    ckpt = out / "checkpoint.safetensors"
+    assert _err(capsys) == (f"hope-kernels train: error: no space left on the device while writing {str(ckpt)!r} "
+                            f"(its previous version is intact); free some space, then: the last checkpoint in --out "
+                            f"is intact: run the same command with --resume to continue\n")
+    assert load_checkpoint(ckpt)[1]["step"] == 1
+    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]

@@ -21,6 +21,11 @@ Layout of a dataset folder::
 Splits: "train" (pre-training), "stream" (the online adaptation stream), "heldout" (evaluation at phase ends).
 Reads go through `safetensors.safe_open` (memory-mapped): `ClipDataset[i]` touches one row of one shard.
 Nothing is ever unpickled.
+
+Integrity on read: a ClipDataset checks the size and sha256 of the shards it covers against the manifest when it
+is created, unless `.hope-kernels-verified.json` beside the manifest records that this file, at this size and
+mtime, already matched that sha256 (so a full hash is paid once per shard version, not on every run). Every clip
+read is also checked for NaN/Inf. A failure names the shard and points to `hope-kernels verify`.
 """
 from __future__ import annotations
 
@@ -45,6 +50,7 @@ SPLITS = ("train", "stream", "heldout")
 KNOWN_PHASES = ("A1", "B", "A2")
 _SHARD_NAME = re.compile(r"[A-Za-z0-9_]+-(train|stream|heldout)-[0-9]{4,}\.safetensors")   # DatasetWriter._shard_name
 LATENT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+VERIFIED = ".hope-kernels-verified.json"   # {shard file: [bytes, mtime_ns, sha256]} of shards that matched
 
 
 # ----------------------------------------------------------------------------------------------- atomic I/O
@@ -324,6 +330,52 @@ def _check_stored_finite(tensors: dict, phase: str, split: str) -> None:
                                  f"as stored in {dtype} (largest finite {dtype}: {torch.finfo(x.dtype).max:.6g})")
 
 
+# ----------------------------------------------------------------------------------------------- integrity
+_MATCHED: set = set()   # (shard path, bytes, mtime_ns, sha256) found intact by this process
+
+
+def _read_verified(root: pathlib.Path) -> dict:
+    try:
+        got = json.loads((root / VERIFIED).read_text())
+    except (OSError, ValueError):   # absent, unreadable or corrupt: a cache, so it is simply rebuilt
+        return {}
+    return got if isinstance(got, dict) else {}
+
+
+def check_shards(root, shards: Sequence[dict]) -> None:
+    """Refuse the first shard whose bytes are not the ones its manifest entry records (size, then sha256), naming
+    it and the way to a full report. Each file is hashed once per (size, mtime): matches are cached in
+    root/VERIFIED (best effort: a read-only dataset is hashed again by each process)."""
+    root = pathlib.Path(root)
+    cache, matched = None, []
+    for shard in shards:
+        f = root / shard["file"]
+        try:
+            st = f.stat()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"shard {f} listed in {root / MANIFEST} is missing "
+                                    f"(run `hope-kernels verify {root}`)") from None
+        stamp = [st.st_size, st.st_mtime_ns, shard["sha256"]]
+        if (str(f), *stamp) in _MATCHED:
+            continue
+        cache = _read_verified(root) if cache is None else cache
+        if cache.get(shard["file"]) != stamp:
+            if st.st_size != shard["bytes"]:
+                raise ValueError(f"corrupt shard {f}: {st.st_size} bytes, its manifest records {shard['bytes']} "
+                                 f"(truncated or replaced; run `hope-kernels verify {root}`)")
+            if sha256_file(f) != shard["sha256"]:
+                raise ValueError(f"corrupt shard {f}: its sha256 differs from the one its manifest records "
+                                 f"(run `hope-kernels verify {root}`)")
+            matched.append((shard["file"], stamp))
+        _MATCHED.add((str(f), *stamp))
+    if matched:
+        cache.update(matched)
+        try:
+            atomic_write_bytes(root / VERIFIED, json.dumps(cache, sort_keys=True).encode())
+        except OSError:
+            pass
+
+
 # ----------------------------------------------------------------------------------------------- reader
 class ClipDataset:
     """Lazy view of a dataset folder, optionally filtered to one phase and/or split.
@@ -354,6 +406,7 @@ class ClipDataset:
                 raise ValueError(f"split must be one of {SPLITS}, got {s!r}")
         self.indices = [i for i, c in enumerate(m["clips"])
                         if (phases is None or c["phase"] in phases) and (splits is None or c["split"] in splits)]
+        check_shards(self.path, [m["shards"][k] for k in sorted({m["clips"][i]["shard"] for i in self.indices})])
         self._handles: dict[int, object] = {}
         self._pid = os.getpid()
 
@@ -397,6 +450,11 @@ class ClipDataset:
                 "actions": h.get_slice("actions")[r:r + 1][0]}
         if self.state_dim > 0:
             item["states"] = h.get_slice("states")[r:r + 1][0]
+        bad = [k for k, x in item.items() if not bool(torch.isfinite(x).all())]
+        if bad:
+            f = self.path / self.manifest["shards"][c["shard"]]["file"]
+            raise ValueError(f"corrupt shard {f}: {' and '.join(bad)} of row {r} (clip {g}) hold NaN or Inf "
+                             f"(run `hope-kernels verify {self.path}`)")
         item.update(phase=c["phase"], split=c["split"], index=g)
         return item
 
