@@ -51,12 +51,12 @@ def main(argv: list[str] | None = None) -> int:
             if not isinstance(e, DiskFullError):   # a write outside atomic_write (a log line): name the file
                 name = getattr(e, "filename", None)
                 msg = "no space left on the device" + (f" while writing {name!r}" if name else "")
-            msg += f"; free some space, then: {RESUME_HINTS.get(args.command, 'run the same command again')}"
+            hint = _resume_hint(args) if getattr(e, "kept", True) else "run the same command again"
+            msg += f"; free some space, then: {hint}"
         print(f"hope-kernels {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"hope-kernels {args.command}: interrupted; {RESUME_HINTS.get(args.command, 'nothing to resume')}",
-              file=sys.stderr)
+        print(f"hope-kernels {args.command}: interrupted; {_resume_hint(args)}", file=sys.stderr)
         return 130
 
 
@@ -69,6 +69,15 @@ RESUME_HINTS = {
     "import": "the dataset is as it was before: run the same command again",
     "adapt": "no log was written: run the same command again",
 }
+
+
+def _resume_hint(args) -> str:
+    """RESUME_HINTS for the command; a train stopped before its first checkpoint has nothing to resume."""
+    if args.command == "train" and getattr(args, "out", None):
+        from pathlib import Path
+        if not (Path(args.out) / "checkpoint.safetensors").is_file():
+            return "no checkpoint was written yet: run the same command again"
+    return RESUME_HINTS.get(args.command, "run the same command again")
 
 
 if __name__ == "__main__":

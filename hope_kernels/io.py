@@ -21,7 +21,11 @@ LOCK_FILE = ".hope-kernels.lock"
 
 
 class DiskFullError(OSError):
-    """No space was left to write a file; the file's previous version, if any, is intact (the message names it)."""
+    """No space was left to write a file (the message names it); `kept`: its previous version exists, intact."""
+
+    def __init__(self, message: str, kept: bool):
+        super().__init__(message)
+        self.kept = kept
 
 
 def is_disk_full(e: BaseException) -> bool:
@@ -49,8 +53,9 @@ def atomic_write(path, write) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
         if is_disk_full(e):
-            what = "its previous version is intact" if path.exists() else "nothing was written"
-            raise DiskFullError(f"no space left on the device while writing {str(path)!r} ({what})") from None
+            kept = path.exists()
+            what = "its previous version is intact" if kept else "nothing was written"
+            raise DiskFullError(f"no space left on the device while writing {str(path)!r} ({what})", kept) from None
         raise
     return path
 

@@ -146,3 +146,24 @@ def test_ctrl_c_gives_one_line_with_the_way_out(monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["hope-kernels train: interrupted; the last checkpoint in --out is intact: run the same command "
                    "with --resume to continue"]
+
+
+def test_ctrl_c_of_a_real_train_before_its_first_checkpoint(tmp_path):
+    """SIGINT to a real `train` once it holds its folder: one line, exit 130, and no --resume advice, since
+    there is no checkpoint yet."""
+    import time
+    from hope_kernels.data import simulate_dataset
+    data = simulate_dataset(tmp_path / "d", "tiny", 0, train_a1=2, train_b=1, train_a2=1, stream=1, heldout=1,
+                            progress=False)
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "-m", "hope_kernels.cli", "train", "--model", "ac", "--preset", "tiny",
+                          "--data", str(data), "--out", str(out), "--steps", "100000", "--no-progress"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / LOCK_FILE).exists() and time.monotonic() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130
+    assert err == "hope-kernels train: interrupted; no checkpoint was written yet: run the same command again\n"
+    assert not (out / LOCK_FILE).exists()

@@ -403,7 +403,7 @@ def small_fs(tmp_path):
     mounted = []
 
     def mount(size: int):
-        mnt = tmp_path / "small"
+        mnt = tmp_path / f"small{len(mounted)}"
         mnt.mkdir()
         r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True)
         if r.returncode != 0:
@@ -434,3 +434,9 @@ def test_a_full_disk_during_a_checkpoint_write_is_one_line(tmp_path, small_fs, c
                             f"is intact: run the same command with --resume to continue\n")
     assert load_checkpoint(ckpt)[1]["step"] == 1
     assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
+    tiny = small_fs(size // 2) / "run"   # not even the first checkpoint fits: nothing to resume
+    assert main([*train, "--out", str(tiny)]) == 2
+    assert _err(capsys) == (f"hope-kernels train: error: no space left on the device while writing "
+                            f"{str(tiny / 'checkpoint.safetensors')!r} (nothing was written); free some space, then: "
+                            f"run the same command again\n")
+    assert not [p for p in os.listdir(tiny) if p.endswith(".tmp")]
