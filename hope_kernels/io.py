@@ -23,7 +23,7 @@ LOCK_FILE = ".hope-kernels.lock"
 class DiskFullError(OSError):
     """No space was left to write a file (the message names it); `kept`: its previous version exists, intact."""
 
-    def __init__(self, message: str, kept: bool):
+    def __init__(self, message: str, kept: bool = True):   # a default: exceptions are re-made from args
         super().__init__(message)
         self.kept = kept
 
@@ -37,7 +37,8 @@ def is_disk_full(e: BaseException) -> bool:
 def atomic_write(path, write) -> Path:
     """Call write(tmp_path) to produce `path`'s new content in a temp file beside it, fsync it, then rename it
     over `path`; creates the parent folder. Any error (or interrupt) removes the temp file and leaves `path` as it
-    was; a full disk raises DiskFullError naming the file. Returns the path. For writers that need a file name (safetensors' save_file); bytes: atomic_write_bytes."""
+    was; a full disk raises DiskFullError naming the file. Returns the path. For writers that need a file name
+    (safetensors' save_file); bytes: atomic_write_bytes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -55,7 +56,8 @@ def atomic_write(path, write) -> Path:
         if is_disk_full(e):
             kept = path.exists()
             what = "its previous version is intact" if kept else "nothing was written"
-            raise DiskFullError(f"no space left on the device while writing {str(path)!r} ({what})", kept) from None
+            raise DiskFullError(f"no space left on the device while writing {str(path)!r} ({what})",
+                                kept) from None
         raise
     return path
 

@@ -24,7 +24,8 @@ import math
 from typing import Mapping, Sequence
 
 __all__ = ["phase_means", "nonfinite_counts", "running_mean", "adaptation_speed", "forgetting", "stability_gap",
-           "error_matrix", "backward_transfer", "t_quantile", "mean_ci", "paired_difference", "run_metrics", "aggregate"]
+           "error_matrix", "backward_transfer", "t_quantile", "mean_ci", "paired_difference", "run_metrics",
+           "aggregate"]
 
 
 def _check_curve(errors, phases) -> None:

@@ -340,7 +340,7 @@ def markdown_report(results: dict) -> str:
 
 
 def _left_out(results: dict) -> str:
-    """"run (seeds s, t): n clips; ..." for every run with non-finite teacher-forcing scores, "" when none."""
+    """"run (n clips; seeds s, t); ..." for every run with non-finite teacher-forcing scores, "" when none."""
     parts = []
     for name, by_seed in results.get("per_seed", {}).get("tf", {}).items():
         bad = {s: int(m.get("nonfinite", 0)) for s, m in by_seed.items() if m.get("nonfinite")}

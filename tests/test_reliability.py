@@ -1,5 +1,7 @@
 """Issue 21: values that overflow the stored dtype are refused (nothing written), output paths that can never be
-written are refused before any work, and `adapt` refuses a checkpoint built for other data. Real files, the real
+written are refused before any work, `adapt` refuses a checkpoint built for other data, corrupt shards are
+refused on every read path, non-finite clip scores are named and left out of the means, and a full disk or
+weights that do not fit their config give one line. Real files, the real
 CLI (`hope_kernels.cli.main`, one subprocess); every error is one line on stderr with exit code 2."""
 import os
 import re
@@ -258,7 +260,8 @@ def _flip_low_bits(shard):
 
 
 def _corrupt_a1_train(data):
-    shard = data / next(s["file"] for s in read_manifest(data)["shards"] if s["phase"] == "A1" and s["split"] == "train")
+    shard = data / next(s["file"] for s in read_manifest(data)["shards"]
+                        if s["phase"] == "A1" and s["split"] == "train")
     _flip_low_bits(shard)
     return shard
 
@@ -375,6 +378,13 @@ def test_metrics_leave_non_finite_scores_out():
         phase_means([1.0, float("nan"), float("nan")], ["A1", "B", "B"])
 
 
+def test_results_md_counts_the_left_out_clips():
+    from hope_kernels.report import _left_out
+    per_seed = {"hope": {0: {"nonfinite": 0.0}, 1: {"nonfinite": 2.0}}, "ac+none": {0: {"nonfinite": 0.0}}}
+    assert _left_out({"per_seed": {"tf": per_seed}}) == "hope (2 clips; seeds 1)"
+    assert _left_out({"per_seed": {"tf": {"hope": {0: {"nonfinite": 0.0}}}}}) == ""
+
+
 # ------------------------------------------------------------------------------------ 6. one-line errors
 def test_a_checkpoint_whose_metadata_does_not_fit_its_weights(tmp_path, capsys):
     import json
@@ -392,9 +402,10 @@ def test_a_checkpoint_whose_metadata_does_not_fit_its_weights(tmp_path, capsys):
     capsys.readouterr()
     assert main(["adapt", "--checkpoint", str(ckpt), "--data", str(data), "--no-progress"]) == 2
     err = _err(capsys)
+    shape = r"\(\d+(, \d+)*\)"
     assert re.fullmatch(rf"hope-kernels adapt: error: checkpoint {re.escape(repr(str(ckpt)))}: its weights do not "
-                        rf"fit its own predictor config: tensors \d+ of another shape \(first '[\w.]+': \(\d+(, \d+)*\) "
-                        rf"stored, \(\d+(, \d+)*\) for the config\)\n", err), err
+                        rf"fit its own predictor config: tensors \d+ of another shape \(first '[\w.]+': {shape} "
+                        rf"stored, {shape} for the config\)\n", err), err
 
 
 @pytest.fixture
