@@ -21,7 +21,8 @@ the reported seeds. Every strategy's grid has the same number of points.
 
 Each entry of config["runs"]: {"name", "model": "ac" | "hope", "strategy" (adapt.STRATEGIES), "overrides"
 (build_predictor overrides, e.g. {"memory_rule": "titans"}), "train_phases" (default ["A1"]), "options"
-(adapt_stream options over config["adapt"]), "privileged", "label"}. The reference points `oracle` (trained on
+(adapt_stream options over config["adapt"]), "pretrain" (training fields of this run's pre-training over
+config["pretrain"], e.g. {"lr": 1.0e-3}), "privileged", "label"}. The reference points `oracle` (trained on
 B) and `joint` (trained on A1 + B) are runs with train_phases ["B"] / ["A1", "B"] and strategy "none".
 """
 from __future__ import annotations
@@ -59,7 +60,7 @@ _TOP_KEYS = ("preset", "data", "seeds", "device", "threads", "workers", "model_p
              "headline", "runs", "metric_window", "speed_tolerance", "progress", "out")
 _TUNING_KEYS = ("seeds", "reserve", "clips_per_phase", "metric", "grids")
 _COMPARED = ("B", "A2", "forgetting", "speed_oracle")
-_RUN_KEYS = ("name", "model", "strategy", "overrides", "train_phases", "options", "privileged", "label")
+_RUN_KEYS = ("name", "model", "strategy", "overrides", "train_phases", "options", "pretrain", "privileged", "label")
 _STREAM_KEYS = ("phases", "clips_per_phase", "heldout_per_phase")
 
 
@@ -129,7 +130,7 @@ def validate_config(cfg: dict) -> dict:
                 raise ValueError(f"run {r} is missing {key!r}")
         if r.get("train_phases") is not None:
             _check_phases(r["train_phases"], f"run {r['name']!r}: train_phases")
-        for key in ("options", "overrides"):
+        for key in ("options", "overrides", "pretrain"):
             if r.get(key) is not None and not isinstance(r[key], dict):
                 raise ValueError(f"run {r['name']!r}: {key} must be a mapping, got {r[key]!r}")
         if r["strategy"] not in STRATEGIES:

@@ -88,10 +88,12 @@ def with_steps(cfg: dict, steps: int) -> dict:
 
 
 def spec_for(cfg: dict, run: dict, seed: int) -> dict:
-    """The identity of the pre-training `run` needs (without dataset and code)."""
+    """The identity of the pre-training `run` needs (without dataset and code). A run's own `pretrain` mapping
+    (for example {lr: 1.0e-3} for an ablation that diverges at the shared lr) overrides the training fields."""
     per_seed = bool((cfg.get("pretrain") or {}).get("per_seed"))
+    train = {**train_fields(cfg, run["model"]), **(run.get("pretrain") or {})}
     return {"model": run["model"], "preset": cfg.get("model_preset", "tiny"), "overrides": run.get("overrides") or {},
-            "phases": list(run.get("train_phases") or ["A1"]), "train": train_fields(cfg, run["model"]),
+            "phases": list(run.get("train_phases") or ["A1"]), "train": train,
             "seed": int(seed) if per_seed else 0}
 
 
