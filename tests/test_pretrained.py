@@ -28,6 +28,23 @@ def test_quick_preset_pretrainings():
     assert pretrained.spec_name({**hope, "overrides": {"cms": False}, "seed": 3}) == "hope-A1[cms=False]-s3"
 
 
+
+def test_a_runs_pretrain_fields_are_part_of_its_spec():
+    cfg = load_config("quick")
+    run = {"name": "hope[no-cms]", "model": "hope", "strategy": "hope", "overrides": {"cms": False},
+           "pretrain": {"lr": 1.0e-3}}
+    spec = pretrained.spec_for(cfg, run, 0)
+    shared = pretrained.spec_for(cfg, {**run, "pretrain": None}, 0)
+    assert spec["train"]["lr"] == 1.0e-3 and shared["train"]["lr"] == cfg["pretrain"]["lr"]
+    assert spec["train"]["seq_clips"] == 4 and spec["train"]["steps"] == 2500   # the hope section still applies
+    assert {k: v for k, v in spec["train"].items() if k != "lr"} == {k: v for k, v in shared["train"].items()
+                                                                     if k != "lr"}
+    # two runs that differ only in their pretrain fields are two pre-trainings
+    two = load_config("quick", runs=cfg["runs"] + [run, {**run, "name": "b", "pretrain": {"lr": 2.0e-3}}])
+    assert len(pretrained.pretrain_specs(two)) == len(pretrained.pretrain_specs(cfg)) + 2
+    with pytest.raises(ValueError, match="pretrain must be a mapping"):
+        load_config("quick", runs=cfg["runs"] + [{**run, "pretrain": 1.0e-3}])
+
 def _index(tmp_path, spec, data_id="d1", model=None):
     root = tmp_path / "assets"
     (root / "quick").mkdir(parents=True)
