@@ -33,7 +33,30 @@ def _sync(device: str):
         torch.cuda.synchronize()
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _cpu_peak_bytes(fn) -> int | None:
+    """Growth of the resident set over one call of fn, above the resident set before it (Linux: the peak
+    counter VmHWM is reset through /proc/self/clear_refs; freed heap is trimmed first, so memory that glibc
+    kept from earlier calls is not reused unseen). None where /proc is not there."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _status_kib("VmRSS")
+    except OSError:
+        return None
+    fn()
+    return max(_status_kib("VmHWM") - base, 0) * 1024
+
+
 def _peak_bytes(fn, device: str) -> int | None:
+    if device == "cpu":
+        return _cpu_peak_bytes(fn)
     if device != "cuda":
         return None
     torch.cuda.synchronize()

@@ -24,9 +24,10 @@ class Target:
     group: str         # a row group's exact name, or its prefix when it ends with " (" (the shape follows)
     backend: str
     baseline: str
-    bound: float       # ratio baseline ms / backend ms must reach this (strictly exceed it when `ahead`)
+    bound: float       # ratio baseline / backend (of `field`) must reach this (strictly exceed it when `ahead`)
     ahead: bool = False
     percent: bool = False   # print the ratio as % (the L1 kernels against a same-size copy)
+    field: str = "ms"       # the row value compared: "ms" (time) or "peak_mib" (peak memory)
 
 
 def _l1_kernel_targets() -> list[Target]:
@@ -49,10 +50,23 @@ def _memory_targets(issue: int, op: str) -> list[Target]:
     return out + [Target(issue, f"{op} fwd+bwd, CPU", "cpu", f"{op} cpu_small (", "cpu", "eager_chunked", 2.0)]
 
 
+def _peer_predictor_targets() -> list[Target]:
+    """Issue 22: our AC predictor against the official V-JEPA 2 code (benchmarks/test_bench_predictor_peer.py)."""
+    out = []
+    for what, group, bound in (("AC tiny fwd+bwd", "predictor ac tiny fwd+bwd", 1.5),
+                               ("AC tiny TF + rollout fwd+bwd", "predictor ac tiny tf+rollout fwd+bwd", 1.5)):
+        out += [Target(22, f"{what}, time", "cpu", group, "ours", "official", bound),
+                Target(22, f"{what}, peak memory", "cpu", group, "ours", "official", 1.0, field="peak_mib")]
+    return out + [
+        Target(22, "AC real size fwd, time", "cpu", "predictor ac vjepa2-ac fwd B=1", "ours", "official", 1.2),
+        Target(22, "build tiny, time", "cpu", "predictor build tiny", "ours", "official", 1.0),
+        Target(22, "build vjepa2-ac, time", "cpu", "predictor build vjepa2-ac", "ours", "official", 1.0)]
+
+
 TARGETS: list[Target] = (
     _l1_kernel_targets()
     + [Target(3, "L1 fwd+bwd float32, CPU", "cpu", f"l1 fwd+bwd {L1_SHAPE} float32", "cpu", "eager", 2.0)]
-    + _memory_targets(7, "dgd") + _memory_targets(8, "titans"))
+    + _memory_targets(7, "dgd") + _memory_targets(8, "titans") + _peer_predictor_targets())
 
 
 def _matches(target: Target, row: dict, suffix: str = "fwd_bwd") -> bool:
@@ -78,10 +92,10 @@ def evaluate(rows: list[dict]) -> list[dict]:
             continue
         ms = {}
         for r in rows:
-            if _matches(t, r) and r["backend"] in (t.backend, t.baseline):
-                ms[r["backend"]] = r["ms"]    # a later row (a rerun in the same file) replaces an earlier one
+            if _matches(t, r) and r["backend"] in (t.backend, t.baseline) and r.get(t.field) is not None:
+                ms[r["backend"]] = r[t.field]   # a later row (a rerun in the same file) replaces an earlier one
         missing = [b for b in (t.backend, t.baseline) if b not in ms]
-        ratio = None if missing else ms[t.baseline] / ms[t.backend]
+        ratio = None if missing else ms[t.baseline] / ms[t.backend] if ms[t.backend] > 0 else float("inf")
         if missing:
             status = f"not measured: no {' / '.join(missing)} row"
         else:

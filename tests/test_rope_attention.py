@@ -266,6 +266,39 @@ def test_fast_attention_matches_reference(backend, case):
         assert rel_err(a, b) < 5 * RTOL[torch.float32], name
 
 
+@pytest.mark.skipif("cpu" not in attn_backends_cpu(), reason="the C++ extension is not built")
+def test_cpu_attention_computes_no_masked_score(monkeypatch):
+    """The cpu backend runs one unmasked SDPA per timestep over exactly the keys that timestep may see; past
+    MAX_TIMESTEP_BLOCKS timesteps it falls back to one masked call. Both match the reference."""
+    import importlib
+
+    import torch.nn.functional as F
+    ra_mod = importlib.import_module("hope_kernels.ops.rope_attention")   # the package, not the function
+    blocks = ra_mod._timestep_blocks
+    assert blocks(make_pos(4, 1, 2, actions=1), None) == [(0, 3, 0), (3, 6, 0), (6, 9, 0), (9, 12, 0)]
+    assert blocks(make_pos(4, 1, 2, actions=1), 2) == [(0, 3, 0), (3, 6, 0), (6, 9, 3), (9, 12, 6)]
+    assert blocks(make_pos(ra_mod.MAX_TIMESTEP_BLOCKS + 1, 1, 1), None) is None
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: calls.append((q.shape[2], k.shape[2], kw.get("attn_mask"))) or
+                        sdpa(q, k, v, **kw))
+    for T, window in ((4, 2), (ra_mod.MAX_TIMESTEP_BLOCKS + 3, None)):
+        calls.clear()
+        pos = make_pos(T, 2, 2, actions=1)
+        q, k, v = qkv(1, 2, pos.shape[0], 32)
+        g = torch.randn_like(q)
+        got = _fwd_bwd(lambda a, b, c: rope_attention(a, b, c, pos, window=window, backend="cpu"), q, k, v, g)
+        if T == 4:
+            assert [(lq, lk) for lq, lk, m in calls] == [(5, 5), (5, 10), (5, 10), (5, 10)]
+            assert all(m is None for *_, m in calls)
+        else:
+            assert len(calls) == 1 and calls[0][2] is not None
+        want = _fwd_bwd(lambda a, b, c: ref.rope_attention_reference(a, b, c, pos, window), q.double(), k.double(),
+                        v.double(), g.double())
+        for name, a, b in zip(("o", "dq", "dk", "dv"), got, want):
+            assert rel_err(a, b) < 5 * RTOL[torch.float32], (T, name)
+
 @pytest.mark.parametrize("backend", attn_backends_cpu())
 def test_fast_attention_bf16(backend):
     """bf16 inputs: error against a float64 reference at most 2x that of the eager bf16 reference (+ slack)."""

@@ -7,7 +7,8 @@ Token i attends token j iff t_j <= t_i and, when `window` is given, t_i - t_j < 
 visible timesteps including the current one (window=1: own timestep only), as V-JEPA 2's local_window_time.
 
 rope_attention backends: reference (rope + SDPA with a materialised (L, L) bool mask), cpu / cuda (compiled
-rotation op, forward and backward, composed with PyTorch SDPA), triton (q and k rotated once into O(L d)
+rotation op, forward and backward, composed with PyTorch SDPA; on the CPU one unmasked SDPA per timestep over
+the keys it may see, so no masked score is computed), triton (q and k rotated once into O(L d)
 scratch, then fused flash-attention kernels, forward and backward). rope3d backends: reference, cpu, cuda.
 """
 from __future__ import annotations
@@ -66,6 +67,37 @@ def _check_pos_values(pos: torch.Tensor) -> None:
         raise ValueError(f"pos[:, 0] (timestep t) must be non-decreasing, got t[{i}]={int(t[i])} > "
                          f"t[{i + 1}]={int(t[i + 1])}")
     setattr(pos, _CHECKED, pos._version)
+
+
+_BLOCKS = "_hope_kernels_timestep_blocks"
+# above this many timesteps the per-timestep SDPA calls cost more than the masked work they skip
+MAX_TIMESTEP_BLOCKS = 32
+
+
+def _timestep_blocks(pos: torch.Tensor, window: int | None):
+    """[(start, end, key_start)] per timestep of a non-decreasing t = pos[:, 0]: the queries [start, end) of one
+    timestep see exactly the keys [key_start, end) under the block-causal (windowed) mask, so attention over
+    these blocks without a mask skips every masked score (for T equal timesteps, (T - 1) / 2T of them).
+    None when tracing (the blocks depend on pos's values), for a pos off the CPU, or past MAX_TIMESTEP_BLOCKS.
+    Cached on pos with its version counter and the window, like _check_pos_values."""
+    if torch.compiler.is_compiling() or pos.device.type != "cpu":
+        return None
+    cached = getattr(pos, _BLOCKS, None)
+    if cached is not None and cached[0] == (pos._version, window):
+        return cached[1]
+    t = pos[:, 0].tolist()
+    starts = [0] + [i for i in range(1, len(t)) if t[i] != t[i - 1]]
+    blocks = None
+    if len(starts) <= MAX_TIMESTEP_BLOCKS:
+        ends = starts[1:] + [len(t)]
+        blocks = []
+        for s, e in zip(starts, ends):
+            ks = 0
+            if window is not None:   # the first key with t_j > t_i - window (t non-decreasing)
+                ks = next(j for j in starts if t[j] > t[s] - window)
+            blocks.append((s, e, ks))
+    setattr(pos, _BLOCKS, ((pos._version, window), blocks))
+    return blocks
 
 
 def _validate_attention(q, k, v, pos, window, rope_compat, scale) -> None:
@@ -239,6 +271,10 @@ def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch
     if backend in ("cpu", "cuda"):
         qr = _rope3d_op(q, pos, vjepa2)
         kr = _rope3d_op(k, pos, vjepa2)
+        blocks = _timestep_blocks(pos, window) if backend == "cpu" else None
+        if blocks is not None:
+            return torch.cat([F.scaled_dot_product_attention(qr[:, :, s:e], kr[:, :, ks:e], v[:, :, ks:e], scale=scale)
+                              for s, e, ks in blocks], dim=2)
         mask = block_causal_mask(pos[:, 0], window)
         return F.scaled_dot_product_attention(qr, kr, v, attn_mask=mask, scale=scale)
     return _fused_op(q, k, v, pos, window or 0, vjepa2, scale)[0]
