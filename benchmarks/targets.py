@@ -58,9 +58,7 @@ def _peer_predictor_targets() -> list[Target]:
         out += [Target(22, f"{what}, time", "cpu", group, "ours", "official", bound),
                 Target(22, f"{what}, peak memory", "cpu", group, "ours", "official", 1.0, field="peak_mib")]
     return out + [
-        Target(22, "AC real size fwd, time", "cpu", "predictor ac vjepa2-ac fwd B=1", "ours", "official", 1.2),
-        Target(22, "build tiny, time", "cpu", "predictor build tiny", "ours", "official", 1.0),
-        Target(22, "build vjepa2-ac, time", "cpu", "predictor build vjepa2-ac", "ours", "official", 1.0)]
+        Target(22, "AC real size fwd, time", "cpu", "predictor ac vjepa2-ac fwd B=1", "ours", "official", 1.2)]
 
 
 TARGETS: list[Target] = (

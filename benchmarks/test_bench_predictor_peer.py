@@ -6,8 +6,8 @@ built by its `vit_ac_predictor` factory), same config, same inputs, same loss, f
 
 Our rows always run; the official rows skip with a message unless HOPE_BENCH_VJEPA2 names a checkout (its
 only third-party import, timm's drop_path, is replaced by the identity when timm is missing: the rate is 0).
-Rows per group: backend "ours" and "official"; benchmarks/targets.py reads their ratio. Builds are timed too
-(group "predictor build ...", one call each: construction and weight init).
+Rows per group: backend "ours" and "official"; benchmarks/targets.py reads their ratio (time and peak memory).
+Build times: benchmarks/test_bench_build.py.
 
 What is identical: width, depth, heads, MLP ratio 4, GELU, qkv bias, LayerNorm eps 1e-6, init std 0.02, block-
 causal attention over timesteps, the V-JEPA 2 RoPE formula, one action and one state token per timestep, the
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 import types
 
 import pytest
@@ -104,15 +103,6 @@ def test_predictor_tiny_tf_rollout(bench, who):
     z, a, s = _inputs("tiny")
     bench(lambda: _tf_rollout_loss(forward, z, a, s).backward(), group="predictor ac tiny tf+rollout fwd+bwd",
           backend=who, device=DEVICE, budget_s=3.0)
-
-
-@pytest.mark.parametrize("who", WHO)
-def test_predictor_build(bench_row, who):
-    """Construction + init of each preset size, one call (a build is seconds on CPU at the real size)."""
-    for name in ["tiny"] + (["vjepa2-ac"] if REAL else []):
-        t0 = time.perf_counter()
-        _build(who, name)
-        bench_row(group=f"predictor build {name}", backend=who, device=DEVICE, ms=1e3 * (time.perf_counter() - t0))
 
 
 @pytest.mark.parametrize("who", WHO)
