@@ -86,32 +86,41 @@ def test_zero_step_weights_cpu(backend):
 
 
 @pytest.mark.skipif("cpu" not in FAST_CPU, reason="needs the C++ extension")
-def test_cpu_eager_lane_keeps_signs_for_backward():
-    """With pred requiring a gradient the eager CPU lane saves sign(pred - target_n) as int8 (1 byte per element)
-    for backward, not pred and target; under no_grad it writes no signs."""
-    pred, target, w = _inputs((1, 2, 3, 8), torch.float32)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("D", [1, 8, 13, 64])
+def test_cpu_eager_lane_keeps_signs_for_backward(D, dtype):
+    """With pred requiring a gradient the eager CPU lane saves the signs of pred - target_n for backward, not pred
+    and target: two bitmaps per row (> 0, < 0), ceil(D / 8) bytes each; under no_grad it writes none. (Ties,
+    which set neither bit: test_exact_ties_give_zero_gradient.)"""
+    pred, target, w = _inputs((2, 3, 2, D), dtype)
     loss, _ = l1_rollout_loss(pred, target, w, backend="cpu")
-    signs = loss.grad_fn.saved_tensors[0]
-    assert signs.dtype == torch.int8 and signs.shape == pred.shape
-    ref = torch.sign(pred.detach() - torch.nn.functional.layer_norm(target, (8,), eps=1e-6))
-    assert torch.equal(signs.float(), ref)
+    bits = loss.grad_fn.saved_tensors[0]
+    assert bits.dtype == torch.uint8 and bits.shape == (2, 3, 2, 2, (D + 7) // 8)
+    unpack = lambda b: ((b[..., None].long() >> torch.arange(8)) & 1).flatten(-2)[..., :D]   # noqa: E731
+    sign = unpack(bits[..., 0, :]) - unpack(bits[..., 1, :])
+    ref = torch.sign(pred.detach() - torch.nn.functional.layer_norm(target, (D,), eps=1e-6)).long()
+    assert torch.equal(sign, ref)
     with torch.no_grad():
         assert torch.equal(l1_rollout_loss(pred, target, w, backend="cpu")[0], loss.detach())
 
 
 @pytest.mark.skipif("cpu" not in FAST_CPU, reason="needs the C++ extension")
 def test_cpu_large_gradient():
-    """A gradient of 2 MiB or more comes from the C++ huge-page allocator: right values, and an ordinary tensor
-    afterwards (grown in place, freed)."""
+    """Outputs of 2 MiB or more come from the C++ huge-page block cache: right values, a freed gradient's block
+    serves the next one (reused, not zeroed: every element is written again), and the gradient is an ordinary
+    tensor (grown in place, freed)."""
     _check_against_reference("cpu", (1, 2, 256, 1024), torch.float32, "cpu")
     pred, target, w = _inputs((1, 2, 256, 1024), torch.float32)
     l1_rollout_loss(pred, target, w, backend="cpu")[0].backward()
+    want, ptr = pred.grad.clone(), pred.grad.data_ptr()
+    pred.grad.fill_(float("nan"))
+    pred.grad = None
+    l1_rollout_loss(pred, target, w, backend="cpu")[0].backward()
+    assert pred.grad.data_ptr() == ptr and torch.equal(pred.grad, want)
     g = pred.grad
-    want = g.clone()
     g.resize_(2 * g.numel())
     assert torch.equal(g[:want.numel()].view_as(want), want)
     g.fill_(1.0)
-    del g, pred
 
 
 @pytest.mark.skipif("cpu" not in FAST_CPU, reason="needs the C++ extension")

@@ -7,8 +7,8 @@ Backends: reference (eager), triton, cuda, cpu (compiled C++). The registered op
 backward is `torch.ops.hope_kernels.l1_rollout_loss_backward`. Both have fake kernels, so the op traces
 under torch.compile. In eager mode the public function validates and resolves once and calls the same kernels
 through a torch.autograd.Function (no custom-op dispatch, no host sync on GPU); there the C++ CPU forward also
-writes sign(pred - target_n) as int8 when pred needs a gradient, and the backward builds the gradient from those
-signs (1 byte per element read instead of pred and target).
+writes the signs of pred - target_n (2 bits per element) when pred needs a gradient, and the backward builds the
+gradient from those signs alone (no second read of pred and target).
 """
 from __future__ import annotations
 
@@ -66,7 +66,8 @@ def _resolve(backend: str, pred: torch.Tensor, target: torch.Tensor) -> str:
 
 
 def _per_step(backend: str, pred, target, normalize_target: bool, eps: float, signs: bool = False):
-    """per_step (T,); with signs=True (backend "cpu" only) (per_step, sign(pred - target_n) int8 like pred)."""
+    """per_step (T,); with signs=True (backend "cpu" only) (per_step, sign bitmaps of pred - target_n, (B, T, N,
+    2, ceil(D / 8)) uint8: bit d % 8 of byte d // 8 set where it is > 0 (first map), < 0 (second))."""
     if signs:
         return torch.ops.hope_kernels.l1_per_step_signs(pred, target, normalize_target, eps)
     if backend == "triton":
@@ -192,7 +193,7 @@ class _L1RolloutLoss(torch.autograd.Function):
             return None, None, None, None, None, None
         coef = _coef(grad_loss, grad_per_step, step_weight, ctx.shape).to(accum_dtype(ctx.dtype))
         if ctx.from_signs:
-            grad_pred = torch.ops.hope_kernels.l1_signs_backward(pred_or_signs, coef, ctx.dtype)
+            grad_pred = torch.ops.hope_kernels.l1_signs_backward(pred_or_signs, coef, ctx.shape[-1], ctx.dtype)
         else:
             grad_pred = _per_step_backward(ctx.backend, pred_or_signs, target, coef, ctx.normalize_target, ctx.eps)
         return grad_pred, None, None, None, None, None
