@@ -40,6 +40,18 @@ def _l1_kernel_targets() -> list[Target]:
     return out
 
 
+def _l1_cpu_targets() -> list[Target]:
+    group = f"l1 fwd+bwd {L1_SHAPE} float32"
+    return [Target(22, "L1 fwd+bwd float32, CPU, % of a same-size copy", "cpu", group, "cpu", "copy", 0.5,
+                   percent=True),
+            Target(22, "L1 fwd+bwd float32, CPU", "cpu", group, "cpu", "torch.compile", 1.0, ahead=True)]
+
+
+def _build_targets() -> list[Target]:
+    return [Target(22, f"build {kind} {preset}, against the official model", "cpu", f"build {kind} {preset}", "ours",
+                   "official", 1.0) for kind in ("ac", "hope") for preset in ("tiny", "small", "vjepa2-ac")]
+
+
 def _memory_targets(issue: int, op: str) -> list[Target]:
     gpu = f"{op} clip ("
     out = []
@@ -62,7 +74,7 @@ def _peer_predictor_targets() -> list[Target]:
 
 
 TARGETS: list[Target] = (
-    _l1_kernel_targets()
+    _l1_kernel_targets() + _l1_cpu_targets() + _build_targets()
     + [Target(3, "L1 fwd+bwd float32, CPU", "cpu", f"l1 fwd+bwd {L1_SHAPE} float32", "cpu", "eager", 2.0)]
     + _memory_targets(7, "dgd") + _memory_targets(8, "titans") + _peer_predictor_targets())
 

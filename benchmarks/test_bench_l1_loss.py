@@ -1,6 +1,9 @@
 """l1_rollout_loss: eager reference, torch.compile(reference) and every fast path, forward and forward+backward.
-Bytes counted: forward reads pred and target once; backward reads them again and writes grad_pred. On a GPU the
-kernel-only rows (CUDA-graph timed, inputs rotated past L2) also give % of the device copy bandwidth."""
+Bytes counted: forward reads pred and target once; backward reads them again and writes grad_pred. Each
+forward+backward call starts from pred.grad = None, as a training step after zero_grad() does (accumulating into
+the previous call's gradient would add a read and a write of it). At the ViT-L shape the forward+backward group
+also has its bandwidth floor, "copy": the bytes of pred, target and grad moved once (see test_l1_copy_floor). On a
+GPU the kernel-only rows (CUDA-graph timed, inputs rotated past L2) also give % of the device copy bandwidth."""
 import pytest
 import torch
 
@@ -25,7 +28,11 @@ def _fn(backend, pred, target, w, mode):
         f = lambda: l1_rollout_loss(pred, target, w, backend=backend)
     if mode == "fwd":
         return lambda: (torch.no_grad()(f)() if backend in ("eager", "torch.compile") else f())
-    return lambda: f()[0].backward()
+
+    def step():
+        pred.grad = None
+        f()[0].backward()
+    return step
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
@@ -41,6 +48,21 @@ def test_l1_rollout_loss(bench, backend, shape, dtype, mode):
     nbytes = pred.numel() * pred.element_size() * (2 if mode == "fwd" else 5)
     bench(_fn(backend, pred, target, w, mode), group=f"l1 {mode} {tuple(shape)} {str(dtype)[6:]}",
           backend=backend, device=DEVICE, nbytes=nbytes)
+
+
+@pytest.mark.parametrize("backend", ["copy", "copy fresh"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_l1_copy_floor(bench, backend, dtype):
+    """The forward+backward's bandwidth floor at the ViT-L shape, in its group: a copy of 1.5x pred's bytes, so
+    that it reads and writes what the op must at least (read pred and target, write grad). "copy" writes into
+    a preallocated output, the strict floor (the op allocates its gradient on every call); "copy fresh" allocates
+    its output on every call with the default CPU allocator, whose 4 KiB pages fault on first write."""
+    shape = SHAPES[0]
+    src = torch.randn(torch.Size(shape).numel() * 3 // 2, device=DEVICE, dtype=dtype)
+    dst = torch.empty_like(src)
+    fn = (lambda: dst.copy_(src)) if backend == "copy" else (lambda: src.clone())
+    bench(fn, group=f"l1 fwd+bwd {tuple(shape)} {str(dtype)[6:]}", backend=backend, device=DEVICE,
+          nbytes=2 * src.numel() * src.element_size())
 
 
 # Kernel-only rows: GPU time of the op's kernels alone. Each timed call replays one CUDA graph of >= 48

@@ -7,6 +7,10 @@ TORCH_LIBRARY(hope_kernels, m) {
   // l1_loss: per-timestep mean |pred - layer_norm(target)|, and its gradient coef[t] * sign(.)
   m.def("l1_per_step(Tensor pred, Tensor target, bool normalize_target, float eps) -> Tensor");
   m.def("l1_per_step_backward(Tensor pred, Tensor target, Tensor coef, bool normalize_target, float eps) -> Tensor");
+  // CPU only (the eager lane): the forward also returns the signs of pred - target_n as bitmaps, (B, T, N, 2,
+  // ceil(D / 8)) uint8, and the gradient (B, T, N, D) in `dtype` is built from them alone
+  m.def("l1_per_step_signs(Tensor pred, Tensor target, bool normalize_target, float eps) -> (Tensor, Tensor)");
+  m.def("l1_signs_backward(Tensor signs, Tensor coef, int D, ScalarType dtype) -> Tensor");
   // dgd: delta-gradient-descent memory (DESIGN 4.4); fwd returns (o, final state, chunk-start states),
   // bwd returns (dq, dk, dv, dalpha, deta, dM0). chunk: C++ CPU chunked; recurrent: CUDA token-serial.
   m.def("dgd_chunk_fwd(Tensor q, Tensor k, Tensor v, Tensor alpha, Tensor eta, Tensor? initial_state, "

@@ -84,6 +84,26 @@ def test_peer_predictor_targets_compare_time_and_peak_memory():
     v = _verdicts([_row(g, "official", 300.0, "cpu"), _row(g, "ours", 150.0, "cpu")])
     assert v[("AC tiny fwd+bwd, peak memory", "ours", "official")]["status"].startswith("not measured")
 
+
+def test_issue22_l1_floor_and_build_targets():
+    """L1 fwd+bwd within 2x of its copy floor and ahead of torch.compile; every preset builds no slower than the
+    official model (the build suite's rows: one "official" and one "ours" row per kind and preset)."""
+    g = "l1 fwd+bwd (4, 8, 256, 1024) float32"
+    rows = [_row(g, "copy", 3.0, "cpu"), _row(g, "cpu", 5.0, "cpu"), _row(g, "torch.compile", 5.0, "cpu"),
+            _row("build ac tiny", "official", 40.0, "cpu"), _row("build ac tiny", "ours", 30.0, "cpu"),
+            _row("build hope small", "official", 400.0, "cpu"), _row("build hope small", "ours", 500.0, "cpu")]
+    v = _verdicts(rows)
+    floor = v[("L1 fwd+bwd float32, CPU, % of a same-size copy", "cpu", "copy")]
+    assert floor["status"] == "met" and round(100 * floor["ratio"]) == 60
+    assert v[("L1 fwd+bwd float32, CPU", "cpu", "torch.compile")]["status"] == "NOT met"    # equal: not ahead
+    assert v[("build ac tiny, against the official model", "ours", "official")]["status"] == "met"
+    assert v[("build hope small, against the official model", "ours", "official")]["status"] == "NOT met"
+    assert (v[("build ac vjepa2-ac, against the official model", "ours", "official")]["status"]
+            == "not measured: no ours / official row")
+    assert "| 22 | L1 fwd+bwd float32, CPU, % of a same-size copy | cpu | copy | 60% | >= 50% | met |" in (
+        T["markdown"](rows))
+
+
 def test_rows_file_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="do not exist"):
         T["load_rows"](str(tmp_path / "none.json"))

@@ -1,4 +1,8 @@
 """l1_rollout_loss: every available backend against the eager reference, forward and backward."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -49,6 +53,99 @@ def test_matches_reference_cpu(backend, dtype, shape):
 @pytest.mark.parametrize("normalize,weight", [(False, True), (True, False), (False, False)])
 def test_options_cpu(backend, normalize, weight):
     _check_against_reference(backend, (2, 4, 3, 20), torch.float64, "cpu", normalize, weight)
+
+
+@pytest.mark.parametrize("backend", FAST_CPU + ["reference"])
+def test_non_contiguous_inputs_cpu(backend):
+    """pred a transposed view of a leaf, target strided along D: forward and the leaf's gradient."""
+    leaf = torch.randn(2, 5, 3, 33, dtype=torch.float64, requires_grad=True)
+    target = (torch.randn(2, 3, 5, 66, dtype=torch.float64) * 3 + 1.5)[..., ::2]
+    w = torch.rand(3, dtype=torch.float64) + 0.1
+    loss, per_step = l1_rollout_loss(leaf.transpose(1, 2), target, w, backend=backend)
+    (loss + per_step.sum() * 0.25).backward()
+    grad, leaf.grad = leaf.grad.clone(), None
+    ref_loss, ref_per_step = l1_rollout_loss_reference(leaf.transpose(1, 2), target.contiguous(), w)
+    (ref_loss + ref_per_step.sum() * 0.25).backward()
+    assert rel_err(loss, ref_loss) < 1e-10 and rel_err(per_step, ref_per_step) < 1e-10
+    assert rel_err(grad, leaf.grad) < 1e-10
+
+
+@pytest.mark.parametrize("backend", FAST_CPU + ["reference"])
+def test_zero_step_weights_cpu(backend):
+    """Steps of weight 0 get gradient 0 (and still their per_step value); the others match the reference."""
+    w = torch.tensor([0.0, 1.5, 0.0, 0.5], dtype=torch.float64)
+    pred, target, _ = _inputs((2, 4, 3, 20), torch.float64)
+    loss, per_step = l1_rollout_loss(pred, target, w, backend=backend)
+    loss.backward()
+    ref_pred = pred.detach().clone().requires_grad_(True)
+    ref_loss, ref_per_step = l1_rollout_loss_reference(ref_pred, target, w)
+    ref_loss.backward()
+    assert rel_err(loss, ref_loss) < 1e-10 and rel_err(per_step, ref_per_step) < 1e-10
+    assert torch.count_nonzero(pred.grad[:, [0, 2]]) == 0 and torch.count_nonzero(pred.grad[:, [1, 3]]) > 0
+    assert rel_err(pred.grad, ref_pred.grad) < 1e-10
+
+
+@pytest.mark.skipif("cpu" not in FAST_CPU, reason="needs the C++ extension")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("D", [1, 8, 13, 64])
+def test_cpu_eager_lane_keeps_signs_for_backward(D, dtype):
+    """With pred requiring a gradient the eager CPU lane saves the signs of pred - target_n for backward, not pred
+    and target: two bitmaps per row (> 0, < 0), ceil(D / 8) bytes each; under no_grad it writes none. (Ties,
+    which set neither bit: test_exact_ties_give_zero_gradient.)"""
+    pred, target, w = _inputs((2, 3, 2, D), dtype)
+    loss, _ = l1_rollout_loss(pred, target, w, backend="cpu")
+    bits = loss.grad_fn.saved_tensors[0]
+    assert bits.dtype == torch.uint8 and bits.shape == (2, 3, 2, 2, (D + 7) // 8)
+    unpack = lambda b: ((b[..., None].long() >> torch.arange(8)) & 1).flatten(-2)[..., :D]   # noqa: E731
+    sign = unpack(bits[..., 0, :]) - unpack(bits[..., 1, :])
+    ref = torch.sign(pred.detach() - torch.nn.functional.layer_norm(target, (D,), eps=1e-6)).long()
+    assert torch.equal(sign, ref)
+    with torch.no_grad():
+        assert torch.equal(l1_rollout_loss(pred, target, w, backend="cpu")[0], loss.detach())
+
+
+@pytest.mark.skipif("cpu" not in FAST_CPU, reason="needs the C++ extension")
+def test_cpu_large_gradient():
+    """Outputs of 2 MiB or more come from the C++ huge-page block cache: right values, a freed gradient's block
+    serves the next one (reused, not zeroed: every element is written again), and the gradient is an ordinary
+    tensor (grown in place, freed)."""
+    _check_against_reference("cpu", (1, 2, 256, 1024), torch.float32, "cpu")
+    pred, target, w = _inputs((1, 2, 256, 1024), torch.float32)
+    l1_rollout_loss(pred, target, w, backend="cpu")[0].backward()
+    want, ptr = pred.grad.clone(), pred.grad.data_ptr()
+    pred.grad.fill_(float("nan"))
+    pred.grad = None
+    l1_rollout_loss(pred, target, w, backend="cpu")[0].backward()
+    assert pred.grad.data_ptr() == ptr and torch.equal(pred.grad, want)
+    g = pred.grad
+    g.resize_(2 * g.numel())
+    assert torch.equal(g[:want.numel()].view_as(want), want)
+    g.fill_(1.0)
+
+
+@pytest.mark.skipif("cpu" not in FAST_CPU, reason="needs the C++ extension")
+def test_cpu_baseline_instruction_set():
+    """The C++ row loops are compiled for AVX2 and for baseline x86-64 and picked by ATen's CPU capability;
+    ATEN_CPU_CAPABILITY=default (in a fresh process: it is read once) runs the baseline build."""
+    code = (
+        "import torch, hope_kernels\n"
+        "from hope_kernels.ops import l1_rollout_loss\n"
+        "from hope_kernels.ops.l1_loss.reference import l1_rollout_loss_reference as ref\n"
+        "assert torch.backends.cpu.get_cpu_capability() == 'DEFAULT'\n"
+        "torch.manual_seed(0)\n"
+        "for shape in [(2, 3, 5, 7), (2, 2, 3, 1024), (1, 2, 256, 1024)]:\n"
+        "    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):\n"
+        "        p = torch.randn(shape, dtype=dtype, requires_grad=True)\n"
+        "        t = torch.randn(shape, dtype=dtype) * 3 + 1.5\n"
+        "        loss, ps = l1_rollout_loss(p, t, backend='cpu')\n"
+        "        (loss + ps.sum()).backward()\n"
+        "        q = p.detach().double().requires_grad_(True)\n"
+        "        rl, rps = ref(q, t.double())\n"
+        "        (rl + rps.sum()).backward()\n"
+        "        for a, b in ((loss, rl), (ps, rps), (p.grad, q.grad)):\n"
+        "            assert ((a.double() - b).norm() / b.norm()).item() < tol, (shape, dtype)\n")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=600)
 
 
 @pytest.mark.parametrize("backend", FAST_CPU)

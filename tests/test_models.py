@@ -1,5 +1,7 @@
 """Predictors: shapes, presets, causality (memory included), action dependence, rollout gradients, HOPE memory
 carry and CMS levels, official V-JEPA 2-AC key mapping, RoPE properties."""
+import math
+
 import pytest
 import torch
 
@@ -238,6 +240,63 @@ def test_presets_construct(kind, preset):
     if preset == "tiny":
         m = build_predictor(kind, preset, enc_dim=64, grid=(2, 2, 2))
         assert m(torch.randn(1, 2, 4, 64), torch.zeros(1, 2, 2)).shape == (1, 2, 4, 64)
+
+
+def _truncated_normal_cdf(x, std, a, b):
+    nd = lambda v: torch.special.ndtr(torch.as_tensor(v, dtype=torch.float64) / std)   # noqa: E731
+    return (nd(x) - nd(a)) / (nd(b) - nd(a))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("lo,hi", [(-2.0, 2.0), (-1.0, 3.0), (-4.0, -0.5), (-6.0, 6.0), (1.5, 5.0)])
+def test_trunc_normal_distribution(lo, hi, dtype):
+    """The predictors' truncated-normal init against the exact distribution: bounds, mean, std and the
+    Kolmogorov-Smirnov distance to its CDF (seeded, so the statistical checks are deterministic). The last two
+    bounds go to torch's own sampler (past 4 std)."""
+    from hope_kernels.models.base import trunc_normal_
+    std, n = 0.02, 1 << 20
+    a, b = lo * std, hi * std
+    torch.manual_seed(0)
+    w = trunc_normal_(torch.empty(n // 1024, 1024, dtype=dtype), std, a, b)
+    x = w.flatten().double().sort().values
+    assert a <= x[0] and x[-1] <= b
+    # moments of N(0, std^2) truncated to [a, b] (lo, hi in std units)
+    pdf = lambda v: math.exp(-0.5 * v * v) / math.sqrt(2 * math.pi)     # noqa: E731
+    Z = 0.5 * (math.erf(hi / math.sqrt(2)) - math.erf(lo / math.sqrt(2)))
+    mean = std * (pdf(lo) - pdf(hi)) / Z
+    var = std ** 2 * (1 + (lo * pdf(lo) - hi * pdf(hi)) / Z - ((pdf(lo) - pdf(hi)) / Z) ** 2)
+    assert abs(float(x.mean()) - mean) < 5 * (var / n) ** 0.5
+    assert abs(float(x.var()) / var - 1) < 0.01
+    ks = (torch.arange(1, n + 1, dtype=torch.float64) / n - _truncated_normal_cdf(x, std, a, b)).abs().max()
+    assert ks < 1.63 / n ** 0.5    # the 1% critical value
+
+
+def test_trunc_normal_is_seeded_and_fills_any_layout():
+    from hope_kernels.models.base import trunc_normal_
+    draw = lambda seed, t: (torch.manual_seed(seed), trunc_normal_(t, 0.02, -0.04, 0.04))[1]  # noqa: E731
+    assert torch.equal(draw(3, torch.empty(64, 33)), draw(3, torch.empty(64, 33)))
+    assert not torch.equal(draw(3, torch.empty(64, 33)), draw(4, torch.empty(64, 33)))
+    t = draw(3, torch.full((33, 64), float("nan")).t())      # non-contiguous: every element written, in range
+    assert torch.isfinite(t).all() and t.abs().max() <= 0.04
+
+
+@pytest.mark.parametrize("kind", ["ac", "hope"])
+def test_init_is_seeded_and_complete(kind):
+    """Linear weights skip their default draw (models.base.Linear): _init_weights must set every one, and the
+    whole build stays a function of the seed."""
+    def build():
+        torch.manual_seed(0)
+        return build_predictor(kind, "tiny", enc_dim=64, grid=(2, 2, 2))
+    m1, m2 = build(), build()
+    for (name, p1), p2 in zip(m1.state_dict().items(), m2.state_dict().values()):
+        assert torch.isfinite(p1).all() and torch.equal(p1, p2), name
+    std = m1.config.init_std
+    for name, mod in m1.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            assert mod.weight.abs().max() <= 2 * std and (mod.bias is None or not mod.bias.any()), name
+    lin = m1.blocks[0].attn.qkv
+    lin.reset_parameters()             # a later reset is nn.Linear's Kaiming-uniform init
+    assert lin.weight.abs().max() > 2 * std and lin.bias.any()
 
 
 def test_config_roundtrip_and_bad_inputs():

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hope_kernels.config import PredictorConfig
-from hope_kernels.models.base import MLP, PredictorBase, RoPEAttention
+from hope_kernels.models.base import MLP, Linear, PredictorBase, RoPEAttention
 from hope_kernels.ops import dgd_memory, titans_memory
 
 _N_MEM = 5  # k, v, eta, alpha, mem
@@ -51,16 +51,16 @@ class SelfModifyingMemory(nn.Module):
         self.dh = c.width // self.H
         self.rule, self.self_ref, self.eta_max = c.memory_rule, c.self_referential, c.eta_max
         H, dh = self.H, self.dh
-        self.q = nn.Linear(c.width, c.width, bias=False)                 # static query projection
-        self.out = nn.Linear(c.width, c.width)
+        self.q = Linear(c.width, c.width, bias=False)                    # static query projection
+        self.out = Linear(c.width, c.width)
         if self.self_ref:
             # learned initial states (outer loop) of M_k, M_v, M_eta, M_alpha, M_mem: random maps. (M_mem = 0
             # would be a fixed point: its self-generated target v M_mem is then 0 too.)
             self.M0 = nn.Parameter(torch.randn(_N_MEM, H, dh, dh) * dh ** -0.5)
             self.gate_read = nn.Parameter(torch.zeros(2, H, dh))         # static readout of the eta/alpha memories
         else:
-            self.kv = nn.Linear(c.width, 2 * c.width, bias=False)
-            self.gates = nn.Linear(c.width, 2 * H)
+            self.kv = Linear(c.width, 2 * c.width, bias=False)
+            self.gates = Linear(c.width, 2 * H)
             self.M0 = nn.Parameter(torch.randn(1, H, dh, dh) * dh ** -0.5)
         # gate biases: eta_t starts near 0.12 * eta_max / P, the retention near 0.99 per timestep (P tokens)
         self.gate_bias = nn.Parameter(torch.tensor([-2.0, 4.6]))

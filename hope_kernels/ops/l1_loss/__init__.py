@@ -6,7 +6,9 @@ Backends: reference (eager), triton, cuda, cpu (compiled C++). The registered op
 `torch.ops.hope_kernels.l1_rollout_loss(pred, target, step_weight, normalize_target, eps, backend)`; its
 backward is `torch.ops.hope_kernels.l1_rollout_loss_backward`. Both have fake kernels, so the op traces
 under torch.compile. In eager mode the public function validates and resolves once and calls the same kernels
-through a torch.autograd.Function (no custom-op dispatch, no host sync on GPU).
+through a torch.autograd.Function (no custom-op dispatch, no host sync on GPU); there the C++ CPU forward also
+writes the signs of pred - target_n (2 bits per element) when pred needs a gradient, and the backward builds the
+gradient from those signs alone (no second read of pred and target).
 """
 from __future__ import annotations
 
@@ -63,7 +65,11 @@ def _resolve(backend: str, pred: torch.Tensor, target: torch.Tensor) -> str:
     return resolve_backend(backend, (pred, target), op=_OP, gpu_order=("cuda", "triton"))
 
 
-def _per_step(backend: str, pred, target, normalize_target: bool, eps: float) -> torch.Tensor:
+def _per_step(backend: str, pred, target, normalize_target: bool, eps: float, signs: bool = False):
+    """per_step (T,); with signs=True (backend "cpu" only) (per_step, sign bitmaps of pred - target_n, (B, T, N,
+    2, ceil(D / 8)) uint8: bit d % 8 of byte d // 8 set where it is > 0 (first map), < 0 (second))."""
+    if signs:
+        return torch.ops.hope_kernels.l1_per_step_signs(pred, target, normalize_target, eps)
     if backend == "triton":
         from hope_kernels.ops.l1_loss.triton import l1_per_step_triton
         return l1_per_step_triton(pred, target, normalize_target, eps)
@@ -89,7 +95,11 @@ def _per_step_backward(backend: str, pred, target, coef, normalize_target: bool,
 
 def _forward(backend: str, pred, target, step_weight, normalize_target: bool, eps: float):
     """Validated inputs, resolved backend -> (loss, per_step)."""
-    per_step = _per_step(backend, pred, target, normalize_target, eps)
+    return _weighted(_per_step(backend, pred, target, normalize_target, eps), step_weight)
+
+
+def _weighted(per_step, step_weight):
+    """per_step (T,) -> (loss, per_step)."""
     if step_weight is None:
         return per_step.mean(), per_step
     _check_weight_values(step_weight)
@@ -158,23 +168,34 @@ _l1_rollout_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 class _L1RolloutLoss(torch.autograd.Function):
     """Eager lane of the op: the same kernels and gradient as the registered custom op, without its dispatch
-    (about 0.1 ms of Python per call). Inputs are validated and the backend resolved by the caller; under
-    torch.compile the public function uses the custom op instead."""
+    (about 0.1 ms of Python per call); on the "cpu" backend, with pred needing a gradient, the forward's signs
+    are saved and backward reads them instead of recomputing. Inputs are validated and the backend resolved by
+    the caller; under torch.compile the public function uses the custom op instead."""
 
     @staticmethod
     def forward(ctx, pred, target, step_weight, normalize_target, eps, backend):
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(pred, target, step_weight)
         ctx.normalize_target, ctx.eps, ctx.backend = normalize_target, eps, backend
-        return _forward(backend, pred, target, step_weight, normalize_target, eps)
+        ctx.shape, ctx.dtype = pred.shape, pred.dtype
+        ctx.from_signs = backend == "cpu" and ctx.needs_input_grad[0]
+        if ctx.from_signs:
+            per_step, signs = _per_step(backend, pred, target, normalize_target, eps, True)
+            ctx.save_for_backward(signs, None, step_weight)
+        else:
+            per_step = _per_step(backend, pred, target, normalize_target, eps)
+            ctx.save_for_backward(pred, target, step_weight)
+        return _weighted(per_step, step_weight)
 
     @staticmethod
     def backward(ctx, grad_loss, grad_per_step):
-        pred, target, step_weight = ctx.saved_tensors
+        pred_or_signs, target, step_weight = ctx.saved_tensors
         if grad_loss is None and grad_per_step is None:
             return None, None, None, None, None, None
-        coef = _coef(grad_loss, grad_per_step, step_weight, pred.shape).to(accum_dtype(pred.dtype))
-        grad_pred = _per_step_backward(ctx.backend, pred, target, coef, ctx.normalize_target, ctx.eps)
+        coef = _coef(grad_loss, grad_per_step, step_weight, ctx.shape).to(accum_dtype(ctx.dtype))
+        if ctx.from_signs:
+            grad_pred = torch.ops.hope_kernels.l1_signs_backward(pred_or_signs, coef, ctx.shape[-1], ctx.dtype)
+        else:
+            grad_pred = _per_step_backward(ctx.backend, pred_or_signs, target, coef, ctx.normalize_target, ctx.eps)
         return grad_pred, None, None, None, None, None
 
 
