@@ -21,12 +21,19 @@ TORCH_LIBRARY(hope_kernels, m) {
         "int chunk_size) -> (Tensor, Tensor, Tensor)");
   m.def("dgd_recurrent_bwd(Tensor q, Tensor k, Tensor v, Tensor alpha, Tensor eta, Tensor states, Tensor do, "
         "Tensor dM, int chunk_size) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // titans: chunked linear Titans memory; Ws, Ss are the chunk-boundary states (B, H, N+1, dk, dv)
+  // titans: chunked Titans memory; Ws, Ss are the chunk-boundary states (B, H, N+1, dk, dv) (linear), W1s, S1s
+  // (B, H, N+1, D, dh) and W2s, S2s (B, H, N+1, dh, D) (MLP, M(x) = x + silu(x W1) W2)
   m.def("titans_linear_fwd(Tensor q, Tensor k, Tensor v, Tensor alpha, Tensor eta, Tensor theta, Tensor W0, "
         "Tensor S0, int chunk_size) -> (Tensor, Tensor, Tensor)");
   m.def("titans_linear_bwd(Tensor q, Tensor k, Tensor v, Tensor alpha, Tensor eta, Tensor theta, Tensor Ws, "
         "Tensor Ss, Tensor grad_o, Tensor grad_W, Tensor grad_S, int chunk_size) -> "
         "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("titans_mlp_fwd(Tensor q, Tensor k, Tensor v, Tensor alpha, Tensor eta, Tensor theta, Tensor W1, Tensor W2, "
+        "Tensor S1, Tensor S2, int chunk_size) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("titans_mlp_bwd(Tensor q, Tensor k, Tensor v, Tensor alpha, Tensor eta, Tensor theta, Tensor W1s, "
+        "Tensor W2s, Tensor S1s, Tensor S2s, Tensor grad_o, Tensor grad_W1, Tensor grad_W2, Tensor grad_S1, "
+        "Tensor grad_S2, int chunk_size) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+        "Tensor)");
   // rope_attention: 3D RoPE rotation of x (..., L, d) by pos (L, 3) with per-column frequencies freqs (3, d),
   // and its transpose (the gradient)
   m.def("rope3d_fwd(Tensor x, Tensor pos, Tensor freqs) -> Tensor");

@@ -1,18 +1,39 @@
-// Chunk-parallel Titans linear memory on the CPU (DESIGN 4.3; derivation in docs/titans.md).
-// Per chunk of C tokens, batched over (B*H) with ATen matrix products: the gate coefficients (masked
-// cumulative products, exact for gates at 0), E = K W0 - V, the read O = b*(Q W0) + f*(Q S0) - (Cm o Q K^T)(theta E)
-// and the end state (W, S). The forward keeps only the chunk-boundary states Ws, Ss (B, H, N+1, dk, dv);
-// the backward walks the chunks in reverse and recomputes each chunk's inside from its boundary state.
-// Everything runs in float32 (float64 for float64 inputs); q, k, v gradients come back in their dtype.
+// Chunk-parallel Titans memory on the CPU, linear and MLP (DESIGN 4.3; maths and backward in docs/titans.md).
+//
+// One task per (b, h) (at::parallel_for over B*H) walks its chunks serially on raw pointers, as csrc/dgd_cpu.cpp
+// does: a chunk's q, k, v and the states stay in cache and nothing is dispatched per chunk. Each memory layer is a
+// "dual block" of docs/titans.md. For a chunk of n <= C tokens with reads X and writes A (n, dx), theta-scaled inner
+// gradients G (n, dy) and the layer's chunk-start pair kept side by side, PS = [P0 | Pf] = [W | S] (dx, 2 dy):
+//   R   = b o (X P0) + f o (X Pf) - (Cm o X A^T) G                (X PS is one product)
+//   PSn = [b_n P0 + f_n Pf | m_n Pf] - A^T [c o G | r o G]         (one product)
+// with the chunk's gate coefficients: masked cumulative products Db, Dm (exact at a gate 0), Cm = Db Dm, f = Db m,
+// c = Cm[n, :], r = Dm[n, :]. Linear memory: one block (X = Q, A = K, G = theta o (K W - V)). MLP memory
+// (M(x) = x + silu(x W1) W2): layer 1 (X = Q, A = K, G1 = theta o GZ) reads Zq, layer 2 (X = silu(Zq), A = silu(K W1),
+// G2 = theta o E) the output.
+// The forward saves only the chunk-boundary states (B, H, N+1, ., .). The backward walks the chunks in reverse,
+// recomputes each chunk's inside from its boundary state, runs the block backwards (the MLP: layer 2, layer 1, then
+// the chain through the inner gradient) and the gate step. The gate gradients take the log-derivative form of
+// docs/titans.md, as the other chunked paths: relative error about eps / gate near an edge.
+// Products: gemm_acc (csrc/cpu_matmul.h), compiled for the baseline ISA and for AVX2 + FMA, picked at run time.
+// Math in float32 (float64 for float64 inputs); o and the q, k, v, gate gradients come back in their input dtype,
+// the states in the accumulation dtype.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstdlib>
+#include <limits>
 #include <tuple>
+#include <vector>
+
+#include "cpu_matmul.h"
 
 namespace {
 
 using at::Tensor;
+using namespace hk_cpu;
 
 bool poison() {
   const char* p = std::getenv("HOPE_KERNELS_POISON");
@@ -25,32 +46,570 @@ Tensor alloc(at::IntArrayRef shape, const at::TensorOptions& opt) {
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-Tensor T(const Tensor& x) { return x.transpose(-1, -2); }
+// ---------------------------------------------------------------------------------------------- per-task scratch
 
-// D[..., t, j] = prod_{l=j+1..t} a_l for j <= t, else 0.
-Tensor segment_products(const Tensor& a) {
-  const int64_t n = a.size(-1);
-  auto lower = at::ones({n, n}, a.options().dtype(at::kBool)).tril(-1);
-  auto A = at::where(lower, a.unsqueeze(-1).expand({a.size(0), n, n}), at::ones({}, a.options()));
-  return A.cumprod(-2).tril();
+template <typename T>
+T* take(std::vector<T>& v, int64_t n) {
+  v.assign(n, T(0));
+  return v.data();
 }
 
+// Gate coefficients of one chunk (vectors (C), matrices (C, C) row-major, zero above the diagonal) and, for the
+// backward, the gradients of the coefficients summed over the chunk's blocks.
+template <typename T>
 struct Gates {
-  Tensor a, et, Db, Dm, b, m, f, Cm;
+  int64_t C;
+  std::vector<T> va, ve, vb, vm, vf, vDb, vDm, vCm, vdb, vdf, vdCm, vdr, vT, vdDb, vdDm, vdm, vdg;
+  T *a, *e, *b, *m, *f, *Db, *Dm, *Cm;
+  T *db = nullptr, *df = nullptr, *dCm = nullptr, *dr = nullptr, *Tr = nullptr, *dDb = nullptr, *dDm = nullptr,
+    *dm = nullptr, *dg = nullptr;
+  T dmn = 0;
+
+  Gates(int64_t C_, bool backward) : C(C_) {
+    const int64_t CC = C * C;
+    a = take(va, C), e = take(ve, C), b = take(vb, C), m = take(vm, C), f = take(vf, C);
+    Db = take(vDb, CC), Dm = take(vDm, CC), Cm = take(vCm, CC);
+    if (backward) {
+      db = take(vdb, C), df = take(vdf, C), dr = take(vdr, C), dm = take(vdm, C), dg = take(vdg, C);
+      dCm = take(vdCm, CC), Tr = take(vT, CC), dDb = take(vdDb, CC), dDm = take(vdDm, CC);
+    }
+  }
 };
 
-Gates chunk_gates(const Tensor& alpha, const Tensor& eta) {
-  Gates g;
-  g.a = 1 - alpha;
-  g.et = eta;
-  g.Db = segment_products(g.a);
-  g.Dm = segment_products(eta);
-  g.b = g.a.cumprod(-1);
-  g.m = eta.cumprod(-1);
-  g.f = at::matmul(g.Db, g.m.unsqueeze(-1)).squeeze(-1);
-  g.Cm = at::matmul(g.Db, g.Dm);
-  return g;
+// D[t, j] = prod_{l=j+1..t} x_l for j <= t, 0 above the diagonal (a masked cumulative product: exact at a gate 0).
+template <typename T>
+HK_INLINE void segment_products(const T* x, T* D, int64_t n, int64_t C) {
+  for (int64_t t = 0; t < n; ++t) {
+    T* row = D + t * C;
+    if (t > 0) {
+      const T* prev = row - C;
+      for (int64_t j = 0; j < t; ++j) row[j] = prev[j] * x[t];
+    }
+    row[t] = 1;
+    std::fill(row + t + 1, row + n, T(0));
+  }
 }
+
+template <int VB, typename T>
+HK_INLINE void chunk_gates(Gates<T>& g, const T* alpha, const T* eta, int64_t n) {
+  const int64_t C = g.C;
+  T pb = 1, pm = 1;
+  for (int64_t t = 0; t < n; ++t) {
+    g.a[t] = 1 - alpha[t];
+    g.e[t] = eta[t];
+    pb *= g.a[t];
+    pm *= g.e[t];
+    g.b[t] = pb;
+    g.m[t] = pm;
+  }
+  segment_products(g.a, g.Db, n, C);
+  segment_products(g.e, g.Dm, n, C);
+  for (int64_t t = 0; t < n; ++t) g.f[t] = dot(g.Db + t * C, g.m, t + 1);
+  zero(g.Cm, C, n, n);
+  gemm_acc<VB>(g.Cm, C, g.Db, C, g.Dm, C, n, n, n, /*lower_n=*/true, /*lower_p=*/true);
+}
+
+// Scratch of one dual block: sized for dx, dy <= d.
+template <typename T>
+struct Block {
+  std::vector<T> v[14];
+  T *XP, *XA, *nP, *CG;
+  T *AdPS = nullptr, *nPT = nullptr, *GT = nullptr, *DRG = nullptr, *dXA = nullptr, *dXAT = nullptr, *BF = nullptr,
+    *PST = nullptr, *dPST = nullptr, *XT = nullptr;
+
+  Block(int64_t C, int64_t d, bool backward) {
+    const int64_t CC = C * C;
+    XP = take(v[0], C * 2 * d), XA = take(v[1], CC), nP = take(v[2], CC), CG = take(v[3], C * 2 * d);
+    if (backward) {
+      AdPS = take(v[4], C * 2 * d), nPT = take(v[5], CC), GT = take(v[6], d * C), DRG = take(v[7], CC);
+      dXA = take(v[8], CC), dXAT = take(v[9], CC), BF = take(v[10], C * 2 * d), PST = take(v[11], 2 * d * d);
+      dPST = take(v[12], 2 * d * d), XT = take(v[13], d * C);
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------- dual block
+
+// The read of a block: XP = X [P0 | Pf] (n, 2dy), XA = X A^T, nP = -(Cm o XA) (n, n; nP zero above the diagonal) and,
+// when R != nullptr, R = b o (X P0) + f o (X Pf) + nP G (n, dy). X (n, dx) with row stride ldx, AT = A^T (dx, C).
+template <int VB, typename T>
+HK_INLINE void block_read(const Gates<T>& g, Block<T>& s, const T* X, int64_t ldx, const T* AT, const T* G,
+                          const T* PS, int64_t n, int64_t dx, int64_t dy, T* R, int64_t ldr) {
+  const int64_t C = g.C;
+  zero(s.XP, 2 * dy, n, 2 * dy);
+  gemm_acc<VB>(s.XP, 2 * dy, X, ldx, PS, 2 * dy, n, dx, 2 * dy);
+  zero(s.XA, C, n, n);
+  gemm_acc<VB>(s.XA, C, X, ldx, AT, C, n, dx, n, /*lower_n=*/true);
+  for (int64_t t = 0; t < n; ++t) {
+    const T *cm = g.Cm + t * C, *xa = s.XA + t * C;
+    T* np = s.nP + t * C;
+    for (int64_t i = 0; i <= t; ++i) np[i] = -cm[i] * xa[i];
+    std::fill(np + t + 1, np + n, T(0));
+  }
+  if (R == nullptr) return;
+  for (int64_t t = 0; t < n; ++t) {
+    const T bt = g.b[t], ft = g.f[t];
+    const T* xp = s.XP + t * 2 * dy;
+    T* rt = R + t * ldr;
+#pragma omp simd
+    for (int64_t j = 0; j < dy; ++j) rt[j] = bt * xp[j] + ft * xp[dy + j];
+  }
+  gemm_acc<VB>(R, ldr, s.nP, C, G, dy, n, n, dy, false, /*lower_p=*/true);
+}
+
+// CG = [-c o G | -r o G] (n, 2dy): the writes' coefficients of the end state (c = Cm[n-1, :], r = Dm[n-1, :]).
+template <typename T>
+HK_INLINE void end_coefficients(const Gates<T>& g, const T* G, int64_t n, int64_t dy, T* CG) {
+  const T *c = g.Cm + (n - 1) * g.C, *r = g.Dm + (n - 1) * g.C;
+  for (int64_t i = 0; i < n; ++i) {
+    const T ci = -c[i], ri = -r[i];
+    const T* gi = G + i * dy;
+    T* cg = CG + i * 2 * dy;
+#pragma omp simd
+    for (int64_t j = 0; j < dy; ++j) cg[j] = ci * gi[j], cg[dy + j] = ri * gi[j];
+  }
+}
+
+// The end state of a block: PSn = [b_n P0 + f_n Pf | m_n Pf] + A^T CG (dx, 2dy).
+template <int VB, typename T>
+HK_INLINE void block_end(const Gates<T>& g, Block<T>& s, const T* AT, const T* G, const T* PS, int64_t n,
+                         int64_t dx, int64_t dy, T* PSn) {
+  end_coefficients(g, G, n, dy, s.CG);
+  const T bn = g.b[n - 1], fn = g.f[n - 1], mn = g.m[n - 1];
+  for (int64_t a = 0; a < dx; ++a) {
+    const T* p = PS + a * 2 * dy;
+    T* q = PSn + a * 2 * dy;
+#pragma omp simd
+    for (int64_t j = 0; j < dy; ++j) q[j] = bn * p[j] + fn * p[dy + j], q[dy + j] = mn * p[dy + j];
+  }
+  gemm_acc<VB>(PSn, 2 * dy, AT, g.C, s.CG, 2 * dy, dx, n, 2 * dy);
+}
+
+// Backward of one block (docs/titans.md, "Backward"), after block_read filled s.XP, s.XA, s.nP. dR (n, dy) and
+// dPS = [dWn | dSn] (dx, 2dy) are the gradients of its read and end state. Writes dX, dA (n, dx; row strides ldx),
+// dG (n, dy) and dPSp = [dP0 | dPf] (dx, 2dy, including m_n dSn), and adds the gate pieces to g.db, g.df, g.dmn,
+// g.dCm, g.dr. Leaves s.PST = [P0 | Pf]^T (2dy, dx), whose first dy rows are P0^T.
+template <int VB, typename T>
+HK_INLINE void block_bwd(Gates<T>& g, Block<T>& s, const T* X, int64_t ldx, const T* A, const T* AT, const T* G,
+                         const T* PS, const T* dR, int64_t ldr, const T* dPS, int64_t n, int64_t dx, int64_t dy,
+                         T* dX, T* dA, T* dG, T* dPSp) {
+  const int64_t C = g.C, d2 = 2 * dy;
+  const T *c = g.Cm + (n - 1) * C, *r = g.Dm + (n - 1) * C;
+  // A [dWn | dSn]; dG = -(Cm o XA)^T dR - c o (A dWn) - r o (A dSn)
+  zero(s.AdPS, d2, n, d2);
+  gemm_acc<VB>(s.AdPS, d2, A, ldx, dPS, d2, n, dx, d2);
+  for (int64_t i = 0; i < n; ++i) {
+    const T* ad = s.AdPS + i * d2;
+    const T* gi = G + i * dy;
+    T* dg = dG + i * dy;
+    const T ci = c[i], ri = r[i];
+#pragma omp simd
+    for (int64_t j = 0; j < dy; ++j) dg[j] = -ci * ad[j] - ri * ad[dy + j];
+    g.dCm[(n - 1) * C + i] -= dot(ad, gi, dy);
+    g.dr[i] -= dot(ad + dy, gi, dy);
+  }
+  transpose(s.nP, C, s.nPT, C, n, n);
+  gemm_acc<VB>(dG, dy, s.nPT, C, dR, ldr, n, n, dy);
+  // dP = -tril(dR G^T): dXA = dP o Cm, dCm += dP o XA
+  transpose(G, dy, s.GT, C, n, dy);
+  zero(s.DRG, C, n, n);
+  gemm_acc<VB>(s.DRG, C, dR, ldr, s.GT, C, n, dy, n, /*lower_n=*/true);
+  for (int64_t t = 0; t < n; ++t) {
+    const T *drg = s.DRG + t * C, *cm = g.Cm + t * C, *xa = s.XA + t * C;
+    T *dxa = s.dXA + t * C, *dcm = g.dCm + t * C;
+    for (int64_t i = 0; i <= t; ++i) {
+      const T dp = -drg[i];
+      dxa[i] = dp * cm[i];
+      dcm[i] += dp * xa[i];
+    }
+    std::fill(dxa + t + 1, dxa + n, T(0));
+  }
+  // dX = dXA A + [b o dR | f o dR] [P0^T; Pf^T]
+  for (int64_t t = 0; t < n; ++t) {
+    const T bt = g.b[t], ft = g.f[t];
+    const T* dr = dR + t * ldr;
+    T* bf = s.BF + t * d2;
+#pragma omp simd
+    for (int64_t j = 0; j < dy; ++j) bf[j] = bt * dr[j], bf[dy + j] = ft * dr[j];
+    g.db[t] += dot(dr, s.XP + t * d2, dy);
+    g.df[t] += dot(dr, s.XP + t * d2 + dy, dy);
+  }
+  transpose(PS, d2, s.PST, dx, dx, d2);
+  zero(dX, ldx, n, dx);
+  gemm_acc<VB>(dX, ldx, s.BF, d2, s.PST, dx, n, d2, dx);
+  gemm_acc<VB>(dX, ldx, s.dXA, C, A, ldx, n, n, dx, false, /*lower_p=*/true);
+  // dA = dXA^T X - [c o G | r o G] [dWn^T; dSn^T]
+  end_coefficients(g, G, n, dy, s.CG);
+  transpose(dPS, d2, s.dPST, dx, dx, d2);
+  transpose(s.dXA, C, s.dXAT, C, n, n);
+  zero(dA, ldx, n, dx);
+  gemm_acc<VB>(dA, ldx, s.CG, d2, s.dPST, dx, n, d2, dx);
+  gemm_acc<VB>(dA, ldx, s.dXAT, C, X, ldx, n, n, dx);
+  // [dP0 | dPf] = X^T [b o dR | f o dR] + [b_n dWn | f_n dWn + m_n dSn]; <dWn, P0>, <dWn, Pf>, <dSn, Pf> to the gates
+  const T bn = g.b[n - 1], fn = g.f[n - 1], mn = g.m[n - 1];
+  T dbn = 0, dfn = 0, dmn = 0;
+  for (int64_t a = 0; a < dx; ++a) {
+    const T *dp = dPS + a * d2, *p = PS + a * d2;
+    T* o = dPSp + a * d2;
+#pragma omp simd
+    for (int64_t j = 0; j < dy; ++j) o[j] = bn * dp[j], o[dy + j] = fn * dp[j] + mn * dp[dy + j];
+    dbn += dot(dp, p, dy);
+    dfn += dot(dp, p + dy, dy);
+    dmn += dot(dp + dy, p + dy, dy);
+  }
+  g.db[n - 1] += dbn;
+  g.df[n - 1] += dfn;
+  g.dmn += dmn;
+  transpose(X, ldx, s.XT, C, n, dx);
+  gemm_acc<VB>(dPSp, d2, s.XT, C, s.BF, d2, dx, n, d2);
+}
+
+// Gradients to alpha, eta of one chunk from those of its coefficients (docs/titans.md, "Gate coefficients"):
+// dDb = tril(dCm Dm^T + df m^T), dDm = tril(Db^T dCm) + dr in row n-1, dm = Db^T df + dmn in n-1, then the
+// log-derivative form dg_t = rowsum_t(dD o D) - colsum_t(dD o D) + d(b or m)_t (b or m)_t, reverse-summed and divided
+// by the gate. Clears the pieces for the next chunk.
+template <int VB, typename T>
+HK_INLINE void gate_bwd(Gates<T>& g, int64_t n, T* dalpha, T* deta) {
+  const int64_t C = g.C;
+  const T tiny = std::numeric_limits<T>::min();
+  transpose(g.Dm, C, g.Tr, C, n, n);
+  zero(g.dDb, C, n, n);
+  gemm_acc<VB>(g.dDb, C, g.dCm, C, g.Tr, C, n, n, n, /*lower_n=*/true, /*lower_p=*/true);
+  transpose(g.Db, C, g.Tr, C, n, n);
+  zero(g.dDm, C, n, n);
+  gemm_acc<VB>(g.dDm, C, g.Tr, C, g.dCm, C, n, n, n, /*lower_n=*/true);
+  for (int64_t t = 0; t < n; ++t) {
+    T* row = g.dDb + t * C;
+    const T dft = g.df[t];
+    for (int64_t j = 0; j <= t; ++j) row[j] += dft * g.m[j];
+  }
+  for (int64_t j = 0; j < n; ++j) g.dDm[(n - 1) * C + j] += g.dr[j];
+  for (int64_t t = 0; t < n; ++t) {
+    T s = 0;
+    for (int64_t j = t; j < n; ++j) s += g.Db[j * C + t] * g.df[j];
+    g.dm[t] = s;
+  }
+  g.dm[n - 1] += g.dmn;
+  for (int pass = 0; pass < 2; ++pass) {
+    const T *dD = pass == 0 ? g.dDb : g.dDm, *D = pass == 0 ? g.Db : g.Dm;
+    const T *dv = pass == 0 ? g.db : g.dm, *v = pass == 0 ? g.b : g.m;
+    for (int64_t t = 0; t < n; ++t) g.dg[t] = dv[t] * v[t];
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t j = 0; j <= t; ++j) {
+        const T x = dD[t * C + j] * D[t * C + j];
+        g.dg[t] += x;
+        g.dg[j] -= x;
+      }
+    T run = 0;
+    for (int64_t l = n - 1; l >= 0; --l) {
+      run += g.dg[l];
+      if (pass == 0)
+        dalpha[l] = -run / std::max(g.a[l], tiny);
+      else
+        deta[l] = run / std::max(g.e[l], tiny);
+    }
+  }
+  std::fill(g.db, g.db + n, T(0));
+  std::fill(g.df, g.df + n, T(0));
+  std::fill(g.dr, g.dr + n, T(0));
+  zero(g.dCm, C, n, n);
+  g.dmn = 0;
+}
+
+// [P | S] (rows, 2 cols) from P, S (rows, cols), and back.
+template <typename T>
+HK_INLINE void join_pair(const T* P, const T* S, T* PS, int64_t rows, int64_t cols) {
+  for (int64_t a = 0; a < rows; ++a) {
+    std::copy(P + a * cols, P + (a + 1) * cols, PS + a * 2 * cols);
+    std::copy(S + a * cols, S + (a + 1) * cols, PS + a * 2 * cols + cols);
+  }
+}
+
+template <typename T>
+HK_INLINE void split_pair(const T* PS, T* P, T* S, int64_t rows, int64_t cols) {
+  for (int64_t a = 0; a < rows; ++a) {
+    std::copy(PS + a * 2 * cols, PS + a * 2 * cols + cols, P + a * cols);
+    std::copy(PS + a * 2 * cols + cols, PS + (a + 1) * 2 * cols, S + a * cols);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------- linear memory
+
+// Pointers of one (b, h) and the sizes. Forward: state = (W, S) at the start (dk, dv), Ws/Ss = boundary states
+// (N+1, dk, dv) written. Backward: Ws/Ss read, dO given, dW/dS = the final state's gradient in, dW0/dS0 out.
+template <typename T>
+struct LinearHead {
+  const T *q, *k, *v, *al, *et, *th;
+  T *Ws, *Ss, *o;                        // forward: o written; Ws, Ss written
+  const T* dO;                           // backward
+  T *dq, *dk, *dv, *dal, *det, *dth, *dW, *dS;
+  int64_t L, C, dK, dV;
+};
+
+template <typename T>
+struct LinearWork {
+  Gates<T> g;
+  Block<T> s;
+  std::vector<T> v[7];
+  T *KT, *E, *G, *PS, *PSn, *dG, *dPSp;
+
+  LinearWork(int64_t C, int64_t dk, int64_t dv, bool backward)
+      : g(C, backward), s(C, std::max(dk, dv), backward) {
+    KT = take(v[0], dk * C), E = take(v[1], C * dv), G = take(v[2], C * dv);
+    PS = take(v[3], dk * 2 * dv), PSn = take(v[4], dk * 2 * dv), dG = take(v[5], C * dv);
+    dPSp = take(v[6], dk * 2 * dv);
+  }
+};
+
+// K^T, E = K W - V and G = theta o E of a chunk from its start pair PS = [W | S].
+template <int VB, typename T>
+HK_INLINE void linear_inner(LinearWork<T>& w, const T* K, const T* V, const T* th, int64_t n, int64_t dk,
+                            int64_t dv) {
+  transpose(K, dk, w.KT, w.g.C, n, dk);
+  zero(w.E, dv, n, dv);
+  gemm_acc<VB>(w.E, dv, K, dk, w.PS, 2 * dv, n, dk, dv);
+  for (int64_t t = 0; t < n; ++t) {
+    const T* vt = V + t * dv;
+    T *e = w.E + t * dv, *gt = w.G + t * dv;
+#pragma omp simd
+    for (int64_t j = 0; j < dv; ++j) e[j] -= vt[j], gt[j] = th[t] * e[j];
+  }
+}
+
+template <int VB, typename T>
+HK_INLINE void linear_fwd_head(LinearWork<T>& w, const LinearHead<T>& h) {
+  const int64_t C = h.C, dk = h.dK, dv = h.dV, S = dk * dv;
+  join_pair(h.Ws, h.Ss, w.PS, dk, dv);
+  for (int64_t s0 = 0, c = 0; s0 < h.L; s0 += C, ++c) {
+    const int64_t n = std::min(C, h.L - s0);
+    const T *Q = h.q + s0 * dk, *K = h.k + s0 * dk;
+    chunk_gates<VB>(w.g, h.al + s0, h.et + s0, n);
+    linear_inner<VB>(w, K, h.v + s0 * dv, h.th + s0, n, dk, dv);
+    block_read<VB>(w.g, w.s, Q, dk, w.KT, w.G, w.PS, n, dk, dv, h.o + s0 * dv, dv);
+    block_end<VB>(w.g, w.s, w.KT, w.G, w.PS, n, dk, dv, w.PSn);
+    std::swap(w.PS, w.PSn);
+    split_pair(w.PS, h.Ws + (c + 1) * S, h.Ss + (c + 1) * S, dk, dv);
+  }
+}
+
+template <int VB, typename T>
+HK_INLINE void linear_bwd_head(LinearWork<T>& w, const LinearHead<T>& h) {
+  const int64_t C = h.C, dk = h.dK, dv = h.dV, S = dk * dv;
+  const int64_t N = (h.L + C - 1) / C;
+  T *dPS = w.PSn, *dPSp = w.dPSp;   // gradients of the end pair [dW | dS] and of the chunk-start one
+  join_pair(h.dW, h.dS, dPS, dk, dv);
+  for (int64_t c = N - 1; c >= 0; --c) {
+    const int64_t s0 = c * C, n = std::min(C, h.L - s0);
+    const T *Q = h.q + s0 * dk, *K = h.k + s0 * dk, *th = h.th + s0;
+    join_pair(h.Ws + c * S, h.Ss + c * S, w.PS, dk, dv);
+    chunk_gates<VB>(w.g, h.al + s0, h.et + s0, n);
+    linear_inner<VB>(w, K, h.v + s0 * dv, th, n, dk, dv);
+    block_read<VB>(w.g, w.s, Q, dk, w.KT, w.G, w.PS, n, dk, dv, static_cast<T*>(nullptr), dv);
+    T *dq = h.dq + s0 * dk, *dkc = h.dk + s0 * dk;
+    block_bwd<VB>(w.g, w.s, Q, dk, K, w.KT, w.G, w.PS, h.dO + s0 * dv, dv, dPS, n, dk, dv, dq, dkc, w.dG, dPSp);
+    // G = theta o (K W - V): dE = theta o dG to v, K (through K W) and W
+    for (int64_t t = 0; t < n; ++t) {
+      T* dg = w.dG + t * dv;
+      T* dvt = h.dv + (s0 + t) * dv;
+      h.dth[s0 + t] = dot(w.E + t * dv, dg, dv);
+#pragma omp simd
+      for (int64_t j = 0; j < dv; ++j) dg[j] *= th[t], dvt[j] = -dg[j];
+    }
+    gemm_acc<VB>(dkc, dk, w.dG, dv, w.s.PST, dk, n, dv, dk);      // dE W^T (PST's first dv rows are W^T)
+    gemm_acc<VB>(dPSp, 2 * dv, w.KT, C, w.dG, dv, dk, n, dv);    // K^T dE to dW
+    gate_bwd<VB>(w.g, n, h.dal + s0, h.det + s0);
+    std::swap(dPS, dPSp);
+  }
+  split_pair(dPS, h.dW, h.dS, dk, dv);
+}
+
+// ---------------------------------------------------------------------------------------------- MLP memory
+
+// One (b, h) of the MLP memory, D = dk = dv, hidden width dh. Layer 1's pair [W1 | S1] (D, 2dh), layer 2's
+// [W2 | S2] (dh, 2D); boundary states W1s.. (N+1, ., .).
+template <typename T>
+struct MlpHead {
+  const T *q, *k, *v, *al, *et, *th;
+  T *W1s, *W2s, *S1s, *S2s, *o;
+  const T* dO;
+  T *dq, *dk, *dv, *dal, *det, *dth, *dW1, *dW2, *dS1, *dS2;
+  int64_t L, C, D, dh;
+};
+
+template <typename T>
+struct MlpWork {
+  Gates<T> g;
+  Block<T> s1, s2;
+  std::vector<T> v[24];
+  T *KT, *Z, *Hk, *SP, *E, *Y, *GZ, *G1, *G2, *Zq, *Hq, *HkT, *PS1, *PS2, *PSn1, *PSn2, *W2T, *W1T;
+  T *dHq = nullptr, *dHk = nullptr, *dG1 = nullptr, *dG2 = nullptr, *dY = nullptr, *dZ = nullptr;
+
+  MlpWork(int64_t C, int64_t D, int64_t dh, bool backward)
+      : g(C, backward), s1(C, std::max(D, dh), backward), s2(C, std::max(D, dh), backward) {
+    KT = take(v[0], D * C), Z = take(v[1], C * dh), Hk = take(v[2], C * dh), SP = take(v[3], C * dh);
+    E = take(v[4], C * D), Y = take(v[5], C * dh), GZ = take(v[6], C * dh), G1 = take(v[7], C * dh);
+    G2 = take(v[8], C * D), Zq = take(v[9], C * dh), Hq = take(v[10], C * dh), HkT = take(v[11], dh * C);
+    PS1 = take(v[12], D * 2 * dh), PS2 = take(v[13], dh * 2 * D), PSn1 = take(v[14], D * 2 * dh);
+    PSn2 = take(v[15], dh * 2 * D), W2T = take(v[16], D * dh), W1T = take(v[17], dh * D);
+    if (backward) {
+      dHq = take(v[18], C * dh), dHk = take(v[19], C * dh), dG1 = take(v[20], C * dh), dG2 = take(v[21], C * D);
+      dY = take(v[22], C * dh), dZ = take(v[23], C * dh);
+    }
+  }
+};
+
+template <typename T>
+HK_INLINE T sigmoid(T z) {
+  return T(1) / (T(1) + std::exp(-z));
+}
+
+// The inside of an MLP chunk from the start pairs PS1, PS2: Z = K W1, Hk = silu(Z), SP = silu'(Z),
+// E = K + Hk W2 - V, Y = E W2^T, GZ = Y o SP, G1 = theta o GZ, G2 = theta o E; layer 1's read Zq, Hq = silu(Zq);
+// layer 2's read written to O (when O != nullptr: O = Q + read).
+template <int VB, typename T>
+HK_INLINE void mlp_inner(MlpWork<T>& w, const T* Q, const T* K, const T* V, const T* th, int64_t n, int64_t D,
+                         int64_t dh, T* O) {
+  const int64_t C = w.g.C;
+  transpose(K, D, w.KT, C, n, D);
+  zero(w.Z, dh, n, dh);
+  gemm_acc<VB>(w.Z, dh, K, D, w.PS1, 2 * dh, n, D, dh);
+  for (int64_t i = 0; i < n * dh; ++i) {
+    const T z = w.Z[i], s = sigmoid(z);
+    w.Hk[i] = z * s;
+    w.SP[i] = s * (1 + z * (1 - s));
+  }
+  for (int64_t t = 0; t < n; ++t) {
+    const T *kt = K + t * D, *vt = V + t * D;
+    T* e = w.E + t * D;
+#pragma omp simd
+    for (int64_t j = 0; j < D; ++j) e[j] = kt[j] - vt[j];
+  }
+  gemm_acc<VB>(w.E, D, w.Hk, dh, w.PS2, 2 * D, n, dh, D);
+  transpose(w.PS2, 2 * D, w.W2T, dh, dh, D);                  // W2^T (D, dh)
+  zero(w.Y, dh, n, dh);
+  gemm_acc<VB>(w.Y, dh, w.E, D, w.W2T, dh, n, D, dh);
+  for (int64_t t = 0; t < n; ++t) {
+    const T tt = th[t];
+    for (int64_t j = 0; j < dh; ++j) {
+      const int64_t i = t * dh + j;
+      w.GZ[i] = w.Y[i] * w.SP[i];
+      w.G1[i] = tt * w.GZ[i];
+    }
+    for (int64_t j = 0; j < D; ++j) w.G2[t * D + j] = tt * w.E[t * D + j];
+  }
+  block_read<VB>(w.g, w.s1, Q, D, w.KT, w.G1, w.PS1, n, D, dh, w.Zq, dh);
+  for (int64_t i = 0; i < n * dh; ++i) w.Hq[i] = w.Zq[i] * sigmoid(w.Zq[i]);
+  transpose(w.Hk, dh, w.HkT, C, n, dh);
+  block_read<VB>(w.g, w.s2, w.Hq, dh, w.HkT, w.G2, w.PS2, n, dh, D, O, D);
+  if (O == nullptr) return;
+  for (int64_t i = 0; i < n * D; ++i) O[i] += Q[i];
+}
+
+template <int VB, typename T>
+HK_INLINE void mlp_fwd_head(MlpWork<T>& w, const MlpHead<T>& h) {
+  const int64_t C = h.C, D = h.D, dh = h.dh, S = D * dh;
+  join_pair(h.W1s, h.S1s, w.PS1, D, dh);
+  join_pair(h.W2s, h.S2s, w.PS2, dh, D);
+  for (int64_t s0 = 0, c = 0; s0 < h.L; s0 += C, ++c) {
+    const int64_t n = std::min(C, h.L - s0);
+    chunk_gates<VB>(w.g, h.al + s0, h.et + s0, n);
+    mlp_inner<VB>(w, h.q + s0 * D, h.k + s0 * D, h.v + s0 * D, h.th + s0, n, D, dh, h.o + s0 * D);
+    block_end<VB>(w.g, w.s1, w.KT, w.G1, w.PS1, n, D, dh, w.PSn1);
+    block_end<VB>(w.g, w.s2, w.HkT, w.G2, w.PS2, n, dh, D, w.PSn2);
+    std::swap(w.PS1, w.PSn1);
+    std::swap(w.PS2, w.PSn2);
+    split_pair(w.PS1, h.W1s + (c + 1) * S, h.S1s + (c + 1) * S, D, dh);
+    split_pair(w.PS2, h.W2s + (c + 1) * S, h.S2s + (c + 1) * S, dh, D);
+  }
+}
+
+template <int VB, typename T>
+HK_INLINE void mlp_bwd_head(MlpWork<T>& w, const MlpHead<T>& h) {
+  const int64_t C = h.C, D = h.D, dh = h.dh, S = D * dh;
+  const int64_t N = (h.L + C - 1) / C;
+  // carried gradients of the end pairs [dW1 | dS1], [dW2 | dS2], and the chunk-start ones being formed
+  std::vector<T> buf(4 * S * 2, T(0));
+  T *dPS1 = buf.data(), *dPS2 = dPS1 + 2 * S, *dPS1p = dPS2 + 2 * S, *dPS2p = dPS1p + 2 * S;
+  join_pair(h.dW1, h.dS1, dPS1, D, dh);
+  join_pair(h.dW2, h.dS2, dPS2, dh, D);
+  for (int64_t c = N - 1; c >= 0; --c) {
+    const int64_t s0 = c * C, n = std::min(C, h.L - s0);
+    const T *Q = h.q + s0 * D, *K = h.k + s0 * D, *th = h.th + s0, *dO = h.dO + s0 * D;
+    join_pair(h.W1s + c * S, h.S1s + c * S, w.PS1, D, dh);
+    join_pair(h.W2s + c * S, h.S2s + c * S, w.PS2, dh, D);
+    chunk_gates<VB>(w.g, h.al + s0, h.et + s0, n);
+    mlp_inner<VB>(w, Q, K, h.v + s0 * D, th, n, D, dh, static_cast<T*>(nullptr));
+    T *dq = h.dq + s0 * D, *dkc = h.dk + s0 * D, *dvc = h.dv + s0 * D;
+    // layer 2 (reads Hq, writes Hk), then layer 1 (reads Q, writes K) with dR = dHq o silu'(Zq)
+    block_bwd<VB>(w.g, w.s2, w.Hq, dh, w.Hk, w.HkT, w.G2, w.PS2, dO, D, dPS2, n, dh, D, w.dHq, w.dHk, w.dG2, dPS2p);
+    for (int64_t i = 0; i < n * dh; ++i) {
+      const T z = w.Zq[i], s = sigmoid(z);
+      w.dHq[i] *= s * (1 + z * (1 - s));
+    }
+    block_bwd<VB>(w.g, w.s1, Q, D, K, w.KT, w.G1, w.PS1, w.dHq, dh, dPS1, n, D, dh, dq, dkc, w.dG1, dPS1p);
+    for (int64_t i = 0; i < n * D; ++i) dq[i] += dO[i];
+    // through G1 = theta o GZ, G2 = theta o E, GZ = Y o silu'(Z), Y = E W2^T, E = K + Hk W2 - V, Hk = silu(Z), Z = K W1
+    for (int64_t t = 0; t < n; ++t) {
+      const T tt = th[t];
+      h.dth[s0 + t] = dot(w.dG1 + t * dh, w.GZ + t * dh, dh) + dot(w.dG2 + t * D, w.E + t * D, D);
+      for (int64_t j = 0; j < dh; ++j) {
+        const int64_t i = t * dh + j;
+        const T z = w.Z[i], s = sigmoid(z);
+        const T dgz = tt * w.dG1[i];
+        w.dY[i] = dgz * w.SP[i];
+        w.dZ[i] = dgz * w.Y[i] * (s * (1 - s) * (2 + z * (1 - 2 * s)));
+      }
+      T* de = w.dG2 + t * D;   // becomes dE
+      for (int64_t j = 0; j < D; ++j) de[j] *= tt;
+    }
+    T* dE = w.dG2;
+    gemm_acc<VB>(dE, D, w.dY, dh, w.PS2, 2 * D, n, dh, D);             // dE += dY W2
+    // dW2 += dY^T E + Hk^T dE
+    transpose(w.dY, dh, w.s2.XT, C, n, dh);
+    gemm_acc<VB>(dPS2p, 2 * D, w.s2.XT, C, w.E, D, dh, n, D);
+    gemm_acc<VB>(dPS2p, 2 * D, w.HkT, C, dE, D, dh, n, D);
+    gemm_acc<VB>(w.dHk, dh, dE, D, w.W2T, dh, n, D, dh);               // dHk += dE W2^T
+    for (int64_t i = 0; i < n * dh; ++i) w.dZ[i] += w.dHk[i] * w.SP[i];
+    transpose(w.PS1, 2 * dh, w.W1T, D, D, dh);                          // W1^T (dh, D)
+    for (int64_t i = 0; i < n * D; ++i) dkc[i] += dE[i], dvc[i] = -dE[i];
+    gemm_acc<VB>(dkc, D, w.dZ, dh, w.W1T, D, n, dh, D);                 // dK += dZ W1^T
+    gemm_acc<VB>(dPS1p, 2 * dh, w.KT, C, w.dZ, dh, D, n, dh);          // dW1 += K^T dZ
+    gate_bwd<VB>(w.g, n, h.dal + s0, h.det + s0);
+    std::swap(dPS1, dPS1p);
+    std::swap(dPS2, dPS2p);
+  }
+  split_pair(dPS1, h.dW1, h.dS1, D, dh);
+  split_pair(dPS2, h.dW2, h.dS2, dh, D);
+}
+
+// ---------------------------------------------------------------------------------------------- ISA clones
+
+#define HK_CLONES(body, Work, Head)                                                                 \
+  template <typename T>                                                                             \
+  void body##_generic(Work<T>& w, const Head<T>& h) { body<16>(w, h); }                              \
+  HK_AVX2_VARIANT(body, Work, Head)                                                                 \
+  template <typename T>                                                                             \
+  void body##_run(bool avx2, Work<T>& w, const Head<T>& h) {                                        \
+    HK_AVX2_CALL(body)                                                                              \
+    body##_generic(w, h);                                                                           \
+  }
+#ifdef HK_AVX2_CLONE
+#define HK_AVX2_VARIANT(body, Work, Head) \
+  template <typename T>                   \
+  __attribute__((target("avx2,fma"))) void body##_avx2(Work<T>& w, const Head<T>& h) { body<32>(w, h); }
+#define HK_AVX2_CALL(body) \
+  if (avx2) return body##_avx2(w, h);
+#else
+#define HK_AVX2_VARIANT(body, Work, Head)
+#define HK_AVX2_CALL(body) (void)avx2;
+#endif
+
+HK_CLONES(linear_fwd_head, LinearWork, LinearHead)
+HK_CLONES(linear_bwd_head, LinearWork, LinearHead)
+HK_CLONES(mlp_fwd_head, MlpWork, MlpHead)
+HK_CLONES(mlp_bwd_head, MlpWork, MlpHead)
+
+// ---------------------------------------------------------------------------------------------- ops
 
 void check(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& alpha, const Tensor& eta,
            const Tensor& theta, const Tensor& W0, const Tensor& S0, int64_t C) {
@@ -67,53 +626,43 @@ void check(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& alph
   TORCH_CHECK(C >= 1, "chunk_size must be >= 1, got ", C);
 }
 
+Tensor acc_contig(const Tensor& x, at::ScalarType acc) { return x.to(acc).contiguous(); }
+
 std::tuple<Tensor, Tensor, Tensor> titans_linear_fwd_cpu(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
                                                          const Tensor& alpha_in, const Tensor& eta_in,
                                                          const Tensor& theta_in, const Tensor& W0, const Tensor& S0,
                                                          int64_t C) {
   check(q_in, k_in, v_in, alpha_in, eta_in, theta_in, W0, S0, C);
   const int64_t B = q_in.size(0), H = q_in.size(1), L = q_in.size(2), dk = q_in.size(3), dv = v_in.size(3);
-  const int64_t BH = B * H, N = (L + C - 1) / C;
+  const int64_t N = (L + C - 1) / C;
   const auto acc = acc_type(q_in.scalar_type());
   auto opt = q_in.options().dtype(acc);
-  auto q = q_in.to(acc).reshape({BH, L, dk}), k = k_in.to(acc).reshape({BH, L, dk});
-  auto v = v_in.to(acc).reshape({BH, L, dv});
-  auto alpha = alpha_in.to(acc).reshape({BH, L}), eta = eta_in.to(acc).reshape({BH, L});
-  auto theta = theta_in.to(acc).reshape({BH, L});
-  auto o = alloc({BH, L, dv}, opt);
-  auto Ws = alloc({BH, N + 1, dk, dv}, opt), Ss = alloc({BH, N + 1, dk, dv}, opt);
-  auto W = W0.to(acc).reshape({BH, dk, dv}), S = S0.to(acc).reshape({BH, dk, dv});
-  Ws.select(1, 0).copy_(W);
-  Ss.select(1, 0).copy_(S);
-  for (int64_t n = 0; n < N; ++n) {
-    const int64_t s = n * C, len = std::min(C, L - s);
-    auto Q = q.narrow(1, s, len), K = k.narrow(1, s, len), V = v.narrow(1, s, len);
-    auto g = chunk_gates(alpha.narrow(1, s, len), eta.narrow(1, s, len));
-    auto G = theta.narrow(1, s, len).unsqueeze(-1) * (at::matmul(K, W) - V);
-    auto P = g.Cm * at::matmul(Q, T(K));
-    auto O = g.b.unsqueeze(-1) * at::matmul(Q, W) + g.f.unsqueeze(-1) * at::matmul(Q, S) - at::matmul(P, G);
-    o.narrow(1, s, len).copy_(O);
-    auto cC = g.Cm.select(1, len - 1).unsqueeze(-1), r = g.Dm.select(1, len - 1).unsqueeze(-1);
-    auto bC = g.b.select(1, len - 1).view({BH, 1, 1}), fC = g.f.select(1, len - 1).view({BH, 1, 1});
-    auto mC = g.m.select(1, len - 1).view({BH, 1, 1});
-    auto Wn = bC * W + fC * S - at::matmul(T(K), cC * G);
-    auto Sn = mC * S - at::matmul(T(K), r * G);
-    W = Wn;
-    S = Sn;
-    Ws.select(1, n + 1).copy_(W);
-    Ss.select(1, n + 1).copy_(S);
-  }
-  return {o.view({B, H, L, dv}).to(v_in.scalar_type()), Ws.view({B, H, N + 1, dk, dv}),
-          Ss.view({B, H, N + 1, dk, dv})};
+  auto q = acc_contig(q_in, acc), k = acc_contig(k_in, acc), v = acc_contig(v_in, acc);
+  auto alpha = acc_contig(alpha_in, acc), eta = acc_contig(eta_in, acc), theta = acc_contig(theta_in, acc);
+  auto W = acc_contig(W0, acc), S = acc_contig(S0, acc);
+  auto o = alloc({B, H, L, dv}, opt);
+  auto Ws = alloc({B, H, N + 1, dk, dv}, opt), Ss = alloc({B, H, N + 1, dk, dv}, opt);
+  Ws.select(2, 0).copy_(W);
+  Ss.select(2, 0).copy_(S);
+  const bool avx2 = use_avx2();
+  const int64_t Cw = std::max<int64_t>(1, std::min(C, L));   // no chunk holds more than L tokens
+  AT_DISPATCH_FLOATING_TYPES(acc, "titans_linear_fwd_cpu", [&] {
+    using T = scalar_t;
+    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+      LinearWork<T> w(Cw, dk, dv, false);
+      for (int64_t bh = begin; bh < end; ++bh) {
+        LinearHead<T> h{};
+        h.q = q.data_ptr<T>() + bh * L * dk, h.k = k.data_ptr<T>() + bh * L * dk, h.v = v.data_ptr<T>() + bh * L * dv;
+        h.al = alpha.data_ptr<T>() + bh * L, h.et = eta.data_ptr<T>() + bh * L, h.th = theta.data_ptr<T>() + bh * L;
+        h.Ws = Ws.data_ptr<T>() + bh * (N + 1) * dk * dv, h.Ss = Ss.data_ptr<T>() + bh * (N + 1) * dk * dv;
+        h.o = o.data_ptr<T>() + bh * L * dv;
+        h.L = L, h.C = Cw, h.dK = dk, h.dV = dv;
+        linear_fwd_head_run<T>(avx2, w, h);
+      }
+    });
+  });
+  return {o.to(v_in.scalar_type()), Ws, Ss};
 }
-
-// For D[t, j] = exp(g_t - g_j): the gradient to g (row sums minus column sums of dD o D).
-Tensor log_grad(const Tensor& dD, const Tensor& D) {
-  auto X = dD * D;
-  return X.sum(-1) - X.sum(-2);
-}
-
-Tensor rev_cumsum(const Tensor& x) { return x.flip(-1).cumsum(-1).flip(-1); }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> titans_linear_bwd_cpu(
     const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, const Tensor& alpha_in, const Tensor& eta_in,
@@ -121,7 +670,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> titan
     const Tensor& dST, int64_t C) {
   check(q_in, k_in, v_in, alpha_in, eta_in, theta_in, dWT, dST, C);
   const int64_t B = q_in.size(0), H = q_in.size(1), L = q_in.size(2), dk = q_in.size(3), dv = v_in.size(3);
-  const int64_t BH = B * H, N = (L + C - 1) / C;
+  const int64_t N = (L + C - 1) / C;
   TORCH_CHECK(Ws_in.dim() == 5 && Ws_in.size(0) == B && Ws_in.size(1) == H && Ws_in.size(2) == N + 1 &&
                   Ws_in.size(3) == dk && Ws_in.size(4) == dv && Ss_in.sizes() == Ws_in.sizes(),
               "Ws, Ss must be (B, H, N+1, dk, dv) = (", B, ", ", H, ", ", N + 1, ", ", dk, ", ", dv, "), got ",
@@ -129,67 +678,149 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> titan
   TORCH_CHECK(do_in.sizes() == v_in.sizes(), "do must match v ", v_in.sizes(), ", got ", do_in.sizes());
   const auto acc = acc_type(q_in.scalar_type());
   auto opt = q_in.options().dtype(acc);
-  auto q = q_in.to(acc).reshape({BH, L, dk}), k = k_in.to(acc).reshape({BH, L, dk});
-  auto v = v_in.to(acc).reshape({BH, L, dv}), dout = do_in.to(acc).reshape({BH, L, dv});
-  auto alpha = alpha_in.to(acc).reshape({BH, L}), eta = eta_in.to(acc).reshape({BH, L});
-  auto theta = theta_in.to(acc).reshape({BH, L});
-  auto Ws = Ws_in.to(acc).reshape({BH, N + 1, dk, dv}), Ss = Ss_in.to(acc).reshape({BH, N + 1, dk, dv});
-  auto dq = alloc({BH, L, dk}, opt), dk_ = alloc({BH, L, dk}, opt), dv_ = alloc({BH, L, dv}, opt);
-  auto dalpha = alloc({BH, L}, opt), deta = alloc({BH, L}, opt), dtheta = alloc({BH, L}, opt);
-  auto dW = dWT.to(acc).reshape({BH, dk, dv}).clone(), dS = dST.to(acc).reshape({BH, dk, dv}).clone();
-  const double tiny = acc == at::kDouble ? 2.2250738585072014e-308 : 1.1754943508222875e-38;
-  for (int64_t n = N - 1; n >= 0; --n) {
-    const int64_t s = n * C, len = std::min(C, L - s);
-    auto Q = q.narrow(1, s, len), K = k.narrow(1, s, len), V = v.narrow(1, s, len), dO = dout.narrow(1, s, len);
-    auto th = theta.narrow(1, s, len).unsqueeze(-1);
-    auto W0 = Ws.select(1, n), S0 = Ss.select(1, n);
-    auto g = chunk_gates(alpha.narrow(1, s, len), eta.narrow(1, s, len));
-    auto cC = g.Cm.select(1, len - 1), r = g.Dm.select(1, len - 1);
-    auto E = at::matmul(K, W0) - V;
-    auto G = th * E;
-    auto QK = at::matmul(Q, T(K));
-    auto P = g.Cm * QK;
-    auto QW = at::matmul(Q, W0), QS = at::matmul(Q, S0);
-    auto KdW = at::matmul(K, dW), KdS = at::matmul(K, dS);
-    // values
-    auto dG = -at::matmul(T(P), dO) - cC.unsqueeze(-1) * KdW - r.unsqueeze(-1) * KdS;
-    auto dP = -at::matmul(dO, T(G)).tril();
-    auto dQK = dP * g.Cm;
-    auto dE = th * dG;
-    dtheta.narrow(1, s, len).copy_((E * dG).sum(-1));
-    dv_.narrow(1, s, len).copy_(-dE);
-    dq.narrow(1, s, len).copy_(at::matmul(dQK, K) + g.b.unsqueeze(-1) * at::matmul(dO, T(W0)) +
-                               g.f.unsqueeze(-1) * at::matmul(dO, T(S0)));
-    dk_.narrow(1, s, len).copy_(at::matmul(T(dQK), Q) - cC.unsqueeze(-1) * at::matmul(G, T(dW)) -
-                                r.unsqueeze(-1) * at::matmul(G, T(dS)) + at::matmul(dE, T(W0)));
-    // gate coefficients
-    auto db = (dO * QW).sum(-1), df = (dO * QS).sum(-1);
-    db.select(1, len - 1).add_((dW * W0).sum(at::IntArrayRef{-1, -2}));
-    df.select(1, len - 1).add_((dW * S0).sum(at::IntArrayRef{-1, -2}));
-    auto dm = at::zeros_like(g.m);
-    dm.select(1, len - 1).copy_((dS * S0).sum(at::IntArrayRef{-1, -2}));
-    auto dCm = dP * QK;
-    dCm.select(1, len - 1).sub_((KdW * G).sum(-1));
-    auto dDb = (at::matmul(dCm, T(g.Dm)) + df.unsqueeze(-1) * g.m.unsqueeze(-2)).tril();
-    auto dDm = at::matmul(T(g.Db), dCm).tril();
-    dDm.select(1, len - 1).sub_((KdS * G).sum(-1));
-    dm = dm + at::matmul(T(g.Db), df.unsqueeze(-1)).squeeze(-1);
-    auto dla = rev_cumsum(log_grad(dDb, g.Db) + db * g.b);
-    auto dle = rev_cumsum(log_grad(dDm, g.Dm) + dm * g.m);
-    dalpha.narrow(1, s, len).copy_(-dla / g.a.clamp_min(tiny));
-    deta.narrow(1, s, len).copy_(dle / g.et.clamp_min(tiny));
-    // to the chunk-start state
-    auto dWp = at::matmul(T(Q), g.b.unsqueeze(-1) * dO) + g.b.select(1, len - 1).view({BH, 1, 1}) * dW +
-               at::matmul(T(K), dE);
-    auto dSp = at::matmul(T(Q), g.f.unsqueeze(-1) * dO) + g.f.select(1, len - 1).view({BH, 1, 1}) * dW +
-               g.m.select(1, len - 1).view({BH, 1, 1}) * dS;
-    dW = dWp;
-    dS = dSp;
-  }
-  return {dq.view({B, H, L, dk}).to(q_in.scalar_type()), dk_.view({B, H, L, dk}).to(k_in.scalar_type()),
-          dv_.view({B, H, L, dv}).to(v_in.scalar_type()), dalpha.view({B, H, L}).to(alpha_in.scalar_type()),
-          deta.view({B, H, L}).to(eta_in.scalar_type()), dtheta.view({B, H, L}).to(theta_in.scalar_type()),
-          dW.view({B, H, dk, dv}), dS.view({B, H, dk, dv})};
+  auto q = acc_contig(q_in, acc), k = acc_contig(k_in, acc), v = acc_contig(v_in, acc);
+  auto alpha = acc_contig(alpha_in, acc), eta = acc_contig(eta_in, acc), theta = acc_contig(theta_in, acc);
+  auto Ws = acc_contig(Ws_in, acc), Ss = acc_contig(Ss_in, acc), dout = acc_contig(do_in, acc);
+  auto dq = alloc({B, H, L, dk}, opt), dk_ = alloc({B, H, L, dk}, opt), dv_ = alloc({B, H, L, dv}, opt);
+  auto dalpha = alloc({B, H, L}, opt), deta = alloc({B, H, L}, opt), dtheta = alloc({B, H, L}, opt);
+  auto dW = acc_contig(dWT, acc).clone(), dS = acc_contig(dST, acc).clone();   // overwritten with dW0, dS0
+  const bool avx2 = use_avx2();
+  const int64_t Cw = std::max<int64_t>(1, std::min(C, L));
+  AT_DISPATCH_FLOATING_TYPES(acc, "titans_linear_bwd_cpu", [&] {
+    using T = scalar_t;
+    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+      LinearWork<T> w(Cw, dk, dv, true);
+      for (int64_t bh = begin; bh < end; ++bh) {
+        LinearHead<T> h{};
+        h.q = q.data_ptr<T>() + bh * L * dk, h.k = k.data_ptr<T>() + bh * L * dk, h.v = v.data_ptr<T>() + bh * L * dv;
+        h.al = alpha.data_ptr<T>() + bh * L, h.et = eta.data_ptr<T>() + bh * L, h.th = theta.data_ptr<T>() + bh * L;
+        h.Ws = Ws.data_ptr<T>() + bh * (N + 1) * dk * dv, h.Ss = Ss.data_ptr<T>() + bh * (N + 1) * dk * dv;
+        h.dO = dout.data_ptr<T>() + bh * L * dv;
+        h.dq = dq.data_ptr<T>() + bh * L * dk, h.dk = dk_.data_ptr<T>() + bh * L * dk;
+        h.dv = dv_.data_ptr<T>() + bh * L * dv;
+        h.dal = dalpha.data_ptr<T>() + bh * L, h.det = deta.data_ptr<T>() + bh * L;
+        h.dth = dtheta.data_ptr<T>() + bh * L;
+        h.dW = dW.data_ptr<T>() + bh * dk * dv, h.dS = dS.data_ptr<T>() + bh * dk * dv;
+        h.L = L, h.C = Cw, h.dK = dk, h.dV = dv;
+        linear_bwd_head_run<T>(avx2, w, h);
+      }
+    });
+  });
+  return {dq.to(q_in.scalar_type()),         dk_.to(k_in.scalar_type()),    dv_.to(v_in.scalar_type()),
+          dalpha.to(alpha_in.scalar_type()), deta.to(eta_in.scalar_type()), dtheta.to(theta_in.scalar_type()),
+          dW,                                dS};
+}
+
+void check_mlp(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& alpha, const Tensor& eta,
+               const Tensor& theta, const Tensor& W1, const Tensor& W2, const Tensor& S1, const Tensor& S2,
+               int64_t C) {
+  TORCH_CHECK(q.dim() == 4, "q must be (B, H, L, D), got ", q.sizes());
+  TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), "k, v must match q ", q.sizes(), " (the MLP memory "
+              "is residual: dk == dv), got ", k.sizes(), " and ", v.sizes());
+  for (const Tensor* g : {&alpha, &eta, &theta})
+    TORCH_CHECK(g->dim() == 3 && g->sizes() == q.sizes().slice(0, 3), "gates must be (B, H, L), got ", g->sizes());
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3);
+  const int64_t dh = W1.dim() == 4 ? W1.size(3) : -1;
+  const bool ok = W1.dim() == 4 && W1.size(0) == B && W1.size(1) == H && W1.size(2) == D && S1.sizes() == W1.sizes() &&
+                  W2.dim() == 4 && W2.size(0) == B && W2.size(1) == H && W2.size(2) == dh && W2.size(3) == D &&
+                  S2.sizes() == W2.sizes();
+  TORCH_CHECK(ok, "W1, S1 must be (B, H, D, dh) and W2, S2 (B, H, dh, D) with (B, H, D) = (", B, ", ", H, ", ", D,
+              "), got ", W1.sizes(), ", ", S1.sizes(), ", ", W2.sizes(), ", ", S2.sizes());
+  TORCH_CHECK(C >= 1, "chunk_size must be >= 1, got ", C);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> titans_mlp_fwd_cpu(
+    const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, const Tensor& alpha_in, const Tensor& eta_in,
+    const Tensor& theta_in, const Tensor& W1_in, const Tensor& W2_in, const Tensor& S1_in, const Tensor& S2_in,
+    int64_t C) {
+  check_mlp(q_in, k_in, v_in, alpha_in, eta_in, theta_in, W1_in, W2_in, S1_in, S2_in, C);
+  const int64_t B = q_in.size(0), H = q_in.size(1), L = q_in.size(2), D = q_in.size(3), dh = W1_in.size(3);
+  const int64_t N = (L + C - 1) / C, S = D * dh;
+  const auto acc = acc_type(q_in.scalar_type());
+  auto opt = q_in.options().dtype(acc);
+  auto q = acc_contig(q_in, acc), k = acc_contig(k_in, acc), v = acc_contig(v_in, acc);
+  auto alpha = acc_contig(alpha_in, acc), eta = acc_contig(eta_in, acc), theta = acc_contig(theta_in, acc);
+  auto o = alloc({B, H, L, D}, opt);
+  auto W1s = alloc({B, H, N + 1, D, dh}, opt), W2s = alloc({B, H, N + 1, dh, D}, opt);
+  auto S1s = alloc({B, H, N + 1, D, dh}, opt), S2s = alloc({B, H, N + 1, dh, D}, opt);
+  W1s.select(2, 0).copy_(W1_in);
+  W2s.select(2, 0).copy_(W2_in);
+  S1s.select(2, 0).copy_(S1_in);
+  S2s.select(2, 0).copy_(S2_in);
+  const bool avx2 = use_avx2();
+  const int64_t Cw = std::max<int64_t>(1, std::min(C, L));
+  AT_DISPATCH_FLOATING_TYPES(acc, "titans_mlp_fwd_cpu", [&] {
+    using T = scalar_t;
+    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+      MlpWork<T> w(Cw, D, dh, false);
+      for (int64_t bh = begin; bh < end; ++bh) {
+        MlpHead<T> h{};
+        h.q = q.data_ptr<T>() + bh * L * D, h.k = k.data_ptr<T>() + bh * L * D, h.v = v.data_ptr<T>() + bh * L * D;
+        h.al = alpha.data_ptr<T>() + bh * L, h.et = eta.data_ptr<T>() + bh * L, h.th = theta.data_ptr<T>() + bh * L;
+        const int64_t st = bh * (N + 1) * S;
+        h.W1s = W1s.data_ptr<T>() + st, h.W2s = W2s.data_ptr<T>() + st;
+        h.S1s = S1s.data_ptr<T>() + st, h.S2s = S2s.data_ptr<T>() + st;
+        h.o = o.data_ptr<T>() + bh * L * D;
+        h.L = L, h.C = Cw, h.D = D, h.dh = dh;
+        mlp_fwd_head_run<T>(avx2, w, h);
+      }
+    });
+  });
+  return {o.to(v_in.scalar_type()), W1s, W2s, S1s, S2s};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> titans_mlp_bwd_cpu(
+    const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, const Tensor& alpha_in, const Tensor& eta_in,
+    const Tensor& theta_in, const Tensor& W1s_in, const Tensor& W2s_in, const Tensor& S1s_in, const Tensor& S2s_in,
+    const Tensor& do_in, const Tensor& dW1T, const Tensor& dW2T, const Tensor& dS1T, const Tensor& dS2T, int64_t C) {
+  check_mlp(q_in, k_in, v_in, alpha_in, eta_in, theta_in, dW1T, dW2T, dS1T, dS2T, C);
+  const int64_t B = q_in.size(0), H = q_in.size(1), L = q_in.size(2), D = q_in.size(3), dh = dW1T.size(3);
+  const int64_t N = (L + C - 1) / C, S = D * dh;
+  const std::vector<int64_t> s1{B, H, N + 1, D, dh}, s2{B, H, N + 1, dh, D};
+  TORCH_CHECK(W1s_in.sizes() == at::IntArrayRef(s1) && S1s_in.sizes() == at::IntArrayRef(s1) &&
+                  W2s_in.sizes() == at::IntArrayRef(s2) && S2s_in.sizes() == at::IntArrayRef(s2),
+              "W1s, S1s must be (B, H, N+1, D, dh) = ", at::IntArrayRef(s1), " and W2s, S2s (B, H, N+1, dh, D) = ",
+              at::IntArrayRef(s2), ", got ", W1s_in.sizes(), ", ", S1s_in.sizes(), ", ", W2s_in.sizes(), ", ",
+              S2s_in.sizes());
+  TORCH_CHECK(do_in.sizes() == v_in.sizes(), "do must match v ", v_in.sizes(), ", got ", do_in.sizes());
+  const auto acc = acc_type(q_in.scalar_type());
+  auto opt = q_in.options().dtype(acc);
+  auto q = acc_contig(q_in, acc), k = acc_contig(k_in, acc), v = acc_contig(v_in, acc);
+  auto alpha = acc_contig(alpha_in, acc), eta = acc_contig(eta_in, acc), theta = acc_contig(theta_in, acc);
+  auto W1s = acc_contig(W1s_in, acc), W2s = acc_contig(W2s_in, acc), S1s = acc_contig(S1s_in, acc);
+  auto S2s = acc_contig(S2s_in, acc), dout = acc_contig(do_in, acc);
+  auto dq = alloc({B, H, L, D}, opt), dk_ = alloc({B, H, L, D}, opt), dv_ = alloc({B, H, L, D}, opt);
+  auto dalpha = alloc({B, H, L}, opt), deta = alloc({B, H, L}, opt), dtheta = alloc({B, H, L}, opt);
+  auto dW1 = acc_contig(dW1T, acc).clone(), dW2 = acc_contig(dW2T, acc).clone();   // overwritten with the
+  auto dS1 = acc_contig(dS1T, acc).clone(), dS2 = acc_contig(dS2T, acc).clone();   // initial state's gradients
+  const bool avx2 = use_avx2();
+  const int64_t Cw = std::max<int64_t>(1, std::min(C, L));
+  AT_DISPATCH_FLOATING_TYPES(acc, "titans_mlp_bwd_cpu", [&] {
+    using T = scalar_t;
+    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+      MlpWork<T> w(Cw, D, dh, true);
+      for (int64_t bh = begin; bh < end; ++bh) {
+        MlpHead<T> h{};
+        h.q = q.data_ptr<T>() + bh * L * D, h.k = k.data_ptr<T>() + bh * L * D, h.v = v.data_ptr<T>() + bh * L * D;
+        h.al = alpha.data_ptr<T>() + bh * L, h.et = eta.data_ptr<T>() + bh * L, h.th = theta.data_ptr<T>() + bh * L;
+        const int64_t st = bh * (N + 1) * S;
+        h.W1s = W1s.data_ptr<T>() + st, h.W2s = W2s.data_ptr<T>() + st;
+        h.S1s = S1s.data_ptr<T>() + st, h.S2s = S2s.data_ptr<T>() + st;
+        h.dO = dout.data_ptr<T>() + bh * L * D;
+        h.dq = dq.data_ptr<T>() + bh * L * D, h.dk = dk_.data_ptr<T>() + bh * L * D;
+        h.dv = dv_.data_ptr<T>() + bh * L * D;
+        h.dal = dalpha.data_ptr<T>() + bh * L, h.det = deta.data_ptr<T>() + bh * L;
+        h.dth = dtheta.data_ptr<T>() + bh * L;
+        h.dW1 = dW1.data_ptr<T>() + bh * S, h.dW2 = dW2.data_ptr<T>() + bh * S;
+        h.dS1 = dS1.data_ptr<T>() + bh * S, h.dS2 = dS2.data_ptr<T>() + bh * S;
+        h.L = L, h.C = Cw, h.D = D, h.dh = dh;
+        mlp_bwd_head_run<T>(avx2, w, h);
+      }
+    });
+  });
+  return {dq.to(q_in.scalar_type()),         dk_.to(k_in.scalar_type()),    dv_.to(v_in.scalar_type()),
+          dalpha.to(alpha_in.scalar_type()), deta.to(eta_in.scalar_type()), dtheta.to(theta_in.scalar_type()),
+          dW1, dW2, dS1, dS2};
 }
 
 }  // namespace
@@ -197,4 +828,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> titan
 TORCH_LIBRARY_IMPL(hope_kernels, CPU, m) {
   m.impl("titans_linear_fwd", &titans_linear_fwd_cpu);
   m.impl("titans_linear_bwd", &titans_linear_bwd_cpu);
+  m.impl("titans_mlp_fwd", &titans_mlp_fwd_cpu);
+  m.impl("titans_mlp_bwd", &titans_mlp_bwd_cpu);
 }

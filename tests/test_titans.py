@@ -262,7 +262,7 @@ def test_sigmoid_gate_preactivation_grads_match_token_loop(backend):
     assert_close_all(got, ref, 1e-4, "d logit (alpha, eta)")   # measured <= 1e-6; a wrong sign or factor: >= 1
 
 
-MEMORY_PATHS = [("linear", b) for b in ALL] + [("mlp", b) for b in ("reference", "triton") if b in ALL]
+MEMORY_PATHS = [("linear", b) for b in ALL] + [("mlp", b) for b in ("reference", "cpu", "triton") if b in ALL]
 
 
 @pytest.mark.parametrize("memory,backend", MEMORY_PATHS)
@@ -506,6 +506,8 @@ def test_bad_inputs():
 # Interpreted Triton costs ~0.65 s per (program, chunk) for forward+backward here: small grids only.
 
 needs_triton = pytest.mark.skipif("triton" not in fast_backends(), reason="triton cannot run here")
+# MLP fast paths that run on CPU tensors here: the C++ kernel and interpreted Triton
+MLP_FAST = [b for b in ("cpu", "triton") if b in fast_backends()]
 MLP_CASES = [  # (C, shape): C = 1; L not a multiple of C and dh > dk; L < C; padded dims exactly 16; B = H = 1
     (1, dict(B=1, H=1, L=3, dk=6, dv=6, mlp_dh=5)),
     (4, dict(B=1, H=2, L=10, dk=8, dv=8, mlp_dh=12)),
@@ -532,6 +534,63 @@ def test_triton_mlp_matches_token_loop(case):
     _mlp_vs_loop(C, x, st)
 
 
+CPU_MLP_CASES = MLP_CASES + [  # + vector-tile edges (D, dh not multiples of 8) over several full chunks; head dims 64
+    (64, dict(B=1, H=2, L=130, dk=20, dv=20, mlp_dh=36)),
+    (16, dict(B=1, H=1, L=37, dk=64, dv=64, mlp_dh=64)),
+]
+needs_cpp = pytest.mark.skipif("cpu" not in fast_backends(), reason="the C++ extension is not built")
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", range(len(CPU_MLP_CASES)))
+def test_cpu_mlp_matches_token_loop(case, dtype):
+    """The C++ MLP kernel: forward, final state and the gradients to q, k, v, alpha, eta, theta, W1, W2, S1, S2 against
+    the float64 token loop (C = 1, L not a multiple of C, L < C, dh != D, B = H = 1, D = dh = 64)."""
+    C, shape = CPU_MLP_CASES[case]
+    x, st = make(dtype=dtype, seed=case, **shape)
+    _mlp_vs_loop(C, x, st, TOL[dtype], TOL[dtype] * 10, backend="cpu")
+
+
+@needs_cpp
+@pytest.mark.parametrize("memory", ["linear", "mlp"])
+def test_cpu_baseline_isa_build(memory, monkeypatch):
+    """The C++ kernels are compiled twice (baseline ISA and AVX2 + FMA); this runs the one the CPU does not pick."""
+    monkeypatch.setenv("HOPE_KERNELS_NO_AVX2", "1")
+    for dtype in (torch.float64, torch.float32):
+        x, st = make(B=1, H=2, L=37, dk=20, dv=20, dtype=dtype, state=True, mlp_dh=12 if memory == "mlp" else None)
+        ref, gref = grads_of(loop_fn(16, memory), [t.double() for t in x], [s.double() for s in st])
+        out, g = grads_of(op_fn(16, "cpu", memory), x, st)
+        assert_close_all(out, ref, TOL[dtype], f"baseline ISA {memory} {dtype} forward")
+        assert_close_all(g, gref, TOL[dtype] * 10, f"baseline ISA {memory} {dtype} grads")
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("C,shape", [(64, dict(B=1, H=2, L=130, dk=20, dv=36)), (16, dict(B=1, H=1, L=37, dk=64, dv=64)),
+                                     (5, dict(B=2, H=3, L=15, dk=12, dv=12)),
+                                     (13, dict(B=1, H=2, L=26, dk=24, dv=120))])
+def test_cpu_linear_wide_heads_match_token_loop(C, shape, dtype):
+    """The fused C++ linear kernel at dims off the vector tiles (dk = 20, dv = 36), over full chunks of 64, at the
+    benchmark's head dims (64), at HOPE's call (one chunk per timestep of 5 tokens) and its wide state (five dh x dh
+    memories side by side: dv = 5 dk)."""
+    x, st = make(dtype=dtype, state=True, seed=7, **shape)
+    ref, gref = grads_of(loop_fn(C), [t.double() for t in x], [s.double() for s in st])
+    out, g = grads_of(op_fn(C, "cpu"), x, st)
+    assert_close_all(out, ref, TOL[dtype], f"cpu linear {dtype} forward")
+    assert_close_all(g, gref, TOL[dtype] * 10, f"cpu linear {dtype} grads")
+
+
+@needs_cpp
+def test_mlp_auto_picks_cpu_on_cpu_tensors():
+    """Auto sends the MLP memory on CPU tensors to the C++ kernel (not the eager reference with autograd)."""
+    import hope_kernels.ops.titans as T
+    q = torch.zeros(1, 1, 4, 8)
+    for dtype in (torch.float32, torch.float64):
+        assert T._resolve("auto", "mlp", (q.to(dtype),), dh=8, chunk_size=16) == "cpu"
+        assert T._resolve("auto", "mlp", (q.to(dtype),), dh=100, chunk_size=300) == "cpu"   # no size limits
+
+
 def _mlp_op_fn(C, backend):
     """The raw custom op, returning (o, final state) like titans_memory."""
     from hope_kernels.ops.titans import _mlp_op
@@ -551,31 +610,31 @@ def test_explicit_mlp_op_matches_token_loop():
     assert_close_all(g, gref, 1e-10, "explicit mlp op grads")
 
 
-@needs_triton
-def test_triton_mlp_split_equals_whole():
+@pytest.mark.parametrize("backend", MLP_FAST)
+def test_mlp_split_equals_whole(backend):
     x, st = make(B=1, H=1, L=8, dk=6, dv=6, mlp_dh=5, dtype=torch.float32)
     C, cut = 4, 4
     run = lambda xs, s: titans_memory(*xs, chunk_size=C, memory="mlp", initial_state=s, output_final_state=True,
-                                      backend="triton")
+                                      backend=backend)
     o, s = run(x, st)
     oa, sa = run([t[:, :, :cut] for t in x], st)
     ob, sb = run([t[:, :, cut:] for t in x], sa)
     assert_close_all((torch.cat([oa, ob], 2), *sb), (o, *s), TOL[torch.float32], "mlp split")
 
 
-@needs_triton
-def test_triton_mlp_gate_edges_and_theta_zero():
+@pytest.mark.parametrize("backend", MLP_FAST)
+def test_mlp_gate_edges_and_theta_zero(backend):
     x, st = make(B=1, H=1, L=6, dk=6, dv=6, mlp_dh=5, dtype=torch.float32)
     q, k, v, alpha, eta, theta = x
     alpha[..., 3], eta[..., 1] = 1.0, 0.0     # a full forget and a zero momentum inside a chunk: forward exact
     o1, s1 = titans_token_loop(q, k, v, alpha, eta, theta, chunk_size=4, memory="mlp", initial_state=st)
     o2, s2 = titans_memory(q, k, v, alpha, eta, theta, chunk_size=4, memory="mlp", initial_state=st,
-                           output_final_state=True, backend="triton")
+                           output_final_state=True, backend=backend)
     assert_close_all((o2, *s2), (o1, *s1), TOL[torch.float32], "mlp gate edges")
     W1, W2 = st[0], st[1]
     zero = torch.zeros_like
     o, s = titans_memory(q, k, v, zero(alpha), eta, zero(theta), chunk_size=4, memory="mlp",
-                         initial_state=(W1, W2, zero(st[2]), zero(st[3])), output_final_state=True, backend="triton")
+                         initial_state=(W1, W2, zero(st[2]), zero(st[3])), output_final_state=True, backend=backend)
     assert torch.equal(s[0], W1) and torch.equal(s[1], W2) and not s[2].any() and not s[3].any()
     assert rel_err(o, q + F.silu(q @ W1) @ W2) < 1e-6
 
@@ -593,31 +652,34 @@ def test_triton_mlp_half_inputs_accumulate_in_fp32(dtype):
     assert_close_all(g, gref, 2e-2, "half grads")
 
 
-@needs_triton
-def test_triton_mlp_outputs_fully_written(monkeypatch):
+@pytest.mark.parametrize("backend", MLP_FAST)
+def test_mlp_outputs_fully_written(backend, monkeypatch):
     monkeypatch.setenv("HOPE_KERNELS_POISON", "1")
     x, st = make(B=1, H=1, L=5, dk=5, dv=5, mlp_dh=3, dtype=torch.float32)
-    out, g = grads_of(op_fn(4, "triton", "mlp"), x, st)
+    out, g = grads_of(op_fn(4, backend, "mlp"), x, st)
     for t in list(out) + list(g):
         assert torch.isfinite(t).all()
 
 
-# The MLP custom op under opcheck / torch.compile: with the triton body where it runs, else the explicit one.
+# The MLP custom op under opcheck / torch.compile: with the triton body where it runs, else the explicit one;
+# and with the C++ kernel when it is built.
 MLP_OP_BACKEND = "triton" if "triton" in fast_backends() else "explicit"
+MLP_OP_BACKENDS = [MLP_OP_BACKEND] + (["cpu"] if "cpu" in fast_backends() else [])
 
 
-def test_mlp_opcheck():
+@pytest.mark.parametrize("backend", MLP_OP_BACKENDS)
+def test_mlp_opcheck(backend):
     from hope_kernels.ops.titans import _mlp_op
-    backend = MLP_OP_BACKEND
     dtype = torch.float32 if backend == "triton" else torch.float64
     x, st = make(B=1, H=1, L=4, dk=4, dv=4, mlp_dh=3, dtype=dtype)
     args = [t.requires_grad_(True) for t in x + list(st)] + [4, backend]
     torch.library.opcheck(_mlp_op, args)
 
 
-def test_mlp_torch_compile():
+@pytest.mark.parametrize("backend", MLP_OP_BACKENDS)
+def test_mlp_torch_compile(backend):
     x, st = make(B=1, H=1, L=5, dk=4, dv=4, mlp_dh=3, dtype=torch.float32)
-    fn = _mlp_op_fn(4, MLP_OP_BACKEND)
+    fn = _mlp_op_fn(4, backend)
     ref, gref = grads_of(fn, x, st)
     out, g = grads_of(torch.compile(fn, fullgraph=True), x, st)
     assert_close_all(out, ref, 1e-5, "compiled mlp")
@@ -877,6 +939,26 @@ def test_cuda_rejects_cpu_tensors():
 
 _STATE = r"W0, S0 must be \(B, H, dk, dv\) = \(1, 1, 8, 4\), got "
 _BOUNDARY = r"Ws, Ss must be \(B, H, N\+1, dk, dv\) = \(1, 1, 2, 8, 4\), got "
+
+
+@pytest.mark.skipif("cpu" not in cpu_fast_backends(), reason="the C++ extension is not built")
+@pytest.mark.parametrize("stage,want", [
+    ("fwd", r"W1, S1 must be \(B, H, D, dh\) and W2, S2 \(B, H, dh, D\) with \(B, H, D\) = \(1, 1, 8\), got "
+            r"\[1, 1, 8, 3\], \[1, 1, 8, 3\], \[1, 1, 4, 8\]"),
+    ("bwd", r"W1s, S1s must be \(B, H, N\+1, D, dh\) = \[1, 1, 2, 8, 3\] and W2s, S2s \(B, H, N\+1, dh, D\) = "
+            r"\[1, 1, 2, 3, 8\], got \[1, 1, 3, 8, 3\]")])
+def test_cpu_mlp_kernel_checks_state_shapes(stage, want):
+    """The compiled MLP kernels check the state shapes (a direct torch.ops call skips the Python checks): W2 with the
+    wrong hidden width (forward), boundary states with the wrong N + 1 (backward). q (1, 1, 3, 8), dh 3, chunk 4."""
+    z = lambda *s: torch.zeros(*s, dtype=torch.float32)
+    q, g = z(1, 1, 3, 8), z(1, 1, 3)
+    W1, W2 = z(1, 1, 8, 3), z(1, 1, 3, 8)
+    with pytest.raises(RuntimeError, match=want):
+        if stage == "fwd":
+            torch.ops.hope_kernels.titans_mlp_fwd(q, q, q, g, g, g, W1, z(1, 1, 4, 8), W1, z(1, 1, 4, 8), 4)
+        else:
+            W1s, W2s = z(1, 1, 3, 8, 3), z(1, 1, 2, 3, 8)
+            torch.ops.hope_kernels.titans_mlp_bwd(q, q, q, g, g, g, W1s, W2s, W1s, W2s, q, W1, W2, W1, W2, 4)
 
 
 @pytest.mark.skipif("cpu" not in cpu_fast_backends(), reason="the C++ extension is not built")

@@ -4,12 +4,13 @@
 
 Semantics, closed form and shapes: hope_kernels/ops/titans/reference.py; backward derivation: docs/titans.md.
 Backends: reference (eager chunked closed form, autograd; the token loop when chunk_size == 1) for both
-memories; compiled C++ ("cpu", linear only), Triton ("triton", hope_kernels/ops/titans/triton.py:
-float32/bf16/fp16 inputs; linear: dk, dv <= 128, chunk_size <= 64; mlp: dk = dv, dh, chunk_size <= 64) and CUDA
-("cuda", csrc/cuda/titans.cu, linear only: fused token-serial kernel, any chunk_size, float64/32/bf16/fp16, dk up
-to the device's shared memory, any dv) fast paths, listed in `LINEAR_BACKENDS` / `MLP_BACKENDS`. Auto prefers
-triton for CUDA tensors when triton takes the call (not float64, not past its size limits), else cuda (linear) or
-reference (mlp); cpu for CPU tensors (linear), else reference. The fast paths go through custom ops
+memories; compiled C++ ("cpu", csrc/titans_cpu.cpp, both memories: one fused chunk loop per (batch, head)),
+Triton ("triton", hope_kernels/ops/titans/triton.py: float32/bf16/fp16 inputs; linear: dk, dv <= 128,
+chunk_size <= 64; mlp: dk = dv, dh, chunk_size <= 64) and CUDA ("cuda", csrc/cuda/titans.cu, linear only: fused
+token-serial kernel, any chunk_size, float64/32/bf16/fp16, dk up to the device's shared memory, any dv) fast
+paths, listed in `LINEAR_BACKENDS` / `MLP_BACKENDS`. Auto prefers triton for CUDA tensors when triton takes the
+call (not float64, not past its size limits), else cuda (linear) or reference (mlp); cpu for CPU tensors (both
+memories), else reference. The fast paths go through custom ops
 `torch.ops.hope_kernels.titans_memory_linear(q, k, v, alpha, eta, theta, W0, S0, chunk_size, backend)
 -> (o, Ws, Ss)` and `titans_memory_mlp(q, k, v, alpha, eta, theta, W1, W2, S1, S2, chunk_size, backend)
 -> (o, W1s, W2s, S1s, S2s)` (chunk-boundary states (B, H, N+1, ., .)), whose backwards are the custom ops
@@ -31,7 +32,7 @@ __all__ = ["titans_memory", "titans_token_loop", "titans_chunked", "LINEAR_BACKE
 _OP = "titans_memory"
 # Backends with a forward AND backward for the linear memory (a backend appears here only when both pass tests).
 LINEAR_BACKENDS: Tuple[str, ...] = ("reference", "cpu", "triton", "cuda")
-MLP_BACKENDS: Tuple[str, ...] = ("reference", "triton")
+MLP_BACKENDS: Tuple[str, ...] = ("reference", "cpu", "triton")
 MEMORIES = ("linear", "mlp")
 # Triton MLP kernels: D = dk = dv and dh at most MLP_MAX_D (four (D, dh) state tiles, eight in backward, live in
 # registers), chunk_size at most MLP_MAX_CHUNK.
@@ -235,6 +236,8 @@ def _setup_context(ctx, inputs, output):
     _, Ws, Ss = output
     ctx.save_for_backward(q, k, v, alpha, eta, theta, Ws, Ss)
     ctx.chunk_size, ctx.backend = chunk_size, backend
+    # unused outputs' gradients stay None: materialised, the boundary states' would be (B, H, N+1, dk, dv) zeros
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, do, dWs, dSs):
@@ -256,12 +259,15 @@ _linear_op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------- fast-path custom op (MLP memory)
 # hope_kernels::titans_memory_mlp(q, k, v, alpha, eta, theta, W1, W2, S1, S2, chunk_size, backend)
 #     -> (o, W1s, W2s, S1s, S2s): the chunk-boundary states (B, H, N+1, ., .). backend "triton" runs the Triton
-# kernels; any other value the explicit PyTorch forward/backward of reference.py (tests: "explicit").
+# kernels, "cpu" the C++ ones (csrc/titans_cpu.cpp); any other value the explicit PyTorch forward/backward of
+# reference.py (tests: "explicit").
 
 def _mlp_fwd_impl(backend, q, k, v, alpha, eta, theta, W1, W2, S1, S2, chunk_size):
     if backend == "triton":
         from hope_kernels.ops.titans.triton import titans_mlp_fwd_triton
         return titans_mlp_fwd_triton(q, k, v, alpha, eta, theta, W1, W2, S1, S2, chunk_size)
+    if backend == "cpu":
+        return torch.ops.hope_kernels.titans_mlp_fwd(q, k, v, alpha, eta, theta, W1, W2, S1, S2, chunk_size)
     acc = W1.dtype
     o, *bs = titans_mlp_chunked_fwd(*(x.to(acc) for x in (q, k, v)), alpha, eta, theta, W1, W2, S1, S2, chunk_size)
     return (o.to(q.dtype), *bs)
@@ -296,6 +302,9 @@ def _mlp_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: t
         from hope_kernels.ops.titans.triton import titans_mlp_bwd_triton
         return tuple(titans_mlp_bwd_triton(q, k, v, alpha, eta, theta, W1s, W2s, S1s, S2s, do, dW1T, dW2T, dS1T,
                                            dS2T, chunk_size))
+    if backend == "cpu":
+        return tuple(torch.ops.hope_kernels.titans_mlp_bwd(q, k, v, alpha, eta, theta, W1s, W2s, S1s, S2s, do, dW1T,
+                                                           dW2T, dS1T, dS2T, chunk_size))
     acc = W1s.dtype
     g = titans_mlp_chunked_bwd(*(x.to(acc) for x in (q, k, v)), alpha, eta, theta, W1s, W2s, S1s, S2s, do.to(acc),
                                dW1T, dW2T, dS1T, dS2T, chunk_size)
@@ -314,6 +323,7 @@ def _mlp_setup_context(ctx, inputs, output):
     q, k, v, alpha, eta, theta, W1, W2, S1, S2, chunk_size, backend = inputs
     ctx.save_for_backward(q, k, v, alpha, eta, theta, *output[1:])
     ctx.chunk_size, ctx.backend = chunk_size, backend
+    ctx.set_materialize_grads(False)   # as the linear op: no zeros of the boundary states' shape
 
 
 def _mlp_backward(ctx, do, *dstates):
@@ -345,7 +355,7 @@ def titans_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torc
     memory="linear": M_W(x) = x W. State (W, S), each (B, H, dk, dv); zeros when initial_state is None.
     memory="mlp": M(x) = x + silu(x W1) W2 (residual, dk == dv). The hidden width dh and the initial weights
         come from initial_state = (W1, W2, S1, S2), REQUIRED: W1, S1 (B, H, dk, dh); W2, S2 (B, H, dh, dv).
-        Backends: reference and triton.
+        Backends: reference, cpu and triton.
     Returns (o (B, H, L, dv) in q's dtype, final_state): final_state is None unless output_final_state, else
     the state tuple in the accumulation dtype (float32; float64 for float64 inputs).
     Gradients flow to q, k, v, alpha, eta, theta and initial_state. On cpu and triton the gradient to a gate
