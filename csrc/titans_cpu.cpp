@@ -14,7 +14,8 @@
 // recomputes each chunk's inside from its boundary state, runs the block backwards (the MLP: layer 2, layer 1, then
 // the chain through the inner gradient) and the gate step. The gate gradients take the log-derivative form of
 // docs/titans.md, as the other chunked paths: relative error about eps / gate near an edge.
-// Products: gemm_acc (csrc/cpu_matmul.h), compiled for the baseline ISA and for AVX2 + FMA, picked at run time.
+// Products: gemm_acc / gemm_tn_acc (csrc/cpu_matmul.h), compiled for the baseline ISA and for AVX2 + FMA, picked at
+// run time.
 // Math in float32 (float64 for float64 inputs); o and the q, k, v, gate gradients come back in their input dtype,
 // the states in the accumulation dtype.
 #include <ATen/ATen.h>
@@ -26,6 +27,7 @@
 #include <cstdlib>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_matmul.h"
@@ -55,89 +57,85 @@ T* take(std::vector<T>& v, int64_t n) {
 }
 
 // Gate coefficients of one chunk (vectors (C), matrices (C, C) row-major, zero above the diagonal) and, for the
-// backward, the gradients of the coefficients summed over the chunk's blocks.
+// backward, the gradients of the coefficients summed over the chunk's blocks (db, df, dCm, dr = d Dm[n-1, :],
+// dmn = d m_{n-1}) and the adjoints the gate step carries (gc, gd).
 template <typename T>
 struct Gates {
   int64_t C;
-  std::vector<T> va, ve, vb, vm, vf, vDb, vDm, vCm, vdb, vdf, vdCm, vdr, vT, vdDb, vdDm, vdm, vdg;
-  T *a, *e, *b, *m, *f, *Db, *Dm, *Cm;
-  T *db = nullptr, *df = nullptr, *dCm = nullptr, *dr = nullptr, *Tr = nullptr, *dDb = nullptr, *dDm = nullptr,
-    *dm = nullptr, *dg = nullptr;
+  std::vector<T> va, ve, vb, vm, vf, vDm, vCm, vdb, vdf, vdCm, vdr, vgc, vgd;
+  T *a, *e, *b, *m, *f, *Dm, *Cm;
+  T *db = nullptr, *df = nullptr, *dCm = nullptr, *dr = nullptr, *gc = nullptr, *gd = nullptr;
   T dmn = 0;
 
   Gates(int64_t C_, bool backward) : C(C_) {
     const int64_t CC = C * C;
     a = take(va, C), e = take(ve, C), b = take(vb, C), m = take(vm, C), f = take(vf, C);
-    Db = take(vDb, CC), Dm = take(vDm, CC), Cm = take(vCm, CC);
+    Dm = take(vDm, CC), Cm = take(vCm, CC);
     if (backward) {
-      db = take(vdb, C), df = take(vdf, C), dr = take(vdr, C), dm = take(vdm, C), dg = take(vdg, C);
-      dCm = take(vdCm, CC), Tr = take(vT, CC), dDb = take(vdDb, CC), dDm = take(vdDm, CC);
+      db = take(vdb, C), df = take(vdf, C), dr = take(vdr, C), gc = take(vgc, C), gd = take(vgd, C);
+      dCm = take(vdCm, CC);
     }
   }
 };
 
-// D[t, j] = prod_{l=j+1..t} x_l for j <= t, 0 above the diagonal (a masked cumulative product: exact at a gate 0).
-template <typename T>
-HK_INLINE void segment_products(const T* x, T* D, int64_t n, int64_t C) {
-  for (int64_t t = 0; t < n; ++t) {
-    T* row = D + t * C;
-    if (t > 0) {
-      const T* prev = row - C;
-      for (int64_t j = 0; j < t; ++j) row[j] = prev[j] * x[t];
-    }
-    row[t] = 1;
-    std::fill(row + t + 1, row + n, T(0));
-  }
-}
-
+// The coefficients by their recurrences over the chunk (products only, no division: exact at a gate 0):
+//   b_t = a_t b_{t-1}, m_t = e_t m_{t-1}, f_t = a_t f_{t-1} + m_t,
+//   Dm[t, i] = e_t Dm[t-1, i] (i < t), Dm[t, t] = 1,   Cm[t, i] = a_t Cm[t-1, i] + Dm[t, i] (i < t), Cm[t, t] = 1
+// (Cm = Db Dm and f = Db m of docs/titans.md, Db[t, j] = prod_{l=j+1..t} a_l, summed from the left).
 template <int VB, typename T>
 HK_INLINE void chunk_gates(Gates<T>& g, const T* alpha, const T* eta, int64_t n) {
   const int64_t C = g.C;
-  T pb = 1, pm = 1;
+  T pb = 1, pm = 1, pf = 0;
   for (int64_t t = 0; t < n; ++t) {
-    g.a[t] = 1 - alpha[t];
-    g.e[t] = eta[t];
-    pb *= g.a[t];
-    pm *= g.e[t];
+    const T at = 1 - alpha[t], et = eta[t];
+    g.a[t] = at;
+    g.e[t] = et;
+    pb *= at;
+    pm *= et;
+    pf = at * pf + pm;
     g.b[t] = pb;
     g.m[t] = pm;
+    g.f[t] = pf;
+    T *dm = g.Dm + t * C, *cm = g.Cm + t * C;
+    if (t > 0) {
+      const T *dp = dm - C, *cp = cm - C;
+#pragma omp simd
+      for (int64_t i = 0; i < t; ++i) dm[i] = et * dp[i], cm[i] = at * cp[i] + et * dp[i];
+    }
+    dm[t] = cm[t] = 1;
+    std::fill(dm + t + 1, dm + n, T(0));
+    std::fill(cm + t + 1, cm + n, T(0));
   }
-  segment_products(g.a, g.Db, n, C);
-  segment_products(g.e, g.Dm, n, C);
-  for (int64_t t = 0; t < n; ++t) g.f[t] = dot(g.Db + t * C, g.m, t + 1);
-  zero(g.Cm, C, n, n);
-  gemm_acc<VB>(g.Cm, C, g.Db, C, g.Dm, C, n, n, n, /*lower_n=*/true, /*lower_p=*/true);
 }
 
 // Scratch of one dual block: sized for dx, dy <= d.
 template <typename T>
 struct Block {
-  std::vector<T> v[14];
+  std::vector<T> v[12];
   T *XP, *XA, *nP, *CG;
-  T *AdPS = nullptr, *nPT = nullptr, *GT = nullptr, *DRG = nullptr, *dXA = nullptr, *dXAT = nullptr, *BF = nullptr,
-    *PST = nullptr, *dPST = nullptr, *XT = nullptr;
+  T *AdPS = nullptr, *GT = nullptr, *DRG = nullptr, *dXA = nullptr, *BF = nullptr, *UV = nullptr, *PT = nullptr,
+    *dPST = nullptr;
 
   Block(int64_t C, int64_t d, bool backward) {
     const int64_t CC = C * C;
     XP = take(v[0], C * 2 * d), XA = take(v[1], CC), nP = take(v[2], CC), CG = take(v[3], C * 2 * d);
     if (backward) {
-      AdPS = take(v[4], C * 2 * d), nPT = take(v[5], CC), GT = take(v[6], d * C), DRG = take(v[7], CC);
-      dXA = take(v[8], CC), dXAT = take(v[9], CC), BF = take(v[10], C * 2 * d), PST = take(v[11], 2 * d * d);
-      dPST = take(v[12], 2 * d * d), XT = take(v[13], d * C);
+      AdPS = take(v[4], C * 2 * d), GT = take(v[5], d * C), DRG = take(v[6], CC), dXA = take(v[7], CC);
+      BF = take(v[8], C * 2 * d), UV = take(v[9], C * 2 * d), PT = take(v[10], 2 * d * d);
+      dPST = take(v[11], 2 * d * d);
     }
   }
 };
 
 // ---------------------------------------------------------------------------------------------- dual block
 
-// The read of a block: XP = X [P0 | Pf] (n, 2dy), XA = X A^T, nP = -(Cm o XA) (n, n; nP zero above the diagonal) and,
-// when R != nullptr, R = b o (X P0) + f o (X Pf) + nP G (n, dy). X (n, dx) with row stride ldx, AT = A^T (dx, C).
+// The read of a block: XA = X A^T, nP = -(Cm o XA) (n, n; nP zero above the diagonal) and, when R != nullptr,
+// XP = X [P0 | Pf] (n, 2dy) and R = b o (X P0) + f o (X Pf) + nP G (n, dy). X (n, dx) with row stride ldx,
+// AT = A^T (dx, C).
 template <int VB, typename T>
 HK_INLINE void block_read(const Gates<T>& g, Block<T>& s, const T* X, int64_t ldx, const T* AT, const T* G,
                           const T* PS, int64_t n, int64_t dx, int64_t dy, T* R, int64_t ldr) {
   const int64_t C = g.C;
-  zero(s.XP, 2 * dy, n, 2 * dy);
-  gemm_acc<VB>(s.XP, 2 * dy, X, ldx, PS, 2 * dy, n, dx, 2 * dy);
   zero(s.XA, C, n, n);
   gemm_acc<VB>(s.XA, C, X, ldx, AT, C, n, dx, n, /*lower_n=*/true);
   for (int64_t t = 0; t < n; ++t) {
@@ -147,6 +145,8 @@ HK_INLINE void block_read(const Gates<T>& g, Block<T>& s, const T* X, int64_t ld
     std::fill(np + t + 1, np + n, T(0));
   }
   if (R == nullptr) return;
+  zero(s.XP, 2 * dy, n, 2 * dy);
+  gemm_acc<VB>(s.XP, 2 * dy, X, ldx, PS, 2 * dy, n, dx, 2 * dy);
   for (int64_t t = 0; t < n; ++t) {
     const T bt = g.b[t], ft = g.f[t];
     const T* xp = s.XP + t * 2 * dy;
@@ -170,9 +170,9 @@ HK_INLINE void end_coefficients(const Gates<T>& g, const T* G, int64_t n, int64_
   }
 }
 
-// The end state of a block: PSn = [b_n P0 + f_n Pf | m_n Pf] + A^T CG (dx, 2dy).
+// The end state of a block: PSn = [b_n P0 + f_n Pf | m_n Pf] + A^T CG (dx, 2dy); A (n, dx), row stride lda.
 template <int VB, typename T>
-HK_INLINE void block_end(const Gates<T>& g, Block<T>& s, const T* AT, const T* G, const T* PS, int64_t n,
+HK_INLINE void block_end(const Gates<T>& g, Block<T>& s, const T* A, int64_t lda, const T* G, const T* PS, int64_t n,
                          int64_t dx, int64_t dy, T* PSn) {
   end_coefficients(g, G, n, dy, s.CG);
   const T bn = g.b[n - 1], fn = g.f[n - 1], mn = g.m[n - 1];
@@ -182,18 +182,21 @@ HK_INLINE void block_end(const Gates<T>& g, Block<T>& s, const T* AT, const T* G
 #pragma omp simd
     for (int64_t j = 0; j < dy; ++j) q[j] = bn * p[j] + fn * p[dy + j], q[dy + j] = mn * p[dy + j];
   }
-  gemm_acc<VB>(PSn, 2 * dy, AT, g.C, s.CG, 2 * dy, dx, n, 2 * dy);
+  gemm_tn_acc<VB>(PSn, 2 * dy, A, lda, s.CG, 2 * dy, dx, n, 2 * dy);
 }
 
-// Backward of one block (docs/titans.md, "Backward"), after block_read filled s.XP, s.XA, s.nP. dR (n, dy) and
+// Backward of one block (docs/titans.md, "Backward"), after block_read filled s.XA, s.nP. dR (n, dy) and
 // dPS = [dWn | dSn] (dx, 2dy) are the gradients of its read and end state. Writes dX, dA (n, dx; row strides ldx),
 // dG (n, dy) and dPSp = [dP0 | dPf] (dx, 2dy, including m_n dSn), and adds the gate pieces to g.db, g.df, g.dmn,
-// g.dCm, g.dr. Leaves s.PST = [P0 | Pf]^T (2dy, dx), whose first dy rows are P0^T.
+// g.dCm, g.dr. Leaves s.PT = [P0^T | Pf^T] (dy, 2dx), whose first dx columns are P0^T.
+// [U | V] = dR [P0^T | Pf^T] gives both dX's state terms (b o U + f o V) and db_t = X_t.U_t, df_t = X_t.V_t, so X P0
+// is not recomputed. The products with transposed operands (nP^T, dXA^T, X^T) read them in place (gemm_tn_acc),
+// the triangles' zero parts skipped.
 template <int VB, typename T>
 HK_INLINE void block_bwd(Gates<T>& g, Block<T>& s, const T* X, int64_t ldx, const T* A, const T* AT, const T* G,
                          const T* PS, const T* dR, int64_t ldr, const T* dPS, int64_t n, int64_t dx, int64_t dy,
                          T* dX, T* dA, T* dG, T* dPSp) {
-  const int64_t C = g.C, d2 = 2 * dy;
+  const int64_t C = g.C, d2 = 2 * dy, x2 = 2 * dx;
   const T *c = g.Cm + (n - 1) * C, *r = g.Dm + (n - 1) * C;
   // A [dWn | dSn]; dG = -(Cm o XA)^T dR - c o (A dWn) - r o (A dSn)
   zero(s.AdPS, d2, n, d2);
@@ -208,8 +211,7 @@ HK_INLINE void block_bwd(Gates<T>& g, Block<T>& s, const T* X, int64_t ldx, cons
     g.dCm[(n - 1) * C + i] -= dot(ad, gi, dy);
     g.dr[i] -= dot(ad + dy, gi, dy);
   }
-  transpose(s.nP, C, s.nPT, C, n, n);
-  gemm_acc<VB>(dG, dy, s.nPT, C, dR, ldr, n, n, dy);
+  gemm_tn_acc<VB>(dG, dy, s.nP, C, dR, ldr, n, n, dy, /*upper=*/true);
   // dP = -tril(dR G^T): dXA = dP o Cm, dCm += dP o XA
   transpose(G, dy, s.GT, C, n, dy);
   zero(s.DRG, C, n, n);
@@ -224,27 +226,32 @@ HK_INLINE void block_bwd(Gates<T>& g, Block<T>& s, const T* X, int64_t ldx, cons
     }
     std::fill(dxa + t + 1, dxa + n, T(0));
   }
-  // dX = dXA A + [b o dR | f o dR] [P0^T; Pf^T]
+  // [U | V] = dR [P0^T | Pf^T];  dX = b o U + f o V + dXA A;  db += rowsum(X o U), df += rowsum(X o V)
+  for (int64_t a = 0; a < dx; ++a) {
+    const T* p = PS + a * d2;
+    for (int64_t j = 0; j < dy; ++j) s.PT[j * x2 + a] = p[j], s.PT[j * x2 + dx + a] = p[dy + j];
+  }
+  zero(s.UV, x2, n, x2);
+  gemm_acc<VB>(s.UV, x2, dR, ldr, s.PT, x2, n, dy, x2);
   for (int64_t t = 0; t < n; ++t) {
     const T bt = g.b[t], ft = g.f[t];
-    const T* dr = dR + t * ldr;
+    const T *u = s.UV + t * x2, *xt = X + t * ldx, *dr = dR + t * ldr;
+    T* dxt = dX + t * ldx;
+#pragma omp simd
+    for (int64_t a = 0; a < dx; ++a) dxt[a] = bt * u[a] + ft * u[dx + a];
+    g.db[t] += dot(xt, u, dx);
+    g.df[t] += dot(xt, u + dx, dx);
     T* bf = s.BF + t * d2;
 #pragma omp simd
     for (int64_t j = 0; j < dy; ++j) bf[j] = bt * dr[j], bf[dy + j] = ft * dr[j];
-    g.db[t] += dot(dr, s.XP + t * d2, dy);
-    g.df[t] += dot(dr, s.XP + t * d2 + dy, dy);
   }
-  transpose(PS, d2, s.PST, dx, dx, d2);
-  zero(dX, ldx, n, dx);
-  gemm_acc<VB>(dX, ldx, s.BF, d2, s.PST, dx, n, d2, dx);
   gemm_acc<VB>(dX, ldx, s.dXA, C, A, ldx, n, n, dx, false, /*lower_p=*/true);
   // dA = dXA^T X - [c o G | r o G] [dWn^T; dSn^T]
   end_coefficients(g, G, n, dy, s.CG);
   transpose(dPS, d2, s.dPST, dx, dx, d2);
-  transpose(s.dXA, C, s.dXAT, C, n, n);
   zero(dA, ldx, n, dx);
   gemm_acc<VB>(dA, ldx, s.CG, d2, s.dPST, dx, n, d2, dx);
-  gemm_acc<VB>(dA, ldx, s.dXAT, C, X, ldx, n, n, dx);
+  gemm_tn_acc<VB>(dA, ldx, s.dXA, C, X, ldx, n, n, dx, /*upper=*/true);
   // [dP0 | dPf] = X^T [b o dR | f o dR] + [b_n dWn | f_n dWn + m_n dSn]; <dWn, P0>, <dWn, Pf>, <dSn, Pf> to the gates
   const T bn = g.b[n - 1], fn = g.f[n - 1], mn = g.m[n - 1];
   T dbn = 0, dfn = 0, dmn = 0;
@@ -260,54 +267,45 @@ HK_INLINE void block_bwd(Gates<T>& g, Block<T>& s, const T* X, int64_t ldx, cons
   g.db[n - 1] += dbn;
   g.df[n - 1] += dfn;
   g.dmn += dmn;
-  transpose(X, ldx, s.XT, C, n, dx);
-  gemm_acc<VB>(dPSp, d2, s.XT, C, s.BF, d2, dx, n, d2);
+  gemm_tn_acc<VB>(dPSp, d2, X, ldx, s.BF, d2, dx, n, d2);
 }
 
-// Gradients to alpha, eta of one chunk from those of its coefficients (docs/titans.md, "Gate coefficients"):
-// dDb = tril(dCm Dm^T + df m^T), dDm = tril(Db^T dCm) + dr in row n-1, dm = Db^T df + dmn in n-1, then the
-// log-derivative form dg_t = rowsum_t(dD o D) - colsum_t(dD o D) + d(b or m)_t (b or m)_t, reverse-summed and divided
-// by the gate. Clears the pieces for the next chunk.
-template <int VB, typename T>
+// Gradients to alpha, eta of one chunk from those of its coefficients: the adjoints of chunk_gates' recurrences,
+// walked back from t = n-1 (products only, so exact also at a gate 0). With a_n = e_n = 0:
+//   Gb_t = db_t + a_{t+1} Gb_{t+1},  Gf_t = df_t + a_{t+1} Gf_{t+1},  Gm_t = Gf_t + [t = n-1] dmn + e_{t+1} Gm_{t+1}
+//   Gc_t[i] = dCm[t, i] + a_{t+1} Gc_{t+1}[i],   Gd_t[i] = Gc_t[i] + [t = n-1] dr_i + e_{t+1} Gd_{t+1}[i]   (i < t)
+//   d a_t = Gb_t b_{t-1} + Gf_t f_{t-1} + sum_{i<t} Gc_t[i] Cm[t-1, i],   d e_t = Gm_t m_{t-1} + sum_{i<t} Gd_t[i] Dm[t-1, i]
+// and dalpha = -d a, deta = d e. Clears the pieces for the next chunk.
+template <typename T>
 HK_INLINE void gate_bwd(Gates<T>& g, int64_t n, T* dalpha, T* deta) {
   const int64_t C = g.C;
-  const T tiny = std::numeric_limits<T>::min();
-  transpose(g.Dm, C, g.Tr, C, n, n);
-  zero(g.dDb, C, n, n);
-  gemm_acc<VB>(g.dDb, C, g.dCm, C, g.Tr, C, n, n, n, /*lower_n=*/true, /*lower_p=*/true);
-  transpose(g.Db, C, g.Tr, C, n, n);
-  zero(g.dDm, C, n, n);
-  gemm_acc<VB>(g.dDm, C, g.Tr, C, g.dCm, C, n, n, n, /*lower_n=*/true);
-  for (int64_t t = 0; t < n; ++t) {
-    T* row = g.dDb + t * C;
-    const T dft = g.df[t];
-    for (int64_t j = 0; j <= t; ++j) row[j] += dft * g.m[j];
-  }
-  for (int64_t j = 0; j < n; ++j) g.dDm[(n - 1) * C + j] += g.dr[j];
-  for (int64_t t = 0; t < n; ++t) {
-    T s = 0;
-    for (int64_t j = t; j < n; ++j) s += g.Db[j * C + t] * g.df[j];
-    g.dm[t] = s;
-  }
-  g.dm[n - 1] += g.dmn;
-  for (int pass = 0; pass < 2; ++pass) {
-    const T *dD = pass == 0 ? g.dDb : g.dDm, *D = pass == 0 ? g.Db : g.Dm;
-    const T *dv = pass == 0 ? g.db : g.dm, *v = pass == 0 ? g.b : g.m;
-    for (int64_t t = 0; t < n; ++t) g.dg[t] = dv[t] * v[t];
-    for (int64_t t = 0; t < n; ++t)
-      for (int64_t j = 0; j <= t; ++j) {
-        const T x = dD[t * C + j] * D[t * C + j];
-        g.dg[t] += x;
-        g.dg[j] -= x;
-      }
-    T run = 0;
-    for (int64_t l = n - 1; l >= 0; --l) {
-      run += g.dg[l];
-      if (pass == 0)
-        dalpha[l] = -run / std::max(g.a[l], tiny);
-      else
-        deta[l] = run / std::max(g.e[l], tiny);
+  T gb = 0, gf = 0, gm = 0;
+  std::fill(g.gc, g.gc + n, T(0));
+  std::fill(g.gd, g.gd + n, T(0));
+  for (int64_t t = n - 1; t >= 0; --t) {
+    const T an = t + 1 < n ? g.a[t + 1] : T(0), en = t + 1 < n ? g.e[t + 1] : T(0);
+    gb = g.db[t] + an * gb;
+    gf = g.df[t] + an * gf;
+    gm = gf + (t == n - 1 ? g.dmn : T(0)) + en * gm;
+    T da = gb * (t > 0 ? g.b[t - 1] : T(1)) + gf * (t > 0 ? g.f[t - 1] : T(0));
+    T de = gm * (t > 0 ? g.m[t - 1] : T(1));
+    if (t == 0) {
+      dalpha[0] = -da;
+      deta[0] = de;
+      break;
     }
+    const T *dcm = g.dCm + t * C, *cp = g.Cm + (t - 1) * C, *dp = g.Dm + (t - 1) * C;
+    const T* dr = t == n - 1 ? g.dr : nullptr;
+    for (int64_t i = 0; i < t; ++i) {
+      const T gci = dcm[i] + an * g.gc[i];
+      const T gdi = gci + (dr != nullptr ? dr[i] : T(0)) + en * g.gd[i];
+      g.gc[i] = gci;
+      g.gd[i] = gdi;
+      da += gci * cp[i];
+      de += gdi * dp[i];
+    }
+    dalpha[t] = -da;
+    deta[t] = de;
   }
   std::fill(g.db, g.db + n, T(0));
   std::fill(g.df, g.df + n, T(0));
@@ -386,7 +384,7 @@ HK_INLINE void linear_fwd_head(LinearWork<T>& w, const LinearHead<T>& h) {
     chunk_gates<VB>(w.g, h.al + s0, h.et + s0, n);
     linear_inner<VB>(w, K, h.v + s0 * dv, h.th + s0, n, dk, dv);
     block_read<VB>(w.g, w.s, Q, dk, w.KT, w.G, w.PS, n, dk, dv, h.o + s0 * dv, dv);
-    block_end<VB>(w.g, w.s, w.KT, w.G, w.PS, n, dk, dv, w.PSn);
+    block_end<VB>(w.g, w.s, K, dk, w.G, w.PS, n, dk, dv, w.PSn);
     std::swap(w.PS, w.PSn);
     split_pair(w.PS, h.Ws + (c + 1) * S, h.Ss + (c + 1) * S, dk, dv);
   }
@@ -415,9 +413,9 @@ HK_INLINE void linear_bwd_head(LinearWork<T>& w, const LinearHead<T>& h) {
 #pragma omp simd
       for (int64_t j = 0; j < dv; ++j) dg[j] *= th[t], dvt[j] = -dg[j];
     }
-    gemm_acc<VB>(dkc, dk, w.dG, dv, w.s.PST, dk, n, dv, dk);      // dE W^T (PST's first dv rows are W^T)
-    gemm_acc<VB>(dPSp, 2 * dv, w.KT, C, w.dG, dv, dk, n, dv);    // K^T dE to dW
-    gate_bwd<VB>(w.g, n, h.dal + s0, h.det + s0);
+    gemm_acc<VB>(dkc, dk, w.dG, dv, w.s.PT, 2 * dk, n, dv, dk);    // dE W^T (PT's first dk columns are W^T)
+    gemm_tn_acc<VB>(dPSp, 2 * dv, K, dk, w.dG, dv, dk, n, dv);   // K^T dE to dW
+    gate_bwd(w.g, n, h.dal + s0, h.det + s0);
     std::swap(dPS, dPSp);
   }
   split_pair(dPS, h.dW, h.dS, dk, dv);
@@ -440,8 +438,9 @@ template <typename T>
 struct MlpWork {
   Gates<T> g;
   Block<T> s1, s2;
-  std::vector<T> v[24];
-  T *KT, *Z, *Hk, *SP, *E, *Y, *GZ, *G1, *G2, *Zq, *Hq, *HkT, *PS1, *PS2, *PSn1, *PSn2, *W2T, *W1T;
+  std::vector<T> v[26];
+  // SZ = sigmoid(Z), SQ = sigmoid(Zq): kept for silu' and silu'' in the backward
+  T *KT, *Z, *SZ, *Hk, *SP, *E, *Y, *GZ, *G1, *G2, *Zq, *SQ, *Hq, *HkT, *PS1, *PS2, *PSn1, *PSn2, *W2T, *W1T;
   T *dHq = nullptr, *dHk = nullptr, *dG1 = nullptr, *dG2 = nullptr, *dY = nullptr, *dZ = nullptr;
 
   MlpWork(int64_t C, int64_t D, int64_t dh, bool backward)
@@ -451,6 +450,7 @@ struct MlpWork {
     G2 = take(v[8], C * D), Zq = take(v[9], C * dh), Hq = take(v[10], C * dh), HkT = take(v[11], dh * C);
     PS1 = take(v[12], D * 2 * dh), PS2 = take(v[13], dh * 2 * D), PSn1 = take(v[14], D * 2 * dh);
     PSn2 = take(v[15], dh * 2 * D), W2T = take(v[16], D * dh), W1T = take(v[17], dh * D);
+    SZ = take(v[24], C * dh), SQ = take(v[25], C * dh);
     if (backward) {
       dHq = take(v[18], C * dh), dHk = take(v[19], C * dh), dG1 = take(v[20], C * dh), dG2 = take(v[21], C * D);
       dY = take(v[22], C * dh), dZ = take(v[23], C * dh);
@@ -458,9 +458,62 @@ struct MlpWork {
   }
 };
 
-template <typename T>
-HK_INLINE T sigmoid(T z) {
-  return T(1) / (T(1) + std::exp(-z));
+// e^x for float without a libm call, written once for scalars and for vectors (V): 2^k e^r with k = round(x / ln 2)
+// (by adding and subtracting 1.5 * 2^23), r = x - k ln 2 (ln 2 in two parts, |r| <= ln 2 / 2) and e^r by its Taylor
+// polynomial to degree 7 (truncation below 5e-9); x clamped to [-87, 88], so 2^k stays a normal float. Relative
+// error about 1e-7. In place (a vector argument by value would change the calling convention without AVX).
+template <typename V, typename I>
+HK_INLINE void exp_f32(V& x) {
+  const V lo = V{} - 87.0f, hi = V{} + 88.0f;
+  x = x < lo ? lo : x;   // NaN stays NaN
+  x = x > hi ? hi : x;
+  const V k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const V r = (x - k * 0.693359375f) - k * -2.12194440e-4f;
+  V p = r * (1.0f / 5040) + 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  I bits;
+  if constexpr (std::is_same_v<V, float>) {
+    bits = (static_cast<int32_t>(k) + 127) << 23;
+  } else {
+    bits = (__builtin_convertvector(k, I) + 127) << 23;
+  }
+  V scale;
+  std::memcpy(&scale, &bits, sizeof(V));
+  x = p * scale;
+}
+
+// s[i] = 1 / (1 + e^-z[i]), i < n: float through exp_f32, in VB-byte vectors; double through std::exp.
+template <int VB>
+HK_INLINE void sigmoid_n(const float* __restrict z, float* __restrict s, int64_t n) {
+  int64_t i = 0;
+#if defined(__GNUC__)
+  using V = typename Vec<float, VB>::type;
+  using I = typename Vec<int32_t, VB>::type;
+  constexpr int64_t W = VB / sizeof(float);
+  for (; i + W <= n; i += W) {
+    V x;
+    std::memcpy(&x, z + i, sizeof(V));
+    x = -x;
+    exp_f32<V, I>(x);
+    x = 1.0f / (1.0f + x);
+    std::memcpy(s + i, &x, sizeof(V));
+  }
+#endif
+  for (; i < n; ++i) {
+    float x = -z[i];
+    exp_f32<float, int32_t>(x);
+    s[i] = 1.0f / (1.0f + x);
+  }
+}
+
+template <int VB>
+HK_INLINE void sigmoid_n(const double* __restrict z, double* __restrict s, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) s[i] = 1.0 / (1.0 + std::exp(-z[i]));
 }
 
 // The inside of an MLP chunk from the start pairs PS1, PS2: Z = K W1, Hk = silu(Z), SP = silu'(Z),
@@ -473,8 +526,10 @@ HK_INLINE void mlp_inner(MlpWork<T>& w, const T* Q, const T* K, const T* V, cons
   transpose(K, D, w.KT, C, n, D);
   zero(w.Z, dh, n, dh);
   gemm_acc<VB>(w.Z, dh, K, D, w.PS1, 2 * dh, n, D, dh);
+  sigmoid_n<VB>(w.Z, w.SZ, n * dh);
+#pragma omp simd
   for (int64_t i = 0; i < n * dh; ++i) {
-    const T z = w.Z[i], s = sigmoid(z);
+    const T z = w.Z[i], s = w.SZ[i];
     w.Hk[i] = z * s;
     w.SP[i] = s * (1 + z * (1 - s));
   }
@@ -498,7 +553,9 @@ HK_INLINE void mlp_inner(MlpWork<T>& w, const T* Q, const T* K, const T* V, cons
     for (int64_t j = 0; j < D; ++j) w.G2[t * D + j] = tt * w.E[t * D + j];
   }
   block_read<VB>(w.g, w.s1, Q, D, w.KT, w.G1, w.PS1, n, D, dh, w.Zq, dh);
-  for (int64_t i = 0; i < n * dh; ++i) w.Hq[i] = w.Zq[i] * sigmoid(w.Zq[i]);
+  sigmoid_n<VB>(w.Zq, w.SQ, n * dh);
+#pragma omp simd
+  for (int64_t i = 0; i < n * dh; ++i) w.Hq[i] = w.Zq[i] * w.SQ[i];
   transpose(w.Hk, dh, w.HkT, C, n, dh);
   block_read<VB>(w.g, w.s2, w.Hq, dh, w.HkT, w.G2, w.PS2, n, dh, D, O, D);
   if (O == nullptr) return;
@@ -514,8 +571,8 @@ HK_INLINE void mlp_fwd_head(MlpWork<T>& w, const MlpHead<T>& h) {
     const int64_t n = std::min(C, h.L - s0);
     chunk_gates<VB>(w.g, h.al + s0, h.et + s0, n);
     mlp_inner<VB>(w, h.q + s0 * D, h.k + s0 * D, h.v + s0 * D, h.th + s0, n, D, dh, h.o + s0 * D);
-    block_end<VB>(w.g, w.s1, w.KT, w.G1, w.PS1, n, D, dh, w.PSn1);
-    block_end<VB>(w.g, w.s2, w.HkT, w.G2, w.PS2, n, dh, D, w.PSn2);
+    block_end<VB>(w.g, w.s1, h.k + s0 * D, D, w.G1, w.PS1, n, D, dh, w.PSn1);
+    block_end<VB>(w.g, w.s2, w.Hk, dh, w.G2, w.PS2, n, dh, D, w.PSn2);
     std::swap(w.PS1, w.PSn1);
     std::swap(w.PS2, w.PSn2);
     split_pair(w.PS1, h.W1s + (c + 1) * S, h.S1s + (c + 1) * S, D, dh);
@@ -542,8 +599,9 @@ HK_INLINE void mlp_bwd_head(MlpWork<T>& w, const MlpHead<T>& h) {
     T *dq = h.dq + s0 * D, *dkc = h.dk + s0 * D, *dvc = h.dv + s0 * D;
     // layer 2 (reads Hq, writes Hk), then layer 1 (reads Q, writes K) with dR = dHq o silu'(Zq)
     block_bwd<VB>(w.g, w.s2, w.Hq, dh, w.Hk, w.HkT, w.G2, w.PS2, dO, D, dPS2, n, dh, D, w.dHq, w.dHk, w.dG2, dPS2p);
+#pragma omp simd
     for (int64_t i = 0; i < n * dh; ++i) {
-      const T z = w.Zq[i], s = sigmoid(z);
+      const T z = w.Zq[i], s = w.SQ[i];
       w.dHq[i] *= s * (1 + z * (1 - s));
     }
     block_bwd<VB>(w.g, w.s1, Q, D, K, w.KT, w.G1, w.PS1, w.dHq, dh, dPS1, n, D, dh, dq, dkc, w.dG1, dPS1p);
@@ -552,9 +610,10 @@ HK_INLINE void mlp_bwd_head(MlpWork<T>& w, const MlpHead<T>& h) {
     for (int64_t t = 0; t < n; ++t) {
       const T tt = th[t];
       h.dth[s0 + t] = dot(w.dG1 + t * dh, w.GZ + t * dh, dh) + dot(w.dG2 + t * D, w.E + t * D, D);
+#pragma omp simd
       for (int64_t j = 0; j < dh; ++j) {
         const int64_t i = t * dh + j;
-        const T z = w.Z[i], s = sigmoid(z);
+        const T z = w.Z[i], s = w.SZ[i];
         const T dgz = tt * w.dG1[i];
         w.dY[i] = dgz * w.SP[i];
         w.dZ[i] = dgz * w.Y[i] * (s * (1 - s) * (2 + z * (1 - 2 * s)));
@@ -565,16 +624,15 @@ HK_INLINE void mlp_bwd_head(MlpWork<T>& w, const MlpHead<T>& h) {
     T* dE = w.dG2;
     gemm_acc<VB>(dE, D, w.dY, dh, w.PS2, 2 * D, n, dh, D);             // dE += dY W2
     // dW2 += dY^T E + Hk^T dE
-    transpose(w.dY, dh, w.s2.XT, C, n, dh);
-    gemm_acc<VB>(dPS2p, 2 * D, w.s2.XT, C, w.E, D, dh, n, D);
-    gemm_acc<VB>(dPS2p, 2 * D, w.HkT, C, dE, D, dh, n, D);
+    gemm_tn_acc<VB>(dPS2p, 2 * D, w.dY, dh, w.E, D, dh, n, D);
+    gemm_tn_acc<VB>(dPS2p, 2 * D, w.Hk, dh, dE, D, dh, n, D);
     gemm_acc<VB>(w.dHk, dh, dE, D, w.W2T, dh, n, D, dh);               // dHk += dE W2^T
     for (int64_t i = 0; i < n * dh; ++i) w.dZ[i] += w.dHk[i] * w.SP[i];
     transpose(w.PS1, 2 * dh, w.W1T, D, D, dh);                          // W1^T (dh, D)
     for (int64_t i = 0; i < n * D; ++i) dkc[i] += dE[i], dvc[i] = -dE[i];
     gemm_acc<VB>(dkc, D, w.dZ, dh, w.W1T, D, n, dh, D);                 // dK += dZ W1^T
-    gemm_acc<VB>(dPS1p, 2 * dh, w.KT, C, w.dZ, dh, D, n, dh);          // dW1 += K^T dZ
-    gate_bwd<VB>(w.g, n, h.dal + s0, h.det + s0);
+    gemm_tn_acc<VB>(dPS1p, 2 * dh, K, D, w.dZ, dh, D, n, dh);          // dW1 += K^T dZ
+    gate_bwd(w.g, n, h.dal + s0, h.det + s0);
     std::swap(dPS1, dPS1p);
     std::swap(dPS2, dPS2p);
   }

@@ -159,10 +159,11 @@ def _resolve(backend: str, memory: str, tensors, dh: int = 0, chunk_size: int = 
 # ---------------------------------------------------------------- fast-path custom op (linear memory)
 
 def _edge_gate_grads(g, alpha, eta, backend):
-    """The chunked backwards compute a gate's gradient as d(log gate) / gate (docs/titans.md, "Accuracy of the
-    gate gradients"): at a gate exactly at its edge (1 - alpha = 0 or eta = 0) that is rounding noise / tiny,
-    ~1e30. Return 0 there instead (finite; the true value is O(1)). The cuda kernel is exact there."""
-    if backend == "cuda":
+    """The triton and explicit chunked backwards compute a gate's gradient as d(log gate) / gate (docs/titans.md,
+    "Accuracy of the gate gradients"): at a gate exactly at its edge (1 - alpha = 0 or eta = 0) that is rounding
+    noise / tiny, ~1e30. Return 0 there instead (finite; the true value is O(1)). The cuda and cpu kernels
+    differentiate products only and are exact there."""
+    if backend in ("cuda", "cpu"):
         return tuple(g)
     return (*g[:3], torch.where(alpha == 1, 0.0, g[3]), torch.where(eta == 0, 0.0, g[4]), *g[5:])
 
@@ -358,9 +359,12 @@ def titans_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torc
         Backends: reference, cpu and triton.
     Returns (o (B, H, L, dv) in q's dtype, final_state): final_state is None unless output_final_state, else
     the state tuple in the accumulation dtype (float32; float64 for float64 inputs).
-    Gradients flow to q, k, v, alpha, eta, theta and initial_state. On cpu and triton the gradient to a gate
+    Gradients flow to q, k, v, alpha, eta, theta and initial_state. On triton the gradient to a gate
     g = 1 - alpha or eta has a relative error of about eps / g near its edge, and is 0 at g = 0 exactly (the
-    forward is exact); gradients through sigmoid-parametrised gates stay accurate (docs/titans.md).
+    forward is exact); gradients through sigmoid-parametrised gates stay accurate (docs/titans.md). reference,
+    cpu and cuda give exact gate gradients, at the edges too.
+    backend="cpu" (CPU tensors, both memories): the compiled C++ kernels, one fused chunk loop per (batch, head),
+    any shapes and chunk_size; auto takes it for CPU tensors when the extension is built.
     backend="triton": float32/bfloat16/float16 only (float64 raises TypeError); linear memory: dk, dv <= 128 and
     chunk_size <= 64; mlp memory: dk = dv, dh and chunk_size <= 64 (auto falls back to reference outside). A
     chunk_size above L is taken as L (the same result), so it never counts against these limits.
