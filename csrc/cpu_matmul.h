@@ -1,8 +1,9 @@
-// Small row-major matrix products for the per-head CPU kernels (csrc/dgd_cpu.cpp, csrc/titans_cpu.cpp).
+// Small row-major matrix products for the per-head CPU kernels (csrc/dgd_cpu.cpp, csrc/titans_*_cpu.cpp).
 //
 // Each kernel runs one task per (batch, head) and works on raw pointers to chunk-sized tiles. gemm_acc accumulates a
 // product in register tiles of 6 (or 4) rows x 2 vectors (GCC/clang vector extension; triangular operands skip their
-// zero parts), gemm_tn_acc the same with the left operand read transposed in place. The kernels that call it are compiled twice, for the baseline ISA (VB = 16-byte vectors) and for AVX2 + FMA
+// zero parts), gemm_tn_acc the same with the left operand read transposed in place. The kernels that call it are
+// compiled twice, for the baseline ISA (VB = 16-byte vectors) and for AVX2 + FMA
 // (VB = 32), and pick one at run time with use_avx2() (x86 with GCC or clang; HOPE_KERNELS_NO_AVX2=1 forces the
 // baseline build).
 #pragma once

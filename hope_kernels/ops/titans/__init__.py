@@ -4,7 +4,7 @@
 
 Semantics, closed form and shapes: hope_kernels/ops/titans/reference.py; backward derivation: docs/titans.md.
 Backends: reference (eager chunked closed form, autograd; the token loop when chunk_size == 1) for both
-memories; compiled C++ ("cpu", csrc/titans_cpu.cpp, both memories: one fused chunk loop per (batch, head)),
+memories; compiled C++ ("cpu", csrc/titans_{linear,mlp}_cpu.cpp, both memories: one fused chunk loop per (batch, head)),
 Triton ("triton", hope_kernels/ops/titans/triton.py: float32/bf16/fp16 inputs; linear: dk, dv <= 128,
 chunk_size <= 64; mlp: dk = dv, dh, chunk_size <= 64) and CUDA ("cuda", csrc/cuda/titans.cu, linear only: fused
 token-serial kernel, any chunk_size, float64/32/bf16/fp16, dk up to the device's shared memory, any dv) fast
@@ -260,7 +260,7 @@ _linear_op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------- fast-path custom op (MLP memory)
 # hope_kernels::titans_memory_mlp(q, k, v, alpha, eta, theta, W1, W2, S1, S2, chunk_size, backend)
 #     -> (o, W1s, W2s, S1s, S2s): the chunk-boundary states (B, H, N+1, ., .). backend "triton" runs the Triton
-# kernels, "cpu" the C++ ones (csrc/titans_cpu.cpp); any other value the explicit PyTorch forward/backward of
+# kernels, "cpu" the C++ ones (csrc/titans_*_cpu.cpp); any other value the explicit PyTorch forward/backward of
 # reference.py (tests: "explicit").
 
 def _mlp_fwd_impl(backend, q, k, v, alpha, eta, theta, W1, W2, S1, S2, chunk_size):
