@@ -2,7 +2,8 @@
 
     python benchmarks/targets.py ROWS.json        # prints the Markdown table; exit 0 whatever the verdicts
 
-Each target compares two rows of the same group, so both were measured in the same run on the same device.
+Each target compares two rows of the same group, so both were measured in the same run on the same device: their
+times, or their peak memory (`field="peak_mib"`).
 A target is listed when its suite left rows for that device in the run, and says "not measured" when one of
 its two rows is missing (a suite stopped at its time limit, a backend not built). summarize.py appends this
 table to every results .md; `hope-kernels bench` prints it after a CPU run.
@@ -73,10 +74,26 @@ def _peer_predictor_targets() -> list[Target]:
         Target(22, "AC real size fwd, time", "cpu", "predictor ac vjepa2-ac fwd B=1", "ours", "official", 1.2)]
 
 
+def _titans_cpu_targets() -> list[Target]:
+    """Issue 22, "Titans on CPU", at titans-pytorch NeuralMemory's configuration (B 2, 4 heads, head dim 64,
+    L 2064, MLP hidden 64; benchmarks/test_bench_titans.py, test_titans_cpu_peer). The linear memory's fused C++
+    loop against "explicit", the same chunked algorithm as ATen calls (what the C++ path ran before)."""
+    out = []
+    for C in (16, 64):
+        out += [Target(22, f"titans linear fwd+bwd C={C}, CPU, fused C++ vs ATen chain", "cpu", f"titans nm_C{C} (",
+                       "cpu", "explicit", 3.0),
+                Target(22, f"titans MLP fwd+bwd C={C}, CPU, vs NeuralMemory", "cpu", f"titans nm_C{C}_mlp (", "cpu",
+                       "neural_memory", 2.0),
+                Target(22, f"titans MLP fwd+bwd C={C}, CPU, NeuralMemory's peak memory / ours", "cpu",
+                       f"titans nm_C{C}_mlp (", "cpu", "neural_memory", 2.0, field="peak_mib")]
+    return out
+
+
 TARGETS: list[Target] = (
     _l1_kernel_targets() + _l1_cpu_targets() + _build_targets()
     + [Target(3, "L1 fwd+bwd float32, CPU", "cpu", f"l1 fwd+bwd {L1_SHAPE} float32", "cpu", "eager", 2.0)]
-    + _memory_targets(7, "dgd") + _memory_targets(8, "titans") + _peer_predictor_targets())
+    + _memory_targets(7, "dgd") + _memory_targets(8, "titans") + _peer_predictor_targets()
+    + _titans_cpu_targets())
 
 
 def _matches(target: Target, row: dict, suffix: str = "fwd_bwd") -> bool:
@@ -95,7 +112,8 @@ def _suite_ran(target: Target, rows: list[dict]) -> bool:
 
 def evaluate(rows: list[dict]) -> list[dict]:
     """One verdict per target whose suite ran on the target's device: what, backend, baseline, ratio (None when
-    a row is missing), bound, status ("met", "NOT met", "not measured: no <backend> row")."""
+    a row is missing), bound, status ("met", "NOT met", "not measured: no <backend> row"). A peak-memory target
+    needs both rows' peak_mib (a row without one counts as missing)."""
     out = []
     for t in TARGETS:
         if not _suite_ran(t, rows):
@@ -107,7 +125,7 @@ def evaluate(rows: list[dict]) -> list[dict]:
         missing = [b for b in (t.backend, t.baseline) if b not in ms]
         ratio = None if missing else ms[t.baseline] / ms[t.backend] if ms[t.backend] > 0 else float("inf")
         if missing:
-            status = f"not measured: no {' / '.join(missing)} row"
+            status = f"not measured: no {' / '.join(missing)} {'row' if t.field == 'ms' else 'peak memory'}"
         else:
             status = "met" if (ratio > t.bound if t.ahead else ratio >= t.bound) else "NOT met"
         out.append(dict(issue=t.issue, what=t.what, backend=t.backend, baseline=t.baseline, ratio=ratio,

@@ -1,8 +1,9 @@
-// Small row-major matrix products for the per-head CPU kernels (csrc/dgd_cpu.cpp, csrc/titans_cpu.cpp).
+// Small row-major matrix products for the per-head CPU kernels (csrc/dgd_cpu.cpp, csrc/titans_*_cpu.cpp).
 //
 // Each kernel runs one task per (batch, head) and works on raw pointers to chunk-sized tiles. gemm_acc accumulates a
-// product in register tiles of 4 rows x 2 vectors (GCC/clang vector extension; triangular operands skip their zero
-// parts). The kernels that call it are compiled twice, for the baseline ISA (VB = 16-byte vectors) and for AVX2 + FMA
+// product in register tiles of 6 (or 4) rows x 2 vectors (GCC/clang vector extension; triangular operands skip their
+// zero parts), gemm_tn_acc the same with the left operand read transposed in place. The kernels that call it are
+// compiled twice, for the baseline ISA (VB = 16-byte vectors) and for AVX2 + FMA
 // (VB = 32), and pick one at run time with use_avx2() (x86 with GCC or clang; HOPE_KERNELS_NO_AVX2=1 forces the
 // baseline build).
 #pragma once
@@ -14,8 +15,10 @@
 
 #if defined(__GNUC__)
 #define HK_INLINE __attribute__((always_inline)) inline
+#define HK_NOINLINE __attribute__((noinline))
 #else
 #define HK_INLINE inline
+#define HK_NOINLINE
 #endif
 #if defined(__GNUC__) && defined(__x86_64__)
 #define HK_AVX2_CLONE 1
@@ -58,59 +61,148 @@ struct Vec {
 };
 #endif
 
-// Y (m, n) += A (m, p) B (p, n), row-major with leading dimensions, in 4 x (2 VB bytes) register tiles.
-// lower_n: row r only needs columns < r (the others may hold anything afterwards);
-// lower_p / upper_p: A[r, a] = 0 for a >= r / a <= r (the caller zero-fills it), so the inner sum stops at the
+// Rows r .. r+MR-1 of Y (m, n) += A B over a in [pb, pe) and columns [0, ne): register tiles of MR rows x 2 VB-byte
+// vectors (2 MR accumulators), the last columns (fewer than two vectors) by accum_rows. TA: A is stored transposed,
+// A[i, a] = At[a * lda + i], so a tile's MR coefficients sit side by side in one row of At.
+template <int VB, int MR, bool TA, typename T>
+HK_INLINE void gemm_rows(T* __restrict Y, int64_t ldy, const T* __restrict A, int64_t lda, const T* __restrict B,
+                         int64_t ldb, int64_t r, int64_t pb, int64_t pe, int64_t ne) {
+  int64_t j = 0;
+#if defined(__GNUC__)
+  using V = typename Vec<T, VB>::type;
+  constexpr int64_t W = VB / sizeof(T), NR = 2 * W;
+  for (; j + NR <= ne; j += NR) {
+    V s[MR][2] = {};  // kept in registers (12 of the 16 AVX2 registers at MR = 6)
+    for (int64_t a = pb; a < pe; ++a) {
+      V b0, b1;
+      std::memcpy(&b0, B + a * ldb + j, sizeof(V));
+      std::memcpy(&b1, B + a * ldb + j + W, sizeof(V));
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i) {
+        const T x = TA ? A[a * lda + r + i] : A[(r + i) * lda + a];
+        s[i][0] += x * b0;
+        s[i][1] += x * b1;
+      }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i)
+      for (int h = 0; h < 2; ++h) {
+        T* y = Y + (r + i) * ldy + j + h * W;
+        V cur;
+        std::memcpy(&cur, y, sizeof(V));
+        cur += s[i][h];
+        std::memcpy(y, &cur, sizeof(V));
+      }
+  }
+#endif
+  if (j < ne)
+    for (int64_t i = r; i < r + MR; ++i) {
+      if (TA) {
+        T* yi = Y + i * ldy + j;
+        for (int64_t a = pb; a < pe; ++a) {
+          const T x = A[a * lda + i];
+          const T* b = B + a * ldb + j;
+#pragma omp simd
+          for (int64_t c = 0; c < ne - j; ++c) yi[c] += x * b[c];
+        }
+      } else {
+        accum_rows(Y + i * ldy + j, A + i * lda + pb, B + pb * ldb + j, ldb, pe - pb, ne - j);
+      }
+    }
+}
+
+// Y (m, n) += A (m, p) B (p, n), row-major with leading dimensions, in tiles of 6 (then 4) rows x 2 VB-byte vectors
+// (gemm_rows; rows left over by the tiles, fewer than 4, by accum_rows).
+// lower_n: row r only needs columns <= r (the others may hold anything afterwards);
+// lower_p / upper_p: A[r, a] = 0 for a > r / a <= r (the caller zero-fills it), so the inner sum stops at the
 // tile's last row / starts after its first row.
 template <int VB, typename T>
-HK_INLINE void gemm_acc(T* __restrict Y, int64_t ldy, const T* __restrict A, int64_t lda, const T* __restrict B,
-                        int64_t ldb, int64_t m, int64_t p, int64_t n, bool lower_n = false, bool lower_p = false,
-                        bool upper_p = false) {
-  constexpr int64_t MR = 4, NR = 2 * VB / sizeof(T);
-  for (int64_t r = 0; r < m; r += MR) {
-    const int64_t ne = lower_n ? std::min(n, r + MR) : n, pe = lower_p ? std::min(p, r + MR) : p;
-    const int64_t pb = upper_p ? std::min(p, r + 1) : 0;
-    if (r + MR > m) {
-      for (int64_t i = r; i < m; ++i) accum_rows(Y + i * ldy, A + i * lda + pb, B + pb * ldb, ldb, pe - pb, ne);
-      continue;
-    }
-    const T *a0 = A + r * lda, *a1 = a0 + lda, *a2 = a1 + lda, *a3 = a2 + lda;
-    T* y[MR] = {Y + r * ldy, Y + (r + 1) * ldy, Y + (r + 2) * ldy, Y + (r + 3) * ldy};
-    int64_t j = 0;
-#if defined(__GNUC__)
-    using V = typename Vec<T, VB>::type;
-    constexpr int64_t W = NR / 2;
-    for (; j + NR <= ne; j += NR) {
-      V s[MR][2] = {};  // eight accumulators, kept in registers
-      for (int64_t a = pb; a < pe; ++a) {
-        V b0, b1;
-        std::memcpy(&b0, B + a * ldb + j, sizeof(V));
-        std::memcpy(&b1, B + a * ldb + j + W, sizeof(V));
-        const T x0 = a0[a], x1 = a1[a], x2 = a2[a], x3 = a3[a];
-        s[0][0] += x0 * b0, s[0][1] += x0 * b1;
-        s[1][0] += x1 * b0, s[1][1] += x1 * b1;
-        s[2][0] += x2 * b0, s[2][1] += x2 * b1;
-        s[3][0] += x3 * b0, s[3][1] += x3 * b1;
-      }
-      for (int64_t i = 0; i < MR; ++i)
-        for (int64_t h = 0; h < 2; ++h) {
-          V cur;
-          std::memcpy(&cur, y[i] + j + h * W, sizeof(V));
-          cur += s[i][h];
-          std::memcpy(y[i] + j + h * W, &cur, sizeof(V));
-        }
-    }
-#endif
-    if (j < ne)
-      for (int64_t i = 0; i < MR; ++i)
-        accum_rows(y[i] + j, A + (r + i) * lda + pb, B + pb * ldb + j, ldb, pe - pb, ne - j);
+HK_INLINE void gemm_acc_body(T* __restrict Y, int64_t ldy, const T* __restrict A, int64_t lda, const T* __restrict B,
+                             int64_t ldb, int64_t m, int64_t p, int64_t n, bool lower_n, bool lower_p, bool upper_p) {
+  int64_t r = 0;
+  for (; r + 6 <= m; r += 6)
+    gemm_rows<VB, 6, false>(Y, ldy, A, lda, B, ldb, r, upper_p ? std::min(p, r + 1) : 0,
+                            lower_p ? std::min(p, r + 6) : p, lower_n ? std::min(n, r + 6) : n);
+  for (; r + 4 <= m; r += 4)
+    gemm_rows<VB, 4, false>(Y, ldy, A, lda, B, ldb, r, upper_p ? std::min(p, r + 1) : 0,
+                            lower_p ? std::min(p, r + 4) : p, lower_n ? std::min(n, r + 4) : n);
+  for (; r < m; ++r) {
+    const int64_t pb = upper_p ? std::min(p, r + 1) : 0, pe = lower_p ? std::min(p, r + 1) : p;
+    accum_rows(Y + r * ldy, A + r * lda + pb, B + pb * ldb, ldb, pe - pb, lower_n ? std::min(n, r + 1) : n);
   }
 }
 
+// Y (m, n) += A^T B with A stored (p, m) row-major (lda) and B (p, n): gemm_acc's tiles with a tile's coefficients
+// read side by side from one row of A (no transposed copy of A). upper: A[a, i] = 0 for a < i (A^T upper triangular
+// with its diagonal, e.g. A lower triangular), so the sum of a tile of rows r.. starts at a = r.
+template <int VB, typename T>
+HK_INLINE void gemm_tn_acc_body(T* __restrict Y, int64_t ldy, const T* __restrict A, int64_t lda,
+                                const T* __restrict B, int64_t ldb, int64_t m, int64_t p, int64_t n, bool upper) {
+  int64_t r = 0;
+  for (; r + 6 <= m; r += 6) gemm_rows<VB, 6, true>(Y, ldy, A, lda, B, ldb, r, upper ? std::min(p, r) : 0, p, n);
+  for (; r + 4 <= m; r += 4) gemm_rows<VB, 4, true>(Y, ldy, A, lda, B, ldb, r, upper ? std::min(p, r) : 0, p, n);
+  for (; r < m; ++r) gemm_rows<VB, 1, true>(Y, ldy, A, lda, B, ldb, r, upper ? std::min(p, r) : 0, p, n);
+}
+
+// gemm_acc and gemm_tn_acc are compiled once per (VB, T), out of line (VB = 32 with target("avx2,fma")): the per-head
+// kernels call them dozens of times per chunk, and inlined at every call they made those kernels hundreds of KB of
+// code.
+#define HK_GEMM_PARAMS                                                                                         \
+  T *__restrict Y, int64_t ldy, const T *__restrict A, int64_t lda, const T *__restrict B, int64_t ldb, int64_t m, \
+      int64_t p, int64_t n
+#define HK_GEMM_ARGS Y, ldy, A, lda, B, ldb, m, p, n
+template <typename T>
+HK_NOINLINE void gemm_acc_v16(HK_GEMM_PARAMS, bool lower_n, bool lower_p, bool upper_p) {
+  gemm_acc_body<16>(HK_GEMM_ARGS, lower_n, lower_p, upper_p);
+}
+template <typename T>
+HK_NOINLINE void gemm_tn_acc_v16(HK_GEMM_PARAMS, bool upper) { gemm_tn_acc_body<16>(HK_GEMM_ARGS, upper); }
+#ifdef HK_AVX2_CLONE
+template <typename T>
+HK_NOINLINE __attribute__((target("avx2,fma"))) void gemm_acc_v32(HK_GEMM_PARAMS, bool lower_n, bool lower_p,
+                                                                   bool upper_p) {
+  gemm_acc_body<32>(HK_GEMM_ARGS, lower_n, lower_p, upper_p);
+}
+template <typename T>
+HK_NOINLINE __attribute__((target("avx2,fma"))) void gemm_tn_acc_v32(HK_GEMM_PARAMS, bool upper) {
+  gemm_tn_acc_body<32>(HK_GEMM_ARGS, upper);
+}
+#endif
+
+template <int VB, typename T>
+HK_INLINE void gemm_acc(HK_GEMM_PARAMS, bool lower_n = false, bool lower_p = false, bool upper_p = false) {
+#ifdef HK_AVX2_CLONE
+  if constexpr (VB == 32) return gemm_acc_v32<T>(HK_GEMM_ARGS, lower_n, lower_p, upper_p);
+#endif
+  static_assert(VB == 16 || VB == 32, "vector bytes: 16 (baseline) or 32 (AVX2)");
+  gemm_acc_v16<T>(HK_GEMM_ARGS, lower_n, lower_p, upper_p);
+}
+
+template <int VB, typename T>
+HK_INLINE void gemm_tn_acc(HK_GEMM_PARAMS, bool upper = false) {
+#ifdef HK_AVX2_CLONE
+  if constexpr (VB == 32) return gemm_tn_acc_v32<T>(HK_GEMM_ARGS, upper);
+#endif
+  gemm_tn_acc_v16<T>(HK_GEMM_ARGS, upper);
+}
+#undef HK_GEMM_PARAMS
+#undef HK_GEMM_ARGS
+
+// dst[j, a] = src[a, j] for a < rows, j < cols; eight source rows at a time (each destination row is written in
+// runs of eight, the eight source rows stay in cache).
 template <typename T>
 HK_INLINE void transpose(const T* __restrict src, int64_t lds, T* __restrict dst, int64_t ldd, int64_t rows,
-                         int64_t cols) {  // dst[j, a] = src[a, j]
-  for (int64_t a = 0; a < rows; ++a)
+                         int64_t cols) {
+  constexpr int64_t kRows = 8;
+  int64_t a0 = 0;
+  for (; a0 + kRows <= rows; a0 += kRows) {
+    const T* s = src + a0 * lds;
+    for (int64_t j = 0; j < cols; ++j) {
+      T* d = dst + j * ldd + a0;
+      for (int64_t a = 0; a < kRows; ++a) d[a] = s[a * lds + j];
+    }
+  }
+  for (int64_t a = a0; a < rows; ++a)
     for (int64_t j = 0; j < cols; ++j) dst[j * ldd + a] = src[a * lds + j];
 }
 

@@ -104,6 +104,28 @@ def test_issue22_l1_floor_and_build_targets():
         T["markdown"](rows))
 
 
+def test_titans_cpu_targets_of_issue_22():
+    """The linear fused loop against the ATen-chain algorithm (3x), the MLP memory against NeuralMemory: time (2x)
+    and peak memory (NeuralMemory's / ours, 2x); a row without a peak leaves only the memory target unmeasured."""
+    lin, mlp = "titans nm_C16 (2, 4, 2064, 64) C=16 fwd_bwd", "titans nm_C16_mlp (2, 4, 2064, 64) C=16 fwd_bwd"
+    rows = [_row(lin, "explicit", 90.0, "cpu"), _row(lin, "cpu", 10.0, "cpu"),
+            dict(_row(mlp, "neural_memory", 300.0, "cpu"), peak_mib=100.0), dict(_row(mlp, "cpu", 200.0, "cpu"),
+                                                                                  peak_mib=40.0),
+            dict(_row(mlp.replace("16", "64"), "cpu", 1.0, "cpu"), peak_mib=10.0),
+            _row(mlp.replace("16", "64"), "neural_memory", 3.0, "cpu")]
+    v = _verdicts(rows)
+    assert v[("titans linear fwd+bwd C=16, CPU, fused C++ vs ATen chain", "cpu", "explicit")]["status"] == "met"
+    t = v[("titans MLP fwd+bwd C=16, CPU, vs NeuralMemory", "cpu", "neural_memory")]
+    assert t["ratio"] == 1.5 and t["status"] == "NOT met"
+    m = v[("titans MLP fwd+bwd C=16, CPU, NeuralMemory's peak memory / ours", "cpu", "neural_memory")]
+    assert m["ratio"] == 2.5 and m["status"] == "met"
+    assert v[("titans MLP fwd+bwd C=64, CPU, vs NeuralMemory", "cpu", "neural_memory")]["status"] == "met"
+    assert (v[("titans MLP fwd+bwd C=64, CPU, NeuralMemory's peak memory / ours", "cpu", "neural_memory")]["status"]
+            == "not measured: no neural_memory peak memory")
+    assert (v[("titans linear fwd+bwd C=64, CPU, fused C++ vs ATen chain", "cpu", "explicit")]["status"]
+            == "not measured: no cpu / explicit row")
+
+
 def test_rows_file_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="do not exist"):
         T["load_rows"](str(tmp_path / "none.json"))

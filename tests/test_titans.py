@@ -267,9 +267,9 @@ MEMORY_PATHS = [("linear", b) for b in ALL] + [("mlp", b) for b in ("reference",
 
 @pytest.mark.parametrize("memory,backend", MEMORY_PATHS)
 def test_gate_exactly_at_edge_gradient_finite(memory, backend):
-    """1 - alpha = 0 and eta = 0 at one token each: the chunked fast paths cannot recover those two gates'
-    gradients (d log g / g at g = 0) and return 0 there, not rounding noise / tiny (~1e30); every other gradient
-    matches the token loop."""
+    """1 - alpha = 0 and eta = 0 at one token each: the log-derivative chunked paths (triton) cannot recover those
+    two gates' gradients (d log g / g at g = 0) and return 0 there, not rounding noise / tiny (~1e30); cpu and the
+    reference are exact there. Every other gradient matches the token loop."""
     x, st = make(B=1, H=1, L=6, dk=6, dv=6, dtype=torch.float32, state=True, mlp_dh=5 if memory == "mlp" else None)
     x[3][..., 3], x[4][..., 1] = 1.0, 0.0
     _, gref = grads_of(loop_fn(4, memory), [t.double() for t in x], [s.double() for s in st])
@@ -579,6 +579,23 @@ def test_cpu_linear_wide_heads_match_token_loop(C, shape, dtype):
     out, g = grads_of(op_fn(C, "cpu"), x, st)
     assert_close_all(out, ref, TOL[dtype], f"cpu linear {dtype} forward")
     assert_close_all(g, gref, TOL[dtype] * 10, f"cpu linear {dtype} grads")
+
+
+@needs_cpp
+@pytest.mark.parametrize("memory", ["linear", "mlp"])
+def test_cpu_gate_edges_exact_gradients(memory):
+    """alpha = 1 and eta = 0 inside a chunk, and gates within 1e-7 of their edge: the C++ backward differentiates
+    the recurrences of the gate coefficients (products only, no division by a gate), so even the gate gradients
+    match autograd through the token loop, float64 and float32."""
+    x, st = make(B=1, H=2, L=23, dk=5, dv=5, state=True, mlp_dh=4 if memory == "mlp" else None)
+    x[3][..., 5], x[4][..., 2], x[4][..., 9] = 1.0, 0.0, 0.0
+    x[3][..., 12], x[4][..., 15] = 1 - 1e-7, 1e-7
+    for C in (1, 8):
+        ref, gref = grads_of(loop_fn(C, memory), x, st)
+        for dtype in (torch.float64, torch.float32):
+            out, g = grads_of(op_fn(C, "cpu", memory), [t.to(dtype) for t in x], [s.to(dtype) for s in st])
+            assert_close_all(out, ref, TOL[dtype], f"edge forward C={C} {dtype}")
+            assert_close_all(g, gref, TOL[dtype] * 10, f"edge grads C={C} {dtype}")
 
 
 @needs_cpp

@@ -4,7 +4,7 @@
 
 Semantics, closed form and shapes: hope_kernels/ops/titans/reference.py; backward derivation: docs/titans.md.
 Backends: reference (eager chunked closed form, autograd; the token loop when chunk_size == 1) for both
-memories; compiled C++ ("cpu", csrc/titans_cpu.cpp, both memories: one fused chunk loop per (batch, head)),
+memories; compiled C++ ("cpu", csrc/titans_{linear,mlp}_cpu.cpp, both memories: one fused chunk loop per (batch, head)),
 Triton ("triton", hope_kernels/ops/titans/triton.py: float32/bf16/fp16 inputs; linear: dk, dv <= 128,
 chunk_size <= 64; mlp: dk = dv, dh, chunk_size <= 64) and CUDA ("cuda", csrc/cuda/titans.cu, linear only: fused
 token-serial kernel, any chunk_size, float64/32/bf16/fp16, dk up to the device's shared memory, any dv) fast
@@ -159,10 +159,11 @@ def _resolve(backend: str, memory: str, tensors, dh: int = 0, chunk_size: int = 
 # ---------------------------------------------------------------- fast-path custom op (linear memory)
 
 def _edge_gate_grads(g, alpha, eta, backend):
-    """The chunked backwards compute a gate's gradient as d(log gate) / gate (docs/titans.md, "Accuracy of the
-    gate gradients"): at a gate exactly at its edge (1 - alpha = 0 or eta = 0) that is rounding noise / tiny,
-    ~1e30. Return 0 there instead (finite; the true value is O(1)). The cuda kernel is exact there."""
-    if backend == "cuda":
+    """The triton and explicit chunked backwards compute a gate's gradient as d(log gate) / gate (docs/titans.md,
+    "Accuracy of the gate gradients"): at a gate exactly at its edge (1 - alpha = 0 or eta = 0) that is rounding
+    noise / tiny, ~1e30. Return 0 there instead (finite; the true value is O(1)). The cuda and cpu kernels
+    differentiate products only and are exact there."""
+    if backend in ("cuda", "cpu"):
         return tuple(g)
     return (*g[:3], torch.where(alpha == 1, 0.0, g[3]), torch.where(eta == 0, 0.0, g[4]), *g[5:])
 
@@ -259,7 +260,7 @@ _linear_op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------- fast-path custom op (MLP memory)
 # hope_kernels::titans_memory_mlp(q, k, v, alpha, eta, theta, W1, W2, S1, S2, chunk_size, backend)
 #     -> (o, W1s, W2s, S1s, S2s): the chunk-boundary states (B, H, N+1, ., .). backend "triton" runs the Triton
-# kernels, "cpu" the C++ ones (csrc/titans_cpu.cpp); any other value the explicit PyTorch forward/backward of
+# kernels, "cpu" the C++ ones (csrc/titans_*_cpu.cpp); any other value the explicit PyTorch forward/backward of
 # reference.py (tests: "explicit").
 
 def _mlp_fwd_impl(backend, q, k, v, alpha, eta, theta, W1, W2, S1, S2, chunk_size):
@@ -358,9 +359,12 @@ def titans_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torc
         Backends: reference, cpu and triton.
     Returns (o (B, H, L, dv) in q's dtype, final_state): final_state is None unless output_final_state, else
     the state tuple in the accumulation dtype (float32; float64 for float64 inputs).
-    Gradients flow to q, k, v, alpha, eta, theta and initial_state. On cpu and triton the gradient to a gate
+    Gradients flow to q, k, v, alpha, eta, theta and initial_state. On triton the gradient to a gate
     g = 1 - alpha or eta has a relative error of about eps / g near its edge, and is 0 at g = 0 exactly (the
-    forward is exact); gradients through sigmoid-parametrised gates stay accurate (docs/titans.md).
+    forward is exact); gradients through sigmoid-parametrised gates stay accurate (docs/titans.md). reference,
+    cpu and cuda give exact gate gradients, at the edges too.
+    backend="cpu" (CPU tensors, both memories): the compiled C++ kernels, one fused chunk loop per (batch, head),
+    any shapes and chunk_size; auto takes it for CPU tensors when the extension is built.
     backend="triton": float32/bfloat16/float16 only (float64 raises TypeError); linear memory: dk, dv <= 128 and
     chunk_size <= 64; mlp memory: dk = dv, dh and chunk_size <= 64 (auto falls back to reference outside). A
     chunk_size above L is taken as L (the same result), so it never counts against these limits.

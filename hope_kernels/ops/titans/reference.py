@@ -189,7 +189,7 @@ def titans_chunked(q, k, v, alpha, eta, theta, *, chunk_size: int = 16, memory: 
 
 # ---------------------------------------------------------------------------------------------------------
 # Explicit chunked forward / backward of the linear memory: the derivation of docs/titans.md written in
-# PyTorch, no autograd. The compiled CPU kernel (csrc/titans_cpu.cpp) is this algorithm on ATen; the test
+# PyTorch, no autograd. The compiled CPU kernels (csrc/titans_*_cpu.cpp) run this algorithm; the test
 # `test_explicit_backward_matches_autograd` checks it against autograd through the token loop.
 # ---------------------------------------------------------------------------------------------------------
 
