@@ -150,14 +150,19 @@ def _batch_indices(step: int, n: int, batch: int, seed: int) -> torch.Tensor:
     return perm[k * batch:(k + 1) * batch]
 
 
-def _collate(ds, idx, device):
+def _collate(ds, idx, device, nonfinite: list | None = None):
+    """-> z (b, T, N, D), a (b, T, A), s (b, T, S) or None on `device`. `nonfinite`, if given, receives the names
+    of the inputs holding NaN or inf, checked on the host before the copy (no device synchronisation)."""
     items = [ds[int(i)] for i in idx]
-    z = torch.stack([torch.as_tensor(it["latents"]) for it in items]).float().to(device)
-    a = torch.stack([torch.as_tensor(it["actions"]) for it in items]).float().to(device)
-    s = None
-    if items[0].get("states") is not None and getattr(ds, "state_dim", 0):
-        s = torch.stack([torch.as_tensor(it["states"]) for it in items]).float().to(device)
-    return z, a, s
+    out = {"latents": None, "actions": None, "states": None}
+    for name in out:
+        if name == "states" and not (items[0].get("states") is not None and getattr(ds, "state_dim", 0)):
+            continue
+        x = torch.stack([torch.as_tensor(it[name]) for it in items]).float()
+        if nonfinite is not None and not torch.isfinite(x).all():
+            nonfinite.append(name)
+        out[name] = x.to(device)
+    return out["latents"], out["actions"], out["states"]
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -397,7 +402,8 @@ def _train(cfg: TrainConfig, dataset, ckpt_path, log_path, rank: int, world: int
     np.random.seed(cfg.seed)
     model = build_predictor(cfg.model, cfg.preset, enc_dim=ds.enc_dim, grid=tuple(ds.grid),
                             action_dim=ds.action_dim, state_dim=ds.state_dim, **cfg.overrides).to(device)
-    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
+    # fused: the only AdamW that honours found_inf, which skips a non-finite step on the device (below)
+    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), fused=True)
     start, history = 0, []
     cms = _CMSPeriods(model, cfg.cms_train_periods)
     if cfg.resume:
@@ -429,69 +435,97 @@ def _train(cfg: TrainConfig, dataset, ckpt_path, log_path, rank: int, world: int
     if cfg.progress and rank == 0:
         from tqdm.auto import tqdm
         bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.model}", unit="step")
+    # A step queues its work and leaves its numbers on the device: the host reads them (one synchronisation,
+    # marked "sync" below) only at log steps, checkpoint steps and the last step. A non-finite batch, loss or
+    # gradient norm skips that step's update on the device (AdamW's found_inf, as torch.amp.GradScaler uses it);
+    # the next read names the first such step and stops before any later checkpoint is written. Non-finite inputs
+    # are found on the host, before the copy to the device, and stop at once.
+    pending: list[tuple[int, float, float, torch.Tensor]] = []   # (step, lr, w, stats)
     t_last, ckpt_written = time.perf_counter(), None
 
-    def stop(what):   # reads the loop's current step and last checkpoint when called
+    def stop(step: int, what: str):
         if bar is not None:
             bar.close()
         raise RuntimeError(f"training stopped at step {step + 1}: {what}; no checkpoint was written for this "
                            f"step" + (f" (last good checkpoint: {ckpt_written})" if ckpt_written else ""))
 
+    def flush():
+        """Reads the pending steps' numbers (one sync), stops at the first non-finite one, logs the others."""
+        nonlocal t_last
+        if not pending:
+            return
+        rows = torch.stack([p[-1] for p in pending]).tolist()   # sync
+        now = time.perf_counter()
+        rate = cfg.batch_size * len(pending) / max(now - t_last, 1e-9)   # the mean over the flushed steps
+        t_last = now
+        for (step, lr, w, _), (l_all, l_tf, l_ro, gn, bad) in zip(pending, rows):
+            if bad:
+                if not math.isfinite(l_all):
+                    stop(step, f"loss is {l_all} (not finite)")
+                if not math.isfinite(gn):
+                    stop(step, f"gradient norm is {gn} (not finite); parameters left as they were")
+                stop(step, "another process's loss or gradient norm is not finite")
+            rec = {"step": step + 1, "loss": l_all, "tf": l_tf, "rollout": l_ro, "rollout_w": w, "lr": lr,
+                   "grad_norm": None if cfg.grad_clip <= 0 else gn, "clips_per_s": rate}
+            history.append(rec)
+            if rank == 0 and log_path:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+        if bar is not None:
+            bar.update(len(pending))
+            bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", clips_s=f"{rate:.1f}")
+        pending.clear()
+
+    no_norm = torch.zeros((), device=device)
     for step in range(start, cfg.steps):
         lr = lr_at(step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
         idx = _batch_indices(step, len(ds), cfg.batch_size, cfg.seed)[rank * local:(rank + 1) * local]
-        z, a, s = _collate(ds, idx, device)
-        # non-finite inputs are named with their clips here: inside the model an op would only see, say, a NaN
-        # memory gate
-        bad = [name for name, x in (("latents", z), ("actions", a), ("states", s))
-               if x is not None and not torch.isfinite(x).all()]
-        if bad:
-            stop(f"the batch's {' and '.join(bad)} contain NaN or inf (dataset clips {idx.tolist()})")
+        bad_in: list[str] = []
+        z, a, s = _collate(ds, idx, device, bad_in)
+        # non-finite inputs are named with their clips here: inside the model an op would only see, say, a NaN gate
+        if bad_in:
+            flush()   # an earlier pending step may have gone wrong first
+            stop(step, f"the batch's {' and '.join(bad_in)} contain NaN or inf (dataset clips {idx.tolist()})")
         w = rollout_weight(step, cfg.steps, cfg.rollout_w0, cfg.rollout_w1, cfg.rollout_schedule)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            if sequential:
-                losses = _sequence_losses(model, z, a, s, cfg, step, cfg.rollout_steps if w > 0 else 0)
-            else:
-                losses = prediction_losses(model, z, a, s, cfg.rollout_steps if w > 0 else 0, cfg.rollout_score)
-            loss = losses["tf"] + w * losses["rollout"]
-        finite = torch.isfinite(loss.detach()).float()
-        if world > 1:
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if finite.item() < 1:
-            stop(f"loss is {loss.item()} (not finite)")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        try:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                if sequential:
+                    losses = _sequence_losses(model, z, a, s, cfg, step, cfg.rollout_steps if w > 0 else 0)
+                else:
+                    losses = prediction_losses(model, z, a, s, cfg.rollout_steps if w > 0 else 0, cfg.rollout_score)
+                loss = losses["tf"] + w * losses["rollout"]
+            loss.backward()
+        except Exception:
+            flush()   # a pending non-finite step (a NaN memory carried on, say) is the better answer
+            raise
         if world > 1:
             _allreduce_grads(model, world)
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
-        if gnorm is not None and not torch.isfinite(gnorm):
-            # clipping would scale every gradient by NaN: the step would poison all parameters
-            stop(f"gradient norm is {gnorm.item()} (not finite); parameters left as they were")
+        gnorm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0
+                 else no_norm)
+        # clipping by a NaN norm scales every gradient by NaN: found_inf keeps such a step off the parameters
+        bad = ~torch.isfinite(loss.detach()) | ~torch.isfinite(gnorm.detach())
+        if world > 1:   # every process skips the update if any one must
+            bad = bad.float()
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        opt.found_inf = bad.float()
         cms.apply(step)
         opt.step()
         if sequential:
             model.detach_memory()
-        stats = torch.stack([loss.detach().float(), losses["tf"].detach().float(), losses["rollout"].detach().float()])
+        stats = torch.stack([loss.detach().float(), losses["tf"].detach().float(), losses["rollout"].detach().float(),
+                             gnorm.detach().float(), opt.found_inf])
         if world > 1:  # log the global-batch mean, as one process would
-            dist.all_reduce(stats)
-            stats /= world
-        l_all, l_tf, l_ro = stats.tolist()
-        rec = {"step": step + 1, "loss": l_all, "tf": l_tf, "rollout": l_ro, "rollout_w": w, "lr": lr,
-               "grad_norm": None if gnorm is None else float(gnorm)}
-        now = time.perf_counter()
-        rec["clips_per_s"] = cfg.batch_size / max(now - t_last, 1e-9)
-        t_last = now
-        history.append(rec)
-        if rank == 0:
-            if log_path:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", clips_s=f"{rec['clips_per_s']:.1f}")
-        if ckpt_path and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps):
+            mean = stats[:4].clone()
+            dist.all_reduce(mean)
+            stats = torch.cat([mean / world, stats[4:]])
+        pending.append((step, lr, w, stats))
+        is_ckpt = bool(ckpt_path) and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps)
+        if is_ckpt or (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            flush()
+        if is_ckpt:
             if rank == 0:
                 ckpt_written = save_checkpoint(ckpt_path, model, opt, step + 1, cfg, cms.acc)
             if world > 1:
