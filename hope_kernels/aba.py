@@ -44,7 +44,7 @@ import torch
 
 from hope_kernels import pretrained
 from hope_kernels.adapt import PRIVILEGED, STRATEGIES, StreamLog, adapt_stream
-from hope_kernels.config import is_int, read_config_file
+from hope_kernels.config import is_int, read_config_or_shipped, shipped_dir
 from hope_kernels.data.format import KNOWN_PHASES
 from hope_kernels.io import FolderLock, remove_temp_files
 from hope_kernels.metrics import aggregate, mean_ci, paired_difference, phase_means, run_metrics
@@ -52,7 +52,7 @@ from hope_kernels.report import atomic_write_json, markdown_report, write_result
 
 __all__ = ["Hooks", "Results", "run_aba", "load_config", "select_runs", "CONFIG_DIR", "METRICS"]
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = shipped_dir()   # hope_kernels/configs (package data): the presets aba_<name>.yaml
 METRICS = ("tf", "rollout")
 _PAIRED = ("A1", "B", "A2", "forgetting", "speed_oracle", "speed_floor")
 _TOP_KEYS = ("preset", "data", "seeds", "device", "threads", "workers", "model_preset", "stream", "pretrain", "adapt",
@@ -67,14 +67,10 @@ _STREAM_KEYS = ("phases", "clips_per_phase", "heldout_per_phase")
 # ------------------------------------------------------------------------------------------ config
 
 def load_config(preset_or_path: str, **overrides: Any) -> dict:
-    """Read configs/aba_<preset>.yaml (or a YAML/JSON file path) and apply top-level overrides."""
-    p = Path(preset_or_path)
-    if not p.suffix:
-        p = CONFIG_DIR / f"aba_{preset_or_path}.yaml"
-    if not p.is_file():
-        known = sorted(x.stem[4:] for x in CONFIG_DIR.glob("aba_*.yaml"))
-        raise FileNotFoundError(f"no A-B-A config at {p} (presets: {known})")
-    cfg = read_config_file(p)
+    """Read the shipped preset hope_kernels/configs/aba_<preset>.yaml (a name: no suffix, no folder part) or a
+    YAML/JSON file path, and apply top-level overrides. An unknown preset name raises FileNotFoundError listing
+    the shipped presets."""
+    cfg = read_config_or_shipped(preset_or_path, prefix="aba_", what="A-B-A preset")
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     return validate_config(cfg)
 
@@ -340,6 +336,7 @@ class _Models:
         if shipped:
             src = {"source": "shipped", "path": shipped["path"],
                    "note": f"shipped weights ({shipped.get('dtype')}, {shipped.get('steps')} steps)"}
+            self.say(f"{name}: {src['note']} from {shipped['path']}", note=False)
         elif (info and _fingerprint(info.get("spec")) == _fingerprint(spec)
                 and self._marked(info).is_file()):
             src = {"source": "checkpoint", "path": str(self._marked(info)),
@@ -421,7 +418,7 @@ def _adapt_and_write(model, stream, job: dict, hooks) -> dict:
 
 def run_aba(config: dict, hooks: Hooks | None = None, out: str | Path | None = None,
             progress: bool | None = None) -> Results:
-    """Run the whole A-B-A experiment described by `config` (see configs/aba_quick.yaml) into `out`
+    """Run the whole A-B-A experiment described by `config` (see hope_kernels/configs/aba_quick.yaml) into `out`
     (default config["out"]). Resumable: finished (run, seed) logs are kept and skipped. With config["workers"]
     > 1 (and the default hooks) the stream runs go to that many processes of `threads` threads each."""
     cfg = validate_config(copy.deepcopy(config))
@@ -448,8 +445,10 @@ def _run_locked(cfg: dict, hooks: Hooks, custom_hooks: bool, out: Path, progress
     t0 = time.perf_counter()
     notes: list[str] = []
 
-    def say(msg: str) -> None:
-        notes.append(msg)
+    def say(msg: str, note: bool = True) -> None:
+        """Tell the user (stderr); `note`: also keep it in results.json's notes."""
+        if note:
+            notes.append(msg)
         print(f"hope-kernels aba: {msg}", file=sys.stderr, flush=True)
 
     data_cfg = cfg.get("data", {}) or {}

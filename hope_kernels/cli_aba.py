@@ -5,7 +5,8 @@ from __future__ import annotations
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--preset", default="quick", help="quick | paper (configs/aba_<preset>.yaml)")
+    parser.add_argument("--preset", default="quick",
+                        help="a preset shipped with the package: quick | paper (hope_kernels/configs/aba_<name>.yaml)")
     parser.add_argument("--config", default=None, help="a YAML/JSON config file instead of the preset")
     parser.add_argument("--out", required=True, help="output folder (resumable)")
     parser.add_argument("--data", default=None, help="an imported dataset folder (default: simulate into OUT/data)")
@@ -15,11 +16,20 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    import sys
+
     from hope_kernels.aba import load_config, run_aba
+    from hope_kernels.config import shipped_dir
     from hope_kernels.io import check_output_dir
 
     check_output_dir(args.out, "--out")
     cfg = load_config(args.config or args.preset, device=args.device)
+    if args.config:
+        where = f"config {args.config}"
+    else:
+        stem = args.preset if args.preset.startswith("aba_") else f"aba_{args.preset}"
+        where = f"preset {args.preset} ({shipped_dir().joinpath(stem + '.yaml')})"
+    print(f"hope-kernels aba: {where}", file=sys.stderr, flush=True)
     if args.seeds:
         try:
             cfg["seeds"] = [int(s) for s in args.seeds.split(",") if s.strip()]

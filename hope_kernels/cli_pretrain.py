@@ -11,7 +11,8 @@ from __future__ import annotations
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--preset", default="quick", help="A-B-A preset whose models to pre-train (configs/aba_<preset>.yaml)")
+    p.add_argument("--preset", default="quick", help="A-B-A preset whose models to pre-train "
+                                                      "(hope_kernels/configs/aba_<preset>.yaml)")
     p.add_argument("--config", default=None, help="an A-B-A YAML/JSON config file instead of the preset")
     p.add_argument("--work", default=None, help="data + training checkpoints (default runs/pretrain_<preset>)")
     p.add_argument("--assets", default=None,

@@ -1,6 +1,9 @@
-"""`hope-kernels train`: train a predictor from a YAML/JSON config (see configs/), CLI flags override it.
+"""`hope-kernels train`: train a predictor from a YAML/JSON config, CLI flags override it. --config takes a file
+path or the name of a config shipped in hope_kernels/configs (train_ac_tiny, train_hope_tiny, train_ac_vjepa2,
+train_hope_vjepa2), so the command works from any folder after any install.
 
-    hope-kernels train --model hope --config configs/train_hope_tiny.yaml --data data/quick --out runs/hope
+    hope-kernels train --model hope --config train_hope_tiny --data data/quick --out runs/hope
+    hope-kernels train --config my_config.yaml --data data/quick --out runs/hope
     torchrun --nproc_per_node=2 $(which hope-kernels) train ...      # data parallel (gloo on CPU, nccl on GPU)
 """
 from __future__ import annotations
@@ -10,7 +13,9 @@ import os
 
 def add_arguments(p):
     p.add_argument("--model", choices=["ac", "hope"], help="predictor kind (overrides the config)")
-    p.add_argument("--config", help="YAML or JSON training config (keys of hope_kernels.config.TrainConfig)")
+    p.add_argument("--config", help="YAML or JSON training config file (keys of hope_kernels.config.TrainConfig), "
+                                    "or a shipped one by name: train_ac_tiny | train_hope_tiny | train_ac_vjepa2 | "
+                                    "train_hope_vjepa2 (hope_kernels/configs/)")
     p.add_argument("--data", help="dataset folder")
     p.add_argument("--out", help="output folder (checkpoint.safetensors, train_log.jsonl)")
     p.add_argument("--preset", help="predictor preset: tiny | small | vjepa2-ac")
@@ -25,11 +30,11 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from hope_kernels.config import TrainConfig, read_config_file
+    from hope_kernels.config import TrainConfig, read_config_or_shipped
     from hope_kernels.io import check_output_dir
     from hope_kernels.train import train
 
-    cfg = read_config_file(args.config) if args.config else {}
+    cfg = read_config_or_shipped(args.config, "train_", "training config", full_names=True) if args.config else {}
     for key in ("model", "data", "out", "preset", "steps", "batch_size", "lr", "seed", "device"):
         val = getattr(args, key)
         if val is not None:

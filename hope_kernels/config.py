@@ -1,7 +1,9 @@
 """Configuration dataclasses: predictor presets (DESIGN 5) and the training config (DESIGN 6).
 
-Presets live here (not in YAML) so an installed package finds them; configs/*.yaml are training configs that
-name a preset and override fields.
+Predictor presets live here (not in YAML). The YAML configs the package ships (the A-B-A presets
+`aba_<name>.yaml` and the example training configs `train_*.yaml`, which name a predictor preset and override
+fields) are package data in hope_kernels/configs/, read through importlib.resources so a wheel install finds them:
+`shipped_configs()`, `read_shipped_config()`.
 """
 from __future__ import annotations
 
@@ -220,3 +222,46 @@ def read_config_file(path) -> dict:
     if not isinstance(cfg, dict):
         raise ValueError(f"config file {path!r} must hold a mapping, got {type(cfg).__name__}")
     return cfg
+
+
+SHIPPED_DIR = "configs"   # hope_kernels/configs: package data (pyproject [tool.setuptools.package-data])
+
+
+def shipped_dir():
+    """The folder of YAML configs shipped with the package (an importlib.resources Traversable)."""
+    from importlib.resources import files
+    return files("hope_kernels").joinpath(SHIPPED_DIR)
+
+
+def shipped_configs(prefix: str = "") -> list[str]:
+    """Names of the shipped YAML configs whose file name starts with `prefix`, without prefix and ".yaml"
+    (shipped_configs("aba_") -> ["paper", "quick"])."""
+    root = shipped_dir()
+    if not root.is_dir():
+        return []
+    return sorted(f.name[len(prefix):-len(".yaml")] for f in root.iterdir()
+                  if f.name.startswith(prefix) and f.name.endswith(".yaml") and f.is_file())
+
+
+def read_shipped_config(name: str, prefix: str = "", what: str = "config", full_names: bool = False) -> dict:
+    """The shipped config `<prefix><name>.yaml` (`name` may already start with `prefix`) as a dict. An unknown
+    name raises FileNotFoundError naming it and listing the shipped ones (with the prefix if `full_names`)."""
+    from importlib.resources import as_file
+    stem = name if prefix and name.startswith(prefix) else prefix + name
+    res = shipped_dir().joinpath(f"{stem}.yaml")
+    if "/" in name or "\\" in name or not res.is_file():
+        known = [prefix + n if full_names else n for n in shipped_configs(prefix)]
+        raise FileNotFoundError(f"unknown {what} {name!r}: the package ships {known} "
+                                f"(hope_kernels/{SHIPPED_DIR}/{prefix}<name>.yaml), or pass a YAML/JSON file path")
+    with as_file(res) as path:
+        return read_config_file(path)
+
+
+def read_config_or_shipped(name_or_path, prefix: str = "", what: str = "config", full_names: bool = False) -> dict:
+    """A YAML/JSON file path (it has a suffix or a folder part), else the name of a shipped config
+    `<prefix><name>.yaml` -> dict. Which one does not depend on the working directory."""
+    import os
+    path = os.fspath(name_or_path)
+    if os.path.splitext(path)[1] or os.sep in path or "/" in path:
+        return read_config_file(path)
+    return read_shipped_config(path, prefix, what, full_names)

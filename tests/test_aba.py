@@ -216,9 +216,32 @@ def test_shipped_weights_are_used_only_for_their_spec_and_dataset(tmp_path, monk
     assert "ac-A1: the shipped ac-A1 was trained on dataset another" in err and "pre-training it here" in err
 
 
+def test_presets_are_package_data_found_from_any_folder(tmp_path, monkeypatch):
+    """The presets are read from the package (hope_kernels/configs, importlib.resources), not from a folder next
+    to it or the working directory; pyproject ships them. (tests/test_install.py checks a real wheel install.)"""
+    import glob
+    import importlib.resources
+    import os
+    import re
+    from hope_kernels.config import shipped_configs
+    root = importlib.resources.files("hope_kernels").joinpath("configs")
+    assert root.joinpath("aba_quick.yaml").is_file() and root.joinpath("aba_paper.yaml").is_file()
+    assert {"quick", "paper"} <= set(shipped_configs("aba_"))
+    monkeypatch.chdir(tmp_path)
+    assert load_config("quick")["preset"] == "quick"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(repo, "pyproject.toml")) as f:   # (tomllib is Python 3.11+)
+        package_data = re.search(r"\[tool\.setuptools\.package-data\]\n(?:#.*\n)*hope_kernels = \[([^]]*)\]", f.read())
+    assert package_data and '"configs/*.yaml"' in package_data.group(1)
+    stray = glob.glob(os.path.join(repo, "configs", "*.yaml"))   # the old folder: a merge must not revive it
+    assert not stray, f"{stray}: the configs live in hope_kernels/configs (package data)"
+
+
 def test_bad_configs(tmp_path):
-    with pytest.raises(FileNotFoundError, match="presets"):
+    with pytest.raises(FileNotFoundError, match=r"unknown A-B-A preset 'nope': the package ships \['paper', 'quick'"):
         load_config("nope")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_config(str(tmp_path / "missing.yaml"))
     cfg = tiny_config()
     cfg["runs"][0]["strategy"] = "magic"
     with pytest.raises(ValueError, match="strategy"):

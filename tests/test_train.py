@@ -305,6 +305,23 @@ def test_cli_train(tmp_path, capsys):
     conf.write_text("model: ac\nstepz: 2\n")
     assert main(["train", "--config", str(conf)]) == 2
     assert "stepz" in capsys.readouterr().err
+    # a shipped example config by name (hope_kernels/configs/train_*.yaml), from any folder
+    assert main(["train", "--config", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown training config 'nope'" in err and "train_hope_tiny" in err and "aba_quick" not in err
+    assert main(["train", "--config", "train_hope_tiny", "--data", str(tmp_path / "nope"), "--out",
+                 str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "nope" in err or "hope_kernels.data" in err
+
+
+def test_shipped_training_configs_are_valid():
+    from hope_kernels.config import read_config_or_shipped, shipped_configs
+    names = shipped_configs("train_")
+    assert {"ac_tiny", "hope_tiny", "ac_vjepa2", "hope_vjepa2"} <= set(names)
+    for name in names:
+        c = read_config_or_shipped(f"train_{name}", "train_")
+        assert TrainConfig.from_dict(dict(c)).model == c["model"]
 
 
 def test_resume_with_other_settings_warns(tmp_path):
