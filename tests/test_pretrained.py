@@ -16,8 +16,8 @@ def test_quick_preset_pretrainings():
     cfg = load_config("quick")
     specs = pretrained.pretrain_specs(cfg)
     names = [pretrained.spec_name(s) for s, _ in specs]
-    assert names == ["hope-A1", "ac-A1", "hope-A1[self_referential=False]", "hope-A1[memory_rule=titans]", "ac-B",
-                     "ac-A1+B"]
+    assert names == ["hope-A1", "ac-A1", "hope-A1[self_referential=False]", "hope-A1[memory_rule=titans]",
+                     "hope-A1[cms=False]", "ac-B", "ac-A1+B"]
     by_name = {pretrained.spec_name(s): (s, runs) for s, runs in specs}
     hope, runs = by_name["hope-A1"]
     assert {"hope", "hope+ttt", "hope+none", "hope[no-carry]"} <= set(runs)
