@@ -20,6 +20,8 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
@@ -329,6 +331,20 @@ HK_INLINE void split_pair(const T* PS, T* P, T* S, int64_t rows, int64_t cols) {
     std::copy(PS + a * 2 * cols + cols, PS + (a + 1) * 2 * cols, S + a * cols);
   }
 }
+
+// ---------------------------------------------------------------------------------------------- op skeleton
+
+// Runs task(T{}, begin, end) over the (b, h) rows [0, BH) in at::parallel_for chunks, T the accumulation dtype
+// (float or double): each task builds its scratch once and walks its heads.
+template <typename Task>
+void for_each_head(at::ScalarType acc, int64_t BH, const Task& task) {
+  AT_DISPATCH_FLOATING_TYPES(acc, "titans_cpu", [&] {
+    at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) { task(scalar_t{}, begin, end); });
+  });
+}
+
+// The chunk length the scratch is sized for: no chunk holds more than L tokens.
+inline int64_t work_chunk(int64_t C, int64_t L) { return std::max<int64_t>(1, std::min(C, L)); }
 
 // ---------------------------------------------------------------------------------------------- ISA clones
 

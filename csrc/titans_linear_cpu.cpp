@@ -155,17 +155,15 @@ std::tuple<Tensor, Tensor, Tensor> titans_linear_fwd_cpu(const Tensor& q_in, con
   Ws.select(2, 0).copy_(W);
   Ss.select(2, 0).copy_(S);
   const bool avx2 = use_avx2();
-  const int64_t Cw = std::max<int64_t>(1, std::min(C, L));   // no chunk holds more than L tokens
-  AT_DISPATCH_FLOATING_TYPES(acc, "titans_linear_fwd_cpu", [&] {
-    using T = scalar_t;
-    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-      LinearWork<T> w(Cw, dk, dv, false);
-      for (int64_t bh = begin; bh < end; ++bh) {
-        auto h = head_inputs<T>(bh, q, k, v, alpha, eta, theta, Ws, Ss, Cw);
-        h.o = o.data_ptr<T>() + bh * L * dv;
-        linear_fwd_head_run<T>(avx2, w, h);
-      }
-    });
+  const int64_t Cw = work_chunk(C, L);
+  for_each_head(acc, B * H, [&](auto zero, int64_t begin, int64_t end) {
+    using T = decltype(zero);
+    LinearWork<T> w(Cw, dk, dv, false);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      auto h = head_inputs<T>(bh, q, k, v, alpha, eta, theta, Ws, Ss, Cw);
+      h.o = o.data_ptr<T>() + bh * L * dv;
+      linear_fwd_head_run<T>(avx2, w, h);
+    }
   });
   return {o.to(v_in.scalar_type()), Ws, Ss};
 }
@@ -191,22 +189,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> titan
   auto dalpha = alloc({B, H, L}, opt), deta = alloc({B, H, L}, opt), dtheta = alloc({B, H, L}, opt);
   auto dW = acc_contig(dWT, acc).clone(), dS = acc_contig(dST, acc).clone();   // overwritten with dW0, dS0
   const bool avx2 = use_avx2();
-  const int64_t Cw = std::max<int64_t>(1, std::min(C, L));
-  AT_DISPATCH_FLOATING_TYPES(acc, "titans_linear_bwd_cpu", [&] {
-    using T = scalar_t;
-    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-      LinearWork<T> w(Cw, dk, dv, true);
-      for (int64_t bh = begin; bh < end; ++bh) {
-        auto h = head_inputs<T>(bh, q, k, v, alpha, eta, theta, Ws, Ss, Cw);
-        h.dO = dout.data_ptr<T>() + bh * L * dv;
-        h.dq = dq.data_ptr<T>() + bh * L * dk, h.dk = dk_.data_ptr<T>() + bh * L * dk;
-        h.dv = dv_.data_ptr<T>() + bh * L * dv;
-        h.dal = dalpha.data_ptr<T>() + bh * L, h.det = deta.data_ptr<T>() + bh * L;
-        h.dth = dtheta.data_ptr<T>() + bh * L;
-        h.dW = dW.data_ptr<T>() + bh * dk * dv, h.dS = dS.data_ptr<T>() + bh * dk * dv;
-        linear_bwd_head_run<T>(avx2, w, h);
-      }
-    });
+  const int64_t Cw = work_chunk(C, L);
+  for_each_head(acc, B * H, [&](auto zero, int64_t begin, int64_t end) {
+    using T = decltype(zero);
+    LinearWork<T> w(Cw, dk, dv, true);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      auto h = head_inputs<T>(bh, q, k, v, alpha, eta, theta, Ws, Ss, Cw);
+      h.dO = dout.data_ptr<T>() + bh * L * dv;
+      h.dq = dq.data_ptr<T>() + bh * L * dk, h.dk = dk_.data_ptr<T>() + bh * L * dk;
+      h.dv = dv_.data_ptr<T>() + bh * L * dv;
+      h.dal = dalpha.data_ptr<T>() + bh * L, h.det = deta.data_ptr<T>() + bh * L;
+      h.dth = dtheta.data_ptr<T>() + bh * L;
+      h.dW = dW.data_ptr<T>() + bh * dk * dv, h.dS = dS.data_ptr<T>() + bh * dk * dv;
+      linear_bwd_head_run<T>(avx2, w, h);
+    }
   });
   return {dq.to(q_in.scalar_type()),         dk_.to(k_in.scalar_type()),    dv_.to(v_in.scalar_type()),
           dalpha.to(alpha_in.scalar_type()), deta.to(eta_in.scalar_type()), dtheta.to(theta_in.scalar_type()),

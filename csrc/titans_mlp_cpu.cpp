@@ -295,17 +295,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> titans_mlp_fwd_cpu(
   S1s.select(2, 0).copy_(S1_in);
   S2s.select(2, 0).copy_(S2_in);
   const bool avx2 = use_avx2();
-  const int64_t Cw = std::max<int64_t>(1, std::min(C, L));
-  AT_DISPATCH_FLOATING_TYPES(acc, "titans_mlp_fwd_cpu", [&] {
-    using T = scalar_t;
-    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-      MlpWork<T> w(Cw, D, dh, false);
-      for (int64_t bh = begin; bh < end; ++bh) {
-        auto h = head_inputs<T>(bh, q, k, v, alpha, eta, theta, W1s, W2s, S1s, S2s, Cw);
-        h.o = o.data_ptr<T>() + bh * L * D;
-        mlp_fwd_head_run<T>(avx2, w, h);
-      }
-    });
+  const int64_t Cw = work_chunk(C, L);
+  for_each_head(acc, B * H, [&](auto zero, int64_t begin, int64_t end) {
+    using T = decltype(zero);
+    MlpWork<T> w(Cw, D, dh, false);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      auto h = head_inputs<T>(bh, q, k, v, alpha, eta, theta, W1s, W2s, S1s, S2s, Cw);
+      h.o = o.data_ptr<T>() + bh * L * D;
+      mlp_fwd_head_run<T>(avx2, w, h);
+    }
   });
   return {o.to(v_in.scalar_type()), W1s, W2s, S1s, S2s};
 }
@@ -335,23 +333,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   auto dW1 = acc_contig(dW1T, acc).clone(), dW2 = acc_contig(dW2T, acc).clone();   // overwritten with the
   auto dS1 = acc_contig(dS1T, acc).clone(), dS2 = acc_contig(dS2T, acc).clone();   // initial state's gradients
   const bool avx2 = use_avx2();
-  const int64_t Cw = std::max<int64_t>(1, std::min(C, L));
-  AT_DISPATCH_FLOATING_TYPES(acc, "titans_mlp_bwd_cpu", [&] {
-    using T = scalar_t;
-    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-      MlpWork<T> w(Cw, D, dh, true);
-      for (int64_t bh = begin; bh < end; ++bh) {
-        auto h = head_inputs<T>(bh, q, k, v, alpha, eta, theta, W1s, W2s, S1s, S2s, Cw);
-        h.dO = dout.data_ptr<T>() + bh * L * D;
-        h.dq = dq.data_ptr<T>() + bh * L * D, h.dk = dk_.data_ptr<T>() + bh * L * D;
-        h.dv = dv_.data_ptr<T>() + bh * L * D;
-        h.dal = dalpha.data_ptr<T>() + bh * L, h.det = deta.data_ptr<T>() + bh * L;
-        h.dth = dtheta.data_ptr<T>() + bh * L;
-        h.dW1 = dW1.data_ptr<T>() + bh * S, h.dW2 = dW2.data_ptr<T>() + bh * S;
-        h.dS1 = dS1.data_ptr<T>() + bh * S, h.dS2 = dS2.data_ptr<T>() + bh * S;
-        mlp_bwd_head_run<T>(avx2, w, h);
-      }
-    });
+  const int64_t Cw = work_chunk(C, L);
+  for_each_head(acc, B * H, [&](auto zero, int64_t begin, int64_t end) {
+    using T = decltype(zero);
+    MlpWork<T> w(Cw, D, dh, true);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      auto h = head_inputs<T>(bh, q, k, v, alpha, eta, theta, W1s, W2s, S1s, S2s, Cw);
+      h.dO = dout.data_ptr<T>() + bh * L * D;
+      h.dq = dq.data_ptr<T>() + bh * L * D, h.dk = dk_.data_ptr<T>() + bh * L * D;
+      h.dv = dv_.data_ptr<T>() + bh * L * D;
+      h.dal = dalpha.data_ptr<T>() + bh * L, h.det = deta.data_ptr<T>() + bh * L;
+      h.dth = dtheta.data_ptr<T>() + bh * L;
+      h.dW1 = dW1.data_ptr<T>() + bh * S, h.dW2 = dW2.data_ptr<T>() + bh * S;
+      h.dS1 = dS1.data_ptr<T>() + bh * S, h.dS2 = dS2.data_ptr<T>() + bh * S;
+      mlp_bwd_head_run<T>(avx2, w, h);
+    }
   });
   return {dq.to(q_in.scalar_type()),         dk_.to(k_in.scalar_type()),    dv_.to(v_in.scalar_type()),
           dalpha.to(alpha_in.scalar_type()), deta.to(eta_in.scalar_type()), dtheta.to(theta_in.scalar_type()),
