@@ -1,4 +1,4 @@
-// HOPE's delta-gradient-descent memory (DESIGN 4.4), chunked, on the CPU.
+// HOPE's delta-gradient-descent memory (docs/design.md#dgd-memory), chunked, on the CPU.
 //
 // One task per (b, h) (at::parallel_for over B*H); each task walks its chunks serially on raw pointers, so a
 // chunk's q, k, v and the (dk, dv) state are touched while they sit in cache. Per chunk of len <= C tokens

@@ -11,7 +11,7 @@ TORCH_LIBRARY(hope_kernels, m) {
   // ceil(D / 8)) uint8, and the gradient (B, T, N, D) in `dtype` is built from them alone
   m.def("l1_per_step_signs(Tensor pred, Tensor target, bool normalize_target, float eps) -> (Tensor, Tensor)");
   m.def("l1_signs_backward(Tensor signs, Tensor coef, int D, ScalarType dtype) -> Tensor");
-  // dgd: delta-gradient-descent memory (DESIGN 4.4); fwd returns (o, final state, chunk-start states),
+  // dgd: delta-gradient-descent memory (docs/design.md#dgd-memory); fwd returns (o, final state, chunk-start states),
   // bwd returns (dq, dk, dv, dalpha, deta, dM0). chunk: C++ CPU chunked; recurrent: CUDA token-serial.
   m.def("dgd_chunk_fwd(Tensor q, Tensor k, Tensor v, Tensor alpha, Tensor eta, Tensor? initial_state, "
         "int chunk_size) -> (Tensor, Tensor, Tensor)");

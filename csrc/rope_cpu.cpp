@@ -1,4 +1,4 @@
-// 3D RoPE rotation on the CPU (DESIGN 4.2), forward and backward.
+// 3D RoPE rotation on the CPU (docs/design.md#rope-attention), forward and backward.
 // The angle of column c at token l is A[l, c] = sum_s pos[l, s] * freqs[s, c] (freqs (3, d) is built in Python
 // and encodes the slice layout and the rope_compat mode). cos/sin tables (L, d) are computed once per call,
 // then every row (r, l) of x viewed as (R, L, d) is rotated pair by pair:

@@ -1,5 +1,5 @@
-"""The A-B-A main job (DESIGN 6): data -> pre-trained predictors -> every strategy over the stream for every seed
--> metrics -> results.json / results.md / aba.png.
+"""The A-B-A main job (docs/design.md#test-time-adaptation): data -> pre-trained predictors -> every strategy over
+the stream for every seed -> metrics -> results.json / results.md / aba.png.
 
     results = run_aba(load_config("quick", out="runs/quick"))
 

@@ -1,4 +1,4 @@
-"""Prequential test-time adaptation over an A1 -> B -> A2 stream (DESIGN 6).
+"""Prequential test-time adaptation over an A1 -> B -> A2 stream (docs/design.md#test-time-adaptation).
 
     log = adapt_stream(model, stream, "layernorm", lr=1e-3, steps=1)
 

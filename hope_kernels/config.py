@@ -1,4 +1,5 @@
-"""Configuration dataclasses: predictor presets (DESIGN 5) and the training config (DESIGN 6).
+"""Configuration dataclasses: predictor presets (docs/design.md#predictors) and the training config
+(docs/design.md#training).
 
 Predictor presets live here (not in YAML). The YAML configs the package ships (the A-B-A presets
 `aba_<name>.yaml` and the example training configs `train_*.yaml`, which name a predictor preset and override
@@ -145,7 +146,8 @@ class TrainConfig:
     resume: bool = False                    # continue from out/checkpoint.safetensors (which must exist)
     overwrite: bool = False                 # start over although out/ already holds a checkpoint
     # HOPE: CMS level l accumulates its gradient and applies the mean every cms_periods[l] optimiser steps
-    # (DESIGN 5); off by default: every level is then updated every step (the learning test's setting)
+    # (docs/design.md#continuum-memory-system); off by default: every level is then updated every step (the
+    # learning test's setting)
     cms_train_periods: bool = False
     # HOPE as a continual learner: each of the batch_size / seq_clips sequences is seq_clips clips in a row with
     # the memory carried from clip to clip and the loss backpropagated through all of them (truncated at the

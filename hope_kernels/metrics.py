@@ -1,5 +1,5 @@
-"""A-B-A metrics on per-clip error curves (DESIGN 6). Plain Python on lists of floats, so every number can be
-checked by hand.
+"""A-B-A metrics on per-clip error curves (docs/design.md#metrics). Plain Python on lists of floats, so every number
+can be checked by hand.
 
 Per run (one strategy, one seed), from the error curve e[0..n) and the phase label of each clip:
   phase_means        mean online error of each phase

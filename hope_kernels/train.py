@@ -1,4 +1,4 @@
-"""Training (DESIGN 6): loss = teacher-forcing L1 + w(step) * rollout L1, AdamW + warmup-stable-decay LR,
+"""Training (docs/design.md#training): loss = teacher-forcing L1 + w(step) * rollout L1, AdamW + warmup-stable-decay LR,
 gradient clipping, bf16 autocast on GPU, atomic safetensors checkpoints with exact resume, JSONL log,
 progress bar, DDP under torchrun (gloo on CPU, nccl on GPU).
 

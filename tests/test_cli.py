@@ -1,5 +1,5 @@
-"""The `hope-kernels` command line: DESIGN 8's subcommands, `adapt` end to end on tiny data, `bench`'s suite
-selection, one-line errors."""
+"""The `hope-kernels` command line: the subcommands of docs/design.md#interfaces, `adapt` end to end on tiny data,
+`bench`'s suite selection, one-line errors."""
 import json
 
 import pytest

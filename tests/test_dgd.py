@@ -1,4 +1,5 @@
-"""dgd_memory (DESIGN 4.4): token loop vs eager chunked reference vs every fast path, forward and backward.
+"""dgd_memory (docs/design.md#dgd-memory): token loop vs eager chunked reference vs every fast path, forward and
+backward.
 
 The ground truth is `dgd_memory_token_loop` in float64 with autograd; every other path is compared with it.
 """

@@ -269,7 +269,8 @@ def test_nan_in_pred_propagates(backend):
 
 
 def test_target_and_weights_get_no_gradient():
-    """DESIGN 4.1: the gradient reaches pred only, on every backend (the reference once gave step_weight one)."""
+    """docs/design.md#l1-loss: the gradient reaches pred only, on every backend (the reference once gave step_weight
+    one)."""
     pred, target, w = _inputs((1, 2, 3, 8), torch.float32)
     target.requires_grad_(True)
     w.requires_grad_(True)

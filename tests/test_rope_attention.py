@@ -21,7 +21,8 @@ def make_pos(T, H, W, actions=0, device="cpu"):
 
 
 def naive_rope(x, pos, compat=None):
-    """Independent per-column loop over the maths of DESIGN 4.2 (true rotation or the vjepa2 formula)."""
+    """Independent per-column loop over the maths of docs/design.md#rope-attention (true rotation or the vjepa2
+    formula)."""
     d = x.shape[-1]
     n = 2 * (d // 6)
     out = x.clone().double()

@@ -1,4 +1,5 @@
-"""titans_memory (DESIGN 4.3): every path against the token loop (the definition), forward and backward."""
+"""titans_memory (docs/design.md#titans-memory): every path against the token loop (the definition), forward and
+backward."""
 import pytest
 import torch
 import torch.nn.functional as F

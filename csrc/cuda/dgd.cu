@@ -1,4 +1,5 @@
-// HOPE's delta-gradient-descent memory (DESIGN 4.4), fused token-serial (recurrent) kernels for streaming use.
+// HOPE's delta-gradient-descent memory (docs/design.md#dgd-memory), fused token-serial (recurrent) kernels for
+// streaming use.
 //
 // One thread block per (batch, head); the state M (dk, dv) and the chunk-start state M_ref live in shared
 // memory, thread j owns column j of both (no races in the update). Per token:

@@ -1,5 +1,5 @@
-// 3D RoPE rotation on CUDA (DESIGN 4.2), forward and backward; composed with PyTorch SDPA as the `cuda`
-// backend of rope_attention. cos/sin tables (L, d) are built once per call with ATen elementwise ops (exact
+// 3D RoPE rotation on CUDA (docs/design.md#rope-attention), forward and backward; composed with PyTorch SDPA as
+// the `cuda` backend of rope_attention. cos/sin tables (L, d) are built once per call with ATen elementwise ops (exact
 // angles pos * omega, accurate sin/cos even under --use_fast_math); one thread then rotates one column pair
 // (r, l, j) of x viewed as (R, L, d):
 //   forward   y[2j] = x[2j] C[2j] - x[2j+1] S[2j]        y[2j+1] = x[2j+1] C[2j+1] + x[2j] S[2j+1]

@@ -1,4 +1,4 @@
-"""Predictors (DESIGN 5). `build_predictor(kind, preset, enc_dim=..., grid=...)` builds either one."""
+"""Predictors (docs/design.md#predictors). `build_predictor(kind, preset, enc_dim=..., grid=...)` builds either one."""
 from __future__ import annotations
 
 import torch.nn as nn

@@ -1,5 +1,5 @@
-"""V-JEPA 2-AC predictor (DESIGN 5): pre-norm ViT blocks over `[a_t, (s_t), N patches]` tokens with 3D-RoPE
-block-causal attention. `load_official_state_dict` maps the official checkpoint key layout."""
+"""V-JEPA 2-AC predictor (docs/design.md#ac-predictor): pre-norm ViT blocks over `[a_t, (s_t), N patches]` tokens
+with 3D-RoPE block-causal attention. `load_official_state_dict` maps the official checkpoint key layout."""
 from __future__ import annotations
 
 import torch.nn as nn

@@ -92,7 +92,7 @@ class PredictorBase(nn.Module):
         self.norm = nn.LayerNorm(c.width, eps=c.ln_eps)
         self.proj = Linear(c.width, c.enc_dim)
 
-    # -- init (DESIGN 5: truncated normal std 0.02, residual projections / sqrt(2 * layer)) --
+    # -- init (docs/design.md#predictors: truncated normal std 0.02, residual projections / sqrt(2 * layer)) --
     def _init_weights(self):
         std = self.config.init_std
         for m in self.modules():

@@ -1,6 +1,6 @@
-"""HOPE predictor (DESIGN 5, docs/hope.md): per block 3D-RoPE block-causal attention, a self-referential
-memory updated in context (`dgd_memory`, or `titans_memory` as an ablation) and a continuum memory system
-(CMS: residual MLP levels with update periods). Same inputs, outputs and losses as the AC predictor.
+"""HOPE predictor (docs/design.md#hope-predictor, docs/hope.md): per block 3D-RoPE block-causal attention, a
+self-referential memory updated in context (`dgd_memory`, or `titans_memory` as an ablation) and a continuum
+memory system (CMS: residual MLP levels with update periods). Same inputs, outputs and losses as the AC predictor.
 
 Memory layout per block and head (dh = width / mem_heads): five (dh, dh) matrix memories
 [M_k, M_v, M_eta, M_alpha, M_mem] side by side along the value axis, state (B, H, dh, 5 dh). All five are read

@@ -1,4 +1,4 @@
-"""Token layout shared by both predictors: per timestep `[a_t, (s_t), N patch tokens]` (DESIGN 5).
+"""Token layout shared by both predictors: per timestep `[a_t, (s_t), N patch tokens]` (docs/design.md#predictors).
 
 Positions are (t, h, w) rows for `rope_attention`: patches use their grid cell, action/state tokens use their
 timestep with h = w = 0 (their h/w RoPE slices rotate by angle 0).

@@ -1,4 +1,4 @@
-"""HOPE's delta-gradient-descent memory (DESIGN 4.4): public function, custom ops and dispatcher.
+"""HOPE's delta-gradient-descent memory (docs/design.md#dgd-memory): public function, custom ops and dispatcher.
 
     o, final_M = dgd_memory(q, k, v, alpha, eta, chunk_size=16, initial_state=M0, output_final_state=True)
 

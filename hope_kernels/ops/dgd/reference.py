@@ -1,4 +1,5 @@
-"""Eager references of HOPE's delta-gradient-descent memory (DESIGN 4.4). Ground truth and benchmark baselines.
+"""Eager references of HOPE's delta-gradient-descent memory (docs/design.md#dgd-memory). Ground truth and benchmark
+baselines.
 
 Per batch b and head h, a matrix memory M (dk, dv) is read and then updated at every token t:
 

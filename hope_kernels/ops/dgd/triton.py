@@ -1,4 +1,4 @@
-"""Triton kernels of the chunked delta-gradient-descent memory (DESIGN 4.4, derivation in docs/dgd.md).
+"""Triton kernels of the chunked delta-gradient-descent memory (docs/design.md#dgd-memory, derivation in docs/dgd.md).
 
 One program per (batch, head, block of VALUE_BLOCK value columns) walks over the chunks with its columns of
 the state M (dk, BV) held in registers (each value column of M follows the rule on its own; dq, dk and the

@@ -1,4 +1,4 @@
-"""Fused teacher-forcing / rollout L1 loss (DESIGN 4.1): public function, custom op and dispatcher.
+"""Fused teacher-forcing / rollout L1 loss (docs/design.md#l1-loss): public function, custom op and dispatcher.
 
     loss, per_step = l1_rollout_loss(pred, target, step_weight=w)       # pred, target (B, T, N, D)
 

@@ -1,4 +1,4 @@
-"""Eager reference of the fused teacher-forcing / rollout L1 loss (DESIGN 4.1). Ground truth and baseline.
+"""Eager reference of the fused teacher-forcing / rollout L1 loss (docs/design.md#l1-loss). Ground truth and baseline.
 
     target_n     = layer_norm(target) over D, no affine          (when normalize_target)
     per_step[t]  = mean_{b, n, d} |pred[b, t, n, d] - target_n[b, t, n, d]|
@@ -23,6 +23,6 @@ def l1_rollout_loss_reference(pred: torch.Tensor, target: torch.Tensor, step_wei
     if normalize_target:
         target = F.layer_norm(target, target.shape[-1:], eps=eps)
     per_step = (pred.to(acc) - target).abs().mean(dim=(0, 2, 3))
-    # the weights get no gradient, as on every other backend (DESIGN 4.1: the gradient reaches pred only)
+    # the weights get no gradient, as on every other backend (docs/design.md#l1-loss: the gradient reaches pred only)
     w = torch.ones_like(per_step) if step_weight is None else step_weight.detach().to(per_step)
     return (w * per_step).sum() / w.sum(), per_step

@@ -1,4 +1,4 @@
-"""3D RoPE + block-causal attention (DESIGN 4.2): public functions, custom ops and dispatcher.
+"""3D RoPE + block-causal attention (docs/design.md#rope-attention): public functions, custom ops and dispatcher.
 
     o  = rope_attention(q, k, v, pos, window=None, rope_compat=None)   # q, k, v (B, H, L, d); pos (L, 3) int
     xr = rope3d(x, pos, rope_compat=None)                               # x (..., L, d)
@@ -209,7 +209,8 @@ _fused_op.register_autograd(_fused_backward, setup_context=_fused_setup)
 # ------------------------------------------------------------------------------------------- public API
 def rope3d(x: torch.Tensor, pos: torch.Tensor, *, rope_compat: str | None = None,
            backend: str = "auto") -> torch.Tensor:
-    """3D RoPE of DESIGN 4.2. x (..., L, d) floating, pos (L, 3) int (t, h, w) -> rotated x, same shape/dtype.
+    """3D RoPE of docs/design.md#rope-attention. x (..., L, d) floating, pos (L, 3) int (t, h, w) -> rotated x,
+    same shape/dtype.
 
     Backends: reference, cpu (compiled C++), cuda (compiled CUDA); auto picks the compiled one when built.
     """

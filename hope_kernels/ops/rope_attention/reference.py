@@ -1,4 +1,5 @@
-"""Eager reference of 3D RoPE and block-causal attention (DESIGN 4.2). Ground truth and benchmark baseline.
+"""Eager reference of 3D RoPE and block-causal attention (docs/design.md#rope-attention). Ground truth and benchmark
+baseline.
 
 Positions pos (L, 3) = (t, h, w), integers, t non-decreasing. head_dim d (even, >= 6) is split into three
 slices (t | h | w) of n = 2 * floor(d / 6) columns each; the last d - 3n columns are not rotated.

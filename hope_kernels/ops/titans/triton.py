@@ -1,5 +1,5 @@
-"""Triton kernels of the chunk-parallel Titans memory (DESIGN 4.3), forward and backward: the LINEAR memory
-first (described here), the MLP memory further down (its own header comment; docs/titans.md).
+"""Triton kernels of the chunk-parallel Titans memory (docs/design.md#titans-memory), forward and backward: the LINEAR
+memory first (described here), the MLP memory further down (its own header comment; docs/titans.md).
 
 Same algorithm, inputs and outputs as `titans_linear_chunked_fwd` / `titans_linear_chunked_bwd` in
 reference.py (derivation: docs/titans.md). One program per (batch, head, block of VALUE_BLOCK value columns)
