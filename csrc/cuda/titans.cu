@@ -1,5 +1,5 @@
 // Titans LINEAR memory (docs/design.md#titans-memory), fused token-serial (recurrent) CUDA kernels, forward and
-// backward, for streaming use. Same op names, inputs and outputs as the chunked CPU kernel (csrc/titans_cpu.cpp):
+// backward, for streaming use. Same op names, inputs and outputs as the chunked CPU kernel (csrc/titans_*_cpu.cpp):
 //   titans_linear_fwd -> (o, Ws, Ss),  Ws, Ss (B, H, N+1, dk, dv) the chunk-boundary states;
 //   titans_linear_bwd -> (dq, dk, dv, dalpha, deta, dtheta, dW0, dS0).
 // Per token t of a chunk that starts with weights W_ref (docs/titans.md, "Semantics"):

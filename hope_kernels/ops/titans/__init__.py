@@ -1,4 +1,4 @@
-"""Chunk-parallel Titans neural memory (DESIGN 4.3): public function, custom ops and dispatcher.
+"""Chunk-parallel Titans neural memory (docs/design.md#titans-memory): public function, custom ops and dispatcher.
 
     o, final_state = titans_memory(q, k, v, alpha, eta, theta, chunk_size=16)
 
@@ -346,7 +346,7 @@ def titans_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torc
                   theta: torch.Tensor, *, chunk_size: int = 16, memory: str = "linear",
                   initial_state: Optional[Sequence[torch.Tensor]] = None, output_final_state: bool = False,
                   backend: str = "auto"):
-    """Titans neural memory with momentum and decay, chunk-parallel (DESIGN 4.3).
+    """Titans neural memory with momentum and decay, chunk-parallel (docs/design.md#titans-memory).
 
     q, k: (B, H, L, dk); v: (B, H, L, dv), one floating dtype. Not normalised here (the layer L2-normalises).
     alpha (forget), eta (momentum), theta (inner learning rate): (B, H, L), any floating dtype;

@@ -1,4 +1,4 @@
-"""Eager references of the chunk-parallel Titans memory (DESIGN 4.3). Ground truth and baselines.
+"""Eager references of the chunk-parallel Titans memory (docs/design.md#titans-memory). Ground truth and baselines.
 
 Per batch and head, a memory M_W with weights W and momentum S (same shapes). Per token t, with the loss
 l_t(W) = 1/2 ||M_W(k_t) - v_t||^2 and W_ref = the weights at the start of t's chunk (chunk size C):
