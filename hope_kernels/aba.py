@@ -46,9 +46,9 @@ from hope_kernels import pretrained
 from hope_kernels.adapt import PRIVILEGED, STRATEGIES, StreamLog, adapt_stream
 from hope_kernels.config import is_int, read_config_or_shipped, shipped_dir
 from hope_kernels.data.format import KNOWN_PHASES
-from hope_kernels.io import FolderLock, remove_temp_files
+from hope_kernels.io import FolderLock, atomic_write_json, remove_temp_files
 from hope_kernels.metrics import aggregate, mean_ci, paired_difference, phase_means, run_metrics
-from hope_kernels.report import atomic_write_json, markdown_report, write_results
+from hope_kernels.report import markdown_report, write_results
 
 __all__ = ["Hooks", "Results", "run_aba", "load_config", "select_runs", "CONFIG_DIR", "METRICS"]
 

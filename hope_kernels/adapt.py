@@ -112,7 +112,7 @@ class StreamLog:
             raise ValueError("not a StreamLog dict: expected keys 'strategy', 'tf', ...")
         names = {f.name for f in dataclasses.fields(cls)}
         log = cls(**{k: v for k, v in d.items() if k in names})
-        # strict JSON stores a NaN/Inf score as null (report.jsonable): back to NaN, so it stays non-finite
+        # strict JSON stores a NaN/Inf score as null (io.jsonable): back to NaN, so it stays non-finite
         nan = lambda x: math.nan if x is None else x   # noqa: E731
         log.tf, log.copy_tf = [nan(x) for x in log.tf], [nan(x) for x in log.copy_tf]
         log.rollout = [[nan(x) for x in r] for r in log.rollout]

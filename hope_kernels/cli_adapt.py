@@ -27,7 +27,7 @@ def run(args) -> int:
     from hope_kernels.io import check_output_file
     from hope_kernels.metrics import phase_means
     from hope_kernels.pretrained import load_any
-    from hope_kernels.report import atomic_write_json
+    from hope_kernels.io import atomic_write_json
     from hope_kernels.train import resolve_device
 
     if args.log:   # before the stream runs, not after it

@@ -1,6 +1,6 @@
 """File safety shared by the dataset format, checkpoints and the reports.
 
-- Atomic writes: a temp file in the target's folder, fsync, then os.replace, so a reader never sees a
+- Atomic writes (bytes, text, strict JSON, or any writer that needs a file name): a temp file in the target's folder, fsync, then os.replace, so a reader never sees a
   half-written file and an error leaves the previous file intact.
 - One writer per output folder: an advisory lock (`FolderLock`), and the clean-up of temp files a killed
   writer left, done only while holding that lock.
@@ -8,6 +8,8 @@
 from __future__ import annotations
 
 import errno
+import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -68,6 +70,29 @@ def atomic_write_bytes(path, data: bytes) -> Path:
         with open(tmp, "wb") as f:
             f.write(data)
     return atomic_write(path, write)
+
+
+def atomic_write_text(path, text: str) -> Path:
+    """Write `text` (UTF-8) to `path` atomically. Returns the path."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def jsonable(obj):
+    """Replace NaN/Inf by None and tuples by lists, keys to str, so the file is strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):       # numpy / torch scalars
+        return jsonable(obj.item())
+    return obj
+
+
+def atomic_write_json(path, obj) -> Path:
+    """Write `obj` as strict JSON (jsonable: NaN/Inf -> null) to `path` atomically. Returns the path."""
+    return atomic_write_text(path, json.dumps(jsonable(obj), indent=1, allow_nan=False) + "\n")
 
 
 def read_safetensors(path, what: str) -> tuple[dict, dict]:

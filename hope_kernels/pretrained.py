@@ -287,7 +287,7 @@ def _train_one(spec: dict, data_path: str, ckpt_dir: str, device: str, threads: 
     tc = train_config(spec, data_path, ckpt_dir, device)
     started = Path(ckpt_dir) / "provenance.json"
     if not ckpt.is_file():   # the code version the training starts from (a resumed run keeps the first)
-        from hope_kernels.report import atomic_write_json
+        from hope_kernels.io import atomic_write_json
         atomic_write_json(started, {"git": git_version(), "train_code": code_id(*TRAIN_CODE)})
     if ckpt.is_file():
         done = load_checkpoint(ckpt)[1]["step"]
@@ -309,7 +309,7 @@ def regenerate(cfg: dict, work, assets=None, workers: int = 1, only=None, device
     import multiprocessing as mp
 
     from hope_kernels.data import ensure_dataset
-    from hope_kernels.report import atomic_write_json
+    from hope_kernels.io import atomic_write_json
     from hope_kernels.train import load_checkpoint
 
     preset = cfg.get("preset") or "custom"

@@ -1,5 +1,5 @@
 """A-B-A reports: results.json, results.md (comparison tables) and aba.png (error over the stream), each written
-atomically (temp file in the same folder + os.replace).
+atomically (hope_kernels.io: temp file in the same folder + os.replace).
 
 The results dict (built by `hope_kernels.aba.run_aba`, JSON-serialisable):
     runs        [{"name", "model", "strategy", "privileged", "label"}] in table order
@@ -22,35 +22,12 @@ Optional (older files lack them; each part of the report is then skipped):
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
-from hope_kernels.io import atomic_write_bytes
+from hope_kernels.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
-__all__ = ["atomic_write_text", "atomic_write_bytes", "atomic_write_json", "markdown_report", "verdict",
-           "plot_stream", "write_results", "jsonable"]
-
-
-def atomic_write_text(path, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def jsonable(obj):
-    """Replace NaN/Inf by None and tuples by lists, keys to str, so the file is strict JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if hasattr(obj, "item") and callable(obj.item):       # numpy / torch scalars
-        return jsonable(obj.item())
-    return obj
-
-
-def atomic_write_json(path, obj) -> Path:
-    return atomic_write_text(path, json.dumps(jsonable(obj), indent=1, allow_nan=False) + "\n")
+__all__ = ["markdown_report", "verdict", "plot_stream", "write_results"]
 
 
 # ----------------------------------------------------------------------------------------------- tables

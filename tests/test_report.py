@@ -10,8 +10,8 @@ import pytest
 
 from hope_kernels.adapt import StreamLog
 from hope_kernels.aba import summarize
-from hope_kernels.report import (_plot_plan, atomic_write_json, jsonable, markdown_report, plot_stream, verdict,
-                                 write_results)
+from hope_kernels.io import atomic_write_json, jsonable
+from hope_kernels.report import _plot_plan, markdown_report, plot_stream, verdict, write_results
 
 PH = ["A1"] * 3 + ["B"] * 3 + ["A2"] * 3
 
