@@ -201,46 +201,17 @@ def adaptation_loss(model: nn.Module, clips: Sequence[dict], rollout_steps: int 
 
 # ------------------------------------------------------------------------------------- memory snapshots
 
-def _clone(v):
-    if isinstance(v, torch.Tensor):
-        return v.detach().clone()
-    if isinstance(v, (list, tuple)):
-        return type(v)(_clone(x) for x in v)
-    return v
-
-
-def _has_tensor(v) -> bool:
-    if isinstance(v, torch.Tensor):
-        return True
-    return isinstance(v, (list, tuple)) and any(_has_tensor(x) for x in v)
-
-
 def _capture_memory(model: nn.Module) -> dict | None:
-    """Snapshot of the non-parameter state a carried-memory model keeps between forwards (buffers and tensor
-    attributes of every submodule). None when the model does not carry memory (nothing to protect)."""
+    """A copy of the memory a carried-memory model keeps between forwards (`model.memory_state()`); None when
+    the model does not carry memory (nothing to protect)."""
     if not getattr(model, "carry_memory", False):
         return None
-    snap = {}
-    for name, mod in model.named_modules():
-        for k, v in vars(mod).items():
-            if k in ("_parameters", "_modules", "_buffers") or k.startswith("__"):
-                continue
-            if v is None or _has_tensor(v):
-                snap[(name, k)] = _clone(v)
-        for k, b in mod._buffers.items():
-            snap[(name, "_buffers", k)] = _clone(b)
-    return snap
+    return {k: v.detach().clone() for k, v in model.memory_state().items()}
 
 
 def _restore_memory(model: nn.Module, snap: dict | None) -> None:
-    if snap is None:
-        return
-    mods = dict(model.named_modules())
-    for key, v in snap.items():
-        if len(key) == 3:
-            mods[key[0]]._buffers[key[2]] = _clone(v)
-        else:
-            setattr(mods[key[0]], key[1], _clone(v))
+    if snap is not None:
+        model.load_memory_state({k: v.clone() for k, v in snap.items()})
 
 
 # ---------------------------------------------------------------------------------------------- strategies

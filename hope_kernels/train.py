@@ -183,8 +183,7 @@ def save_checkpoint(path, model, optimizer, step: int, config, cms_grads: dict |
     model = getattr(model, "module", model)
     tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tensors.update({f"cms_grad.{k}": v.detach().contiguous().cpu() for k, v in (cms_grads or {}).items()})
-    if hasattr(model, "memory_tensors"):
-        tensors.update({f"memory.{k}": v.contiguous().cpu() for k, v in model.memory_tensors().items()})
+    tensors.update({f"memory.{k}": v.contiguous().cpu() for k, v in model.memory_state().items()})
     opt_meta = None
     if optimizer is not None:
         osd = optimizer.state_dict()
@@ -416,8 +415,7 @@ def _train(cfg: TrainConfig, dataset, ckpt_path, log_path, rank: int, world: int
             opt.load_state_dict(st["optimizer"])
         _restore_rng(st["rng"])
         cms.acc = {k: v.to(device) for k, v in st["cms_grads"].items()}
-        if hasattr(model, "load_memory_tensors"):
-            model.load_memory_tensors({k: v.to(device) for k, v in st["memory"].items()})
+        model.load_memory_state({k: v.to(device) for k, v in st["memory"].items()})
         start = st["step"]
         _warn_changed_settings(ckpt_path, st["config"], cfg.to_dict())
         if os.path.exists(log_path):

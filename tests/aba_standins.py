@@ -92,6 +92,12 @@ class TinyHOPE(TinyPredictor):
     def reset_memory(self):
         self._memory = None
 
+    def memory_state(self):
+        return {} if self._memory is None else {"m": self._memory}
+
+    def load_memory_state(self, tensors):
+        self._memory = tensors.get("m")
+
     def cms_levels(self):
         return [(p, list(lvl.parameters())) for p, lvl in zip((1, 2), self.cms)]
 

@@ -171,11 +171,11 @@ def test_sequence_losses_carry_the_memory_with_its_gradient():
     tf(cut, slice(0, 2), False)                                    # detached carry: no path back
     assert torch.autograd.grad(tf(cut, slice(2, 4), False), zz)[0][:2].abs().sum() == 0
     m.detach_memory()
-    kept = {k: v.clone() for k, v in m.memory_tensors().items()}
+    kept = {k: v.clone() for k, v in m.memory_state().items()}
     step1 = tr._sequence_losses(m, z, a, None, c, step=1, rollout_steps=0)["tf"]   # carried into step 1
-    m.load_memory_tensors(kept)
+    m.load_memory_state(kept)
     torch.testing.assert_close(tr._sequence_losses(m, z, a, None, c, step=1, rollout_steps=0)["tf"], step1)
-    m.load_memory_tensors(kept)
+    m.load_memory_state(kept)
     reset = tr._sequence_losses(m, z, a, None, c, step=2, rollout_steps=0)["tf"]    # step 2: reset first
     torch.testing.assert_close(reset, out["tf"].detach())
 
@@ -189,7 +189,7 @@ def test_sequence_settings_are_checked():
         TrainConfig(model="hope", memory_reset_every=0)
     res = tr.train(cfg(model="hope", steps=2, **SEQUENCES), dataset=small_data())
     # the trained model leaves training as any other: no carried memory, stored state dropped
-    assert res.model.carry_memory is False and res.model.memory_grad is False and res.model.memory_tensors() == {}
+    assert res.model.carry_memory is False and res.model.memory_grad is False and res.model.memory_state() == {}
 
 
 def test_cms_levels_update_at_their_periods_in_training():

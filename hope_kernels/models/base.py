@@ -92,6 +92,16 @@ class PredictorBase(nn.Module):
         self.norm = nn.LayerNorm(c.width, eps=c.ln_eps)
         self.proj = Linear(c.width, c.enc_dim)
 
+    # -- carried memory: none here; HOPE overrides both (the adaptation engine and checkpoints use them) --
+    def memory_state(self) -> dict[str, torch.Tensor]:
+        """The memory carried between forwards as flat named tensors ({}: none)."""
+        return {}
+
+    def load_memory_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Inverse of memory_state; a model without memory accepts only {}."""
+        if tensors:
+            raise ValueError(f"a {self.kind} predictor carries no memory, got memory tensors {sorted(tensors)}")
+
     # -- init (docs/design.md#predictors: truncated normal std 0.02, residual projections / sqrt(2 * layer)) --
     def _init_weights(self):
         std = self.config.init_std

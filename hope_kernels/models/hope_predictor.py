@@ -203,16 +203,17 @@ class HOPEPredictor(PredictorBase):
         if self._memory is not None:
             self._memory = [_each(torch.Tensor.detach, s) for s in self._memory]
 
-    def memory_tensors(self) -> dict[str, torch.Tensor]:
-        """The stored memory as flat named tensors ({} when none is stored), for checkpoints."""
+    def memory_state(self) -> dict[str, torch.Tensor]:
+        """The stored memory as flat named tensors ({} when none is stored): for checkpoints and for the
+        adaptation engine's snapshots."""
         out = {}
         for i, s in enumerate(self._memory or []):
             for j, t in enumerate(s if isinstance(s, tuple) else (s,)):
                 out[f"{i}.{j}"] = t.detach()
         return out
 
-    def load_memory_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Inverse of memory_tensors ({} resets the memory)."""
+    def load_memory_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Inverse of memory_state ({} resets the memory)."""
         if not tensors:
             self._memory = None
             return
