@@ -430,3 +430,23 @@ def test_tiny_predictors_learn_on_quick_a1(tmp_path, kind, steps):
     ev = tr.evaluate(res.model, held)
     print(kind, ev)
     assert ev["tf"] <= 0.7 * ev["copy_last"], ev
+
+
+def test_step_values_reach_the_host_only_at_log_steps(monkeypatch):
+    """The loop reads its step values once per log_every steps (and at the last step), not per step: the
+    Tensor.tolist / Tensor.item calls made from hope_kernels/train.py while an AC model trains 6 steps with
+    log_every 3 and no checkpoints. (The CPU attention reads its CPU position table once per shape: no device
+    synchronisation, not counted.)"""
+    import inspect
+    calls = {"tolist": 0, "item": 0}
+    for name in calls:
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, _name=name, **kw):
+            if inspect.currentframe().f_back.f_code.co_filename == tr.__file__:
+                calls[_name] += 1
+            return _real(self, *a, **kw)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    res = tr.train(cfg(steps=6, log_every=3, ckpt_every=100), dataset=small_data())
+    assert [r["step"] for r in res.history] == [1, 2, 3, 4, 5, 6]
+    assert calls == {"tolist": 2, "item": 0}
