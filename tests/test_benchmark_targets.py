@@ -22,8 +22,8 @@ def _verdicts(rows):
 
 
 def test_l1_targets_of_the_recorded_h200_run():
-    """docs/status.md's 2026-11-27 H200 percentages come out of the committed rows: forward Triton 61% / 86%, CUDA 36% / 49%,
-    backward Triton 100% / 101%, CUDA 94% / 99% of a same-size copy."""
+    """docs/status.md's 2026-11-27 H200 percentages come out of the committed rows: forward Triton 61% / 86%,
+    CUDA 36% / 49%, backward Triton 100% / 101%, CUDA 94% / 99% of a same-size copy."""
     v = _verdicts(T["load_rows"](H200_ROWS))
     pct = lambda stage, dtype, b: round(100 * v[(f"L1 {stage} kernel {dtype}, % of a same-size copy", b, "copy")]
                                         ["ratio"])
