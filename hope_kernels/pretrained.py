@@ -78,13 +78,16 @@ def train_fields(cfg: dict, model: str) -> dict:
 
 
 def with_steps(cfg: dict, steps: int) -> dict:
-    """`cfg` with every pre-training's step count set to `steps` (the shared one and each kind's own)."""
+    """`cfg` with every pre-training's step count set to `steps` (the shared one, each kind's own and a run's own
+    `pretrain` mapping)."""
     pre = dict(cfg.get("pretrain") or {})
     pre["steps"] = steps
     for kind in ("ac", "hope"):
         if isinstance(pre.get(kind), dict) and "steps" in pre[kind]:
             pre[kind] = {**pre[kind], "steps": steps}
-    return {**cfg, "pretrain": pre}
+    runs = [{**r, "pretrain": {**r["pretrain"], "steps": steps}}
+            if isinstance(r.get("pretrain"), dict) and "steps" in r["pretrain"] else r for r in cfg.get("runs") or []]
+    return {**cfg, "pretrain": pre, "runs": runs}
 
 
 def spec_for(cfg: dict, run: dict, seed: int) -> dict:

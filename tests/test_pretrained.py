@@ -12,6 +12,15 @@ from hope_kernels.models import build_predictor
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def test_with_steps_sets_every_pretraining_of_the_preset():
+    """--steps (trial runs) reaches the shared steps, each kind's own and a run's own pretrain mapping (HOPE with
+    CMS off pre-trains 2400 steps by its run line)."""
+    specs = pretrained.pretrain_specs(pretrained.with_steps(load_config("quick"), 3))
+    assert {pretrained.spec_name(s): s["train"]["steps"] for s, _ in specs} == {
+        pretrained.spec_name(s): 3 for s, _ in specs}
+    assert any(s["overrides"] == {"cms": False} for s, _ in specs)
+
+
 def test_quick_preset_pretrainings():
     cfg = load_config("quick")
     specs = pretrained.pretrain_specs(cfg)
