@@ -417,10 +417,11 @@ def _adapt_and_write(model, stream, job: dict, hooks) -> dict:
 # ---------------------------------------------------------------------------------------------- main
 
 def run_aba(config: dict, hooks: Hooks | None = None, out: str | Path | None = None,
-            progress: bool | None = None) -> Results:
+            progress: bool | None = None, source: str | None = None) -> Results:
     """Run the whole A-B-A experiment described by `config` (see hope_kernels/configs/aba_quick.yaml) into `out`
     (default config["out"]). Resumable: finished (run, seed) logs are kept and skipped. With config["workers"]
-    > 1 (and the default hooks) the stream runs go to that many processes of `threads` threads each."""
+    > 1 (and the default hooks) the stream runs go to that many processes of `threads` threads each. `source`
+    (where the config came from) is said first, once the output folder is ours."""
     cfg = validate_config(copy.deepcopy(config))
     custom_hooks = hooks is not None
     hooks = hooks or Hooks()
@@ -434,10 +435,11 @@ def run_aba(config: dict, hooks: Hooks | None = None, out: str | Path | None = N
     # one writer per folder (the lock creates it); temp files a killed run left are removed once the lock is ours
     with FolderLock(out, "aba --out"):
         remove_temp_files(out, recursive=True)
-        return _run_locked(cfg, hooks, custom_hooks, out, progress)
+        return _run_locked(cfg, hooks, custom_hooks, out, progress, source)
 
 
-def _run_locked(cfg: dict, hooks: Hooks, custom_hooks: bool, out: Path, progress: bool | None) -> Results:
+def _run_locked(cfg: dict, hooks: Hooks, custom_hooks: bool, out: Path, progress: bool | None,
+                source: str | None) -> Results:
     progress = cfg.get("progress", True) if progress is None else progress
     if cfg.get("threads"):
         # tiny models on a shared CPU: more intra-op threads than cores only add contention
@@ -451,6 +453,8 @@ def _run_locked(cfg: dict, hooks: Hooks, custom_hooks: bool, out: Path, progress
             notes.append(msg)
         print(f"hope-kernels aba: {msg}", file=sys.stderr, flush=True)
 
+    if source:
+        say(source, note=False)
     data_cfg = cfg.get("data", {}) or {}
     if data_cfg.get("dir") and data_cfg.get("imported", False):
         data_path = Path(data_cfg["dir"])

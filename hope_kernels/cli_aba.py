@@ -16,8 +16,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    import sys
-
     from hope_kernels.aba import load_config, run_aba
     from hope_kernels.config import shipped_dir
     from hope_kernels.io import check_output_dir
@@ -29,7 +27,6 @@ def run(args) -> int:
     else:
         stem = args.preset if args.preset.startswith("aba_") else f"aba_{args.preset}"
         where = f"preset {args.preset} ({shipped_dir().joinpath(stem + '.yaml')})"
-    print(f"hope-kernels aba: {where}", file=sys.stderr, flush=True)
     if args.seeds:
         try:
             cfg["seeds"] = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -37,7 +34,8 @@ def run(args) -> int:
             raise ValueError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
     if args.data:
         cfg["data"] = {**(cfg.get("data") or {}), "dir": args.data, "imported": True}
-    res = run_aba(cfg, out=args.out, progress=not args.no_progress)
+    # said by run_aba once the folder is locked: a refused folder gets its one error line only
+    res = run_aba(cfg, out=args.out, progress=not args.no_progress, source=where)
     print(res.table())
     for kind, path in res.paths.items():
         print(f"wrote {path}")
