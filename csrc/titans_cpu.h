@@ -334,13 +334,38 @@ HK_INLINE void split_pair(const T* PS, T* P, T* S, int64_t rows, int64_t cols) {
 
 // ---------------------------------------------------------------------------------------------- op skeleton
 
-// Runs task(T{}, begin, end) over the (b, h) rows [0, BH) in at::parallel_for chunks, T the accumulation dtype
-// (float or double): each task builds its scratch once and walks its heads.
+// Runs task(T{}, avx2, begin, end) over the (b, h) rows [0, BH) in at::parallel_for chunks, T the accumulation
+// dtype (float or double), avx2 = use_avx2(): each task builds its scratch once and walks its heads.
 template <typename Task>
 void for_each_head(at::ScalarType acc, int64_t BH, const Task& task) {
+  const bool avx2 = use_avx2();
   AT_DISPATCH_FLOATING_TYPES(acc, "titans_cpu", [&] {
-    at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) { task(scalar_t{}, begin, end); });
+    at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) { task(scalar_t{}, avx2, begin, end); });
   });
+}
+
+// An op's token inputs in the accumulation dtype (float32; float64 for float64 inputs), contiguous: q, k
+// (B, H, L, dk), v (B, H, L, dv) and the gates alpha, eta, theta (B, H, L); opt: the accumulation dtype's options.
+struct TokenInputs {
+  at::ScalarType acc;
+  at::TensorOptions opt;
+  at::Tensor q, k, v, alpha, eta, theta;
+
+  TokenInputs(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& alpha_in,
+              const at::Tensor& eta_in, const at::Tensor& theta_in)
+      : acc(acc_type(q_in.scalar_type())), opt(q_in.options().dtype(acc)), q(acc_contig(q_in, acc)),
+        k(acc_contig(k_in, acc)), v(acc_contig(v_in, acc)), alpha(acc_contig(alpha_in, acc)),
+        eta(acc_contig(eta_in, acc)), theta(acc_contig(theta_in, acc)) {}
+};
+
+// Points a head (LinearHead or MlpHead) at row bh = b * H + h of the token inputs.
+template <typename T, typename Head>
+void point_at_tokens(Head& h, const TokenInputs& in, int64_t bh) {
+  const int64_t L = in.q.size(2), dk = in.q.size(3), dv = in.v.size(3);
+  h.q = in.q.data_ptr<T>() + bh * L * dk, h.k = in.k.data_ptr<T>() + bh * L * dk;
+  h.v = in.v.data_ptr<T>() + bh * L * dv;
+  h.al = in.alpha.data_ptr<T>() + bh * L, h.et = in.eta.data_ptr<T>() + bh * L;
+  h.th = in.theta.data_ptr<T>() + bh * L;
 }
 
 // The chunk length the scratch is sized for: no chunk holds more than L tokens.
@@ -349,7 +374,7 @@ inline int64_t work_chunk(int64_t C, int64_t L) { return std::max<int64_t>(1, st
 // ---------------------------------------------------------------------------------------------- ISA clones
 
 // HK_CLONES(body, Work, Head) defines body_run<T>(avx2, w, h): body<32> compiled for AVX2 + FMA where the compiler
-// can target it and avx2 is true (use_avx2(), read once per op), else body<16> for the baseline ISA.
+// can target it and avx2 is true (use_avx2(), read once per op by for_each_head), else body<16> for the baseline ISA.
 #define HK_CLONES(body, Work, Head)                                                                 \
   template <typename T>                                                                             \
   void body##_generic(Work<T>& w, const Head<T>& h) { body<16>(w, h); }                              \

@@ -127,12 +127,10 @@ void check(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& alph
 
 // The pointers of (b, h) = bh into the inputs and the boundary states, and the sizes (forward and backward).
 template <typename T>
-LinearHead<T> head_inputs(int64_t bh, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& alpha,
-                          const Tensor& eta, const Tensor& theta, const Tensor& Ws, const Tensor& Ss, int64_t C) {
-  const int64_t L = q.size(2), dk = q.size(3), dv = v.size(3), N = Ws.size(2) - 1;
+LinearHead<T> head_inputs(int64_t bh, const TokenInputs& in, const Tensor& Ws, const Tensor& Ss, int64_t C) {
+  const int64_t L = in.q.size(2), dk = in.q.size(3), dv = in.v.size(3), N = Ws.size(2) - 1;
   LinearHead<T> h{};
-  h.q = q.data_ptr<T>() + bh * L * dk, h.k = k.data_ptr<T>() + bh * L * dk, h.v = v.data_ptr<T>() + bh * L * dv;
-  h.al = alpha.data_ptr<T>() + bh * L, h.et = eta.data_ptr<T>() + bh * L, h.th = theta.data_ptr<T>() + bh * L;
+  point_at_tokens<T>(h, in, bh);
   h.Ws = Ws.data_ptr<T>() + bh * (N + 1) * dk * dv, h.Ss = Ss.data_ptr<T>() + bh * (N + 1) * dk * dv;
   h.L = L, h.C = C, h.dK = dk, h.dV = dv;
   return h;
@@ -145,22 +143,20 @@ std::tuple<Tensor, Tensor, Tensor> titans_linear_fwd_cpu(const Tensor& q_in, con
   check(q_in, k_in, v_in, alpha_in, eta_in, theta_in, W0, S0, C);
   const int64_t B = q_in.size(0), H = q_in.size(1), L = q_in.size(2), dk = q_in.size(3), dv = v_in.size(3);
   const int64_t N = (L + C - 1) / C;
-  const auto acc = acc_type(q_in.scalar_type());
-  auto opt = q_in.options().dtype(acc);
-  auto q = acc_contig(q_in, acc), k = acc_contig(k_in, acc), v = acc_contig(v_in, acc);
-  auto alpha = acc_contig(alpha_in, acc), eta = acc_contig(eta_in, acc), theta = acc_contig(theta_in, acc);
+  const TokenInputs in(q_in, k_in, v_in, alpha_in, eta_in, theta_in);
+  const auto acc = in.acc;
+  const auto opt = in.opt;
   auto W = acc_contig(W0, acc), S = acc_contig(S0, acc);
   auto o = alloc({B, H, L, dv}, opt);
   auto Ws = alloc({B, H, N + 1, dk, dv}, opt), Ss = alloc({B, H, N + 1, dk, dv}, opt);
   Ws.select(2, 0).copy_(W);
   Ss.select(2, 0).copy_(S);
-  const bool avx2 = use_avx2();
   const int64_t Cw = work_chunk(C, L);
-  for_each_head(acc, B * H, [&](auto zero, int64_t begin, int64_t end) {
+  for_each_head(acc, B * H, [&](auto zero, bool avx2, int64_t begin, int64_t end) {
     using T = decltype(zero);
     LinearWork<T> w(Cw, dk, dv, false);
     for (int64_t bh = begin; bh < end; ++bh) {
-      auto h = head_inputs<T>(bh, q, k, v, alpha, eta, theta, Ws, Ss, Cw);
+      auto h = head_inputs<T>(bh, in, Ws, Ss, Cw);
       h.o = o.data_ptr<T>() + bh * L * dv;
       linear_fwd_head_run<T>(avx2, w, h);
     }
@@ -180,21 +176,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> titan
               "Ws, Ss must be (B, H, N+1, dk, dv) = (", B, ", ", H, ", ", N + 1, ", ", dk, ", ", dv, "), got ",
               Ws_in.sizes(), " and ", Ss_in.sizes());
   TORCH_CHECK(do_in.sizes() == v_in.sizes(), "do must match v ", v_in.sizes(), ", got ", do_in.sizes());
-  const auto acc = acc_type(q_in.scalar_type());
-  auto opt = q_in.options().dtype(acc);
-  auto q = acc_contig(q_in, acc), k = acc_contig(k_in, acc), v = acc_contig(v_in, acc);
-  auto alpha = acc_contig(alpha_in, acc), eta = acc_contig(eta_in, acc), theta = acc_contig(theta_in, acc);
+  const TokenInputs in(q_in, k_in, v_in, alpha_in, eta_in, theta_in);
+  const auto acc = in.acc;
+  const auto opt = in.opt;
   auto Ws = acc_contig(Ws_in, acc), Ss = acc_contig(Ss_in, acc), dout = acc_contig(do_in, acc);
   auto dq = alloc({B, H, L, dk}, opt), dk_ = alloc({B, H, L, dk}, opt), dv_ = alloc({B, H, L, dv}, opt);
   auto dalpha = alloc({B, H, L}, opt), deta = alloc({B, H, L}, opt), dtheta = alloc({B, H, L}, opt);
   auto dW = acc_contig(dWT, acc).clone(), dS = acc_contig(dST, acc).clone();   // overwritten with dW0, dS0
-  const bool avx2 = use_avx2();
   const int64_t Cw = work_chunk(C, L);
-  for_each_head(acc, B * H, [&](auto zero, int64_t begin, int64_t end) {
+  for_each_head(acc, B * H, [&](auto zero, bool avx2, int64_t begin, int64_t end) {
     using T = decltype(zero);
     LinearWork<T> w(Cw, dk, dv, true);
     for (int64_t bh = begin; bh < end; ++bh) {
-      auto h = head_inputs<T>(bh, q, k, v, alpha, eta, theta, Ws, Ss, Cw);
+      auto h = head_inputs<T>(bh, in, Ws, Ss, Cw);
       h.dO = dout.data_ptr<T>() + bh * L * dv;
       h.dq = dq.data_ptr<T>() + bh * L * dk, h.dk = dk_.data_ptr<T>() + bh * L * dk;
       h.dv = dv_.data_ptr<T>() + bh * L * dv;

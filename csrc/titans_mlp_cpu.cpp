@@ -263,13 +263,11 @@ void check_mlp(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& 
 
 // The pointers of (b, h) = bh into the inputs and the boundary states, and the sizes (forward and backward).
 template <typename T>
-MlpHead<T> head_inputs(int64_t bh, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& alpha,
-                       const Tensor& eta, const Tensor& theta, const Tensor& W1s, const Tensor& W2s, const Tensor& S1s,
+MlpHead<T> head_inputs(int64_t bh, const TokenInputs& in, const Tensor& W1s, const Tensor& W2s, const Tensor& S1s,
                        const Tensor& S2s, int64_t C) {
-  const int64_t L = q.size(2), D = q.size(3), dh = W1s.size(4), st = bh * W1s.size(2) * D * dh;
+  const int64_t L = in.q.size(2), D = in.q.size(3), dh = W1s.size(4), st = bh * W1s.size(2) * D * dh;
   MlpHead<T> h{};
-  h.q = q.data_ptr<T>() + bh * L * D, h.k = k.data_ptr<T>() + bh * L * D, h.v = v.data_ptr<T>() + bh * L * D;
-  h.al = alpha.data_ptr<T>() + bh * L, h.et = eta.data_ptr<T>() + bh * L, h.th = theta.data_ptr<T>() + bh * L;
+  point_at_tokens<T>(h, in, bh);
   h.W1s = W1s.data_ptr<T>() + st, h.W2s = W2s.data_ptr<T>() + st;
   h.S1s = S1s.data_ptr<T>() + st, h.S2s = S2s.data_ptr<T>() + st;
   h.L = L, h.C = C, h.D = D, h.dh = dh;
@@ -283,10 +281,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> titans_mlp_fwd_cpu(
   check_mlp(q_in, k_in, v_in, alpha_in, eta_in, theta_in, W1_in, W2_in, S1_in, S2_in, C);
   const int64_t B = q_in.size(0), H = q_in.size(1), L = q_in.size(2), D = q_in.size(3), dh = W1_in.size(3);
   const int64_t N = (L + C - 1) / C;
-  const auto acc = acc_type(q_in.scalar_type());
-  auto opt = q_in.options().dtype(acc);
-  auto q = acc_contig(q_in, acc), k = acc_contig(k_in, acc), v = acc_contig(v_in, acc);
-  auto alpha = acc_contig(alpha_in, acc), eta = acc_contig(eta_in, acc), theta = acc_contig(theta_in, acc);
+  const TokenInputs in(q_in, k_in, v_in, alpha_in, eta_in, theta_in);
+  const auto acc = in.acc;
+  const auto opt = in.opt;
   auto o = alloc({B, H, L, D}, opt);
   auto W1s = alloc({B, H, N + 1, D, dh}, opt), W2s = alloc({B, H, N + 1, dh, D}, opt);
   auto S1s = alloc({B, H, N + 1, D, dh}, opt), S2s = alloc({B, H, N + 1, dh, D}, opt);
@@ -294,13 +291,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> titans_mlp_fwd_cpu(
   W2s.select(2, 0).copy_(W2_in);
   S1s.select(2, 0).copy_(S1_in);
   S2s.select(2, 0).copy_(S2_in);
-  const bool avx2 = use_avx2();
   const int64_t Cw = work_chunk(C, L);
-  for_each_head(acc, B * H, [&](auto zero, int64_t begin, int64_t end) {
+  for_each_head(acc, B * H, [&](auto zero, bool avx2, int64_t begin, int64_t end) {
     using T = decltype(zero);
     MlpWork<T> w(Cw, D, dh, false);
     for (int64_t bh = begin; bh < end; ++bh) {
-      auto h = head_inputs<T>(bh, q, k, v, alpha, eta, theta, W1s, W2s, S1s, S2s, Cw);
+      auto h = head_inputs<T>(bh, in, W1s, W2s, S1s, S2s, Cw);
       h.o = o.data_ptr<T>() + bh * L * D;
       mlp_fwd_head_run<T>(avx2, w, h);
     }
@@ -322,23 +318,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
               at::IntArrayRef(s2), ", got ", W1s_in.sizes(), ", ", S1s_in.sizes(), ", ", W2s_in.sizes(), ", ",
               S2s_in.sizes());
   TORCH_CHECK(do_in.sizes() == v_in.sizes(), "do must match v ", v_in.sizes(), ", got ", do_in.sizes());
-  const auto acc = acc_type(q_in.scalar_type());
-  auto opt = q_in.options().dtype(acc);
-  auto q = acc_contig(q_in, acc), k = acc_contig(k_in, acc), v = acc_contig(v_in, acc);
-  auto alpha = acc_contig(alpha_in, acc), eta = acc_contig(eta_in, acc), theta = acc_contig(theta_in, acc);
+  const TokenInputs in(q_in, k_in, v_in, alpha_in, eta_in, theta_in);
+  const auto acc = in.acc;
+  const auto opt = in.opt;
   auto W1s = acc_contig(W1s_in, acc), W2s = acc_contig(W2s_in, acc), S1s = acc_contig(S1s_in, acc);
   auto S2s = acc_contig(S2s_in, acc), dout = acc_contig(do_in, acc);
   auto dq = alloc({B, H, L, D}, opt), dk_ = alloc({B, H, L, D}, opt), dv_ = alloc({B, H, L, D}, opt);
   auto dalpha = alloc({B, H, L}, opt), deta = alloc({B, H, L}, opt), dtheta = alloc({B, H, L}, opt);
   auto dW1 = acc_contig(dW1T, acc).clone(), dW2 = acc_contig(dW2T, acc).clone();   // overwritten with the
   auto dS1 = acc_contig(dS1T, acc).clone(), dS2 = acc_contig(dS2T, acc).clone();   // initial state's gradients
-  const bool avx2 = use_avx2();
   const int64_t Cw = work_chunk(C, L);
-  for_each_head(acc, B * H, [&](auto zero, int64_t begin, int64_t end) {
+  for_each_head(acc, B * H, [&](auto zero, bool avx2, int64_t begin, int64_t end) {
     using T = decltype(zero);
     MlpWork<T> w(Cw, D, dh, true);
     for (int64_t bh = begin; bh < end; ++bh) {
-      auto h = head_inputs<T>(bh, q, k, v, alpha, eta, theta, W1s, W2s, S1s, S2s, Cw);
+      auto h = head_inputs<T>(bh, in, W1s, W2s, S1s, S2s, Cw);
       h.dO = dout.data_ptr<T>() + bh * L * D;
       h.dq = dq.data_ptr<T>() + bh * L * D, h.dk = dk_.data_ptr<T>() + bh * L * D;
       h.dv = dv_.data_ptr<T>() + bh * L * D;

@@ -1,6 +1,6 @@
-"""Training (docs/design.md#training): loss = teacher-forcing L1 + w(step) * rollout L1, AdamW + warmup-stable-decay LR,
-gradient clipping, bf16 autocast on GPU, atomic safetensors checkpoints with exact resume, JSONL log,
-progress bar, DDP under torchrun (gloo on CPU, nccl on GPU).
+"""Training (docs/design.md#training): loss = teacher-forcing L1 + w(step) * rollout L1, AdamW +
+warmup-stable-decay LR, gradient clipping, bf16 autocast on GPU, atomic safetensors checkpoints with exact resume,
+JSONL log, progress bar, DDP under torchrun (gloo on CPU, nccl on GPU).
 
     result = train({"model": "hope", "data": "data/quick", "steps": 300, "out": "runs/hope"})
 
@@ -155,9 +155,8 @@ def _collate(ds, idx, device, nonfinite: list | None = None):
     of the inputs holding NaN or inf, checked on the host before the copy (no device synchronisation)."""
     items = [ds[int(i)] for i in idx]
     out = {"latents": None, "actions": None, "states": None}
-    for name in out:
-        if name == "states" and not (items[0].get("states") is not None and getattr(ds, "state_dim", 0)):
-            continue
+    with_states = items[0].get("states") is not None and getattr(ds, "state_dim", 0)
+    for name in out if with_states else ("latents", "actions"):
         x = torch.stack([torch.as_tensor(it[name]) for it in items]).float()
         if nonfinite is not None and not torch.isfinite(x).all():
             nonfinite.append(name)
@@ -434,10 +433,10 @@ def _train(cfg: TrainConfig, dataset, ckpt_path, log_path, rank: int, world: int
         from tqdm.auto import tqdm
         bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.model}", unit="step")
     # A step queues its work and leaves its numbers on the device: the host reads them (one synchronisation,
-    # marked "sync" below) only at log steps, checkpoint steps and the last step. A non-finite batch, loss or
-    # gradient norm skips that step's update on the device (AdamW's found_inf, as torch.amp.GradScaler uses it);
-    # the next read names the first such step and stops before any later checkpoint is written. Non-finite inputs
-    # are found on the host, before the copy to the device, and stop at once.
+    # marked "sync" below) only at log steps, checkpoint steps and the last step. A non-finite loss or gradient
+    # norm skips that step's update on the device (AdamW's found_inf, as torch.amp.GradScaler uses it); the next
+    # read names the first such step and stops before any later checkpoint is written. Non-finite inputs are
+    # found on the host, before the copy to the device, and stop at once.
     pending: list[tuple[int, float, float, torch.Tensor]] = []   # (step, lr, w, stats)
     t_last, ckpt_written = time.perf_counter(), None
 
@@ -456,8 +455,16 @@ def _train(cfg: TrainConfig, dataset, ckpt_path, log_path, rank: int, world: int
         now = time.perf_counter()
         rate = cfg.batch_size * len(pending) / max(now - t_last, 1e-9)   # the mean over the flushed steps
         t_last = now
+        lines = []
+
+        def write_log():   # one open per read; the steps before a non-finite one are logged too
+            if rank == 0 and log_path and lines:
+                with open(log_path, "a") as f:
+                    f.writelines(lines)
+
         for (step, lr, w, _), (l_all, l_tf, l_ro, gn, bad) in zip(pending, rows):
             if bad:
+                write_log()
                 if not math.isfinite(l_all):
                     stop(step, f"loss is {l_all} (not finite)")
                 if not math.isfinite(gn):
@@ -466,9 +473,8 @@ def _train(cfg: TrainConfig, dataset, ckpt_path, log_path, rank: int, world: int
             rec = {"step": step + 1, "loss": l_all, "tf": l_tf, "rollout": l_ro, "rollout_w": w, "lr": lr,
                    "grad_norm": None if cfg.grad_clip <= 0 else gn, "clips_per_s": rate}
             history.append(rec)
-            if rank == 0 and log_path:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+            lines.append(json.dumps(rec) + "\n")
+        write_log()
         if bar is not None:
             bar.update(len(pending))
             bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", clips_s=f"{rate:.1f}")
