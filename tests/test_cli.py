@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from hope_kernels import cli, cli_bench
+from hope_kernels import cli
+from hope_kernels.cli import bench as cli_bench
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

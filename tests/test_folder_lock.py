@@ -137,7 +137,7 @@ def test_a_copied_aba_folder_uses_its_own_checkpoints(tmp_path):
 
 
 def test_ctrl_c_gives_one_line_with_the_way_out(monkeypatch, capsys):
-    import hope_kernels.cli_train as cli_train
+    from hope_kernels.cli import train as cli_train
 
     def interrupted(args):
         raise KeyboardInterrupt

@@ -1,4 +1,5 @@
-"""`hope-kernels` command line. Each subcommand lives in the module that owns it; the modules keep their heavy
+"""`hope-kernels` command line: `main` here, one module per subcommand in this package (`import` lives in
+import_data.py, a keyword otherwise), argument helpers they share in _common.py. The modules keep their heavy
 imports inside `run`, so a missing optional dependency only affects its own command.
 
 Every subcommand module exposes `add_arguments(parser)` and `run(args) -> int` (exit code).
@@ -12,16 +13,16 @@ import warnings
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "backends": ("hope_kernels.cli_backends", "list the available op backends"),
-    "simulate": ("hope_kernels.data.cli_simulate", "simulate the embedded A1/B/A2 physics dataset"),
-    "import": ("hope_kernels.data.cli_import", "import your own latents + actions as one phase of a dataset"),
-    "verify": ("hope_kernels.data.cli_verify", "check a dataset's shards against its manifest"),
-    "encode": ("hope_kernels.data.cli_encode", "encode frames with the embedded or a local V-JEPA 2 encoder"),
-    "aba": ("hope_kernels.cli_aba", "the A-B-A job: data, pre-training, every TTA strategy, results.json/md/png"),
-    "train": ("hope_kernels.cli_train", "train an AC or HOPE predictor"),
-    "pretrain": ("hope_kernels.cli_pretrain", "regenerate the pre-trained predictors an A-B-A preset ships with"),
-    "adapt": ("hope_kernels.cli_adapt", "adapt one checkpoint over a dataset's A1 -> B -> A2 stream with one strategy"),
-    "bench": ("hope_kernels.cli_bench", "run the benchmark suites (eager, torch.compile, fast paths side by side)"),
+    "backends": ("hope_kernels.cli.backends", "list the available op backends"),
+    "simulate": ("hope_kernels.cli.simulate", "simulate the embedded A1/B/A2 physics dataset"),
+    "import": ("hope_kernels.cli.import_data", "import your own latents + actions as one phase of a dataset"),
+    "verify": ("hope_kernels.cli.verify", "check a dataset's shards against its manifest"),
+    "encode": ("hope_kernels.cli.encode", "encode frames with the embedded or a local V-JEPA 2 encoder"),
+    "aba": ("hope_kernels.cli.aba", "the A-B-A job: data, pre-training, every TTA strategy, results.json/md/png"),
+    "train": ("hope_kernels.cli.train", "train an AC or HOPE predictor"),
+    "pretrain": ("hope_kernels.cli.pretrain", "regenerate the pre-trained predictors an A-B-A preset ships with"),
+    "adapt": ("hope_kernels.cli.adapt", "adapt one checkpoint over a dataset's A1 -> B -> A2 stream with one strategy"),
+    "bench": ("hope_kernels.cli.bench", "run the benchmark suites (eager, torch.compile, fast paths side by side)"),
 }
 DESCRIPTION = ("hope-kernels: training and test-time adaptation of world models in V-JEPA 2 latent space, on "
                "custom kernels")
@@ -79,6 +80,3 @@ def _resume_hint(args) -> str:
             return "no checkpoint was written yet: run the same command again"
     return RESUME_HINTS.get(args.command, "run the same command again")
 
-
-if __name__ == "__main__":
-    sys.exit(main())

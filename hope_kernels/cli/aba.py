@@ -3,6 +3,8 @@ the predictors (reusing checkpoints in OUT/checkpoints), runs every strategy ove
 every seed (skipping finished ones) and writes OUT/results.json, results.md and aba.png."""
 from __future__ import annotations
 
+from hope_kernels.cli._common import comma_ints
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--preset", default="quick",
@@ -28,10 +30,7 @@ def run(args) -> int:
         stem = args.preset if args.preset.startswith("aba_") else f"aba_{args.preset}"
         where = f"preset {args.preset} ({shipped_dir().joinpath(stem + '.yaml')})"
     if args.seeds:
-        try:
-            cfg["seeds"] = [int(s) for s in args.seeds.split(",") if s.strip()]
-        except ValueError:
-            raise ValueError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+        cfg["seeds"] = comma_ints(args.seeds, "--seeds")
     if args.data:
         cfg["data"] = {**(cfg.get("data") or {}), "dir": args.data, "imported": True}
     # said by run_aba once the folder is locked: a refused folder gets its one error line only

@@ -9,6 +9,8 @@ interrupted regeneration resumes where it stopped.
 """
 from __future__ import annotations
 
+from hope_kernels.cli._common import comma_list
+
 
 def add_arguments(p) -> None:
     p.add_argument("--preset", default="quick", help="A-B-A preset whose models to pre-train "
@@ -39,7 +41,7 @@ def run(args) -> int:
         if not args.assets:   # a trial run must not replace the weights the package ships
             raise ValueError("--steps writes weights of another recipe: name their folder with --assets")
         cfg = with_steps(cfg, args.steps)
-    only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
+    only = comma_list(args.only) if args.only else None
     t0 = time.perf_counter()
     index = regenerate(cfg, args.work or f"runs/pretrain_{cfg.get('preset') or 'custom'}", assets=args.assets,
                        workers=args.workers, only=only, device=args.device, threads=args.threads)

@@ -1,10 +1,14 @@
 """`hope-kernels simulate`: write the embedded A1 / B / A2 physics dataset (see hope_kernels/data/simulate.py)."""
 from __future__ import annotations
 
+from hope_kernels.cli._common import phase_counts
+
 
 def add_arguments(parser) -> None:
-    # choices kept literal so `hope-kernels --help` does not import torch; simulate.PRESETS is the source
-    parser.add_argument("--preset", default="quick", choices=["tiny", "quick", "full"], help="dataset size (default quick)")
+    # choices kept literal so `hope-kernels --help` does not import torch; hope_kernels.data.simulate.PRESETS is
+    # the source
+    parser.add_argument("--preset", default="quick", choices=["tiny", "quick", "full"],
+                        help="dataset size (default quick)")
     parser.add_argument("--out", required=True, help="dataset folder to create")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -38,5 +42,5 @@ def run(args) -> int:
                             **_parse_overrides(args.set))
     info = verify_dataset(path)
     print(f"wrote {info['clips']} clips ({info['bytes'] / 1e6:.1f} MB, {info['shards']} shards) to {path}: "
-          + ", ".join(f"{p} {n}" for p, n in info["phases"].items()))
+          f"{phase_counts(info)}")
     return 0

@@ -2,17 +2,19 @@
 into a dataset folder like `import` (same validation, --append to add phases)."""
 from __future__ import annotations
 
+from hope_kernels.cli._common import LATENT_DTYPES, add_phase_and_out
+
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--frames", required=True, help="(n, F, H, W, 3) uint8 or float in [0, 1]: .npy .npz .safetensors .pt")
+    parser.add_argument("--frames", required=True,
+                        help="(n, F, H, W, 3) uint8 or float in [0, 1]: .npy .npz .safetensors .pt")
     parser.add_argument("--encoder", default="embedded", help="'embedded' or 'hf:DIR' (local V-JEPA 2 folder)")
     parser.add_argument("--actions", required=True, help="(n, F / tubelet, A)")
     parser.add_argument("--states", default=None)
-    parser.add_argument("--phase", required=True, help="A1, B or A2")
-    parser.add_argument("--out", required=True, help="dataset folder")
+    add_phase_and_out(parser)
     parser.add_argument("--append", action="store_true")
     parser.add_argument("--split", default="auto")
-    parser.add_argument("--latent-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    parser.add_argument("--latent-dtype", default="float16", choices=LATENT_DTYPES)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--allow-multi-step-actions", action="store_true")

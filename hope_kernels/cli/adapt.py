@@ -6,7 +6,8 @@ from __future__ import annotations
 def add_arguments(p) -> None:
     from hope_kernels.adapt import STRATEGIES
     p.add_argument("--checkpoint", required=True,
-                   help="a checkpoint.safetensors written by `train`, or shipped weights (hope_kernels/assets/pretrained)")
+                   help="a checkpoint.safetensors written by `train`, or shipped weights "
+                        "(hope_kernels/assets/pretrained)")
     p.add_argument("--data", required=True, help="dataset folder (simulated or imported)")
     p.add_argument("--strategy", default="layernorm", choices=STRATEGIES)
     p.add_argument("--clips-per-phase", type=int, default=None, help="stream clips per phase (default: all)")
@@ -24,10 +25,9 @@ def run(args) -> int:
     from hope_kernels.adapt import adapt_stream
     from hope_kernels.data import make_stream
     from hope_kernels.data.compat import check_model_matches_data
-    from hope_kernels.io import check_output_file
+    from hope_kernels.io import atomic_write_json, check_output_file
     from hope_kernels.metrics import phase_means
     from hope_kernels.pretrained import load_any
-    from hope_kernels.io import atomic_write_json
     from hope_kernels.train import resolve_device
 
     if args.log:   # before the stream runs, not after it
