@@ -1,10 +1,11 @@
-"""Import your own V-JEPA 2 latents into the on-disk clip format, one phase at a time, then build the A1 -> B -> A2
-stream from it.
+"""Shows the import API: your own V-JEPA 2 latents into the on-disk clip format, one phase at a time
+(`data.importers.import_files` for files, `import_arrays` for tensors), checked with `data.verify_dataset`, then
+the A1 -> B -> A2 stream built from it (`data.make_stream`). `hope-kernels import` imports one phase the same way.
 
-    python python/import_own_data.py --out data/mine \
+    python examples/import_own_data.py --out data/mine \
         --phase A1 a1_latents.npy a1_actions.npy --phase B b_latents.npy b_actions.npy \
         --phase A2 a2_latents.npy a2_actions.npy
-    python python/import_own_data.py --out /tmp/demo --demo          # random arrays, to try it out
+    python examples/import_own_data.py --out /tmp/demo --demo          # random arrays, to try it out
 
 Latents (n, T, N, D) or (n, T, H, W, D); actions (n, T, A). Splits are assigned automatically (train | stream |
 heldout; the stream gets 10% of each phase). Then: `hope-kernels aba --preset quick --out runs/mine --data data/mine`,

@@ -1,6 +1,7 @@
-"""Regenerate the shipped embedded-encoder weights and the latent fingerprint of a fixed clip.
+"""Shows the embedded encoder's API: regenerate its shipped weights (`models.encoder.build_embedded_weights`) and
+the latent fingerprint of a fixed clip (`load_embedded_encoder().encode`, `latent_fingerprint`).
 
-    python python/make_embedded_encoder.py        # writes hope_kernels/assets/embedded_encoder.{safetensors,json}
+    python examples/make_embedded_encoder.py      # writes hope_kernels/assets/embedded_encoder.{safetensors,json}
 
 The weights are a deterministic function of seed 0 (numpy PCG64), so rerunning reproduces the same bytes
 (one metadata key only: safetensors writes metadata from a hash map, so several keys come out in random order).
@@ -26,6 +27,7 @@ def fixed_clip_latents():
 
 
 def main():
+    # the script's former path, as the shipped bytes record it: renaming it would change the weights' sha256
     data = save(build_embedded_weights(seed=0), metadata={"generator": "python/make_embedded_encoder.py seed=0"})
     atomic_write_bytes(EMBEDDED_WEIGHTS, data)
     fp = {"weights_sha256": hashlib.sha256(data).hexdigest(), "seed": 0,

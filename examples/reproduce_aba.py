@@ -1,7 +1,8 @@
-"""Reproduce the A-B-A comparison table (what `hope-kernels aba` runs), from Python.
+"""Shows the A-B-A API: reproduce the comparison table (what `hope-kernels aba` runs) from Python, a shipped preset
+(`aba.load_config`) edited as a dict, cut to some runs (`aba.select_runs`) and run (`aba.run_aba`).
 
-    python python/reproduce_aba.py --preset quick --out runs/quick
-    python python/reproduce_aba.py --preset quick --out /tmp/smoke --seeds 0 --steps 5 --clips 2 --runs hope,ac+layernorm
+    python examples/reproduce_aba.py --preset quick --out runs/quick
+    python examples/reproduce_aba.py --out /tmp/smoke --seeds 0 --steps 5 --clips 2 --runs hope,ac+layernorm
 """
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
-"""Pre-train a predictor on the A1 training clips (the embedded simulated data unless --data).
+"""Shows the training API: pre-train a predictor on the A1 training clips with `train.train(config)` (a dict of
+hope_kernels.config.TrainConfig keys), on the embedded simulated data (`data.ensure_dataset`) unless --data.
+`hope-kernels train` does the same from a config file.
 
-    python python/train_predictor.py --model hope --steps 200 --out runs/train_hope
+    python examples/train_predictor.py --model hope --steps 200 --out runs/train_hope
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The python/ examples on tiny settings, and the scientific sanity check on the quick stream (slow). They need
+"""The examples/ scripts on tiny settings, and the scientific sanity check on the quick stream (slow). They need
 the real data, model and training packages; without them (a worktree of this part alone) they skip."""
 import importlib.util
 import json
@@ -16,7 +16,7 @@ def _real_pieces():
 
 
 def _example(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "python" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -24,6 +24,19 @@ def _example(name):
 
 # tiny tensors: extra intra-op threads only add contention on a shared CPU
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_examples_show_the_python_api():
+    """Each example says what it shows and how to run it, and calls the package, not the command line."""
+    import ast
+    for f in sorted((ROOT / "examples").glob("*.py")):
+        tree = ast.parse(f.read_text())
+        doc = ast.get_docstring(tree) or ""
+        assert doc.startswith("Shows ") and f"python examples/{f.name}" in doc, f.name
+        imported = {f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert any(m.startswith("hope_kernels") for m in imported), f.name
+        assert not any(m == "subprocess" or m.startswith("hope_kernels.cli") for m in imported), (f.name, imported)
 
 
 def test_examples_parse_help():

@@ -7,7 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DESIGN = ROOT / "docs" / "design.md"
-SCANNED = ("hope_kernels", "csrc", "tests", "benchmarks", "docs", "python", "configs", "README.md", "setup.py",
+SCANNED = ("hope_kernels", "csrc", "tests", "benchmarks", "docs", "examples", "configs", "README.md", "setup.py",
            "CMakeLists.txt", "pyproject.toml")
 TEXT_SUFFIXES = {".py", ".cpp", ".h", ".cu", ".cuh", ".md", ".sh", ".yaml", ".yml", ".txt", ".toml"}
 
