@@ -79,4 +79,3 @@ def _resume_hint(args) -> str:
         if not (Path(args.out) / "checkpoint.safetensors").is_file():
             return "no checkpoint was written yet: run the same command again"
     return RESUME_HINTS.get(args.command, "run the same command again")
-
