@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import hope_kernels.train as tr
-from hope_kernels.train.loop import _collate
+from hope_kernels.train.data import _collate
 from hope_kernels.models import build_predictor
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))

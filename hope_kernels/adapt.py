@@ -49,6 +49,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hope_kernels.models.cms import CMSPeriods
 from hope_kernels.ops import l1_rollout_loss
 
 __all__ = ["STRATEGIES", "PRIVILEGED", "StreamLog", "adapt_stream", "score_clip", "adaptation_loss",
@@ -394,8 +395,8 @@ def adapt_stream(model: nn.Module, stream, strategy: str, **options: Any) -> Str
         raise ValueError("strategy 'replay' needs replay_clips (an A1 buffer), got none")
     cms = _cms_levels(model, o["cms_periods"]) if is_hope else []
     cms_params = [p for _, ps in cms for p in ps]
-    cms_acc = [[torch.zeros_like(p) for p in ps] for _, ps in cms]
-    cms_count = [0 for _ in cms]
+    periods = CMSPeriods(model, cms)
+    cms_count = [0]   # clips whose CMS gradient was accumulated (a rolled-back clip's is not)
     cms_opts = [_make_optimizer(ps, {**o, "lr": o["cms_lr"]}) for _, ps in cms]
     adapt_params = list(params) + cms_params
 
@@ -424,7 +425,7 @@ def adapt_stream(model: nn.Module, stream, strategy: str, **options: Any) -> Str
                 _name_nonfinite(log, i, s)
             # (2) ... then adapt on the clip
             if strategy != "none":
-                _adapt_clip(model, clip, strategy, o, opt, params, ewc, replay, rng, cms, cms_acc, cms_count,
+                _adapt_clip(model, clip, strategy, o, opt, params, ewc, replay, rng, periods, cms_count,
                             cms_opts, adapt_params, loss_kw, log)
             if strategy == "reset" and (i + 1) % int(o["reset_every"]) == 0:
                 # the next clip is scored by the stream-start (A1) weights again
@@ -452,7 +453,7 @@ def _name_nonfinite(log: StreamLog, i: int, score: dict) -> None:
                   f"{score['tf']}, rollout {score['rollout']}: left out of the phase means", stacklevel=3)
 
 
-def _adapt_clip(model, clip, strategy, o, opt, params, ewc, replay, rng, cms, cms_acc, cms_count, cms_opts,
+def _adapt_clip(model, clip, strategy, o, opt, params, ewc, replay, rng, periods, cms_count, cms_opts,
                 adapt_params, loss_kw, log) -> None:
     mem0 = _capture_memory(model)
     if not adapt_params:
@@ -466,7 +467,7 @@ def _adapt_clip(model, clip, strategy, o, opt, params, ewc, replay, rng, cms, cm
         return
     saved = [p.detach().clone() for p in adapt_params]
     opt_saved = copy.deepcopy(opt.state_dict()) if opt else None
-    acc_saved = [[a.clone() for a in accs] for accs in cms_acc]
+    acc_saved = dict(periods.acc)
     count_saved = list(cms_count)
     cms_opts_saved = [copy.deepcopy(x.state_dict()) for x in cms_opts]
 
@@ -481,28 +482,22 @@ def _adapt_clip(model, clip, strategy, o, opt, params, ewc, replay, rng, cms, cm
     before = None
     # CMS: one gradient per clip into each level's accumulator; every C_l clips a level's optimizer steps on the
     # mean (clipped like the other strategies' gradients).
-    if cms:
-        cms_params = [p for _, ps in cms for p in ps]
+    if periods.levels:
+        cms_params = [p for _, ps in periods.levels for _, p in ps]
         loss = loss_on([clip])
         before = float(loss.detach())
         grads = torch.autograd.grad(loss, cms_params, allow_unused=True)
-        k = 0
         with torch.no_grad():
-            for li, (period, ps) in enumerate(cms):
-                for j, p in enumerate(ps):
-                    if grads[k] is not None:
-                        cms_acc[li][j].add_(grads[k])
-                    k += 1
-                cms_count[li] += 1
-                if cms_count[li] % period == 0:
-                    for j, p in enumerate(ps):
-                        p.grad = cms_acc[li][j] / period
-                    if o["grad_clip"]:
-                        torch.nn.utils.clip_grad_norm_(ps, float(o["grad_clip"]))
-                    cms_opts[li].step()
-                    for j, p in enumerate(ps):
-                        p.grad = None
-                        cms_acc[li][j].zero_()
+            for p, g in zip(cms_params, grads):
+                p.grad = g
+            cms_count[0] += 1
+            for li in periods.apply(cms_count[0]):
+                ps = [p for _, p in periods.levels[li][1]]
+                if o["grad_clip"]:
+                    torch.nn.utils.clip_grad_norm_(ps, float(o["grad_clip"]))
+                cms_opts[li].step()
+            for p in cms_params:
+                p.grad = None
     if opt is not None:
         for _ in range(int(o["steps"])):
             batch = [clip]
@@ -528,9 +523,7 @@ def _adapt_clip(model, clip, strategy, o, opt, params, ewc, replay, rng, cms, cm
                 p.copy_(v)
         if opt:
             opt.load_state_dict(opt_saved)
-        for accs, saved_accs in zip(cms_acc, acc_saved):
-            for a, v in zip(accs, saved_accs):
-                a.copy_(v)
+        periods.acc = acc_saved
         cms_count[:] = count_saved
         for x, st in zip(cms_opts, cms_opts_saved):
             x.load_state_dict(st)

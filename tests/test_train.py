@@ -13,6 +13,7 @@ import torch
 
 import hope_kernels.train as tr
 from hope_kernels.train import loop
+from hope_kernels.train.data import _collate
 from hope_kernels.config import TrainConfig
 from hope_kernels.models import build_predictor
 from hope_kernels.ops import l1_rollout_loss
@@ -51,7 +52,7 @@ def test_wsd_learning_rate():
 def test_prediction_losses_match_definitions():
     m = build_predictor("hope", enc_dim=8, grid=(3, 2, 2), **TINY)
     ds = small_data(2)
-    z, a, _ = loop._collate(ds, [0, 1], "cpu")
+    z, a, _ = _collate(ds, [0, 1], "cpu")
     out = tr.prediction_losses(m, z, a, rollout_steps=2)
     torch.testing.assert_close(out["tf"], l1_rollout_loss(m(z, a)[:, :-1], z[:, 1:])[0])
     r = m.rollout(z[:, :1], a, 2)
@@ -150,7 +151,7 @@ def test_sequence_losses_carry_the_memory_with_its_gradient():
     torch.manual_seed(0)
     m = build_predictor("hope", enc_dim=8, grid=(3, 2, 2), **TINY)
     torch.nn.init.normal_(m.proj.weight, std=0.1)                 # the zero-initialised head would hide the memory
-    z, a, _ = loop._collate(small_data(4), range(4), "cpu")      # rows 0-1: first clips, rows 2-3: second clips
+    z, a, _ = _collate(small_data(4), range(4), "cpu")      # rows 0-1: first clips, rows 2-3: second clips
     c = TrainConfig(model="hope", batch_size=4, seq_clips=2, memory_reset_every=2)
 
     def tf(model, rows, memory_grad):
@@ -211,6 +212,29 @@ def test_cms_levels_update_at_their_periods_in_training():
     every_step = tr.train(cfg(model="hope", steps=1, overrides=CMS_PERIODS["overrides"]), dataset=ds).model
     assert changed(every_step) == {1: True, 2: True, 4: True}         # off (the default): all levels every step
 
+
+
+def test_cms_periods_accumulate_and_hand_out_the_mean():
+    """CMSPeriods (shared by training and the hope adaptation strategy): a period-3 level's gradients are summed,
+    set to None between updates and replaced by their mean on every 3rd call; a period-1 level's pass unchanged;
+    a None gradient adds nothing; the sum is kept by parameter name (what a checkpoint stores)."""
+    from hope_kernels.models.cms import CMSPeriods
+    model = torch.nn.ModuleDict({"fast": torch.nn.Linear(2, 1), "slow": torch.nn.Linear(2, 1, bias=False)})
+    cms = CMSPeriods(model, [(1, list(model["fast"].parameters())), (3, [model["slow"].weight])])
+    slow, fast = model["slow"].weight, model["fast"].weight
+    grads = [torch.full((1, 2), float(k)) for k in (1, 2, 4, 8, 16, 32)]
+    mean = {3: (grads[0] + grads[1] + grads[2]) / 3, 6: (grads[3] + grads[5]) / 3}   # call 5 had no gradient
+    due = []
+    for count, g in enumerate(grads, start=1):
+        fast.grad, slow.grad = g.clone(), g.clone() if count != 5 else None
+        due.append(cms.apply(count))
+        torch.testing.assert_close(fast.grad, g, rtol=0, atol=0)
+        if count % 3:
+            assert slow.grad is None and set(cms.acc) == {"slow.weight"}
+        else:
+            assert not cms.acc
+            torch.testing.assert_close(slow.grad, mean[count])
+    assert due == [[0], [0], [0, 1], [0], [0], [0, 1]]
 
 class _NaNAfter(torch.utils.data.Dataset):
     def __init__(self, ds, n_ok):
