@@ -63,7 +63,7 @@ _OPTIONS = dict(lr=1e-3, steps=1, optimizer="adamw", weight_decay=0.0, rollout_s
                 grad_clip=1.0, guard_factor=10.0, lora_rank=4, lora_alpha=8.0, merge_lora=True,
                 ewc_lambda=100.0, fisher_clips=None, reset_every=10, replay_clips=None, replay_size=2,
                 carry_memory=True, cms_lr=1e-3, cms_periods=None, memory_lr_scale=1.0, ttt_params="layernorm",
-                score_horizon=None, seed=0, progress=False, desc=None, callback=None)
+                score_horizon=None, seed=0, progress=False, desc=None, callback=None, compile=False)
 
 
 @dataclasses.dataclass
@@ -346,7 +346,7 @@ def adapt_stream(model: nn.Module, stream, strategy: str, **options: Any) -> Str
     weight_decay, rollout_steps, rollout_weight (adaptation loss), grad_clip, guard_factor, lora_rank,
     lora_alpha, merge_lora, ewc_lambda, fisher_clips, reset_every, replay_clips, replay_size, carry_memory,
     cms_lr, cms_periods, memory_lr_scale, ttt_params, score_horizon, seed, progress, desc, callback(i, model)
-    after each clip.
+    after each clip, compile (the model's forward runs under torch.compile for the stream; restored after).
     """
     import time
 
@@ -372,6 +372,8 @@ def adapt_stream(model: nn.Module, stream, strategy: str, **options: Any) -> Str
     scale = float(o["memory_lr_scale"])
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"memory_lr_scale must be a finite number > 0, got {o['memory_lr_scale']!r}")
+    if not isinstance(o["compile"], bool):
+        raise ValueError(f"compile must be True or False, got {o['compile']!r}")
     if scale != 1.0 and not is_hope:
         raise ValueError(f"memory_lr_scale scales a HOPE memory's step size; strategy {strategy!r} has none")
     had_carry = getattr(model, "carry_memory", None)
@@ -410,6 +412,8 @@ def adapt_stream(model: nn.Module, stream, strategy: str, **options: Any) -> Str
     # the memory modules read eta_max on every forward; restored below whatever happens
     mems = [m for m in model.modules() if hasattr(m, "eta_max")] if is_hope else []
     etas = [m.eta_max for m in mems]
+    if o["compile"]:   # an instance attribute: model(...) and a rollout's self.forward(...) both run compiled
+        model.forward = torch.compile(model.forward)
     try:
         for m in mems:
             m.eta_max = m.eta_max * scale
@@ -439,6 +443,8 @@ def adapt_stream(model: nn.Module, stream, strategy: str, **options: Any) -> Str
     finally:
         for m, eta in zip(mems, etas):
             m.eta_max = eta
+        if o["compile"]:
+            del model.forward
         if lora:
             lora.remove(bool(o["merge_lora"]))
         model.train(was_training)

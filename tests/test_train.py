@@ -417,6 +417,8 @@ def test_bad_config_values():
         TrainConfig(rollout_schedule="exp")
     with pytest.raises(ValueError, match="unknown training config keys"):
         TrainConfig.from_dict({"stepz": 3})
+    with pytest.raises(ValueError, match="compile must be true or false, got 'yes'"):
+        TrainConfig(compile="yes")
     with pytest.raises((RuntimeError, FileNotFoundError), match="hope_kernels.data|does not exist"):
         tr.train(cfg(data="/nonexistent/dataset"))
 
@@ -475,3 +477,13 @@ def test_step_values_reach_the_host_only_at_log_steps(monkeypatch):
     res = tr.train(cfg(steps=6, log_every=3, ckpt_every=100), dataset=small_data())
     assert [r["step"] for r in res.history] == [1, 2, 3, 4, 5, 6]
     assert calls == {"tolist": 2, "item": 0}
+
+
+@pytest.mark.slow(minutes=5)   # compiling takes minutes on a small CPU
+def test_compiled_training_matches_eager(tmp_path):
+    """compile: true runs the predictor's forward under torch.compile (inductor): the losses of the first steps
+    equal the eager run's within float32 rounding, and the trained model goes back as a plain module."""
+    runs = {c: tr.train(cfg(steps=3, compile=c), dataset=small_data()) for c in (False, True)}
+    eager, compiled = ([h[k] for h in runs[c].history for k in ("loss", "tf", "rollout")] for c in (False, True))
+    assert compiled == pytest.approx(eager, rel=1e-4, abs=1e-6)
+    assert "forward" not in vars(runs[True].model)

@@ -79,6 +79,8 @@ def _train(cfg: TrainConfig, dataset, ckpt_path, log_path, rank: int, world: int
     np.random.seed(cfg.seed)
     model = build_predictor(cfg.model, cfg.preset, enc_dim=ds.enc_dim, grid=tuple(ds.grid),
                             action_dim=ds.action_dim, state_dim=ds.state_dim, **cfg.overrides).to(device)
+    if cfg.compile:   # an instance attribute: model(...) and a rollout's self.forward(...) both run compiled
+        model.forward = torch.compile(model.forward)
     # fused: the only AdamW that honours found_inf, which skips a non-finite step on the device (below)
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), fused=True)
     start, history = 0, []
@@ -219,6 +221,8 @@ def _train(cfg: TrainConfig, dataset, ckpt_path, log_path, rank: int, world: int
     if sequential:
         model.carry_memory, model.memory_grad = False, False
         model.reset_memory()
+    if cfg.compile:   # the trained model goes back as a plain module
+        del model.forward
     return TrainResult(model=model, checkpoint=ckpt_path if ckpt_path and os.path.exists(ckpt_path) else None,
                        history=history)
 
