@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import hope_kernels.train as tr
+from hope_kernels.train.data import _collate
 from hope_kernels.models import build_predictor
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
@@ -27,7 +28,7 @@ def test_train_step_throughput(benchmark, monkeypatch, kind, backend):
     ds = physics_clips(B, seed=0)
     m = build_predictor(kind, "tiny", enc_dim=ds.enc_dim, grid=ds.grid).to(dev)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
-    z, a, _ = tr._collate(ds, range(B), dev)
+    z, a, _ = _collate(ds, range(B), dev)
 
     def step():
         with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):

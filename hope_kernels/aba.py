@@ -57,7 +57,7 @@ METRICS = ("tf", "rollout")
 _PAIRED = ("A1", "B", "A2", "forgetting", "speed_oracle", "speed_floor")
 _TOP_KEYS = ("preset", "data", "seeds", "device", "threads", "workers", "model_preset", "stream", "pretrain", "adapt",
              "tuning", "fisher_clips", "replay_clips", "baseline", "oracle_run", "frozen_run", "comparisons",
-             "headline", "runs", "metric_window", "speed_tolerance", "progress", "out")
+             "headline", "runs", "metric_window", "speed_tolerance", "progress", "out", "compile")
 _TUNING_KEYS = ("seeds", "reserve", "clips_per_phase", "metric", "grids")
 _COMPARED = ("B", "A2", "forgetting", "speed_oracle")
 _RUN_KEYS = ("name", "model", "strategy", "overrides", "train_phases", "options", "pretrain", "privileged", "label")
@@ -148,6 +148,8 @@ def validate_config(cfg: dict) -> dict:
             raise ValueError(f"comparisons must be [run, run] pairs of run names, got {pair!r}")
     if cfg.get("workers") is not None and not (is_int(cfg["workers"]) and cfg["workers"] >= 1):
         raise ValueError(f"workers must be an int >= 1, got {cfg['workers']!r}")
+    if not isinstance(cfg.get("compile", False), bool):   # torch.compile in pre-training and every stream
+        raise ValueError(f"compile must be true or false, got {cfg['compile']!r}")
     _validate_tuning(cfg.get("tuning"), sc)
     return cfg
 
@@ -346,7 +348,7 @@ class _Models:
             self.say(f"{name}: {why or 'no shipped weights'}; pre-training it here ({steps} steps)")
             res = self.hooks.train({**pretrained.train_config(core, self.data_path, self.dir / key,
                                                               self.cfg.get("device", "cpu"), self.progress),
-                                    "overwrite": True})
+                                    "overwrite": True, "compile": self.cfg.get("compile", False)})
             # relative to the markers' folder, so a copied output folder uses its own checkpoints
             atomic_write_json(marker, {"checkpoint": os.path.relpath(res.checkpoint, self.dir), "spec": spec})
             self.cache[key] = res.model.to(self.cfg.get("device", "cpu"))
@@ -405,6 +407,7 @@ def _adapt_and_write(model, stream, job: dict, hooks) -> dict:
         options["fisher_clips"] = hooks.train_clips(job["data_path"], "A1", job["n_extra"], seed)
     if run["strategy"] == "replay" and "replay_clips" not in options:
         options["replay_clips"] = hooks.train_clips(job["data_path"], "A1", job["n_extra"], seed)
+    options.setdefault("compile", job["compile"])
     torch.manual_seed(seed)
     log = adapt_stream(model, stream, run["strategy"], seed=seed, progress=job["progress"],
                        desc=f"{run['name']} s{seed}", **options)
@@ -486,7 +489,7 @@ def _run_locked(cfg: dict, hooks: Hooks, custom_hooks: bool, out: Path, progress
         return {"run": run, "seed": seed, "stream_seed": stream_seed, "options": options, "part": part,
                 "n_extra": n_extra, "path": str(path), "fingerprint": fp, "data_path": str(data_path),
                 "phases": phases, "sc": sc, "tuning": tuning, "threads": cfg.get("threads") or 1,
-                "device": cfg["device"], "progress": progress and workers == 1}
+                "device": cfg["device"], "progress": progress and workers == 1, "compile": cfg.get("compile", False)}
 
     def execute(jobs: list[dict], desc: str) -> list[dict]:
         """Logs (dicts) of `jobs`, in order: stored ones whose fingerprint matches, the rest run here or in the

@@ -49,6 +49,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hope_kernels.models.cms import CMSPeriods
 from hope_kernels.ops import l1_rollout_loss
 
 __all__ = ["STRATEGIES", "PRIVILEGED", "StreamLog", "adapt_stream", "score_clip", "adaptation_loss",
@@ -62,7 +63,7 @@ _OPTIONS = dict(lr=1e-3, steps=1, optimizer="adamw", weight_decay=0.0, rollout_s
                 grad_clip=1.0, guard_factor=10.0, lora_rank=4, lora_alpha=8.0, merge_lora=True,
                 ewc_lambda=100.0, fisher_clips=None, reset_every=10, replay_clips=None, replay_size=2,
                 carry_memory=True, cms_lr=1e-3, cms_periods=None, memory_lr_scale=1.0, ttt_params="layernorm",
-                score_horizon=None, seed=0, progress=False, desc=None, callback=None)
+                score_horizon=None, seed=0, progress=False, desc=None, callback=None, compile=False)
 
 
 @dataclasses.dataclass
@@ -345,7 +346,7 @@ def adapt_stream(model: nn.Module, stream, strategy: str, **options: Any) -> Str
     weight_decay, rollout_steps, rollout_weight (adaptation loss), grad_clip, guard_factor, lora_rank,
     lora_alpha, merge_lora, ewc_lambda, fisher_clips, reset_every, replay_clips, replay_size, carry_memory,
     cms_lr, cms_periods, memory_lr_scale, ttt_params, score_horizon, seed, progress, desc, callback(i, model)
-    after each clip.
+    after each clip, compile (the model's forward runs under torch.compile for the stream; restored after).
     """
     import time
 
@@ -371,6 +372,8 @@ def adapt_stream(model: nn.Module, stream, strategy: str, **options: Any) -> Str
     scale = float(o["memory_lr_scale"])
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"memory_lr_scale must be a finite number > 0, got {o['memory_lr_scale']!r}")
+    if not isinstance(o["compile"], bool):
+        raise ValueError(f"compile must be True or False, got {o['compile']!r}")
     if scale != 1.0 and not is_hope:
         raise ValueError(f"memory_lr_scale scales a HOPE memory's step size; strategy {strategy!r} has none")
     had_carry = getattr(model, "carry_memory", None)
@@ -394,8 +397,8 @@ def adapt_stream(model: nn.Module, stream, strategy: str, **options: Any) -> Str
         raise ValueError("strategy 'replay' needs replay_clips (an A1 buffer), got none")
     cms = _cms_levels(model, o["cms_periods"]) if is_hope else []
     cms_params = [p for _, ps in cms for p in ps]
-    cms_acc = [[torch.zeros_like(p) for p in ps] for _, ps in cms]
-    cms_count = [0 for _ in cms]
+    periods = CMSPeriods(model, cms)
+    cms_count = [0]   # clips whose CMS gradient was accumulated (a rolled-back clip's is not)
     cms_opts = [_make_optimizer(ps, {**o, "lr": o["cms_lr"]}) for _, ps in cms]
     adapt_params = list(params) + cms_params
 
@@ -409,6 +412,8 @@ def adapt_stream(model: nn.Module, stream, strategy: str, **options: Any) -> Str
     # the memory modules read eta_max on every forward; restored below whatever happens
     mems = [m for m in model.modules() if hasattr(m, "eta_max")] if is_hope else []
     etas = [m.eta_max for m in mems]
+    if o["compile"]:   # an instance attribute: model(...) and a rollout's self.forward(...) both run compiled
+        model.forward = torch.compile(model.forward)
     try:
         for m in mems:
             m.eta_max = m.eta_max * scale
@@ -424,7 +429,7 @@ def adapt_stream(model: nn.Module, stream, strategy: str, **options: Any) -> Str
                 _name_nonfinite(log, i, s)
             # (2) ... then adapt on the clip
             if strategy != "none":
-                _adapt_clip(model, clip, strategy, o, opt, params, ewc, replay, rng, cms, cms_acc, cms_count,
+                _adapt_clip(model, clip, strategy, o, opt, params, ewc, replay, rng, periods, cms_count,
                             cms_opts, adapt_params, loss_kw, log)
             if strategy == "reset" and (i + 1) % int(o["reset_every"]) == 0:
                 # the next clip is scored by the stream-start (A1) weights again
@@ -438,6 +443,8 @@ def adapt_stream(model: nn.Module, stream, strategy: str, **options: Any) -> Str
     finally:
         for m, eta in zip(mems, etas):
             m.eta_max = eta
+        if o["compile"]:
+            del model.forward
         if lora:
             lora.remove(bool(o["merge_lora"]))
         model.train(was_training)
@@ -452,7 +459,7 @@ def _name_nonfinite(log: StreamLog, i: int, score: dict) -> None:
                   f"{score['tf']}, rollout {score['rollout']}: left out of the phase means", stacklevel=3)
 
 
-def _adapt_clip(model, clip, strategy, o, opt, params, ewc, replay, rng, cms, cms_acc, cms_count, cms_opts,
+def _adapt_clip(model, clip, strategy, o, opt, params, ewc, replay, rng, periods, cms_count, cms_opts,
                 adapt_params, loss_kw, log) -> None:
     mem0 = _capture_memory(model)
     if not adapt_params:
@@ -466,7 +473,7 @@ def _adapt_clip(model, clip, strategy, o, opt, params, ewc, replay, rng, cms, cm
         return
     saved = [p.detach().clone() for p in adapt_params]
     opt_saved = copy.deepcopy(opt.state_dict()) if opt else None
-    acc_saved = [[a.clone() for a in accs] for accs in cms_acc]
+    acc_saved = dict(periods.acc)
     count_saved = list(cms_count)
     cms_opts_saved = [copy.deepcopy(x.state_dict()) for x in cms_opts]
 
@@ -481,28 +488,22 @@ def _adapt_clip(model, clip, strategy, o, opt, params, ewc, replay, rng, cms, cm
     before = None
     # CMS: one gradient per clip into each level's accumulator; every C_l clips a level's optimizer steps on the
     # mean (clipped like the other strategies' gradients).
-    if cms:
-        cms_params = [p for _, ps in cms for p in ps]
+    if periods.levels:
+        cms_params = [p for _, ps in periods.levels for _, p in ps]
         loss = loss_on([clip])
         before = float(loss.detach())
         grads = torch.autograd.grad(loss, cms_params, allow_unused=True)
-        k = 0
         with torch.no_grad():
-            for li, (period, ps) in enumerate(cms):
-                for j, p in enumerate(ps):
-                    if grads[k] is not None:
-                        cms_acc[li][j].add_(grads[k])
-                    k += 1
-                cms_count[li] += 1
-                if cms_count[li] % period == 0:
-                    for j, p in enumerate(ps):
-                        p.grad = cms_acc[li][j] / period
-                    if o["grad_clip"]:
-                        torch.nn.utils.clip_grad_norm_(ps, float(o["grad_clip"]))
-                    cms_opts[li].step()
-                    for j, p in enumerate(ps):
-                        p.grad = None
-                        cms_acc[li][j].zero_()
+            for p, g in zip(cms_params, grads):
+                p.grad = g
+            cms_count[0] += 1
+            for li in periods.apply(cms_count[0]):
+                ps = [p for _, p in periods.levels[li][1]]
+                if o["grad_clip"]:
+                    torch.nn.utils.clip_grad_norm_(ps, float(o["grad_clip"]))
+                cms_opts[li].step()
+            for p in cms_params:
+                p.grad = None
     if opt is not None:
         for _ in range(int(o["steps"])):
             batch = [clip]
@@ -528,9 +529,7 @@ def _adapt_clip(model, clip, strategy, o, opt, params, ewc, replay, rng, cms, cm
                 p.copy_(v)
         if opt:
             opt.load_state_dict(opt_saved)
-        for accs, saved_accs in zip(cms_acc, acc_saved):
-            for a, v in zip(accs, saved_accs):
-                a.copy_(v)
+        periods.acc = acc_saved
         cms_count[:] = count_saved
         for x, st in zip(cms_opts, cms_opts_saved):
             x.load_state_dict(st)

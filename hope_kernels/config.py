@@ -155,6 +155,9 @@ class TrainConfig:
     # every memory_reset_every steps (1: every step starts afresh). docs/training.md
     seq_clips: int = 1
     memory_reset_every: int = 1
+    # the predictor's forward runs under torch.compile (inductor; on CPU it needs a C++ compiler): the same
+    # losses within float32 rounding, after a first step that compiles. docs/training.md
+    compile: bool = False
 
     def __post_init__(self):
         if self.model not in KINDS:
@@ -177,6 +180,8 @@ class TrainConfig:
             raise ValueError(f"seq_clips and memory_reset_every carry a HOPE memory across clips; model "
                              f"{self.model!r} has none (got seq_clips={self.seq_clips}, "
                              f"memory_reset_every={self.memory_reset_every})")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be true or false, got {self.compile!r}")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: resume continues the checkpoint, "
                              "overwrite replaces it")

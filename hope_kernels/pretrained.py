@@ -34,7 +34,7 @@ __all__ = ["ASSET_ROOT", "spec_for", "spec_name", "pretrain_specs", "find_shippe
 ASSET_ROOT = Path(__file__).resolve().parent / "assets" / "pretrained"
 INDEX = "index.json"
 FORMAT = "hope-kernels-pretrained-1"
-TRAIN_CODE = ("models", "train.py", "config.py")
+TRAIN_CODE = ("models", "train", "config.py")
 # a float16 copy is shipped only if no held-out error moves by this fraction or more
 DTYPE_TOLERANCE = 0.01
 

@@ -306,3 +306,45 @@ def test_memory_lr_scale_scales_the_memory_step_for_the_stream_only():
                      memory_lr_scale=2.0)
     with pytest.raises(ValueError, match="finite number > 0"):
         adapt_stream(model, stream, "hope", memory_lr_scale=0.0)
+
+
+def test_compile_option_is_checked():
+    with pytest.raises(ValueError, match="compile must be True or False, got 1"):
+        adapt_stream(TinyPredictor(), make_stream(1).clips, "full", compile=1)
+
+
+@pytest.mark.slow(minutes=4)   # compiling takes minutes on a small CPU
+def test_compiled_stream_matches_eager():
+    """compile=True: the model's forward runs under torch.compile for the stream; the scores equal the eager
+    stream's within float32 rounding, and the model's own forward is back afterwards."""
+    clips = make_stream(1, heldout=0).clips
+    logs = {}
+    for c in (False, True):
+        model = TinyPredictor()
+        logs[c] = adapt_stream(model, clips, "full", **OPTS, compile=c)
+        assert "forward" not in vars(model)
+    assert logs[True].tf == pytest.approx(logs[False].tf, rel=1e-4, abs=1e-6)
+    flat = {c: [x for r in logs[c].rollout for x in r] for c in logs}
+    assert flat[True] == pytest.approx(flat[False], rel=1e-4, abs=1e-6)
+
+
+def test_aba_compile_key_reaches_pretraining_and_every_stream(tmp_path, monkeypatch):
+    """An A-B-A config's top-level `compile` goes to the pre-training config and to every adapt_stream call (the
+    calls are recorded, then run eager here: the compiled numbers are test_compiled_stream_matches_eager's)."""
+    import hope_kernels.aba as aba
+    from aba_standins import StandInHooks
+    cfg = {"seeds": [0], "stream": {"phases": ["A1", "B", "A2"], "clips_per_phase": 1, "heldout_per_phase": 1},
+           "pretrain": {"steps": 1}, "compile": True,
+           "runs": [{"name": "ac+full", "model": "ac", "strategy": "full"}]}
+    seen = {"train": [], "adapt": []}
+    hooks = StandInHooks(train_steps=1)
+    real_train, real_adapt = hooks.train, aba.adapt_stream
+    hooks.train = lambda config: seen["train"].append(config["compile"]) or real_train(config)
+    def adapt(*a, compile, **k):
+        seen["adapt"].append(compile)
+        return real_adapt(*a, **k)
+    monkeypatch.setattr(aba, "adapt_stream", adapt)
+    aba.run_aba(cfg, hooks=hooks, out=tmp_path, progress=False)
+    assert seen == {"train": [True], "adapt": [True]}
+    with pytest.raises(ValueError, match="compile must be true or false, got 'yes'"):
+        aba.validate_config({**cfg, "compile": "yes"})

@@ -12,6 +12,8 @@ import pytest
 import torch
 
 import hope_kernels.train as tr
+from hope_kernels.train import loop
+from hope_kernels.train.data import _collate
 from hope_kernels.config import TrainConfig
 from hope_kernels.models import build_predictor
 from hope_kernels.ops import l1_rollout_loss
@@ -50,7 +52,7 @@ def test_wsd_learning_rate():
 def test_prediction_losses_match_definitions():
     m = build_predictor("hope", enc_dim=8, grid=(3, 2, 2), **TINY)
     ds = small_data(2)
-    z, a, _ = tr._collate(ds, [0, 1], "cpu")
+    z, a, _ = _collate(ds, [0, 1], "cpu")
     out = tr.prediction_losses(m, z, a, rollout_steps=2)
     torch.testing.assert_close(out["tf"], l1_rollout_loss(m(z, a)[:, :-1], z[:, 1:])[0])
     r = m.rollout(z[:, :1], a, 2)
@@ -127,10 +129,10 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch, kind, extra)
         if step == 2:
             raise KeyboardInterrupt
         return real(step, c)
-    monkeypatch.setattr(tr, "lr_at", interrupt)
+    monkeypatch.setattr(loop, "lr_at", interrupt)
     with pytest.raises(KeyboardInterrupt):
         tr.train(cfg(model=kind, steps=5, out=str(tmp_path / "b"), **extra), dataset=ds)
-    monkeypatch.setattr(tr, "lr_at", real)
+    monkeypatch.setattr(loop, "lr_at", real)
     if extra:
         assert tr.load_checkpoint(tmp_path / "b" / tr.CKPT_NAME)[1]["cms_grads"], "no CMS gradients saved"
     if "seq_clips" in extra:
@@ -149,7 +151,7 @@ def test_sequence_losses_carry_the_memory_with_its_gradient():
     torch.manual_seed(0)
     m = build_predictor("hope", enc_dim=8, grid=(3, 2, 2), **TINY)
     torch.nn.init.normal_(m.proj.weight, std=0.1)                 # the zero-initialised head would hide the memory
-    z, a, _ = tr._collate(small_data(4), range(4), "cpu")      # rows 0-1: first clips, rows 2-3: second clips
+    z, a, _ = _collate(small_data(4), range(4), "cpu")      # rows 0-1: first clips, rows 2-3: second clips
     c = TrainConfig(model="hope", batch_size=4, seq_clips=2, memory_reset_every=2)
 
     def tf(model, rows, memory_grad):
@@ -161,7 +163,7 @@ def test_sequence_losses_carry_the_memory_with_its_gradient():
     ref = copy.deepcopy(base)
     first, second = tf(ref, slice(0, 2), True), tf(ref, slice(2, 4), True)
     m.carry_memory, m.memory_grad = True, True
-    out = tr._sequence_losses(m, zz, a, None, c, step=0, rollout_steps=0)
+    out = loop._sequence_losses(m, zz, a, None, c, step=0, rollout_steps=0)
     torch.testing.assert_close(out["tf"], (first + second) / 2)
     alone = copy.deepcopy(base)
     assert not torch.allclose(tf(alone, slice(2, 4), True), second), "the carried memory changed nothing"
@@ -172,11 +174,11 @@ def test_sequence_losses_carry_the_memory_with_its_gradient():
     assert torch.autograd.grad(tf(cut, slice(2, 4), False), zz)[0][:2].abs().sum() == 0
     m.detach_memory()
     kept = {k: v.clone() for k, v in m.memory_state().items()}
-    step1 = tr._sequence_losses(m, z, a, None, c, step=1, rollout_steps=0)["tf"]   # carried into step 1
+    step1 = loop._sequence_losses(m, z, a, None, c, step=1, rollout_steps=0)["tf"]   # carried into step 1
     m.load_memory_state(kept)
-    torch.testing.assert_close(tr._sequence_losses(m, z, a, None, c, step=1, rollout_steps=0)["tf"], step1)
+    torch.testing.assert_close(loop._sequence_losses(m, z, a, None, c, step=1, rollout_steps=0)["tf"], step1)
     m.load_memory_state(kept)
-    reset = tr._sequence_losses(m, z, a, None, c, step=2, rollout_steps=0)["tf"]    # step 2: reset first
+    reset = loop._sequence_losses(m, z, a, None, c, step=2, rollout_steps=0)["tf"]    # step 2: reset first
     torch.testing.assert_close(reset, out["tf"].detach())
 
 
@@ -210,6 +212,29 @@ def test_cms_levels_update_at_their_periods_in_training():
     every_step = tr.train(cfg(model="hope", steps=1, overrides=CMS_PERIODS["overrides"]), dataset=ds).model
     assert changed(every_step) == {1: True, 2: True, 4: True}         # off (the default): all levels every step
 
+
+
+def test_cms_periods_accumulate_and_hand_out_the_mean():
+    """CMSPeriods (shared by training and the hope adaptation strategy): a period-3 level's gradients are summed,
+    set to None between updates and replaced by their mean on every 3rd call; a period-1 level's pass unchanged;
+    a None gradient adds nothing; the sum is kept by parameter name (what a checkpoint stores)."""
+    from hope_kernels.models.cms import CMSPeriods
+    model = torch.nn.ModuleDict({"fast": torch.nn.Linear(2, 1), "slow": torch.nn.Linear(2, 1, bias=False)})
+    cms = CMSPeriods(model, [(1, list(model["fast"].parameters())), (3, [model["slow"].weight])])
+    slow, fast = model["slow"].weight, model["fast"].weight
+    grads = [torch.full((1, 2), float(k)) for k in (1, 2, 4, 8, 16, 32)]
+    mean = {3: (grads[0] + grads[1] + grads[2]) / 3, 6: (grads[3] + grads[5]) / 3}   # call 5 had no gradient
+    due = []
+    for count, g in enumerate(grads, start=1):
+        fast.grad, slow.grad = g.clone(), g.clone() if count != 5 else None
+        due.append(cms.apply(count))
+        torch.testing.assert_close(fast.grad, g, rtol=0, atol=0)
+        if count % 3:
+            assert slow.grad is None and set(cms.acc) == {"slow.weight"}
+        else:
+            assert not cms.acc
+            torch.testing.assert_close(slow.grad, mean[count])
+    assert due == [[0], [0], [0, 1], [0], [0], [0, 1]]
 
 class _NaNAfter(torch.utils.data.Dataset):
     def __init__(self, ds, n_ok):
@@ -245,7 +270,7 @@ def test_non_finite_loss_stops_with_step(tmp_path, monkeypatch):
         if len(calls) == 3:
             out["tf"] = out["tf"] * float("inf")
         return out
-    monkeypatch.setattr(tr, "prediction_losses", poisoned)
+    monkeypatch.setattr(loop, "prediction_losses", poisoned)
     with pytest.raises(RuntimeError, match=r"at step 3: loss is (inf|nan) \(not finite\)"):
         tr.train(cfg(steps=6, out=str(tmp_path)), dataset=small_data())
     assert tr.load_checkpoint(tmp_path / tr.CKPT_NAME)[1]["step"] == 2
@@ -392,6 +417,8 @@ def test_bad_config_values():
         TrainConfig(rollout_schedule="exp")
     with pytest.raises(ValueError, match="unknown training config keys"):
         TrainConfig.from_dict({"stepz": 3})
+    with pytest.raises(ValueError, match="compile must be true or false, got 'yes'"):
+        TrainConfig(compile="yes")
     with pytest.raises((RuntimeError, FileNotFoundError), match="hope_kernels.data|does not exist"):
         tr.train(cfg(data="/nonexistent/dataset"))
 
@@ -434,7 +461,7 @@ def test_tiny_predictors_learn_on_quick_a1(tmp_path, kind, steps):
 
 def test_step_values_reach_the_host_only_at_log_steps(monkeypatch):
     """The loop reads its step values once per log_every steps (and at the last step), not per step: the
-    Tensor.tolist / Tensor.item calls made from hope_kernels/train.py while an AC model trains 6 steps with
+    Tensor.tolist / Tensor.item calls made from hope_kernels/train/ while an AC model trains 6 steps with
     log_every 3 and no checkpoints. (The CPU attention reads its CPU position table once per shape: no device
     synchronisation, not counted.)"""
     import inspect
@@ -443,10 +470,20 @@ def test_step_values_reach_the_host_only_at_log_steps(monkeypatch):
         real = getattr(torch.Tensor, name)
 
         def counted(self, *a, _real=real, _name=name, **kw):
-            if inspect.currentframe().f_back.f_code.co_filename == tr.__file__:
+            if os.path.dirname(inspect.currentframe().f_back.f_code.co_filename) == os.path.dirname(tr.__file__):
                 calls[_name] += 1
             return _real(self, *a, **kw)
         monkeypatch.setattr(torch.Tensor, name, counted)
     res = tr.train(cfg(steps=6, log_every=3, ckpt_every=100), dataset=small_data())
     assert [r["step"] for r in res.history] == [1, 2, 3, 4, 5, 6]
     assert calls == {"tolist": 2, "item": 0}
+
+
+@pytest.mark.slow(minutes=5)   # compiling takes minutes on a small CPU
+def test_compiled_training_matches_eager(tmp_path):
+    """compile: true runs the predictor's forward under torch.compile (inductor): the losses of the first steps
+    equal the eager run's within float32 rounding, and the trained model goes back as a plain module."""
+    runs = {c: tr.train(cfg(steps=3, compile=c), dataset=small_data()) for c in (False, True)}
+    eager, compiled = ([h[k] for h in runs[c].history for k in ("loss", "tf", "rollout")] for c in (False, True))
+    assert compiled == pytest.approx(eager, rel=1e-4, abs=1e-6)
+    assert "forward" not in vars(runs[True].model)
