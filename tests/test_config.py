@@ -86,7 +86,7 @@ def test_predictor_train_and_sim_configs_keep_their_checks():
         make_config("tiny", train_b=-1)
     with pytest.raises(ValueError, match=r"unknown simulation config keys \['mu'\]"):
         make_config("tiny", mu=1.0)
-    with pytest.raises(ValueError, match="mu_b must be > 0"):
+    with pytest.raises(ValueError, match=r"mu_b must be > 0 \(the physics needs mu > 0 and mass > 0\), got 0.0"):
         make_config("tiny", mu_b=0.0)
     assert make_config("tiny").to_dict() == dataclasses.asdict(make_config("tiny"))
 

@@ -21,11 +21,15 @@ from typing import ClassVar
 
 import numpy as np
 
-from hope_kernels.config import Config, at_least, greater_than, non_negative, one_of, setting
+from hope_kernels.config import Config, at_least, non_negative, one_of, setting
 from hope_kernels.data.format import LATENT_DTYPES, MANIFEST, SPLITS, DatasetWriter, manifest_is_valid, read_manifest
 from hope_kernels.data.physics import Physics, simulate_clips, timestep_positions
 
 PHASES = ("A1", "B", "A2")
+
+
+def _positive(v) -> str | None:
+    return None if v > 0 else "must be > 0 (the physics needs mu > 0 and mass > 0)"
 
 
 @dataclasses.dataclass
@@ -37,10 +41,10 @@ class SimConfig(Config):
     train_a2: int = setting(32, non_negative)
     stream: int = setting(24, non_negative)
     heldout: int = setting(16, non_negative)
-    mu_a: float = setting(0.5, greater_than(0))
-    mass_a: float = setting(1.0, greater_than(0))
-    mu_b: float = setting(0.1, greater_than(0))
-    mass_b: float = setting(0.5, greater_than(0))
+    mu_a: float = setting(0.5, _positive)
+    mass_a: float = setting(1.0, _positive)
+    mu_b: float = setting(0.1, _positive)
+    mass_b: float = setting(0.5, _positive)
     latent_dtype: str = setting("float16", one_of(*LATENT_DTYPES))
     shard_clips: int = setting(256, at_least(1))
     batch: int = setting(64, at_least(1))
