@@ -104,10 +104,10 @@ def _convert(value, tp, where: str):
                 continue
             try:
                 return _convert(value, arm, where)
-            except ValueError as e:
+            except ValueError:
                 # an arm of the right kind whose content is wrong names the inner problem
                 if _kind_matches(value, arm):
-                    raise e
+                    raise
         raise ValueError(f"{where} must be {_type_name(tp)}, got {value!r}")
     if isinstance(tp, type) and issubclass(tp, Config):
         return tp.from_dict(value, where)
@@ -342,6 +342,10 @@ class TrainConfig(Config):
     seq_clips: int = setting(1, at_least(1))
     memory_reset_every: int = setting(1, at_least(1))
 
+    def __post_init__(self):
+        self.phases = [self.phases] if isinstance(self.phases, str) else list(self.phases)
+        super().__post_init__()
+
     def check(self, path: str) -> None:
         if self.batch_size % self.seq_clips:
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of seq_clips {self.seq_clips} "
@@ -353,9 +357,6 @@ class TrainConfig(Config):
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: resume continues the checkpoint, "
                              "overwrite replaces it")
-        if isinstance(self.phases, str):
-            self.phases = [self.phases]
-        self.phases = list(self.phases)
 
 
 def is_int(v) -> bool:
