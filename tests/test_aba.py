@@ -148,11 +148,11 @@ def test_tuning_chooses_on_validation_streams(tmp_path, monkeypatch):
     assert count["n"] == 0
     bad = tuning_config()
     bad["tuning"]["grids"]["hope"].append({"cms_lr": 1e-3})
-    with pytest.raises(ValueError, match="same number of points"):
+    with pytest.raises(ValueError, match=r"aba.tuning.grids must give every strategy the same number of points"):
         validate_config(bad)
     bad = tuning_config()
     bad["tuning"]["clips_per_phase"] = 3
-    with pytest.raises(ValueError, match="exceeds tuning.reserve"):
+    with pytest.raises(ValueError, match=r"aba.tuning.clips_per_phase 3 exceeds aba.tuning.reserve 2"):
         validate_config(bad)
 
 
