@@ -44,8 +44,8 @@ import torch
 
 from hope_kernels import pretrained
 from hope_kernels.adapt import PRIVILEGED, STRATEGIES, AdaptOptions, StreamLog, adapt_stream
-from hope_kernels.config import (KINDS, Config, TrainConfig, at_least, is_int, key_path, non_negative, one_of,
-                                 read_config_or_shipped, setting, shipped_dir)
+from hope_kernels.config import (KINDS, REQUIRED, Config, TrainConfig, at_least, is_int, key_path, non_negative,
+                                 one_of, read_config_or_shipped, setting, shipped_dir)
 from hope_kernels.data.format import KNOWN_PHASES
 from hope_kernels.io import FolderLock, atomic_write_json, remove_temp_files
 from hope_kernels.metrics import aggregate, mean_ci, paired_difference, phase_means, run_metrics
@@ -64,14 +64,11 @@ _COMPARED = ("B", "A2", "forgetting", "speed_oracle")
 
 def load_config(preset_or_path: str, **overrides: Any) -> dict:
     """Read the shipped preset hope_kernels/configs/aba_<preset>.yaml (a name: no suffix, no folder part) or a
-    YAML/JSON file path, and apply top-level overrides. An unknown preset name raises FileNotFoundError listing
-    the shipped presets."""
+    YAML/JSON file path, apply top-level overrides and check the result (validate_config). An unknown preset name
+    raises FileNotFoundError listing the shipped presets."""
     cfg = read_config_or_shipped(preset_or_path, prefix="aba_", what="A-B-A preset")
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     return validate_config(cfg)
-
-
-REQ = dataclasses.MISSING   # setting(REQ, ...): a key the config must have
 
 
 def _phases(v) -> str | None:
@@ -92,9 +89,20 @@ def _non_empty(v) -> str | None:
     return None if v else "must not be empty"
 
 
-def _train_fields(v) -> str | None:
-    unknown = sorted(set(v) - set(TrainConfig.field_names()) - {"per_seed", "ac", "hope"})
-    return f"has keys that are not training config fields: {unknown}" if unknown else None
+def _train_fields(*sections: str):
+    """A check: the mapping's keys are TrainConfig fields or one of `sections`."""
+    def check(v) -> str | None:
+        unknown = sorted(set(v) - set(TrainConfig.field_names()) - set(sections))
+        return f"has keys that are not training config fields: {unknown}" if unknown else None
+    return check
+
+
+def _pretrain(v) -> str | None:
+    """The config's pretrain: training fields, per_seed, and an "ac" / "hope" section of training fields each."""
+    bad = [k for k in KINDS if k in v and not (isinstance(v[k], dict) and _train_fields()(v[k]) is None)]
+    if bad:
+        return f"has {bad[0]!r}, which is not a mapping of training config fields"
+    return _train_fields("per_seed", *KINDS)(v)
 
 
 @dataclasses.dataclass
@@ -120,12 +128,12 @@ class AbaRun(Config):
     """One entry of `runs` (module docstring)."""
     WHAT: ClassVar[str] = "A-B-A run"
     name: str
-    model: str = setting(REQ, one_of(*KINDS))
-    strategy: str = setting(REQ, one_of(*STRATEGIES))
+    model: str = setting(REQUIRED, one_of(*KINDS))
+    strategy: str = setting(REQUIRED, one_of(*STRATEGIES))
     overrides: dict | None = None           # build_predictor overrides
     train_phases: list[str] | None = setting(None, _phases)
     options: AdaptOptions | None = None     # over config["adapt"]
-    pretrain: dict | None = setting(None, _train_fields)
+    pretrain: dict | None = setting(None, _train_fields())   # training fields over the config's pretrain
     privileged: bool | None = None
     label: str | None = None
 
@@ -134,10 +142,10 @@ class AbaRun(Config):
 class AbaTuning(Config):
     """Fair tuning (module docstring); `grids`: strategy -> the same number of option sets for each."""
     WHAT: ClassVar[str] = "A-B-A tuning"
-    seeds: list[int] = setting(REQ, _non_empty, _seeds)
-    reserve: int = setting(REQ, at_least(1))
-    clips_per_phase: int = setting(REQ, at_least(1))
-    grids: dict[str, list[AdaptOptions]] = setting(REQ, _non_empty)
+    seeds: list[int] = setting(REQUIRED, _non_empty, _seeds)
+    reserve: int = setting(REQUIRED, at_least(1))
+    clips_per_phase: int = setting(REQUIRED, at_least(1))
+    grids: dict[str, list[AdaptOptions]] = setting(REQUIRED, _non_empty)
     metric: str = "tf"
 
     def check(self, path: str) -> None:
@@ -160,16 +168,16 @@ class AbaConfig(Config):
     """The A-B-A job (hope_kernels/configs/aba_quick.yaml shows every section). `compile`: torch.compile the
     predictors in training and adaptation."""
     WHAT: ClassVar[str] = "A-B-A config"
-    seeds: list[int] = setting(REQ, _non_empty, _seeds)   # the reported streams (and per-seed pre-trainings)
+    seeds: list[int] = setting(REQUIRED, _non_empty, _seeds)   # the reported streams (and per-seed pre-trainings)
     stream: AbaStream
-    runs: list[AbaRun] = setting(REQ, _non_empty)
+    runs: list[AbaRun] = setting(REQUIRED, _non_empty)
     preset: str | None = None
     data: AbaData | None = None
     device: str | None = None               # None: cpu
     threads: int | None = setting(None, non_negative)
     workers: int | None = setting(None, at_least(1))
     model_preset: str | None = None
-    pretrain: dict | None = setting(None, _train_fields)   # training fields, per_seed, "ac" / "hope" sections
+    pretrain: dict | None = setting(None, _pretrain)
     adapt: AdaptOptions | None = None       # adapt_stream defaults of every run
     tuning: AbaTuning | None = None
     fisher_clips: int | None = setting(None, non_negative)

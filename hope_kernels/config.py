@@ -50,7 +50,10 @@ def finite_positive(v) -> str | None:
     return None if math.isfinite(v) and v > 0 else "must be a finite number > 0"
 
 
-def setting(default: Any = dataclasses.MISSING, *checks: Check, factory: Callable | None = None) -> Any:
+REQUIRED = dataclasses.MISSING   # setting(REQUIRED, ...): a key the mapping must hold
+
+
+def setting(default: Any = REQUIRED, *checks: Check, factory: Callable | None = None) -> Any:
     """A config field with its range checks, run on every construction (None, where the annotation allows it,
     is not checked). `factory`: a mutable default."""
     kw = {"default_factory": factory} if factory is not None else {"default": default}

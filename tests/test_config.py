@@ -126,3 +126,13 @@ def test_aba_compile_key():
         cfg = load_config("quick")
         cfg["tuning"]["grids"]["hope"][2]["cms_lr"] = -1
         validate_config(cfg)
+
+
+def test_aba_pretrain_sections_hold_training_fields():
+    for edit, match in [(lambda c: c["pretrain"]["hope"].update(stepz=1), "aba.pretrain has 'hope', which is not"),
+                        (lambda c: c["runs"][8]["pretrain"].update(per_seed=True),
+                         r"aba.runs\[8\].pretrain has keys that are not training config fields: \['per_seed'\]")]:
+        cfg = load_config("quick")
+        edit(cfg)
+        with pytest.raises(ValueError, match=match):
+            validate_config(cfg)
