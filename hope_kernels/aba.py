@@ -38,119 +38,185 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 
 from hope_kernels import pretrained
-from hope_kernels.adapt import PRIVILEGED, STRATEGIES, StreamLog, adapt_stream
-from hope_kernels.config import is_int, read_config_or_shipped, shipped_dir
+from hope_kernels.adapt import PRIVILEGED, STRATEGIES, AdaptOptions, StreamLog, adapt_stream
+from hope_kernels.config import (KINDS, REQUIRED, Config, TrainConfig, at_least, is_int, key_path, non_negative,
+                                 one_of, read_config_or_shipped, setting, shipped_dir)
 from hope_kernels.data.format import KNOWN_PHASES
 from hope_kernels.io import FolderLock, atomic_write_json, remove_temp_files
 from hope_kernels.metrics import aggregate, mean_ci, paired_difference, phase_means, run_metrics
 from hope_kernels.report import markdown_report, write_results
 
-__all__ = ["Hooks", "Results", "run_aba", "load_config", "select_runs", "CONFIG_DIR", "METRICS"]
+__all__ = ["AbaConfig", "Hooks", "Results", "run_aba", "load_config", "validate_config", "select_runs", "CONFIG_DIR",
+           "METRICS"]
 
 CONFIG_DIR = shipped_dir()   # hope_kernels/configs (package data): the presets aba_<name>.yaml
 METRICS = ("tf", "rollout")
 _PAIRED = ("A1", "B", "A2", "forgetting", "speed_oracle", "speed_floor")
-_TOP_KEYS = ("preset", "data", "seeds", "device", "threads", "workers", "model_preset", "stream", "pretrain", "adapt",
-             "tuning", "fisher_clips", "replay_clips", "baseline", "oracle_run", "frozen_run", "comparisons",
-             "headline", "runs", "metric_window", "speed_tolerance", "progress", "out", "compile")
-_TUNING_KEYS = ("seeds", "reserve", "clips_per_phase", "metric", "grids")
 _COMPARED = ("B", "A2", "forgetting", "speed_oracle")
-_RUN_KEYS = ("name", "model", "strategy", "overrides", "train_phases", "options", "pretrain", "privileged", "label")
-_STREAM_KEYS = ("phases", "clips_per_phase", "heldout_per_phase")
 
 
 # ------------------------------------------------------------------------------------------ config
 
 def load_config(preset_or_path: str, **overrides: Any) -> dict:
     """Read the shipped preset hope_kernels/configs/aba_<preset>.yaml (a name: no suffix, no folder part) or a
-    YAML/JSON file path, and apply top-level overrides. An unknown preset name raises FileNotFoundError listing
-    the shipped presets."""
+    YAML/JSON file path, apply top-level overrides and check the result (validate_config). An unknown preset name
+    raises FileNotFoundError listing the shipped presets."""
     cfg = read_config_or_shipped(preset_or_path, prefix="aba_", what="A-B-A preset")
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     return validate_config(cfg)
 
 
-def _is_count(v) -> bool:
-    return is_int(v) and v >= 0
+def _phases(v) -> str | None:
+    ok = v and all(p in KNOWN_PHASES for p in v)
+    return None if ok else f"must be a non-empty list of phases from {list(KNOWN_PHASES)}"
 
 
-def _check_keys(d, known, where: str) -> None:
-    if not isinstance(d, dict):
-        raise ValueError(f"{where} must be a mapping, got {d!r}")
-    unknown = sorted(set(d) - set(known))
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown} (known: {sorted(known)})")
+def _counts(v) -> str | None:
+    ok = v >= 0 if is_int(v) else all(n >= 0 for n in v.values())
+    return None if ok else "must be a non-negative int (or phase -> int)"
 
 
-def _check_phases(phases, where: str) -> None:
-    if not isinstance(phases, (list, tuple)) or not phases or any(p not in KNOWN_PHASES for p in phases):
-        raise ValueError(f"{where} must be a non-empty list of phases from {list(KNOWN_PHASES)}, got {phases!r}")
+def _seeds(v) -> str | None:
+    return None if all(s >= 0 for s in v) else "must be non-negative ints"
+
+
+def _non_empty(v) -> str | None:
+    return None if v else "must not be empty"
+
+
+def _train_fields(*sections: str):
+    """A check: the mapping's keys are TrainConfig fields or one of `sections`."""
+    def check(v) -> str | None:
+        unknown = sorted(set(v) - set(TrainConfig.field_names()) - set(sections))
+        return f"has keys that are not training config fields: {unknown}" if unknown else None
+    return check
+
+
+def _pretrain(v) -> str | None:
+    """The config's pretrain: training fields, per_seed, and an "ac" / "hope" section of training fields each."""
+    bad = [k for k in KINDS if k in v and not (isinstance(v[k], dict) and _train_fields()(v[k]) is None)]
+    if bad:
+        return f"has {bad[0]!r}, which is not a mapping of training config fields"
+    return _train_fields("per_seed", *KINDS)(v)
+
+
+@dataclasses.dataclass
+class AbaData(Config):
+    """Where the dataset comes from: simulated (`preset`, `seed`) into OUT/data or `dir`, or an imported one."""
+    WHAT: ClassVar[str] = "A-B-A data"
+    preset: str | None = None               # None: the config's preset
+    seed: int = setting(0, non_negative)
+    dir: str | None = None
+    imported: bool = False
+
+
+@dataclasses.dataclass
+class AbaStream(Config):
+    WHAT: ClassVar[str] = "A-B-A stream"
+    phases: list[str] | None = setting(None, _phases)                       # None: A1, B, A2
+    clips_per_phase: int | dict[str, int] | None = setting(None, _counts)
+    heldout_per_phase: int | None = setting(None, non_negative)
+
+
+@dataclasses.dataclass
+class AbaRun(Config):
+    """One entry of `runs` (module docstring)."""
+    WHAT: ClassVar[str] = "A-B-A run"
+    name: str
+    model: str = setting(REQUIRED, one_of(*KINDS))
+    strategy: str = setting(REQUIRED, one_of(*STRATEGIES))
+    overrides: dict | None = None           # build_predictor overrides
+    train_phases: list[str] | None = setting(None, _phases)
+    options: AdaptOptions | None = None     # over config["adapt"]
+    pretrain: dict | None = setting(None, _train_fields())   # training fields over the config's pretrain
+    privileged: bool | None = None
+    label: str | None = None
+
+
+@dataclasses.dataclass
+class AbaTuning(Config):
+    """Fair tuning (module docstring); `grids`: strategy -> the same number of option sets for each."""
+    WHAT: ClassVar[str] = "A-B-A tuning"
+    seeds: list[int] = setting(REQUIRED, _non_empty, _seeds)
+    reserve: int = setting(REQUIRED, at_least(1))
+    clips_per_phase: int = setting(REQUIRED, at_least(1))
+    grids: dict[str, list[AdaptOptions]] = setting(REQUIRED, _non_empty)
+    metric: str = "tf"
+
+    def check(self, path: str) -> None:
+        if self.clips_per_phase > self.reserve:
+            raise ValueError(f"{key_path(path, 'clips_per_phase')} {self.clips_per_phase} exceeds "
+                             f"{key_path(path, 'reserve')} {self.reserve}: validation streams draw only from the "
+                             f"reserved clips")
+        for strat, grid in self.grids.items():
+            if strat not in STRATEGIES:
+                raise ValueError(f"{key_path(path, 'grids')}: {strat!r} is not a strategy ({STRATEGIES})")
+            if not grid:
+                raise ValueError(f"{key_path(path, 'grids')}.{strat} must be a non-empty list of option mappings")
+        if len({len(g) for g in self.grids.values()}) > 1:   # the same budget for every strategy
+            raise ValueError(f"{key_path(path, 'grids')} must give every strategy the same number of points, got "
+                             f"{ {k: len(v) for k, v in self.grids.items()} }")
+
+
+@dataclasses.dataclass
+class AbaConfig(Config):
+    """The A-B-A job (hope_kernels/configs/aba_quick.yaml shows every section). `compile`: torch.compile the
+    predictors in training and adaptation."""
+    WHAT: ClassVar[str] = "A-B-A config"
+    seeds: list[int] = setting(REQUIRED, _non_empty, _seeds)   # the reported streams (and per-seed pre-trainings)
+    stream: AbaStream
+    runs: list[AbaRun] = setting(REQUIRED, _non_empty)
+    preset: str | None = None
+    data: AbaData | None = None
+    device: str | None = None               # None: cpu
+    threads: int | None = setting(None, non_negative)
+    workers: int | None = setting(None, at_least(1))
+    model_preset: str | None = None
+    pretrain: dict | None = setting(None, _pretrain)
+    adapt: AdaptOptions | None = None       # adapt_stream defaults of every run
+    tuning: AbaTuning | None = None
+    fisher_clips: int | None = setting(None, non_negative)
+    replay_clips: int | None = setting(None, non_negative)
+    baseline: str | None = None
+    oracle_run: str | None = None
+    frozen_run: str | None = None
+    comparisons: list[list[str]] | None = None
+    headline: list[str] | None = None
+    metric_window: int | None = setting(None, non_negative)
+    speed_tolerance: float | None = None
+    progress: bool | None = None
+    out: str | os.PathLike | None = None
+    compile: bool = False
+
+    def check(self, path: str) -> None:
+        names = set()
+        for r in self.runs:
+            if r.name in names:
+                raise ValueError(f"{key_path(path, 'runs')}: run name {r.name!r} appears twice")
+            names.add(r.name)
+        for key in ("baseline", "oracle_run", "frozen_run"):
+            v = getattr(self, key)
+            if v and v not in names:
+                raise ValueError(f"{key_path(path, key)} {v!r} is not a run name ({sorted(names)})")
+        bad = [n for n in self.headline or [] if n not in names]
+        if bad:
+            raise ValueError(f"{key_path(path, 'headline')} names {bad}, which are not runs ({sorted(names)})")
+        for i, pair in enumerate(self.comparisons or []):
+            if not (len(pair) == 2 and all(n in names for n in pair)):
+                raise ValueError(f"{key_path(key_path(path, 'comparisons'), i)} must be a [run, run] pair of run "
+                                 f"names, got {pair!r}")
 
 
 def validate_config(cfg: dict) -> dict:
-    """Check keys and values; errors name the key. Returns cfg."""
-    _check_keys(cfg, _TOP_KEYS, "A-B-A config")
-    for key in ("seeds", "runs", "stream"):
-        if key not in cfg:
-            raise ValueError(f"A-B-A config is missing {key!r}")
-    if not isinstance(cfg["seeds"], list) or not cfg["seeds"]:
-        raise ValueError(f"A-B-A config needs at least one seed (seeds: a list of ints), got {cfg['seeds']!r}")
-    if not all(_is_count(s) for s in cfg["seeds"]):
-        raise ValueError(f"seeds must be non-negative ints, got {cfg['seeds']!r}")
-    sc = cfg["stream"]
-    _check_keys(sc, _STREAM_KEYS, "stream")
-    if "phases" in sc:
-        _check_phases(sc["phases"], "stream.phases")
-    cpp = sc.get("clips_per_phase")
-    if not (cpp is None or _is_count(cpp) or isinstance(cpp, dict) and all(_is_count(v) for v in cpp.values())):
-        raise ValueError(f"stream.clips_per_phase must be a non-negative int (or phase -> int), got {cpp!r}")
-    for key in ("heldout_per_phase", "fisher_clips", "replay_clips", "metric_window", "threads"):
-        v = sc.get(key) if key == "heldout_per_phase" else cfg.get(key)
-        if v is not None and not _is_count(v):
-            raise ValueError(f"{key} must be a non-negative int, got {v!r}")
-    for key in ("pretrain", "adapt", "data"):
-        if cfg.get(key) is not None and not isinstance(cfg[key], dict):
-            raise ValueError(f"{key} must be a mapping, got {cfg[key]!r}")
-    if not isinstance(cfg["runs"], list) or not cfg["runs"]:
-        raise ValueError(f"runs must be a non-empty list of runs, got {cfg['runs']!r}")
-    names = set()
-    for r in cfg["runs"]:
-        _check_keys(r, _RUN_KEYS, f"run {r.get('name') if isinstance(r, dict) else r!r}")
-        for key in ("name", "model", "strategy"):
-            if key not in r:
-                raise ValueError(f"run {r} is missing {key!r}")
-        if r.get("train_phases") is not None:
-            _check_phases(r["train_phases"], f"run {r['name']!r}: train_phases")
-        for key in ("options", "overrides", "pretrain"):
-            if r.get(key) is not None and not isinstance(r[key], dict):
-                raise ValueError(f"run {r['name']!r}: {key} must be a mapping, got {r[key]!r}")
-        if r["strategy"] not in STRATEGIES:
-            raise ValueError(f"run {r['name']!r}: strategy must be one of {STRATEGIES}, got {r['strategy']!r}")
-        if r["model"] not in ("ac", "hope"):
-            raise ValueError(f"run {r['name']!r}: model must be 'ac' or 'hope', got {r['model']!r}")
-        if r["name"] in names:
-            raise ValueError(f"run name {r['name']!r} appears twice")
-        names.add(r["name"])
-    for key in ("baseline", "oracle_run", "frozen_run"):
-        if cfg.get(key) and cfg[key] not in names:
-            raise ValueError(f"{key} {cfg[key]!r} is not a run name ({sorted(names)})")
-    for key in ("headline",):
-        bad = [n for n in cfg.get(key) or [] if n not in names]
-        if bad:
-            raise ValueError(f"{key} names {bad}, which are not runs ({sorted(names)})")
-    for pair in cfg.get("comparisons") or []:
-        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(n in names for n in pair)):
-            raise ValueError(f"comparisons must be [run, run] pairs of run names, got {pair!r}")
-    if cfg.get("workers") is not None and not (is_int(cfg["workers"]) and cfg["workers"] >= 1):
-        raise ValueError(f"workers must be an int >= 1, got {cfg['workers']!r}")
-    if not isinstance(cfg.get("compile", False), bool):   # torch.compile in pre-training and every stream
-        raise ValueError(f"compile must be true or false, got {cfg['compile']!r}")
-    _validate_tuning(cfg.get("tuning"), sc)
+    """Check `cfg` against AbaConfig: unknown keys, types and values; errors name the key path
+    (aba.runs[3].options.lr). Returns `cfg` itself: the job, its fingerprints and results.json use the mapping as
+    given."""
+    AbaConfig.from_dict(cfg, "aba")
     return cfg
 
 
@@ -171,34 +237,6 @@ def select_runs(cfg: dict, names) -> dict:
     if cfg.get("comparisons"):
         cfg["comparisons"] = [c for c in cfg["comparisons"] if set(c) <= keep]
     return cfg
-
-
-def _validate_tuning(tc, sc) -> None:
-    if tc is None:
-        return
-    _check_keys(tc, _TUNING_KEYS, "tuning")
-    seeds = tc.get("seeds")
-    if not (isinstance(seeds, list) and seeds and all(_is_count(s) for s in seeds)):
-        raise ValueError(f"tuning.seeds must be a non-empty list of non-negative ints, got {seeds!r}")
-    for key in ("reserve", "clips_per_phase"):
-        if not (is_int(tc.get(key)) and tc[key] >= 1):
-            raise ValueError(f"tuning.{key} must be an int >= 1, got {tc.get(key)!r}")
-    if tc["clips_per_phase"] > tc["reserve"]:
-        raise ValueError(f"tuning.clips_per_phase {tc['clips_per_phase']} exceeds tuning.reserve {tc['reserve']}: "
-                         f"validation streams draw only from the reserved clips")
-    grids = tc.get("grids")
-    if not isinstance(grids, dict) or not grids:
-        raise ValueError(f"tuning.grids must map strategies to lists of option sets, got {grids!r}")
-    sizes = set()
-    for strat, grid in grids.items():
-        if strat not in STRATEGIES:
-            raise ValueError(f"tuning.grids: {strat!r} is not a strategy ({STRATEGIES})")
-        if not (isinstance(grid, list) and grid and all(isinstance(g, dict) for g in grid)):
-            raise ValueError(f"tuning.grids.{strat} must be a non-empty list of option mappings, got {grid!r}")
-        sizes.add(len(grid))
-    if len(sizes) > 1:   # the same budget for every strategy
-        raise ValueError(f"tuning.grids must give every strategy the same number of points, got "
-                         f"{ {k: len(v) for k, v in grids.items()} }")
 
 
 # ------------------------------------------------------------------------------------------- hooks

@@ -42,28 +42,58 @@ import copy
 import dataclasses
 import math
 import random
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hope_kernels.config import Config, at_least, finite_positive, greater_than, one_of, setting
 from hope_kernels.models.cms import CMSPeriods
 from hope_kernels.ops import l1_rollout_loss
 
-__all__ = ["STRATEGIES", "PRIVILEGED", "StreamLog", "adapt_stream", "score_clip", "adaptation_loss",
+__all__ = ["STRATEGIES", "PRIVILEGED", "AdaptOptions", "StreamLog", "adapt_stream", "score_clip", "adaptation_loss",
            "strategy_parameters", "clip_tensors"]
 
 STRATEGIES = ("none", "layernorm", "last_block", "full", "lora", "ewc", "reset", "replay", "hope", "hope+ttt")
 # Strategies (and reference models) that use information a deployed model would not have.
 PRIVILEGED = ("replay", "oracle", "joint")
 
-_OPTIONS = dict(lr=1e-3, steps=1, optimizer="adamw", weight_decay=0.0, rollout_steps=2, rollout_weight=1.0,
-                grad_clip=1.0, guard_factor=10.0, lora_rank=4, lora_alpha=8.0, merge_lora=True,
-                ewc_lambda=100.0, fisher_clips=None, reset_every=10, replay_clips=None, replay_size=2,
-                carry_memory=True, cms_lr=1e-3, cms_periods=None, memory_lr_scale=1.0, ttt_params="layernorm",
-                score_horizon=None, seed=0, progress=False, desc=None, callback=None, compile=False)
+_TTT_PARAMS = ("layernorm", "last_block", "full")
+
+
+@dataclasses.dataclass
+class AdaptOptions(Config):
+    """The options of adapt_stream (module docstring): what each strategy uses, with its defaults and checks."""
+    WHAT: ClassVar[str] = "adaptation option"
+    lr: float = setting(1e-3, at_least(0))
+    steps: int = setting(1, at_least(0))
+    optimizer: str = setting("adamw", one_of("adamw", "sgd"))
+    weight_decay: float = setting(0.0, at_least(0))
+    rollout_steps: int = setting(2, at_least(0))
+    rollout_weight: float = setting(1.0, at_least(0))
+    grad_clip: float | None = setting(1.0, at_least(0))     # 0 or None: no clipping
+    guard_factor: float = setting(10.0, greater_than(0))
+    lora_rank: int = setting(4, at_least(1))
+    lora_alpha: float = 8.0
+    merge_lora: bool = True
+    ewc_lambda: float = setting(100.0, at_least(0))
+    fisher_clips: Any = None                                 # A1 training clips (ewc)
+    reset_every: int = setting(10, at_least(1))
+    replay_clips: Any = None                                 # the A1 buffer (replay)
+    replay_size: int = setting(2, at_least(0))
+    carry_memory: bool = True
+    cms_lr: float = setting(1e-3, at_least(0))
+    cms_periods: list[int] | None = None                     # None: the model's own
+    memory_lr_scale: float = setting(1.0, finite_positive)
+    ttt_params: str = setting("layernorm", one_of(*_TTT_PARAMS))
+    score_horizon: int | None = setting(None, at_least(1))   # None: T - 1
+    seed: int = 0
+    progress: bool = False
+    desc: str | None = None
+    callback: Any = None                                     # callback(i, model) after each clip
+    compile: bool = False                                    # the predictor's forward under torch.compile
 
 
 @dataclasses.dataclass
@@ -240,7 +270,7 @@ def strategy_parameters(model: nn.Module, strategy: str, ttt_params: str = "laye
     if strategy in ("full", "ewc", "reset", "replay"):
         return list(model.parameters())
     if strategy == "hope+ttt":
-        if ttt_params not in ("layernorm", "last_block", "full"):
+        if ttt_params not in _TTT_PARAMS:
             raise ValueError(f"ttt_params must be layernorm|last_block|full, got {ttt_params!r}")
         cms = {id(p) for _, ps in _cms_levels(model) for p in ps}
         return [p for p in strategy_parameters(model, ttt_params) if id(p) not in cms]
@@ -342,7 +372,7 @@ def _heldout_errors(model, heldout: dict, horizon) -> dict:
 def adapt_stream(model: nn.Module, stream, strategy: str, **options: Any) -> StreamLog:
     """Run `strategy` prequentially over `stream` (an object with `.clips`, a list of clip dicts in order, and
     optionally `.heldout`, phase -> list of clip dicts; or a plain list of clips). Adapts `model` in place and
-    returns the StreamLog. Options (defaults in `_OPTIONS`): lr, steps, optimizer ("adamw" | "sgd"),
+    returns the StreamLog. Options (`AdaptOptions`, its defaults and checks): lr, steps, optimizer ("adamw" | "sgd"),
     weight_decay, rollout_steps, rollout_weight (adaptation loss), grad_clip, guard_factor, lora_rank,
     lora_alpha, merge_lora, ewc_lambda, fisher_clips, reset_every, replay_clips, replay_size, carry_memory,
     cms_lr, cms_periods, memory_lr_scale, ttt_params, score_horizon, seed, progress, desc, callback(i, model)
@@ -352,10 +382,12 @@ def adapt_stream(model: nn.Module, stream, strategy: str, **options: Any) -> Str
 
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    unknown = set(options) - set(_OPTIONS)
+    known = AdaptOptions.field_names()
+    unknown = set(options) - set(known)
     if unknown:
-        raise TypeError(f"adapt_stream got unknown options {sorted(unknown)}; known: {sorted(_OPTIONS)}")
-    o = {**_OPTIONS, **options}
+        raise TypeError(f"adapt_stream got unknown options {sorted(unknown)}; known: {sorted(known)}")
+    opts = AdaptOptions.from_dict(options)
+    o = {k: getattr(opts, k) for k in known}   # not to_dict: the clip buffers and the callback pass as they are
     clips = list(stream.clips if hasattr(stream, "clips") else stream)
     heldout = dict(getattr(stream, "heldout", None) or {})
     if not clips:
@@ -370,10 +402,6 @@ def adapt_stream(model: nn.Module, stream, strategy: str, **options: Any) -> Str
     t0 = time.perf_counter()
 
     scale = float(o["memory_lr_scale"])
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"memory_lr_scale must be a finite number > 0, got {o['memory_lr_scale']!r}")
-    if not isinstance(o["compile"], bool):
-        raise ValueError(f"compile must be True or False, got {o['compile']!r}")
     if scale != 1.0 and not is_hope:
         raise ValueError(f"memory_lr_scale scales a HOPE memory's step size; strategy {strategy!r} has none")
     had_carry = getattr(model, "carry_memory", None)

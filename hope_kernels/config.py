@@ -1,5 +1,8 @@
-"""Configuration dataclasses: predictor presets (docs/design.md#predictors) and the training config
-(docs/design.md#training).
+"""Configuration dataclasses: predictor presets (docs/design.md#predictors), the training config
+(docs/design.md#training), and `Config`, the one base every config of the package uses (simulation, training,
+adaptation, the A-B-A job): `from_dict` names unknown keys (listing the known ones), checks each value against
+its field's annotation and its declared range checks, and names the key path of a bad value
+(`aba.runs[3].options.lr`); `to_dict` gives the plain mapping back.
 
 Predictor presets live here (not in YAML). The YAML configs the package ships (the A-B-A presets
 `aba_<name>.yaml` and the example training configs `train_*.yaml`, which name a predictor preset and override
@@ -8,79 +11,264 @@ fields) are package data in hope_kernels/configs/, read through importlib.resour
 """
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+import math
+import os
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, ClassVar
+
+
+# ------------------------------------------------------------------------------------- the config base
+
+Check = Callable[[Any], "str | None"]   # value -> what is wrong ("must be >= 1") or None
+
+
+def at_least(lo) -> Check:
+    return lambda v: None if v >= lo else f"must be >= {lo}"
+
+
+def greater_than(lo) -> Check:
+    return lambda v: None if v > lo else f"must be > {lo}"
+
+
+def between(lo, hi) -> Check:
+    return lambda v: None if lo <= v <= hi else f"must be in [{lo}, {hi}]"
+
+
+def one_of(*choices) -> Check:
+    return lambda v: None if v in choices else f"must be one of {choices}"
+
+
+def non_negative(v) -> str | None:
+    return None if v >= 0 else "must be a non-negative int"
+
+
+def finite_positive(v) -> str | None:
+    return None if math.isfinite(v) and v > 0 else "must be a finite number > 0"
+
+
+REQUIRED = dataclasses.MISSING   # setting(REQUIRED, ...): a key the mapping must hold
+
+
+def setting(default: Any = REQUIRED, *checks: Check, factory: Callable | None = None) -> Any:
+    """A config field with its range checks, run on every construction (None, where the annotation allows it,
+    is not checked). `factory`: a mutable default."""
+    kw = {"default_factory": factory} if factory is not None else {"default": default}
+    return field(metadata={"checks": checks}, **kw)
+
+
+# the key path of the config being built by from_dict, read by __post_init__ for its error messages
+_PATH: contextvars.ContextVar[str] = contextvars.ContextVar("config_path", default="")
+
+
+def key_path(path: str, key) -> str:
+    """"aba" + "runs" -> "aba.runs"; "aba.runs" + 3 -> "aba.runs[3]"; "" + "lr" -> "lr"."""
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else str(key)
+
+
+_NAMES = {bool: "bool", int: "int", float: "number", str: "string", list: "list", tuple: "list", dict: "mapping"}
+
+
+def _type_name(tp, article: bool = True) -> str:
+    """int -> "an int", list[int] -> "a list of int", int | None -> "an int or None"."""
+    if tp is type(None):
+        return "None"
+    args = typing.get_args(tp)
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return " or ".join(_type_name(a, article) for a in args)
+    origin = typing.get_origin(tp) or tp
+    if isinstance(origin, type) and issubclass(origin, Config):
+        name = "mapping"
+    else:
+        name = _NAMES.get(origin, getattr(origin, "__name__", str(origin)))
+    if args and origin in (list, tuple):
+        name += f" of {_type_name(args[0], article=False)}"
+    if not article:
+        return name
+    return ("an " if name[0] in "aeiou" else "a ") + name
+
+
+def _convert(value, tp, where: str):
+    """`value` checked against the annotation `tp`; nested configs built, lists and tuples of the annotated kind.
+    A type mismatch raises ValueError naming `where`, the expected type and the value."""
+    if tp is Any:
+        return value
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if isinstance(tp, types.UnionType) or origin is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        for arm in args:
+            if arm is type(None):
+                continue
+            try:
+                return _convert(value, arm, where)
+            except ValueError:
+                # an arm of the right kind whose content is wrong names the inner problem
+                if _kind_matches(value, arm):
+                    raise
+        raise ValueError(f"{where} must be {_type_name(tp)}, got {value!r}")
+    if isinstance(tp, type) and issubclass(tp, Config):
+        return tp.from_dict(value, where)
+    base = origin or tp
+    if not _kind_matches(value, base):
+        raise ValueError(f"{where} must be {_type_name(tp)}, got {value!r}")
+    if base in (list, tuple) and args:
+        items = [_convert(v, args[0], key_path(where, i)) for i, v in enumerate(value)]
+        return base(items)
+    if base is tuple:
+        return tuple(value)
+    if base is dict and len(args) == 2:
+        return {k: _convert(v, args[1], key_path(where, k)) for k, v in value.items()}
+    return value
+
+
+def _kind_matches(value, tp) -> bool:
+    tp = typing.get_origin(tp) or tp
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if isinstance(tp, type) and issubclass(tp, Config):
+        return isinstance(value, dict)
+    return isinstance(value, tp) if isinstance(tp, type) else True
+
+
+class Config:
+    """Base of the package's config dataclasses. A subclass declares its fields with `setting(default, *checks)`
+    (or plain defaults), cross-field rules in `check(path)`, and `WHAT` (its name in errors)."""
+    WHAT: ClassVar[str] = "config"
+
+    def __post_init__(self):
+        path = _PATH.get()
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if v is None:
+                continue
+            for chk in f.metadata.get("checks", ()):
+                problem = chk(v)
+                if problem:
+                    raise ValueError(f"{key_path(path, f.name)} {problem}, got {v!r}")
+        self.check(path)
+
+    def check(self, path: str) -> None:
+        """Rules across fields; errors name `path` (the config's key path, "" at the top)."""
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, d, path: str = ""):
+        """The config of mapping `d`: unknown keys, missing required keys and values of the wrong type raise
+        ValueError naming the key path (`path` is this config's own, e.g. "aba.runs[3]")."""
+        where = path or cls.WHAT
+        if isinstance(d, cls):
+            return d
+        if not isinstance(d, dict):
+            raise ValueError(f"{where} must be a mapping, got {d!r}")
+        names = cls.field_names()
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            at = f" at {path}" if path else ""
+            raise ValueError(f"unknown {cls.WHAT} keys {unknown}{at}; known: {sorted(names)}")
+        hints = typing.get_type_hints(cls)
+        kw = {}
+        for f in dataclasses.fields(cls):
+            if f.name in d:
+                kw[f.name] = _convert(d[f.name], hints[f.name], key_path(path, f.name))
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ValueError(f"{where} is missing {f.name!r}")
+        token = _PATH.set(path)
+        try:
+            return cls(**kw)
+        finally:
+            _PATH.reset(token)
+
+    def to_dict(self) -> dict:
+        """Field -> value: nested configs as mappings, tuple fields as lists (as JSON and YAML hold them)."""
+        return {f.name: _plain(getattr(self, f.name), top=True) for f in dataclasses.fields(self)}
+
+
+def _plain(v, top: bool = False):
+    if isinstance(v, Config):
+        return v.to_dict()
+    if isinstance(v, (list, tuple)):
+        items = [_plain(x) for x in v]
+        return items if top or isinstance(v, list) else tuple(items)
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
+
+
+# ------------------------------------------------------------------------------------------- predictors
 
 KINDS = ("ac", "hope")
 
 
+def _odd_or_zero(v) -> str | None:
+    return None if v == 0 or (v > 0 and v % 2) else "must be 0 (off) or an odd kernel size"
+
+
+def _grid(v) -> str | None:
+    return None if len(v) == 3 and min(v) >= 1 else "must be (T, H, W) with positive entries"
+
+
+def _increasing(v) -> str | None:
+    ok = v and min(v) >= 1 and all(b > a for a, b in zip(v, v[1:]))
+    return None if ok else "must be strictly increasing positive ints"
+
+
 @dataclass
-class PredictorConfig:
+class PredictorConfig(Config):
     """Both predictors. Fields after `init_std` are used by HOPE only."""
-    kind: str = "ac"
+    WHAT: ClassVar[str] = "predictor config"
+    kind: str = setting("ac", one_of(*KINDS))
     preset: str = "tiny"
-    enc_dim: int = 64
-    grid: tuple = (8, 8, 8)                 # (T, H, W)
-    action_dim: int = 2
-    state_dim: int = 0
+    enc_dim: int = setting(64, at_least(1))
+    grid: tuple[int, ...] = setting((8, 8, 8), _grid)       # (T, H, W)
+    action_dim: int = setting(2, at_least(1))
+    state_dim: int = setting(0, at_least(0))
     width: int = 96
-    depth: int = 2
+    depth: int = setting(2, at_least(1))
     heads: int = 4
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
     ln_eps: float = 1e-6
     window: int | None = None               # timesteps visible to attention, the current one included (None: all)
-    rope_compat: str | None = None          # "vjepa2": the official (non-rotation) RoPE formula
+    rope_compat: str | None = setting(None, lambda v: None if v == "vjepa2" else "must be None or 'vjepa2'")
+    # "vjepa2": the official (non-rotation) RoPE formula
     init_std: float = 0.02
-    stem_kernel: int = 5                    # k x k conv over [z_t, z_t - z_{t-1}] added to the embedding; 0: off
+    stem_kernel: int = setting(5, _odd_or_zero)   # k x k conv over [z_t, z_t - z_{t-1}] added to the embedding; 0: off
     predict_delta: bool = True              # z_hat = layer_norm(z_t) + head(...); False: absolute output (official AC)
     # HOPE
     self_referential: bool = True           # False: static k, v, eta, alpha projections
-    memory_rule: str = "dgd"                # "dgd" (HOPE) | "titans" (momentum rule, ablation)
+    memory_rule: str = setting("dgd", one_of("dgd", "titans"))   # "dgd" (HOPE) | "titans" (momentum rule, ablation)
     mem_heads: int | None = None            # None: = heads
     eta_max: float = 0.5                    # inner learning rate eta_t in (0, eta_max)
     cms: bool = True                        # False: one plain MLP per block instead of the CMS chain
-    cms_periods: tuple = (1, 4, 16)         # update period of each CMS level, fastest first
+    cms_periods: tuple[int, ...] = setting((1, 4, 16), _increasing)   # update period of each CMS level, fastest first
     cms_ratio: float = 1.0                  # hidden width of each CMS level / width
 
     def __post_init__(self):
         self.grid = tuple(int(g) for g in self.grid)
         self.cms_periods = tuple(int(c) for c in self.cms_periods)
-        if self.kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
-        if len(self.grid) != 3 or min(self.grid) < 1:
-            raise ValueError(f"grid must be (T, H, W) with positive entries, got {self.grid}")
+        super().__post_init__()
+
+    def check(self, path: str) -> None:
         if self.width % self.heads:
-            raise ValueError(f"width {self.width} must be divisible by heads {self.heads}")
+            raise ValueError(f"{key_path(path, 'width')} {self.width} must be divisible by heads {self.heads}")
         mh = self.mem_heads or self.heads
         if self.width % mh:
-            raise ValueError(f"width {self.width} must be divisible by mem_heads {mh}")
-        if self.memory_rule not in ("dgd", "titans"):
-            raise ValueError(f"memory_rule must be 'dgd' or 'titans', got {self.memory_rule!r}")
-        if self.rope_compat not in (None, "vjepa2"):
-            raise ValueError(f"rope_compat must be None or 'vjepa2', got {self.rope_compat!r}")
-        if any(b <= a for a, b in zip(self.cms_periods, self.cms_periods[1:])) or min(self.cms_periods) < 1:
-            raise ValueError(f"cms_periods must be strictly increasing positive ints, got {self.cms_periods}")
-        if self.stem_kernel < 0 or (self.stem_kernel and self.stem_kernel % 2 == 0):
-            raise ValueError(f"stem_kernel must be 0 (off) or an odd kernel size, got {self.stem_kernel}")
-        for name in ("enc_dim", "action_dim", "depth"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.state_dim < 0:
-            raise ValueError(f"state_dim must be >= 0, got {self.state_dim}")
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["grid"], d["cms_periods"] = list(self.grid), list(self.cms_periods)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "PredictorConfig":
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown predictor config keys {sorted(unknown)}")
-        return cls(**d)
+            raise ValueError(f"{key_path(path, 'width')} {self.width} must be divisible by mem_heads {mh}")
 
 
 # Width / depth / heads per preset. HOPE presets are sized to about the AC parameter count of the same name
@@ -118,30 +306,31 @@ def predictor_config(kind: str, preset: str = "tiny", **fields) -> PredictorConf
 
 
 @dataclass
-class TrainConfig:
-    model: str = "ac"
+class TrainConfig(Config):
+    WHAT: ClassVar[str] = "training config"
+    model: str = setting("ac", one_of(*KINDS))
     preset: str = "tiny"
     overrides: dict = field(default_factory=dict)
-    data: str | None = None
-    phases: list = field(default_factory=lambda: ["A1"])
+    data: str | os.PathLike | None = None
+    phases: list[str] | str = field(default_factory=lambda: ["A1"])   # a single phase name: [name]
     split: str = "train"
-    steps: int = 300
-    batch_size: int = 16
+    steps: int = setting(300, at_least(1))
+    batch_size: int = setting(16, at_least(1))
     lr: float = 1e-3
     weight_decay: float = 0.04
     warmup: int = 20
-    decay_frac: float = 0.2                 # last fraction of steps with linear decay to 0 (WSD)
+    decay_frac: float = setting(0.2, between(0, 1))   # last fraction of steps with linear decay to 0 (WSD)
     grad_clip: float = 1.0
     rollout_w0: float = 0.0
     rollout_w1: float = 1.0
-    rollout_schedule: str = "linear"        # "linear" | "cosine"
-    rollout_steps: int = 2
-    rollout_score: str = "last"             # "last" (seed formula) | "all"
+    rollout_schedule: str = setting("linear", one_of("linear", "cosine"))
+    rollout_steps: int = setting(2, at_least(0))
+    rollout_score: str = setting("last", one_of("last", "all"))   # "last" (seed formula) | "all"
     seed: int = 0
     device: str = "auto"
-    out: str | None = None
-    ckpt_every: int = 100
-    log_every: int = 10
+    out: str | os.PathLike | None = None
+    ckpt_every: int = setting(100, at_least(1))
+    log_every: int = setting(10, at_least(1))
     progress: bool = True
     resume: bool = False                    # continue from out/checkpoint.safetensors (which must exist)
     overwrite: bool = False                 # start over although out/ already holds a checkpoint
@@ -153,26 +342,17 @@ class TrainConfig:
     # the memory carried from clip to clip and the loss backpropagated through all of them (truncated at the
     # step); the detached end memory carries on into the next step and is reset to the learned initial state
     # every memory_reset_every steps (1: every step starts afresh). docs/training.md
-    seq_clips: int = 1
-    memory_reset_every: int = 1
+    seq_clips: int = setting(1, at_least(1))
+    memory_reset_every: int = setting(1, at_least(1))
     # the predictor's forward runs under torch.compile (inductor; on CPU it needs a C++ compiler): the same
     # losses within float32 rounding, after a first step that compiles. docs/training.md
     compile: bool = False
 
     def __post_init__(self):
-        if self.model not in KINDS:
-            raise ValueError(f"model must be one of {KINDS}, got {self.model!r}")
-        if self.rollout_schedule not in ("linear", "cosine"):
-            raise ValueError(f"rollout_schedule must be 'linear' or 'cosine', got {self.rollout_schedule!r}")
-        if self.rollout_score not in ("last", "all"):
-            raise ValueError(f"rollout_score must be 'last' or 'all', got {self.rollout_score!r}")
-        for name in ("steps", "batch_size", "ckpt_every", "log_every", "seq_clips", "memory_reset_every"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.rollout_steps < 0:
-            raise ValueError(f"rollout_steps must be >= 0, got {self.rollout_steps}")
-        if not 0 <= self.decay_frac <= 1:
-            raise ValueError(f"decay_frac must be in [0, 1], got {self.decay_frac}")
+        self.phases = [self.phases] if isinstance(self.phases, str) else list(self.phases)
+        super().__post_init__()
+
+    def check(self, path: str) -> None:
         if self.batch_size % self.seq_clips:
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of seq_clips {self.seq_clips} "
                              f"(batch_size counts clips: batch_size / seq_clips sequences per step)")
@@ -185,20 +365,6 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: resume continues the checkpoint, "
                              "overwrite replaces it")
-        if isinstance(self.phases, str):
-            self.phases = [self.phases]
-        self.phases = list(self.phases)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown training config keys {sorted(unknown)}; valid: "
-                             f"{sorted(f.name for f in dataclasses.fields(cls))}")
-        return cls(**d)
 
 
 def is_int(v) -> bool:

@@ -148,11 +148,11 @@ def test_tuning_chooses_on_validation_streams(tmp_path, monkeypatch):
     assert count["n"] == 0
     bad = tuning_config()
     bad["tuning"]["grids"]["hope"].append({"cms_lr": 1e-3})
-    with pytest.raises(ValueError, match="same number of points"):
+    with pytest.raises(ValueError, match=r"aba.tuning.grids must give every strategy the same number of points"):
         validate_config(bad)
     bad = tuning_config()
     bad["tuning"]["clips_per_phase"] = 3
-    with pytest.raises(ValueError, match="exceeds tuning.reserve"):
+    with pytest.raises(ValueError, match=r"aba.tuning.clips_per_phase 3 exceeds aba.tuning.reserve 2"):
         validate_config(bad)
 
 
@@ -328,16 +328,23 @@ def test_cuda_without_cuda_fails_before_the_data(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("edit,match", [
-    (lambda c: c.update(basline="ac+none"), r"A-B-A config: unknown key\(s\) \['basline'\]"),
-    (lambda c: c["stream"].update(clip_per_phase=1), r"stream: unknown key\(s\) \['clip_per_phase'\]"),
-    (lambda c: c["runs"][0].update(option={}), r"run 'hope': unknown key\(s\) \['option'\]"),
-    (lambda c: c["runs"][6].update(train_phase=["B"]), r"run 'oracle': unknown key\(s\) \['train_phase'\]"),
-    (lambda c: c["stream"].update(phases=["A1", "C"]), "stream.phases must be"),
-    (lambda c: c["runs"][6].update(train_phases=["b"]), "run 'oracle': train_phases must be"),
-    (lambda c: c.update(seeds=["a"]), "seeds must be non-negative ints"),
-    (lambda c: c["stream"].update(clips_per_phase=-1), "stream.clips_per_phase must be a non-negative int"),
-    (lambda c: c.update(fisher_clips=-2), "fisher_clips must be a non-negative int"),
-], ids=["top", "stream", "run-option", "run-train_phase", "phases", "train_phases", "seeds", "clips", "fisher"])
+    (lambda c: c.update(basline="ac+none"), r"unknown A-B-A config keys \['basline'\] at aba; known: \['adapt', "),
+    (lambda c: c["stream"].update(clip_per_phase=1), r"unknown A-B-A stream keys \['clip_per_phase'\] at aba.stream"),
+    (lambda c: c["runs"][0].update(option={}), r"unknown A-B-A run keys \['option'\] at aba.runs\[0\]"),
+    (lambda c: c["runs"][6].update(train_phase=["B"]), r"unknown A-B-A run keys \['train_phase'\] at aba.runs\[6\]"),
+    (lambda c: c["stream"].update(phases=["A1", "C"]), r"aba.stream.phases must be a non-empty list of phases"),
+    (lambda c: c["runs"][6].update(train_phases=["b"]), r"aba.runs\[6\].train_phases must be"),
+    (lambda c: c.update(seeds=["a"]), r"aba.seeds\[0\] must be an int, got 'a'"),
+    (lambda c: c.update(seeds=[-1]), r"aba.seeds must be non-negative ints"),
+    (lambda c: c["stream"].update(clips_per_phase=-1), r"aba.stream.clips_per_phase must be a non-negative int"),
+    (lambda c: c.update(fisher_clips=-2), r"aba.fisher_clips must be a non-negative int, got -2"),
+    (lambda c: c["runs"][3].update(options={"lr": "x"}), r"aba.runs\[3\].options.lr must be a number, got 'x'"),
+    (lambda c: c["adapt"].update(lrr=1), r"unknown adaptation option keys \['lrr'\] at aba.adapt"),
+    (lambda c: c["pretrain"].update(stepz=1), r"aba.pretrain has keys that are not training config fields: \['stepz"),
+    (lambda c: c.update(compile="yes"), r"aba.compile must be a bool, got 'yes'"),
+    (lambda c: c["runs"][2].pop("model"), r"aba.runs\[2\] is missing 'model'"),
+], ids=["top", "stream", "run-option", "run-train_phase", "phases", "train_phases", "seeds", "negative-seed", "clips",
+        "fisher", "run-options-type", "adapt-key", "pretrain-key", "compile", "run-missing"])
 def test_config_typos_and_bad_values_are_named(edit, match):
     cfg = tiny_config()
     edit(cfg)

@@ -17,29 +17,37 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import time
+from typing import ClassVar
 
 import numpy as np
 
-from hope_kernels.data.format import MANIFEST, SPLITS, DatasetWriter, manifest_is_valid, read_manifest
+from hope_kernels.config import Config, at_least, non_negative, one_of, setting
+from hope_kernels.data.format import LATENT_DTYPES, MANIFEST, SPLITS, DatasetWriter, manifest_is_valid, read_manifest
 from hope_kernels.data.physics import Physics, simulate_clips, timestep_positions
 
 PHASES = ("A1", "B", "A2")
 
 
+def _positive(v) -> str | None:
+    return None if v > 0 else "must be > 0 (the physics needs mu > 0 and mass > 0)"
+
+
 @dataclasses.dataclass
-class SimConfig:
-    train_a1: int = 256
-    train_b: int = 128
-    train_a2: int = 32
-    stream: int = 24
-    heldout: int = 16
-    mu_a: float = 0.5
-    mass_a: float = 1.0
-    mu_b: float = 0.1
-    mass_b: float = 0.5
-    latent_dtype: str = "float16"
-    shard_clips: int = 256
-    batch: int = 64
+class SimConfig(Config):
+    """Clip counts per (phase, split), the physics of phase A (A1, A2) and B, and the storage layout."""
+    WHAT: ClassVar[str] = "simulation config"
+    train_a1: int = setting(256, non_negative)
+    train_b: int = setting(128, non_negative)
+    train_a2: int = setting(32, non_negative)
+    stream: int = setting(24, non_negative)
+    heldout: int = setting(16, non_negative)
+    mu_a: float = setting(0.5, _positive)
+    mass_a: float = setting(1.0, _positive)
+    mu_b: float = setting(0.1, _positive)
+    mass_b: float = setting(0.5, _positive)
+    latent_dtype: str = setting("float16", one_of(*LATENT_DTYPES))
+    shard_clips: int = setting(256, at_least(1))
+    batch: int = setting(64, at_least(1))
 
     def physics(self, phase: str) -> Physics:
         return Physics(self.mu_b, self.mass_b) if phase == "B" else Physics(self.mu_a, self.mass_a)
@@ -58,19 +66,11 @@ PRESETS = {
 
 
 def make_config(preset: str = "quick", **overrides) -> SimConfig:
+    """The preset's SimConfig with `overrides` (SimConfig fields) on top; unknown fields and bad values raise
+    ValueError naming them."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}: expected one of {list(PRESETS)}")
-    names = {f.name for f in dataclasses.fields(SimConfig)}
-    bad = sorted(set(overrides) - names)
-    if bad:
-        raise ValueError(f"unknown simulate override(s) {bad}: expected some of {sorted(names)}")
-    cfg = SimConfig(**{**PRESETS[preset], **overrides})
-    for f in dataclasses.fields(cfg):
-        v = getattr(cfg, f.name)
-        if f.name.startswith(("train", "stream", "heldout")) and (not isinstance(v, int) or v < 0):
-            raise ValueError(f"{f.name} must be a non-negative int, got {v!r}")
-    cfg.physics("A1"), cfg.physics("B")  # validates mu, mass
-    return cfg
+    return SimConfig.from_dict({**PRESETS[preset], **overrides})
 
 
 def _clip_meta(sim: dict, i: int) -> dict:
@@ -96,7 +96,7 @@ def simulate_dataset(out_dir, preset: str = "quick", seed: int = 0, progress: bo
     total = sum(n for _, _, n in jobs)
     bar = None
     t0 = time.perf_counter()
-    gen = {"preset": preset, "seed": int(seed), "config": dataclasses.asdict(cfg), "encoder": "embedded",
+    gen = {"preset": preset, "seed": int(seed), "config": cfg.to_dict(), "encoder": "embedded",
            "physics": "hope_kernels.data.physics"}
     try:
         with DatasetWriter(out_dir, grid=(8, 8, 8), enc_dim=enc.dim, action_dim=2, state_dim=0,
@@ -136,7 +136,7 @@ def ensure_dataset(out_dir, preset: str = "quick", seed: int = 0, **overrides) -
     if manifest_is_valid(out_dir):
         g = read_manifest(out_dir).get("generator")
         if g is not None:
-            want = dataclasses.asdict(make_config(preset, **overrides))
+            want = make_config(preset, **overrides).to_dict()
             if g.get("seed") != int(seed) or g.get("config") != want:
                 raise ValueError(f"{out_dir} holds a dataset simulated with preset {g.get('preset')!r} seed "
                                  f"{g.get('seed')}, not preset {preset!r} seed {seed} {overrides or ''}: "
