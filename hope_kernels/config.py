@@ -360,8 +360,6 @@ class TrainConfig(Config):
             raise ValueError(f"seq_clips and memory_reset_every carry a HOPE memory across clips; model "
                              f"{self.model!r} has none (got seq_clips={self.seq_clips}, "
                              f"memory_reset_every={self.memory_reset_every})")
-        if not isinstance(self.compile, bool):
-            raise ValueError(f"compile must be true or false, got {self.compile!r}")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: resume continues the checkpoint, "
                              "overwrite replaces it")

@@ -417,8 +417,8 @@ def test_bad_config_values():
         TrainConfig(rollout_schedule="exp")
     with pytest.raises(ValueError, match="unknown training config keys"):
         TrainConfig.from_dict({"stepz": 3})
-    with pytest.raises(ValueError, match="compile must be true or false, got 'yes'"):
-        TrainConfig(compile="yes")
+    with pytest.raises(ValueError, match="compile must be a bool, got 'yes'"):
+        TrainConfig.from_dict({"compile": "yes"})
     with pytest.raises((RuntimeError, FileNotFoundError), match="hope_kernels.data|does not exist"):
         tr.train(cfg(data="/nonexistent/dataset"))
 
