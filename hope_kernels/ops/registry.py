@@ -6,9 +6,10 @@ kernels, the op's one autograd rule, and its `Backend`s. `register(table)` build
 autograd rule, and returns a `RegisteredOp` that resolves a backend name and calls the chosen op.
 
 Resolution: an explicit `backend=` argument, else HOPE_KERNELS_BACKEND, else "auto". Auto takes, among the
-backends listed for the tensors' device type that can run here (hope_kernels.dispatch) and accept the inputs,
-the one of highest priority, else "reference" (the family's eager path, not a custom op). An explicit backend
-that is not implemented, cannot run here, or refuses the inputs raises: never a silent fallback.
+backends listed for the tensors' device type that can run here (hope_kernels.dispatch), accept the inputs and
+are preferred for them, the one of highest priority, else "reference" (the family's eager path, not a custom
+op). An explicit backend that is not implemented, cannot run here, or refuses the inputs raises: never a silent
+fallback.
 """
 from __future__ import annotations
 
@@ -22,8 +23,12 @@ from hope_kernels import dispatch as D
 from hope_kernels.dispatch import BackendUnavailableError
 
 
-def _accepts_all(inputs: Any) -> None:
+def _accepts_all(inputs: Any, device: torch.device) -> None:
     return None
+
+
+def _prefers_all(inputs: Any) -> bool:
+    return True
 
 
 @dataclass(frozen=True)
@@ -33,8 +38,9 @@ class Backend:
     forward / backward: take the table's forward / backward schema arguments and return its outputs.
     devices: the device types auto considers it for (an explicit choice only needs dispatch's availability).
     priority: auto's preference among the backends of a device type, highest first.
-    accepts(inputs): None, or why it cannot take these inputs: a str (BackendUnavailableError when chosen
-    explicitly) or an exception to raise as it is; auto passes over it either way.
+    accepts(inputs, device): None, or why it cannot take these inputs: a str (BackendUnavailableError when
+    chosen explicitly) or an exception to raise as it is; auto passes over it either way.
+    prefers(inputs): False where it runs but auto should pass over it (a slow case, e.g. register spills).
     fake: the fake forward when it differs from the table's (other saved-for-backward outputs).
     """
     name: str
@@ -42,7 +48,8 @@ class Backend:
     backward: Callable[..., Any]
     devices: tuple[str, ...]
     priority: int = 0
-    accepts: Callable[[Any], Any] = _accepts_all
+    accepts: Callable[[Any, torch.device], Any] = _accepts_all
+    prefers: Callable[[Any], bool] = _prefers_all
     fake: Callable[..., Any] | None = None
 
 
@@ -96,7 +103,8 @@ class RegisteredOp:
         device = D._device_of(tensors)
         if backend == "auto":
             for b in self.auto_order:
-                if device.type in b.devices and D._available(b.name, device) and b.accepts(inputs) is None:
+                if (device.type in b.devices and D._available(b.name, device) and b.prefers(inputs)
+                        and b.accepts(inputs, device) is None):
                     return b.name
             return "reference"
         if backend == "reference":
@@ -107,7 +115,7 @@ class RegisteredOp:
         if not D._available(backend, device):
             raise BackendUnavailableError(f"{op}: backend {backend!r}{source} cannot run on {device} tensors here: "
                                           f"{D._why_unavailable(backend, device)}")
-        why = self.by_name[backend].accepts(inputs)
+        why = self.by_name[backend].accepts(inputs, device)
         if why is not None:
             raise why if isinstance(why, BaseException) else BackendUnavailableError(why)
         return backend
