@@ -13,7 +13,6 @@ fallback.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -36,6 +35,8 @@ class Backend:
     """One fast path of an op.
 
     forward / backward: take the table's forward / backward schema arguments and return its outputs.
+    backward None: a composite of differentiable ops (autograd through its parts), called as it is, no custom op;
+    its forward returns the outputs without the saved-for-backward-only ones.
     devices: the device types auto considers it for (an explicit choice only needs dispatch's availability).
     priority: auto's preference among the backends of a device type, highest first.
     accepts(inputs, device): None, or why it cannot take these inputs: a str (BackendUnavailableError when
@@ -45,7 +46,7 @@ class Backend:
     """
     name: str
     forward: Callable[..., Any]
-    backward: Callable[..., Any]
+    backward: Callable[..., Any] | None
     devices: tuple[str, ...]
     priority: int = 0
     accepts: Callable[[Any, torch.device], Any] = _accepts_all
@@ -79,27 +80,23 @@ def _outputs(out):
 class RegisteredOp:
     """The custom ops of one table: `.resolve(backend, tensors, inputs)` -> a backend name, and
     `op(name, *args)` -> the forward outputs without the saved-for-backward-only ones. `.ops[name]` and
-    `.backward_ops[name]` are the custom ops themselves (opcheck, direct calls)."""
+    `.backward_ops[name]` are the custom ops themselves (opcheck, direct calls; not for composite backends)."""
 
     def __init__(self, table: OpTable):
         self.table = table
         self.by_name = {b.name: b for b in table.backends}
         self.auto_order = sorted(table.backends, key=lambda b: -b.priority)
-        self.supported = ("reference",) + tuple(self.by_name)
+        # the names a caller may choose (a table may also hold backends only tests and benchmarks call)
+        self.supported = ("reference",) + tuple(n for n in self.by_name if n in D.BACKENDS)
         self.ops, self.backward_ops = {}, {}
         for b in table.backends:
-            self.ops[b.name], self.backward_ops[b.name] = _register_backend(table, b)
+            if b.backward is not None:
+                self.ops[b.name], self.backward_ops[b.name] = _register_backend(table, b)
 
     def resolve(self, backend: str | None, tensors: Sequence[torch.Tensor | None], inputs: Any = None) -> str:
         """The backend for one call on `tensors`; `inputs` is what the backends' accepts() read."""
         op = self.table.label
-        backend = backend or "auto"
-        source = ""
-        if backend == "auto":
-            backend = os.environ.get(D.ENV_VAR, "auto") or "auto"
-            source = f" (from {D.ENV_VAR})" if backend != "auto" else ""
-        if backend not in D.BACKENDS:
-            raise ValueError(f"{op}: backend must be one of {D.BACKENDS}, got {backend!r}{source}")
+        backend, source = D.requested_backend(backend, op)
         device = D._device_of(tensors)
         if backend == "auto":
             for b in self.auto_order:
@@ -109,18 +106,15 @@ class RegisteredOp:
             return "reference"
         if backend == "reference":
             return backend
-        if backend not in self.by_name:
-            raise BackendUnavailableError(f"{op}: backend {backend!r}{source} is not implemented for this op "
-                                          f"(implemented: {', '.join(self.supported)})")
-        if not D._available(backend, device):
-            raise BackendUnavailableError(f"{op}: backend {backend!r}{source} cannot run on {device} tensors here: "
-                                          f"{D._why_unavailable(backend, device)}")
+        D.require_available(backend, source, device, op, self.supported)
         why = self.by_name[backend].accepts(inputs, device)
         if why is not None:
             raise why if isinstance(why, BaseException) else BackendUnavailableError(why)
         return backend
 
     def __call__(self, backend: str, *args):
+        if backend not in self.ops:
+            return self.by_name[backend].forward(*args)
         out = self.ops[backend](*args)
         return out[:len(out) - self.table.saved_only] if self.table.saved_only else out
 

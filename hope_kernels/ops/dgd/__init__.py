@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from hope_kernels.dispatch import cuda_shared_memory_problem, needs_backward
+from hope_kernels.dispatch import cuda_shared_memory_need, cuda_shared_memory_problem, needs_backward
 from hope_kernels.ops.checks import accum_dtype, check_same_device, check_same_dtype, check_tensor, reads_values
 from hope_kernels.ops.dgd.reference import dgd_memory_chunked_reference, dgd_memory_token_loop
 from hope_kernels.ops.registry import Backend, OpTable, register
@@ -68,12 +68,13 @@ def _check_gate_values(alpha: torch.Tensor, eta: torch.Tensor) -> None:
 
 
 def cuda_shared_memory(q: torch.Tensor, v: torch.Tensor, stage: str) -> tuple[int, str]:
-    """(bytes per block, formula) of the cuda kernels' shared memory, as csrc/cuda/dgd.cu sizes it.
-    stage: "fwd", "bwd" or "both" (the larger)."""
+    """(bytes per block, formula) of the cuda kernels' shared memory: the bytes from the extension
+    (csrc/cuda_smem.h, as csrc/cuda/dgd.cu launches), the formula for error messages. stage: "fwd", "bwd" or
+    "both" (the larger)."""
     dk, dv = q.shape[-1], v.shape[-1]
     acc = accum_dtype(q.dtype).itemsize
-    fwd = ((2 * dk * dv + 2 * dk) * acc, f"forward (2 dk dv + 2 dk) * {acc} with dk={dk}, dv={dv}")
-    bwd = ((3 * dk * dv + 2 * dk + 3 * dv + 128) * acc,
+    fwd = (cuda_shared_memory_need("dgd_fwd", dk, dv, acc), f"forward (2 dk dv + 2 dk) * {acc} with dk={dk}, dv={dv}")
+    bwd = (cuda_shared_memory_need("dgd_bwd", dk, dv, acc),
            f"backward (3 dk dv + 2 dk + 3 dv + 128) * {acc} with dk={dk}, dv={dv}")
     return {"fwd": fwd, "bwd": bwd, "both": max(fwd, bwd)}[stage]
 
