@@ -119,8 +119,10 @@ def test_l1_kernel_only(bench, backend, dtype, stage):
     copy timed the same way. Bytes: fwd reads pred and target; bwd reads them and writes grad. The copy row
     moves the same bytes as the kernel rows of its group (same-size ceiling, for context).
     "triton last_program": the Triton forward reduced inside its one launch (HOPE_L1_FWD_REDUCE)."""
-    from hope_kernels.ops.l1_loss import _per_step, _per_step_backward
-    from hope_kernels.ops.l1_loss.triton import l1_per_step_triton
+    from hope_kernels.ops.l1_loss.triton import l1_per_step_backward_triton, l1_per_step_triton
+    # the kernels alone, without the op's weighting (as the backends of hope_kernels/ops/l1_loss/__init__.py call them)
+    per_step = {"cuda": torch.ops.hope_kernels.l1_per_step, "triton": l1_per_step_triton}
+    per_step_backward = {"cuda": torch.ops.hope_kernels.l1_per_step_backward, "triton": l1_per_step_backward_triton}
     if backend == "triton last_program" and stage == "bwd":
         pytest.skip("the reduce mode changes the forward only")
     ceiling = _device_copy_gbps()
@@ -140,9 +142,9 @@ def test_l1_kernel_only(bench, backend, dtype, stage):
         if backend == "triton last_program":
             calls.append(lambda p=pred, t=target: l1_per_step_triton(p, t, True, 1e-6, reduce="last_program"))
         elif stage == "fwd":
-            calls.append(lambda p=pred, t=target: _per_step(backend, p, t, True, 1e-6))
+            calls.append(lambda p=pred, t=target: per_step[backend](p, t, True, 1e-6))
         else:
-            calls.append(lambda p=pred, t=target: _per_step_backward(backend, p, t, coef, True, 1e-6))
+            calls.append(lambda p=pred, t=target: per_step_backward[backend](p, t, coef, True, 1e-6))
     g = _graph(calls * (launches // sets))
     row = bench(g.replay, group=f"l1 kernel {stage} {tuple(shape)} {str(dtype)[6:]}", backend=backend,
                 device=DEVICE, nbytes=nbytes * launches, calls=launches, ceiling_gbps=ceiling)

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 
 from hope_kernels import backends
 from hope_kernels.ops import titans_memory
-from hope_kernels.ops.titans import LINEAR_BACKENDS, MLP_BACKENDS, _linear_op, _mlp_op
+from hope_kernels.ops.titans import _LINEAR, _MLP, LINEAR_BACKENDS, MLP_BACKENDS
 from hope_kernels.ops.titans.reference import (titans_chunked, titans_linear_chunk_step, titans_mlp_chunk_step,
                                                titans_token_loop)
 
@@ -104,9 +104,9 @@ def _fn(path, memory="linear", state=None, chunk=C):
         return lambda *x: titans_chunked(*x, **kw, chunk_step=_compiled[memory])[0]
     if path == "explicit":   # the custom op with the explicit PyTorch forward/backward of reference.py
         if memory == "mlp":
-            return lambda *x: _mlp_op(*x, *state, chunk, "explicit")[0]
-        return lambda *x: _linear_op(*x, *(torch.zeros(*x[0].shape[:2], x[0].shape[-1], x[2].shape[-1],
-                                                       device=DEVICE),) * 2, chunk, "explicit")[0]
+            return lambda *x: _MLP.ops["explicit"](*x, *state, chunk)[0]
+        return lambda *x: _LINEAR.ops["explicit"](*x, *(torch.zeros(*x[0].shape[:2], x[0].shape[-1], x[2].shape[-1],
+                                                                   device=DEVICE),) * 2, chunk)[0]
     return lambda *x: titans_memory(*x, backend=path, **kw)[0]
 
 

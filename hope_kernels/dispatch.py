@@ -99,6 +99,17 @@ def cuda_shared_memory_per_block(device: torch.device) -> int:
     return _shared_memory_optin(-1 if device.index is None else device.index)
 
 
+@torch.compiler.assume_constant_result   # a function of the (static) head sizes: a constant while tracing
+def cuda_shared_memory_need(kernel: str, dk: int, dv: int, acc_bytes: int) -> int:
+    """Bytes of shared memory per block the CUDA kernel `kernel` ("dgd_fwd", "dgd_bwd", "titans_linear_fwd",
+    "titans_linear_bwd") launches with for these head sizes: read from the extension (csrc/cuda_smem.h, the
+    numbers the launchers use), so no copy of the formulas lives in Python."""
+    ext = _extension()
+    if ext is None:
+        raise BackendUnavailableError(f"the cuda backend's shared-memory need is not known: {extension_error()}")
+    return ext.cuda_shared_memory(kernel, dk, dv, acc_bytes)
+
+
 def cuda_shared_memory_problem(op: str, need: tuple[int, str] | None, device: torch.device) -> str | None:
     """Why the cuda kernels cannot take this call on `device`, or None. need: (bytes per block, how they
     follow from the shapes). Checked here rather than only by the kernels' launchers: an error raised in the
@@ -119,17 +130,9 @@ def require_cuda_shared_memory(op: str, need: tuple[int, str] | None, device: to
         raise ValueError(problem)
 
 
-def resolve_backend(backend: str | None, tensors: Sequence[torch.Tensor | None], *, op: str,
-                    gpu_order: Sequence[str] = ("triton", "cuda"), cpu_order: Sequence[str] = ("cpu",),
-                    supported: Sequence[str] = ("reference", "triton", "cuda", "cpu"),
-                    cuda_shared_memory: tuple[int, str] | None = None) -> str:
-    """Pick the backend for one call of `op` on `tensors`.
-
-    gpu_order / cpu_order: the op's preference among fast paths for CUDA / CPU tensors under "auto";
-    supported: the backends this op implements; cuda_shared_memory: (bytes per block, formula) the cuda
-    kernels need for these shapes. Auto passes over cuda when the device has less; an explicit "cuda" raises
-    ValueError.
-    """
+def requested_backend(backend: str | None, op: str) -> tuple[str, str]:
+    """(the backend asked for: `backend`, else HOPE_KERNELS_BACKEND when it is None or "auto", else "auto"; where
+    it came from, for error messages). Raises ValueError for a name outside BACKENDS."""
     if backend is None:
         backend = "auto"
     source = ""
@@ -138,6 +141,33 @@ def resolve_backend(backend: str | None, tensors: Sequence[torch.Tensor | None],
         source = f" (from {ENV_VAR})" if backend != "auto" else ""
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}{source}")
+    return backend, source
+
+
+def require_available(backend: str, source: str, device: torch.device, op: str, supported: Sequence[str]) -> None:
+    """Raise BackendUnavailableError when the explicitly requested `backend` is not in `supported` (the op's
+    backends) or cannot run on `device` tensors here."""
+    if backend not in supported:
+        raise BackendUnavailableError(f"{op}: backend {backend!r}{source} is not implemented for this op "
+                                      f"(implemented: {', '.join(supported)})")
+    if not _available(backend, device):
+        raise BackendUnavailableError(f"{op}: backend {backend!r}{source} cannot run on {device} tensors here: "
+                                      f"{_why_unavailable(backend, device)}")
+
+
+def resolve_backend(backend: str | None, tensors: Sequence[torch.Tensor | None], *, op: str,
+                    gpu_order: Sequence[str] = ("triton", "cuda"), cpu_order: Sequence[str] = ("cpu",),
+                    supported: Sequence[str] = ("reference", "triton", "cuda", "cpu"),
+                    cuda_shared_memory: tuple[int, str] | None = None) -> str:
+    """Pick the backend for one call of `op` on `tensors` (public helper; the ops themselves resolve through
+    their tables, hope_kernels/ops/registry.py).
+
+    gpu_order / cpu_order: the op's preference among fast paths for CUDA / CPU tensors under "auto";
+    supported: the backends this op implements; cuda_shared_memory: (bytes per block, formula) the cuda
+    kernels need for these shapes. Auto passes over cuda when the device has less; an explicit "cuda" raises
+    ValueError.
+    """
+    backend, source = requested_backend(backend, op)
     device = _device_of(tensors)
     if backend == "auto":
         if device.type == "cuda":
@@ -151,12 +181,7 @@ def resolve_backend(backend: str | None, tensors: Sequence[torch.Tensor | None],
                 if b in supported and _available(b, device):
                     return b
         return "reference"
-    if backend not in supported:
-        raise BackendUnavailableError(f"{op}: backend {backend!r}{source} is not implemented for this op "
-                                      f"(implemented: {', '.join(supported)})")
-    if not _available(backend, device):
-        raise BackendUnavailableError(f"{op}: backend {backend!r}{source} cannot run on {device} tensors here: "
-                                      f"{_why_unavailable(backend, device)}")
+    require_available(backend, source, device, op, supported)
     if backend == "cuda":
         require_cuda_shared_memory(op, cuda_shared_memory, device)
     return backend

@@ -297,7 +297,8 @@ def test_chunk_size_above_length_is_length(backend, monkeypatch):
     import hope_kernels.ops.dgd.reference as dgd_reference
     inputs = make(B=1, H=2, L=5, dk=4, dv=3)
     ref = run_with_grads(api_fn(5, backend), inputs)
-    for module, name in ((dgd_reference, "_pad_chunks"), (dgd, "_forward")):   # both take the chunk size last
+    # both take the chunk size last
+    for module, name in ((dgd_reference, "_pad_chunks"), (type(dgd._DGD), "__call__")):
         def spy(*args, _fn=getattr(module, name), _name=name):
             assert args[-1] <= 5, f"{_name} got chunk_size={args[-1]} for L=5: not clamped"
             return _fn(*args)
@@ -468,15 +469,16 @@ def test_triton_value_block_env_must_be_an_integer(monkeypatch):
 
 @pytest.mark.parametrize("backend", FAST)
 def test_opcheck(backend):
-    from hope_kernels.ops.dgd import _dgd_memory_backward_op, _dgd_memory_op
+    from hope_kernels.ops.dgd import _DGD
+    op, backward_op = _DGD.ops[backend], _DGD.backward_ops[backend]
     q, k, v, a, e, M0 = make(B=1, H=1, L=5, dk=4, dv=4)
     leaves = [x.requires_grad_(True) for x in (q, k, v, a, e, M0)]
-    torch.library.opcheck(_dgd_memory_op, (*leaves, 4, backend))
-    torch.library.opcheck(_dgd_memory_op, (q, k, v, a, e, None, 8, backend))
+    torch.library.opcheck(op, (*leaves, 4))
+    torch.library.opcheck(op, (q, k, v, a, e, None, 8))
     with torch.no_grad():
-        _, _, states = _dgd_memory_op(q, k, v, a, e, M0, 4, backend)
-    torch.library.opcheck(_dgd_memory_backward_op, (q.detach(), k.detach(), v.detach(), a.detach(), e.detach(),
-                                                    states, torch.randn_like(v), torch.randn_like(M0), 4, backend))
+        _, _, states = op(q, k, v, a, e, M0, 4)
+    torch.library.opcheck(backward_op, (q.detach(), k.detach(), v.detach(), a.detach(), e.detach(),
+                                        states, torch.randn_like(v), torch.randn_like(M0), 4))
 
 
 @pytest.mark.parametrize("backend", FAST)

@@ -3,9 +3,6 @@
 The CUDA kernels of dgd_memory and titans_memory keep their state tiles in shared memory. The dispatcher sizes
 them from the shapes and checks the device's opt-in limit before any launcher runs: auto passes over cuda,
 an explicit backend="cuda" raises ValueError."""
-import re
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -13,8 +10,9 @@ import hope_kernels.dispatch as D
 from hope_kernels.ops import dgd as dgd_ops
 from hope_kernels.ops import titans as titans_ops
 
-CSRC = Path(__file__).resolve().parents[1] / "csrc" / "cuda"
 H100_OPTIN = 232448  # sm_90: 227 KiB
+# the shared-memory needs of the cuda kernels come from the extension (csrc/cuda_smem.h)
+needs_cpp = pytest.mark.skipif(not D.has_cpp(), reason="needs the C++ extension")
 
 
 @pytest.fixture
@@ -37,27 +35,27 @@ def _titans(dk, dv, dtype=torch.float32):
     return (q, q, v, a, a, a)
 
 
-def test_shared_memory_sizes_follow_the_cuda_sources():
-    """The Python sizes mirror the launchers: the tile constants they assume are the ones in the .cu files."""
-    titans = (CSRC / "titans.cu").read_text()
-    assert re.search(r"constexpr int kCols = 32;", titans)
-    assert re.search(r"constexpr int kStride = kCols \+ 8;", titans)
-    assert re.search(r"constexpr int kThreads = kCols \* kRowLanes;", titans)
-    assert re.search(r"constexpr int kRowLanes = 4;", titans)
-    assert "3 * static_cast<size_t>(dk) * kStride * sizeof(acc_t)" in titans
-    assert "(4 * static_cast<size_t>(dk) * kStride + 3 * kWarps * static_cast<size_t>(dk) + 3 * kWarps)" in titans
-    dgd = (CSRC / "dgd.cu").read_text()
-    assert re.search(r"constexpr int kThreads = 128;", dgd)
-    assert "(2 * static_cast<size_t>(dk) * dv + 2 * dk) * sizeof(acc_t)" in dgd
-    assert "(3 * static_cast<size_t>(dk) * dv + 2 * dk + 3 * dv + kThreads) * sizeof(acc_t)" in dgd
+@needs_cpp
+def test_shared_memory_needs_follow_the_documented_formulas():
+    """The launchers and the dispatcher size shared memory from one source, csrc/cuda_smem.h, which the extension
+    exports (built with or without CUDA); its numbers are the formulas the error messages state."""
+    from hope_kernels import _C
+    for dk, dv, acc in ((1, 1, 4), (64, 32, 4), (160, 160, 4), (256, 256, 8), (2048, 4, 4)):
+        assert _C.cuda_shared_memory("dgd_fwd", dk, dv, acc) == (2 * dk * dv + 2 * dk) * acc
+        assert _C.cuda_shared_memory("dgd_bwd", dk, dv, acc) == (3 * dk * dv + 2 * dk + 3 * dv + 128) * acc
+        assert _C.cuda_shared_memory("titans_linear_fwd", dk, dv, acc) == 3 * dk * 40 * acc
+        assert _C.cuda_shared_memory("titans_linear_bwd", dk, dv, acc) == (4 * dk * 40 + 12 * dk + 12) * acc
+    with pytest.raises(ValueError, match="kernel must be one of .*, got 'rope'"):
+        _C.cuda_shared_memory("rope", 1, 1, 4)
     q = torch.zeros(1, 1, 1, 64)
-    assert titans_ops.cuda_shared_memory(q, "fwd")[0] == 3 * 64 * 40 * 4
+    assert titans_ops.cuda_shared_memory(q, "fwd") == (3 * 64 * 40 * 4, "forward 3 * dk * 40 * 4 with dk=64")
     assert titans_ops.cuda_shared_memory(q.double(), "bwd")[0] == (4 * 64 * 40 + 12 * 64 + 12) * 8
     v = torch.zeros(1, 1, 1, 32)
     assert dgd_ops.cuda_shared_memory(q, v, "fwd")[0] == (2 * 64 * 32 + 2 * 64) * 4
     assert dgd_ops.cuda_shared_memory(q.half(), v, "both")[0] == (3 * 64 * 32 + 2 * 64 + 3 * 32 + 128) * 4
 
 
+@needs_cpp
 def test_auto_passes_over_cuda_when_the_tiles_do_not_fit(pretend_cuda):
     assert dgd_ops._resolve("auto", _dgd(128, 128)) == "cuda"          # triton takes <= 64; 197 KB fit
     assert dgd_ops._resolve("auto", _dgd(256, 256)) == "reference"     # 792 KB do not
@@ -66,6 +64,7 @@ def test_auto_passes_over_cuda_when_the_tiles_do_not_fit(pretend_cuda):
     assert titans_ops._resolve("auto", "linear", _titans(2048, 4)) == "reference"
 
 
+@needs_cpp
 def test_explicit_cuda_raises_a_clear_error(pretend_cuda):
     with pytest.raises(ValueError, match=r"dgd_memory: the cuda backend needs 792064 bytes of shared memory per "
                                          r"block .*dk=256, dv=256.* allows 232448"):
@@ -131,3 +130,40 @@ def test_gate_checks_follow_reads_values(op, monkeypatch):
         fn(*bad, backend="reference")
     monkeypatch.setattr(mod, "reads_values", lambda *t: False)
     fn(*bad, backend="reference")
+
+
+def test_registry_toy_op():
+    """The generic registry on a toy op, y = 2 x: one table entry per backend gives a custom op with its fake
+    kernel and autograd, auto picks by priority among the backends that accept the inputs, and an explicit one
+    that refuses them raises its reason."""
+    from hope_kernels.ops.registry import Backend, OpTable, register
+
+    def setup(ctx, inputs, output):
+        pass
+
+    def backward(ctx, backward_op, grad):
+        return backward_op(grad)
+
+    toy = register(OpTable(
+        name="test_registry_toy", label="toy", schema="(Tensor x) -> Tensor", backward_schema="(Tensor g) -> Tensor",
+        fake=torch.empty_like, fake_backward=torch.empty_like, setup_context=setup, backward=backward,
+        backends=(Backend("cpu", lambda x: x * 2, lambda g: g * 2, devices=("cpu",), priority=1,
+                          accepts=lambda x, device: "takes float64 only" if x.dtype != torch.float64 else None),
+                  Backend("triton", lambda x: x + x, lambda g: g + g, devices=("cpu",)))))
+    x = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    assert toy.resolve("auto", (x,), x) == ("cpu" if D.has_cpp() else "triton" if D.triton_can_run(x.device)
+                                            else "reference")
+    assert toy.resolve("auto", (x,), x.float()) in ("triton", "reference")
+    assert toy.supported == ("reference", "cpu", "triton")
+    with pytest.raises(D.BackendUnavailableError, match="'cuda' is not implemented for this op "
+                                                        r"\(implemented: reference, cpu, triton\)"):
+        toy.resolve("cuda", (x,), x)
+    if D.has_cpp():
+        with pytest.raises(D.BackendUnavailableError, match="takes float64 only"):
+            toy.resolve("cpu", (x,), x.float())
+    y = toy("cpu", x)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    assert torch.equal(y, 2 * x) and torch.equal(g, torch.full_like(x, 2.0))
+    torch.library.opcheck(toy.ops["cpu"], (x,))
+    compiled = torch.compile(lambda a: toy("cpu", a), fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x), 2 * x)

@@ -279,13 +279,13 @@ def test_target_and_weights_get_no_gradient():
         assert target.grad is None and w.grad is None, backend
 
 
+@pytest.mark.parametrize("for_backward", [True, False])
 @pytest.mark.parametrize("backend", FAST_CPU)
-def test_opcheck(backend):
+def test_opcheck(backend, for_backward):
     pred, target, w = _inputs((2, 3, 4, 16), torch.float64)
-    torch.library.opcheck(torch.ops.hope_kernels.l1_rollout_loss.default,
-                          (pred, target, w, True, 1e-6, backend))
-    torch.library.opcheck(torch.ops.hope_kernels.l1_rollout_loss.default,
-                          (pred, target, None, False, 1e-6, backend))
+    op = getattr(torch.ops.hope_kernels, f"l1_rollout_loss_{backend}").default
+    torch.library.opcheck(op, (pred, target, w, True, 1e-6, for_backward))
+    torch.library.opcheck(op, (pred, target, None, False, 1e-6, for_backward))
 
 
 @pytest.mark.parametrize("backend", FAST_CPU)
@@ -307,9 +307,11 @@ def test_inside_torch_compile(backend):
     assert rel_err(g, pred.grad) < 1e-5
 
 
-def test_registered_op_is_callable_directly():
+@pytest.mark.parametrize("backend", FAST_CPU)
+def test_registered_op_is_callable_directly(backend):
     pred, target, w = _inputs((1, 2, 3, 8), torch.float64)
-    loss, per_step = torch.ops.hope_kernels.l1_rollout_loss(pred, target, w, True, 1e-6, "auto")
+    loss, per_step, _ = getattr(torch.ops.hope_kernels, f"l1_rollout_loss_{backend}")(pred, target, w, True, 1e-6,
+                                                                                       False)
     ref, ref_ps = l1_rollout_loss_reference(pred, target, w)
     assert rel_err(loss, ref) < 1e-10 and rel_err(per_step, ref_ps) < 1e-10
 
@@ -369,8 +371,8 @@ def test_explicit_unavailable_backend_raises(monkeypatch):
 def test_env_var_selects_backend(monkeypatch):
     import hope_kernels.ops.l1_loss as mod
     calls = []
-    real = mod._per_step
-    monkeypatch.setattr(mod, "_per_step", lambda b, *a: calls.append(b) or real(b, *a))
+    real = mod._resolve
+    monkeypatch.setattr(mod, "_resolve", lambda *a: calls.append(real(*a)) or calls[-1])
     p, t, _ = _inputs((1, 2, 3, 8), torch.float32)
     for b in FAST_CPU:
         monkeypatch.setenv("HOPE_KERNELS_BACKEND", b)

@@ -323,7 +323,7 @@ def test_triton_outputs_fully_written(monkeypatch):
     monkeypatch.setattr(tri, "_empty_like", lambda x: torch.full_like(x, float("nan")))
     pos = make_pos(3, 2, 3, actions=1)[:19]
     q, k, v = qkv(2, 1, pos.shape[0], 32)
-    o, lse = torch.ops.hope_kernels.rope_attention_fused(q, k, v, pos, 0, False, 0.2)
+    o, lse = torch.ops.hope_kernels.rope_attention_triton(q, k, v, pos, 0, False, 0.2)
     assert torch.isfinite(o).all() and torch.isfinite(lse).all()
     got = _fwd_bwd(lambda a, b, c: rope_attention(a, b, c, pos, backend="triton"), q, k, v, torch.randn_like(q))
     want = _fwd_bwd(lambda a, b, c: rope_attention(a, b, c, pos, backend="reference"), q, k, v, torch.ones_like(q))
@@ -376,7 +376,7 @@ def test_triton_unequal_tiles(monkeypatch, config):
 def test_triton_opcheck():
     pos = make_pos(2, 2, 2, actions=1)[:9]
     q, k, v = qkv(1, 1, pos.shape[0], 32, grad=True)
-    torch.library.opcheck(torch.ops.hope_kernels.rope_attention_fused.default, (q, k, v, pos, 2, True, 0.25),
+    torch.library.opcheck(torch.ops.hope_kernels.rope_attention_triton.default, (q, k, v, pos, 2, True, 0.25),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
@@ -415,16 +415,17 @@ def test_rope3d_backward_is_inverse_rotation(backend):
     """For the true rotation the gradient map is the inverse: bwd(fwd(x)) == x."""
     pos = make_pos(2, 3, 3, actions=1) * 5
     x = torch.randn(2, pos.shape[0], 32, dtype=torch.float64)
-    y = torch.ops.hope_kernels.rope3d(x, pos, False)
-    assert torch.allclose(torch.ops.hope_kernels.rope3d_backward(y, pos, False), x, atol=1e-12)
+    y = getattr(torch.ops.hope_kernels, f"rope3d_{backend}")(x, pos, False)
+    assert torch.allclose(getattr(torch.ops.hope_kernels, f"rope3d_{backend}_backward")(y, pos, False), x, atol=1e-12)
 
 
 @pytest.mark.parametrize("backend", rope_backends_cpu())
 def test_rope3d_opcheck_and_compile(backend):
     pos = make_pos(2, 2, 2, actions=1)
     x = torch.randn(2, pos.shape[0], 32, requires_grad=True)
-    torch.library.opcheck(torch.ops.hope_kernels.rope3d.default, (x, pos, True))
-    torch.library.opcheck(torch.ops.hope_kernels.rope3d_backward.default, (x.detach(), pos, False))
+    ops = torch.ops.hope_kernels
+    torch.library.opcheck(getattr(ops, f"rope3d_{backend}").default, (x, pos, True))
+    torch.library.opcheck(getattr(ops, f"rope3d_{backend}_backward").default, (x.detach(), pos, False))
     fn = torch.compile(lambda a: rope3d(a, pos, backend=backend), fullgraph=True)
     assert rel_err(fn(x), rope3d(x, pos, backend="reference")) < 1e-6
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from conftest import cpu_fast_backends, rel_err, requires_cuda
 from hope_kernels.ops import titans_memory
-from hope_kernels.ops.titans import LINEAR_BACKENDS, _linear_op
+from hope_kernels.ops.titans import _LINEAR, LINEAR_BACKENDS
 from hope_kernels.ops.titans.reference import (titans_chunked, titans_linear_chunked_bwd, titans_linear_chunked_fwd,
                                                titans_mlp_chunked_bwd, titans_mlp_chunked_fwd, titans_token_loop)
 
@@ -181,7 +181,7 @@ def test_custom_op_explicit_path_gradcheck():
     # The custom-op plumbing (boundary states saved, backward op) with the explicit PyTorch backward.
     x, st = make(B=1, H=1, L=6, dk=3, dv=2, state=True)
     leaves = [t.clone().requires_grad_(True) for t in x + list(st)]
-    f = lambda *a: _linear_op(*a, 4, "explicit")[0]
+    f = lambda *a: _LINEAR.ops["explicit"](*a, 4)[0]
     assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-7, fast_mode=True)
 
 
@@ -325,7 +325,8 @@ def test_chunk_size_above_length_is_length(memory, backend, monkeypatch):
     dtype = torch.float32 if backend == "triton" else torch.float64
     x, st = make(B=1, H=1, L=5, dk=4, dv=4, dtype=dtype, state=True, mlp_dh=3 if memory == "mlp" else None)
     out, g = grads_of(op_fn(5, backend, memory), x, st)
-    _spy_chunk_sizes(monkeypatch, T, ("titans_chunked", "titans_token_loop", "_fwd_impl", "_mlp_fwd_impl"), 5)
+    _spy_chunk_sizes(monkeypatch, T, ("titans_chunked", "titans_token_loop"), 5)
+    _spy_chunk_sizes(monkeypatch, type(T._LINEAR), ("__call__",), 5)   # the registered ops (chunk_size last)
     out2, g2 = grads_of(op_fn(4096, backend, memory), x, st)
     assert all(torch.equal(a, b) for a, b in zip(out2 + g2, out + g))
 
@@ -358,8 +359,8 @@ def _op_backends():
 def test_opcheck(backend):
     dtype = torch.float32 if backend == "triton" else torch.float64
     x, st = make(B=1, H=2, L=9, dk=4, dv=3, state=True, dtype=dtype)
-    args = [t.requires_grad_(True) for t in x + list(st)] + [4, backend]
-    torch.library.opcheck(_linear_op, args)
+    args = [t.requires_grad_(True) for t in x + list(st)] + [4]
+    torch.library.opcheck(_LINEAR.ops[backend], args)
 
 
 @pytest.mark.parametrize("backend", ["explicit"] + [pytest.param(b, marks=pytest.mark.slow) if b == "triton" else b
@@ -369,7 +370,7 @@ def test_torch_compile(backend):
     # runs the op with its PyTorch body. Compiling the eager reference itself takes minutes here: not tested.
     if backend == "explicit":
         x, st = make(L=10, state=True, dtype=torch.float32)
-        f = lambda *a: _linear_op(*a, *st, 4, "explicit")
+        f = lambda *a: _LINEAR.ops["explicit"](*a, *st, 4)
         (o, *s), g = grads_of(lambda *a: (lambda r: (r[0], r[1:]))(f(*a[:6])), x, None)
         compiled = torch.compile(f, fullgraph=True)
         (o2, *s2), g2 = grads_of(lambda *a: (lambda r: (r[0], r[1:]))(compiled(*a[:6])), x, None)
@@ -611,10 +612,10 @@ def test_mlp_auto_picks_cpu_on_cpu_tensors():
 
 def _mlp_op_fn(C, backend):
     """The raw custom op, returning (o, final state) like titans_memory."""
-    from hope_kernels.ops.titans import _mlp_op
+    from hope_kernels.ops.titans import _MLP
 
     def fn(q, k, v, a, e, t, st):
-        o, *bs = _mlp_op(q, k, v, a, e, t, *st, C, backend)
+        o, *bs = _MLP.ops[backend](q, k, v, a, e, t, *st, C)
         return o, tuple(b[:, :, -1] for b in bs)
     return fn
 
@@ -687,11 +688,11 @@ MLP_OP_BACKENDS = [MLP_OP_BACKEND] + (["cpu"] if "cpu" in fast_backends() else [
 
 @pytest.mark.parametrize("backend", MLP_OP_BACKENDS)
 def test_mlp_opcheck(backend):
-    from hope_kernels.ops.titans import _mlp_op
+    from hope_kernels.ops.titans import _MLP
     dtype = torch.float32 if backend == "triton" else torch.float64
     x, st = make(B=1, H=1, L=4, dk=4, dv=4, mlp_dh=3, dtype=dtype)
-    args = [t.requires_grad_(True) for t in x + list(st)] + [4, backend]
-    torch.library.opcheck(_mlp_op, args)
+    args = [t.requires_grad_(True) for t in x + list(st)] + [4]
+    torch.library.opcheck(_MLP.ops[backend], args)
 
 
 @pytest.mark.parametrize("backend", MLP_OP_BACKENDS)
@@ -720,36 +721,41 @@ def test_triton_mlp_bad_inputs():
         titans_memory(*x, chunk_size=65, memory="mlp", initial_state=st, backend="triton")
 
 
-def test_mlp_auto_picks_triton_only_within_limits(monkeypatch):
-    """Auto on CUDA tensors: triton is offered for the MLP memory only for shapes its kernels take."""
+@pytest.fixture
+def pretend_cuda(monkeypatch):
+    """Every tensor counts as a CUDA tensor on an sm_90 device (227 KiB of shared memory); every backend is built."""
+    import hope_kernels.dispatch as D
+    monkeypatch.setattr(D, "_device_of", lambda tensors: torch.device("cuda", 0))
+    monkeypatch.setattr(D, "_available", lambda backend, device: True)
+    monkeypatch.setattr(D, "cuda_shared_memory_per_block", lambda device: 232448)
+
+
+def test_mlp_auto_picks_triton_only_within_limits(pretend_cuda):
+    """Auto on CUDA tensors: triton is taken for the MLP memory only for shapes its kernels take."""
     import hope_kernels.ops.titans as T
-    seen = []
-    monkeypatch.setattr(T, "resolve_backend",
-                        lambda backend, tensors, **kw: seen.append(kw["supported"]) or "reference")
     q32 = torch.zeros(1, 1, 4, 8)
-    T._resolve("auto", "mlp", (q32,), dh=8, chunk_size=16)
-    T._resolve("auto", "mlp", (q32,), dh=65, chunk_size=16)
-    T._resolve("auto", "mlp", (torch.zeros(1, 1, 4, 80),), dh=8, chunk_size=16)
-    T._resolve("auto", "mlp", (q32,), dh=8, chunk_size=128)
-    T._resolve("auto", "mlp", (q32.double(),), dh=8, chunk_size=16)
-    assert ["triton" in s for s in seen] == [True, False, False, False, False]
+    got = [T._resolve("auto", "mlp", (q32,), dh=8, chunk_size=16),
+           T._resolve("auto", "mlp", (q32,), dh=65, chunk_size=16),
+           T._resolve("auto", "mlp", (torch.zeros(1, 1, 4, 80),), dh=8, chunk_size=16),
+           T._resolve("auto", "mlp", (q32,), dh=8, chunk_size=128),
+           T._resolve("auto", "mlp", (q32.double(),), dh=8, chunk_size=16)]
+    assert got == ["triton", "reference", "reference", "reference", "reference"]
 
 
 # ------------------------------------------------------------------ CUDA fused token-serial kernel (GPU only)
 
-def test_auto_order_prefers_triton_when_it_fits(monkeypatch):
-    """auto on CUDA tensors: triton first when it takes the call, else only the CUDA kernel (then reference)."""
+@needs_cpp   # the cuda kernel's shared-memory need comes from the extension
+def test_auto_order_prefers_triton_when_it_fits(pretend_cuda):
+    """auto on CUDA tensors: triton first when it takes the call, else the CUDA kernel (then reference)."""
     import hope_kernels.ops.titans as T
     from hope_kernels.ops.titans import triton as titans_triton
     assert (T.TRITON_MAX_D, T.TRITON_MAX_CHUNK) == (titans_triton.MAX_D, titans_triton.MAX_CHUNK)
-    seen = {}
-    monkeypatch.setattr(T, "resolve_backend", lambda backend, tensors, **kw: seen.setdefault("order", kw["gpu_order"]))
-    for (dk, dv, C), want in (((64, 64, 16), ("triton", "cuda")), ((64, 64, 64), ("triton", "cuda")),
-                              ((64, 64, 65), ("cuda",)), ((256, 64, 16), ("cuda",)), ((64, 200, 16), ("cuda",))):
-        seen.clear()
+    for (dk, dv, C), want in (((64, 64, 16), "triton"), ((64, 64, 64), "triton"), ((64, 64, 65), "cuda"),
+                              ((256, 64, 16), "cuda"), ((64, 200, 16), "cuda"), ((2048, 4, 16), "reference")):
         x, _ = make(B=1, H=1, L=2, dk=dk, dv=dv, dtype=torch.float32)
-        T._resolve("auto", "linear", tuple(x), chunk_size=C)
-        assert seen["order"] == want, (dk, dv, C, seen)
+        assert T._resolve("auto", "linear", tuple(x), chunk_size=C) == want, (dk, dv, C)
+    x, _ = make(B=1, H=1, L=2, dk=64, dv=64, dtype=torch.float64)
+    assert T._resolve("auto", "linear", tuple(x), chunk_size=16) == "cuda"   # triton takes no float64
     assert "cuda" in LINEAR_BACKENDS
 
 
@@ -892,8 +898,8 @@ def test_cuda_long_sequence_strong_decay_finite():
 @requires_cuda
 def test_cuda_opcheck_and_compile():
     x, st = make(B=1, H=2, L=9, dk=4, dv=3, state=True, dtype=torch.float32)
-    args = [t.cuda().requires_grad_(True) for t in x + list(st)] + [4, "cuda"]
-    torch.library.opcheck(_linear_op, args)
+    args = [t.cuda().requires_grad_(True) for t in x + list(st)] + [4]
+    torch.library.opcheck(_LINEAR.ops["cuda"], args)
     xc, stc = _cuda(x), _cuda(st)
     fn = lambda *a: titans_memory(*a, chunk_size=4, initial_state=stc, output_final_state=True, backend="cuda")
     (o, *s), g = grads_of(lambda *a: fn(*a[:6]), xc, None)

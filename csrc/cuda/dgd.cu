@@ -20,6 +20,7 @@
 #include <tuple>
 
 #include "accum.cuh"
+#include "cuda_smem.h"
 
 namespace {
 
@@ -27,7 +28,7 @@ using at::Tensor;
 
 using hope_kernels_cuda::acc_of;
 
-constexpr int kThreads = 128;
+constexpr int kThreads = hope_kernels::smem::kDgdThreads;  // 128
 
 template <typename acc_t>
 __device__ acc_t block_sum(acc_t v, acc_t* red) {
@@ -245,7 +246,7 @@ std::tuple<Tensor, Tensor, Tensor> dgd_recurrent_fwd_cuda(const Tensor& q_, cons
       using acc_t = typename acc_of<scalar_t>::type;
       auto kernel = dgd_recurrent_fwd_kernel<scalar_t, acc_t, gate_t>;
       const size_t smem = set_smem(reinterpret_cast<const void*>(kernel),
-                                   (2 * static_cast<size_t>(dk) * dv + 2 * dk) * sizeof(acc_t));
+                                   hope_kernels::smem::dgd_fwd(dk, dv, sizeof(acc_t)));
       kernel<<<B * H, kThreads, smem, stream>>>(
           q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), alpha.data_ptr<gate_t>(),
           eta.data_ptr<gate_t>(), m0.defined() ? m0.data_ptr<acc_t>() : nullptr, o.data_ptr<scalar_t>(),
@@ -284,7 +285,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dgd_recurrent_bwd_cud
       using acc_t = typename acc_of<scalar_t>::type;
       auto kernel = dgd_recurrent_bwd_kernel<scalar_t, acc_t, gate_t>;
       const size_t smem = set_smem(reinterpret_cast<const void*>(kernel),
-                                   (3 * static_cast<size_t>(dk) * dv + 2 * dk + 3 * dv + kThreads) * sizeof(acc_t));
+                                   hope_kernels::smem::dgd_bwd(dk, dv, sizeof(acc_t)));
       kernel<<<B * H, kThreads, smem, stream>>>(
           q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), alpha.data_ptr<gate_t>(),
           eta.data_ptr<gate_t>(), states.data_ptr<acc_t>(), dout.data_ptr<scalar_t>(), dM.data_ptr<acc_t>(),

@@ -41,6 +41,7 @@
 #include <tuple>
 
 #include "accum.cuh"
+#include "cuda_smem.h"
 
 namespace {
 
@@ -48,11 +49,12 @@ using at::Tensor;
 
 using hope_kernels_cuda::acc_of;
 
-constexpr int kCols = 32;                  // columns of (W, S) per block
-constexpr int kRowLanes = 4;               // threads per column; thread (r, c) owns rows i = r (mod 4)
-constexpr int kThreads = kCols * kRowLanes;  // 128
-constexpr int kWarps = kThreads / 32;      // 4; warp w holds columns 8w .. 8w+7
-constexpr int kStride = kCols + 8;         // shared-memory row stride of a tile (bank spread, see header)
+namespace smem = hope_kernels::smem;
+constexpr int kCols = smem::kTitansCols;          // 32 columns of (W, S) per block
+constexpr int kRowLanes = smem::kTitansRowLanes;  // 4 threads per column; thread (r, c) owns rows i = r (mod 4)
+constexpr int kThreads = smem::kTitansThreads;    // 128
+constexpr int kWarps = smem::kTitansWarps;        // 4; warp w holds columns 8w .. 8w+7
+constexpr int kStride = smem::kTitansStride;      // 40: shared-memory row stride of a tile (bank spread, see header)
 constexpr unsigned kFull = 0xffffffffu;
 
 // Sum over the 4 row-lanes of a column (lanes 4c' .. 4c'+3 of a warp). Every lane must call it.
@@ -402,9 +404,9 @@ std::tuple<Tensor, Tensor, Tensor> titans_linear_fwd_cuda(const Tensor& q_, cons
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "titans_linear_fwd_cuda", [&] {
     using acc_t = typename acc_of<scalar_t>::type;
     auto kernel = titans_fwd_kernel<scalar_t, acc_t>;
-    const size_t smem = 3 * static_cast<size_t>(dk) * kStride * sizeof(acc_t);
-    set_smem(reinterpret_cast<const void*>(kernel), smem, "titans_linear_fwd (cuda)", dk, "3 * dk * 40 * 4");
-    kernel<<<grid, kThreads, smem, stream>>>(
+    const size_t bytes = smem::titans_linear_fwd(dk, sizeof(acc_t));
+    set_smem(reinterpret_cast<const void*>(kernel), bytes, "titans_linear_fwd (cuda)", dk, "3 * dk * 40 * 4");
+    kernel<<<grid, kThreads, bytes, stream>>>(
         q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), alpha.data_ptr<acc_t>(),
         eta.data_ptr<acc_t>(), theta.data_ptr<acc_t>(), W0.data_ptr<acc_t>(), S0.data_ptr<acc_t>(),
         o.data_ptr<scalar_t>(), Ws.data_ptr<acc_t>(), Ss.data_ptr<acc_t>(), L, C, N, dk, dv);
@@ -454,11 +456,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> titan
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "titans_linear_bwd_cuda", [&] {
       using acc_t = typename acc_of<scalar_t>::type;
       auto kernel = titans_bwd_kernel<scalar_t, acc_t>;
-      const size_t smem = (4 * static_cast<size_t>(dk) * kStride + 3 * kWarps * static_cast<size_t>(dk) + 3 * kWarps) *
-                          sizeof(acc_t);
-      set_smem(reinterpret_cast<const void*>(kernel), smem, "titans_linear_bwd (cuda)", dk,
+      const size_t bytes = smem::titans_linear_bwd(dk, sizeof(acc_t));
+      set_smem(reinterpret_cast<const void*>(kernel), bytes, "titans_linear_bwd (cuda)", dk,
                "(4 * dk * 40 + 12 * dk + 12) * 4");
-      kernel<<<grid, kThreads, smem, stream>>>(
+      kernel<<<grid, kThreads, bytes, stream>>>(
           q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), alpha.data_ptr<acc_t>(),
           eta.data_ptr<acc_t>(), theta.data_ptr<acc_t>(), Ws.data_ptr<acc_t>(), Ss.data_ptr<acc_t>(),
           dout.data_ptr<scalar_t>(), dWT.data_ptr<acc_t>(), dST.data_ptr<acc_t>(), scratch.data_ptr<acc_t>(),

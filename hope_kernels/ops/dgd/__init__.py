@@ -7,24 +7,22 @@ Semantics and the chunked form: reference.py; backward derivation: docs/dgd.md.
 
 Backends: reference (eager chunked PyTorch, autograd), cpu (compiled C++ chunked), triton (chunked, any chunk
 size as sub-chunks; dk, dv <= 64, larger heads go to cuda under auto),
-cuda (fused token-serial recurrent). The fast paths go through the custom op `hope_kernels::dgd_memory`
-(returns o, the final state and the per-chunk start states saved for backward) whose backward is the custom
-op `hope_kernels::dgd_memory_backward`; both have fake kernels, so they trace under torch.compile.
+cuda (fused token-serial recurrent). The fast paths are the table `_DGD` (hope_kernels/ops/registry.py): custom
+ops `hope_kernels::dgd_memory_<backend>` (return o, the final state and the per-chunk start states saved for
+backward) with backward ops `..._<backend>_backward`; all have fake kernels, so they trace under torch.compile.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 
-from hope_kernels.dispatch import needs_backward, resolve_backend
+from hope_kernels.dispatch import cuda_shared_memory_need, cuda_shared_memory_problem, needs_backward
 from hope_kernels.ops.checks import accum_dtype, check_same_device, check_same_dtype, check_tensor, reads_values
 from hope_kernels.ops.dgd.reference import dgd_memory_chunked_reference, dgd_memory_token_loop
+from hope_kernels.ops.registry import Backend, OpTable, register
 
 __all__ = ["dgd_memory", "dgd_memory_token_loop", "dgd_memory_chunked_reference"]
 
 _OP = "dgd_memory"
-SUPPORTED = ("reference", "cpu", "triton", "cuda")
 # the Triton kernels hold (dk, dv) state tiles in registers: larger heads spill (ptxas report in triton.py)
 TRITON_MAX_HEAD_DIM = 64
 
@@ -70,61 +68,57 @@ def _check_gate_values(alpha: torch.Tensor, eta: torch.Tensor) -> None:
 
 
 def cuda_shared_memory(q: torch.Tensor, v: torch.Tensor, stage: str) -> tuple[int, str]:
-    """(bytes per block, formula) of the cuda kernels' shared memory, as csrc/cuda/dgd.cu sizes it.
-    stage: "fwd", "bwd" or "both" (the larger)."""
+    """(bytes per block, formula) of the cuda kernels' shared memory: the bytes from the extension
+    (csrc/cuda_smem.h, as csrc/cuda/dgd.cu launches), the formula for error messages. stage: "fwd", "bwd" or
+    "both" (the larger)."""
     dk, dv = q.shape[-1], v.shape[-1]
     acc = accum_dtype(q.dtype).itemsize
-    fwd = ((2 * dk * dv + 2 * dk) * acc, f"forward (2 dk dv + 2 dk) * {acc} with dk={dk}, dv={dv}")
-    bwd = ((3 * dk * dv + 2 * dk + 3 * dv + 128) * acc,
+    fwd = (cuda_shared_memory_need("dgd_fwd", dk, dv, acc), f"forward (2 dk dv + 2 dk) * {acc} with dk={dk}, dv={dv}")
+    bwd = (cuda_shared_memory_need("dgd_bwd", dk, dv, acc),
            f"backward (3 dk dv + 2 dk + 3 dv + 128) * {acc} with dk={dk}, dv={dv}")
     return {"fwd": fwd, "bwd": bwd, "both": max(fwd, bwd)}[stage]
 
 
 def _resolve(backend: str, tensors, stage: str = "both") -> str:
-    q, v = tensors[0], tensors[2]
-    fits = max(q.shape[-1], v.shape[-1]) <= TRITON_MAX_HEAD_DIM
-    return resolve_backend(backend, tensors, op=_OP, gpu_order=("triton", "cuda") if fits else ("cuda",),
-                           cpu_order=("cpu",), supported=SUPPORTED,
-                           cuda_shared_memory=cuda_shared_memory(q, v, stage))
+    """tensors: (q, k, v, alpha, eta, initial_state); stage: "fwd" or "both" (a backward will run)."""
+    return _DGD.resolve(backend, tensors, (tensors[0], tensors[2], stage))
 
 
-def _forward(backend, q, k, v, alpha, eta, initial_state, chunk_size):
-    if backend == "triton":
-        from hope_kernels.ops.dgd.triton import dgd_fwd_triton
-        return dgd_fwd_triton(q, k, v, alpha, eta, initial_state, chunk_size)
-    if backend == "cpu":
-        return tuple(torch.ops.hope_kernels.dgd_chunk_fwd(q, k, v, alpha, eta, initial_state, chunk_size))
-    if backend == "cuda":
-        return tuple(torch.ops.hope_kernels.dgd_recurrent_fwd(q, k, v, alpha, eta, initial_state, chunk_size))
-    raise AssertionError(backend)
+# ---------------------------------------------------------------- backends
+# forward(q, k, v, alpha, eta, initial_state, chunk_size) -> (o, final state, chunk-start states (B, H, N, dk, dv));
+# backward(q, k, v, alpha, eta, states, do, dM, chunk_size) -> (dq, dk, dv, dalpha, deta, dM0). accepts / prefers
+# read (q, v, stage).
+
+def _checked(forward):
+    """forward, after the gate-value check (inside the op: it reads the data, which tracing cannot)."""
+    def run(q, k, v, alpha, eta, initial_state, chunk_size):
+        if reads_values(alpha, eta):   # on a GPU only with HOPE_KERNELS_DEBUG=1: a host sync per call
+            _check_gate_values(alpha, eta)
+        return forward(q, k, v, alpha, eta, initial_state, chunk_size)
+    return run
 
 
-def _backward_kernels(backend, q, k, v, alpha, eta, states, do, dM, chunk_size):
-    if backend == "triton":
-        from hope_kernels.ops.dgd.triton import dgd_bwd_triton
-        return dgd_bwd_triton(q, k, v, alpha, eta, states, do, dM, chunk_size)
-    if backend == "cpu":
-        return tuple(torch.ops.hope_kernels.dgd_chunk_bwd(q, k, v, alpha, eta, states, do, dM, chunk_size))
-    if backend == "cuda":
-        return tuple(torch.ops.hope_kernels.dgd_recurrent_bwd(q, k, v, alpha, eta, states, do, dM, chunk_size))
-    raise AssertionError(backend)
+def _triton_forward(*args):
+    from hope_kernels.ops.dgd.triton import dgd_fwd_triton
+    return dgd_fwd_triton(*args)
 
 
-@torch.library.custom_op("hope_kernels::dgd_memory", mutates_args=())
-def _dgd_memory_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor, eta: torch.Tensor,
-                   initial_state: Optional[torch.Tensor], chunk_size: int,
-                   backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (o (B, H, L, dv) in q's dtype, final state (B, H, dk, dv), chunk-start states (B, H, N, dk, dv)),
-    states in the accumulation dtype."""
-    if reads_values(alpha, eta):   # on a GPU only with HOPE_KERNELS_DEBUG=1: a host sync per call
-        _check_gate_values(alpha, eta)
-    # "auto" here resolves again in the backward op: size for both so that the two picks agree
-    backend = _resolve(backend, (q, k, v, alpha, eta, initial_state), "both" if backend == "auto" else "fwd")
-    return _forward(backend, q, k, v, alpha, eta, initial_state, chunk_size)
+def _triton_backward(*args):
+    from hope_kernels.ops.dgd.triton import dgd_bwd_triton
+    return dgd_bwd_triton(*args)
 
 
-@_dgd_memory_op.register_fake
-def _(q, k, v, alpha, eta, initial_state, chunk_size, backend):
+def _triton_prefers(inputs) -> bool:
+    q, v, _ = inputs
+    return max(q.shape[-1], v.shape[-1]) <= TRITON_MAX_HEAD_DIM
+
+
+def _cuda_accepts(inputs, device):
+    problem = cuda_shared_memory_problem(_OP, cuda_shared_memory(*inputs), device)
+    return None if problem is None else ValueError(problem)
+
+
+def _fake(q, k, v, alpha, eta, initial_state, chunk_size):
     B, H, L, dk = q.shape
     dv = v.shape[3]
     acc = accum_dtype(q.dtype)
@@ -133,30 +127,20 @@ def _(q, k, v, alpha, eta, initial_state, chunk_size, backend):
             q.new_empty((B, H, N, dk, dv), dtype=acc))
 
 
-@torch.library.custom_op("hope_kernels::dgd_memory_backward", mutates_args=())
-def _dgd_memory_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor,
-                            eta: torch.Tensor, states: torch.Tensor, do: torch.Tensor, dM: torch.Tensor,
-                            chunk_size: int, backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                    torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (dq, dk, dv, dalpha, deta, dM0) from do (B, H, L, dv) and the final-state gradient dM."""
-    backend = _resolve(backend, (q, k, v, alpha, eta, states), "bwd")
-    return _backward_kernels(backend, q, k, v, alpha, eta, states, do, dM, chunk_size)
-
-
-@_dgd_memory_backward_op.register_fake
-def _(q, k, v, alpha, eta, states, do, dM, chunk_size, backend):
+def _fake_backward(q, k, v, alpha, eta, states, do, dM, chunk_size):
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(alpha),
             torch.empty_like(eta), torch.empty_like(dM))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, alpha, eta, initial_state, chunk_size, backend = inputs
+    q, k, v, alpha, eta, initial_state, chunk_size = inputs
     ctx.save_for_backward(q, k, v, alpha, eta, output[2])
-    ctx.chunk_size, ctx.backend = chunk_size, backend
+    ctx.chunk_size = chunk_size
     ctx.state_dtype = None if initial_state is None else initial_state.dtype
+    ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, do, dM, _dstates):
+def _backward(ctx, backward_op, do, dM, _dstates):
     q, k, v, alpha, eta, states = ctx.saved_tensors
     B, H, L, dk = q.shape
     dv = v.shape[3]
@@ -165,14 +149,30 @@ def _backward(ctx, do, dM, _dstates):
         do = q.new_zeros((B, H, L, dv))
     if dM is None:
         dM = q.new_zeros((B, H, dk, dv), dtype=acc)
-    grads = _dgd_memory_backward_op(q, k, v, alpha, eta, states, do.contiguous(), dM.to(acc).contiguous(),
-                                    ctx.chunk_size, ctx.backend)
-    dq, dk_, dv_, dalpha, deta, dM0 = grads
+    dq, dk_, dv_, dalpha, deta, dM0 = backward_op(q, k, v, alpha, eta, states, do.contiguous(),
+                                                  dM.to(acc).contiguous(), ctx.chunk_size)
     dM0 = None if ctx.state_dtype is None else dM0.to(ctx.state_dtype)
-    return dq, dk_, dv_, dalpha, deta, dM0, None, None
+    return dq, dk_, dv_, dalpha, deta, dM0, None
 
 
-_dgd_memory_op.register_autograd(_backward, setup_context=_setup_context)
+_DGD = register(OpTable(
+    name=_OP, label=_OP,
+    schema="(Tensor q, Tensor k, Tensor v, Tensor alpha, Tensor eta, Tensor? initial_state, int chunk_size) "
+           "-> (Tensor, Tensor, Tensor)",
+    backward_schema="(Tensor q, Tensor k, Tensor v, Tensor alpha, Tensor eta, Tensor states, Tensor do, Tensor dM, "
+                    "int chunk_size) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    fake=_fake, fake_backward=_fake_backward, setup_context=_setup_context, backward=_backward, saved_only=1,
+    backends=(
+        Backend("cpu", _checked(lambda *a: torch.ops.hope_kernels.dgd_chunk_fwd(*a)),
+                lambda *a: torch.ops.hope_kernels.dgd_chunk_bwd(*a), devices=("cpu",)),
+        # the Triton kernels hold (dk, dv) state tiles in registers: auto sends larger heads to cuda
+        Backend("triton", _checked(_triton_forward), _triton_backward, devices=("cuda",), priority=2,
+                prefers=_triton_prefers),
+        Backend("cuda", _checked(lambda *a: torch.ops.hope_kernels.dgd_recurrent_fwd(*a)),
+                lambda *a: torch.ops.hope_kernels.dgd_recurrent_bwd(*a), devices=("cuda",), priority=1,
+                accepts=_cuda_accepts),
+    )))
+SUPPORTED = _DGD.supported
 
 
 def dgd_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor, eta: torch.Tensor, *,
@@ -197,5 +197,5 @@ def dgd_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.T
             _check_gate_values(alpha, eta)
         o, M = dgd_memory_chunked_reference(q, k, v, alpha, eta, chunk_size, initial_state)
     else:
-        o, M, _ = _dgd_memory_op(q, k, v, alpha, eta, initial_state, chunk_size, backend)
+        o, M = _DGD(backend, q, k, v, alpha, eta, initial_state, chunk_size)
     return o, (M if output_final_state else None)

@@ -2,26 +2,25 @@
 
     loss, per_step = l1_rollout_loss(pred, target, step_weight=w)       # pred, target (B, T, N, D)
 
-Backends: reference (eager), triton, cuda, cpu (compiled C++). The registered op is
-`torch.ops.hope_kernels.l1_rollout_loss(pred, target, step_weight, normalize_target, eps, backend)`; its
-backward is `torch.ops.hope_kernels.l1_rollout_loss_backward`. Both have fake kernels, so the op traces
-under torch.compile. In eager mode the public function validates and resolves once and calls the same kernels
-through a torch.autograd.Function (no custom-op dispatch, no host sync on GPU); there the C++ CPU forward also
-writes the signs of pred - target_n (2 bits per element) when pred needs a gradient, and the backward builds the
-gradient from those signs alone (no second read of pred and target).
+Backends: reference (eager, autograd), and the table `_L1` (hope_kernels/ops/registry.py): cuda, triton (CUDA
+tensors, cuda first) and cpu (compiled C++). Each is the custom op `torch.ops.hope_kernels.l1_rollout_loss_<backend>
+(pred, target, step_weight, normalize_target, eps, for_backward) -> (loss, per_step, signs)` with its backward op
+`..._<backend>_backward` and fake kernels, so it traces under torch.compile. The public function validates and
+resolves once. With for_backward (pred needs a gradient) the C++ CPU forward also writes the signs of
+pred - target_n (2 bits per element) and the backward builds the gradient from those signs alone (no second read
+of pred and target).
 """
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Tuple
-
 import torch
 
-from hope_kernels.dispatch import resolve_backend
+from hope_kernels.dispatch import needs_backward
 from hope_kernels.ops.checks import (accum_dtype, check_same_device, check_same_dtype, check_same_shape, check_tensor,
                                      reads_values)
 from hope_kernels.ops.l1_loss.reference import l1_rollout_loss_reference
+from hope_kernels.ops.registry import Backend, OpTable, register
 
 __all__ = ["l1_rollout_loss", "l1_rollout_loss_reference"]
 
@@ -62,40 +61,7 @@ def _check_weight_values(step_weight: torch.Tensor) -> None:
 
 
 def _resolve(backend: str, pred: torch.Tensor, target: torch.Tensor) -> str:
-    return resolve_backend(backend, (pred, target), op=_OP, gpu_order=("cuda", "triton"))
-
-
-def _per_step(backend: str, pred, target, normalize_target: bool, eps: float, signs: bool = False):
-    """per_step (T,); with signs=True (backend "cpu" only) (per_step, sign bitmaps of pred - target_n, (B, T, N,
-    2, ceil(D / 8)) uint8: bit d % 8 of byte d // 8 set where it is > 0 (first map), < 0 (second))."""
-    if signs:
-        return torch.ops.hope_kernels.l1_per_step_signs(pred, target, normalize_target, eps)
-    if backend == "triton":
-        from hope_kernels.ops.l1_loss.triton import l1_per_step_triton
-        return l1_per_step_triton(pred, target, normalize_target, eps)
-    if backend in ("cuda", "cpu"):
-        return torch.ops.hope_kernels.l1_per_step(pred, target, normalize_target, eps)
-    with torch.no_grad():
-        return l1_rollout_loss_reference(pred, target, None, normalize_target, eps)[1]
-
-
-def _per_step_backward(backend: str, pred, target, coef, normalize_target: bool, eps: float) -> torch.Tensor:
-    if backend == "triton":
-        from hope_kernels.ops.l1_loss.triton import l1_per_step_backward_triton
-        return l1_per_step_backward_triton(pred, target, coef, normalize_target, eps)
-    if backend in ("cuda", "cpu"):
-        return torch.ops.hope_kernels.l1_per_step_backward(pred, target, coef, normalize_target, eps)
-    B, _, N, D = pred.shape
-    with torch.enable_grad():
-        p = pred.detach().requires_grad_(True)
-        per_step = l1_rollout_loss_reference(p, target, None, normalize_target, eps)[1]
-        (grad,) = torch.autograd.grad(per_step, p, coef.to(per_step) * (B * N * D))
-    return grad
-
-
-def _forward(backend: str, pred, target, step_weight, normalize_target: bool, eps: float):
-    """Validated inputs, resolved backend -> (loss, per_step)."""
-    return _weighted(_per_step(backend, pred, target, normalize_target, eps), step_weight)
+    return _L1.resolve(backend, (pred, target))
 
 
 def _weighted(per_step, step_weight):
@@ -123,80 +89,100 @@ def _coef(grad_loss, grad_per_step, step_weight, shape) -> torch.Tensor:
     return coef / (B * N * D)
 
 
-@torch.library.custom_op("hope_kernels::l1_rollout_loss", mutates_args=())
-def _l1_rollout_loss_op(pred: torch.Tensor, target: torch.Tensor, step_weight: Optional[torch.Tensor],
-                        normalize_target: bool, eps: float, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    _validate(pred, target, step_weight, normalize_target, eps)
-    return _forward(_resolve(backend, pred, target), pred, target, step_weight, normalize_target, eps)
+# ---------------------------------------------------------------- backends
+# forward(pred, target, step_weight, normalize_target, eps, for_backward) -> (loss, per_step, signs);
+# backward(pred_or_signs, target, coef, D, dtype, normalize_target, eps) -> grad_pred. signs is empty except on
+# cpu with for_backward: the bitmaps of pred - target_n, (B, T, N, 2, ceil(D / 8)) uint8, bit d % 8 of byte d // 8
+# set where it is > 0 (first map), < 0 (second); then the backward gets them instead of pred, and target None.
+
+def _no_signs(pred):
+    return pred.new_empty((0,), dtype=torch.uint8)
 
 
-@_l1_rollout_loss_op.register_fake
-def _(pred, target, step_weight, normalize_target, eps, backend):
+def _compiled_forward(pred, target, step_weight, normalize_target, eps, for_backward):
+    per_step = torch.ops.hope_kernels.l1_per_step(pred, target, normalize_target, eps)
+    return (*_weighted(per_step, step_weight), _no_signs(pred))
+
+
+def _compiled_backward(pred, target, coef, D, dtype, normalize_target, eps):
+    return torch.ops.hope_kernels.l1_per_step_backward(pred, target, coef, normalize_target, eps)
+
+
+def _cpu_forward(pred, target, step_weight, normalize_target, eps, for_backward):
+    if not for_backward:
+        return _compiled_forward(pred, target, step_weight, normalize_target, eps, for_backward)
+    per_step, signs = torch.ops.hope_kernels.l1_per_step_signs(pred, target, normalize_target, eps)
+    return (*_weighted(per_step, step_weight), signs)
+
+
+def _cpu_backward(pred_or_signs, target, coef, D, dtype, normalize_target, eps):
+    if target is None:
+        return torch.ops.hope_kernels.l1_signs_backward(pred_or_signs, coef, D, dtype)
+    return _compiled_backward(pred_or_signs, target, coef, D, dtype, normalize_target, eps)
+
+
+def _triton_forward(pred, target, step_weight, normalize_target, eps, for_backward):
+    from hope_kernels.ops.l1_loss.triton import l1_per_step_triton
+    per_step = l1_per_step_triton(pred, target, normalize_target, eps)
+    return (*_weighted(per_step, step_weight), _no_signs(pred))
+
+
+def _triton_backward(pred, target, coef, D, dtype, normalize_target, eps):
+    from hope_kernels.ops.l1_loss.triton import l1_per_step_backward_triton
+    return l1_per_step_backward_triton(pred, target, coef, normalize_target, eps)
+
+
+def _fake(pred, target, step_weight, normalize_target, eps, for_backward):
     acc = accum_dtype(pred.dtype)
-    return pred.new_empty((), dtype=acc), pred.new_empty((pred.shape[1],), dtype=acc)
+    return pred.new_empty((), dtype=acc), pred.new_empty((pred.shape[1],), dtype=acc), _no_signs(pred)
 
 
-@torch.library.custom_op("hope_kernels::l1_rollout_loss_backward", mutates_args=())
-def _l1_rollout_loss_backward_op(pred: torch.Tensor, target: torch.Tensor, coef: torch.Tensor,
-                                 normalize_target: bool, eps: float, backend: str) -> torch.Tensor:
-    backend = _resolve(backend, pred, target)
-    return _per_step_backward(backend, pred, target, coef, normalize_target, eps)
+def _cpu_fake(pred, target, step_weight, normalize_target, eps, for_backward):
+    loss, per_step, signs = _fake(pred, target, step_weight, normalize_target, eps, for_backward)
+    if for_backward:
+        B, T, N, D = pred.shape
+        signs = pred.new_empty((B, T, N, 2, (D + 7) // 8), dtype=torch.uint8)
+    return loss, per_step, signs
 
 
-@_l1_rollout_loss_backward_op.register_fake
-def _(pred, target, coef, normalize_target, eps, backend):
-    return torch.empty_like(pred)
+def _fake_backward(pred_or_signs, target, coef, D, dtype, normalize_target, eps):
+    if target is None:
+        return pred_or_signs.new_empty((*pred_or_signs.shape[:3], D), dtype=dtype)
+    return torch.empty_like(pred_or_signs)
 
 
 def _setup_context(ctx, inputs, output):
-    pred, target, step_weight, normalize_target, eps, backend = inputs
-    ctx.save_for_backward(pred, target, step_weight)
-    ctx.normalize_target, ctx.eps, ctx.backend = normalize_target, eps, backend
+    pred, target, step_weight, normalize_target, eps, _ = inputs
+    signs = output[2]
+    ctx.set_materialize_grads(False)
+    ctx.shape, ctx.dtype, ctx.normalize_target, ctx.eps = pred.shape, pred.dtype, normalize_target, eps
+    if signs.dim() == 5:   # the cpu forward's signs stand for pred and target
+        ctx.save_for_backward(signs, None, step_weight)
+    else:
+        ctx.save_for_backward(pred, target, step_weight)
 
 
-def _backward(ctx, grad_loss, grad_per_step):
-    pred, target, step_weight = ctx.saved_tensors
+def _backward(ctx, backward_op, grad_loss, grad_per_step, _):
+    pred_or_signs, target, step_weight = ctx.saved_tensors
     if grad_loss is None and grad_per_step is None:
         return None, None, None, None, None, None
-    coef = _coef(grad_loss, grad_per_step, step_weight, pred.shape).to(accum_dtype(pred.dtype))
-    grad_pred = _l1_rollout_loss_backward_op(pred, target, coef, ctx.normalize_target, ctx.eps, ctx.backend)
+    coef = _coef(grad_loss, grad_per_step, step_weight, ctx.shape).to(accum_dtype(ctx.dtype))
+    grad_pred = backward_op(pred_or_signs, target, coef, ctx.shape[-1], ctx.dtype, ctx.normalize_target, ctx.eps)
     return grad_pred, None, None, None, None, None
 
 
-_l1_rollout_loss_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _L1RolloutLoss(torch.autograd.Function):
-    """Eager lane of the op: the same kernels and gradient as the registered custom op, without its dispatch
-    (about 0.1 ms of Python per call); on the "cpu" backend, with pred needing a gradient, the forward's signs
-    are saved and backward reads them instead of recomputing. Inputs are validated and the backend resolved by
-    the caller; under torch.compile the public function uses the custom op instead."""
-
-    @staticmethod
-    def forward(ctx, pred, target, step_weight, normalize_target, eps, backend):
-        ctx.set_materialize_grads(False)
-        ctx.normalize_target, ctx.eps, ctx.backend = normalize_target, eps, backend
-        ctx.shape, ctx.dtype = pred.shape, pred.dtype
-        ctx.from_signs = backend == "cpu" and ctx.needs_input_grad[0]
-        if ctx.from_signs:
-            per_step, signs = _per_step(backend, pred, target, normalize_target, eps, True)
-            ctx.save_for_backward(signs, None, step_weight)
-        else:
-            per_step = _per_step(backend, pred, target, normalize_target, eps)
-            ctx.save_for_backward(pred, target, step_weight)
-        return _weighted(per_step, step_weight)
-
-    @staticmethod
-    def backward(ctx, grad_loss, grad_per_step):
-        pred_or_signs, target, step_weight = ctx.saved_tensors
-        if grad_loss is None and grad_per_step is None:
-            return None, None, None, None, None, None
-        coef = _coef(grad_loss, grad_per_step, step_weight, ctx.shape).to(accum_dtype(ctx.dtype))
-        if ctx.from_signs:
-            grad_pred = torch.ops.hope_kernels.l1_signs_backward(pred_or_signs, coef, ctx.shape[-1], ctx.dtype)
-        else:
-            grad_pred = _per_step_backward(ctx.backend, pred_or_signs, target, coef, ctx.normalize_target, ctx.eps)
-        return grad_pred, None, None, None, None, None
+_L1 = register(OpTable(
+    name=_OP, label=_OP,
+    schema="(Tensor pred, Tensor target, Tensor? step_weight, bool normalize_target, float eps, "
+           "bool for_backward) -> (Tensor, Tensor, Tensor)",
+    backward_schema="(Tensor pred_or_signs, Tensor? target, Tensor coef, SymInt D, ScalarType dtype, "
+                    "bool normalize_target, float eps) -> Tensor",
+    fake=_fake, fake_backward=_fake_backward, setup_context=_setup_context, backward=_backward, saved_only=1,
+    backends=(
+        Backend("cuda", _compiled_forward, _compiled_backward, devices=("cuda",), priority=2),
+        Backend("triton", _triton_forward, _triton_backward, devices=("cuda",), priority=1),
+        Backend("cpu", _cpu_forward, _cpu_backward, devices=("cpu",), fake=_cpu_fake),
+    )))
 
 
 def l1_rollout_loss(pred: torch.Tensor, target: torch.Tensor, step_weight: torch.Tensor | None = None,
@@ -213,6 +199,4 @@ def l1_rollout_loss(pred: torch.Tensor, target: torch.Tensor, step_weight: torch
         if step_weight is not None:
             _check_weight_values(step_weight)
         return l1_rollout_loss_reference(pred, target, step_weight, normalize_target, eps)
-    if torch.compiler.is_compiling():
-        return _l1_rollout_loss_op(pred, target.detach(), step_weight, normalize_target, float(eps), backend)
-    return _L1RolloutLoss.apply(pred, target.detach(), step_weight, normalize_target, float(eps), backend)
+    return _L1(backend, pred, target.detach(), step_weight, normalize_target, float(eps), needs_backward(pred))

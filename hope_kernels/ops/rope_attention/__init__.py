@@ -10,26 +10,23 @@ rope_attention backends: reference (rope + SDPA with a materialised (L, L) bool 
 rotation op, forward and backward, composed with PyTorch SDPA; on the CPU one unmasked SDPA per timestep over
 the keys it may see, so no masked score is computed), triton (q and k rotated once into O(L d)
 scratch, then fused flash-attention kernels, forward and backward). rope3d backends: reference, cpu, cuda.
+The fast paths are the registry tables `_ROPE` and `_ATTN` (hope_kernels/ops/registry.py): custom ops
+`hope_kernels::rope3d_<backend>` and `hope_kernels::rope_attention_triton` with their backward ops.
 """
 from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import Tuple
 
 import torch
 import torch.nn.functional as F
 
-from hope_kernels.dispatch import BackendUnavailableError, resolve_backend
 from hope_kernels.ops.checks import check_same_device, check_same_dtype, check_same_shape, check_tensor
+from hope_kernels.ops.registry import Backend, OpTable, register
 from hope_kernels.ops.rope_attention.reference import (ROPE_COMPAT, block_causal_mask, rope3d_reference,
                                                        rope_attention_reference, rope_freqs)
 
 __all__ = ["rope_attention", "rope3d", "rope_attention_reference", "rope3d_reference", "block_causal_mask"]
-
-_ATTN_BACKENDS = ("reference", "triton", "cuda", "cpu")
-_ROPE_BACKENDS = ("reference", "cuda", "cpu")
-
 
 # ---------------------------------------------------------------------------------------------- validation
 def _check_pos(pos, L: int) -> None:
@@ -128,24 +125,16 @@ def _freqs(x: torch.Tensor, vjepa2: bool) -> torch.Tensor:
     return _freqs_cached(x.shape[-1], vjepa2, str(x.device), dtype)
 
 
-@torch.library.custom_op("hope_kernels::rope3d", mutates_args=())
-def _rope3d_op(x: torch.Tensor, pos: torch.Tensor, vjepa2: bool) -> torch.Tensor:
+def _rotate(x, pos, vjepa2):
     return torch.ops.hope_kernels.rope3d_fwd(x, pos, _freqs(x, vjepa2))
 
 
-@_rope3d_op.register_fake
-def _(x, pos, vjepa2):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-@torch.library.custom_op("hope_kernels::rope3d_backward", mutates_args=())
-def _rope3d_backward_op(grad: torch.Tensor, pos: torch.Tensor, vjepa2: bool) -> torch.Tensor:
+def _rotate_backward(grad, pos, vjepa2):
     return torch.ops.hope_kernels.rope3d_bwd(grad, pos, _freqs(grad, vjepa2))
 
 
-@_rope3d_backward_op.register_fake
-def _(grad, pos, vjepa2):
-    return torch.empty_like(grad, memory_format=torch.contiguous_format)
+def _rope3d_fake(x, pos, vjepa2):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def _rope3d_setup(ctx, inputs, output):
@@ -154,38 +143,53 @@ def _rope3d_setup(ctx, inputs, output):
     ctx.vjepa2 = vjepa2
 
 
-def _rope3d_backward(ctx, grad):
+def _rope3d_backward(ctx, backward_op, grad):
     (pos,) = ctx.saved_tensors
-    return _rope3d_backward_op(grad, pos, ctx.vjepa2), None, None
+    return backward_op(grad, pos, ctx.vjepa2), None, None
 
 
-_rope3d_op.register_autograd(_rope3d_backward, setup_context=_rope3d_setup)
+# hope_kernels::rope3d_<backend>(x, pos, vjepa2); one C++ op serves both (it dispatches on the device)
+_ROPE = register(OpTable(
+    name="rope3d", label="rope3d", schema="(Tensor x, Tensor pos, bool vjepa2) -> Tensor",
+    backward_schema="(Tensor grad, Tensor pos, bool vjepa2) -> Tensor", fake=_rope3d_fake,
+    fake_backward=_rope3d_fake, setup_context=_rope3d_setup, backward=_rope3d_backward,
+    backends=(Backend("cuda", _rotate, _rotate_backward, devices=("cuda",)),
+              Backend("cpu", _rotate, _rotate_backward, devices=("cpu",)))))
+_ROPE_BACKENDS = _ROPE.supported
 
 
-# ------------------------------------------------------------------------- fused attention op (triton)
-@torch.library.custom_op("hope_kernels::rope_attention_fused", mutates_args=())
-def _fused_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, window: int, vjepa2: bool,
-              scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+# ------------------------------------------------------------------------------------- attention backends
+# forward(q, k, v, pos, window (0: none), vjepa2, scale) -> (o, lse); lse only for the fused backward.
+
+def _rotate_then_sdpa(backend: str, q, k, v, pos, window: int, vjepa2: bool, scale: float):
+    """cpu / cuda: the compiled rotation op composed with PyTorch SDPA (autograd through both) -> (o,)."""
+    window = window or None
+    qr = _ROPE(backend, q, pos, vjepa2)
+    kr = _ROPE(backend, k, pos, vjepa2)
+    blocks = _timestep_blocks(pos, window) if backend == "cpu" else None
+    if blocks is not None:
+        return (torch.cat([F.scaled_dot_product_attention(qr[:, :, s:e], kr[:, :, ks:e], v[:, :, ks:e], scale=scale)
+                           for s, e, ks in blocks], dim=2),)
+    mask = block_causal_mask(pos[:, 0], window)
+    return (F.scaled_dot_product_attention(qr, kr, v, attn_mask=mask, scale=scale),)
+
+
+def _fused_forward(q, k, v, pos, window, vjepa2, scale):
     from hope_kernels.ops.rope_attention.triton import rope_attention_fwd_triton
     return rope_attention_fwd_triton(q, k, v, pos, _freqs(q, vjepa2), window, scale)
 
 
-@_fused_op.register_fake
-def _(q, k, v, pos, window, vjepa2, scale):
-    B, H, L, _ = q.shape
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, H, L), dtype=torch.float32)
-
-
-@torch.library.custom_op("hope_kernels::rope_attention_fused_backward", mutates_args=())
-def _fused_backward_op(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                       lse: torch.Tensor, pos: torch.Tensor, window: int, vjepa2: bool,
-                       scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _fused_backward_kernels(grad_o, q, k, v, o, lse, pos, window, vjepa2, scale):
     from hope_kernels.ops.rope_attention.triton import rope_attention_bwd_triton
     return rope_attention_bwd_triton(grad_o, q, k, v, o, lse, pos, _freqs(q, vjepa2), window, scale)
 
 
-@_fused_backward_op.register_fake
-def _(grad_o, q, k, v, o, lse, pos, window, vjepa2, scale):
+def _fused_fake(q, k, v, pos, window, vjepa2, scale):
+    B, H, L, _ = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, H, L), dtype=torch.float32)
+
+
+def _fused_fake_backward(grad_o, q, k, v, o, lse, pos, window, vjepa2, scale):
     return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
 
 
@@ -197,13 +201,35 @@ def _fused_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def _fused_backward(ctx, grad_o, grad_lse):
+def _fused_backward(ctx, backward_op, grad_o, grad_lse):
     q, k, v, o, lse, pos = ctx.saved_tensors
-    dq, dk, dv = _fused_backward_op(grad_o, q, k, v, o, lse, pos, ctx.window, ctx.vjepa2, ctx.scale)
+    dq, dk, dv = backward_op(grad_o, q, k, v, o, lse, pos, ctx.window, ctx.vjepa2, ctx.scale)
     return dq, dk, dv, None, None, None, None
 
 
-_fused_op.register_autograd(_fused_backward, setup_context=_fused_setup)
+def _triton_accepts(q: torch.Tensor, device) -> str | None:
+    from hope_kernels.ops.rope_attention.triton import MAX_D, SUPPORTED_DTYPES
+    if q.dtype not in SUPPORTED_DTYPES:
+        return f"rope_attention: backend 'triton' supports dtypes {SUPPORTED_DTYPES}, got {q.dtype}"
+    if q.shape[-1] > MAX_D:
+        return f"rope_attention: backend 'triton' supports head_dim d <= {MAX_D}, got d={q.shape[-1]}"
+    return None
+
+
+# triton: hope_kernels::rope_attention_triton, q and k rotated once into O(L d) scratch, then fused
+# flash-attention kernels; cpu / cuda: composites (auto on CUDA tensors: triton when it takes q, else cuda)
+_ATTN = register(OpTable(
+    name="rope_attention", label="rope_attention",
+    schema="(Tensor q, Tensor k, Tensor v, Tensor pos, int window, bool vjepa2, float scale) -> (Tensor, Tensor)",
+    backward_schema="(Tensor grad_o, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor pos, int window, "
+                    "bool vjepa2, float scale) -> (Tensor, Tensor, Tensor)",
+    fake=_fused_fake, fake_backward=_fused_fake_backward, setup_context=_fused_setup, backward=_fused_backward,
+    saved_only=1,
+    backends=(Backend("triton", _fused_forward, _fused_backward_kernels, devices=("cuda",), priority=2,
+                      accepts=_triton_accepts),
+              Backend("cuda", lambda *a: _rotate_then_sdpa("cuda", *a), None, devices=("cuda",), priority=1),
+              Backend("cpu", lambda *a: _rotate_then_sdpa("cpu", *a), None, devices=("cpu",)))))
+_ATTN_BACKENDS = _ATTN.supported
 
 
 # ------------------------------------------------------------------------------------------- public API
@@ -221,35 +247,10 @@ def rope3d(x: torch.Tensor, pos: torch.Tensor, *, rope_compat: str | None = None
     _check_pos(pos, x.shape[-2])
     _check_head_dim(x.shape[-1])
     _check_compat(rope_compat)
-    backend = resolve_backend(backend, (x, pos), op="rope3d", gpu_order=("cuda",), cpu_order=("cpu",),
-                              supported=_ROPE_BACKENDS)
+    backend = _ROPE.resolve(backend, (x, pos))
     if backend == "reference":
         return rope3d_reference(x, pos, rope_compat)
-    return _rope3d_op(x, pos, rope_compat == "vjepa2")
-
-
-def _resolve_attention(backend: str, q: torch.Tensor) -> str:
-    explicit = (backend or "auto") != "auto"
-    b = resolve_backend(backend, (q,), op="rope_attention", gpu_order=("triton", "cuda"), cpu_order=("cpu",),
-                        supported=_ATTN_BACKENDS)
-    if b == "triton":
-        why = _triton_unsupported(q)
-        if why is not None:
-            if explicit:
-                raise BackendUnavailableError(f"rope_attention: backend 'triton' {why}")
-            b = "cuda" if "cuda" in _ATTN_BACKENDS and q.is_cuda and resolve_backend(
-                "auto", (q,), op="rope_attention", gpu_order=("cuda",), supported=_ATTN_BACKENDS) == "cuda" \
-                else "reference"
-    return b
-
-
-def _triton_unsupported(q: torch.Tensor) -> str | None:
-    from hope_kernels.ops.rope_attention.triton import MAX_D, SUPPORTED_DTYPES
-    if q.dtype not in SUPPORTED_DTYPES:
-        return f"supports dtypes {SUPPORTED_DTYPES}, got {q.dtype}"
-    if q.shape[-1] > MAX_D:
-        return f"supports head_dim d <= {MAX_D}, got d={q.shape[-1]}"
-    return None
+    return _ROPE(backend, x, pos, rope_compat == "vjepa2")
 
 
 def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, *,
@@ -263,19 +264,9 @@ def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch
     V-JEPA 2 formula). scale: default 1/sqrt(d). Returns o (B, H, L, d) in q's dtype.
     """
     _validate_attention(q, k, v, pos, window, rope_compat, scale)
-    backend = _resolve_attention(backend, q)
+    backend = _ATTN.resolve(backend, (q,), q)
     _check_pos_values(pos)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if backend == "reference":
         return rope_attention_reference(q, k, v, pos, window, rope_compat, scale)
-    vjepa2 = rope_compat == "vjepa2"
-    if backend in ("cpu", "cuda"):
-        qr = _rope3d_op(q, pos, vjepa2)
-        kr = _rope3d_op(k, pos, vjepa2)
-        blocks = _timestep_blocks(pos, window) if backend == "cpu" else None
-        if blocks is not None:
-            return torch.cat([F.scaled_dot_product_attention(qr[:, :, s:e], kr[:, :, ks:e], v[:, :, ks:e], scale=scale)
-                              for s, e, ks in blocks], dim=2)
-        mask = block_causal_mask(pos[:, 0], window)
-        return F.scaled_dot_product_attention(qr, kr, v, attn_mask=mask, scale=scale)
-    return _fused_op(q, k, v, pos, window or 0, vjepa2, scale)[0]
+    return _ATTN(backend, q, k, v, pos, window or 0, rope_compat == "vjepa2", scale)[0]

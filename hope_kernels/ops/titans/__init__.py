@@ -10,11 +10,11 @@ chunk_size <= 64; mlp: dk = dv, dh, chunk_size <= 64) and CUDA ("cuda", csrc/cud
 token-serial kernel, any chunk_size, float64/32/bf16/fp16, dk up to the device's shared memory, any dv) fast
 paths, listed in `LINEAR_BACKENDS` / `MLP_BACKENDS`. Auto prefers triton for CUDA tensors when triton takes the
 call (not float64, not past its size limits), else cuda (linear) or reference (mlp); cpu for CPU tensors (both
-memories), else reference. The fast paths go through custom ops
-`torch.ops.hope_kernels.titans_memory_linear(q, k, v, alpha, eta, theta, W0, S0, chunk_size, backend)
--> (o, Ws, Ss)` and `titans_memory_mlp(q, k, v, alpha, eta, theta, W1, W2, S1, S2, chunk_size, backend)
--> (o, W1s, W2s, S1s, S2s)` (chunk-boundary states (B, H, N+1, ., .)), whose backwards are the custom ops
-`..._backward`; all have fake kernels, so they trace under torch.compile.
+memories), else reference. The fast paths are the registry tables `_LINEAR` and `_MLP`
+(hope_kernels/ops/registry.py): custom ops `torch.ops.hope_kernels.titans_memory_linear_<backend>(q, k, v, alpha,
+eta, theta, W0, S0, chunk_size) -> (o, Ws, Ss)` and `titans_memory_mlp_<backend>(q, k, v, alpha, eta, theta, W1,
+W2, S1, S2, chunk_size) -> (o, W1s, W2s, S1s, S2s)` (chunk-boundary states (B, H, N+1, ., .)), whose backwards
+are the custom ops `..._<backend>_backward`; all have fake kernels, so they trace under torch.compile.
 """
 from __future__ import annotations
 
@@ -22,17 +22,16 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from hope_kernels.dispatch import needs_backward, require_cuda_shared_memory, resolve_backend
+from hope_kernels.dispatch import (cuda_shared_memory_need, cuda_shared_memory_problem, needs_backward,
+                                   require_cuda_shared_memory)
 from hope_kernels.ops.checks import accum_dtype, check_same_device, check_same_dtype, check_tensor, reads_values
 from hope_kernels.ops.titans.reference import (titans_chunked, titans_linear_chunked_bwd, titans_linear_chunked_fwd,
                                                titans_mlp_chunked_bwd, titans_mlp_chunked_fwd, titans_token_loop)
+from hope_kernels.ops.registry import Backend, OpTable, register
 
 __all__ = ["titans_memory", "titans_token_loop", "titans_chunked", "LINEAR_BACKENDS", "MLP_BACKENDS"]
 
 _OP = "titans_memory"
-# Backends with a forward AND backward for the linear memory (a backend appears here only when both pass tests).
-LINEAR_BACKENDS: Tuple[str, ...] = ("reference", "cpu", "triton", "cuda")
-MLP_BACKENDS: Tuple[str, ...] = ("reference", "cpu", "triton")
 MEMORIES = ("linear", "mlp")
 # Triton MLP kernels: D = dk = dv and dh at most MLP_MAX_D (four (D, dh) state tiles, eight in backward, live in
 # registers), chunk_size at most MLP_MAX_CHUNK.
@@ -124,166 +123,177 @@ TRITON_MAX_CHUNK = 64
 
 
 def cuda_shared_memory(q: torch.Tensor, stage: str) -> tuple[int, str]:
-    """(bytes per block, formula) of the linear-memory cuda kernels' shared memory, as csrc/cuda/titans.cu
-    sizes it (tiles of 32 columns with a row stride of 40, 4 warps). stage: "fwd", "bwd" or "both"."""
+    """(bytes per block, formula) of the linear-memory cuda kernels' shared memory: the bytes from the extension
+    (csrc/cuda_smem.h, as csrc/cuda/titans.cu launches: tiles of 32 columns with a row stride of 40, 4 warps),
+    the formula for error messages. stage: "fwd", "bwd" or "both"."""
     dk, acc = q.shape[-1], accum_dtype(q.dtype).itemsize
-    fwd = (3 * dk * 40 * acc, f"forward 3 * dk * 40 * {acc} with dk={dk}")
-    bwd = ((4 * dk * 40 + 12 * dk + 12) * acc, f"backward (4 * dk * 40 + 12 * dk + 12) * {acc} with dk={dk}")
+    fwd = (cuda_shared_memory_need("titans_linear_fwd", dk, 0, acc), f"forward 3 * dk * 40 * {acc} with dk={dk}")
+    bwd = (cuda_shared_memory_need("titans_linear_bwd", dk, 0, acc),
+           f"backward (4 * dk * 40 + 12 * dk + 12) * {acc} with dk={dk}")
     return {"fwd": fwd, "bwd": bwd, "both": max(fwd, bwd)}[stage]
 
 
 def _resolve(backend: str, memory: str, tensors, dh: int = 0, chunk_size: int = 1, stage: str = "both") -> str:
-    supported = LINEAR_BACKENDS if memory == "linear" else MLP_BACKENDS
-    if memory == "mlp":
-        why = mlp_unsupported(tensors[0], dh, chunk_size)
-        if why is not None:
-            if backend == "triton":
-                raise why[0](why[1])
-            supported = tuple(b for b in supported if b != "triton")   # auto: reference for these shapes
-    if tensors[0].dtype == torch.float64:
-        if backend == "triton":
-            raise TypeError(f"{_OP}: the triton backend does not take float64 inputs (no fp64 tl.dot on GPU), got "
-                            "q of dtype torch.float64; use float32/bfloat16/float16, or backend='cuda'/'cpu'/"
-                            "'reference'")
-        supported = tuple(b for b in supported if b != "triton")   # auto on float64 CUDA tensors skips triton
-    dk = tensors[0].shape[-1]
-    dv = tensors[2].shape[-1] if len(tensors) > 2 else dk
-    triton_fits = dk <= TRITON_MAX_D and dv <= TRITON_MAX_D and chunk_size <= TRITON_MAX_CHUNK
-    # auto on CUDA tensors: triton (chunk-parallel) when it takes the call, else the CUDA token-serial kernel
-    # when the device's shared memory holds its tiles, else the reference
-    gpu_order = ("triton", "cuda") if triton_fits else ("cuda",)
-    return resolve_backend(backend, tensors, op=_OP, gpu_order=gpu_order, cpu_order=("cpu",), supported=supported,
-                           cuda_shared_memory=cuda_shared_memory(tensors[0], stage) if memory == "linear" else None)
+    """tensors: (q, k, v, alpha, eta, theta) (only q read for the mlp memory); stage: "fwd" or "both"."""
+    q = tensors[0]
+    v = tensors[2] if len(tensors) > 2 else q
+    table = _LINEAR if memory == "linear" else _MLP
+    return table.resolve(backend, tensors, (q, v, dh, chunk_size, stage))
 
 
-# ---------------------------------------------------------------- fast-path custom op (linear memory)
+# ---------------------------------------------------------------- backends
+# accepts / prefers read (q, v, dh, chunk_size, stage). Forward and backward arguments: the linear and mlp
+# schemas below. "explicit" runs the op with the PyTorch forward/backward of reference.py: never chosen by a
+# backend name (tests and benchmarks call its custom op).
 
-def _edge_gate_grads(g, alpha, eta, backend):
+def _edge_gate_grads(g, alpha, eta):
     """The triton and explicit chunked backwards compute a gate's gradient as d(log gate) / gate (docs/titans.md,
     "Accuracy of the gate gradients"): at a gate exactly at its edge (1 - alpha = 0 or eta = 0) that is rounding
     noise / tiny, ~1e30. Return 0 there instead (finite; the true value is O(1)). The cuda and cpu kernels
     differentiate products only and are exact there."""
-    if backend in ("cuda", "cpu"):
-        return tuple(g)
     return (*g[:3], torch.where(alpha == 1, 0.0, g[3]), torch.where(eta == 0, 0.0, g[4]), *g[5:])
 
 
-def _fwd_impl(backend, q, k, v, alpha, eta, theta, W0, S0, chunk_size):
-    if backend == "triton":
-        from hope_kernels.ops.titans.triton import titans_linear_fwd_triton
-        return titans_linear_fwd_triton(q, k, v, alpha, eta, theta, W0, S0, chunk_size)
-    if backend in ("cpu", "cuda"):
-        return torch.ops.hope_kernels.titans_linear_fwd(q, k, v, alpha, eta, theta, W0, S0, chunk_size)
+def _triton_float64(inputs, device):
+    if inputs[0].dtype == torch.float64:
+        return TypeError(f"{_OP}: the triton backend does not take float64 inputs (no fp64 tl.dot on GPU), got "
+                         "q of dtype torch.float64; use float32/bfloat16/float16, or backend='cuda'/'cpu'/"
+                         "'reference'")
+    return None
+
+
+def _triton_prefers(inputs) -> bool:
+    q, v, _, chunk_size, _ = inputs
+    return q.shape[-1] <= TRITON_MAX_D and v.shape[-1] <= TRITON_MAX_D and chunk_size <= TRITON_MAX_CHUNK
+
+
+def _cuda_accepts(inputs, device):
+    problem = cuda_shared_memory_problem(_OP, cuda_shared_memory(inputs[0], inputs[4]), device)
+    return None if problem is None else ValueError(problem)
+
+
+def _linear_triton_forward(*args):
+    from hope_kernels.ops.titans.triton import titans_linear_fwd_triton
+    return titans_linear_fwd_triton(*args)
+
+
+def _linear_triton_backward(*args):
+    from hope_kernels.ops.titans.triton import titans_linear_bwd_triton
+    return _edge_gate_grads(titans_linear_bwd_triton(*args), args[3], args[4])
+
+
+def _linear_compiled_forward(*args):
+    return torch.ops.hope_kernels.titans_linear_fwd(*args)
+
+
+def _linear_compiled_backward(*args):
+    return torch.ops.hope_kernels.titans_linear_bwd(*args)
+
+
+def _linear_cuda_backward(q, *args):
+    require_cuda_shared_memory(_OP, cuda_shared_memory(q, "bwd"), q.device)
+    return _linear_compiled_backward(q, *args)
+
+
+def _linear_explicit_forward(q, k, v, alpha, eta, theta, W0, S0, chunk_size):
     o, Ws, Ss = titans_linear_chunked_fwd(*(x.to(W0.dtype) for x in (q, k, v)), alpha, eta, theta, W0, S0,
                                           chunk_size)
     return o.to(q.dtype), Ws, Ss
 
 
-def _bwd_impl(backend, q, k, v, alpha, eta, theta, Ws, Ss, do, dWT, dST, chunk_size):
-    if backend == "triton":
-        from hope_kernels.ops.titans.triton import titans_linear_bwd_triton
-        return titans_linear_bwd_triton(q, k, v, alpha, eta, theta, Ws, Ss, do, dWT, dST, chunk_size)
-    if backend == "cuda":
-        require_cuda_shared_memory(_OP, cuda_shared_memory(q, "bwd"), q.device)
-    if backend in ("cpu", "cuda"):
-        return torch.ops.hope_kernels.titans_linear_bwd(q, k, v, alpha, eta, theta, Ws, Ss, do, dWT, dST, chunk_size)
+def _linear_explicit_backward(q, k, v, alpha, eta, theta, Ws, Ss, do, dWT, dST, chunk_size):
     acc = Ws.dtype
     g = titans_linear_chunked_bwd(*(x.to(acc) for x in (q, k, v)), alpha, eta, theta, Ws, Ss, do.to(acc), dWT,
                                   dST, chunk_size)
-    return (g[0].to(q.dtype), g[1].to(k.dtype), g[2].to(v.dtype)) + tuple(g[3:])
-
-
-@torch.library.custom_op("hope_kernels::titans_memory_linear", mutates_args=())
-def _linear_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor, eta: torch.Tensor,
-               theta: torch.Tensor, W0: torch.Tensor, S0: torch.Tensor, chunk_size: int,
-               backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    o, Ws, Ss = _fwd_impl(backend, q, k, v, alpha, eta, theta, W0, S0, chunk_size)
-    return o, Ws, Ss
+    return _edge_gate_grads((g[0].to(q.dtype), g[1].to(k.dtype), g[2].to(v.dtype)) + tuple(g[3:]), alpha, eta)
 
 
 def _num_chunks(L: int, chunk_size: int) -> int:
     return (L + chunk_size - 1) // chunk_size
 
 
-@_linear_op.register_fake
-def _(q, k, v, alpha, eta, theta, W0, S0, chunk_size, backend):
+def _linear_fake(q, k, v, alpha, eta, theta, W0, S0, chunk_size):
     B, H, L, dk = q.shape
     dv = v.shape[-1]
     n = _num_chunks(L, chunk_size) + 1
     return (v.new_empty(B, H, L, dv), W0.new_empty(B, H, n, dk, dv), W0.new_empty(B, H, n, dk, dv))
 
 
-@torch.library.custom_op("hope_kernels::titans_memory_linear_backward", mutates_args=())
-def _linear_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor, eta: torch.Tensor,
-                        theta: torch.Tensor, Ws: torch.Tensor, Ss: torch.Tensor, do: torch.Tensor, dWT: torch.Tensor,
-                        dST: torch.Tensor, chunk_size: int, backend: str) -> Tuple[torch.Tensor, torch.Tensor,
-                                                                                   torch.Tensor, torch.Tensor,
-                                                                                   torch.Tensor, torch.Tensor,
-                                                                                   torch.Tensor, torch.Tensor]:
-    g = _bwd_impl(backend, q, k, v, alpha, eta, theta, Ws, Ss, do.contiguous(), dWT.contiguous(), dST.contiguous(),
-                  chunk_size)
-    return tuple(g)
-
-
-@_linear_backward_op.register_fake
-def _(q, k, v, alpha, eta, theta, Ws, Ss, do, dWT, dST, chunk_size, backend):
+def _linear_fake_backward(q, k, v, alpha, eta, theta, Ws, Ss, do, dWT, dST, chunk_size):
     st = Ws[:, :, 0]
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(alpha),
             torch.empty_like(eta), torch.empty_like(theta), torch.empty_like(st), torch.empty_like(st))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, alpha, eta, theta, W0, S0, chunk_size, backend = inputs
-    _, Ws, Ss = output
-    ctx.save_for_backward(q, k, v, alpha, eta, theta, Ws, Ss)
-    ctx.chunk_size, ctx.backend = chunk_size, backend
-    # unused outputs' gradients stay None: materialised, the boundary states' would be (B, H, N+1, dk, dv) zeros
+    # the boundary states: (B, H, N+1, ., .); the last one is the public final state
+    q, k, v, alpha, eta, theta, *_, chunk_size = inputs
+    ctx.save_for_backward(q, k, v, alpha, eta, theta, *output[1:])
+    ctx.chunk_size = chunk_size
+    # unused outputs' gradients stay None: materialised, the boundary states' would be (B, H, N+1, ., .) zeros
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, do, dWs, dSs):
-    q, k, v, alpha, eta, theta, Ws, Ss = ctx.saved_tensors
-    B, H, L, dk = q.shape
-    dv = v.shape[-1]
-    # Only the last boundary state is a public output (the final state); earlier ones are saved internals.
+def _backward(ctx, backward_op, do, *dstates):
+    q, k, v, alpha, eta, theta, *bs = ctx.saved_tensors
     if do is None:
-        do = v.new_zeros(B, H, L, dv)
-    dWT = Ws.new_zeros(B, H, dk, dv) if dWs is None else dWs[:, :, -1]
-    dST = Ss.new_zeros(B, H, dk, dv) if dSs is None else dSs[:, :, -1]
-    g = _linear_backward_op(q, k, v, alpha, eta, theta, Ws, Ss, do, dWT, dST, ctx.chunk_size, ctx.backend)
-    return (*_edge_gate_grads(g, alpha, eta, ctx.backend), None, None)
+        do = torch.zeros_like(v)
+    # only the last boundary state is a public output (the final state); earlier ones are saved internals
+    dT = [b.new_zeros(b[:, :, -1].shape) if d is None else d[:, :, -1].contiguous() for b, d in zip(bs, dstates)]
+    g = backward_op(q, k, v, alpha, eta, theta, *bs, do.contiguous(), *dT, ctx.chunk_size)
+    return (*g, None)
 
 
-_linear_op.register_autograd(_backward, setup_context=_setup_context)
+_GATES = "Tensor q, Tensor k, Tensor v, Tensor alpha, Tensor eta, Tensor theta"
+_LINEAR = register(OpTable(
+    name="titans_memory_linear", label=_OP,
+    schema=f"({_GATES}, Tensor W0, Tensor S0, int chunk_size) -> (Tensor, Tensor, Tensor)",
+    backward_schema=f"({_GATES}, Tensor Ws, Tensor Ss, Tensor do, Tensor dWT, Tensor dST, int chunk_size) "
+                    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    fake=_linear_fake, fake_backward=_linear_fake_backward, setup_context=_setup_context, backward=_backward,
+    backends=(
+        Backend("cpu", _linear_compiled_forward, _linear_compiled_backward, devices=("cpu",)),
+        # triton (chunk-parallel) when it takes the call, else the CUDA token-serial kernel when the device's
+        # shared memory holds its tiles, else the reference
+        Backend("triton", _linear_triton_forward, _linear_triton_backward, devices=("cuda",), priority=2,
+                accepts=_triton_float64, prefers=_triton_prefers),
+        Backend("cuda", _linear_compiled_forward, _linear_cuda_backward, devices=("cuda",), priority=1,
+                accepts=_cuda_accepts),
+        Backend("explicit", _linear_explicit_forward, _linear_explicit_backward, devices=()),
+    )))
+LINEAR_BACKENDS: Tuple[str, ...] = _LINEAR.supported
 
 
-# ---------------------------------------------------------------- fast-path custom op (MLP memory)
-# hope_kernels::titans_memory_mlp(q, k, v, alpha, eta, theta, W1, W2, S1, S2, chunk_size, backend)
-#     -> (o, W1s, W2s, S1s, S2s): the chunk-boundary states (B, H, N+1, ., .). backend "triton" runs the Triton
-# kernels, "cpu" the C++ ones (csrc/titans_*_cpu.cpp); any other value the explicit PyTorch forward/backward of
-# reference.py (tests: "explicit").
+def _mlp_triton_accepts(inputs, device):
+    q, _, dh, chunk_size, _ = inputs
+    why = mlp_unsupported(q, dh, chunk_size)
+    return None if why is None else why[0](why[1])
 
-def _mlp_fwd_impl(backend, q, k, v, alpha, eta, theta, W1, W2, S1, S2, chunk_size):
-    if backend == "triton":
-        from hope_kernels.ops.titans.triton import titans_mlp_fwd_triton
-        return titans_mlp_fwd_triton(q, k, v, alpha, eta, theta, W1, W2, S1, S2, chunk_size)
-    if backend == "cpu":
-        return torch.ops.hope_kernels.titans_mlp_fwd(q, k, v, alpha, eta, theta, W1, W2, S1, S2, chunk_size)
+
+def _mlp_triton_forward(*args):
+    from hope_kernels.ops.titans.triton import titans_mlp_fwd_triton
+    return titans_mlp_fwd_triton(*args)
+
+
+def _mlp_triton_backward(*args):
+    from hope_kernels.ops.titans.triton import titans_mlp_bwd_triton
+    return _edge_gate_grads(titans_mlp_bwd_triton(*args), args[3], args[4])
+
+
+def _mlp_explicit_forward(q, k, v, alpha, eta, theta, W1, W2, S1, S2, chunk_size):
     acc = W1.dtype
     o, *bs = titans_mlp_chunked_fwd(*(x.to(acc) for x in (q, k, v)), alpha, eta, theta, W1, W2, S1, S2, chunk_size)
     return (o.to(q.dtype), *bs)
 
 
-@torch.library.custom_op("hope_kernels::titans_memory_mlp", mutates_args=())
-def _mlp_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor, eta: torch.Tensor,
-            theta: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor, S1: torch.Tensor, S2: torch.Tensor,
-            chunk_size: int, backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                    torch.Tensor]:
-    return tuple(_mlp_fwd_impl(backend, q, k, v, alpha, eta, theta, W1, W2, S1, S2, chunk_size))
+def _mlp_explicit_backward(q, k, v, alpha, eta, theta, W1s, W2s, S1s, S2s, do, dW1T, dW2T, dS1T, dS2T, chunk_size):
+    acc = W1s.dtype
+    g = titans_mlp_chunked_bwd(*(x.to(acc) for x in (q, k, v)), alpha, eta, theta, W1s, W2s, S1s, S2s, do.to(acc),
+                               dW1T, dW2T, dS1T, dS2T, chunk_size)
+    return _edge_gate_grads((g[0].to(q.dtype), g[1].to(k.dtype), g[2].to(v.dtype)) + tuple(g[3:]), alpha, eta)
 
 
-@_mlp_op.register_fake
-def _(q, k, v, alpha, eta, theta, W1, W2, S1, S2, chunk_size, backend):
+def _mlp_fake(q, k, v, alpha, eta, theta, W1, W2, S1, S2, chunk_size):
     B, H, L, D = q.shape
     dh = W1.shape[-1]
     n = _num_chunks(L, chunk_size) + 1
@@ -291,53 +301,29 @@ def _(q, k, v, alpha, eta, theta, W1, W2, S1, S2, chunk_size, backend):
             W1.new_empty(B, H, n, D, dh), W1.new_empty(B, H, n, dh, D))
 
 
-@torch.library.custom_op("hope_kernels::titans_memory_mlp_backward", mutates_args=())
-def _mlp_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor, eta: torch.Tensor,
-                     theta: torch.Tensor, W1s: torch.Tensor, W2s: torch.Tensor, S1s: torch.Tensor, S2s: torch.Tensor,
-                     do: torch.Tensor, dW1T: torch.Tensor, dW2T: torch.Tensor, dS1T: torch.Tensor, dS2T: torch.Tensor,
-                     chunk_size: int, backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                             torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                             torch.Tensor, torch.Tensor]:
-    do, dW1T, dW2T, dS1T, dS2T = (x.contiguous() for x in (do, dW1T, dW2T, dS1T, dS2T))
-    if backend == "triton":
-        from hope_kernels.ops.titans.triton import titans_mlp_bwd_triton
-        return tuple(titans_mlp_bwd_triton(q, k, v, alpha, eta, theta, W1s, W2s, S1s, S2s, do, dW1T, dW2T, dS1T,
-                                           dS2T, chunk_size))
-    if backend == "cpu":
-        return tuple(torch.ops.hope_kernels.titans_mlp_bwd(q, k, v, alpha, eta, theta, W1s, W2s, S1s, S2s, do, dW1T,
-                                                           dW2T, dS1T, dS2T, chunk_size))
-    acc = W1s.dtype
-    g = titans_mlp_chunked_bwd(*(x.to(acc) for x in (q, k, v)), alpha, eta, theta, W1s, W2s, S1s, S2s, do.to(acc),
-                               dW1T, dW2T, dS1T, dS2T, chunk_size)
-    return (g[0].to(q.dtype), g[1].to(k.dtype), g[2].to(v.dtype)) + tuple(g[3:])
-
-
-@_mlp_backward_op.register_fake
-def _(q, k, v, alpha, eta, theta, W1s, W2s, S1s, S2s, do, dW1T, dW2T, dS1T, dS2T, chunk_size, backend):
+def _mlp_fake_backward(q, k, v, alpha, eta, theta, W1s, W2s, S1s, S2s, do, dW1T, dW2T, dS1T, dS2T, chunk_size):
     s1, s2 = W1s[:, :, 0], W2s[:, :, 0]
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(alpha),
             torch.empty_like(eta), torch.empty_like(theta), torch.empty_like(s1), torch.empty_like(s2),
             torch.empty_like(s1), torch.empty_like(s2))
 
 
-def _mlp_setup_context(ctx, inputs, output):
-    q, k, v, alpha, eta, theta, W1, W2, S1, S2, chunk_size, backend = inputs
-    ctx.save_for_backward(q, k, v, alpha, eta, theta, *output[1:])
-    ctx.chunk_size, ctx.backend = chunk_size, backend
-    ctx.set_materialize_grads(False)   # as the linear op: no zeros of the boundary states' shape
-
-
-def _mlp_backward(ctx, do, *dstates):
-    q, k, v, alpha, eta, theta, *bs = ctx.saved_tensors
-    if do is None:
-        do = torch.zeros_like(v)
-    # only the last boundary state is a public output (the final state)
-    dT = [b.new_zeros(b[:, :, -1].shape) if d is None else d[:, :, -1] for b, d in zip(bs, dstates)]
-    g = _mlp_backward_op(q, k, v, alpha, eta, theta, *bs, do, *dT, ctx.chunk_size, ctx.backend)
-    return (*_edge_gate_grads(g, alpha, eta, ctx.backend), None, None)
-
-
-_mlp_op.register_autograd(_mlp_backward, setup_context=_mlp_setup_context)
+_MLP = register(OpTable(
+    name="titans_memory_mlp", label=_OP,
+    schema=f"({_GATES}, Tensor W1, Tensor W2, Tensor S1, Tensor S2, int chunk_size) "
+           "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    backward_schema=f"({_GATES}, Tensor W1s, Tensor W2s, Tensor S1s, Tensor S2s, Tensor do, Tensor dW1T, "
+                    "Tensor dW2T, Tensor dS1T, Tensor dS2T, int chunk_size) -> (Tensor, Tensor, Tensor, Tensor, "
+                    "Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    fake=_mlp_fake, fake_backward=_mlp_fake_backward, setup_context=_setup_context, backward=_backward,
+    backends=(
+        Backend("cpu", lambda *a: torch.ops.hope_kernels.titans_mlp_fwd(*a),
+                lambda *a: torch.ops.hope_kernels.titans_mlp_bwd(*a), devices=("cpu",)),
+        Backend("triton", _mlp_triton_forward, _mlp_triton_backward, devices=("cuda",), priority=1,
+                accepts=_mlp_triton_accepts),
+        Backend("explicit", _mlp_explicit_forward, _mlp_explicit_backward, devices=()),
+    )))
+MLP_BACKENDS: Tuple[str, ...] = _MLP.supported
 
 
 # ---------------------------------------------------------------- public function
@@ -393,7 +379,7 @@ def titans_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torc
     gates = [g.to(acc).contiguous() for g in (alpha, eta, theta)]
     if memory == "mlp":
         W1, W2, S1, S2 = (s.to(acc).contiguous() for s in initial_state)
-        o, *bs = _mlp_op(q.contiguous(), k.contiguous(), v.contiguous(), *gates, W1, W2, S1, S2, chunk_size, backend)
+        o, *bs = _MLP(backend, q.contiguous(), k.contiguous(), v.contiguous(), *gates, W1, W2, S1, S2, chunk_size)
         # clones: a view would keep all N + 1 boundary states alive
         return o, (tuple(b[:, :, -1].clone() for b in bs) if output_final_state else None)
     B, H, L, dk = q.shape
@@ -402,5 +388,5 @@ def titans_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torc
         W0 = S0 = q.new_zeros(B, H, dk, dv, dtype=acc)
     else:
         W0, S0 = (s.to(acc).contiguous() for s in initial_state)
-    o, Ws, Ss = _linear_op(q.contiguous(), k.contiguous(), v.contiguous(), *gates, W0, S0, chunk_size, backend)
+    o, Ws, Ss = _LINEAR(backend, q.contiguous(), k.contiguous(), v.contiguous(), *gates, W0, S0, chunk_size)
     return o, ((Ws[:, :, -1].clone(), Ss[:, :, -1].clone()) if output_final_state else None)
