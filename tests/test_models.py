@@ -280,6 +280,29 @@ def test_trunc_normal_is_seeded_and_fills_any_layout():
     assert torch.isfinite(t).all() and t.abs().max() <= 0.04
 
 
+def test_trunc_normal_all_batches_weights():
+    """The predictors draw their Linear weights in batches (one buffer, copied out): every element of every weight
+    written, in range, distributed as one trunc_normal_ draw, and seeded. Batch of 4096 elements here: weights
+    split over several batches, one of them too big for a batch (drawn on its own), one non-contiguous."""
+    from hope_kernels.models.base import trunc_normal_all_
+    std, a, b = 0.02, -0.04, 0.04
+
+    def draw(seed):
+        torch.manual_seed(seed)
+        ws = [torch.full(s, float("nan")) for s in ((300, 7), (1000,), (64, 80), (7, 3), (50, 40), (1, 1))]
+        ws.append(torch.full((30, 20), float("nan")).t())
+        trunc_normal_all_(ws, std, a, b, batch=4096)
+        return ws
+    ws = draw(0)
+    x = torch.cat([w.flatten() for w in ws]).double().sort().values
+    assert torch.isfinite(x).all() and a <= x[0] and x[-1] <= b
+    n = x.numel()
+    ks = (torch.arange(1, n + 1, dtype=torch.float64) / n - _truncated_normal_cdf(x, std, a, b)).abs().max()
+    assert ks < 1.63 / n ** 0.5
+    assert all(torch.equal(u, v) for u, v in zip(ws, draw(0)))
+    assert not torch.equal(ws[0], draw(1)[0])
+
+
 @pytest.mark.parametrize("kind", ["ac", "hope"])
 def test_init_is_seeded_and_complete(kind):
     """Linear weights skip their default draw (models.base.Linear): _init_weights must set every one, and the
