@@ -305,8 +305,8 @@ def test_trunc_normal_all_batches_weights():
 
 @pytest.mark.parametrize("kind", ["ac", "hope"])
 def test_init_is_seeded_and_complete(kind):
-    """Linear weights skip their default draw (models.base.Linear): _init_weights must set every one, and the
-    whole build stays a function of the seed."""
+    """Linear and Conv3d weights skip their default draw (models.base._InitLater): _init_weights must set every
+    one, and the whole build stays a function of the seed."""
     def build():
         torch.manual_seed(0)
         return build_predictor(kind, "tiny", enc_dim=64, grid=(2, 2, 2))
@@ -317,6 +317,8 @@ def test_init_is_seeded_and_complete(kind):
     for name, mod in m1.named_modules():
         if isinstance(mod, torch.nn.Linear):
             assert mod.weight.abs().max() <= 2 * std and (mod.bias is None or not mod.bias.any()), name
+    s = std / m1.stem.weight[0, 0].numel() ** 0.5     # the stem (Conv3d), also built without its default draw
+    assert m1.stem.weight.abs().max() <= 2 * s and m1.stem.weight.std() > s / 2
     lin = m1.blocks[0].attn.qkv
     lin.reset_parameters()             # a later reset is nn.Linear's Kaiming-uniform init
     assert lin.weight.abs().max() > 2 * std and lin.bias.any()

@@ -37,7 +37,7 @@ def _inverse_cdf_ok(dtype: torch.dtype, std: float, a: float, b: float) -> bool:
     return dtype in (torch.float32, torch.float64) and -4.0 <= a / std < b / std <= 4.0
 
 
-def trunc_normal_all_(ws: list[torch.Tensor], std: float, a: float, b: float, batch: int = 1 << 24) -> None:
+def trunc_normal_all_(ws: list[torch.Tensor], std: float, a: float, b: float, batch: int = 1 << 23) -> None:
     """trunc_normal_(w, std, a, b) for every w of ws, drawn up to `batch` elements at a time into one buffer and
     copied out. The serial random draw then writes memory already touched (the buffer), each weight's first write
     (its page faults) is a copy that runs on every thread, and a weight costs one parallel op instead of three:
@@ -66,19 +66,27 @@ def trunc_normal_all_(ws: list[torch.Tensor], std: float, a: float, b: float, ba
                 start = end
 
 
-class Linear(nn.Linear):
-    """nn.Linear without the default Kaiming-uniform draw while it is built: PredictorBase._init_weights sets the
-    weight and bias of every Linear of a predictor, and the draw it replaced took 5-8 s of a loaded vjepa2-ac
-    build. A later reset_parameters() call is nn.Linear's."""
+class _InitLater:
+    """Mixin for the predictors' nn.Linear / nn.Conv3d: no default Kaiming-uniform draw while the module is built.
+    PredictorBase._init_weights sets the parameters of every one, and the draws it replaced took 5-8 s of a
+    loaded vjepa2-ac build. A later reset_parameters() call is torch's."""
 
-    def __init__(self, n_in: int, n_out: int, bias: bool = True):
+    def __init__(self, *args, **kwargs):
         self._building = True
-        super().__init__(n_in, n_out, bias=bias)
+        super().__init__(*args, **kwargs)
         del self._building
 
     def reset_parameters(self):
         if not getattr(self, "_building", False):
             super().reset_parameters()
+
+
+class Linear(_InitLater, nn.Linear):
+    pass
+
+
+class Conv3d(_InitLater, nn.Conv3d):
+    pass
 
 
 class RoPEAttention(nn.Module):
@@ -119,7 +127,7 @@ class PredictorBase(nn.Module):
         k = c.stem_kernel
         # each patch token also sees its k x k neighbourhood now and one timestep back (causal): motion is local,
         # and block-causal attention alone learns such sharp local patterns slowly (docs/training.md)
-        self.stem = nn.Conv3d(2 * c.enc_dim, c.width, (1, k, k), padding=(0, k // 2, k // 2), bias=False) if k else None
+        self.stem = Conv3d(2 * c.enc_dim, c.width, (1, k, k), padding=(0, k // 2, k // 2), bias=False) if k else None
         self.action_encoder = Linear(c.action_dim, c.width)
         self.state_encoder = Linear(c.state_dim, c.width) if c.state_dim > 0 else None
         self.norm = nn.LayerNorm(c.width, eps=c.ln_eps)
