@@ -100,7 +100,8 @@ class RoPEAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         B, L, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, L, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        # unbind before the head transpose: their gradients are then stacked straight into (B, L, 3, H, d)
+        q, k, v = (t.transpose(1, 2) for t in self.qkv(x).reshape(B, L, 3, self.heads, C // self.heads).unbind(2))
         o = rope_attention(q, k, v, pos, window=self.window, rope_compat=self.rope_compat)
         return self.proj(o.transpose(1, 2).reshape(B, L, C))
 
