@@ -388,6 +388,58 @@ def test_official_ac_keys_load():
     assert official.predict_delta is False and official.stem_kernel == 0 and official.rope_compat == "vjepa2"
 
 
+@pytest.mark.parametrize("per_block", [False, True], ids=["masked", "per-block"])
+def test_official_ac_weights_give_the_official_outputs_and_gradients(monkeypatch, per_block):
+    """Our AC predictor with the official V-JEPA 2-AC predictor's weights (facebookresearch/vjepa2, checkout named
+    by HOPE_BENCH_VJEPA2, timm stubbed) gives its outputs and parameter gradients, float32, at T 8 and T 1, through
+    either CPU attention path (per-timestep blocks forced by MIN_BLOCK_QUERIES = 1). Our input layer norm is
+    applied to the inputs beforehand (the official predictor takes them as given)."""
+    import importlib
+    import os
+    import sys
+    import types
+    root = os.environ.get("HOPE_BENCH_VJEPA2")
+    if not root or not os.path.isfile(os.path.join(root, "src", "models", "ac_predictor.py")):
+        pytest.skip("set HOPE_BENCH_VJEPA2 to a facebookresearch/vjepa2 checkout")
+    try:
+        import timm.models.layers  # noqa: F401
+    except ImportError:   # its only use there: drop_path, rate 0
+        layers = types.ModuleType("timm.models.layers")
+        layers.drop_path = lambda x, drop_prob=0.0, training=False: x
+        for name, mod in (("timm", types.ModuleType("timm")), ("timm.models", types.ModuleType("timm.models")),
+                          ("timm.models.layers", layers)):
+            monkeypatch.setitem(sys.modules, name, mod)
+    sys.path.insert(0, root)
+    try:
+        from src.models.ac_predictor import vit_ac_predictor
+    finally:
+        sys.path.remove(root)
+    from hope_kernels.models.ac_predictor import official_to_local
+    if per_block:
+        monkeypatch.setattr(importlib.import_module("hope_kernels.ops.rope_attention.cpu_blocks"),
+                            "MIN_BLOCK_QUERIES", 1)
+    torch.manual_seed(0)
+    T, H, W, D, A = 8, 4, 4, 32, 7
+    off = vit_ac_predictor(img_size=(16 * H, 16 * W), patch_size=16, num_frames=2 * T, tubelet_size=2, embed_dim=D,
+                           predictor_embed_dim=64, depth=2, num_heads=4, action_embed_dim=A, use_rope=True,
+                           is_frame_causal=True)
+    ours = build_predictor("ac", "tiny", enc_dim=D, grid=(T, H, W), width=64, depth=2, heads=4, action_dim=A,
+                           state_dim=A, stem_kernel=0, predict_delta=False, rope_compat="vjepa2")
+    ours.load_official_state_dict(off.state_dict())
+    z = torch.nn.functional.layer_norm(torch.randn(2, T, H * W, D), (D,))
+    a, s = torch.randn(2, T, A), torch.randn(2, T, A)
+    for t in (T, 1):
+        want = off(z[:, :t].flatten(1, 2), a[:, :t], s[:, :t]).view(2, t, H * W, D)
+        got = ours(z[:, :t], a[:, :t], s[:, :t])
+        assert rel_err(got, want) < 1e-5, t
+        g = torch.randn_like(want)
+        (want * g).sum().backward()
+        (got * g).sum().backward()
+    grads = official_to_local({k: p.grad for k, p in off.named_parameters() if p.grad is not None})
+    for k, p in ours.named_parameters():
+        assert rel_err(p.grad, grads[k]) < 1e-5, k
+
+
 @pytest.mark.parametrize("kind", ["ac", "hope"])
 def test_predict_delta_output_is_last_latent_plus_head(kind):
     torch.manual_seed(0)
