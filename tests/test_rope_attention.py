@@ -309,8 +309,9 @@ def test_cpu_attention_computes_no_masked_score(monkeypatch):
 @pytest.mark.skipif("cpu" not in attn_backends_cpu(), reason="the C++ extension is not built")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cpu_attention_short_blocks_one_masked_call(monkeypatch, dtype):
-    """Timesteps of fewer than MIN_BLOCK_QUERIES tokens: one SDPA call with the block-causal mask as 0 / -inf in
-    q's dtype, built once per pos (and again when pos changes in place); matches the reference."""
+    """Timesteps of fewer than MIN_BLOCK_QUERIES tokens (at most MAX_MASKED_TOKENS in all): one SDPA call with the
+    block-causal mask as 0 / -inf in q's dtype, built once per pos (and again when pos changes in place); matches
+    the reference."""
     import importlib
 
     import torch.nn.functional as F
@@ -339,6 +340,10 @@ def test_cpu_attention_short_blocks_one_masked_call(monkeypatch, dtype):
     pos[-1, 0] += 1                      # changed in place (last token now at t 4): a new mask
     rope_attention(q, k, v, pos, window=2, backend="cpu")
     assert masks[2][-1, 10] == 0 and masks[-1][-1, 10] == float("-inf")   # key 10 is at t 2
+    n = len(masks)
+    monkeypatch.setattr(cb, "MAX_MASKED_TOKENS", pos.shape[0] - 1)    # past it: per-block kernels, no mask
+    rope_attention(q, k, v, pos, window=2, backend="cpu")
+    assert len(masks) == n
 
 
 @pytest.mark.parametrize("backend", attn_backends_cpu())

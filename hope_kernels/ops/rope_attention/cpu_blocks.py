@@ -24,6 +24,8 @@ from hope_kernels.ops.rope_attention.reference import block_causal_mask
 # per-block kernels from this many queries per block on average (V-JEPA 2-AC: 258 tokens a timestep); below,
 # one masked call. Measured on 2 cores, fwd+bwd, d 64: masked 2.4x faster at 66 tokens, 1.3x at 146, even at 258.
 MIN_BLOCK_QUERIES = 256
+# nor past this many tokens: the cached (L, L) mask stays at most 64 MiB in float32
+MAX_MASKED_TOKENS = 4096
 _MASKS = "_hope_kernels_block_masks"
 
 _flash_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
@@ -82,7 +84,7 @@ class _TimestepBlockAttention(torch.autograd.Function):
 def timestep_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, blocks: list,
                              window: int | None, scale: float) -> torch.Tensor:
     """Block-causal attention of rotated q, k, v (B, H, L, d) -> o (B, H, L, d); pos (L, 3) on the CPU."""
-    if q.shape[2] < MIN_BLOCK_QUERIES * len(blocks):
+    if q.shape[2] < MIN_BLOCK_QUERIES * len(blocks) and q.shape[2] <= MAX_MASKED_TOKENS:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=_additive_mask(pos, window, q.dtype), scale=scale)
     if _flash_chosen(q, k, v):
         return _TimestepBlockAttention.apply(q, k, v, blocks, scale)
