@@ -280,10 +280,33 @@ def test_trunc_normal_is_seeded_and_fills_any_layout():
     assert torch.isfinite(t).all() and t.abs().max() <= 0.04
 
 
+def test_trunc_normal_all_batches_weights():
+    """The predictors draw their Linear weights in batches (one buffer, copied out): every element of every weight
+    written, in range, distributed as one trunc_normal_ draw, and seeded. Batch of 4096 elements here: weights
+    split over several batches, one of them too big for a batch (drawn on its own), one non-contiguous."""
+    from hope_kernels.models.base import trunc_normal_all_
+    std, a, b = 0.02, -0.04, 0.04
+
+    def draw(seed):
+        torch.manual_seed(seed)
+        ws = [torch.full(s, float("nan")) for s in ((300, 7), (1000,), (64, 80), (7, 3), (50, 40), (1, 1))]
+        ws.append(torch.full((30, 20), float("nan")).t())
+        trunc_normal_all_(ws, std, a, b, batch=4096)
+        return ws
+    ws = draw(0)
+    x = torch.cat([w.flatten() for w in ws]).double().sort().values
+    assert torch.isfinite(x).all() and a <= x[0] and x[-1] <= b
+    n = x.numel()
+    ks = (torch.arange(1, n + 1, dtype=torch.float64) / n - _truncated_normal_cdf(x, std, a, b)).abs().max()
+    assert ks < 1.63 / n ** 0.5
+    assert all(torch.equal(u, v) for u, v in zip(ws, draw(0)))
+    assert not torch.equal(ws[0], draw(1)[0])
+
+
 @pytest.mark.parametrize("kind", ["ac", "hope"])
 def test_init_is_seeded_and_complete(kind):
-    """Linear weights skip their default draw (models.base.Linear): _init_weights must set every one, and the
-    whole build stays a function of the seed."""
+    """Linear and Conv3d weights skip their default draw (models.base._InitLater): _init_weights must set every
+    one, and the whole build stays a function of the seed."""
     def build():
         torch.manual_seed(0)
         return build_predictor(kind, "tiny", enc_dim=64, grid=(2, 2, 2))
@@ -294,6 +317,8 @@ def test_init_is_seeded_and_complete(kind):
     for name, mod in m1.named_modules():
         if isinstance(mod, torch.nn.Linear):
             assert mod.weight.abs().max() <= 2 * std and (mod.bias is None or not mod.bias.any()), name
+    s = std / m1.stem.weight[0, 0].numel() ** 0.5     # the stem (Conv3d), also built without its default draw
+    assert m1.stem.weight.abs().max() <= 2 * s and m1.stem.weight.std() > s / 2
     lin = m1.blocks[0].attn.qkv
     lin.reset_parameters()             # a later reset is nn.Linear's Kaiming-uniform init
     assert lin.weight.abs().max() > 2 * std and lin.bias.any()
@@ -361,6 +386,58 @@ def test_official_ac_keys_load():
     from hope_kernels.config import predictor_config
     official = predictor_config("ac", "vjepa2-ac")        # the official architecture, so its weights load as is
     assert official.predict_delta is False and official.stem_kernel == 0 and official.rope_compat == "vjepa2"
+
+
+@pytest.mark.parametrize("per_block", [False, True], ids=["masked", "per-block"])
+def test_official_ac_weights_give_the_official_outputs_and_gradients(monkeypatch, per_block):
+    """Our AC predictor with the official V-JEPA 2-AC predictor's weights (facebookresearch/vjepa2, checkout named
+    by HOPE_BENCH_VJEPA2, timm stubbed) gives its outputs and parameter gradients, float32, at T 8 and T 1, through
+    either CPU attention path (per-timestep blocks forced by MIN_BLOCK_QUERIES = 1). Our input layer norm is
+    applied to the inputs beforehand (the official predictor takes them as given)."""
+    import importlib
+    import os
+    import sys
+    import types
+    root = os.environ.get("HOPE_BENCH_VJEPA2")
+    if not root or not os.path.isfile(os.path.join(root, "src", "models", "ac_predictor.py")):
+        pytest.skip("set HOPE_BENCH_VJEPA2 to a facebookresearch/vjepa2 checkout")
+    try:
+        import timm.models.layers  # noqa: F401
+    except ImportError:   # its only use there: drop_path, rate 0
+        layers = types.ModuleType("timm.models.layers")
+        layers.drop_path = lambda x, drop_prob=0.0, training=False: x
+        for name, mod in (("timm", types.ModuleType("timm")), ("timm.models", types.ModuleType("timm.models")),
+                          ("timm.models.layers", layers)):
+            monkeypatch.setitem(sys.modules, name, mod)
+    sys.path.insert(0, root)
+    try:
+        from src.models.ac_predictor import vit_ac_predictor
+    finally:
+        sys.path.remove(root)
+    from hope_kernels.models.ac_predictor import official_to_local
+    if per_block:
+        monkeypatch.setattr(importlib.import_module("hope_kernels.ops.rope_attention.cpu_blocks"),
+                            "MIN_BLOCK_QUERIES", 1)
+    torch.manual_seed(0)
+    T, H, W, D, A = 8, 4, 4, 32, 7
+    off = vit_ac_predictor(img_size=(16 * H, 16 * W), patch_size=16, num_frames=2 * T, tubelet_size=2, embed_dim=D,
+                           predictor_embed_dim=64, depth=2, num_heads=4, action_embed_dim=A, use_rope=True,
+                           is_frame_causal=True)
+    ours = build_predictor("ac", "tiny", enc_dim=D, grid=(T, H, W), width=64, depth=2, heads=4, action_dim=A,
+                           state_dim=A, stem_kernel=0, predict_delta=False, rope_compat="vjepa2")
+    ours.load_official_state_dict(off.state_dict())
+    z = torch.nn.functional.layer_norm(torch.randn(2, T, H * W, D), (D,))
+    a, s = torch.randn(2, T, A), torch.randn(2, T, A)
+    for t in (T, 1):
+        want = off(z[:, :t].flatten(1, 2), a[:, :t], s[:, :t]).view(2, t, H * W, D)
+        got = ours(z[:, :t], a[:, :t], s[:, :t])
+        assert rel_err(got, want) < 1e-5, t
+        g = torch.randn_like(want)
+        (want * g).sum().backward()
+        (got * g).sum().backward()
+    grads = official_to_local({k: p.grad for k, p in off.named_parameters() if p.grad is not None})
+    for k, p in ours.named_parameters():
+        assert rel_err(p.grad, grads[k]) < 1e-5, k
 
 
 @pytest.mark.parametrize("kind", ["ac", "hope"])

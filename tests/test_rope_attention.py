@@ -269,21 +269,26 @@ def test_fast_attention_matches_reference(backend, case):
 
 @pytest.mark.skipif("cpu" not in attn_backends_cpu(), reason="the C++ extension is not built")
 def test_cpu_attention_computes_no_masked_score(monkeypatch):
-    """The cpu backend runs one unmasked SDPA per timestep over exactly the keys that timestep may see; past
-    MAX_TIMESTEP_BLOCKS timesteps it falls back to one masked call. Both match the reference."""
+    """The cpu backend runs the flash kernels once per timestep, unmasked, over exactly the keys that timestep may
+    see (blocks of MIN_BLOCK_QUERIES tokens or more: 1 here); past MAX_TIMESTEP_BLOCKS timesteps it falls back to
+    one masked call. Both match the reference."""
     import importlib
 
     import torch.nn.functional as F
     ra_mod = importlib.import_module("hope_kernels.ops.rope_attention")   # the package, not the function
+    cb = importlib.import_module("hope_kernels.ops.rope_attention.cpu_blocks")
     blocks = ra_mod._timestep_blocks
     assert blocks(make_pos(4, 1, 2, actions=1), None) == [(0, 3, 0), (3, 6, 0), (6, 9, 0), (9, 12, 0)]
     assert blocks(make_pos(4, 1, 2, actions=1), 2) == [(0, 3, 0), (3, 6, 0), (6, 9, 3), (9, 12, 6)]
     assert blocks(make_pos(ra_mod.MAX_TIMESTEP_BLOCKS + 1, 1, 1), None) is None
+    monkeypatch.setattr(cb, "MIN_BLOCK_QUERIES", 1)
     calls = []
-    sdpa = F.scaled_dot_product_attention
+    sdpa, flash = F.scaled_dot_product_attention, cb._flash_fwd
     monkeypatch.setattr(F, "scaled_dot_product_attention",
                         lambda q, k, v, **kw: calls.append((q.shape[2], k.shape[2], kw.get("attn_mask"))) or
                         sdpa(q, k, v, **kw))
+    monkeypatch.setattr(cb, "_flash_fwd", lambda q, k, v, **kw: calls.append((q.shape[2], k.shape[2], None)) or
+                        flash(q, k, v, **kw))
     for T, window in ((4, 2), (ra_mod.MAX_TIMESTEP_BLOCKS + 3, None)):
         calls.clear()
         pos = make_pos(T, 2, 2, actions=1)
@@ -299,6 +304,47 @@ def test_cpu_attention_computes_no_masked_score(monkeypatch):
                         v.double(), g.double())
         for name, a, b in zip(("o", "dq", "dk", "dv"), got, want):
             assert rel_err(a, b) < 5 * RTOL[torch.float32], (T, name)
+
+
+@pytest.mark.skipif("cpu" not in attn_backends_cpu(), reason="the C++ extension is not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_attention_short_blocks_one_masked_call(monkeypatch, dtype):
+    """Timesteps of fewer than MIN_BLOCK_QUERIES tokens (at most MAX_MASKED_TOKENS in all): one SDPA call with the
+    block-causal mask as 0 / -inf in q's dtype, built once per pos (and again when pos changes in place); matches
+    the reference."""
+    import importlib
+
+    import torch.nn.functional as F
+    cb = importlib.import_module("hope_kernels.ops.rope_attention.cpu_blocks")
+    masks = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        if kw["attn_mask"].dtype != torch.bool:   # the reference's calls pass a bool mask
+            masks.append(kw["attn_mask"])
+        return sdpa(q, k, v, **kw)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    pos = make_pos(4, 2, 2, actions=1)
+    assert pos.shape[0] < cb.MIN_BLOCK_QUERIES * 4
+    q, k, v = qkv(1, 2, pos.shape[0], 32, dtype=dtype)
+    g = torch.randn_like(q)
+    for window in (None, 2, 2):
+        got = _fwd_bwd(lambda a, b, c: rope_attention(a, b, c, pos, window=window, backend="cpu"), q, k, v, g)
+        want = _fwd_bwd(lambda a, b, c: ref.rope_attention_reference(a, b, c, pos, window), q.double(),
+                        k.double(), v.double(), g.double())
+        for name, a, b in zip(("o", "dq", "dk", "dv"), got, want):
+            assert a.dtype == dtype and rel_err(a, b) < 5 * RTOL[torch.float32], (window, name)
+    assert len(masks) == 3 and masks[1] is masks[2] and masks[0] is not masks[1]
+    keep = ref.block_causal_mask(pos[:, 0], 2)
+    assert masks[2].dtype == dtype and torch.equal(masks[2] == 0, keep) and (masks[2][~keep] == float("-inf")).all()
+    pos[-1, 0] += 1                      # changed in place (last token now at t 4): a new mask
+    rope_attention(q, k, v, pos, window=2, backend="cpu")
+    assert masks[2][-1, 10] == 0 and masks[-1][-1, 10] == float("-inf")   # key 10 is at t 2
+    n = len(masks)
+    monkeypatch.setattr(cb, "MAX_MASKED_TOKENS", pos.shape[0] - 1)    # past it: per-block kernels, no mask
+    rope_attention(q, k, v, pos, window=2, backend="cpu")
+    assert len(masks) == n
+
 
 @pytest.mark.parametrize("backend", attn_backends_cpu())
 def test_fast_attention_bf16(backend):

@@ -26,26 +26,67 @@ def trunc_normal_(w: torch.Tensor, std: float, a: float, b: float) -> torch.Tens
     torch.nn.init.trunc_normal_ (torch 2.13) draws the whole tensor again until no element is out of range (about
     six rounds for a (4096, 1024) weight at +-2 std): 41 of the 46 s of a loaded vjepa2-ac build. Bounds past
     4 std (where float32 u resolves the tail poorly) and half-precision tensors go to torch's sampler."""
-    if w.dtype not in (torch.float32, torch.float64) or not -4.0 <= a / std < b / std <= 4.0:
+    if not _inverse_cdf_ok(w.dtype, std, a, b):
         return nn.init.trunc_normal_(w, std=std, a=a, b=b)
     r2 = math.sqrt(2.0)
     with torch.no_grad():
         return w.uniform_(math.erf(a / std / r2), math.erf(b / std / r2)).erfinv_().mul_(std * r2).clamp_(a, b)
 
 
-class Linear(nn.Linear):
-    """nn.Linear without the default Kaiming-uniform draw while it is built: PredictorBase._init_weights sets the
-    weight and bias of every Linear of a predictor, and the draw it replaced took 5-8 s of a loaded vjepa2-ac
-    build. A later reset_parameters() call is nn.Linear's."""
+def _inverse_cdf_ok(dtype: torch.dtype, std: float, a: float, b: float) -> bool:
+    return dtype in (torch.float32, torch.float64) and -4.0 <= a / std < b / std <= 4.0
 
-    def __init__(self, n_in: int, n_out: int, bias: bool = True):
+
+def trunc_normal_all_(ws: list[torch.Tensor], std: float, a: float, b: float, batch: int = 1 << 23) -> None:
+    """trunc_normal_(w, std, a, b) for every w of ws, drawn up to `batch` elements at a time into one buffer and
+    copied out. The serial random draw then writes memory already touched (the buffer), each weight's first write
+    (its page faults) is a copy that runs on every thread, and a weight costs one parallel op instead of three:
+    with a core busy elsewhere each parallel op waited ~17 ms for it, 732 of them in a HOPE vjepa2-ac build."""
+    groups: dict = {}
+    for w in ws:
+        if w.is_meta:
+            continue
+        if w.numel() >= batch or not _inverse_cdf_ok(w.dtype, std, a, b):
+            trunc_normal_(w, std, a, b)
+        else:
+            groups.setdefault((w.dtype, w.device), []).append(w)
+    with torch.no_grad():
+        for (dtype, device), group in groups.items():
+            buf = torch.empty(min(batch, sum(w.numel() for w in group)), dtype=dtype, device=device)
+            start = 0
+            while start < len(group):
+                n, end = 0, start
+                while end < len(group) and n + group[end].numel() <= batch:
+                    n += group[end].numel()
+                    end += 1
+                u, o = trunc_normal_(buf[:n], std, a, b), 0
+                for w in group[start:end]:
+                    w.copy_(u[o:o + w.numel()].view(w.shape))
+                    o += w.numel()
+                start = end
+
+
+class _InitLater:
+    """Mixin for the predictors' nn.Linear / nn.Conv3d: no default Kaiming-uniform draw while the module is built.
+    PredictorBase._init_weights sets the parameters of every one, and the draws it replaced took 5-8 s of a
+    loaded vjepa2-ac build. A later reset_parameters() call is torch's."""
+
+    def __init__(self, *args, **kwargs):
         self._building = True
-        super().__init__(n_in, n_out, bias=bias)
+        super().__init__(*args, **kwargs)
         del self._building
 
     def reset_parameters(self):
         if not getattr(self, "_building", False):
             super().reset_parameters()
+
+
+class Linear(_InitLater, nn.Linear):
+    pass
+
+
+class Conv3d(_InitLater, nn.Conv3d):
+    pass
 
 
 class RoPEAttention(nn.Module):
@@ -59,7 +100,8 @@ class RoPEAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         B, L, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, L, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        # unbind before the head transpose: their gradients are then stacked straight into (B, L, 3, H, d)
+        q, k, v = (t.transpose(1, 2) for t in self.qkv(x).reshape(B, L, 3, self.heads, C // self.heads).unbind(2))
         o = rope_attention(q, k, v, pos, window=self.window, rope_compat=self.rope_compat)
         return self.proj(o.transpose(1, 2).reshape(B, L, C))
 
@@ -86,7 +128,7 @@ class PredictorBase(nn.Module):
         k = c.stem_kernel
         # each patch token also sees its k x k neighbourhood now and one timestep back (causal): motion is local,
         # and block-causal attention alone learns such sharp local patterns slowly (docs/training.md)
-        self.stem = nn.Conv3d(2 * c.enc_dim, c.width, (1, k, k), padding=(0, k // 2, k // 2), bias=False) if k else None
+        self.stem = Conv3d(2 * c.enc_dim, c.width, (1, k, k), padding=(0, k // 2, k // 2), bias=False) if k else None
         self.action_encoder = Linear(c.action_dim, c.width)
         self.state_encoder = Linear(c.state_dim, c.width) if c.state_dim > 0 else None
         self.norm = nn.LayerNorm(c.width, eps=c.ln_eps)
@@ -105,9 +147,9 @@ class PredictorBase(nn.Module):
     # -- init (docs/design.md#predictors: truncated normal std 0.02, residual projections / sqrt(2 * layer)) --
     def _init_weights(self):
         std = self.config.init_std
+        trunc_normal_all_([m.weight for m in self.modules() if isinstance(m, nn.Linear)], std, -2 * std, 2 * std)
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std, -2 * std, 2 * std)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):

@@ -56,12 +56,12 @@ class SelfModifyingMemory(nn.Module):
         if self.self_ref:
             # learned initial states (outer loop) of M_k, M_v, M_eta, M_alpha, M_mem: random maps. (M_mem = 0
             # would be a fixed point: its self-generated target v M_mem is then 0 too.)
-            self.M0 = nn.Parameter(torch.randn(_N_MEM, H, dh, dh) * dh ** -0.5)
+            self.M0 = nn.Parameter(torch.randn(_N_MEM, H, dh, dh).mul_(dh ** -0.5))
             self.gate_read = nn.Parameter(torch.zeros(2, H, dh))         # static readout of the eta/alpha memories
         else:
             self.kv = Linear(c.width, 2 * c.width, bias=False)
             self.gates = Linear(c.width, 2 * H)
-            self.M0 = nn.Parameter(torch.randn(1, H, dh, dh) * dh ** -0.5)
+            self.M0 = nn.Parameter(torch.randn(1, H, dh, dh).mul_(dh ** -0.5))
         # gate biases: eta_t starts near 0.12 * eta_max / P, the retention near 0.99 per timestep (P tokens)
         self.gate_bias = nn.Parameter(torch.tensor([-2.0, 4.6]))
         if self.rule == "titans":

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from hope_kernels.ops.checks import check_same_device, check_same_dtype, check_same_shape, check_tensor
 from hope_kernels.ops.registry import Backend, OpTable, register
+from hope_kernels.ops.rope_attention.cpu_blocks import timestep_block_attention
 from hope_kernels.ops.rope_attention.reference import (ROPE_COMPAT, block_causal_mask, rope3d_reference,
                                                        rope_attention_reference, rope_freqs)
 
@@ -168,8 +169,7 @@ def _rotate_then_sdpa(backend: str, q, k, v, pos, window: int, vjepa2: bool, sca
     kr = _ROPE(backend, k, pos, vjepa2)
     blocks = _timestep_blocks(pos, window) if backend == "cpu" else None
     if blocks is not None:
-        return (torch.cat([F.scaled_dot_product_attention(qr[:, :, s:e], kr[:, :, ks:e], v[:, :, ks:e], scale=scale)
-                           for s, e, ks in blocks], dim=2),)
+        return (timestep_block_attention(qr, kr, v, pos, blocks, window, scale),)
     mask = block_causal_mask(pos[:, 0], window)
     return (F.scaled_dot_product_attention(qr, kr, v, attn_mask=mask, scale=scale),)
 
