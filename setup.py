@@ -7,6 +7,7 @@ Install with `pip install --no-build-isolation -e .` (see README). Environment s
   TORCH_CUDA_ARCH_LIST       CUDA targets, default "9.0" (Hopper)
   MAX_JOBS                   parallel compile jobs (read by torch's build)
 """
+
 import glob
 import os
 import sys
@@ -26,8 +27,11 @@ def _extensions():
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except ImportError:
-        print("hope-kernels: torch is not installed in the build environment; building no extension. "
-              "Install torch first and use `pip install --no-build-isolation -e .`", file=sys.stderr)
+        print(
+            "hope-kernels: torch is not installed in the build environment; building no extension. "
+            "Install torch first and use `pip install --no-build-isolation -e .`",
+            file=sys.stderr,
+        )
         return [], {}
 
     here = os.path.dirname(os.path.abspath(__file__))
@@ -45,24 +49,39 @@ def _extensions():
     if _flag("HOPE_KERNELS_FORCE_CUDA") and not (torch_has_cuda and nvcc_found):
         raise RuntimeError(
             f"HOPE_KERNELS_FORCE_CUDA=1 but torch has CUDA={torch_has_cuda} and nvcc found={nvcc_found} "
-            f"(CUDA_HOME={CUDA_HOME}); install a CUDA build of torch and the CUDA toolkit")
+            f"(CUDA_HOME={CUDA_HOME}); install a CUDA build of torch and the CUDA toolkit"
+        )
     if not build_cuda:
-        why = ("HOPE_KERNELS_SKIP_CUDA set" if not want_cuda else
-               "torch is a CPU build" if not torch_has_cuda else
-               "nvcc not found (set CUDA_HOME)" if not nvcc_found else "no GPU visible")
+        why = (
+            "HOPE_KERNELS_SKIP_CUDA set"
+            if not want_cuda
+            else "torch is a CPU build"
+            if not torch_has_cuda
+            else "nvcc not found (set CUDA_HOME)"
+            if not nvcc_found
+            else "no GPU visible"
+        )
         print(f"hope-kernels: building C++ CPU kernels only ({why})", file=sys.stderr)
-        ext = CppExtension("hope_kernels._C", cpp_sources, extra_compile_args={"cxx": cxx_flags},
-                           extra_link_args=["-fopenmp"] if sys.platform != "win32" else [])
+        ext = CppExtension(
+            "hope_kernels._C",
+            cpp_sources,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"] if sys.platform != "win32" else [],
+        )
     else:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
-        print(f"hope-kernels: building C++ and CUDA kernels for TORCH_CUDA_ARCH_LIST="
-              f"{os.environ['TORCH_CUDA_ARCH_LIST']}", file=sys.stderr)
+        print(
+            f"hope-kernels: building C++ and CUDA kernels for TORCH_CUDA_ARCH_LIST="
+            f"{os.environ['TORCH_CUDA_ARCH_LIST']}",
+            file=sys.stderr,
+        )
         ext = CUDAExtension(
-            "hope_kernels._C", cpp_sources + cuda_sources,
+            "hope_kernels._C",
+            cpp_sources + cuda_sources,
             define_macros=[("HOPE_KERNELS_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags,
-                                "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
-            extra_link_args=["-fopenmp"])
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
+            extra_link_args=["-fopenmp"],
+        )
     ext.include_dirs.append(os.path.join(here, "csrc"))
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

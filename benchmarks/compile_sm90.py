@@ -11,6 +11,7 @@ Triton produced). Exit status 1 when a kernel fails to compile. Must run without
 Compiling is not running: a kernel that compiles can still be wrong or slow; the GPU tests and benchmarks
 (benchmarks/run_gpu.sh) decide that.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,7 +52,7 @@ class _CompileOnlyDriver:
         return torch.device("cpu")
 
 
-COMPILED: list = []   # (case, kernel name, CompiledKernel)
+COMPILED: list = []  # (case, kernel name, CompiledKernel)
 _CASE = [""]
 
 
@@ -67,17 +68,32 @@ _RUN = JITFunction.run
 def _ptxas_resources(ptx: str, arch: int) -> dict:
     """registers, spill bytes, stack and shared memory of the kernel in `ptx`, from `ptxas -v`."""
     from triton.backends.nvidia.compiler import get_ptxas
+
     ptxas = get_ptxas(arch).path
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        out = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}a" if arch >= 90 else f"--gpu-name=sm_{arch}",
-                              src, "-o", os.path.join(d, "k.cubin")], capture_output=True, text=True)
+        out = subprocess.run(
+            [
+                ptxas,
+                "-v",
+                f"--gpu-name=sm_{arch}a" if arch >= 90 else f"--gpu-name=sm_{arch}",
+                src,
+                "-o",
+                os.path.join(d, "k.cubin"),
+            ],
+            capture_output=True,
+            text=True,
+        )
     text = out.stdout + out.stderr
     get = lambda pat: int(m.group(1)) if (m := re.search(pat, text)) else -1  # noqa: E731
-    return dict(regs=get(r"Used (\d+) registers"), spill_st=get(r"(\d+) bytes spill stores"),
-                spill_ld=get(r"(\d+) bytes spill loads"), stack=get(r"(\d+) bytes stack frame"))
+    return dict(
+        regs=get(r"Used (\d+) registers"),
+        spill_st=get(r"(\d+) bytes spill stores"),
+        spill_ld=get(r"(\d+) bytes spill loads"),
+        stack=get(r"(\d+) bytes stack frame"),
+    )
 
 
 def _cases():
@@ -88,8 +104,8 @@ def _cases():
     from hope_kernels.ops.rope_attention.reference import rope_freqs
     from hope_kernels.ops.titans import triton as titans
 
-    r = lambda *s, dtype=torch.float32: torch.randn(*s, dtype=dtype)      # noqa: E731
-    u = lambda *s: 0.5 + 0.5 * torch.rand(*s)                            # noqa: E731
+    r = lambda *s, dtype=torch.float32: torch.randn(*s, dtype=dtype)  # noqa: E731
+    u = lambda *s: 0.5 + 0.5 * torch.rand(*s)  # noqa: E731
 
     def l1_case(dtype):
         def run():
@@ -97,18 +113,21 @@ def _cases():
             l1.l1_per_step_triton(p, t, True, 1e-6)
             l1.l1_per_step_triton(p, t, True, 1e-6, reduce="last_program")
             l1.l1_per_step_backward_triton(p, t, torch.ones(2), True, 1e-6)
+
         return run
 
     def rope_case(dtype, d=64):
         def run():
             L = 2 * 258
-            pos = torch.stack(torch.meshgrid(torch.arange(2), torch.arange(16), torch.arange(16), indexing="ij"),
-                              -1).reshape(-1, 3)
+            pos = torch.stack(
+                torch.meshgrid(torch.arange(2), torch.arange(16), torch.arange(16), indexing="ij"), -1
+            ).reshape(-1, 3)
             pos = torch.cat([pos[:258], pos[:258] + torch.tensor([1, 0, 0])])[:L]
             q, k, v = (r(1, 2, L, d, dtype=dtype) for _ in range(3))
             w = rope_freqs(d, None)
-            o, lse = rope.rope_attention_fwd_triton(q, k, v, pos, w, 0, d ** -0.5)
-            rope.rope_attention_bwd_triton(r(1, 2, L, d, dtype=dtype), q, k, v, o, lse, pos, w, 0, d ** -0.5)
+            o, lse = rope.rope_attention_fwd_triton(q, k, v, pos, w, 0, d**-0.5)
+            rope.rope_attention_bwd_triton(r(1, 2, L, d, dtype=dtype), q, k, v, o, lse, pos, w, 0, d**-0.5)
+
         return run
 
     def dgd_case(C, d=64, dtype=torch.float32, vb=None, tsolve=None):
@@ -118,6 +137,7 @@ def _cases():
             a, e = u(1, 2, L), 0.1 * u(1, 2, L)
             o, M, states = dgd.dgd_fwd_triton(q, k, v, a, e, r(1, 2, d, d), C, vb, tsolve)
             dgd.dgd_bwd_triton(q, k, v, a, e, states, r(1, 2, L, d, dtype=dtype), r(1, 2, d, d), C, vb, tsolve)
+
         return run
 
     def titans_linear_case(C, d=64, vb=None):
@@ -126,8 +146,8 @@ def _cases():
             q, k, v = (r(1, 2, L, d) for _ in range(3))
             g = [0.1 * u(1, 2, L) for _ in range(3)]
             o, Ws, Ss = titans.titans_linear_fwd_triton(q, k, v, *g, r(1, 2, d, d), r(1, 2, d, d), C, vb)
-            titans.titans_linear_bwd_triton(q, k, v, *g, Ws, Ss, r(1, 2, L, d), r(1, 2, d, d), r(1, 2, d, d), C,
-                                            vb)
+            titans.titans_linear_bwd_triton(q, k, v, *g, Ws, Ss, r(1, 2, L, d), r(1, 2, d, d), r(1, 2, d, d), C, vb)
+
         return run
 
     def titans_mlp_case(C, d=64, dh=64):
@@ -138,6 +158,7 @@ def _cases():
             st = [r(1, 2, d, dh), r(1, 2, dh, d), r(1, 2, d, dh), r(1, 2, dh, d)]
             o, *S = titans.titans_mlp_fwd_triton(q, k, v, *g, *st, C)
             titans.titans_mlp_bwd_triton(q, k, v, *g, *S, r(1, 2, L, d), *[x.clone() for x in st], C)
+
         return run
 
     return {
@@ -182,19 +203,23 @@ def main(argv=None) -> int:
         try:
             run()
             print(f"compiled {name} in {time.perf_counter() - t0:.1f} s", flush=True)
-        except Exception:                                               # report every case, then fail
+        except Exception:  # report every case, then fail
             failed.append(name)
             print(f"FAILED {name}:\n{traceback.format_exc()}", flush=True)
-    rows = ["| case | kernel | warps | regs/thread | spill st/ld bytes | stack bytes | shared bytes |",
-            "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| case | kernel | warps | regs/thread | spill st/ld bytes | stack bytes | shared bytes |",
+        "|---|---|---|---|---|---|---|",
+    ]
     seen = set()
     for case, kname, k in COMPILED:
-        if (case, kname, k.hash) in seen:   # the same compiled kernel launched again in this case
+        if (case, kname, k.hash) in seen:  # the same compiled kernel launched again in this case
             continue
         seen.add((case, kname, k.hash))
         res = _ptxas_resources(k.asm["ptx"], args.arch)
-        rows.append(f"| {case} | {kname} | {k.metadata.num_warps} | {res['regs']} | {res['spill_st']} / "
-                    f"{res['spill_ld']} | {res['stack']} | {k.metadata.shared} |")
+        rows.append(
+            f"| {case} | {kname} | {k.metadata.num_warps} | {res['regs']} | {res['spill_st']} / "
+            f"{res['spill_ld']} | {res['stack']} | {k.metadata.shared} |"
+        )
     table = "\n".join(rows)
     print(f"\nTriton {triton.__version__}, target sm_{args.arch}\n\n{table}")
     if args.md:

@@ -12,6 +12,7 @@ runs the op k times (a CUDA graph of k launches: ms is then per launch, nbytes i
 adds "% copy" to the row.
 Suites that time with pytest-benchmark themselves add their rows with the `bench_row` fixture.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,7 +25,7 @@ import torch
 from hope_kernels.io import atomic_write_bytes
 
 ROWS: list[dict] = []
-BASELINES = ("eager", "eager_chunked")   # the backend a group's speed-ups are measured against
+BASELINES = ("eager", "eager_chunked")  # the backend a group's speed-ups are measured against
 WARMUP = os.environ.get("HOPE_BENCH_WARMUP", "0") == "1"
 
 
@@ -44,6 +45,7 @@ def _cpu_peak_bytes(fn) -> int | None:
     kept from earlier calls is not reused unseen). None where /proc is not there."""
     try:
         import ctypes
+
         ctypes.CDLL("libc.so.6").malloc_trim(0)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -69,8 +71,18 @@ def _peak_bytes(fn, device: str) -> int | None:
 
 @pytest.fixture
 def bench(benchmark):
-    def run(fn, *, group: str, backend: str, device: str = "cpu", nbytes: int | None = None,
-            flops: float | None = None, budget_s: float = 1.0, calls: int = 1, ceiling_gbps: float | None = None):
+    def run(
+        fn,
+        *,
+        group: str,
+        backend: str,
+        device: str = "cpu",
+        nbytes: int | None = None,
+        flops: float | None = None,
+        budget_s: float = 1.0,
+        calls: int = 1,
+        ceiling_gbps: float | None = None,
+    ):
         def call():
             fn()
             _sync(device)
@@ -86,10 +98,17 @@ def bench(benchmark):
         benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=1)
         median = benchmark.stats.stats.median
         gbps = (nbytes / median / 1e9) if nbytes else None
-        row = dict(group=group, backend=backend, device=device, ms=median * 1e3 / calls, rounds=rounds,
-                   gbps=gbps, tflops=(flops / median / 1e12) if flops else None,
-                   peak_mib=(peak / 2**20) if peak is not None else None,
-                   pct_copy=(100 * gbps / ceiling_gbps) if gbps and ceiling_gbps else None)
+        row = dict(
+            group=group,
+            backend=backend,
+            device=device,
+            ms=median * 1e3 / calls,
+            rounds=rounds,
+            gbps=gbps,
+            tflops=(flops / median / 1e12) if flops else None,
+            peak_mib=(peak / 2**20) if peak is not None else None,
+            pct_copy=(100 * gbps / ceiling_gbps) if gbps and ceiling_gbps else None,
+        )
         return add_row(row)
 
     return run
@@ -116,7 +135,7 @@ def _with_speedups(rows: list[dict]) -> list[dict]:
     return rows
 
 
-_EXISTING: dict = {}   # path -> rows already in that file when this session first wrote it (earlier suites)
+_EXISTING: dict = {}  # path -> rows already in that file when this session first wrote it (earlier suites)
 
 
 def _write_json() -> None:
@@ -135,9 +154,11 @@ def _write_json() -> None:
 def _warmup_only(request):
     """HOPE_BENCH_WARMUP=1: `benchmark.pedantic` runs its target once (compiling what it launches), then skips."""
     if WARMUP and "benchmark" in request.fixturenames:
+
         def compile_only(target, args=(), kwargs=None, **_):
             target(*args, **(kwargs or {}))
             pytest.skip("HOPE_BENCH_WARMUP=1: ran once to compile, not timed")
+
         request.getfixturevalue("benchmark").pedantic = compile_only
     yield
 
@@ -151,10 +172,12 @@ def pytest_collection_modifyitems(items):
     (token loop, torch.compile), then the 8x-long shapes' rows (whose eager baselines take seconds per call).
     A run stopped by its time limit (benchmarks/run_gpu.sh) then has every ratio at the regular shapes: on an
     H200 (2026-11-27) the 8x rows used the dgd and titans suites' 70 s before any torch.compile row ran."""
+
     def key(item):
         params = getattr(getattr(item, "callspec", None), "params", {})
         names = [v for v in params.values() if isinstance(v, str)]
         return any("x8" in v for v in names), any(v in SLOW_BASELINES for v in names)
+
     items.sort(key=key)
 
 
@@ -164,11 +187,15 @@ def pytest_terminal_summary(terminalreporter):
     _with_speedups(ROWS)
     tr = terminalreporter
     tr.section("hope-kernels benchmark summary (speed-up = eager ms / ms)")
-    tr.write_line(f"{'group':58s} {'backend':16s} {'ms':>10s} {'speed-up':>9s} {'GB/s':>8s} {'TFLOP/s':>8s} "
-                  f"{'peak MiB':>9s} {'% copy':>7s}")
+    tr.write_line(
+        f"{'group':58s} {'backend':16s} {'ms':>10s} {'speed-up':>9s} {'GB/s':>8s} {'TFLOP/s':>8s} "
+        f"{'peak MiB':>9s} {'% copy':>7s}"
+    )
     fmt = lambda v, f: (f % v) if v is not None else "-"
     for r in ROWS:
-        tr.write_line(f"{r['group'][:58]:58s} {r['backend'][:16]:16s} {r['ms']:10.3f} "
-                      f"{fmt(r['speedup_vs_eager'], '%8.2fx'):>9s} {fmt(r['gbps'], '%8.1f'):>8s} "
-                      f"{fmt(r['tflops'], '%8.2f'):>8s} {fmt(r['peak_mib'], '%9.1f'):>9s} "
-                      f"{fmt(r.get('pct_copy'), '%6.1f%%'):>7s}")
+        tr.write_line(
+            f"{r['group'][:58]:58s} {r['backend'][:16]:16s} {r['ms']:10.3f} "
+            f"{fmt(r['speedup_vs_eager'], '%8.2fx'):>9s} {fmt(r['gbps'], '%8.1f'):>8s} "
+            f"{fmt(r['tflops'], '%8.2f'):>8s} {fmt(r['peak_mib'], '%9.1f'):>9s} "
+            f"{fmt(r.get('pct_copy'), '%6.1f%%'):>7s}"
+        )

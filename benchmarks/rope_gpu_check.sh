@@ -18,7 +18,7 @@ BASE=benchmarks/results/$(date -u +%Y-%m-%d)-$GPU-rope
 echo "== $GPU, $($PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)')"
 
 t0=$SECONDS
-timeout -s INT -k 10 "${T_TESTS:-60}" $PY -m pytest tests/test_rope_attention.py tests/test_models.py -q \
+timeout -s INT -k 10 "${T_TESTS:-60}" $PY -m pytest tests/ops/test_rope_attention.py tests/models/test_models.py -q \
   -p no:cacheprovider -n 12 -k "gpu and not cuda" --tb=short -rfE > "$O/rope_tests.log" 2>&1
 trc=$?
 echo "tests: rc=$trc in $((SECONDS - t0)) s"

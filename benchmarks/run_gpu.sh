@@ -49,7 +49,7 @@ LIMIT=${STAGE_TIMEOUT:-100}
 SPECS=${BENCH_SPECS:-device:10 l1_loss:35 rope_attention:25 dgd:60 titans:70}
 # only the tests that touch the GPU (CI runs the rest), kernels never run on a GPU first; the nvcc compile
 # checks are CI's too
-GPU_TESTS="tests/test_titans.py tests/test_dgd.py tests/test_l1_loss.py tests/test_models.py tests/test_rope_attention.py"
+GPU_TESTS="tests/ops/test_titans.py tests/ops/test_dgd.py tests/ops/test_l1_loss.py tests/models/test_models.py tests/ops/test_rope_attention.py"
 SUITES=""
 for spec in $SPECS; do
   f=benchmarks/test_bench_${spec%%[:@]*}.py

@@ -10,6 +10,7 @@ Speed is reported, never asserted.
 
     pytest benchmarks/test_bench_dgd.py --benchmark-only -s
 """
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,11 @@ HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 # name -> ((B, H, L, dk, dv), chunk_size)
 if HAS_CUDA:
-    SHAPES = {"clip": ((4, 16, 8 * 258, 64, 64), 16), "hope_step": ((4, 80, 258, 64, 64), 258),
-              "clip_x8": ((4, 16, 8 * 8 * 258, 64, 64), 16)}
+    SHAPES = {
+        "clip": ((4, 16, 8 * 258, 64, 64), 16),
+        "hope_step": ((4, 80, 258, 64, 64), 258),
+        "clip_x8": ((4, 16, 8 * 8 * 258, 64, 64), 16),
+    }
 else:
     SHAPES = {"cpu_small": ((1, 4, 512, 32, 32), 16)}
 _BASE: dict = {}
@@ -65,18 +69,26 @@ def _paths():
     fast = ("triton", "cuda") if HAS_CUDA else ("cpu",)
     for b in fast:
         if avail[b]:
-            paths[b] = (lambda b: lambda C: lambda *x: dgd_memory(*x[:5], chunk_size=C, initial_state=x[5],
-                                                                  output_final_state=True, backend=b))(b)
-            if b == "triton":   # the same backend with each sub-chunk's T solved before the walk (PATH_ENV)
+            paths[b] = (
+                lambda b: (
+                    lambda C: (
+                        lambda *x: dgd_memory(
+                            *x[:5], chunk_size=C, initial_state=x[5], output_final_state=True, backend=b
+                        )
+                    )
+                )
+            )(b)
+            if b == "triton":  # the same backend with each sub-chunk's T solved before the walk (PATH_ENV)
                 paths[TRITON_PRE_T] = paths[b]
     paths["token_loop"] = lambda C: lambda *x: dgd_memory_token_loop(*x[:5], C, x[5])
-    paths["compiled_chunked"] = lambda C: lambda *x: dgd_memory_chunked_reference(*x[:5], C, x[5],
-                                                                                   chunk_step=_compiled_step)
+    paths["compiled_chunked"] = lambda C: (
+        lambda *x: dgd_memory_chunked_reference(*x[:5], C, x[5], chunk_step=_compiled_step)
+    )
     return paths
 
 
 PATHS = _paths()
-WARMUP = os.environ.get("HOPE_BENCH_WARMUP", "0") == "1"   # conftest.py: run once, time nothing
+WARMUP = os.environ.get("HOPE_BENCH_WARMUP", "0") == "1"  # conftest.py: run once, time nothing
 
 
 def _sync():
@@ -85,7 +97,7 @@ def _sync():
 
 
 def _step(fn, inputs, backward, env=None):
-    with mock.patch.dict(os.environ, env or {}):     # restored afterwards, also on an error
+    with mock.patch.dict(os.environ, env or {}):  # restored afterwards, also on an error
         o, M = fn(*inputs)
         if backward:
             (o.float().square().mean() + M.square().mean()).backward()
@@ -95,7 +107,7 @@ def _step(fn, inputs, backward, env=None):
 
 
 def _time(fn, inputs, backward, reps=3):
-    _step(fn, inputs, backward)                    # warm-up (and compilation)
+    _step(fn, inputs, backward)  # warm-up (and compilation)
     t = time.perf_counter()
     for _ in range(reps):
         _step(fn, inputs, backward)
@@ -122,18 +134,34 @@ def test_bench_dgd(benchmark, bench_row, path, shape_name, mode):
                 _BASE[key] = _time(PATHS[base](C), inputs, backward, reps=1)
         if HAS_CUDA:
             torch.cuda.reset_peak_memory_stats()
-        benchmark.pedantic(_step, args=(fn, inputs, backward, PATH_ENV.get(path)), rounds=3, iterations=1,
-                           warmup_rounds=1)
+        benchmark.pedantic(
+            _step, args=(fn, inputs, backward, PATH_ENV.get(path)), rounds=3, iterations=1, warmup_rounds=1
+        )
     ms = benchmark.stats.stats.mean * 1e3
     if path in ("eager_chunked", "token_loop"):
-        _BASE[(path, shape_name, mode)] = ms      # baselines run first: later rows compare with these
+        _BASE[(path, shape_name, mode)] = ms  # baselines run first: later rows compare with these
     peak = torch.cuda.max_memory_allocated() / 2**30 if HAS_CUDA else float("nan")
     eager = _BASE.get(("eager_chunked", shape_name, mode), float("nan"))
     loop = _BASE.get(("token_loop", shape_name, mode), float("nan"))
-    benchmark.extra_info.update(shape=shape, chunk_size=C, mode=mode, ms=ms, vs_eager_chunked=eager / ms,
-                                vs_token_loop=loop / ms, peak_gib=peak,
-                                device=torch.cuda.get_device_name() if HAS_CUDA else "cpu")
-    bench_row(group=f"dgd {shape_name} {tuple(shape)} C={C} {mode}", backend=path, device=DEVICE, ms=ms,
-              rounds=3, peak_mib=peak * 1024 if HAS_CUDA else None)
-    print(f"\n[dgd] {shape_name} {tuple(shape)} C={C} {mode:7s} {path:16s} {ms:9.2f} ms  "
-          f"x{eager / ms:6.2f} vs eager chunked  x{loop / ms:7.2f} vs token loop  peak {peak:.2f} GiB")
+    benchmark.extra_info.update(
+        shape=shape,
+        chunk_size=C,
+        mode=mode,
+        ms=ms,
+        vs_eager_chunked=eager / ms,
+        vs_token_loop=loop / ms,
+        peak_gib=peak,
+        device=torch.cuda.get_device_name() if HAS_CUDA else "cpu",
+    )
+    bench_row(
+        group=f"dgd {shape_name} {tuple(shape)} C={C} {mode}",
+        backend=path,
+        device=DEVICE,
+        ms=ms,
+        rounds=3,
+        peak_mib=peak * 1024 if HAS_CUDA else None,
+    )
+    print(
+        f"\n[dgd] {shape_name} {tuple(shape)} C={C} {mode:7s} {path:16s} {ms:9.2f} ms  "
+        f"x{eager / ms:6.2f} vs eager chunked  x{loop / ms:7.2f} vs token loop  peak {peak:.2f} GiB"
+    )

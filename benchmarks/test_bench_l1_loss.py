@@ -4,6 +4,7 @@ forward+backward call starts from pred.grad = None, as a training step after zer
 the previous call's gradient would add a read and a write of it). At the ViT-L shape the forward+backward group
 also has its bandwidth floor, "copy": the bytes of pred, target and grad moved once (see test_l1_copy_floor). On a
 GPU the kernel-only rows (CUDA-graph timed, inputs rotated past L2) also give % of the device copy bandwidth."""
+
 import pytest
 import torch
 
@@ -27,11 +28,12 @@ def _fn(backend, pred, target, w, mode):
     else:
         f = lambda: l1_rollout_loss(pred, target, w, backend=backend)
     if mode == "fwd":
-        return lambda: (torch.no_grad()(f)() if backend in ("eager", "torch.compile") else f())
+        return lambda: torch.no_grad()(f)() if backend in ("eager", "torch.compile") else f()
 
     def step():
         pred.grad = None
         f()[0].backward()
+
     return step
 
 
@@ -46,8 +48,13 @@ def test_l1_rollout_loss(bench, backend, shape, dtype, mode):
     target = torch.randn(shape, device=DEVICE, dtype=dtype)
     w = torch.linspace(0.5, 2.0, shape[1], device=DEVICE)
     nbytes = pred.numel() * pred.element_size() * (2 if mode == "fwd" else 5)
-    bench(_fn(backend, pred, target, w, mode), group=f"l1 {mode} {tuple(shape)} {str(dtype)[6:]}",
-          backend=backend, device=DEVICE, nbytes=nbytes)
+    bench(
+        _fn(backend, pred, target, w, mode),
+        group=f"l1 {mode} {tuple(shape)} {str(dtype)[6:]}",
+        backend=backend,
+        device=DEVICE,
+        nbytes=nbytes,
+    )
 
 
 @pytest.mark.parametrize("backend", ["copy", "copy fresh"])
@@ -61,8 +68,13 @@ def test_l1_copy_floor(bench, backend, dtype):
     src = torch.randn(torch.Size(shape).numel() * 3 // 2, device=DEVICE, dtype=dtype)
     dst = torch.empty_like(src)
     fn = (lambda: dst.copy_(src)) if backend == "copy" else (lambda: src.clone())
-    bench(fn, group=f"l1 fwd+bwd {tuple(shape)} {str(dtype)[6:]}", backend=backend, device=DEVICE,
-          nbytes=2 * src.numel() * src.element_size())
+    bench(
+        fn,
+        group=f"l1 fwd+bwd {tuple(shape)} {str(dtype)[6:]}",
+        backend=backend,
+        device=DEVICE,
+        nbytes=2 * src.numel() * src.element_size(),
+    )
 
 
 # Kernel-only rows: GPU time of the op's kernels alone. Each timed call replays one CUDA graph of >= 48
@@ -120,6 +132,7 @@ def test_l1_kernel_only(bench, backend, dtype, stage):
     moves the same bytes as the kernel rows of its group (same-size ceiling, for context).
     "triton last_program": the Triton forward reduced inside its one launch (HOPE_L1_FWD_REDUCE)."""
     from hope_kernels.ops.l1_loss.triton import l1_per_step_backward_triton, l1_per_step_triton
+
     # the kernels alone, without the op's weighting (as the backends of hope_kernels/ops/l1_loss/__init__.py call them)
     per_step = {"cuda": torch.ops.hope_kernels.l1_per_step, "triton": l1_per_step_triton}
     per_step_backward = {"cuda": torch.ops.hope_kernels.l1_per_step_backward, "triton": l1_per_step_backward_triton}
@@ -146,6 +159,13 @@ def test_l1_kernel_only(bench, backend, dtype, stage):
         else:
             calls.append(lambda p=pred, t=target: per_step_backward[backend](p, t, coef, True, 1e-6))
     g = _graph(calls * (launches // sets))
-    row = bench(g.replay, group=f"l1 kernel {stage} {tuple(shape)} {str(dtype)[6:]}", backend=backend,
-                device=DEVICE, nbytes=nbytes * launches, calls=launches, ceiling_gbps=ceiling)
+    row = bench(
+        g.replay,
+        group=f"l1 kernel {stage} {tuple(shape)} {str(dtype)[6:]}",
+        backend=backend,
+        device=DEVICE,
+        nbytes=nbytes * launches,
+        calls=launches,
+        ceiling_gbps=ceiling,
+    )
     row["copy_1gib_gbps"] = ceiling

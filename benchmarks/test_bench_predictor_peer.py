@@ -15,6 +15,7 @@ loss. What differs: our predictor layer-normalises its input latents (the offici
 and its attention runs through `rope_attention` (auto backend) where the official code rotates q and k with
 per-slice tensor ops and calls SDPA with a materialised mask.
 """
+
 from __future__ import annotations
 
 import os
@@ -44,11 +45,17 @@ def _official_factory():
     except ImportError:
         layers = types.ModuleType("timm.models.layers")
         layers.drop_path = lambda x, drop_prob=0.0, training=False: x
-        sys.modules.update({"timm": types.ModuleType("timm"), "timm.models": types.ModuleType("timm.models"),
-                            "timm.models.layers": layers})
+        sys.modules.update(
+            {
+                "timm": types.ModuleType("timm"),
+                "timm.models": types.ModuleType("timm.models"),
+                "timm.models.layers": layers,
+            }
+        )
     if VJEPA2 not in sys.path:
         sys.path.insert(0, VJEPA2)
     from src.models.ac_predictor import vit_ac_predictor
+
     return vit_ac_predictor
 
 
@@ -57,17 +64,38 @@ def _build(who: str, name: str):
     B, T, H, W, D, width, depth, heads, A = CONFIGS[name]
     torch.manual_seed(0)
     if who == "official":
-        m = _official_factory()(img_size=(16 * H, 16 * W), patch_size=16, num_frames=2 * T, tubelet_size=2,
-                                embed_dim=D, predictor_embed_dim=width, depth=depth, num_heads=heads,
-                                action_embed_dim=A, use_rope=True, is_frame_causal=True)
+        m = _official_factory()(
+            img_size=(16 * H, 16 * W),
+            patch_size=16,
+            num_frames=2 * T,
+            tubelet_size=2,
+            embed_dim=D,
+            predictor_embed_dim=width,
+            depth=depth,
+            num_heads=heads,
+            action_embed_dim=A,
+            use_rope=True,
+            is_frame_causal=True,
+        )
         m = m.to(DEVICE)
 
         def forward(z, a, s):
             return m(z.flatten(1, 2), a, s).view(z.shape)
     else:
-        m = build_predictor("ac", "tiny", enc_dim=D, grid=(T, H, W), width=width, depth=depth, heads=heads,
-                            action_dim=A, state_dim=A, stem_kernel=0, predict_delta=False,
-                            rope_compat="vjepa2").to(DEVICE)
+        m = build_predictor(
+            "ac",
+            "tiny",
+            enc_dim=D,
+            grid=(T, H, W),
+            width=width,
+            depth=depth,
+            heads=heads,
+            action_dim=A,
+            state_dim=A,
+            stem_kernel=0,
+            predict_delta=False,
+            rope_compat="vjepa2",
+        ).to(DEVICE)
         forward = m
     return m, forward
 
@@ -93,16 +121,26 @@ WHO = ["ours", "official"]
 def test_predictor_tiny_fwd_bwd(bench, who):
     m, forward = _build(who, "tiny")
     z, a, s = _inputs("tiny")
-    bench(lambda: forward(z, a, s).abs().mean().backward(), group="predictor ac tiny fwd+bwd", backend=who,
-          device=DEVICE, budget_s=3.0)
+    bench(
+        lambda: forward(z, a, s).abs().mean().backward(),
+        group="predictor ac tiny fwd+bwd",
+        backend=who,
+        device=DEVICE,
+        budget_s=3.0,
+    )
 
 
 @pytest.mark.parametrize("who", WHO)
 def test_predictor_tiny_tf_rollout(bench, who):
     m, forward = _build(who, "tiny")
     z, a, s = _inputs("tiny")
-    bench(lambda: _tf_rollout_loss(forward, z, a, s).backward(), group="predictor ac tiny tf+rollout fwd+bwd",
-          backend=who, device=DEVICE, budget_s=3.0)
+    bench(
+        lambda: _tf_rollout_loss(forward, z, a, s).backward(),
+        group="predictor ac tiny tf+rollout fwd+bwd",
+        backend=who,
+        device=DEVICE,
+        budget_s=3.0,
+    )
 
 
 @pytest.mark.parametrize("who", WHO)
@@ -115,4 +153,5 @@ def test_predictor_real_size_fwd(bench, who):
     def fwd():
         with torch.no_grad():
             forward(z, a, s)
+
     bench(fwd, group="predictor ac vjepa2-ac fwd B=1", backend=who, device=DEVICE, budget_s=0.0)

@@ -5,6 +5,7 @@ Each row: shape, backend, mode, ms, ratio to eager (eager ms / ms, > 1 = faster)
 visible (unmasked) score pairs only, peak memory (GPU). GPU rows skip without CUDA; a small CPU shape runs on
 the CPU. Run: pytest benchmarks/test_bench_rope_attention.py --benchmark-only -s
 """
+
 import pytest
 import torch
 
@@ -16,7 +17,7 @@ HAS_CUDA = torch.cuda.is_available()
 AVAIL = backends()
 RESULTS: dict = {}
 
-GPU_SHAPES = {"clip": (4, 16, 8, 64), "clip-x8": (4, 16, 64, 64)}   # (B, H, T, d); tokens per step 258
+GPU_SHAPES = {"clip": (4, 16, 8, 64), "clip-x8": (4, 16, 64, 64)}  # (B, H, T, d); tokens per step 258
 CPU_SHAPES = {"cpu-small": (1, 4, 4, 64)}
 
 
@@ -56,11 +57,13 @@ def _report(benchmark, key, flops):
     RESULTS[key] = ms
     base = RESULTS.get(key[:-1] + ("eager",))
     ratio = base / ms if base else float("nan")
-    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if key[0] != "cpu-small" and HAS_CUDA else float("nan")
+    peak = torch.cuda.max_memory_allocated() / 2**30 if key[0] != "cpu-small" and HAS_CUDA else float("nan")
     tflops = flops / (ms * 1e-3) / 1e12
     benchmark.extra_info.update(ms=ms, ratio_to_eager=ratio, tflops_visible=tflops, peak_gib=peak)
-    print(f"\n{key[0]:>10} {key[2]:>7} {key[3]:>8}  {ms:9.3f} ms  x{ratio:5.2f}  {tflops:7.2f} TFLOP/s  "
-          f"peak {peak:6.2f} GiB")
+    print(
+        f"\n{key[0]:>10} {key[2]:>7} {key[3]:>8}  {ms:9.3f} ms  x{ratio:5.2f}  {tflops:7.2f} TFLOP/s  "
+        f"peak {peak:6.2f} GiB"
+    )
 
 
 def _run(benchmark, shape_name, shape, device, dtype, backend, mode, window=None):
@@ -123,7 +126,9 @@ def test_bench_cpu_rotation(benchmark, backend):
     ms = benchmark.stats.stats.mean * 1e3
     RESULTS[("rot", backend)] = ms
     base = RESULTS.get(("rot", "eager"))
-    gbs = 4 * x.numel() * x.element_size() / (ms * 1e-3) / 1e9        # read x, write y, read g, write dx
+    gbs = 4 * x.numel() * x.element_size() / (ms * 1e-3) / 1e9  # read x, write y, read g, write dx
     benchmark.extra_info.update(ms=ms, ratio_to_eager=base / ms if base else float("nan"), gb_s=gbs)
-    print(f"\n  rotation {backend:>7} fwd+bwd  {ms:9.3f} ms  x{(base / ms if base else float('nan')):5.2f}  "
-          f"{gbs:6.2f} GB/s")
+    print(
+        f"\n  rotation {backend:>7} fwd+bwd  {ms:9.3f} ms  x{(base / ms if base else float('nan')):5.2f}  "
+        f"{gbs:6.2f} GB/s"
+    )

@@ -45,6 +45,7 @@ call on two chunks (the libraries load and initialise), then the inputs and modu
 resident set (VmHWM, reset through /proc/self/clear_refs; where that file cannot be written, ru_maxrss) of one
 forward+backward minus the resident set just before it: what the call adds on top of its inputs and parameters.
 """
+
 import os
 import subprocess
 import sys
@@ -56,17 +57,23 @@ import torch.nn.functional as F
 from hope_kernels import backends
 from hope_kernels.ops import titans_memory
 from hope_kernels.ops.titans import _LINEAR, _MLP, LINEAR_BACKENDS, MLP_BACKENDS
-from hope_kernels.ops.titans.reference import (titans_chunked, titans_linear_chunk_step, titans_mlp_chunk_step,
-                                               titans_token_loop)
+from hope_kernels.ops.titans.reference import (
+    titans_chunked,
+    titans_linear_chunk_step,
+    titans_mlp_chunk_step,
+    titans_token_loop,
+)
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 C = 16
-SHAPES = ({"clip": (4, 16, 8 * 258, 64), "clip_x8": (4, 16, 8 * 8 * 258, 64)} if CUDA
-          else {"cpu_small": (1, 4, 512, 32)})
+SHAPES = {"clip": (4, 16, 8 * 258, 64), "clip_x8": (4, 16, 8 * 8 * 258, 64)} if CUDA else {"cpu_small": (1, 4, 512, 32)}
 # eager first (the ratios' base), then the fast paths, then the slow baselines
-PATHS = (["eager_chunked"] + [b for b in LINEAR_BACKENDS if b != "reference"] + ["explicit", "token_loop",
-                                                                                  "compiled_chunked"])
+PATHS = (
+    ["eager_chunked"]
+    + [b for b in LINEAR_BACKENDS if b != "reference"]
+    + ["explicit", "token_loop", "compiled_chunked"]
+)
 RESULTS = {}
 
 
@@ -75,8 +82,14 @@ def _inputs(shape, grad):
     g = torch.Generator(device=DEVICE).manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=g, device=DEVICE)
     u = lambda *s: torch.rand(*s, generator=g, device=DEVICE)
-    x = [F.normalize(r(B, H, L, d), dim=-1), F.normalize(r(B, H, L, d), dim=-1), r(B, H, L, d),
-         0.1 * u(B, H, L), 0.9 * u(B, H, L), 0.1 * u(B, H, L)]
+    x = [
+        F.normalize(r(B, H, L, d), dim=-1),
+        F.normalize(r(B, H, L, d), dim=-1),
+        r(B, H, L, d),
+        0.1 * u(B, H, L),
+        0.9 * u(B, H, L),
+        0.1 * u(B, H, L),
+    ]
     return [t.requires_grad_(grad) for t in x]
 
 
@@ -102,11 +115,12 @@ def _fn(path, memory="linear", state=None, chunk=C):
             step = titans_linear_chunk_step if memory == "linear" else titans_mlp_chunk_step
             _compiled[memory] = torch.compile(step)
         return lambda *x: titans_chunked(*x, **kw, chunk_step=_compiled[memory])[0]
-    if path == "explicit":   # the custom op with the explicit PyTorch forward/backward of reference.py
+    if path == "explicit":  # the custom op with the explicit PyTorch forward/backward of reference.py
         if memory == "mlp":
             return lambda *x: _MLP.ops["explicit"](*x, *state, chunk)[0]
-        return lambda *x: _LINEAR.ops["explicit"](*x, *(torch.zeros(*x[0].shape[:2], x[0].shape[-1], x[2].shape[-1],
-                                                                   device=DEVICE),) * 2, chunk)[0]
+        return lambda *x: _LINEAR.ops["explicit"](
+            *x, *(torch.zeros(*x[0].shape[:2], x[0].shape[-1], x[2].shape[-1], device=DEVICE),) * 2, chunk
+        )[0]
     return lambda *x: titans_memory(*x, backend=path, **kw)[0]
 
 
@@ -133,8 +147,9 @@ def test_titans(benchmark, bench_row, path, shape_name, mode):
 
 
 MLP_DH = 64
-MLP_PATHS = ["eager_chunked"] + [b for b in MLP_BACKENDS if b not in ("reference", "cpu")] + ["token_loop",
-                                                                                            "compiled_chunked"]
+MLP_PATHS = (
+    ["eager_chunked"] + [b for b in MLP_BACKENDS if b not in ("reference", "cpu")] + ["token_loop", "compiled_chunked"]
+)
 
 
 @pytest.mark.skipif(not CUDA, reason="MLP memory on GPU (on CPU: test_titans_cpu_peer)")
@@ -152,7 +167,7 @@ def test_titans_mlp(benchmark, bench_row, path, shape_name, mode):
 
 # ---------------------------------------------------------------- CPU: NeuralMemory's configuration (issue 22)
 
-NM_SHAPE = (2, 4, 2064, 64)   # B, heads, L, head dim; MLP hidden width MLP_DH
+NM_SHAPE = (2, 4, 2064, 64)  # B, heads, L, head dim; MLP hidden width MLP_DH
 NM_CHUNKS = (16, 64)
 PEER_PATHS = ["cpu", "explicit", "eager_chunked", "neural_memory"]
 
@@ -176,9 +191,17 @@ def _peer_case(memory: str, path: str, chunk: int, length: int = NM_SHAPE[2]):
     L = length
     if path == "neural_memory":
         from titans_pytorch import NeuralMemory
+
         torch.manual_seed(0)
-        mem = NeuralMemory(dim=H * d, chunk_size=chunk, dim_head=d, heads=H, model=_ResidualSiluMLP(d, MLP_DH),
-                           pre_rmsnorm=False, mem_model_norm_add_residual=False)
+        mem = NeuralMemory(
+            dim=H * d,
+            chunk_size=chunk,
+            dim_head=d,
+            heads=H,
+            model=_ResidualSiluMLP(d, MLP_DH),
+            pre_rmsnorm=False,
+            mem_model_norm_add_residual=False,
+        )
         seq = torch.randn(B, L, H * d, requires_grad=True)
         return (lambda s: mem(s)[0]), [seq]
     x = _inputs((B, H, L, d), True)
@@ -195,8 +218,10 @@ def _peer_skip(memory: str, path: str):
         try:
             import titans_pytorch  # noqa: F401
         except ImportError:
-            pytest.skip("titans-pytorch is not installed (pip install 'hope-kernels[peer]' or titans-pytorch): "
-                        "no NeuralMemory row")
+            pytest.skip(
+                "titans-pytorch is not installed (pip install 'hope-kernels[peer]' or titans-pytorch): "
+                "no NeuralMemory row"
+            )
     if path == "cpu" and not backends()["cpu"]:
         pytest.skip("cpu not available (the C++ extension is not built)")
 
@@ -204,10 +229,16 @@ def _peer_skip(memory: str, path: str):
 def _peak_mib(memory: str, path: str, chunk: int):
     """Peak memory of one forward+backward in a fresh subprocess (module docstring), MiB; None when it failed."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072",
-               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--peak", memory, path, str(chunk)],
-                       capture_output=True, text=True, env=env, timeout=1800)
+    env = dict(
+        os.environ, MALLOC_MMAP_THRESHOLD_="131072", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", "")
+    )
+    r = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--peak", memory, path, str(chunk)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1800,
+    )
     if r.returncode != 0:
         print(f"\n[titans] peak memory of {memory} {path} C={chunk} not measured: {r.stderr[-500:]}")
         return None
@@ -221,8 +252,18 @@ def test_titans_cpu_peer(benchmark, bench_row, memory, chunk, path):
     _peer_skip(memory, path)
     fn, args = _peer_case(memory, path, chunk)
     name = f"nm_C{chunk}" + ("_mlp" if memory == "mlp" else "")
-    _measure(benchmark, bench_row, fn, args, path, name, "fwd_bwd", NM_SHAPE, chunk=chunk,
-             peak_mib=_peak_mib(memory, path, chunk))
+    _measure(
+        benchmark,
+        bench_row,
+        fn,
+        args,
+        path,
+        name,
+        "fwd_bwd",
+        NM_SHAPE,
+        chunk=chunk,
+        peak_mib=_peak_mib(memory, path, chunk),
+    )
 
 
 def _measure(benchmark, bench_row, fn, x, path, shape_name, mode, shape, chunk=C, peak_mib=None):
@@ -234,6 +275,7 @@ def _measure(benchmark, bench_row, fn, x, path, shape_name, mode, shape, chunk=C
             o.sum().backward()
         if CUDA:
             torch.cuda.synchronize()
+
     run()  # warm-up (compilation, autotune)
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
@@ -246,19 +288,29 @@ def _measure(benchmark, bench_row, fn, x, path, shape_name, mode, shape, chunk=C
     RESULTS[(shape_name, mode, path)] = (ms, peak_mib)
     eager = RESULTS.get((shape_name, mode, "eager_chunked"))
     benchmark.extra_info.update(ms=ms, peak_mib=peak_mib, speedup_vs_eager_chunked=eager[0] / ms if eager else None)
-    bench_row(group=f"titans {shape_name} {tuple(shape)} C={chunk} {mode}", backend=path, device=DEVICE, ms=ms,
-              rounds=rounds, peak_mib=peak_mib)
+    bench_row(
+        group=f"titans {shape_name} {tuple(shape)} C={chunk} {mode}",
+        backend=path,
+        device=DEVICE,
+        ms=ms,
+        rounds=rounds,
+        peak_mib=peak_mib,
+    )
     # one line per row as it finishes (the end-of-module table is lost when the time limit stops the run)
     peak = "-" if peak_mib is None else f"{peak_mib:.1f} MiB"
-    print(f"\n[titans] {shape_name} {mode:7s} {path:16s} {ms:9.2f} ms  "
-          f"x{eager[0] / ms if eager else float('nan'):6.2f} vs eager chunked  peak {peak}")
+    print(
+        f"\n[titans] {shape_name} {mode:7s} {path:16s} {ms:9.2f} ms  "
+        f"x{eager[0] / ms if eager else float('nan'):6.2f} vs eager chunked  peak {peak}"
+    )
 
 
 def teardown_module():
     if not RESULTS:
         return
-    print(f"\n{'shape':>12} {'mode':>8} {'path':>17} {'ms':>10} {'x eager':>8} {'x loop':>8} {'x peer':>8} "
-          f"{'peak MiB':>9}")
+    print(
+        f"\n{'shape':>12} {'mode':>8} {'path':>17} {'ms':>10} {'x eager':>8} {'x loop':>8} {'x peer':>8} "
+        f"{'peak MiB':>9}"
+    )
     for (sn, mode, path), (ms, peak) in sorted(RESULTS.items()):
         e = RESULTS.get((sn, mode, "eager_chunked"), (float("nan"),))[0]
         t = RESULTS.get((sn, mode, "token_loop"), (float("nan"),))[0]
@@ -279,12 +331,12 @@ def _peak_main(memory: str, path: str, chunk: str) -> None:
         fn(*args).sum().backward()
 
     C = int(chunk)
-    run(*_peer_case(memory, path, C, length=2 * C))   # warm-up on 2 chunks: libraries load and initialise
+    run(*_peer_case(memory, path, C, length=2 * C))  # warm-up on 2 chunks: libraries load and initialise
     fn, args = _peer_case(memory, path, C)
     base = kib("VmRSS:")
     try:
         with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")    # reset VmHWM (the process's peak) to the current resident set
+            f.write("5")  # reset VmHWM (the process's peak) to the current resident set
     except OSError:
         run(fn, args)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

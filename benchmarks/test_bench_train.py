@@ -3,6 +3,7 @@ fastest available ops (`auto`), side by side per model (pytest-benchmark group =
 
     pytest benchmarks/test_bench_train.py --benchmark-only --benchmark-group-by=group
 """
+
 import os
 import sys
 
@@ -10,11 +11,11 @@ import pytest
 import torch
 
 import hope_kernels.train as tr
-from hope_kernels.train.data import _collate
 from hope_kernels.models import build_predictor
+from hope_kernels.train.data import _collate
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from synthetic_clips import physics_clips  # noqa: E402
+from helpers.synthetic_clips import physics_clips  # noqa: E402
 
 B = 4
 

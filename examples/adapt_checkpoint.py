@@ -5,6 +5,7 @@ errors (`metrics.phase_means`); optionally save the StreamLog as JSON. `hope-ker
     python examples/adapt_checkpoint.py --checkpoint runs/train_hope/model/checkpoint.safetensors \
         --data runs/train_hope/data --strategy hope
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,7 +35,7 @@ def main(argv=None) -> int:
     model = load_any(args.checkpoint, device=args.device)
     stream = make_stream(args.data, clips_per_phase=args.clips_per_phase, seed=args.seed)
     log = adapt_stream(model, stream, args.strategy, lr=args.lr, steps=args.steps, seed=args.seed)
-    for metric in ("tf", "rollout", "copy_tf"):   # copy_tf: the copy-last baseline on the same clips
+    for metric in ("tf", "rollout", "copy_tf"):  # copy_tf: the copy-last baseline on the same clips
         print(metric, json.dumps({k: round(v, 4) for k, v in phase_means(log.errors(metric), log.phases).items()}))
     if args.log:
         atomic_write_json(args.log, log.to_dict())

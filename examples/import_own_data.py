@@ -11,6 +11,7 @@ Latents (n, T, N, D) or (n, T, H, W, D); actions (n, T, A). Splits are assigned 
 heldout; the stream gets 10% of each phase). Then: `hope-kernels aba --preset quick --out runs/mine --data data/mine`,
 which takes 6 stream clips per phase, so each phase needs at least 60 clips.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,9 @@ def main(argv=None) -> int:
             import_files(args.out, lat, act, phase, append=k > 0)
     print(verify_dataset(args.out))
     stream = make_stream(args.out, phases=("A1", "B", "A2"), seed=0)
-    print(f"stream: {len(stream.clips)} clips, held-out per phase: "
-          f"{ {ph: len(c) for ph, c in stream.heldout.items()} }")
+    print(
+        f"stream: {len(stream.clips)} clips, held-out per phase: { {ph: len(c) for ph, c in stream.heldout.items()} }"
+    )
     return 0
 
 

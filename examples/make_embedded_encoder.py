@@ -5,16 +5,22 @@ the latent fingerprint of a fixed clip (`load_embedded_encoder().encode`, `laten
 
 The weights are a deterministic function of seed 0 (numpy PCG64), so rerunning reproduces the same bytes
 (one metadata key only: safetensors writes metadata from a hash map, so several keys come out in random order).
-tests/test_encoder.py checks the shipped file against both.
+tests/models/test_encoder.py checks the shipped file against both.
 """
+
 import hashlib
 import json
 
 from safetensors.torch import save
 
 from hope_kernels.io import atomic_write_bytes
-from hope_kernels.models.encoder import (EMBEDDED_FINGERPRINT, EMBEDDED_WEIGHTS, build_embedded_weights,
-                                         latent_fingerprint, load_embedded_encoder)
+from hope_kernels.models.encoder import (
+    EMBEDDED_FINGERPRINT,
+    EMBEDDED_WEIGHTS,
+    build_embedded_weights,
+    latent_fingerprint,
+    load_embedded_encoder,
+)
 
 
 def fixed_clip_latents():
@@ -22,6 +28,7 @@ def fixed_clip_latents():
     import numpy as np
 
     from hope_kernels.data.physics import Physics, simulate_clips
+
     clip = simulate_clips(1, Physics(0.5, 1.0), np.random.default_rng(1234))
     return load_embedded_encoder().encode(clip["frames"])
 
@@ -30,9 +37,12 @@ def main():
     # the script's former path, as the shipped bytes record it: renaming it would change the weights' sha256
     data = save(build_embedded_weights(seed=0), metadata={"generator": "python/make_embedded_encoder.py seed=0"})
     atomic_write_bytes(EMBEDDED_WEIGHTS, data)
-    fp = {"weights_sha256": hashlib.sha256(data).hexdigest(), "seed": 0,
-          "reference_clip": "simulate_clips(1, Physics(0.5, 1.0), np.random.default_rng(1234))",
-          "latents": latent_fingerprint(fixed_clip_latents())}
+    fp = {
+        "weights_sha256": hashlib.sha256(data).hexdigest(),
+        "seed": 0,
+        "reference_clip": "simulate_clips(1, Physics(0.5, 1.0), np.random.default_rng(1234))",
+        "latents": latent_fingerprint(fixed_clip_latents()),
+    }
     atomic_write_bytes(EMBEDDED_FINGERPRINT, (json.dumps(fp, indent=1) + "\n").encode())
     print(f"wrote {EMBEDDED_WEIGHTS} ({len(data)} bytes) and {EMBEDDED_FINGERPRINT}")
 

@@ -4,6 +4,7 @@
     python examples/reproduce_aba.py --preset quick --out runs/quick
     python examples/reproduce_aba.py --out /tmp/smoke --seeds 0 --steps 5 --clips 2 --runs hope,ac+layernorm
 """
+
 from __future__ import annotations
 
 import argparse

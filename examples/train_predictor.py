@@ -4,6 +4,7 @@ hope_kernels.config.TrainConfig keys), on the embedded simulated data (`data.ens
 
     python examples/train_predictor.py --model hope --steps 200 --out runs/train_hope
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,10 +32,24 @@ def main(argv=None) -> int:
     from hope_kernels.train import train
 
     data = args.data or ensure_dataset(Path(args.out) / "data", preset=args.data_preset)
-    res = train({"model": args.model, "preset": args.preset, "overrides": {}, "data": str(data),
-                 "phases": args.phases.split(","), "split": "train", "steps": args.steps,
-                 "batch_size": args.batch_size, "lr": args.lr, "seed": 0, "device": args.device,
-                 "out": str(Path(args.out) / "model"), "overwrite": args.overwrite, "progress": True})
+    res = train(
+        {
+            "model": args.model,
+            "preset": args.preset,
+            "overrides": {},
+            "data": str(data),
+            "phases": args.phases.split(","),
+            "split": "train",
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "seed": 0,
+            "device": args.device,
+            "out": str(Path(args.out) / "model"),
+            "overwrite": args.overwrite,
+            "progress": True,
+        }
+    )
     print(f"checkpoint: {res.checkpoint}")
     return 0
 

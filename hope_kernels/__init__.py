@@ -3,6 +3,7 @@
 Ops live in `hope_kernels.ops` (one folder per op family: eager reference, Triton, compiled C++/CUDA, one
 dispatcher). `hope_kernels.backends()` says which fast paths this installation has.
 """
+
 from hope_kernels.dispatch import BACKENDS, backends, resolve_backend
 
 __version__ = "0.1.0"

@@ -25,6 +25,7 @@ Each entry of config["runs"]: {"name", "model": "ac" | "hope", "strategy" (adapt
 config["pretrain"], e.g. {"lr": 1.0e-3}), "privileged", "label"}. The reference points `oracle` (trained on
 B) and `joint` (trained on A1 + B) are runs with train_phases ["B"] / ["A1", "B"] and strategy "none".
 """
+
 from __future__ import annotations
 
 import copy
@@ -44,23 +45,45 @@ import torch
 
 from hope_kernels import pretrained
 from hope_kernels.adapt import PRIVILEGED, STRATEGIES, AdaptOptions, StreamLog, adapt_stream
-from hope_kernels.config import (KINDS, REQUIRED, Config, TrainConfig, at_least, is_int, key_path, non_negative,
-                                 one_of, read_config_or_shipped, setting, shipped_dir)
+from hope_kernels.config import (
+    KINDS,
+    REQUIRED,
+    Config,
+    TrainConfig,
+    at_least,
+    is_int,
+    key_path,
+    non_negative,
+    one_of,
+    read_config_or_shipped,
+    setting,
+    shipped_dir,
+)
 from hope_kernels.data.format import KNOWN_PHASES
 from hope_kernels.io import FolderLock, atomic_write_json, remove_temp_files
 from hope_kernels.metrics import aggregate, mean_ci, paired_difference, phase_means, run_metrics
 from hope_kernels.report import markdown_report, write_results
 
-__all__ = ["AbaConfig", "Hooks", "Results", "run_aba", "load_config", "validate_config", "select_runs", "CONFIG_DIR",
-           "METRICS"]
+__all__ = [
+    "AbaConfig",
+    "Hooks",
+    "Results",
+    "run_aba",
+    "load_config",
+    "validate_config",
+    "select_runs",
+    "CONFIG_DIR",
+    "METRICS",
+]
 
-CONFIG_DIR = shipped_dir()   # hope_kernels/configs (package data): the presets aba_<name>.yaml
+CONFIG_DIR = shipped_dir()  # hope_kernels/configs (package data): the presets aba_<name>.yaml
 METRICS = ("tf", "rollout")
 _PAIRED = ("A1", "B", "A2", "forgetting", "speed_oracle", "speed_floor")
 _COMPARED = ("B", "A2", "forgetting", "speed_oracle")
 
 
 # ------------------------------------------------------------------------------------------ config
+
 
 def load_config(preset_or_path: str, **overrides: Any) -> dict:
     """Read the shipped preset hope_kernels/configs/aba_<preset>.yaml (a name: no suffix, no folder part) or a
@@ -91,9 +114,11 @@ def _non_empty(v) -> str | None:
 
 def _train_fields(*sections: str):
     """A check: the mapping's keys are TrainConfig fields or one of `sections`."""
+
     def check(v) -> str | None:
         unknown = sorted(set(v) - set(TrainConfig.field_names()) - set(sections))
         return f"has keys that are not training config fields: {unknown}" if unknown else None
+
     return check
 
 
@@ -108,8 +133,9 @@ def _pretrain(v) -> str | None:
 @dataclasses.dataclass
 class AbaData(Config):
     """Where the dataset comes from: simulated (`preset`, `seed`) into OUT/data or `dir`, or an imported one."""
+
     WHAT: ClassVar[str] = "A-B-A data"
-    preset: str | None = None               # None: the config's preset
+    preset: str | None = None  # None: the config's preset
     seed: int = setting(0, non_negative)
     dir: str | None = None
     imported: bool = False
@@ -118,7 +144,7 @@ class AbaData(Config):
 @dataclasses.dataclass
 class AbaStream(Config):
     WHAT: ClassVar[str] = "A-B-A stream"
-    phases: list[str] | None = setting(None, _phases)                       # None: A1, B, A2
+    phases: list[str] | None = setting(None, _phases)  # None: A1, B, A2
     clips_per_phase: int | dict[str, int] | None = setting(None, _counts)
     heldout_per_phase: int | None = setting(None, non_negative)
 
@@ -126,14 +152,15 @@ class AbaStream(Config):
 @dataclasses.dataclass
 class AbaRun(Config):
     """One entry of `runs` (module docstring)."""
+
     WHAT: ClassVar[str] = "A-B-A run"
     name: str
     model: str = setting(REQUIRED, one_of(*KINDS))
     strategy: str = setting(REQUIRED, one_of(*STRATEGIES))
-    overrides: dict | None = None           # build_predictor overrides
+    overrides: dict | None = None  # build_predictor overrides
     train_phases: list[str] | None = setting(None, _phases)
-    options: AdaptOptions | None = None     # over config["adapt"]
-    pretrain: dict | None = setting(None, _train_fields())   # training fields over the config's pretrain
+    options: AdaptOptions | None = None  # over config["adapt"]
+    pretrain: dict | None = setting(None, _train_fields())  # training fields over the config's pretrain
     privileged: bool | None = None
     label: str | None = None
 
@@ -141,6 +168,7 @@ class AbaRun(Config):
 @dataclasses.dataclass
 class AbaTuning(Config):
     """Fair tuning (module docstring); `grids`: strategy -> the same number of option sets for each."""
+
     WHAT: ClassVar[str] = "A-B-A tuning"
     seeds: list[int] = setting(REQUIRED, _non_empty, _seeds)
     reserve: int = setting(REQUIRED, at_least(1))
@@ -150,35 +178,40 @@ class AbaTuning(Config):
 
     def check(self, path: str) -> None:
         if self.clips_per_phase > self.reserve:
-            raise ValueError(f"{key_path(path, 'clips_per_phase')} {self.clips_per_phase} exceeds "
-                             f"{key_path(path, 'reserve')} {self.reserve}: validation streams draw only from the "
-                             f"reserved clips")
+            raise ValueError(
+                f"{key_path(path, 'clips_per_phase')} {self.clips_per_phase} exceeds "
+                f"{key_path(path, 'reserve')} {self.reserve}: validation streams draw only from the "
+                f"reserved clips"
+            )
         for strat, grid in self.grids.items():
             if strat not in STRATEGIES:
                 raise ValueError(f"{key_path(path, 'grids')}: {strat!r} is not a strategy ({STRATEGIES})")
             if not grid:
                 raise ValueError(f"{key_path(path, 'grids')}.{strat} must be a non-empty list of option mappings")
-        if len({len(g) for g in self.grids.values()}) > 1:   # the same budget for every strategy
-            raise ValueError(f"{key_path(path, 'grids')} must give every strategy the same number of points, got "
-                             f"{ {k: len(v) for k, v in self.grids.items()} }")
+        if len({len(g) for g in self.grids.values()}) > 1:  # the same budget for every strategy
+            raise ValueError(
+                f"{key_path(path, 'grids')} must give every strategy the same number of points, got "
+                f"{ {k: len(v) for k, v in self.grids.items()} }"
+            )
 
 
 @dataclasses.dataclass
 class AbaConfig(Config):
     """The A-B-A job (hope_kernels/configs/aba_quick.yaml shows every section). `compile`: torch.compile the
     predictors in training and adaptation."""
+
     WHAT: ClassVar[str] = "A-B-A config"
-    seeds: list[int] = setting(REQUIRED, _non_empty, _seeds)   # the reported streams (and per-seed pre-trainings)
+    seeds: list[int] = setting(REQUIRED, _non_empty, _seeds)  # the reported streams (and per-seed pre-trainings)
     stream: AbaStream
     runs: list[AbaRun] = setting(REQUIRED, _non_empty)
     preset: str | None = None
     data: AbaData | None = None
-    device: str | None = None               # None: cpu
+    device: str | None = None  # None: cpu
     threads: int | None = setting(None, non_negative)
     workers: int | None = setting(None, at_least(1))
     model_preset: str | None = None
     pretrain: dict | None = setting(None, _pretrain)
-    adapt: AdaptOptions | None = None       # adapt_stream defaults of every run
+    adapt: AdaptOptions | None = None  # adapt_stream defaults of every run
     tuning: AbaTuning | None = None
     fisher_clips: int | None = setting(None, non_negative)
     replay_clips: int | None = setting(None, non_negative)
@@ -208,8 +241,9 @@ class AbaConfig(Config):
             raise ValueError(f"{key_path(path, 'headline')} names {bad}, which are not runs ({sorted(names)})")
         for i, pair in enumerate(self.comparisons or []):
             if not (len(pair) == 2 and all(n in names for n in pair)):
-                raise ValueError(f"{key_path(key_path(path, 'comparisons'), i)} must be a [run, run] pair of run "
-                                 f"names, got {pair!r}")
+                raise ValueError(
+                    f"{key_path(key_path(path, 'comparisons'), i)} must be a [run, run] pair of run names, got {pair!r}"
+                )
 
 
 def validate_config(cfg: dict) -> dict:
@@ -241,23 +275,28 @@ def select_runs(cfg: dict, names) -> dict:
 
 # ------------------------------------------------------------------------------------------- hooks
 
+
 def _default_ensure_dataset(path, preset, seed):
     from hope_kernels.data import ensure_dataset
+
     return ensure_dataset(path, preset=preset, seed=seed)
 
 
 def _default_verify_dataset(path):
     from hope_kernels.data import verify_dataset
+
     return verify_dataset(path)
 
 
 def _default_make_stream(path, phases, clips_per_phase, seed, part="report", reserve=0):
     from hope_kernels.data import make_stream
+
     return make_stream(path, phases=phases, clips_per_phase=clips_per_phase, seed=seed, part=part, reserve=reserve)
 
 
 def _default_train_clips(path, phase, n, seed):
     from hope_kernels.data import ClipDataset
+
     ds = ClipDataset(path, phase=phase, split="train")
     idx = list(range(len(ds)))
     random.Random(seed).shuffle(idx)
@@ -266,11 +305,13 @@ def _default_train_clips(path, phase, n, seed):
 
 def _default_train(config):
     from hope_kernels.train import train
+
     return train(config)
 
 
 def _default_load_checkpoint(path):
     from hope_kernels.train import load_checkpoint
+
     return load_checkpoint(path)
 
 
@@ -281,6 +322,7 @@ class Hooks:
     last `reserve` stream clips of each phase form the validation part); train_clips(path, phase, n, seed) -> [clip];
     train(config) -> obj with .model and .checkpoint; load_checkpoint(path) -> (model, state);
     verify_dataset(path) checks an imported dataset's shards against its manifest."""
+
     ensure_dataset: Callable = _default_ensure_dataset
     verify_dataset: Callable = _default_verify_dataset
     make_stream: Callable = _default_make_stream
@@ -293,6 +335,7 @@ class Hooks:
 class Results:
     """What run_aba returns: `data` (the results dict written to results.json, see hope_kernels.report) and
     `paths` of the written files."""
+
     data: dict
     paths: dict
 
@@ -305,6 +348,7 @@ class Results:
 
 
 # ------------------------------------------------------------------------------------------ helpers
+
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]+", "_", name)
@@ -340,7 +384,7 @@ def _ckpt_key(cfg: dict, run: dict, seed: int, data_id: str) -> tuple[str, dict]
 def _truncate_heldout(stream, n):
     if n is None or not getattr(stream, "heldout", None):
         return stream
-    held = {p: list(c)[:int(n)] for p, c in stream.heldout.items()}
+    held = {p: list(c)[: int(n)] for p, c in stream.heldout.items()}
     try:
         stream.heldout = held
         return stream
@@ -374,25 +418,35 @@ class _Models:
         if self.cfg.get("preset"):
             shipped, why = pretrained.find_shipped(self.cfg["preset"], core, self.data_id)
         if shipped:
-            src = {"source": "shipped", "path": shipped["path"],
-                   "note": f"shipped weights ({shipped.get('dtype')}, {shipped.get('steps')} steps)"}
+            src = {
+                "source": "shipped",
+                "path": shipped["path"],
+                "note": f"shipped weights ({shipped.get('dtype')}, {shipped.get('steps')} steps)",
+            }
             self.say(f"{name}: {src['note']} from {shipped['path']}", note=False)
-        elif (info and _fingerprint(info.get("spec")) == _fingerprint(spec)
-                and self._marked(info).is_file()):
-            src = {"source": "checkpoint", "path": str(self._marked(info)),
-                   "note": f"trained earlier in this folder ({why})" if why else "trained earlier in this folder"}
+        elif info and _fingerprint(info.get("spec")) == _fingerprint(spec) and self._marked(info).is_file():
+            src = {
+                "source": "checkpoint",
+                "path": str(self._marked(info)),
+                "note": f"trained earlier in this folder ({why})" if why else "trained earlier in this folder",
+            }
         else:
             steps = core["train"].get("steps")
             self.say(f"{name}: {why or 'no shipped weights'}; pre-training it here ({steps} steps)")
-            res = self.hooks.train({**pretrained.train_config(core, self.data_path, self.dir / key,
-                                                              self.cfg.get("device", "cpu"), self.progress),
-                                    "overwrite": True, "compile": self.cfg.get("compile", False)})
+            res = self.hooks.train(
+                {
+                    **pretrained.train_config(
+                        core, self.data_path, self.dir / key, self.cfg.get("device", "cpu"), self.progress
+                    ),
+                    "overwrite": True,
+                    "compile": self.cfg.get("compile", False),
+                }
+            )
             # relative to the markers' folder, so a copied output folder uses its own checkpoints
             atomic_write_json(marker, {"checkpoint": os.path.relpath(res.checkpoint, self.dir), "spec": spec})
             self.cache[key] = res.model.to(self.cfg.get("device", "cpu"))
             src = {"source": "trained", "path": str(res.checkpoint), "note": f"pre-trained by this job ({why})"}
-        self.info[key] = {"name": name, "model": run["model"], "phases": core["phases"], "runs": [run["name"]],
-                          **src}
+        self.info[key] = {"name": name, "model": run["model"], "phases": core["phases"], "runs": [run["name"]], **src}
         return src["source"], src["path"]
 
     def _marked(self, info: dict) -> Path:
@@ -412,6 +466,7 @@ def _load_model(kind: str, path: str, device: str):
     if kind == "shipped":
         return pretrained.load_weights(path, device)
     from hope_kernels.train import load_checkpoint
+
     return load_checkpoint(path)[0].to(device)
 
 
@@ -420,7 +475,7 @@ def _stream(hooks, data_path, phases, sc, seed, part, tuning):
     reserve = int(tuning["reserve"]) if tuning else 0
     if part == "validation":
         st = hooks.make_stream(data_path, phases, tuning["clips_per_phase"], seed, part="validation", reserve=reserve)
-        return _truncate_heldout(st, 0)      # tuning scores the stream only
+        return _truncate_heldout(st, 0)  # tuning scores the stream only
     if reserve:
         st = hooks.make_stream(data_path, phases, sc.get("clips_per_phase"), seed, part="report", reserve=reserve)
     else:
@@ -434,31 +489,39 @@ def _job_worker(job: dict) -> dict:
     torch.set_num_threads(int(job["threads"] or 1))
     hooks = Hooks()
     model = _load_model(*job["model"], job["device"])
-    stream = _stream(hooks, job["data_path"], job["phases"], job["sc"], job["stream_seed"], job["part"],
-                     job["tuning"])
+    stream = _stream(hooks, job["data_path"], job["phases"], job["sc"], job["stream_seed"], job["part"], job["tuning"])
     return _adapt_and_write(model, stream, job, hooks)
 
 
 def _adapt_and_write(model, stream, job: dict, hooks) -> dict:
-    run, options, seed = job["run"], dict(job["options"]), job["stream_seed"]   # the stream's seed drives it all
+    run, options, seed = job["run"], dict(job["options"]), job["stream_seed"]  # the stream's seed drives it all
     if run["strategy"] == "ewc" and "fisher_clips" not in options:
         options["fisher_clips"] = hooks.train_clips(job["data_path"], "A1", job["n_extra"], seed)
     if run["strategy"] == "replay" and "replay_clips" not in options:
         options["replay_clips"] = hooks.train_clips(job["data_path"], "A1", job["n_extra"], seed)
     options.setdefault("compile", job["compile"])
     torch.manual_seed(seed)
-    log = adapt_stream(model, stream, run["strategy"], seed=seed, progress=job["progress"],
-                       desc=f"{run['name']} s{seed}", **options)
+    log = adapt_stream(
+        model, stream, run["strategy"], seed=seed, progress=job["progress"], desc=f"{run['name']} s{seed}", **options
+    )
     d = log.to_dict()
-    atomic_write_json(job["path"], {"run": run, "seed": job["stream_seed"], "part": job["part"],
-                                    "fingerprint": job["fingerprint"], "log": d})
+    atomic_write_json(
+        job["path"],
+        {"run": run, "seed": job["stream_seed"], "part": job["part"], "fingerprint": job["fingerprint"], "log": d},
+    )
     return d
 
 
 # ---------------------------------------------------------------------------------------------- main
 
-def run_aba(config: dict, hooks: Hooks | None = None, out: str | Path | None = None,
-            progress: bool | None = None, source: str | None = None) -> Results:
+
+def run_aba(
+    config: dict,
+    hooks: Hooks | None = None,
+    out: str | Path | None = None,
+    progress: bool | None = None,
+    source: str | None = None,
+) -> Results:
     """Run the whole A-B-A experiment described by `config` (see hope_kernels/configs/aba_quick.yaml) into `out`
     (default config["out"]). Resumable: finished (run, seed) logs are kept and skipped. With config["workers"]
     > 1 (and the default hooks) the stream runs go to that many processes of `threads` threads each. `source`
@@ -468,6 +531,7 @@ def run_aba(config: dict, hooks: Hooks | None = None, out: str | Path | None = N
     hooks = hooks or Hooks()
     # before simulating data: `cuda` without CUDA would otherwise fail only at the first model
     from hope_kernels.train import resolve_device
+
     cfg["device"] = str(resolve_device(cfg.get("device", "cpu")))
     # absolute, so checkpoint markers and fingerprints do not depend on the working directory
     out = Path(out or cfg.get("out") or "runs/aba").resolve()
@@ -479,8 +543,9 @@ def run_aba(config: dict, hooks: Hooks | None = None, out: str | Path | None = N
         return _run_locked(cfg, hooks, custom_hooks, out, progress, source)
 
 
-def _run_locked(cfg: dict, hooks: Hooks, custom_hooks: bool, out: Path, progress: bool | None,
-                source: str | None) -> Results:
+def _run_locked(
+    cfg: dict, hooks: Hooks, custom_hooks: bool, out: Path, progress: bool | None, source: str | None
+) -> Results:
     progress = cfg.get("progress", True) if progress is None else progress
     if cfg.get("threads"):
         # tiny models on a shared CPU: more intra-op threads than cores only add contention
@@ -503,9 +568,13 @@ def _run_locked(cfg: dict, hooks: Hooks, custom_hooks: bool, out: Path, progress
             raise FileNotFoundError(f"--data {data_path}: no manifest.json there (import a dataset first)")
         hooks.verify_dataset(data_path)  # sha256 of every shard: ~1 s per GB
     else:
-        data_path = Path(hooks.ensure_dataset(Path(data_cfg.get("dir") or out / "data"),
-                                              data_cfg.get("preset", cfg.get("preset", "quick")),
-                                              int(data_cfg.get("seed", 0))))
+        data_path = Path(
+            hooks.ensure_dataset(
+                Path(data_cfg.get("dir") or out / "data"),
+                data_cfg.get("preset", cfg.get("preset", "quick")),
+                int(data_cfg.get("seed", 0)),
+            )
+        )
     data_path = data_path.resolve()
     data_id = _data_id(data_path)
     sc = cfg["stream"]
@@ -521,13 +590,37 @@ def _run_locked(cfg: dict, hooks: Hooks, custom_hooks: bool, out: Path, progress
         n_extra = {"ewc": cfg.get("fisher_clips", 8), "replay": cfg.get("replay_clips", 16)}.get(run["strategy"])
         # the reserve decides which clips the reported streams draw from, clips_per_phase the validation streams
         pool = {"reserve": tuning["reserve"], "val_clips": tuning["clips_per_phase"]} if tuning else None
-        fp = _fingerprint({"run": run, "options": options, "stream": sc, "data": data_id, "extra": n_extra,
-                           "part": part, "pool": pool, "ckpt": _ckpt_key(cfg, run, seed, data_id)[0],
-                           "code": _code_id(*_ADAPT_CODE)})
-        return {"run": run, "seed": seed, "stream_seed": stream_seed, "options": options, "part": part,
-                "n_extra": n_extra, "path": str(path), "fingerprint": fp, "data_path": str(data_path),
-                "phases": phases, "sc": sc, "tuning": tuning, "threads": cfg.get("threads") or 1,
-                "device": cfg["device"], "progress": progress and workers == 1, "compile": cfg.get("compile", False)}
+        fp = _fingerprint(
+            {
+                "run": run,
+                "options": options,
+                "stream": sc,
+                "data": data_id,
+                "extra": n_extra,
+                "part": part,
+                "pool": pool,
+                "ckpt": _ckpt_key(cfg, run, seed, data_id)[0],
+                "code": _code_id(*_ADAPT_CODE),
+            }
+        )
+        return {
+            "run": run,
+            "seed": seed,
+            "stream_seed": stream_seed,
+            "options": options,
+            "part": part,
+            "n_extra": n_extra,
+            "path": str(path),
+            "fingerprint": fp,
+            "data_path": str(data_path),
+            "phases": phases,
+            "sc": sc,
+            "tuning": tuning,
+            "threads": cfg.get("threads") or 1,
+            "device": cfg["device"],
+            "progress": progress and workers == 1,
+            "compile": cfg.get("compile", False),
+        }
 
     def execute(jobs: list[dict], desc: str) -> list[dict]:
         """Logs (dicts) of `jobs`, in order: stored ones whose fingerprint matches, the rest run here or in the
@@ -543,12 +636,14 @@ def _run_locked(cfg: dict, hooks: Hooks, custom_hooks: bool, out: Path, progress
         bar = None
         if progress and todo:
             from tqdm.auto import tqdm
+
             bar = tqdm(total=len(todo), desc=desc, unit="run")
         if workers > 1 and len(todo) > 1:
-            for i in todo:   # train or find every model first, in this process
+            for i in todo:  # train or find every model first, in this process
                 jobs[i]["model"] = models.source(jobs[i]["run"], jobs[i]["seed"])
-            from concurrent.futures import ProcessPoolExecutor
             import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
             with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
                 for i, d in zip(todo, pool.map(_job_worker, [jobs[i] for i in todo])):
                     logs[i] = d
@@ -590,24 +685,30 @@ def _run_locked(cfg: dict, hooks: Hooks, custom_hooks: bool, out: Path, progress
         for (name, gi), d in zip(index, vlogs):
             errs = StreamLog.from_dict(d).errors(metric)
             scores.setdefault(name, {}).setdefault(gi, []).append(sum(errs) / len(errs))
-        tuning_out = {"seeds": tuning["seeds"], "reserve": tuning["reserve"],
-                      "clips_per_phase": tuning["clips_per_phase"], "metric": metric,
-                      "criterion": f"mean prequential {metric} L1 over every clip of the validation streams "
-                                   f"(A1, B and A2 alike), averaged over the validation seeds", "runs": {}}
+        tuning_out = {
+            "seeds": tuning["seeds"],
+            "reserve": tuning["reserve"],
+            "clips_per_phase": tuning["clips_per_phase"],
+            "metric": metric,
+            "criterion": f"mean prequential {metric} L1 over every clip of the validation streams "
+            f"(A1, B and A2 alike), averaged over the validation seeds",
+            "runs": {},
+        }
         for r in tuned:
             grid = grids[r["strategy"]]
             means = [sum(scores[r["name"]][gi]) / len(scores[r["name"]][gi]) for gi in range(len(grid))]
             best = min(range(len(grid)), key=lambda gi: (means[gi], gi))
             chosen[r["name"]] = grid[best]
-            tuning_out["runs"][r["name"]] = {"grid": grid, "scores": means, "choice": grid[best],
-                                             "chosen_index": best}
+            tuning_out["runs"][r["name"]] = {"grid": grid, "scores": means, "choice": grid[best], "chosen_index": best}
 
     # 2. the reported streams
     jobs = []
     for seed in seeds:
         for run in runs:
             options = {**adapt_defaults, **(run.get("options") or {}), **chosen.get(run["name"], {})}
-            jobs.append(job_for(run, seed, options, "report", seed, out / "runs" / _safe(run["name"]) / f"seed{seed}.json"))
+            jobs.append(
+                job_for(run, seed, options, "report", seed, out / "runs" / _safe(run["name"]) / f"seed{seed}.json")
+            )
     done = execute(jobs, "A-B-A")
     logs: dict[str, dict[int, StreamLog]] = {r["name"]: {} for r in runs}
     for job, d in zip(jobs, done):
@@ -648,8 +749,11 @@ def _run_locked(cfg: dict, hooks: Hooks, custom_hooks: bool, out: Path, progress
 
 def _full_heldout(hooks, data_path, phases, tuning) -> dict:
     """Every held-out clip of each phase (the stream's held-out set before heldout_per_phase truncates it)."""
-    st = hooks.make_stream(data_path, phases, 0, 0) if not tuning else \
-        hooks.make_stream(data_path, phases, 0, 0, part="report", reserve=int(tuning["reserve"]))
+    st = (
+        hooks.make_stream(data_path, phases, 0, 0)
+        if not tuning
+        else hooks.make_stream(data_path, phases, 0, 0, part="report", reserve=int(tuning["reserve"]))
+    )
     return {p: list(c) for p, c in (getattr(st, "heldout", None) or {}).items()}
 
 
@@ -672,12 +776,32 @@ def summarize(cfg: dict, logs: dict[str, dict[int, StreamLog]], phases) -> dict:
     if not pairs and base and "hope" in names:
         pairs = [("hope", base)] + [("hope", n) for n in ("hope+none", "hope[no-carry]") if n in names]
     headline = cfg.get("headline") or [n for n in ("hope", base, frozen, oracle) if n]
-    data = {"runs": [{"name": r["name"], "model": r["model"], "strategy": r["strategy"],
-                      "privileged": bool(r.get("privileged", r["strategy"] in PRIVILEGED or r["name"] in PRIVILEGED)),
-                      "label": r.get("label", r["name"])} for r in runs],
-            "seeds": seeds, "phases": list(phases), "boundaries": boundaries, "baseline": base,
-            "oracle": oracle, "summary": {}, "paired": {}, "curves": {}, "copy": {}, "per_seed": {},
-            "rel_curves": {}, "comparisons": {}, "shift": {}, "headline": list(dict.fromkeys(headline))}
+    data = {
+        "runs": [
+            {
+                "name": r["name"],
+                "model": r["model"],
+                "strategy": r["strategy"],
+                "privileged": bool(r.get("privileged", r["strategy"] in PRIVILEGED or r["name"] in PRIVILEGED)),
+                "label": r.get("label", r["name"]),
+            }
+            for r in runs
+        ],
+        "seeds": seeds,
+        "phases": list(phases),
+        "boundaries": boundaries,
+        "baseline": base,
+        "oracle": oracle,
+        "summary": {},
+        "paired": {},
+        "curves": {},
+        "copy": {},
+        "per_seed": {},
+        "rel_curves": {},
+        "comparisons": {},
+        "shift": {},
+        "headline": list(dict.fromkeys(headline)),
+    }
     for metric in METRICS:
         per_seed = {}
         for r in runs:
@@ -688,15 +812,21 @@ def summarize(cfg: dict, logs: dict[str, dict[int, StreamLog]], phases) -> dict:
                 if oracle and seed in logs.get(oracle, {}):
                     ol = logs[oracle][seed]
                     ob = phase_means(ol.errors(metric), ol.phases).get("B")
-                per_seed[name][seed] = run_metrics(log, oracle_b=ob, metric=metric, window=window, tol=tol,
-                                                   order=phases)
+                per_seed[name][seed] = run_metrics(
+                    log, oracle_b=ob, metric=metric, window=window, tol=tol, order=phases
+                )
         data["summary"][metric] = {n: aggregate(v) for n, v in per_seed.items()}
         if base:
             data["paired"][metric] = {
-                n: {k: paired_difference({s: m[k] for s, m in v.items() if k in m},
-                                         {s: m[k] for s, m in per_seed[base].items() if k in m})
-                    for k in _PAIRED}
-                for n, v in per_seed.items()}
+                n: {
+                    k: paired_difference(
+                        {s: m[k] for s, m in v.items() if k in m},
+                        {s: m[k] for s, m in per_seed[base].items() if k in m},
+                    )
+                    for k in _PAIRED
+                }
+                for n, v in per_seed.items()
+            }
         curves = {}
         for r in runs:
             ls = list(logs[r["name"]].values())
@@ -704,21 +834,37 @@ def summarize(cfg: dict, logs: dict[str, dict[int, StreamLog]], phases) -> dict:
             cis = [mean_ci([lg.errors(metric)[i] for lg in ls]) for i in range(n)]
             curves[r["name"]] = {k: [c[k] for c in cis] for k in ("mean", "lo", "hi")}
         data["curves"][metric] = curves
-        data["copy"][metric] = {p: mean_ci([run_metrics(lg, metric=metric, window=window)[f"copy_{p}"]
-                                            for lg in first.values()]) for p in phases}
+        data["copy"][metric] = {
+            p: mean_ci([run_metrics(lg, metric=metric, window=window)[f"copy_{p}"] for lg in first.values()])
+            for p in phases
+        }
         data["per_seed"][metric] = per_seed
         data["rel_curves"][metric] = _relative_curves(runs, logs, metric)
         data["comparisons"][metric] = [
-            {"a": a, "b": b, "label": f"{labels[a]} vs {labels[b]}",
-             "diffs": {k: paired_difference({s: m[k] for s, m in per_seed[a].items() if k in m},
-                                            {s: m[k] for s, m in per_seed[b].items() if k in m})
-                       for k in _COMPARED}}
-            for a, b in pairs]
+            {
+                "a": a,
+                "b": b,
+                "label": f"{labels[a]} vs {labels[b]}",
+                "diffs": {
+                    k: paired_difference(
+                        {s: m[k] for s, m in per_seed[a].items() if k in m},
+                        {s: m[k] for s, m in per_seed[b].items() if k in m},
+                    )
+                    for k in _COMPARED
+                },
+            }
+            for a, b in pairs
+        ]
         if frozen and oracle:
             fb = data["summary"][metric][frozen].get("B")
             ob = data["summary"][metric][oracle].get("B")
-            data["shift"][metric] = {"frozen": frozen, "oracle": oracle, "frozen_B": fb, "oracle_B": ob,
-                                     "ratio": fb["mean"] / ob["mean"] if fb and ob and ob["mean"] else None}
+            data["shift"][metric] = {
+                "frozen": frozen,
+                "oracle": oracle,
+                "frozen_B": fb,
+                "oracle_B": ob,
+                "ratio": fb["mean"] / ob["mean"] if fb and ob and ob["mean"] else None,
+            }
     return data
 
 

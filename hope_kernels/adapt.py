@@ -36,14 +36,15 @@ Divergence guard: after adapting on a clip, the clip's adaptation loss is recomp
 more than `guard_factor` times the loss before the update, every change of that clip (weights, optimizer
 state, CMS accumulators, memory) is rolled back and counted in `StreamLog.rollbacks`.
 """
+
 from __future__ import annotations
 
 import copy
 import dataclasses
 import math
 import random
-from typing import Any, ClassVar, Sequence
 import warnings
+from typing import Any, ClassVar, Sequence
 
 import torch
 import torch.nn as nn
@@ -53,8 +54,17 @@ from hope_kernels.config import Config, at_least, finite_positive, greater_than,
 from hope_kernels.models.cms import CMSPeriods
 from hope_kernels.ops import l1_rollout_loss
 
-__all__ = ["STRATEGIES", "PRIVILEGED", "AdaptOptions", "StreamLog", "adapt_stream", "score_clip", "adaptation_loss",
-           "strategy_parameters", "clip_tensors"]
+__all__ = [
+    "STRATEGIES",
+    "PRIVILEGED",
+    "AdaptOptions",
+    "StreamLog",
+    "adapt_stream",
+    "score_clip",
+    "adaptation_loss",
+    "strategy_parameters",
+    "clip_tensors",
+]
 
 STRATEGIES = ("none", "layernorm", "last_block", "full", "lora", "ewc", "reset", "replay", "hope", "hope+ttt")
 # Strategies (and reference models) that use information a deployed model would not have.
@@ -66,6 +76,7 @@ _TTT_PARAMS = ("layernorm", "last_block", "full")
 @dataclasses.dataclass
 class AdaptOptions(Config):
     """The options of adapt_stream (module docstring): what each strategy uses, with its defaults and checks."""
+
     WHAT: ClassVar[str] = "adaptation option"
     lr: float = setting(1e-3, at_least(0))
     steps: int = setting(1, at_least(0))
@@ -73,27 +84,27 @@ class AdaptOptions(Config):
     weight_decay: float = setting(0.0, at_least(0))
     rollout_steps: int = setting(2, at_least(0))
     rollout_weight: float = setting(1.0, at_least(0))
-    grad_clip: float | None = setting(1.0, at_least(0))     # 0 or None: no clipping
+    grad_clip: float | None = setting(1.0, at_least(0))  # 0 or None: no clipping
     guard_factor: float = setting(10.0, greater_than(0))
     lora_rank: int = setting(4, at_least(1))
     lora_alpha: float = 8.0
     merge_lora: bool = True
     ewc_lambda: float = setting(100.0, at_least(0))
-    fisher_clips: Any = None                                 # A1 training clips (ewc)
+    fisher_clips: Any = None  # A1 training clips (ewc)
     reset_every: int = setting(10, at_least(1))
-    replay_clips: Any = None                                 # the A1 buffer (replay)
+    replay_clips: Any = None  # the A1 buffer (replay)
     replay_size: int = setting(2, at_least(0))
     carry_memory: bool = True
     cms_lr: float = setting(1e-3, at_least(0))
-    cms_periods: list[int] | None = None                     # None: the model's own
+    cms_periods: list[int] | None = None  # None: the model's own
     memory_lr_scale: float = setting(1.0, finite_positive)
     ttt_params: str = setting("layernorm", one_of(*_TTT_PARAMS))
-    score_horizon: int | None = setting(None, at_least(1))   # None: T - 1
+    score_horizon: int | None = setting(None, at_least(1))  # None: T - 1
     seed: int = 0
     progress: bool = False
     desc: str | None = None
-    callback: Any = None                                     # callback(i, model) after each clip
-    compile: bool = False                                    # the predictor's forward under torch.compile
+    callback: Any = None  # callback(i, model) after each clip
+    compile: bool = False  # the predictor's forward under torch.compile
 
 
 @dataclasses.dataclass
@@ -106,6 +117,7 @@ class StreamLog:
     phase_end (R[i][j]); rollbacks: divergence-guard rollbacks; updates: clips adapted on; nonfinite: the clips
     whose score is NaN or Inf, [{"position", "clip", "phase"}] (the metrics leave them out of every mean).
     """
+
     strategy: str
     phases: list = dataclasses.field(default_factory=list)
     tf: list = dataclasses.field(default_factory=list)
@@ -138,13 +150,13 @@ class StreamLog:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "StreamLog":
+    def from_dict(cls, d: dict) -> StreamLog:
         if not isinstance(d, dict) or "strategy" not in d or "tf" not in d:
             raise ValueError("not a StreamLog dict: expected keys 'strategy', 'tf', ...")
         names = {f.name for f in dataclasses.fields(cls)}
         log = cls(**{k: v for k, v in d.items() if k in names})
         # strict JSON stores a NaN/Inf score as null (io.jsonable): back to NaN, so it stays non-finite
-        nan = lambda x: math.nan if x is None else x   # noqa: E731
+        nan = lambda x: math.nan if x is None else x  # noqa: E731
         log.tf, log.copy_tf = [nan(x) for x in log.tf], [nan(x) for x in log.copy_tf]
         log.rollout = [[nan(x) for x in r] for r in log.rollout]
         log.copy_rollout = [[nan(x) for x in r] for r in log.copy_rollout]
@@ -152,6 +164,7 @@ class StreamLog:
 
 
 # ---------------------------------------------------------------------------------------------- scoring
+
 
 def clip_tensors(clip: dict, device="cpu"):
     """Clip dict -> (z (1, T, N, D) float32, actions (1, T, A) float32, states (1, T, S) or None)."""
@@ -168,11 +181,15 @@ def clip_tensors(clip: dict, device="cpu"):
     s = clip.get("states")
     s = None if s is None else torch.as_tensor(s).to(device=device, dtype=torch.float32)[None]
     # named here: inside a model a NaN latent shows up only as, say, a HOPE gate out of range, or as a NaN score
-    bad = [name for name, x in (("latents", z), ("actions", a), ("states", s))
-           if x is not None and not torch.isfinite(x).all()]
+    bad = [
+        name
+        for name, x in (("latents", z), ("actions", a), ("states", s))
+        if x is not None and not torch.isfinite(x).all()
+    ]
     if bad:
-        raise ValueError(f"clip {clip.get('index')} (phase {clip.get('phase')}): {' and '.join(bad)} "
-                         f"contain NaN or inf")
+        raise ValueError(
+            f"clip {clip.get('index')} (phase {clip.get('phase')}): {' and '.join(bad)} contain NaN or inf"
+        )
     return z[None], a[None], s
 
 
@@ -189,7 +206,7 @@ def _copy_scores(z, horizon: int):
     """Copy-last-latent baseline: predict layer_norm(z_t) for z_{t+1} (tf) and layer_norm(z_0) for z_h (rollout)."""
     zn = F.layer_norm(z, z.shape[-1:], eps=1e-6)
     tf = l1_rollout_loss(zn[:, :-1], z[:, 1:])[0]
-    ro = l1_rollout_loss(zn[:, :1].expand(-1, horizon, -1, -1), z[:, 1:horizon + 1])[1]
+    ro = l1_rollout_loss(zn[:, :1].expand(-1, horizon, -1, -1), z[:, 1 : horizon + 1])[1]
     return float(tf), [float(x) for x in ro]
 
 
@@ -206,14 +223,15 @@ def score_clip(model: nn.Module, clip: dict, horizon: int | None = None) -> dict
     mem = _capture_memory(model)
     tf = l1_rollout_loss(_forward(model, z, a, s)[:, :-1], z[:, 1:])[0]
     _restore_memory(model, mem)
-    ro = l1_rollout_loss(_rollout(model, z, a, s, H), z[:, 1:H + 1])[1]
+    ro = l1_rollout_loss(_rollout(model, z, a, s, H), z[:, 1 : H + 1])[1]
     _restore_memory(model, mem)
     copy_tf, copy_ro = _copy_scores(z, H)
     return {"tf": float(tf), "rollout": [float(x) for x in ro], "copy_tf": copy_tf, "copy_rollout": copy_ro}
 
 
-def adaptation_loss(model: nn.Module, clips: Sequence[dict], rollout_steps: int = 2,
-                    rollout_weight: float = 1.0) -> torch.Tensor:
+def adaptation_loss(
+    model: nn.Module, clips: Sequence[dict], rollout_steps: int = 2, rollout_weight: float = 1.0
+) -> torch.Tensor:
     """Mean over `clips` of  L1_tf + rollout_weight * L1 of the last state of a `rollout_steps` rollout."""
     device = next(model.parameters()).device
     total = 0.0
@@ -224,13 +242,14 @@ def adaptation_loss(model: nn.Module, clips: Sequence[dict], rollout_steps: int 
         # rollout first: a carried-memory model reads its stored memory in a rollout but stores only on forward
         if rollout_weight and k >= 1:
             pred = _rollout(model, z, a, s, k)
-            loss = rollout_weight * l1_rollout_loss(pred[:, -1:], z[:, k:k + 1])[0]
+            loss = rollout_weight * l1_rollout_loss(pred[:, -1:], z[:, k : k + 1])[0]
         loss = loss + l1_rollout_loss(_forward(model, z, a, s)[:, :-1], z[:, 1:])[0]
         total = total + loss
     return total / len(clips)
 
 
 # ------------------------------------------------------------------------------------- memory snapshots
+
 
 def _capture_memory(model: nn.Module) -> dict | None:
     """A copy of the memory a carried-memory model keeps between forwards (`model.memory_state()`); None when
@@ -246,6 +265,7 @@ def _restore_memory(model: nn.Module, snap: dict | None) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- strategies
+
 
 def _cms_levels(model, periods=None):
     if not hasattr(model, "cms_levels"):
@@ -296,6 +316,7 @@ class _LoRA:
     def _hook(self, A, B):
         def hook(mod, inputs, out):
             return out + self.scale * F.linear(F.linear(inputs[0], A), B)
+
         return hook
 
     def remove(self, merge: bool) -> None:
@@ -344,10 +365,12 @@ def _memory_finite(model: nn.Module) -> bool:
         if isinstance(v, (list, tuple)):
             return all(ok(x) for x in v)
         return True
+
     return snap is None or all(ok(v) for v in snap.values())
 
 
 # ------------------------------------------------------------------------------------------------ stream
+
 
 def _phase_ends(clips: Sequence[dict]) -> set[int]:
     ends = set()
@@ -364,8 +387,10 @@ def _heldout_errors(model, heldout: dict, horizon) -> dict:
         if not clips:
             continue
         scores = [score_clip(model, c, horizon) for c in clips]
-        out[phase] = {"tf": sum(s["tf"] for s in scores) / len(scores),
-                      "rollout": sum(sum(s["rollout"]) / len(s["rollout"]) for s in scores) / len(scores)}
+        out[phase] = {
+            "tf": sum(s["tf"] for s in scores) / len(scores),
+            "rollout": sum(sum(s["rollout"]) / len(s["rollout"]) for s in scores) / len(scores),
+        }
     return out
 
 
@@ -387,15 +412,17 @@ def adapt_stream(model: nn.Module, stream, strategy: str, **options: Any) -> Str
     if unknown:
         raise TypeError(f"adapt_stream got unknown options {sorted(unknown)}; known: {sorted(known)}")
     opts = AdaptOptions.from_dict(options)
-    o = {k: getattr(opts, k) for k in known}   # not to_dict: the clip buffers and the callback pass as they are
+    o = {k: getattr(opts, k) for k in known}  # not to_dict: the clip buffers and the callback pass as they are
     clips = list(stream.clips if hasattr(stream, "clips") else stream)
     heldout = dict(getattr(stream, "heldout", None) or {})
     if not clips:
         raise ValueError("the stream has no clips")
     is_hope = strategy in ("hope", "hope+ttt")
     if is_hope and not hasattr(model, "cms_levels"):
-        raise ValueError(f"strategy {strategy!r} needs a HOPE predictor (model.kind 'hope'), "
-                         f"got kind {getattr(model, 'kind', type(model).__name__)!r}")
+        raise ValueError(
+            f"strategy {strategy!r} needs a HOPE predictor (model.kind 'hope'), "
+            f"got kind {getattr(model, 'kind', type(model).__name__)!r}"
+        )
     rng = random.Random(o["seed"])
     gen = torch.Generator().manual_seed(int(o["seed"]))
     loss_kw = dict(rollout_steps=o["rollout_steps"], rollout_weight=o["rollout_weight"])
@@ -426,21 +453,23 @@ def adapt_stream(model: nn.Module, stream, strategy: str, **options: Any) -> Str
     cms = _cms_levels(model, o["cms_periods"]) if is_hope else []
     cms_params = [p for _, ps in cms for p in ps]
     periods = CMSPeriods(model, cms)
-    cms_count = [0]   # clips whose CMS gradient was accumulated (a rolled-back clip's is not)
+    cms_count = [0]  # clips whose CMS gradient was accumulated (a rolled-back clip's is not)
     cms_opts = [_make_optimizer(ps, {**o, "lr": o["cms_lr"]}) for _, ps in cms]
     adapt_params = list(params) + cms_params
 
-    log = StreamLog(strategy=strategy, options={k: v for k, v in o.items()
-                                                if k not in ("fisher_clips", "replay_clips", "callback")})
+    log = StreamLog(
+        strategy=strategy, options={k: v for k, v in o.items() if k not in ("fisher_clips", "replay_clips", "callback")}
+    )
     ends = _phase_ends(clips)
     it = range(len(clips))
     if o["progress"]:
         from tqdm.auto import tqdm
+
         it = tqdm(it, desc=o["desc"] or strategy, leave=False, unit="clip")
     # the memory modules read eta_max on every forward; restored below whatever happens
     mems = [m for m in model.modules() if hasattr(m, "eta_max")] if is_hope else []
     etas = [m.eta_max for m in mems]
-    if o["compile"]:   # an instance attribute: model(...) and a rollout's self.forward(...) both run compiled
+    if o["compile"]:  # an instance attribute: model(...) and a rollout's self.forward(...) both run compiled
         model.forward = torch.compile(model.forward)
     try:
         for m in mems:
@@ -451,14 +480,31 @@ def adapt_stream(model: nn.Module, stream, strategy: str, **options: Any) -> Str
             s = score_clip(model, clip, o["score_horizon"])
             log.phases.append(str(clip.get("phase", "")))
             log.clip_index.append(int(clip.get("index", i)))
-            log.tf.append(s["tf"]); log.rollout.append(s["rollout"])
-            log.copy_tf.append(s["copy_tf"]); log.copy_rollout.append(s["copy_rollout"])
+            log.tf.append(s["tf"])
+            log.rollout.append(s["rollout"])
+            log.copy_tf.append(s["copy_tf"])
+            log.copy_rollout.append(s["copy_rollout"])
             if not all(math.isfinite(x) for x in (s["tf"], *s["rollout"])):
                 _name_nonfinite(log, i, s)
             # (2) ... then adapt on the clip
             if strategy != "none":
-                _adapt_clip(model, clip, strategy, o, opt, params, ewc, replay, rng, periods, cms_count,
-                            cms_opts, adapt_params, loss_kw, log)
+                _adapt_clip(
+                    model,
+                    clip,
+                    strategy,
+                    o,
+                    opt,
+                    params,
+                    ewc,
+                    replay,
+                    rng,
+                    periods,
+                    cms_count,
+                    cms_opts,
+                    adapt_params,
+                    loss_kw,
+                    log,
+                )
             if strategy == "reset" and (i + 1) % int(o["reset_every"]) == 0:
                 # the next clip is scored by the stream-start (A1) weights again
                 model.load_state_dict(anchor)
@@ -483,12 +529,16 @@ def adapt_stream(model: nn.Module, stream, strategy: str, **options: Any) -> Str
 def _name_nonfinite(log: StreamLog, i: int, score: dict) -> None:
     bad = {"position": i, "clip": log.clip_index[-1], "phase": log.phases[-1]}
     log.nonfinite.append(bad)
-    warnings.warn(f"clip {bad['clip']} (phase {bad['phase']}, stream position {i}) scored teacher-forcing "
-                  f"{score['tf']}, rollout {score['rollout']}: left out of the phase means", stacklevel=3)
+    warnings.warn(
+        f"clip {bad['clip']} (phase {bad['phase']}, stream position {i}) scored teacher-forcing "
+        f"{score['tf']}, rollout {score['rollout']}: left out of the phase means",
+        stacklevel=3,
+    )
 
 
-def _adapt_clip(model, clip, strategy, o, opt, params, ewc, replay, rng, periods, cms_count, cms_opts,
-                adapt_params, loss_kw, log) -> None:
+def _adapt_clip(
+    model, clip, strategy, o, opt, params, ewc, replay, rng, periods, cms_count, cms_opts, adapt_params, loss_kw, log
+) -> None:
     mem0 = _capture_memory(model)
     if not adapt_params:
         # hope with CMS off: only the memory moves on, via one forward over the clip
@@ -548,10 +598,14 @@ def _adapt_clip(model, clip, strategy, o, opt, params, ewc, replay, rng, periods
     if before is None:
         return
     with torch.no_grad():
-        after = float(loss_on([clip]))      # also leaves the memory at clip i's end state under the new weights
+        after = float(loss_on([clip]))  # also leaves the memory at clip i's end state under the new weights
     log.updates += 1
-    if (not _finite_loss(after) or not _finite_loss(before) or after > o["guard_factor"] * before
-            or not _memory_finite(model)):
+    if (
+        not _finite_loss(after)
+        or not _finite_loss(before)
+        or after > o["guard_factor"] * before
+        or not _memory_finite(model)
+    ):
         with torch.no_grad():
             for p, v in zip(adapt_params, saved):
                 p.copy_(v)

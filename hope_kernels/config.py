@@ -9,6 +9,7 @@ Predictor presets live here (not in YAML). The YAML configs the package ships (t
 fields) are package data in hope_kernels/configs/, read through importlib.resources so a wheel install finds them:
 `shipped_configs()`, `read_shipped_config()`.
 """
+
 from __future__ import annotations
 
 import contextvars
@@ -20,10 +21,9 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
-
 # ------------------------------------------------------------------------------------- the config base
 
-Check = Callable[[Any], "str | None"]   # value -> what is wrong ("must be >= 1") or None
+Check = Callable[[Any], "str | None"]  # value -> what is wrong ("must be >= 1") or None
 
 
 def at_least(lo) -> Check:
@@ -50,7 +50,7 @@ def finite_positive(v) -> str | None:
     return None if math.isfinite(v) and v > 0 else "must be a finite number > 0"
 
 
-REQUIRED = dataclasses.MISSING   # setting(REQUIRED, ...): a key the mapping must hold
+REQUIRED = dataclasses.MISSING  # setting(REQUIRED, ...): a key the mapping must hold
 
 
 def setting(default: Any = REQUIRED, *checks: Check, factory: Callable | None = None) -> Any:
@@ -65,7 +65,7 @@ _PATH: contextvars.ContextVar[str] = contextvars.ContextVar("config_path", defau
 
 
 def key_path(path: str, key) -> str:
-    """"aba" + "runs" -> "aba.runs"; "aba.runs" + 3 -> "aba.runs[3]"; "" + "lr" -> "lr"."""
+    """ "aba" + "runs" -> "aba.runs"; "aba.runs" + 3 -> "aba.runs[3]"; "" + "lr" -> "lr"."""
     if isinstance(key, int):
         return f"{path}[{key}]"
     return f"{path}.{key}" if path else str(key)
@@ -145,6 +145,7 @@ def _kind_matches(value, tp) -> bool:
 class Config:
     """Base of the package's config dataclasses. A subclass declares its fields with `setting(default, *checks)`
     (or plain defaults), cross-field rules in `check(path)`, and `WHAT` (its name in errors)."""
+
     WHAT: ClassVar[str] = "config"
 
     def __post_init__(self):
@@ -230,11 +231,12 @@ def _increasing(v) -> str | None:
 @dataclass
 class PredictorConfig(Config):
     """Both predictors. Fields after `init_std` are used by HOPE only."""
+
     WHAT: ClassVar[str] = "predictor config"
     kind: str = setting("ac", one_of(*KINDS))
     preset: str = "tiny"
     enc_dim: int = setting(64, at_least(1))
-    grid: tuple[int, ...] = setting((8, 8, 8), _grid)       # (T, H, W)
+    grid: tuple[int, ...] = setting((8, 8, 8), _grid)  # (T, H, W)
     action_dim: int = setting(2, at_least(1))
     state_dim: int = setting(0, at_least(0))
     width: int = 96
@@ -243,20 +245,20 @@ class PredictorConfig(Config):
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
     ln_eps: float = 1e-6
-    window: int | None = None               # timesteps visible to attention, the current one included (None: all)
+    window: int | None = None  # timesteps visible to attention, the current one included (None: all)
     rope_compat: str | None = setting(None, lambda v: None if v == "vjepa2" else "must be None or 'vjepa2'")
     # "vjepa2": the official (non-rotation) RoPE formula
     init_std: float = 0.02
-    stem_kernel: int = setting(5, _odd_or_zero)   # k x k conv over [z_t, z_t - z_{t-1}] added to the embedding; 0: off
-    predict_delta: bool = True              # z_hat = layer_norm(z_t) + head(...); False: absolute output (official AC)
+    stem_kernel: int = setting(5, _odd_or_zero)  # k x k conv over [z_t, z_t - z_{t-1}] added to the embedding; 0: off
+    predict_delta: bool = True  # z_hat = layer_norm(z_t) + head(...); False: absolute output (official AC)
     # HOPE
-    self_referential: bool = True           # False: static k, v, eta, alpha projections
-    memory_rule: str = setting("dgd", one_of("dgd", "titans"))   # "dgd" (HOPE) | "titans" (momentum rule, ablation)
-    mem_heads: int | None = None            # None: = heads
-    eta_max: float = 0.5                    # inner learning rate eta_t in (0, eta_max)
-    cms: bool = True                        # False: one plain MLP per block instead of the CMS chain
-    cms_periods: tuple[int, ...] = setting((1, 4, 16), _increasing)   # update period of each CMS level, fastest first
-    cms_ratio: float = 1.0                  # hidden width of each CMS level / width
+    self_referential: bool = True  # False: static k, v, eta, alpha projections
+    memory_rule: str = setting("dgd", one_of("dgd", "titans"))  # "dgd" (HOPE) | "titans" (momentum rule, ablation)
+    mem_heads: int | None = None  # None: = heads
+    eta_max: float = 0.5  # inner learning rate eta_t in (0, eta_max)
+    cms: bool = True  # False: one plain MLP per block instead of the CMS chain
+    cms_periods: tuple[int, ...] = setting((1, 4, 16), _increasing)  # update period of each CMS level, fastest first
+    cms_ratio: float = 1.0  # hidden width of each CMS level / width
 
     def __post_init__(self):
         self.grid = tuple(int(g) for g in self.grid)
@@ -280,8 +282,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "ac": {
         "tiny": dict(width=96, depth=2, heads=4),
         "small": dict(width=384, depth=6, heads=6, stem_kernel=3),
-        "vjepa2-ac": dict(width=1024, depth=24, heads=16, enc_dim=1024, stem_kernel=0, predict_delta=False,
-                          rope_compat="vjepa2"),
+        "vjepa2-ac": dict(
+            width=1024, depth=24, heads=16, enc_dim=1024, stem_kernel=0, predict_delta=False, rope_compat="vjepa2"
+        ),
     },
     "hope": {
         "tiny": dict(width=96, depth=2, heads=4),
@@ -312,28 +315,28 @@ class TrainConfig(Config):
     preset: str = "tiny"
     overrides: dict = field(default_factory=dict)
     data: str | os.PathLike | None = None
-    phases: list[str] | str = field(default_factory=lambda: ["A1"])   # a single phase name: [name]
+    phases: list[str] | str = field(default_factory=lambda: ["A1"])  # a single phase name: [name]
     split: str = "train"
     steps: int = setting(300, at_least(1))
     batch_size: int = setting(16, at_least(1))
     lr: float = 1e-3
     weight_decay: float = 0.04
     warmup: int = 20
-    decay_frac: float = setting(0.2, between(0, 1))   # last fraction of steps with linear decay to 0 (WSD)
+    decay_frac: float = setting(0.2, between(0, 1))  # last fraction of steps with linear decay to 0 (WSD)
     grad_clip: float = 1.0
     rollout_w0: float = 0.0
     rollout_w1: float = 1.0
     rollout_schedule: str = setting("linear", one_of("linear", "cosine"))
     rollout_steps: int = setting(2, at_least(0))
-    rollout_score: str = setting("last", one_of("last", "all"))   # "last" (seed formula) | "all"
+    rollout_score: str = setting("last", one_of("last", "all"))  # "last" (seed formula) | "all"
     seed: int = 0
     device: str = "auto"
     out: str | os.PathLike | None = None
     ckpt_every: int = setting(100, at_least(1))
     log_every: int = setting(10, at_least(1))
     progress: bool = True
-    resume: bool = False                    # continue from out/checkpoint.safetensors (which must exist)
-    overwrite: bool = False                 # start over although out/ already holds a checkpoint
+    resume: bool = False  # continue from out/checkpoint.safetensors (which must exist)
+    overwrite: bool = False  # start over although out/ already holds a checkpoint
     # HOPE: CMS level l accumulates its gradient and applies the mean every cms_periods[l] optimiser steps
     # (docs/design.md#continuum-memory-system); off by default: every level is then updated every step (the
     # learning test's setting)
@@ -354,15 +357,20 @@ class TrainConfig(Config):
 
     def check(self, path: str) -> None:
         if self.batch_size % self.seq_clips:
-            raise ValueError(f"batch_size {self.batch_size} must be a multiple of seq_clips {self.seq_clips} "
-                             f"(batch_size counts clips: batch_size / seq_clips sequences per step)")
+            raise ValueError(
+                f"batch_size {self.batch_size} must be a multiple of seq_clips {self.seq_clips} "
+                f"(batch_size counts clips: batch_size / seq_clips sequences per step)"
+            )
         if self.model != "hope" and (self.seq_clips > 1 or self.memory_reset_every > 1):
-            raise ValueError(f"seq_clips and memory_reset_every carry a HOPE memory across clips; model "
-                             f"{self.model!r} has none (got seq_clips={self.seq_clips}, "
-                             f"memory_reset_every={self.memory_reset_every})")
+            raise ValueError(
+                f"seq_clips and memory_reset_every carry a HOPE memory across clips; model "
+                f"{self.model!r} has none (got seq_clips={self.seq_clips}, "
+                f"memory_reset_every={self.memory_reset_every})"
+            )
         if self.resume and self.overwrite:
-            raise ValueError("resume and overwrite exclude each other: resume continues the checkpoint, "
-                             "overwrite replaces it")
+            raise ValueError(
+                "resume and overwrite exclude each other: resume continues the checkpoint, overwrite replaces it"
+            )
 
 
 def is_int(v) -> bool:
@@ -395,12 +403,13 @@ def read_config_file(path) -> dict:
     return cfg
 
 
-SHIPPED_DIR = "configs"   # hope_kernels/configs: package data (pyproject [tool.setuptools.package-data])
+SHIPPED_DIR = "configs"  # hope_kernels/configs: package data (pyproject [tool.setuptools.package-data])
 
 
 def shipped_dir():
     """The folder of YAML configs shipped with the package (an importlib.resources Traversable)."""
     from importlib.resources import files
+
     return files("hope_kernels").joinpath(SHIPPED_DIR)
 
 
@@ -410,20 +419,26 @@ def shipped_configs(prefix: str = "") -> list[str]:
     root = shipped_dir()
     if not root.is_dir():
         return []
-    return sorted(f.name[len(prefix):-len(".yaml")] for f in root.iterdir()
-                  if f.name.startswith(prefix) and f.name.endswith(".yaml") and f.is_file())
+    return sorted(
+        f.name[len(prefix) : -len(".yaml")]
+        for f in root.iterdir()
+        if f.name.startswith(prefix) and f.name.endswith(".yaml") and f.is_file()
+    )
 
 
 def read_shipped_config(name: str, prefix: str = "", what: str = "config", full_names: bool = False) -> dict:
     """The shipped config `<prefix><name>.yaml` (`name` may already start with `prefix`) as a dict. An unknown
     name raises FileNotFoundError naming it and listing the shipped ones (with the prefix if `full_names`)."""
     from importlib.resources import as_file
+
     stem = name if prefix and name.startswith(prefix) else prefix + name
     res = shipped_dir().joinpath(f"{stem}.yaml")
     if "/" in name or "\\" in name or not res.is_file():
         known = [prefix + n if full_names else n for n in shipped_configs(prefix)]
-        raise FileNotFoundError(f"unknown {what} {name!r}: the package ships {known} "
-                                f"(hope_kernels/{SHIPPED_DIR}/{prefix}<name>.yaml), or pass a YAML/JSON file path")
+        raise FileNotFoundError(
+            f"unknown {what} {name!r}: the package ships {known} "
+            f"(hope_kernels/{SHIPPED_DIR}/{prefix}<name>.yaml), or pass a YAML/JSON file path"
+        )
     with as_file(res) as path:
         return read_config_file(path)
 
@@ -432,6 +447,7 @@ def read_config_or_shipped(name_or_path, prefix: str = "", what: str = "config",
     """A YAML/JSON file path (it has a suffix or a folder part), else the name of a shipped config
     `<prefix><name>.yaml` -> dict. Which one does not depend on the working directory."""
     import os
+
     path = os.fspath(name_or_path)
     if os.path.splitext(path)[1] or os.sep in path or "/" in path:
         return read_config_file(path)

@@ -5,11 +5,12 @@ else "auto". Auto picks, for CUDA tensors, the op's preferred GPU path (triton o
 compiled C++ kernels when built, else the eager reference. An explicitly requested backend that cannot run
 on the given tensors raises `BackendUnavailableError`: never a silent fallback.
 """
+
 from __future__ import annotations
 
 import importlib.util
 import os
-from functools import lru_cache
+from functools import cache
 from typing import Iterable, Sequence
 
 import torch
@@ -22,7 +23,7 @@ class BackendUnavailableError(RuntimeError):
     """A backend was requested explicitly but cannot run here (not built, or wrong device)."""
 
 
-@lru_cache(maxsize=None)
+@cache
 def _extension():
     """The compiled module hope_kernels._C, or None when it was not built."""
     try:
@@ -54,7 +55,7 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@lru_cache(maxsize=None)
+@cache
 def has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -88,7 +89,7 @@ def needs_backward(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
-@torch.compiler.assume_constant_result   # a device property: torch.compile reads it once while tracing
+@torch.compiler.assume_constant_result  # a device property: torch.compile reads it once while tracing
 def _shared_memory_optin(index: int) -> int:
     props = torch.cuda.get_device_properties(index if index >= 0 else torch.cuda.current_device())
     return int(getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block))
@@ -99,7 +100,7 @@ def cuda_shared_memory_per_block(device: torch.device) -> int:
     return _shared_memory_optin(-1 if device.index is None else device.index)
 
 
-@torch.compiler.assume_constant_result   # a function of the (static) head sizes: a constant while tracing
+@torch.compiler.assume_constant_result  # a function of the (static) head sizes: a constant while tracing
 def cuda_shared_memory_need(kernel: str, dk: int, dv: int, acc_bytes: int) -> int:
     """Bytes of shared memory per block the CUDA kernel `kernel` ("dgd_fwd", "dgd_bwd", "titans_linear_fwd",
     "titans_linear_bwd") launches with for these head sizes: read from the extension (csrc/cuda_smem.h, the
@@ -119,8 +120,10 @@ def cuda_shared_memory_problem(op: str, need: tuple[int, str] | None, device: to
     limit = cuda_shared_memory_per_block(device)
     if need[0] <= limit:
         return None
-    return (f"{op}: the cuda backend needs {need[0]} bytes of shared memory per block for these shapes "
-            f"({need[1]}); {device} allows {limit}; use smaller heads or backend='reference'")
+    return (
+        f"{op}: the cuda backend needs {need[0]} bytes of shared memory per block for these shapes "
+        f"({need[1]}); {device} allows {limit}; use smaller heads or backend='reference'"
+    )
 
 
 def require_cuda_shared_memory(op: str, need: tuple[int, str] | None, device: torch.device) -> None:
@@ -148,17 +151,26 @@ def require_available(backend: str, source: str, device: torch.device, op: str, 
     """Raise BackendUnavailableError when the explicitly requested `backend` is not in `supported` (the op's
     backends) or cannot run on `device` tensors here."""
     if backend not in supported:
-        raise BackendUnavailableError(f"{op}: backend {backend!r}{source} is not implemented for this op "
-                                      f"(implemented: {', '.join(supported)})")
+        raise BackendUnavailableError(
+            f"{op}: backend {backend!r}{source} is not implemented for this op (implemented: {', '.join(supported)})"
+        )
     if not _available(backend, device):
-        raise BackendUnavailableError(f"{op}: backend {backend!r}{source} cannot run on {device} tensors here: "
-                                      f"{_why_unavailable(backend, device)}")
+        raise BackendUnavailableError(
+            f"{op}: backend {backend!r}{source} cannot run on {device} tensors here: "
+            f"{_why_unavailable(backend, device)}"
+        )
 
 
-def resolve_backend(backend: str | None, tensors: Sequence[torch.Tensor | None], *, op: str,
-                    gpu_order: Sequence[str] = ("triton", "cuda"), cpu_order: Sequence[str] = ("cpu",),
-                    supported: Sequence[str] = ("reference", "triton", "cuda", "cpu"),
-                    cuda_shared_memory: tuple[int, str] | None = None) -> str:
+def resolve_backend(
+    backend: str | None,
+    tensors: Sequence[torch.Tensor | None],
+    *,
+    op: str,
+    gpu_order: Sequence[str] = ("triton", "cuda"),
+    cpu_order: Sequence[str] = ("cpu",),
+    supported: Sequence[str] = ("reference", "triton", "cuda", "cpu"),
+    cuda_shared_memory: tuple[int, str] | None = None,
+) -> str:
     """Pick the backend for one call of `op` on `tensors` (public helper; the ops themselves resolve through
     their tables, hope_kernels/ops/registry.py).
 

@@ -1,10 +1,12 @@
 """File safety shared by the dataset format, checkpoints and the reports.
 
-- Atomic writes (bytes, text, strict JSON, or any writer that needs a file name): a temp file in the target's folder, fsync, then os.replace, so a reader never sees a
-  half-written file and an error leaves the previous file intact.
+- Atomic writes (bytes, text, strict JSON, or any writer that needs a file name): a temp file in the target's
+  folder, fsync, then os.replace, so a reader never sees a half-written file and an error leaves the previous
+  file intact.
 - One writer per output folder: an advisory lock (`FolderLock`), and the clean-up of temp files a killed
   writer left, done only while holding that lock.
 - Output paths checked before any work (`check_output_dir`, `check_output_file`)."""
+
 from __future__ import annotations
 
 import errno
@@ -16,7 +18,7 @@ from pathlib import Path
 
 try:
     import fcntl
-except ImportError:   # not POSIX: folders are not locked
+except ImportError:  # not POSIX: folders are not locked
     fcntl = None
 
 LOCK_FILE = ".hope-kernels.lock"
@@ -25,15 +27,18 @@ LOCK_FILE = ".hope-kernels.lock"
 class DiskFullError(OSError):
     """No space was left to write a file (the message names it); `kept`: its previous version exists, intact."""
 
-    def __init__(self, message: str, kept: bool = True):   # a default: exceptions are re-made from args
+    def __init__(self, message: str, kept: bool = True):  # a default: exceptions are re-made from args
         super().__init__(message)
         self.kept = kept
 
 
 def is_disk_full(e: BaseException) -> bool:
     """ENOSPC / EDQUOT, also when a library re-raised it as its own error (safetensors' SafetensorError)."""
-    return (isinstance(e, DiskFullError) or (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
-            or "No space left on device" in str(e))
+    return (
+        isinstance(e, DiskFullError)
+        or (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
+        or "No space left on device" in str(e)
+    )
 
 
 def atomic_write(path, write) -> Path:
@@ -58,17 +63,18 @@ def atomic_write(path, write) -> Path:
         if is_disk_full(e):
             kept = path.exists()
             what = "its previous version is intact" if kept else "nothing was written"
-            raise DiskFullError(f"no space left on the device while writing {str(path)!r} ({what})",
-                                kept) from None
+            raise DiskFullError(f"no space left on the device while writing {str(path)!r} ({what})", kept) from None
         raise
     return path
 
 
 def atomic_write_bytes(path, data: bytes) -> Path:
     """Write `data` to `path` atomically (atomic_write); creates the parent folder. Returns the path."""
+
     def write(tmp):
         with open(tmp, "wb") as f:
             f.write(data)
+
     return atomic_write(path, write)
 
 
@@ -85,7 +91,7 @@ def jsonable(obj):
         return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [jsonable(v) for v in obj]
-    if hasattr(obj, "item") and callable(obj.item):       # numpy / torch scalars
+    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
         return jsonable(obj.item())
     return obj
 
@@ -134,11 +140,12 @@ def check_output_file(path, what: str) -> Path:
 
 def _check_ancestors(path: Path, what: str) -> None:
     """The nearest existing ancestor of `path` must be a folder (else no parent folder can be created)."""
-    for parent in path.parents:   # relative paths end at ".", which exists
+    for parent in path.parents:  # relative paths end at ".", which exists
         if parent.exists():
             if not parent.is_dir():
-                raise NotADirectoryError(f"{what} {str(path)!r} cannot be created: {str(parent)!r} is a file, "
-                                         f"not a folder")
+                raise NotADirectoryError(
+                    f"{what} {str(path)!r} cannot be created: {str(parent)!r} is a file, not a folder"
+                )
             return
 
 
@@ -146,7 +153,7 @@ class FolderInUseError(RuntimeError):
     """Another live process is writing to the folder."""
 
 
-_HELD: dict[str, list] = {}   # real path -> [fd, depth]: a process may re-enter a folder it holds
+_HELD: dict[str, list] = {}  # real path -> [fd, depth]: a process may re-enter a folder it holds
 
 
 class FolderLock:
@@ -162,7 +169,7 @@ class FolderLock:
         self.folder, self.what = Path(folder), what
         self._key = None
 
-    def acquire(self) -> "FolderLock":
+    def acquire(self) -> FolderLock:
         self.folder.mkdir(parents=True, exist_ok=True)
         key = os.path.realpath(self.folder)
         if key in _HELD:
@@ -181,8 +188,10 @@ class FolderLock:
             except OSError:
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
-                raise FolderInUseError(f"{self.what} {str(self.folder)!r} is in use by process {holder} (lock "
-                                       f"{path}): wait for it to finish, or choose another folder") from None
+                raise FolderInUseError(
+                    f"{self.what} {str(self.folder)!r} is in use by process {holder} (lock "
+                    f"{path}): wait for it to finish, or choose another folder"
+                ) from None
             try:
                 current = os.stat(path).st_ino
             except FileNotFoundError:
@@ -191,7 +200,7 @@ class FolderLock:
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
                 return fd
-            os.close(fd)   # its holder released and deleted it between our open and our lock: again
+            os.close(fd)  # its holder released and deleted it between our open and our lock: again
 
     def release(self) -> None:
         if self._key is None:
@@ -202,7 +211,7 @@ class FolderLock:
             del _HELD[self._key]
             if held[0] is not None:
                 (self.folder / LOCK_FILE).unlink(missing_ok=True)
-                os.close(held[0])   # closing the last descriptor drops the flock
+                os.close(held[0])  # closing the last descriptor drops the flock
         self._key = None
 
     def __enter__(self) -> Path:

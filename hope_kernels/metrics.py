@@ -18,14 +18,27 @@ Non-finite clip scores (a clip so extreme that its prediction overflows) are lef
 counted instead (`nonfinite_counts`, run_metrics' "nonfinite"); a phase with no finite score is an error that
 names it, so no reported mean is ever NaN.
 """
+
 from __future__ import annotations
 
 import math
 from typing import Mapping, Sequence
 
-__all__ = ["phase_means", "nonfinite_counts", "running_mean", "adaptation_speed", "forgetting", "stability_gap",
-           "error_matrix", "backward_transfer", "t_quantile", "mean_ci", "paired_difference", "run_metrics",
-           "aggregate"]
+__all__ = [
+    "phase_means",
+    "nonfinite_counts",
+    "running_mean",
+    "adaptation_speed",
+    "forgetting",
+    "stability_gap",
+    "error_matrix",
+    "backward_transfer",
+    "t_quantile",
+    "mean_ci",
+    "paired_difference",
+    "run_metrics",
+    "aggregate",
+]
 
 
 def _check_curve(errors, phases) -> None:
@@ -80,7 +93,7 @@ def running_mean(errors: Sequence[float], window: int) -> list[float]:
     """Trailing mean: r[i] = mean(errors[max(0, i-window+1) : i+1])."""
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
-    return [_mean(errors[max(0, i - window + 1):i + 1]) for i in range(len(errors))]
+    return [_mean(errors[max(0, i - window + 1) : i + 1]) for i in range(len(errors))]
 
 
 def adaptation_speed(errors_b: Sequence[float], target: float, tol: float = 0.1, window: int = 3) -> int:
@@ -98,8 +111,9 @@ def _phase_slice(errors, phases, name):
     raise ValueError(f"phase {name!r} is not in the stream (it has {sorted(set(phases))})")
 
 
-def forgetting(errors: Sequence[float], phases: Sequence[str], window: int = 3, first: str = "A1",
-               last: str = "A2") -> float:
+def forgetting(
+    errors: Sequence[float], phases: Sequence[str], window: int = 3, first: str = "A1", last: str = "A2"
+) -> float:
     """mean(errors over `last`) - mean(last `window` errors of `first`)."""
     _check_curve(errors, phases)
     return _mean(_phase_slice(errors, phases, last)) - _mean(_phase_slice(errors, phases, first)[-window:])
@@ -112,14 +126,15 @@ def stability_gap(errors: Sequence[float], phases: Sequence[str], window: int = 
     segs = _segments(phases)
     out = {}
     for (p0, a0, b0), (p1, a1, b1) in zip(segs, segs[1:]):
-        before = _mean(errors[max(a0, b0 - window):b0])
-        peak = max((e for e in errors[a1:min(b1, a1 + window)] if math.isfinite(e)), default=math.nan)
+        before = _mean(errors[max(a0, b0 - window) : b0])
+        peak = max((e for e in errors[a1 : min(b1, a1 + window)] if math.isfinite(e)), default=math.nan)
         out[f"{p0}->{p1}"] = {"peak": peak, "gap": peak - before}
     return out
 
 
-def error_matrix(heldout: Mapping[str, Mapping[str, Mapping[str, float]]], order: Sequence[str],
-                 metric: str = "tf") -> list[list[float]]:
+def error_matrix(
+    heldout: Mapping[str, Mapping[str, Mapping[str, float]]], order: Sequence[str], metric: str = "tf"
+) -> list[list[float]]:
     """R[i][j] = held-out error on phase order[j] after the end of phase order[i] (NaN where missing)."""
     return [[float(heldout.get(pi, {}).get(pj, {}).get(metric, math.nan)) for pj in order] for pi in order]
 
@@ -134,6 +149,7 @@ def backward_transfer(R: Sequence[Sequence[float]]) -> float:
 
 # ------------------------------------------------------------------------------------------- statistics
 
+
 def _betacf(a: float, b: float, x: float) -> float:
     """Continued fraction of the regularised incomplete beta function (modified Lentz)."""
     tiny = 1e-300
@@ -142,7 +158,10 @@ def _betacf(a: float, b: float, x: float) -> float:
     h = d
     for m in range(1, 300):
         m2 = 2 * m
-        for num in (m * (b - m) * x / ((a + m2 - 1) * (a + m2)), -(a + m) * (a + b + m) * x / ((a + m2) * (a + m2 + 1))):
+        for num in (
+            m * (b - m) * x / ((a + m2 - 1) * (a + m2)),
+            -(a + m) * (a + b + m) * x / ((a + m2) * (a + m2 + 1)),
+        ):
             d = 1.0 + num * d
             d = 1.0 / (d if abs(d) > tiny else tiny)
             c = 1.0 + num / c
@@ -217,10 +236,18 @@ def paired_difference(a: Mapping, b: Mapping, level: float = 0.95) -> dict:
 
 # --------------------------------------------------------------------------------------- whole runs
 
-def run_metrics(log, oracle_b: float | None = None, metric: str = "tf", window: int = 3, tol: float = 0.1,
-                order: Sequence[str] | None = None) -> dict[str, float]:
+
+def run_metrics(
+    log,
+    oracle_b: float | None = None,
+    metric: str = "tf",
+    window: int = 3,
+    tol: float = 0.1,
+    order: Sequence[str] | None = None,
+) -> dict[str, float]:
     """Flat {name: value} metrics of one StreamLog (or its dict) on error `metric` ("tf" | "rollout" | ...)."""
     from hope_kernels.adapt import StreamLog
+
     if isinstance(log, dict):
         log = StreamLog.from_dict(log)
     errors, phases = log.errors(metric), list(log.phases)

@@ -20,6 +20,7 @@ Optional (older files lack them; each part of the report is then skipped):
     rel_curves  {metric: {run: {"mean", "lo", "hi"}}}   per clip, error / copy-last error on the same clip
     headline    [run names] drawn in aba.png (every run goes to aba_all.png)
 """
+
 from __future__ import annotations
 
 import math
@@ -32,6 +33,7 @@ __all__ = ["markdown_report", "verdict", "plot_stream", "write_results"]
 
 # ----------------------------------------------------------------------------------------------- tables
 
+
 def _fmt(ci, digits=4, integer=False) -> str:
     if not ci or ci.get("mean") is None or (isinstance(ci.get("mean"), float) and math.isnan(ci["mean"])):
         return "–"
@@ -42,9 +44,17 @@ def _fmt(ci, digits=4, integer=False) -> str:
     return f"{ms} ± {h:.1f}" if integer else f"{ms} ± {h:.{digits}f}"
 
 
-_COLUMNS = [("A1", "A1"), ("B", "B"), ("A2", "A2"), ("speed_oracle", "speed→oracle (clips)"),
-            ("speed_floor", "speed→floor (clips)"), ("forgetting", "forgetting"), ("gap_A1->B", "gap A1→B"),
-            ("bwt", "BWT"), ("rollbacks", "rollbacks")]
+_COLUMNS = [
+    ("A1", "A1"),
+    ("B", "B"),
+    ("A2", "A2"),
+    ("speed_oracle", "speed→oracle (clips)"),
+    ("speed_floor", "speed→floor (clips)"),
+    ("forgetting", "forgetting"),
+    ("gap_A1->B", "gap A1→B"),
+    ("bwt", "BWT"),
+    ("rollbacks", "rollbacks"),
+]
 _INT = {"speed_oracle", "speed_floor", "rollbacks"}
 
 
@@ -78,8 +88,12 @@ def _table(results: dict, metric: str) -> list[str]:
 
 _METRIC_NAMES = {"tf": "Teacher-forcing L1 (one-step)", "rollout": "Rollout L1 (mean over horizons)"}
 # (key in a comparison's diffs, name in the verdict, unit of a difference)
-_VERDICT_ITEMS = [("B", "B error", ""), ("A2", "A2 error", ""), ("forgetting", "forgetting", ""),
-                  ("speed_oracle", "clips in B to reach the oracle within 10%", " clips")]
+_VERDICT_ITEMS = [
+    ("B", "B error", ""),
+    ("A2", "A2 error", ""),
+    ("forgetting", "forgetting", ""),
+    ("speed_oracle", "clips in B to reach the oracle within 10%", " clips"),
+]
 
 
 def _finite(x) -> bool:
@@ -167,8 +181,11 @@ def verdict(results: dict, metric: str = "tf") -> str:
         a, b = comp.get("a"), comp.get("b")
         la, lb = labels.get(a, a), labels.get(b, b)
         diffs = comp.get("diffs") or {}
-        parts = [f"{name}: {_diff_phrase(diffs[key], la, lb, unit, seeds)}"
-                 for key, name, unit in _VERDICT_ITEMS if key in diffs]
+        parts = [
+            f"{name}: {_diff_phrase(diffs[key], la, lb, unit, seeds)}"
+            for key, name, unit in _VERDICT_ITEMS
+            if key in diffs
+        ]
         if parts:
             title = comp.get("label") or f"{la} vs {lb}"
             lines.append(f"- **{title}** (Δ = {la} − {lb}): " + "; ".join(parts) + ".")
@@ -181,15 +198,18 @@ def verdict(results: dict, metric: str = "tf") -> str:
     name = _METRIC_NAMES.get(metric, metric)
     head = "## Verdict" if metric == "tf" else f"### Verdict: {name}"
     n_seeds = f"{seeds} seed{'s' if seeds != 1 else ''}"
-    if metric != "tf":          # printed under its own table, shorter
+    if metric != "tf":  # printed under its own table, shorter
         intro = f"{n_seeds}; Δ: per-seed paired difference (first run − second run), 95% Student-t CI."
     else:
-        intro = (f"{name} on the reported stream, {n_seeds}. Δ is the per-seed paired difference (first run − "
-                 "second run) with its 95% Student-t CI; lower error, lower forgetting and fewer clips are better.")
+        intro = (
+            f"{name} on the reported stream, {n_seeds}. Δ is the per-seed paired difference (first run − "
+            "second run) with its 95% Student-t CI; lower error, lower forgetting and fewer clips are better."
+        )
     return "\n".join([head, "", intro, ""] + lines) + "\n"
 
 
 # ------------------------------------------------------------------------------------ optional tables
+
 
 def _cell(text) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
@@ -231,13 +251,23 @@ def _pretrained_table(results: dict) -> list[str]:
 
     notes = any(m.get("note") for m in models)
     head = ["model", "arch", "trained on", "source"] + phases + ["used by"] + (["note"] if notes else [])
-    out = ["## Pre-trained models (held-out teacher-forcing L1)", "",
-           "Error on held-out clips of each phase; in brackets its ratio to the copy-last-latent error on the same "
-           "clips (below 1x = better than repeating the last latent).", "", _row(head), "|" + "---|" * len(head)]
+    out = [
+        "## Pre-trained models (held-out teacher-forcing L1)",
+        "",
+        "Error on held-out clips of each phase; in brackets its ratio to the copy-last-latent error on the same "
+        "clips (below 1x = better than repeating the last latent).",
+        "",
+        _row(head),
+        "|" + "---|" * len(head),
+    ]
     for m in models:
         held = m.get("heldout") or {}
-        cells = [m.get("name", "?"), m.get("model", "–"), " + ".join(m.get("phases") or []) or "–",
-                 m.get("source", "–")] + [cell(held.get(p)) for p in phases]
+        cells = [
+            m.get("name", "?"),
+            m.get("model", "–"),
+            " + ".join(m.get("phases") or []) or "–",
+            m.get("source", "–"),
+        ] + [cell(held.get(p)) for p in phases]
         cells.append(", ".join(labels.get(r, r) for r in m.get("runs") or []) or "–")
         if notes:
             cells.append(m.get("note") or "")
@@ -261,15 +291,24 @@ def _tuning_table(results: dict) -> list[str]:
         name = _METRIC_NAMES.get(metric, metric)
         where.append(f"metric: {name[:1].lower()}{name[1:]}")
     crit = f"; criterion: {tuning['criterion']}" if tuning.get("criterion") else ""
-    text = ("Chosen per run on a validation stream" + (f" ({'; '.join(where)})" if where else "")
-            + f", not on the reported stream{crit}. Scores are mean validation errors, one per grid entry in order "
-            "(lower is better).")
+    text = (
+        "Chosen per run on a validation stream"
+        + (f" ({'; '.join(where)})" if where else "")
+        + f", not on the reported stream{crit}. Scores are mean validation errors, one per grid entry in order "
+        "(lower is better)."
+    )
     overlap = sorted(set(map(str, vseeds)) & set(map(str, results.get("seeds") or [])))
     if overlap:
         text += f" Note: validation seeds {', '.join(overlap)} are also reported seeds."
     d = _decimals([s for r in runs.values() for s in r.get("scores") or []], 4)
-    out = ["## Test-time hyperparameters (validation stream)", "", text, "",
-           _row(["run", "grid", "validation scores", "chosen"]), "|---|---|---|---|"]
+    out = [
+        "## Test-time hyperparameters (validation stream)",
+        "",
+        text,
+        "",
+        _row(["run", "grid", "validation scores", "chosen"]),
+        "|---|---|---|---|",
+    ]
     order = [r["name"] for r in results.get("runs", []) if r["name"] in runs] + [n for n in runs if n not in labels]
     for name in order:
         t = runs[name]
@@ -296,12 +335,14 @@ def markdown_report(results: dict) -> str:
     for part in (_pretrained_table(results), _tuning_table(results)):
         if part:
             out += part + [""]
-    out += [f"Seeds: {len(seeds)} ({', '.join(map(str, seeds))}). Values: mean ± 95% CI half-width (Student t over "
-            "seeds). Errors are L1 on layer-normalised latents, measured prequentially (each clip is scored before "
-            "the model adapts on it). Speed: clips into B until the running error is within 10% of the oracle's B "
-            "error / of the run's own B floor (n_B + 1 = never). Forgetting = A2 mean − A1 end. Δ columns: paired "
-            f"by seed against {results.get('baseline')} (negative = lower error). † privileged (uses B training "
-            "data or an A1 replay buffer)."]
+    out += [
+        f"Seeds: {len(seeds)} ({', '.join(map(str, seeds))}). Values: mean ± 95% CI half-width (Student t over "
+        "seeds). Errors are L1 on layer-normalised latents, measured prequentially (each clip is scored before "
+        "the model adapts on it). Speed: clips into B until the running error is within 10% of the oracle's B "
+        "error / of the run's own B floor (n_B + 1 = never). Forgetting = A2 mean − A1 end. Δ columns: paired "
+        f"by seed against {results.get('baseline')} (negative = lower error). † privileged (uses B training "
+        "data or an A1 replay buffer)."
+    ]
     for metric in results["summary"]:
         out += ["", f"## {_METRIC_NAMES.get(metric, metric)}", ""] + _table(results, metric)
         below = verdict(results, metric) if metric != "tf" else ""
@@ -309,15 +350,17 @@ def markdown_report(results: dict) -> str:
             out += ["", below.rstrip("\n")]
     left = _left_out(results)
     if left:
-        out += ["", "Clip scores that were NaN or Inf, left out of every mean above (the run's log names the "
-                f"clips): {left}."]
+        out += [
+            "",
+            f"Clip scores that were NaN or Inf, left out of every mean above (the run's log names the clips): {left}.",
+        ]
     if results.get("wall_seconds") is not None:
         out += ["", f"Wall time: {results['wall_seconds']:.0f} s."]
     return "\n".join(out) + "\n"
 
 
 def _left_out(results: dict) -> str:
-    """"run (n clips; seeds s, t); ..." for every run with non-finite teacher-forcing scores, "" when none."""
+    """ "run (n clips; seeds s, t); ..." for every run with non-finite teacher-forcing scores, "" when none."""
     parts = []
     for name, by_seed in results.get("per_seed", {}).get("tf", {}).items():
         bad = {s: int(m.get("nonfinite", 0)) for s, m in by_seed.items() if m.get("nonfinite")}
@@ -327,6 +370,7 @@ def _left_out(results: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- plot
+
 
 def _plot_plan(results: dict, which: str) -> tuple[bool, list[str]]:
     """(relative, run names) drawn by plot_stream. "headline": the headline runs in relative units when
@@ -349,6 +393,7 @@ def plot_stream(results: dict, path, which: str = "headline") -> Path:
     import io
 
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -370,8 +415,15 @@ def plot_stream(results: dict, path, which: str = "headline") -> Path:
         for k, p in enumerate(phases):
             if k + 1 < len(edges):
                 ax.axvspan(edges[k] - 0.5, edges[k + 1] - 0.5, color=shades.get(p, "#eeeeee"), alpha=0.6, lw=0)
-                ax.text((edges[k] + edges[k + 1] - 1) / 2, 1.0, p, transform=ax.get_xaxis_transform(),
-                        ha="center", va="bottom", fontsize=9)
+                ax.text(
+                    (edges[k] + edges[k + 1] - 1) / 2,
+                    1.0,
+                    p,
+                    transform=ax.get_xaxis_transform(),
+                    ha="center",
+                    va="bottom",
+                    fontsize=9,
+                )
         if relative:
             ax.axhline(1.0, color="black", ls=":", lw=1.2, label="copy last latent")
         for name in names:
@@ -380,14 +432,20 @@ def plot_stream(results: dict, path, which: str = "headline") -> Path:
                 continue
             run = runs.get(name, {})
             x = list(range(len(c["mean"])))
-            ax.plot(x, _nan(c["mean"]), "--" if run.get("privileged") else "-", lw=1.4, color=colour[name],
-                    label=run.get("label") or name)
+            ax.plot(
+                x,
+                _nan(c["mean"]),
+                "--" if run.get("privileged") else "-",
+                lw=1.4,
+                color=colour[name],
+                label=run.get("label") or name,
+            )
             if c.get("lo") and c.get("hi"):
                 ax.fill_between(x, _nan(c["lo"]), _nan(c["hi"]), color=colour[name], alpha=0.15, lw=0)
         ax.set_xlabel("clip in stream")
         if relative:
             ax.set_ylabel("error / copy-last on the same clip")
-            ax.set_title(_METRIC_NAMES.get(metric, metric), fontsize=9, loc="left", pad=14)   # above phase names
+            ax.set_title(_METRIC_NAMES.get(metric, metric), fontsize=9, loc="left", pad=14)  # above phase names
         else:
             ax.set_ylabel(f"{metric} L1")
         ax.set_xlim(-0.5, n - 0.5)
@@ -410,7 +468,9 @@ def write_results(results: dict, out_dir) -> dict[str, Path]:
     for key in ("runs", "summary", "curves"):
         if key not in results:
             raise ValueError(f"results dict is missing {key!r}")
-    return {"json": atomic_write_json(out / "results.json", results),
-            "md": atomic_write_text(out / "results.md", markdown_report(results)),
-            "png": plot_stream(results, out / "aba.png", "headline"),
-            "png_all": plot_stream(results, out / "aba_all.png", "all")}
+    return {
+        "json": atomic_write_json(out / "results.json", results),
+        "md": atomic_write_text(out / "results.md", markdown_report(results)),
+        "png": plot_stream(results, out / "aba.png", "headline"),
+        "png_all": plot_stream(results, out / "aba_all.png", "all"),
+    }

@@ -4,6 +4,7 @@ imports inside `run`, so a missing optional dependency only affects its own comm
 
 Every subcommand module exposes `add_arguments(parser)` and `run(args) -> int` (exit code).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "adapt": ("hope_kernels.cli.adapt", "adapt one checkpoint over a dataset's A1 -> B -> A2 stream with one strategy"),
     "bench": ("hope_kernels.cli.bench", "run the benchmark suites (eager, torch.compile, fast paths side by side)"),
 }
-DESCRIPTION = ("hope-kernels: training and test-time adaptation of world models in V-JEPA 2 latent space, on "
-               "custom kernels")
+DESCRIPTION = (
+    "hope-kernels: training and test-time adaptation of world models in V-JEPA 2 latent space, on custom kernels"
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,19 +39,22 @@ def main(argv: list[str] | None = None) -> int:
         importlib.import_module(module).add_arguments(p)
     args = parser.parse_args(argv)
     try:
-        with warnings.catch_warnings():   # a warning is one line too (restored on exit)
+        with warnings.catch_warnings():  # a warning is one line too (restored on exit)
             warnings.showwarning = lambda message, *_, **__: print(
-                f"hope-kernels {args.command}: warning: {message}", file=sys.stderr)
+                f"hope-kernels {args.command}: warning: {message}", file=sys.stderr
+            )
             return int(importlib.import_module(args._module).run(args) or 0)
     except (ValueError, TypeError, OSError, RuntimeError) as e:  # OSError: FileNotFoundError, NotADirectoryError, ...
         # one line naming the problem, non-zero exit; tracebacks only with HOPE_KERNELS_DEBUG=1
         import os
+
         if os.environ.get("HOPE_KERNELS_DEBUG") == "1":
             raise
         from hope_kernels.io import DiskFullError, is_disk_full
+
         msg = str(e)
         if is_disk_full(e):
-            if not isinstance(e, DiskFullError):   # a write outside atomic_write (a log line): name the file
+            if not isinstance(e, DiskFullError):  # a write outside atomic_write (a log line): name the file
                 name = getattr(e, "filename", None)
                 msg = "no space left on the device" + (f" while writing {name!r}" if name else "")
             hint = _resume_hint(args) if getattr(e, "kept", True) else "run the same command again"
@@ -76,6 +81,7 @@ def _resume_hint(args) -> str:
     """RESUME_HINTS for the command; a train stopped before its first checkpoint has nothing to resume."""
     if args.command == "train" and getattr(args, "out", None):
         from pathlib import Path
+
         if not (Path(args.out) / "checkpoint.safetensors").is_file():
             return "no checkpoint was written yet: run the same command again"
     return RESUME_HINTS.get(args.command, "run the same command again")

@@ -1,8 +1,9 @@
 """Argument helpers the subcommands share: flags declared alike in several commands, comma-separated values,
 the one-line summary of a dataset's phases."""
+
 from __future__ import annotations
 
-LATENT_DTYPES = ["float16", "bfloat16", "float32"]   # --latent-dtype of import and encode
+LATENT_DTYPES = ["float16", "bfloat16", "float32"]  # --latent-dtype of import and encode
 
 
 def add_phase_and_out(parser) -> None:
@@ -12,12 +13,12 @@ def add_phase_and_out(parser) -> None:
 
 
 def comma_list(text: str) -> list[str]:
-    """"a, b,,c" -> ["a", "b", "c"]."""
+    """ "a, b,,c" -> ["a", "b", "c"]."""
     return [s.strip() for s in text.split(",") if s.strip()]
 
 
 def comma_ints(text: str, flag: str) -> list[int]:
-    """"0,1,2" -> [0, 1, 2]; anything else is a ValueError naming `flag`."""
+    """ "0,1,2" -> [0, 1, 2]; anything else is a ValueError naming `flag`."""
     try:
         return [int(s) for s in comma_list(text)]
     except ValueError:
@@ -25,5 +26,5 @@ def comma_ints(text: str, flag: str) -> list[int]:
 
 
 def phase_counts(info: dict) -> str:
-    """"A1 60, B 60, A2 60" from verify_dataset's summary."""
+    """ "A1 60, B 60, A2 60" from verify_dataset's summary."""
     return ", ".join(f"{p} {n}" for p, n in info["phases"].items())

@@ -1,14 +1,18 @@
 """`hope-kernels aba`: the main job. Simulates the embedded data if absent (or uses `--data DIR`), pre-trains
 the predictors (reusing checkpoints in OUT/checkpoints), runs every strategy over the A1 -> B -> A2 stream for
 every seed (skipping finished ones) and writes OUT/results.json, results.md and aba.png."""
+
 from __future__ import annotations
 
 from hope_kernels.cli._common import comma_ints
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--preset", default="quick",
-                        help="a preset shipped with the package: quick | paper (hope_kernels/configs/aba_<name>.yaml)")
+    parser.add_argument(
+        "--preset",
+        default="quick",
+        help="a preset shipped with the package: quick | paper (hope_kernels/configs/aba_<name>.yaml)",
+    )
     parser.add_argument("--config", default=None, help="a YAML/JSON config file instead of the preset")
     parser.add_argument("--out", required=True, help="output folder (resumable)")
     parser.add_argument("--data", default=None, help="an imported dataset folder (default: simulate into OUT/data)")
@@ -36,6 +40,6 @@ def run(args) -> int:
     # said by run_aba once the folder is locked: a refused folder gets its one error line only
     res = run_aba(cfg, out=args.out, progress=not args.no_progress, source=where)
     print(res.table())
-    for kind, path in res.paths.items():
+    for path in res.paths.values():
         print(f"wrote {path}")
     return 0

@@ -1,4 +1,5 @@
 """`hope-kernels backends`: which op backends this installation can run."""
+
 from __future__ import annotations
 
 
@@ -10,6 +11,7 @@ def run(args) -> int:
     import torch
 
     from hope_kernels.dispatch import backends, extension_error
+
     print(f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
     for name, ok in backends().items():
         print(f"  {name:10s} {'yes' if ok else 'no'}")

@@ -1,21 +1,23 @@
 """`hope-kernels bench`: the pytest-benchmark suites of a source checkout (benchmarks/test_bench_<suite>.py),
 eager, torch.compile and each fast path side by side, with the summary table of ratios and then the open
 issues' speed targets this run measured (benchmarks/targets.py) at the end."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parents[2] / "benchmarks"   # hope_kernels/cli/bench.py -> the checkout
+BENCH_DIR = Path(__file__).resolve().parents[2] / "benchmarks"  # hope_kernels/cli/bench.py -> the checkout
 
 
 def suites() -> list[str]:
-    return sorted(p.stem[len("test_bench_"):] for p in BENCH_DIR.glob("test_bench_*.py"))
+    return sorted(p.stem[len("test_bench_") :] for p in BENCH_DIR.glob("test_bench_*.py"))
 
 
 def add_arguments(p) -> None:
     p.add_argument("suites", nargs="*", help=f"suites to run (default: all of {', '.join(suites()) or 'none'})")
-    p.add_argument("--json", default=None, help="also write the table's rows as JSON here (a file of an earlier "
-                   "run is extended)")
+    p.add_argument(
+        "--json", default=None, help="also write the table's rows as JSON here (a file of an earlier run is extended)"
+    )
 
 
 def run(args) -> int:
@@ -25,8 +27,10 @@ def run(args) -> int:
     import tempfile
 
     if not BENCH_DIR.is_dir():
-        raise FileNotFoundError(f"bench runs the suites of a source checkout; {BENCH_DIR} does not exist "
-                                "(install with `pip install --no-build-isolation -e .` from a clone)")
+        raise FileNotFoundError(
+            f"bench runs the suites of a source checkout; {BENCH_DIR} does not exist "
+            "(install with `pip install --no-build-isolation -e .` from a clone)"
+        )
     known = suites()
     unknown = sorted(set(args.suites) - set(known))
     if unknown:
@@ -36,8 +40,18 @@ def run(args) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         rows = os.path.abspath(args.json) if args.json else os.path.join(tmp, "rows.json")
         env["HOPE_BENCH_JSON"] = rows
-        cmd = [sys.executable, "-m", "pytest", *files, "-q", "-s", "-p", "no:cacheprovider", "--benchmark-only",
-               "--benchmark-columns=median,rounds"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pytest",
+            *files,
+            "-q",
+            "-s",
+            "-p",
+            "no:cacheprovider",
+            "--benchmark-only",
+            "--benchmark-columns=median,rounds",
+        ]
         rc = subprocess.call(cmd, cwd=BENCH_DIR.parent, env=env)
         if os.path.exists(rows):
             print(_targets_table(rows))

@@ -1,13 +1,15 @@
 """`hope-kernels encode`: frames -> latents with the embedded or a local Hugging Face V-JEPA 2 encoder, written
 into a dataset folder like `import` (same validation, --append to add phases)."""
+
 from __future__ import annotations
 
 from hope_kernels.cli._common import LATENT_DTYPES, add_phase_and_out
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--frames", required=True,
-                        help="(n, F, H, W, 3) uint8 or float in [0, 1]: .npy .npz .safetensors .pt")
+    parser.add_argument(
+        "--frames", required=True, help="(n, F, H, W, 3) uint8 or float in [0, 1]: .npy .npz .safetensors .pt"
+    )
     parser.add_argument("--encoder", default="embedded", help="'embedded' or 'hf:DIR' (local V-JEPA 2 folder)")
     parser.add_argument("--actions", required=True, help="(n, F / tubelet, A)")
     parser.add_argument("--states", default=None)
@@ -27,6 +29,7 @@ def run(args) -> int:
     from hope_kernels.data.importers import import_arrays, load_array
     from hope_kernels.io import check_output_dir
     from hope_kernels.models.encoder import encode_frames, get_encoder
+
     check_output_dir(args.out, "--out")
     frames = load_array(args.frames, "frames")
     if frames.dim() != 5 or frames.shape[-1] != 3:
@@ -42,11 +45,21 @@ def run(args) -> int:
     lat = lat.reshape(lat.shape[0], lat.shape[1], H, W, lat.shape[-1])
     act = load_array(args.actions, "actions")
     st = load_array(args.states, "states") if args.states else None
-    out = import_arrays(args.out, lat, act, args.phase, states=st, split=args.split, append=args.append,
-                        latent_dtype=args.latent_dtype, allow_multi_step_actions=args.allow_multi_step_actions,
-                        sources={"latents": f"{args.frames} (encoded)", "actions": args.actions,
-                                 "states": str(args.states)})
+    out = import_arrays(
+        args.out,
+        lat,
+        act,
+        args.phase,
+        states=st,
+        split=args.split,
+        append=args.append,
+        latent_dtype=args.latent_dtype,
+        allow_multi_step_actions=args.allow_multi_step_actions,
+        sources={"latents": f"{args.frames} (encoded)", "actions": args.actions, "states": str(args.states)},
+    )
     info = verify_dataset(out)
-    print(f"encoded {lat.shape[0]} clips with {args.encoder} -> latents {tuple(lat.shape)} into {out} "
-          f"({info['clips']} clips in total)")
+    print(
+        f"encoded {lat.shape[0]} clips with {args.encoder} -> latents {tuple(lat.shape)} into {out} "
+        f"({info['clips']} clips in total)"
+    )
     return 0

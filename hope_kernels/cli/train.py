@@ -6,6 +6,7 @@ train_hope_vjepa2), so the command works from any folder after any install.
     hope-kernels train --config my_config.yaml --data data/quick --out runs/hope
     torchrun --nproc_per_node=2 $(which hope-kernels) train ...      # data parallel (gloo on CPU, nccl on GPU)
 """
+
 from __future__ import annotations
 
 import os
@@ -13,9 +14,12 @@ import os
 
 def add_arguments(p):
     p.add_argument("--model", choices=["ac", "hope"], help="predictor kind (overrides the config)")
-    p.add_argument("--config", help="YAML or JSON training config file (keys of hope_kernels.config.TrainConfig), "
-                                    "or a shipped one by name: train_ac_tiny | train_hope_tiny | train_ac_vjepa2 | "
-                                    "train_hope_vjepa2 (hope_kernels/configs/)")
+    p.add_argument(
+        "--config",
+        help="YAML or JSON training config file (keys of hope_kernels.config.TrainConfig), "
+        "or a shipped one by name: train_ac_tiny | train_hope_tiny | train_ac_vjepa2 | "
+        "train_hope_vjepa2 (hope_kernels/configs/)",
+    )
     p.add_argument("--data", help="dataset folder")
     p.add_argument("--out", help="output folder (checkpoint.safetensors, train_log.jsonl)")
     p.add_argument("--preset", help="predictor preset: tiny | small | vjepa2-ac")
@@ -52,6 +56,8 @@ def run(args) -> int:
     res = train(cfg)
     if res.history and int(os.environ.get("RANK", "0")) == 0:
         last = res.history[-1]
-        print(f"step {last['step']}: loss {last['loss']:.5f} (tf {last['tf']:.5f}, rollout {last['rollout']:.5f}); "
-              f"checkpoint {res.checkpoint}")
+        print(
+            f"step {last['step']}: loss {last['loss']:.5f} (tf {last['tf']:.5f}, rollout {last['rollout']:.5f}); "
+            f"checkpoint {res.checkpoint}"
+        )
     return 0

@@ -1,4 +1,5 @@
 """`hope-kernels verify DIR`: check every shard of a dataset against its manifest (sha256, sizes, shapes)."""
+
 from __future__ import annotations
 
 from hope_kernels.cli._common import phase_counts
@@ -10,6 +11,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from hope_kernels.data.format import verify_dataset
+
     info = verify_dataset(args.path)
     print(f"ok: {info['clips']} clips in {info['shards']} shards ({info['bytes'] / 1e6:.1f} MB): {phase_counts(info)}")
     return 0

@@ -27,6 +27,7 @@ is created, unless `.hope-kernels-verified.json` beside the manifest records tha
 mtime, already matched that sha256 (so a full hash is paid once per shard version, not on every run). Every clip
 read is also checked for NaN/Inf. A failure names the shard and points to `hope-kernels verify`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -48,9 +49,9 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SPLITS = ("train", "stream", "heldout")
 KNOWN_PHASES = ("A1", "B", "A2")
-_SHARD_NAME = re.compile(r"[A-Za-z0-9_]+-(train|stream|heldout)-[0-9]{4,}\.safetensors")   # DatasetWriter._shard_name
+_SHARD_NAME = re.compile(r"[A-Za-z0-9_]+-(train|stream|heldout)-[0-9]{4,}\.safetensors")  # DatasetWriter._shard_name
 LATENT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-VERIFIED = ".hope-kernels-verified.json"   # {shard file: [bytes, mtime_ns, sha256]} of shards that matched
+VERIFIED = ".hope-kernels-verified.json"  # {shard file: [bytes, mtime_ns, sha256]} of shards that matched
 
 
 # ----------------------------------------------------------------------------------------------- atomic I/O
@@ -96,10 +97,14 @@ def read_manifest(path) -> dict:
     """Parse and sanity-check `path/manifest.json`; errors name the file and the problem."""
     mf, m = _parse_manifest(path)
     if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
-        raise ValueError(f"{mf} is not a hope-kernels clip manifest (format {m.get('format') if isinstance(m, dict) else None!r}, "
-                         f"expected {FORMAT_NAME!r})")
+        raise ValueError(
+            f"{mf} is not a hope-kernels clip manifest (format {m.get('format') if isinstance(m, dict) else None!r}, "
+            f"expected {FORMAT_NAME!r})"
+        )
     if m.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{mf} has format version {m.get('version')}, this hope-kernels reads version {FORMAT_VERSION}")
+        raise ValueError(
+            f"{mf} has format version {m.get('version')}, this hope-kernels reads version {FORMAT_VERSION}"
+        )
     for key in ("grid", "enc_dim", "action_dim", "state_dim", "latent_dtype", "phases", "shards", "clips"):
         if key not in m:
             raise ValueError(f"corrupt manifest {mf}: missing key {key!r}")
@@ -112,8 +117,10 @@ def read_manifest(path) -> dict:
 def _check_entries(mf, m: dict) -> None:
     """Types and ranges of the grid, the phases, and every shard and clip entry (so a bad entry is named here,
     not met later as a KeyError or an empty row)."""
+
     def bad(what):
         raise ValueError(f"corrupt manifest {mf}: {what}")
+
     g = m["grid"]
     if not (isinstance(g, list) and len(g) == 3 and all(is_int(x) and x > 0 for x in g)):
         bad(f"grid must be [T, H, W] of positive ints, got {g!r}")
@@ -143,8 +150,10 @@ def _check_entries(mf, m: dict) -> None:
         if not (is_int(r) and 0 <= r < shards[k]["n"]):
             bad(f"clip {i} refers to row {r!r} of shard {k} ({shards[k]['file']}), which has {shards[k]['n']} rows")
         if (c["phase"], c["split"]) != (shards[k]["phase"], shards[k]["split"]):
-            bad(f"clip {i} is {c['phase']}/{c['split']} but its shard {shards[k]['file']} holds "
-                f"{shards[k]['phase']}/{shards[k]['split']}")
+            bad(
+                f"clip {i} is {c['phase']}/{c['split']} but its shard {shards[k]['file']} holds "
+                f"{shards[k]['phase']}/{shards[k]['split']}"
+            )
 
 
 def manifest_is_valid(path) -> bool:
@@ -166,6 +175,7 @@ class DatasetWriter:
     New dataset: give grid/enc_dim/action_dim/state_dim/latent_dtype. `append=True` on an existing folder
     checks that those agree with the existing manifest (errors say expected vs given).
     """
+
     path: pathlib.Path
     grid: tuple[int, int, int] | None = None
     enc_dim: int | None = None
@@ -193,12 +203,17 @@ class DatasetWriter:
     def _open(self) -> None:
         exists = (self.path / MANIFEST).is_file()
         if exists and not self.append:
-            raise ValueError(f"{self.path} already holds a dataset: pass append (--append) to add clips, "
-                             f"or choose an empty folder")
+            raise ValueError(
+                f"{self.path} already holds a dataset: pass append (--append) to add clips, or choose an empty folder"
+            )
         if exists:
             m = read_manifest(self.path)
-            given = {"grid": list(self.grid) if self.grid else None, "enc_dim": self.enc_dim,
-                     "action_dim": self.action_dim, "state_dim": self.state_dim}
+            given = {
+                "grid": list(self.grid) if self.grid else None,
+                "enc_dim": self.enc_dim,
+                "action_dim": self.action_dim,
+                "state_dim": self.state_dim,
+            }
             for k, v in given.items():
                 if v is not None and v != m[k]:
                     raise ValueError(f"{k} disagrees with the dataset at {self.path}: dataset has {m[k]}, given {v}")
@@ -210,10 +225,19 @@ class DatasetWriter:
             if self.latent_dtype not in LATENT_DTYPES:
                 raise ValueError(f"latent_dtype must be one of {list(LATENT_DTYPES)}, got {self.latent_dtype!r}")
             self._manifest = {
-                "format": FORMAT_NAME, "version": FORMAT_VERSION, "grid": [int(g) for g in self.grid],
-                "enc_dim": int(self.enc_dim), "action_dim": int(self.action_dim), "state_dim": int(self.state_dim),
-                "latent_dtype": self.latent_dtype, "phases": {}, "generator": self.generator,
-                "encoder": self.encoder, "shards": [], "clips": []}
+                "format": FORMAT_NAME,
+                "version": FORMAT_VERSION,
+                "grid": [int(g) for g in self.grid],
+                "enc_dim": int(self.enc_dim),
+                "action_dim": int(self.action_dim),
+                "state_dim": int(self.state_dim),
+                "latent_dtype": self.latent_dtype,
+                "phases": {},
+                "generator": self.generator,
+                "encoder": self.encoder,
+                "shards": [],
+                "clips": [],
+            }
 
         self._remove_leftovers()
 
@@ -229,7 +253,7 @@ class DatasetWriter:
     def _release(self) -> None:
         self._lock.release()
         if self._created_dir and self.path.is_dir() and not any(self.path.iterdir()):
-            self.path.rmdir()   # nothing was written: leave no folder behind
+            self.path.rmdir()  # nothing was written: leave no folder behind
 
     @property
     def manifest(self) -> dict:
@@ -252,10 +276,18 @@ class DatasetWriter:
                 return name
             k += 1
 
-    def add_shard(self, latents: torch.Tensor, actions: torch.Tensor, phase: str, split: str,
-                  states: torch.Tensor | None = None, metas: Sequence[dict] | None = None) -> str:
+    def add_shard(
+        self,
+        latents: torch.Tensor,
+        actions: torch.Tensor,
+        phase: str,
+        split: str,
+        states: torch.Tensor | None = None,
+        metas: Sequence[dict] | None = None,
+    ) -> str:
         """latents (n, T, N, D) float, actions (n, T, A), states (n, T, S) or None; one shard file."""
         from safetensors.torch import save
+
         m = self._manifest
         T, H, W = m["grid"]
         n = latents.shape[0]
@@ -267,24 +299,38 @@ class DatasetWriter:
             raise ValueError(f"actions must be ({n}, {T}, {m['action_dim']}), got {tuple(actions.shape)}")
         if m["state_dim"] > 0:
             if states is None or tuple(states.shape) != (n, T, m["state_dim"]):
-                raise ValueError(f"states must be ({n}, {T}, {m['state_dim']}), got "
-                                 f"{None if states is None else tuple(states.shape)}")
+                raise ValueError(
+                    f"states must be ({n}, {T}, {m['state_dim']}), got "
+                    f"{None if states is None else tuple(states.shape)}"
+                )
         elif states is not None:
             raise ValueError(f"the dataset has no states (state_dim 0) but states {tuple(states.shape)} were given")
         pid = self.add_phase(phase)
-        tensors = {"latents": latents.detach().to("cpu", LATENT_DTYPES[m["latent_dtype"]]).contiguous(),
-                   "actions": actions.detach().to("cpu", torch.float32).contiguous(),
-                   "phase": torch.full((n,), pid, dtype=torch.int64)}
+        tensors = {
+            "latents": latents.detach().to("cpu", LATENT_DTYPES[m["latent_dtype"]]).contiguous(),
+            "actions": actions.detach().to("cpu", torch.float32).contiguous(),
+            "phase": torch.full((n,), pid, dtype=torch.int64),
+        }
         if states is not None:
             tensors["states"] = states.detach().to("cpu", torch.float32).contiguous()
         _check_stored_finite(tensors, phase, split)
-        data = save(tensors, metadata={"hope_kernels": f"{FORMAT_NAME} phase={phase} split={split}"})  # one key: deterministic bytes
+        data = save(
+            tensors, metadata={"hope_kernels": f"{FORMAT_NAME} phase={phase} split={split}"}
+        )  # one key: deterministic bytes
         name = self._shard_name(phase, split)
         self._new_files.append(self.path / name)
         atomic_write_bytes(self.path / name, data)
         k = len(m["shards"])
-        m["shards"].append({"file": name, "phase": phase, "split": split, "n": int(n), "bytes": len(data),
-                            "sha256": hashlib.sha256(data).hexdigest()})
+        m["shards"].append(
+            {
+                "file": name,
+                "phase": phase,
+                "split": split,
+                "n": int(n),
+                "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
+        )
         metas = list(metas) if metas is not None else [{}] * n
         if len(metas) != n:
             raise ValueError(f"metas has {len(metas)} entries for {n} clips")
@@ -326,18 +372,20 @@ def _check_stored_finite(tensors: dict, phase: str, split: str) -> None:
             bad = ~torch.isfinite(x.flatten(1)).all(dim=1)
             if bad.any():
                 dtype = str(x.dtype).removeprefix("torch.")
-                raise ValueError(f"{key} of row {int(bad.nonzero()[0])} of a {phase}/{split} shard are NaN or Inf "
-                                 f"as stored in {dtype} (largest finite {dtype}: {torch.finfo(x.dtype).max:.6g})")
+                raise ValueError(
+                    f"{key} of row {int(bad.nonzero()[0])} of a {phase}/{split} shard are NaN or Inf "
+                    f"as stored in {dtype} (largest finite {dtype}: {torch.finfo(x.dtype).max:.6g})"
+                )
 
 
 # ----------------------------------------------------------------------------------------------- integrity
-_MATCHED: set = set()   # (shard path, bytes, mtime_ns, sha256) found intact by this process
+_MATCHED: set = set()  # (shard path, bytes, mtime_ns, sha256) found intact by this process
 
 
 def _read_verified(root: pathlib.Path) -> dict:
     try:
         got = json.loads((root / VERIFIED).read_text())
-    except (OSError, ValueError):   # absent, unreadable or corrupt: a cache, so it is simply rebuilt
+    except (OSError, ValueError):  # absent, unreadable or corrupt: a cache, so it is simply rebuilt
         return {}
     return got if isinstance(got, dict) else {}
 
@@ -353,19 +401,24 @@ def check_shards(root, shards: Sequence[dict]) -> None:
         try:
             st = f.stat()
         except FileNotFoundError:
-            raise FileNotFoundError(f"shard {f} listed in {root / MANIFEST} is missing "
-                                    f"(run `hope-kernels verify {root}`)") from None
+            raise FileNotFoundError(
+                f"shard {f} listed in {root / MANIFEST} is missing (run `hope-kernels verify {root}`)"
+            ) from None
         stamp = [st.st_size, st.st_mtime_ns, shard["sha256"]]
         if (str(f), *stamp) in _MATCHED:
             continue
         cache = _read_verified(root) if cache is None else cache
         if cache.get(shard["file"]) != stamp:
             if st.st_size != shard["bytes"]:
-                raise ValueError(f"corrupt shard {f}: {st.st_size} bytes, its manifest records {shard['bytes']} "
-                                 f"(truncated or replaced; run `hope-kernels verify {root}`)")
+                raise ValueError(
+                    f"corrupt shard {f}: {st.st_size} bytes, its manifest records {shard['bytes']} "
+                    f"(truncated or replaced; run `hope-kernels verify {root}`)"
+                )
             if sha256_file(f) != shard["sha256"]:
-                raise ValueError(f"corrupt shard {f}: its sha256 differs from the one its manifest records "
-                                 f"(run `hope-kernels verify {root}`)")
+                raise ValueError(
+                    f"corrupt shard {f}: its sha256 differs from the one its manifest records "
+                    f"(run `hope-kernels verify {root}`)"
+                )
             matched.append((shard["file"], stamp))
         _MATCHED.add((str(f), *stamp))
     if matched:
@@ -404,8 +457,11 @@ class ClipDataset:
         for s in splits or []:
             if s not in SPLITS:
                 raise ValueError(f"split must be one of {SPLITS}, got {s!r}")
-        self.indices = [i for i, c in enumerate(m["clips"])
-                        if (phases is None or c["phase"] in phases) and (splits is None or c["split"] in splits)]
+        self.indices = [
+            i
+            for i, c in enumerate(m["clips"])
+            if (phases is None or c["phase"] in phases) and (splits is None or c["split"] in splits)
+        ]
         check_shards(self.path, [m["shards"][k] for k in sorted({m["clips"][i]["shard"] for i in self.indices})])
         self._handles: dict[int, object] = {}
         self._pid = os.getpid()
@@ -415,6 +471,7 @@ class ClipDataset:
 
     def _handle(self, k: int):
         from safetensors import safe_open
+
         if self._pid != os.getpid():  # forked DataLoader worker: open its own maps
             self._handles, self._pid = {}, os.getpid()
         h = self._handles.get(k)
@@ -446,15 +503,16 @@ class ClipDataset:
         c = self.manifest["clips"][g]
         h = self._handle(c["shard"])
         r = c["row"]
-        item = {"latents": h.get_slice("latents")[r:r + 1][0],
-                "actions": h.get_slice("actions")[r:r + 1][0]}
+        item = {"latents": h.get_slice("latents")[r : r + 1][0], "actions": h.get_slice("actions")[r : r + 1][0]}
         if self.state_dim > 0:
-            item["states"] = h.get_slice("states")[r:r + 1][0]
+            item["states"] = h.get_slice("states")[r : r + 1][0]
         bad = [k for k, x in item.items() if not bool(torch.isfinite(x).all())]
         if bad:
             f = self.path / self.manifest["shards"][c["shard"]]["file"]
-            raise ValueError(f"corrupt shard {f}: {' and '.join(bad)} of row {r} (clip {g}) hold NaN or Inf "
-                             f"(run `hope-kernels verify {self.path}`)")
+            raise ValueError(
+                f"corrupt shard {f}: {' and '.join(bad)} of row {r} (clip {g}) hold NaN or Inf "
+                f"(run `hope-kernels verify {self.path}`)"
+            )
         item.update(phase=c["phase"], split=c["split"], index=g)
         return item
 
@@ -495,6 +553,7 @@ class Stream:
     """The prequential adaptation stream: `clips` in stream order (phase after phase, each a clip dict with
     "phase"), `heldout[phase]` = that phase's held-out clips, `phases` = phase order. `grid`, `enc_dim`,
     `action_dim`, `state_dim` as in ClipDataset. `boundaries[k]` = index in `clips` where phase k starts."""
+
     clips: Sequence[dict]
     heldout: dict
     phases: tuple
@@ -505,8 +564,14 @@ class Stream:
     state_dim: int
 
 
-def make_stream(path, phases=("A1", "B", "A2"), clips_per_phase: int | dict | None = None, seed: int = 0,
-                part: str = "report", reserve: int = 0) -> Stream:
+def make_stream(
+    path,
+    phases=("A1", "B", "A2"),
+    clips_per_phase: int | dict | None = None,
+    seed: int = 0,
+    part: str = "report",
+    reserve: int = 0,
+) -> Stream:
     """Stream = the "stream" split of each phase in `phases` order; within a phase the clip order is a
     permutation drawn from `seed` (different seeds = different stream orders), truncated to clips_per_phase
     (None = all; int = same count for every phase; dict phase -> count). Held-out = the "heldout" split of each
@@ -533,9 +598,10 @@ def make_stream(path, phases=("A1", "B", "A2"), clips_per_phase: int | dict | No
         cand = [pos_of[g] for g, c in enumerate(clips) if c["phase"] == p and c["split"] == "stream"]
         if reserve:
             if reserve >= len(cand):
-                raise ValueError(f"reserve {reserve} leaves no reported stream clips of phase {p!r} "
-                                 f"({ds.path} has {len(cand)})")
-            cand = cand[len(cand) - reserve:] if part == "validation" else cand[:len(cand) - reserve]
+                raise ValueError(
+                    f"reserve {reserve} leaves no reported stream clips of phase {p!r} ({ds.path} has {len(cand)})"
+                )
+            cand = cand[len(cand) - reserve :] if part == "validation" else cand[: len(cand) - reserve]
         rng = np.random.default_rng([int(seed), pi])
         cand = [cand[j] for j in rng.permutation(len(cand))]
         want = clips_per_phase.get(p) if isinstance(clips_per_phase, dict) else clips_per_phase
@@ -543,14 +609,26 @@ def make_stream(path, phases=("A1", "B", "A2"), clips_per_phase: int | dict | No
             if not ((is_int(want) or isinstance(want, np.integer)) and want >= 0):
                 raise ValueError(f"clips_per_phase must be a non-negative int, got {want!r} for phase {p!r}")
             if int(want) > len(cand):
-                raise ValueError(f"clips_per_phase asks {want} stream clips of phase {p!r} but {ds.path} has {len(cand)}")
-            cand = cand[:int(want)]
+                raise ValueError(
+                    f"clips_per_phase asks {want} stream clips of phase {p!r} but {ds.path} has {len(cand)}"
+                )
+            cand = cand[: int(want)]
         bounds.append(len(order))
         order += cand
-    heldout = {p: LazyClips(ds, [pos_of[g] for g, c in enumerate(clips) if c["phase"] == p and c["split"] == "heldout"])
-               for p in phases}
-    return Stream(clips=LazyClips(ds, order), heldout=heldout, phases=phases, boundaries=tuple(bounds),
-                  grid=ds.grid, enc_dim=ds.enc_dim, action_dim=ds.action_dim, state_dim=ds.state_dim)
+    heldout = {
+        p: LazyClips(ds, [pos_of[g] for g, c in enumerate(clips) if c["phase"] == p and c["split"] == "heldout"])
+        for p in phases
+    }
+    return Stream(
+        clips=LazyClips(ds, order),
+        heldout=heldout,
+        phases=phases,
+        boundaries=tuple(bounds),
+        grid=ds.grid,
+        enc_dim=ds.enc_dim,
+        action_dim=ds.action_dim,
+        state_dim=ds.state_dim,
+    )
 
 
 # ----------------------------------------------------------------------------------------------- verify
@@ -558,24 +636,30 @@ def verify_dataset(path) -> dict:
     """Check every shard against the manifest (size, sha256, safetensors header, tensor shapes and dtypes, clip
     table). Raises ValueError naming the first broken shard; returns a summary dict when all is well."""
     from safetensors import safe_open
+
     root = pathlib.Path(path)
     m = read_manifest(root)
     T, H, W = m["grid"]
     D, A, S = m["enc_dim"], m["action_dim"], m["state_dim"]
     total = 0
-    for k, s in enumerate(m["shards"]):
+    for s in m["shards"]:
         f = root / s["file"]
         if not f.is_file():
             raise ValueError(f"shard {s['file']} is missing from {root}")
         size = f.stat().st_size
         if size != s["bytes"]:
-            raise ValueError(f"shard {s['file']} has {size} bytes, manifest records {s['bytes']} (truncated or replaced)")
+            raise ValueError(
+                f"shard {s['file']} has {size} bytes, manifest records {s['bytes']} (truncated or replaced)"
+            )
         digest = sha256_file(f)
         if digest != s["sha256"]:
             raise ValueError(f"shard {s['file']} is corrupt: sha256 {digest[:16]}... != manifest {s['sha256'][:16]}...")
         n = s["n"]
-        expect = {"latents": ((n, T, H * W, D), LATENT_DTYPES[m["latent_dtype"]]),
-                  "actions": ((n, T, A), torch.float32), "phase": ((n,), torch.int64)}
+        expect = {
+            "latents": ((n, T, H * W, D), LATENT_DTYPES[m["latent_dtype"]]),
+            "actions": ((n, T, A), torch.float32),
+            "phase": ((n,), torch.int64),
+        }
         if S > 0:
             expect["states"] = ((n, T, S), torch.float32)
         try:
@@ -583,7 +667,7 @@ def verify_dataset(path) -> dict:
                 keys = set(h.keys())
                 if keys != set(expect):
                     raise ValueError(f"shard {s['file']} has tensors {sorted(keys)}, expected {sorted(expect)}")
-                for key, (shape, dtype) in expect.items():
+                for key, (shape, _dtype) in expect.items():
                     t = h.get_slice(key)
                     got = tuple(t.get_shape())
                     if got != shape:
@@ -603,7 +687,13 @@ def verify_dataset(path) -> dict:
     rows = [(c["shard"], c["row"]) for c in m["clips"]]
     expect_rows = [(k, r) for k, s in enumerate(m["shards"]) for r in range(s["n"])]
     if sorted(rows) != expect_rows:
-        raise ValueError(f"manifest clip table of {root} does not match its shards ({len(rows)} clips listed, "
-                         f"{total} rows in shards)")
-    return {"clips": total, "shards": len(m["shards"]), "bytes": sum(s["bytes"] for s in m["shards"]),
-            "phases": {p: sum(1 for c in m["clips"] if c["phase"] == p) for p in m["phases"]}}
+        raise ValueError(
+            f"manifest clip table of {root} does not match its shards ({len(rows)} clips listed, "
+            f"{total} rows in shards)"
+        )
+    return {
+        "clips": total,
+        "shards": len(m["shards"]),
+        "bytes": sum(s["bytes"] for s in m["shards"]),
+        "phases": {p: sum(1 for c in m["clips"] if c["phase"] == p) for p in m["phases"]},
+    }

@@ -21,6 +21,7 @@ Scene (all lengths in metres, the frame covers the square arena [0, ARENA]^2 at 
 `simulate_clips(n, physics, rng)` returns frames (n, 16, 64, 64, 3) uint8, actions (n, 8, 2) float32 and the
 ground truth (positions of object 0 per frame, impulse frame, J, scene layout).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,8 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 
 G = 9.81
-ARENA = 1.0          # metres, frame side
-IMG = 64             # pixels
+ARENA = 1.0  # metres, frame side
+IMG = 64  # pixels
 FRAMES = 16
 FPS = 20.0
 TUBELET = 2
@@ -39,15 +40,17 @@ MAX_OBJECTS = 3
 BACKGROUND = np.array([0.16, 0.16, 0.18], dtype=np.float32)
 AGENT_COLOUR = np.array([0.92, 0.12, 0.10], dtype=np.float32)
 # distractors share the background's red value, so the red channel alone shows the pushed object
-DISTRACTOR_COLOURS = np.array([[0.16, 0.80, 0.25], [0.16, 0.35, 1.00], [0.16, 0.85, 0.85],
-                               [0.16, 0.55, 0.40]], dtype=np.float32)
-AGENT_RADIUS = 0.08                                   # disc radius; a box agent has the same area
+DISTRACTOR_COLOURS = np.array(
+    [[0.16, 0.80, 0.25], [0.16, 0.35, 1.00], [0.16, 0.85, 0.85], [0.16, 0.55, 0.40]], dtype=np.float32
+)
+AGENT_RADIUS = 0.08  # disc radius; a box agent has the same area
 AGENT_HALF_BOX = AGENT_RADIUS * np.sqrt(np.pi) / 2
 
 
 @dataclass(frozen=True)
 class Physics:
     """Coulomb friction coefficient mu and object mass m (kg)."""
+
     mu: float
     mass: float
 
@@ -61,7 +64,7 @@ class Physics:
 
 def stopping_distance(J: float, physics: Physics) -> float:
     """Analytic distance travelled until rest after impulse J: J^2 / (2 m^2 mu g)."""
-    return J * J / (2.0 * physics.mass ** 2 * physics.mu * G)
+    return J * J / (2.0 * physics.mass**2 * physics.mu * G)
 
 
 def sample_scenes(n: int, rng: np.random.Generator) -> dict:
@@ -90,8 +93,15 @@ def sample_scenes(n: int, rng: np.random.Generator) -> dict:
     ang = rng.uniform(0, 2 * np.pi, size=n)
     mag = rng.uniform(J_MIN, J_MAX, size=n)
     J = np.stack([mag * np.cos(ang), mag * np.sin(ang)], axis=-1)
-    return {"n_obj": n_obj, "shape": shape, "size": size, "colour": colour, "pos0": pos0,
-            "impulse_frame": impulse_frame, "J": J}
+    return {
+        "n_obj": n_obj,
+        "shape": shape,
+        "size": size,
+        "colour": colour,
+        "pos0": pos0,
+        "impulse_frame": impulse_frame,
+        "J": J,
+    }
 
 
 def _fold(x: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
@@ -114,9 +124,9 @@ def trajectories(scenes: dict, physics: Physics, frames: int = FRAMES, fps: floa
     Jn = np.linalg.norm(J, axis=-1)
     u = J / np.maximum(Jn, 1e-12)[:, None]
     v0 = Jn / physics.mass
-    tau = (np.arange(frames)[None, :] - scenes["impulse_frame"][:, None]) / fps          # (n, frames)
+    tau = (np.arange(frames)[None, :] - scenes["impulse_frame"][:, None]) / fps  # (n, frames)
     s = path_length(tau, v0[:, None], physics)
-    pos = np.repeat(scenes["pos0"][:, None], frames, axis=1).copy()                      # (n, F, K, 2)
+    pos = np.repeat(scenes["pos0"][:, None], frames, axis=1).copy()  # (n, F, K, 2)
     e = scenes["size"][:, 0][:, None, None]
     unfolded = scenes["pos0"][:, None, 0, :] + u[:, None, :] * s[..., None]
     pos[:, :, 0] = _fold(unfolded, e, ARENA - e)
@@ -135,23 +145,23 @@ def render(scenes: dict, pos: np.ndarray) -> np.ndarray:
     ii = np.arange(n)[:, None, None, None]
     ff = np.arange(F)[None, :, None, None]
     for k in list(range(1, K)) + [0]:  # distractors first, pushed object on top
-        r = (scenes["size"][:, k] * scale).astype(np.float32)[:, None, None, None]          # (n,1,1,1)
+        r = (scenes["size"][:, k] * scale).astype(np.float32)[:, None, None, None]  # (n,1,1,1)
         if not (r > 0).any():
             continue
-        px = (pos[:, :, k] * scale).astype(np.float32)                                      # (n, F, 2)
-        o = np.floor(px).astype(np.int64) - WIN // 2                                        # window origin, px
-        cx = o[..., 0, None] + np.arange(WIN)                                               # (n, F, WIN)
+        px = (pos[:, :, k] * scale).astype(np.float32)  # (n, F, 2)
+        o = np.floor(px).astype(np.int64) - WIN // 2  # window origin, px
+        cx = o[..., 0, None] + np.arange(WIN)  # (n, F, WIN)
         cy = o[..., 1, None] + np.arange(WIN)
-        dx = np.abs(cx + 0.5 - px[..., 0, None])[:, :, None, :]                             # (n,F,1,WIN)
-        dy = np.abs(cy + 0.5 - px[..., 1, None])[:, :, :, None]                             # (n,F,WIN,1)
+        dx = np.abs(cx + 0.5 - px[..., 0, None])[:, :, None, :]  # (n,F,1,WIN)
+        dy = np.abs(cy + 0.5 - px[..., 1, None])[:, :, :, None]  # (n,F,WIN,1)
         disc = np.clip(r + 0.5 - np.sqrt(dx * dx + dy * dy), 0.0, 1.0)
         box = np.clip(r + 0.5 - dx, 0.0, 1.0) * np.clip(r + 0.5 - dy, 0.0, 1.0)
         cov = np.where(scenes["shape"][:, k].astype(bool)[:, None, None, None], box, disc) * (r > 0)
         rows, cols = (cy + pad)[:, :, :, None], (cx + pad)[:, :, None, :]
-        win = canvas[ii, ff, rows, cols]                                                    # (n,F,WIN,WIN,3)
+        win = canvas[ii, ff, rows, cols]  # (n,F,WIN,WIN,3)
         col = scenes["colour"][:, k][:, None, None, None, :]
         canvas[ii, ff, rows, cols] = win + cov[..., None] * (col - win)
-    img = canvas[:, :, pad:pad + IMG, pad:pad + IMG]
+    img = canvas[:, :, pad : pad + IMG, pad : pad + IMG]
     return np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 

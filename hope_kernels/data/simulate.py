@@ -12,6 +12,7 @@ Phases: A1 and A2 share phase-A physics (mu_a, mass_a; default 0.5, 1.0) but use
 (seed, phase index, split index), so a split's clips do not change when another split's size changes.
 Latents are stored float16 by default (`latent_dtype`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,6 +36,7 @@ def _positive(v) -> str | None:
 @dataclasses.dataclass
 class SimConfig(Config):
     """Clip counts per (phase, split), the physics of phase A (A1, A2) and B, and the storage layout."""
+
     WHAT: ClassVar[str] = "simulation config"
     train_a1: int = setting(256, non_negative)
     train_b: int = setting(128, non_negative)
@@ -75,12 +77,15 @@ def make_config(preset: str = "quick", **overrides) -> SimConfig:
 
 def _clip_meta(sim: dict, i: int) -> dict:
     sc = sim["scenes"]
-    return {"impulse_frame": int(sc["impulse_frame"][i]), "J": [round(float(v), 6) for v in sc["J"][i]],
-            "n_objects": int(sc["n_obj"][i]),
-            "shapes": ["box" if s else "disc" for s in sc["shape"][i, :sc["n_obj"][i]]],
-            "pos0": [[round(float(v), 5) for v in p] for p in sc["pos0"][i, :sc["n_obj"][i]]],
-            # ground truth of the pushed object per timestep (tubelet mean), metres
-            "xy": [[round(float(v), 5) for v in p] for p in timestep_positions(sim["pos"][i:i + 1])[0]]}
+    return {
+        "impulse_frame": int(sc["impulse_frame"][i]),
+        "J": [round(float(v), 6) for v in sc["J"][i]],
+        "n_objects": int(sc["n_obj"][i]),
+        "shapes": ["box" if s else "disc" for s in sc["shape"][i, : sc["n_obj"][i]]],
+        "pos0": [[round(float(v), 5) for v in p] for p in sc["pos0"][i, : sc["n_obj"][i]]],
+        # ground truth of the pushed object per timestep (tubelet mean), metres
+        "xy": [[round(float(v), 5) for v in p] for p in timestep_positions(sim["pos"][i : i + 1])[0]],
+    }
 
 
 def simulate_dataset(out_dir, preset: str = "quick", seed: int = 0, progress: bool = True, **overrides) -> pathlib.Path:
@@ -89,6 +94,7 @@ def simulate_dataset(out_dir, preset: str = "quick", seed: int = 0, progress: bo
     import torch
 
     from hope_kernels.models.encoder import load_embedded_encoder
+
     cfg = make_config(preset, **overrides)
     enc = load_embedded_encoder()
     torch_threads = torch.get_num_threads()
@@ -96,13 +102,27 @@ def simulate_dataset(out_dir, preset: str = "quick", seed: int = 0, progress: bo
     total = sum(n for _, _, n in jobs)
     bar = None
     t0 = time.perf_counter()
-    gen = {"preset": preset, "seed": int(seed), "config": cfg.to_dict(), "encoder": "embedded",
-           "physics": "hope_kernels.data.physics"}
+    gen = {
+        "preset": preset,
+        "seed": int(seed),
+        "config": cfg.to_dict(),
+        "encoder": "embedded",
+        "physics": "hope_kernels.data.physics",
+    }
     try:
-        with DatasetWriter(out_dir, grid=(8, 8, 8), enc_dim=enc.dim, action_dim=2, state_dim=0,
-                           latent_dtype=cfg.latent_dtype, generator=gen, encoder="embedded") as w:
-            if progress:   # once the folder is ours (DatasetWriter locks it)
+        with DatasetWriter(
+            out_dir,
+            grid=(8, 8, 8),
+            enc_dim=enc.dim,
+            action_dim=2,
+            state_dim=0,
+            latent_dtype=cfg.latent_dtype,
+            generator=gen,
+            encoder="embedded",
+        ) as w:
+            if progress:  # once the folder is ours (DatasetWriter locks it)
                 from tqdm import tqdm
+
                 bar = tqdm(total=total, unit="clip", desc="simulate")
             for p in PHASES:
                 w.add_phase(p, cfg.physics(p).as_dict())
@@ -138,10 +158,14 @@ def ensure_dataset(out_dir, preset: str = "quick", seed: int = 0, **overrides) -
         if g is not None:
             want = make_config(preset, **overrides).to_dict()
             if g.get("seed") != int(seed) or g.get("config") != want:
-                raise ValueError(f"{out_dir} holds a dataset simulated with preset {g.get('preset')!r} seed "
-                                 f"{g.get('seed')}, not preset {preset!r} seed {seed} {overrides or ''}: "
-                                 f"use another folder or delete it")
+                raise ValueError(
+                    f"{out_dir} holds a dataset simulated with preset {g.get('preset')!r} seed "
+                    f"{g.get('seed')}, not preset {preset!r} seed {seed} {overrides or ''}: "
+                    f"use another folder or delete it"
+                )
         return out_dir
     if (out_dir / MANIFEST).exists():
-        raise ValueError(f"{out_dir} has a broken dataset (run `hope-kernels verify {out_dir}`); delete it to resimulate")
+        raise ValueError(
+            f"{out_dir} has a broken dataset (run `hope-kernels verify {out_dir}`); delete it to resimulate"
+        )
     return simulate_dataset(out_dir, preset=preset, seed=seed, progress=False, **overrides)

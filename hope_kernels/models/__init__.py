@@ -1,4 +1,5 @@
 """Predictors (docs/design.md#predictors). `build_predictor(kind, preset, enc_dim=..., grid=...)` builds either one."""
+
 from __future__ import annotations
 
 import torch.nn as nn
@@ -7,15 +8,24 @@ from hope_kernels.config import PRESETS, PredictorConfig, predictor_config
 from hope_kernels.models.ac_predictor import ACPredictor
 from hope_kernels.models.hope_predictor import HOPEPredictor
 
-__all__ = ["ACPredictor", "HOPEPredictor", "PRESETS", "PredictorConfig", "build_predictor", "predictor_from_config",
-           "load_state_exactly"]
+__all__ = [
+    "ACPredictor",
+    "HOPEPredictor",
+    "PRESETS",
+    "PredictorConfig",
+    "build_predictor",
+    "predictor_from_config",
+    "load_state_exactly",
+]
 
 
-def build_predictor(kind: str, preset: str = "tiny", *, enc_dim: int, grid, action_dim: int = 2,
-                    state_dim: int = 0, **overrides) -> nn.Module:
+def build_predictor(
+    kind: str, preset: str = "tiny", *, enc_dim: int, grid, action_dim: int = 2, state_dim: int = 0, **overrides
+) -> nn.Module:
     """kind "ac" | "hope"; grid (T, H, W); overrides: any PredictorConfig field (unknown names raise)."""
-    cfg = predictor_config(kind, preset, enc_dim=enc_dim, grid=tuple(grid), action_dim=action_dim,
-                           state_dim=state_dim, **overrides)
+    cfg = predictor_config(
+        kind, preset, enc_dim=enc_dim, grid=tuple(grid), action_dim=action_dim, state_dim=state_dim, **overrides
+    )
     return predictor_from_config(cfg)
 
 
@@ -37,8 +47,10 @@ def load_state_exactly(model: nn.Module, weights: dict) -> None:
         parts.append(f"{len(unexpected)} unexpected (first {unexpected[0]!r})")
     if shaped:
         k = shaped[0]
-        parts.append(f"{len(shaped)} of another shape (first {k!r}: {tuple(weights[k].shape)} stored, "
-                     f"{tuple(own[k].shape)} for the config)")
+        parts.append(
+            f"{len(shaped)} of another shape (first {k!r}: {tuple(weights[k].shape)} stored, "
+            f"{tuple(own[k].shape)} for the config)"
+        )
     if parts:
         raise ValueError("tensors " + "; ".join(parts))
     model.load_state_dict(weights)

@@ -1,5 +1,6 @@
 """V-JEPA 2-AC predictor (docs/design.md#ac-predictor): pre-norm ViT blocks over `[a_t, (s_t), N patches]` tokens
 with 3D-RoPE block-causal attention. `load_official_state_dict` maps the official checkpoint key layout."""
+
 from __future__ import annotations
 
 import torch.nn as nn
@@ -37,15 +38,22 @@ class ACPredictor(PredictorBase):
     def load_official_state_dict(self, sd: dict, strict: bool = True):
         """Load a state dict in the official V-JEPA 2-AC predictor layout (see `official_to_local`)."""
         if self.config.predict_delta or self.config.stem_kernel:
-            raise ValueError("the official V-JEPA 2-AC predictor has no input stem and outputs absolute latents: "
-                             "build this predictor with predict_delta=False, stem_kernel=0 to load its weights")
-        if self.config.rope_compat != "vjepa2":   # the weights would load, and attend with another rotation
-            raise ValueError("the official V-JEPA 2-AC weights were trained with its own RoPE formula: build this "
-                             "predictor with rope_compat='vjepa2' to load them")
+            raise ValueError(
+                "the official V-JEPA 2-AC predictor has no input stem and outputs absolute latents: "
+                "build this predictor with predict_delta=False, stem_kernel=0 to load its weights"
+            )
+        if self.config.rope_compat != "vjepa2":  # the weights would load, and attend with another rotation
+            raise ValueError(
+                "the official V-JEPA 2-AC weights were trained with its own RoPE formula: build this "
+                "predictor with rope_compat='vjepa2' to load them"
+            )
         mapped = official_to_local(sd)
         own = self.state_dict()
-        bad = [f"{k}: expected {tuple(own[k].shape)}, got {tuple(v.shape)}" for k, v in mapped.items()
-               if k in own and own[k].shape != v.shape]
+        bad = [
+            f"{k}: expected {tuple(own[k].shape)}, got {tuple(v.shape)}"
+            for k, v in mapped.items()
+            if k in own and own[k].shape != v.shape
+        ]
         if bad:
             raise ValueError("official checkpoint shapes do not match this config: " + "; ".join(bad[:5]))
         unexpected = sorted(set(mapped) - set(own))
@@ -79,12 +87,12 @@ def official_to_local(sd: dict) -> dict:
         k = key
         for strip in ("module.", "backbone.", "predictor."):
             while k.startswith(strip) and not any(k.startswith(p) for p in OFFICIAL_PREFIXES):
-                k = k[len(strip):]
+                k = k[len(strip) :]
         if k.startswith(OFFICIAL_IGNORED):
             continue
         for src, dst in OFFICIAL_PREFIXES.items():
             if k.startswith(src):
-                out[dst + k[len(src):]] = val
+                out[dst + k[len(src) :]] = val
                 break
         else:
             out[k] = val  # unknown keys are reported by the caller

@@ -5,6 +5,7 @@ z_hat[:, t] predicts layer_norm(z[:, t+1]) from z[:, :t+1], actions[:, :t+1], st
 The input latents are layer-normalised over D (no affine) like the targets, so predictions fed back during a
 rollout live in the same space as the encoder latents they replace.
 """
+
 from __future__ import annotations
 
 import math
@@ -61,7 +62,7 @@ def trunc_normal_all_(ws: list[torch.Tensor], std: float, a: float, b: float, ba
                     end += 1
                 u, o = trunc_normal_(buf[:n], std, a, b), 0
                 for w in group[start:end]:
-                    w.copy_(u[o:o + w.numel()].view(w.shape))
+                    w.copy_(u[o : o + w.numel()].view(w.shape))
                     o += w.numel()
                 start = end
 
@@ -155,7 +156,7 @@ class PredictorBase(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Conv3d):                      # the stem: the embedding's output scale
+            elif isinstance(m, nn.Conv3d):  # the stem: the embedding's output scale
                 s = std / math.sqrt(m.weight[0, 0].numel())
                 trunc_normal_(m.weight, s, -2 * s, 2 * s)
         with torch.no_grad():
@@ -176,16 +177,22 @@ class PredictorBase(nn.Module):
         c = self.config
         N = c.grid[1] * c.grid[2]
         if not isinstance(z, torch.Tensor) or z.dim() != 4 or z.shape[2] != N or z.shape[3] != c.enc_dim:
-            raise ValueError(f"z must be (B, T, N, D) = (B, T, {N}, {c.enc_dim}), got "
-                             f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
+            raise ValueError(
+                f"z must be (B, T, N, D) = (B, T, {N}, {c.enc_dim}), got "
+                f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}"
+            )
         B, T = z.shape[:2]
         if not isinstance(actions, torch.Tensor) or actions.shape != (B, T, c.action_dim):
-            raise ValueError(f"actions must be (B, T, A) = ({B}, {T}, {c.action_dim}), got "
-                             f"{tuple(actions.shape) if isinstance(actions, torch.Tensor) else type(actions).__name__}")
+            raise ValueError(
+                f"actions must be (B, T, A) = ({B}, {T}, {c.action_dim}), got "
+                f"{tuple(actions.shape) if isinstance(actions, torch.Tensor) else type(actions).__name__}"
+            )
         if c.state_dim > 0:
             if states is None or states.shape != (B, T, c.state_dim):
-                raise ValueError(f"states must be (B, T, S) = ({B}, {T}, {c.state_dim}), got "
-                                 f"{None if states is None else tuple(states.shape)}")
+                raise ValueError(
+                    f"states must be (B, T, S) = ({B}, {T}, {c.state_dim}), got "
+                    f"{None if states is None else tuple(states.shape)}"
+                )
         elif states is not None and states.numel() > 0:
             raise ValueError(f"this predictor has state_dim=0 but states {tuple(states.shape)} were given")
 
@@ -244,8 +251,10 @@ class PredictorBase(nn.Module):
         Tc = z_context.shape[1]
         need = Tc + steps - 1
         if actions.dim() != 3 or actions.shape[1] < need:
-            raise ValueError(f"rollout of {steps} steps from {Tc} context steps needs actions (B, >= {need}, A), "
-                             f"got {tuple(actions.shape)}")
+            raise ValueError(
+                f"rollout of {steps} steps from {Tc} context steps needs actions (B, >= {need}, A), "
+                f"got {tuple(actions.shape)}"
+            )
         if states is not None and states.shape[1] < need:
             raise ValueError(f"rollout needs states (B, >= {need}, S), got {tuple(states.shape)}")
         seq, preds = z_context, []

@@ -1,5 +1,6 @@
 """CMS update periods: the gradient accumulation shared by training (`cms_train_periods`, hope_kernels.train) and
 the `hope` / `hope+ttt` adaptation strategies (hope_kernels.adapt)."""
+
 from __future__ import annotations
 
 import torch
@@ -38,7 +39,7 @@ class CMSPeriods:
                 total = p.grad if name not in self.acc else self.acc.pop(name) + p.grad
                 if due:
                     p.grad = total / period
-                else:   # p.grad is dropped here, so the stored tensor is not aliased by later steps
+                else:  # p.grad is dropped here, so the stored tensor is not aliased by later steps
                     self.acc[name] = total.detach()
                     p.grad = None
         return due_levels

@@ -9,6 +9,7 @@ own, so one op call with 5 dh value columns updates all of them (`SelfModifyingM
 timestep's tokens form one chunk: k, v, eta, alpha are read from the memories' chunk-start state (HOPE's
 chunk-wise form), every memory is then updated on the chunk with its self-generated target v_hat = M(v).
 """
+
 from __future__ import annotations
 
 import torch
@@ -43,7 +44,7 @@ class SelfModifyingMemory(nn.Module):
     """x (B, L, C) -> (y (B, L, C), end state). State: dgd -> M (B, H, dh, m*dh) (the m memories side by side,
     m = 5 self-referential, 1 static); titans -> (W, S) in the same layout."""
 
-    stack_memories = None   # None: stacked along heads on CUDA, wide on CPU (see _update); True / False: forced
+    stack_memories = None  # None: stacked along heads on CUDA, wide on CPU (see _update); True / False: forced
 
     def __init__(self, c: PredictorConfig):
         super().__init__()
@@ -51,21 +52,21 @@ class SelfModifyingMemory(nn.Module):
         self.dh = c.width // self.H
         self.rule, self.self_ref, self.eta_max = c.memory_rule, c.self_referential, c.eta_max
         H, dh = self.H, self.dh
-        self.q = Linear(c.width, c.width, bias=False)                    # static query projection
+        self.q = Linear(c.width, c.width, bias=False)  # static query projection
         self.out = Linear(c.width, c.width)
         if self.self_ref:
             # learned initial states (outer loop) of M_k, M_v, M_eta, M_alpha, M_mem: random maps. (M_mem = 0
             # would be a fixed point: its self-generated target v M_mem is then 0 too.)
-            self.M0 = nn.Parameter(torch.randn(_N_MEM, H, dh, dh).mul_(dh ** -0.5))
-            self.gate_read = nn.Parameter(torch.zeros(2, H, dh))         # static readout of the eta/alpha memories
+            self.M0 = nn.Parameter(torch.randn(_N_MEM, H, dh, dh).mul_(dh**-0.5))
+            self.gate_read = nn.Parameter(torch.zeros(2, H, dh))  # static readout of the eta/alpha memories
         else:
             self.kv = Linear(c.width, 2 * c.width, bias=False)
             self.gates = Linear(c.width, 2 * H)
-            self.M0 = nn.Parameter(torch.randn(1, H, dh, dh).mul_(dh ** -0.5))
+            self.M0 = nn.Parameter(torch.randn(1, H, dh, dh).mul_(dh**-0.5))
         # gate biases: eta_t starts near 0.12 * eta_max / P, the retention near 0.99 per timestep (P tokens)
         self.gate_bias = nn.Parameter(torch.tensor([-2.0, 4.6]))
         if self.rule == "titans":
-            self.momentum_logit = nn.Parameter(torch.zeros(H))           # Titans momentum eta (ablation)
+            self.momentum_logit = nn.Parameter(torch.zeros(H))  # Titans momentum eta (ablation)
 
     def _gates(self, e_logit, a_logit, chunk: int):
         # the chunk's tokens share one gradient step taken at the chunk-start state, so their updates add up
@@ -94,17 +95,17 @@ class SelfModifyingMemory(nn.Module):
         m = v.shape[-1] // self.dh
         stack = (q.is_cuda if self.stack_memories is None else self.stack_memories) and m > 1
         if stack:
-            rep = lambda t: torch.cat([t] * m, dim=1)                   # noqa: E731
+            rep = lambda t: torch.cat([t] * m, dim=1)  # noqa: E731
             q, k, alpha, eta, v = rep(q), rep(k), rep(alpha), rep(eta), _stack(v, m)
             state = _each(lambda t: _stack(t, m), state)
         if self.rule == "dgd":
-            o, state = dgd_memory(q, k, v, alpha, eta, chunk_size=chunk, initial_state=state,
-                                  output_final_state=True)
+            o, state = dgd_memory(q, k, v, alpha, eta, chunk_size=chunk, initial_state=state, output_final_state=True)
         else:
             mom = torch.sigmoid(self.momentum_logit).repeat(q.shape[1] // self.H)[None, :, None].expand_as(eta)
             # Titans: theta = eta_t (inner lr), forget = 1 - alpha_t (retention), momentum learned per head
-            o, state = titans_memory(q, k, v, 1 - alpha, mom, eta, chunk_size=chunk, initial_state=state,
-                                     output_final_state=True)
+            o, state = titans_memory(
+                q, k, v, 1 - alpha, mom, eta, chunk_size=chunk, initial_state=state, output_final_state=True
+            )
         if stack:
             o = _unstack(o, m)
             state = _each(lambda t: _unstack(t, m), state)
@@ -113,7 +114,7 @@ class SelfModifyingMemory(nn.Module):
     def forward(self, x, T: int, state=None):
         B, L, C = x.shape
         H, dh, P = self.H, self.dh, L // T
-        heads = lambda t: t.reshape(B, L, H, dh).transpose(1, 2)        # noqa: E731  (B, H, L, dh)
+        heads = lambda t: t.reshape(B, L, H, dh).transpose(1, 2)  # noqa: E731  (B, H, L, dh)
         q = F.normalize(heads(self.q(x)), dim=-1)
         state = self.initial_state(B) if state is None else state
         if not self.self_ref:
@@ -123,20 +124,21 @@ class SelfModifyingMemory(nn.Module):
             o, state = self._update(q, F.normalize(heads(k_), dim=-1), heads(v_), alpha, eta, P, state)
         else:
             xh, outs = heads(x), []
-            for t in range(T):                                           # one chunk per timestep
+            for t in range(T):  # one chunk per timestep
                 sl = slice(t * P, (t + 1) * P)
-                W = state[0] if self.rule == "titans" else state   # (B, H, dh, 5 dh): [Mk|Mv|Meta|Malpha|Mmem]
+                W = state[0] if self.rule == "titans" else state  # (B, H, dh, 5 dh): [Mk|Mv|Meta|Malpha|Mmem]
                 xc = xh[:, :, sl]
-                k, v, e, a = (xc @ W[..., :4 * dh]).split(dh, dim=-1)     # reads of M_k, M_v, M_eta, M_alpha
-                eta, alpha = self._gates((e * self.gate_read[0, :, None]).sum(-1),
-                                         (a * self.gate_read[1, :, None]).sum(-1), P)
+                k, v, e, a = (xc @ W[..., : 4 * dh]).split(dh, dim=-1)  # reads of M_k, M_v, M_eta, M_alpha
+                eta, alpha = self._gates(
+                    (e * self.gate_read[0, :, None]).sum(-1), (a * self.gate_read[1, :, None]).sum(-1), P
+                )
                 # self-generated targets v M_i, (B, H, P, 5 dh), each memory's target scaled to unit length: raw,
                 # v = x M_v makes the target v M_i grow with |M_v| |M_i| and the written memory with it, so a
                 # memory carried across clips blew up (untrained tiny HOPE: norm 20 -> 400 -> NaN within 4 clips).
                 # With unit targets the update is a contraction plus a write of size <= eta (docs/hope.md)
                 v_hat = F.normalize((v @ W).unflatten(-1, (-1, dh)), dim=-1).flatten(-2)
                 o, state = self._update(q[:, :, sl], F.normalize(k, dim=-1), v_hat, alpha, eta, P, state)
-                outs.append(o[..., 4 * dh:])                             # the output memory's read
+                outs.append(o[..., 4 * dh :])  # the output memory's read
             o = torch.cat(outs, dim=2)
         return self.out(o.transpose(1, 2).reshape(B, L, C)), state
 
@@ -228,13 +230,16 @@ class HOPEPredictor(PredictorBase):
     def _stored(self, B: int):
         if not self.carry_memory or self._memory is None:
             return None
+
         def fit(t):
             if t.shape[0] == B:
                 return t
             if t.shape[0] == 1:
                 return t.expand(B, *t.shape[1:])
-            raise ValueError(f"carried memory has batch {t.shape[0]} but the input has batch {B}; "
-                             f"call reset_memory() first")
+            raise ValueError(
+                f"carried memory has batch {t.shape[0]} but the input has batch {B}; call reset_memory() first"
+            )
+
         return [_each(fit, s) for s in self._memory]
 
     def forward(self, z, actions, states=None):
@@ -250,5 +255,7 @@ class HOPEPredictor(PredictorBase):
         """[(update period, params of that level in every block)], fastest first; [] when CMS is off."""
         if not self.config.cms:
             return []
-        return [(p, [q for blk in self.blocks for q in blk.cms[i].parameters()])
-                for i, p in enumerate(self.config.cms_periods)]
+        return [
+            (p, [q for blk in self.blocks for q in blk.cms[i].parameters()])
+            for i, p in enumerate(self.config.cms_periods)
+        ]

@@ -3,6 +3,7 @@
 Positions are (t, h, w) rows for `rope_attention`: patches use their grid cell, action/state tokens use their
 timestep with h = w = 0 (their h/w RoPE slices rotate by angle 0).
 """
+
 from __future__ import annotations
 
 import torch
@@ -13,7 +14,7 @@ def token_positions(T: int, H: int, W: int, n_cond: int, device=None) -> torch.T
     hh, ww = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
     patch = torch.stack([torch.zeros(H * W, dtype=torch.long), hh.flatten(), ww.flatten()], dim=1)
     cond = torch.zeros(n_cond, 3, dtype=torch.long)
-    step = torch.cat([cond, patch], dim=0)                                 # (n_cond + N, 3)
+    step = torch.cat([cond, patch], dim=0)  # (n_cond + N, 3)
     pos = step.repeat(T, 1)
     pos[:, 0] = torch.arange(T).repeat_interleave(n_cond + H * W)
     return pos.to(device)

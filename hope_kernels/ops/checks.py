@@ -1,4 +1,5 @@
 """Input validation shared by the ops: errors name the argument, what was expected and what was given."""
+
 from __future__ import annotations
 
 import os

@@ -11,6 +11,7 @@ are preferred for them, the one of highest priority, else "reference" (the famil
 op). An explicit backend that is not implemented, cannot run here, or refuses the inputs raises: never a silent
 fallback.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ class Backend:
     prefers(inputs): False where it runs but auto should pass over it (a slow case, e.g. register spills).
     fake: the fake forward when it differs from the table's (other saved-for-backward outputs).
     """
+
     name: str
     forward: Callable[..., Any]
     backward: Callable[..., Any] | None
@@ -61,6 +63,7 @@ class OpTable:
     backward(ctx, backward_op, *output_grads) -> input grads: the op's one autograd rule, backward_op the
     chosen backend's backward custom op. saved_only: how many trailing outputs exist for backward only
     (dropped by RegisteredOp.__call__)."""
+
     name: str
     label: str
     schema: str
@@ -100,8 +103,12 @@ class RegisteredOp:
         device = D._device_of(tensors)
         if backend == "auto":
             for b in self.auto_order:
-                if (device.type in b.devices and D._available(b.name, device) and b.prefers(inputs)
-                        and b.accepts(inputs, device) is None):
+                if (
+                    device.type in b.devices
+                    and D._available(b.name, device)
+                    and b.prefers(inputs)
+                    and b.accepts(inputs, device) is None
+                ):
                     return b.name
             return "reference"
         if backend == "reference":
@@ -116,14 +123,15 @@ class RegisteredOp:
         if backend not in self.ops:
             return self.by_name[backend].forward(*args)
         out = self.ops[backend](*args)
-        return out[:len(out) - self.table.saved_only] if self.table.saved_only else out
+        return out[: len(out) - self.table.saved_only] if self.table.saved_only else out
 
 
 def _register_backend(table: OpTable, b: Backend):
     name = f"hope_kernels::{table.name}_{b.name}"
     fwd = torch.library.custom_op(name, lambda *a: _outputs(b.forward(*a)), mutates_args=(), schema=table.schema)
-    bwd = torch.library.custom_op(f"{name}_backward", lambda *a: _outputs(b.backward(*a)), mutates_args=(),
-                                  schema=table.backward_schema)
+    bwd = torch.library.custom_op(
+        f"{name}_backward", lambda *a: _outputs(b.backward(*a)), mutates_args=(), schema=table.backward_schema
+    )
     fwd.register_fake(b.fake or table.fake)
     bwd.register_fake(table.fake_backward)
     fwd.register_autograd(lambda ctx, *grads: table.backward(ctx, bwd, *grads), setup_context=table.setup_context)

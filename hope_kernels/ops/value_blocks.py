@@ -4,6 +4,7 @@ Both rules act on each value column of the state on its own, so their kernels sp
 programs, grid (B*H, NV). The gradients that are sums over value columns (dq, dk, the gate gradients) are
 written by each block to its own float32 slab, (NV, *shape), and the launcher adds the slabs up.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Sequence
@@ -23,8 +24,12 @@ def value_tile(dv: int, value_block: int | None, env: str, default: int) -> int:
     return full if value_block <= 0 else min(full, max(16, triton.next_power_of_2(value_block)))
 
 
-def alloc_partials(likes: Sequence[torch.Tensor], nv: int, acc: torch.dtype,
-                   alloc: Callable[[tuple, torch.Tensor, torch.dtype], torch.Tensor]) -> list[torch.Tensor]:
+def alloc_partials(
+    likes: Sequence[torch.Tensor],
+    nv: int,
+    acc: torch.dtype,
+    alloc: Callable[[tuple, torch.Tensor, torch.dtype], torch.Tensor],
+) -> list[torch.Tensor]:
     """Gradient buffers for `likes`: their own shape and dtype with one block, else (nv, *shape) slabs in acc."""
     if nv == 1:
         return [alloc(x.shape, x, x.dtype) for x in likes]

@@ -12,6 +12,7 @@ The public names are re-exported here:
     from hope_kernels.train import train
     result = train({"model": "hope", "data": "data/quick", "steps": 300, "out": "runs/hope"})
 """
+
 from hope_kernels.train.checkpoint import CKPT_NAME, LOG_NAME, load_checkpoint, save_checkpoint
 from hope_kernels.train.data import TensorClips
 from hope_kernels.train.distributed import resolve_device
@@ -19,5 +20,18 @@ from hope_kernels.train.evaluation import evaluate
 from hope_kernels.train.loop import TrainResult, train
 from hope_kernels.train.losses import copy_last_loss, lr_at, prediction_losses, rollout_weight
 
-__all__ = ["CKPT_NAME", "LOG_NAME", "TensorClips", "TrainResult", "copy_last_loss", "evaluate", "load_checkpoint",
-           "lr_at", "prediction_losses", "resolve_device", "rollout_weight", "save_checkpoint", "train"]
+__all__ = [
+    "CKPT_NAME",
+    "LOG_NAME",
+    "TensorClips",
+    "TrainResult",
+    "copy_last_loss",
+    "evaluate",
+    "load_checkpoint",
+    "lr_at",
+    "prediction_losses",
+    "resolve_device",
+    "rollout_weight",
+    "save_checkpoint",
+    "train",
+]

@@ -1,4 +1,5 @@
 """Checkpoints (atomic safetensors with exact-resume state) and the run folder's JSONL log."""
+
 from __future__ import annotations
 
 import json
@@ -44,11 +45,16 @@ def save_checkpoint(path, model, optimizer, step: int, config, cms_grads: dict |
         opt_meta = osd["param_groups"]
     tensors.update({k: v.contiguous() for k, v in _rng_state().items()})
     cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
-    meta = {"format": "hope-kernels-checkpoint-1", "step": str(int(step)), "kind": model.kind,
-            "predictor_config": json.dumps(model.config.to_dict()), "train_config": json.dumps(cfg),
-            "optimizer_param_groups": json.dumps(opt_meta),
-            "python_rng": json.dumps(_py_rng_to_json(random.getstate())),
-            "numpy_rng": json.dumps(_np_rng_to_json(np.random.get_state()))}
+    meta = {
+        "format": "hope-kernels-checkpoint-1",
+        "step": str(int(step)),
+        "kind": model.kind,
+        "predictor_config": json.dumps(model.config.to_dict()),
+        "train_config": json.dumps(cfg),
+        "optimizer_param_groups": json.dumps(opt_meta),
+        "python_rng": json.dumps(_py_rng_to_json(random.getstate())),
+        "numpy_rng": json.dumps(_np_rng_to_json(np.random.get_state())),
+    }
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return os.fspath(path)
 
@@ -100,10 +106,17 @@ def load_checkpoint(path, device="cpu"):
         opt = {"state": state, "param_groups": groups}
     rng = {k: v for k, v in tensors.items() if k.startswith("rng.")}
     rng["python"], rng["numpy"] = py_rng, np_rng
-    cms_grads = {k[len("cms_grad."):]: v for k, v in tensors.items() if k.startswith("cms_grad.")}
-    memory = {k[len("memory."):]: v for k, v in tensors.items() if k.startswith("memory.")}
-    return model, {"step": step, "config": train_config, "predictor_config": pcfg, "optimizer": opt, "rng": rng,
-                   "cms_grads": cms_grads, "memory": memory}
+    cms_grads = {k[len("cms_grad.") :]: v for k, v in tensors.items() if k.startswith("cms_grad.")}
+    memory = {k[len("memory.") :]: v for k, v in tensors.items() if k.startswith("memory.")}
+    return model, {
+        "step": step,
+        "config": train_config,
+        "predictor_config": pcfg,
+        "optimizer": opt,
+        "rng": rng,
+        "cms_grads": cms_grads,
+        "memory": memory,
+    }
 
 
 def _restore_rng(rng: dict):
@@ -129,7 +142,9 @@ def _read_log(path: str, upto: int) -> list:
             step = rec["step"]
         except (ValueError, KeyError, TypeError):
             if i == len(lines) - 1:
-                warnings.warn(f"{path}: dropped its partial last line {i + 1} (a run stopped while writing it)")
+                warnings.warn(
+                    f"{path}: dropped its partial last line {i + 1} (a run stopped while writing it)", stacklevel=2
+                )
                 break
             raise ValueError(f"{path} line {i + 1} is not a log entry: {line[:80]!r}") from None
         if step <= upto:
@@ -145,9 +160,16 @@ _FREE_ON_RESUME = {"out", "resume", "overwrite", "progress", "ckpt_every", "log_
 def _warn_changed_settings(ckpt_path: str, stored: dict, now: dict) -> None:
     """Resuming with another seed, batch size, learning rate, ... is allowed, but it no longer reproduces the
     uninterrupted run: say which settings differ."""
-    changed = sorted(k for k in stored if k not in _FREE_ON_RESUME and
-                     json.dumps(stored.get(k), sort_keys=True) != json.dumps(now.get(k), sort_keys=True, default=list))
+    changed = sorted(
+        k
+        for k in stored
+        if k not in _FREE_ON_RESUME
+        and json.dumps(stored.get(k), sort_keys=True) != json.dumps(now.get(k), sort_keys=True, default=list)
+    )
     if changed:
         diffs = ", ".join(f"{k}: {stored.get(k)!r} -> {now.get(k)!r}" for k in changed)
-        warnings.warn(f"resuming {ckpt_path} with other settings than it was trained with ({diffs}); the run "
-                      f"will not reproduce an uninterrupted one")
+        warnings.warn(
+            f"resuming {ckpt_path} with other settings than it was trained with ({diffs}); the run "
+            f"will not reproduce an uninterrupted one",
+            stacklevel=2,
+        )

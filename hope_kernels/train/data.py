@@ -1,4 +1,5 @@
 """Training data: in-memory clips, the dataset folder, the deterministic batch of each step and collation."""
+
 from __future__ import annotations
 
 import math
@@ -63,7 +64,7 @@ def _batch_indices(step: int, n: int, batch: int, seed: int) -> torch.Tensor:
     perm = torch.randperm(n, generator=g)
     if n < batch:
         perm = perm.repeat(batch // n + 1)
-    return perm[k * batch:(k + 1) * batch]
+    return perm[k * batch : (k + 1) * batch]
 
 
 def _collate(ds, idx, device, nonfinite: list | None = None):

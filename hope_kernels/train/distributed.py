@@ -1,5 +1,6 @@
 """Devices and processes: device names, the process group under torchrun (gloo on CPU, nccl on GPU) and the
 gradient all-reduce."""
+
 from __future__ import annotations
 
 import os
@@ -49,5 +50,5 @@ def _allreduce_grads(model, world: int):
     flat /= world
     off = 0
     for g in grads:
-        g.copy_(flat[off:off + g.numel()].view_as(g))
+        g.copy_(flat[off : off + g.numel()].view_as(g))
         off += g.numel()

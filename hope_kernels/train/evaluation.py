@@ -1,4 +1,5 @@
 """Held-out evaluation of a trained predictor."""
+
 from __future__ import annotations
 
 import torch

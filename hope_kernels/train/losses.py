@@ -1,5 +1,6 @@
 """Training losses and schedules: teacher-forcing + rollout L1, the copy-last baseline, the rollout weight and
 the warmup-stable-decay learning rate."""
+
 from __future__ import annotations
 
 import math
@@ -25,7 +26,7 @@ def prediction_losses(model, z, actions, states=None, rollout_steps: int = 2, ro
     steps = min(int(rollout_steps), T - 1)
     if steps > 0:
         r = model.rollout(z[:, :1], actions, steps, states)
-        tgt = z[:, 1:1 + steps]
+        tgt = z[:, 1 : 1 + steps]
         if rollout_score == "last":
             r, tgt = r[:, -1:], tgt[:, -1:]
         out["rollout"] = l1_rollout_loss(r.float(), tgt.float())[0]

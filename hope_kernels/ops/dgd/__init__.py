@@ -11,6 +11,7 @@ cuda (fused token-serial recurrent). The fast paths are the table `_DGD` (hope_k
 ops `hope_kernels::dgd_memory_<backend>` (return o, the final state and the per-chunk start states saved for
 backward) with backward ops `..._<backend>_backward`; all have fake kernels, so they trace under torch.compile.
 """
+
 from __future__ import annotations
 
 import torch
@@ -43,10 +44,14 @@ def _validate(q, k, v, alpha, eta, chunk_size, initial_state) -> None:
     check_same_dtype(("q", "k", "v"), (q, k, v))
     check_same_device(("q", "k", "v", "alpha", "eta", "initial_state"), (q, k, v, alpha, eta, initial_state))
     if initial_state is not None:
-        check_tensor("initial_state", initial_state, ndim=4, shape_doc=f"(B, H, dk, dv) = ({B}, {H}, {dk}, {v.shape[3]})")
+        check_tensor(
+            "initial_state", initial_state, ndim=4, shape_doc=f"(B, H, dk, dv) = ({B}, {H}, {dk}, {v.shape[3]})"
+        )
         if initial_state.shape != (B, H, dk, v.shape[3]):
-            raise ValueError(f"initial_state must be (B, H, dk, dv) = ({B}, {H}, {dk}, {v.shape[3]}), "
-                             f"got {tuple(initial_state.shape)}")
+            raise ValueError(
+                f"initial_state must be (B, H, dk, dv) = ({B}, {H}, {dk}, {v.shape[3]}), "
+                f"got {tuple(initial_state.shape)}"
+            )
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
         raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
     if chunk_size < 1:
@@ -59,12 +64,14 @@ def _check_gate_values(alpha: torch.Tensor, eta: torch.Tensor) -> None:
     # Value checks read the data, so they run outside tracing only. NaN fails both comparisons.
     bad = ~((alpha > 0) & (alpha <= 1))
     if bad.any():
-        raise ValueError(f"alpha must be in (0, 1], got {alpha[bad].flatten()[0].item()} "
-                         f"({int(bad.sum())} values out of range)")
+        raise ValueError(
+            f"alpha must be in (0, 1], got {alpha[bad].flatten()[0].item()} ({int(bad.sum())} values out of range)"
+        )
     bad = ~((eta >= 0) & torch.isfinite(eta))
     if bad.any():
-        raise ValueError(f"eta must be finite and >= 0, got {eta[bad].flatten()[0].item()} "
-                         f"({int(bad.sum())} values out of range)")
+        raise ValueError(
+            f"eta must be finite and >= 0, got {eta[bad].flatten()[0].item()} ({int(bad.sum())} values out of range)"
+        )
 
 
 def cuda_shared_memory(q: torch.Tensor, v: torch.Tensor, stage: str) -> tuple[int, str]:
@@ -74,8 +81,10 @@ def cuda_shared_memory(q: torch.Tensor, v: torch.Tensor, stage: str) -> tuple[in
     dk, dv = q.shape[-1], v.shape[-1]
     acc = accum_dtype(q.dtype).itemsize
     fwd = (cuda_shared_memory_need("dgd_fwd", dk, dv, acc), f"forward (2 dk dv + 2 dk) * {acc} with dk={dk}, dv={dv}")
-    bwd = (cuda_shared_memory_need("dgd_bwd", dk, dv, acc),
-           f"backward (3 dk dv + 2 dk + 3 dv + 128) * {acc} with dk={dk}, dv={dv}")
+    bwd = (
+        cuda_shared_memory_need("dgd_bwd", dk, dv, acc),
+        f"backward (3 dk dv + 2 dk + 3 dv + 128) * {acc} with dk={dk}, dv={dv}",
+    )
     return {"fwd": fwd, "bwd": bwd, "both": max(fwd, bwd)}[stage]
 
 
@@ -89,22 +98,27 @@ def _resolve(backend: str, tensors, stage: str = "both") -> str:
 # backward(q, k, v, alpha, eta, states, do, dM, chunk_size) -> (dq, dk, dv, dalpha, deta, dM0). accepts / prefers
 # read (q, v, stage).
 
+
 def _checked(forward):
     """forward, after the gate-value check (inside the op: it reads the data, which tracing cannot)."""
+
     def run(q, k, v, alpha, eta, initial_state, chunk_size):
-        if reads_values(alpha, eta):   # on a GPU only with HOPE_KERNELS_DEBUG=1: a host sync per call
+        if reads_values(alpha, eta):  # on a GPU only with HOPE_KERNELS_DEBUG=1: a host sync per call
             _check_gate_values(alpha, eta)
         return forward(q, k, v, alpha, eta, initial_state, chunk_size)
+
     return run
 
 
 def _triton_forward(*args):
     from hope_kernels.ops.dgd.triton import dgd_fwd_triton
+
     return dgd_fwd_triton(*args)
 
 
 def _triton_backward(*args):
     from hope_kernels.ops.dgd.triton import dgd_bwd_triton
+
     return dgd_bwd_triton(*args)
 
 
@@ -123,13 +137,22 @@ def _fake(q, k, v, alpha, eta, initial_state, chunk_size):
     dv = v.shape[3]
     acc = accum_dtype(q.dtype)
     N = -(-L // chunk_size)
-    return (q.new_empty((B, H, L, dv)), q.new_empty((B, H, dk, dv), dtype=acc),
-            q.new_empty((B, H, N, dk, dv), dtype=acc))
+    return (
+        q.new_empty((B, H, L, dv)),
+        q.new_empty((B, H, dk, dv), dtype=acc),
+        q.new_empty((B, H, N, dk, dv), dtype=acc),
+    )
 
 
 def _fake_backward(q, k, v, alpha, eta, states, do, dM, chunk_size):
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(alpha),
-            torch.empty_like(eta), torch.empty_like(dM))
+    return (
+        torch.empty_like(q),
+        torch.empty_like(k),
+        torch.empty_like(v),
+        torch.empty_like(alpha),
+        torch.empty_like(eta),
+        torch.empty_like(dM),
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -149,35 +172,68 @@ def _backward(ctx, backward_op, do, dM, _dstates):
         do = q.new_zeros((B, H, L, dv))
     if dM is None:
         dM = q.new_zeros((B, H, dk, dv), dtype=acc)
-    dq, dk_, dv_, dalpha, deta, dM0 = backward_op(q, k, v, alpha, eta, states, do.contiguous(),
-                                                  dM.to(acc).contiguous(), ctx.chunk_size)
+    dq, dk_, dv_, dalpha, deta, dM0 = backward_op(
+        q, k, v, alpha, eta, states, do.contiguous(), dM.to(acc).contiguous(), ctx.chunk_size
+    )
     dM0 = None if ctx.state_dtype is None else dM0.to(ctx.state_dtype)
     return dq, dk_, dv_, dalpha, deta, dM0, None
 
 
-_DGD = register(OpTable(
-    name=_OP, label=_OP,
-    schema="(Tensor q, Tensor k, Tensor v, Tensor alpha, Tensor eta, Tensor? initial_state, int chunk_size) "
-           "-> (Tensor, Tensor, Tensor)",
-    backward_schema="(Tensor q, Tensor k, Tensor v, Tensor alpha, Tensor eta, Tensor states, Tensor do, Tensor dM, "
-                    "int chunk_size) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
-    fake=_fake, fake_backward=_fake_backward, setup_context=_setup_context, backward=_backward, saved_only=1,
-    backends=(
-        Backend("cpu", _checked(lambda *a: torch.ops.hope_kernels.dgd_chunk_fwd(*a)),
-                lambda *a: torch.ops.hope_kernels.dgd_chunk_bwd(*a), devices=("cpu",)),
-        # the Triton kernels hold (dk, dv) state tiles in registers: auto sends larger heads to cuda
-        Backend("triton", _checked(_triton_forward), _triton_backward, devices=("cuda",), priority=2,
-                prefers=_triton_prefers),
-        Backend("cuda", _checked(lambda *a: torch.ops.hope_kernels.dgd_recurrent_fwd(*a)),
-                lambda *a: torch.ops.hope_kernels.dgd_recurrent_bwd(*a), devices=("cuda",), priority=1,
-                accepts=_cuda_accepts),
-    )))
+_DGD = register(
+    OpTable(
+        name=_OP,
+        label=_OP,
+        schema="(Tensor q, Tensor k, Tensor v, Tensor alpha, Tensor eta, Tensor? initial_state, int chunk_size) "
+        "-> (Tensor, Tensor, Tensor)",
+        backward_schema="(Tensor q, Tensor k, Tensor v, Tensor alpha, Tensor eta, Tensor states, Tensor do, Tensor dM, "
+        "int chunk_size) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+        fake=_fake,
+        fake_backward=_fake_backward,
+        setup_context=_setup_context,
+        backward=_backward,
+        saved_only=1,
+        backends=(
+            Backend(
+                "cpu",
+                _checked(lambda *a: torch.ops.hope_kernels.dgd_chunk_fwd(*a)),
+                lambda *a: torch.ops.hope_kernels.dgd_chunk_bwd(*a),
+                devices=("cpu",),
+            ),
+            # the Triton kernels hold (dk, dv) state tiles in registers: auto sends larger heads to cuda
+            Backend(
+                "triton",
+                _checked(_triton_forward),
+                _triton_backward,
+                devices=("cuda",),
+                priority=2,
+                prefers=_triton_prefers,
+            ),
+            Backend(
+                "cuda",
+                _checked(lambda *a: torch.ops.hope_kernels.dgd_recurrent_fwd(*a)),
+                lambda *a: torch.ops.hope_kernels.dgd_recurrent_bwd(*a),
+                devices=("cuda",),
+                priority=1,
+                accepts=_cuda_accepts,
+            ),
+        ),
+    )
+)
 SUPPORTED = _DGD.supported
 
 
-def dgd_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor, eta: torch.Tensor, *,
-               chunk_size: int = 16, initial_state: torch.Tensor | None = None, output_final_state: bool = False,
-               backend: str = "auto"):
+def dgd_memory(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    alpha: torch.Tensor,
+    eta: torch.Tensor,
+    *,
+    chunk_size: int = 16,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    backend: str = "auto",
+):
     """Delta-gradient-descent memory: read o_t = q_t^T M_{t-1}, then
     M_t = (alpha_t I - eta_t k_t k_t^T) M_{t-1} - eta_t k_t (k_t^T M_ref - v_t^T), M_ref = the chunk-start state.
 
@@ -189,9 +245,12 @@ def dgd_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.T
     gradients through a sigmoid-parametrised alpha stay accurate (docs/dgd.md).
     """
     _validate(q, k, v, alpha, eta, chunk_size, initial_state)
-    chunk_size = min(chunk_size, q.shape[2])   # a chunk longer than the sequence is the whole sequence
-    backend = _resolve(backend, (q, k, v, alpha, eta, initial_state),
-                       "both" if needs_backward(q, k, v, alpha, eta, initial_state) else "fwd")
+    chunk_size = min(chunk_size, q.shape[2])  # a chunk longer than the sequence is the whole sequence
+    backend = _resolve(
+        backend,
+        (q, k, v, alpha, eta, initial_state),
+        "both" if needs_backward(q, k, v, alpha, eta, initial_state) else "fwd",
+    )
     if backend == "reference":
         if reads_values(alpha, eta):
             _check_gate_values(alpha, eta)

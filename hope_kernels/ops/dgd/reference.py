@@ -23,6 +23,7 @@ start (exclusive: c_t = gamma_{t-1}, inclusive: gamma_t) and D[t, i] = gamma_{t-
 so the product of the C rank-1-perturbed identities never appears explicitly. Both functions are plain
 PyTorch and differentiable by autograd.
 """
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -43,8 +44,15 @@ def _prep(q, k, v, alpha, eta, initial_state):
     return acc, [x.to(acc) for x in (q, k, v, alpha, eta)], M
 
 
-def dgd_memory_token_loop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor,
-                          eta: torch.Tensor, chunk_size: int = 16, initial_state: torch.Tensor | None = None):
+def dgd_memory_token_loop(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    alpha: torch.Tensor,
+    eta: torch.Tensor,
+    chunk_size: int = 16,
+    initial_state: torch.Tensor | None = None,
+):
     """Token-by-token recurrence. q, k (B, H, L, dk); v (B, H, L, dv); alpha, eta (B, H, L);
     initial_state (B, H, dk, dv) or None. Returns (o (B, H, L, dv), final state (B, H, dk, dv))."""
     out_dtype = q.dtype
@@ -58,7 +66,7 @@ def dgd_memory_token_loop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alp
         q_t, k_t, v_t = q[:, :, t], k[:, :, t], v[:, :, t]
         a_t, e_t = alpha[:, :, t, None, None], eta[:, :, t, None, None]
         outs.append(torch.einsum("bhk,bhkv->bhv", q_t, M))
-        x_t = torch.einsum("bhk,bhkv->bhv", k_t, M + M_ref) - v_t          # k^T M_{t-1} + k^T M_ref - v^T
+        x_t = torch.einsum("bhk,bhkv->bhv", k_t, M + M_ref) - v_t  # k^T M_{t-1} + k^T M_ref - v^T
         M = a_t * M - e_t * k_t[..., :, None] * x_t[..., None, :]
     o = torch.stack(outs, dim=2) if outs else q.new_zeros(q.shape[:3] + (v.shape[-1],))
     return o.to(out_dtype), M
@@ -82,9 +90,16 @@ def dgd_chunk_step(U, TV, Qc, P, gC, Wt, M):
     return Qc @ M - P @ X, gC[:, :, None, None] * M - Wt @ X
 
 
-def dgd_memory_chunked_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor,
-                                 eta: torch.Tensor, chunk_size: int = 16, initial_state: torch.Tensor | None = None,
-                                 chunk_step=dgd_chunk_step):
+def dgd_memory_chunked_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    alpha: torch.Tensor,
+    eta: torch.Tensor,
+    chunk_size: int = 16,
+    initial_state: torch.Tensor | None = None,
+    chunk_step=dgd_chunk_step,
+):
     """Chunk-parallel WY / UT-transform form (same arguments and results as `dgd_memory_token_loop`).
 
     Everything that does not depend on the state is computed for all chunks at once; the loop over chunks
@@ -98,11 +113,10 @@ def dgd_memory_chunked_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     q, k, v, alpha, eta = _pad_chunks(q, k, v, alpha, eta, chunk_size)
     N = q.shape[2]
     t = _chunk_terms(q, k, v, alpha, eta, chunk_size, acc)
-    Wt = t.W.transpose(-1, -2)                                               # (B, H, N, dk, C)
+    Wt = t.W.transpose(-1, -2)  # (B, H, N, dk, C)
     outs = []
     for n in range(N):
-        o_n, M = chunk_step(t.U[:, :, n], t.TV[:, :, n], t.Qc[:, :, n], t.P[:, :, n], t.gC[:, :, n], Wt[:, :, n],
-                            M)
+        o_n, M = chunk_step(t.U[:, :, n], t.TV[:, :, n], t.Qc[:, :, n], t.P[:, :, n], t.gC[:, :, n], Wt[:, :, n], M)
         outs.append(o_n)
     o = torch.stack(outs, dim=2).reshape(B, H, N * chunk_size, dv)[:, :, :L]
     return o.to(out_dtype), M
@@ -118,8 +132,21 @@ def _chunk_terms(q, k, v, alpha, eta, C: int, acc: torch.dtype) -> SimpleNamespa
     I_A = A + torch.eye(C, device=A.device, dtype=acc)
     U = torch.linalg.solve_triangular(I_A, (1 + c)[..., None] * k, upper=False, unitriangular=True)
     TV = torch.linalg.solve_triangular(I_A, v, upper=False, unitriangular=True)
-    return SimpleNamespace(c=c, g=g, gC=gC, D=D, KK=KK, QK=QK, A=A, P=P, I_A=I_A, U=U, TV=TV,
-                           W=k * (eta * g)[..., None], Qc=q * c[..., None])
+    return SimpleNamespace(
+        c=c,
+        g=g,
+        gC=gC,
+        D=D,
+        KK=KK,
+        QK=QK,
+        A=A,
+        P=P,
+        I_A=I_A,
+        U=U,
+        TV=TV,
+        W=k * (eta * g)[..., None],
+        Qc=q * c[..., None],
+    )
 
 
 def _pad_chunks(q, k, v, alpha, eta, C):
@@ -131,8 +158,13 @@ def _pad_chunks(q, k, v, alpha, eta, C):
     if pad:
         q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
         alpha, eta = F.pad(alpha, (0, pad), value=1.0), F.pad(eta, (0, pad))
-    return (q.reshape(B, H, N, C, dk), k.reshape(B, H, N, C, dk), v.reshape(B, H, N, C, v.shape[-1]),
-            alpha.reshape(B, H, N, C), eta.reshape(B, H, N, C))
+    return (
+        q.reshape(B, H, N, C, dk),
+        k.reshape(B, H, N, C, dk),
+        v.reshape(B, H, N, C, v.shape[-1]),
+        alpha.reshape(B, H, N, C),
+        eta.reshape(B, H, N, C),
+    )
 
 
 @torch.no_grad()
@@ -150,8 +182,21 @@ def dgd_memory_chunked_backward(q, k, v, alpha, eta, initial_state, do, dM, chun
     N = q.shape[2]
     do = torch.nn.functional.pad(do.to(acc), (0, 0, 0, N * C - L)).reshape(B, H, N, C, dv)
     t = _chunk_terms(q, k, v, alpha, eta, C, acc)
-    c, g, gC, D, KK, QK, A, P, I_A, U, TV, W, Qc = (t.c, t.g, t.gC, t.D, t.KK, t.QK, t.A, t.P, t.I_A, t.U, t.TV,
-                                                     t.W, t.Qc)
+    c, g, gC, D, KK, QK, A, P, I_A, U, TV, W, Qc = (
+        t.c,
+        t.g,
+        t.gC,
+        t.D,
+        t.KK,
+        t.QK,
+        t.A,
+        t.P,
+        t.I_A,
+        t.U,
+        t.TV,
+        t.W,
+        t.Qc,
+    )
     # forward over chunks: chunk-start states M_n and X_n
     Ms, Xs = [], []
     for n in range(N):
@@ -167,8 +212,11 @@ def dgd_memory_chunked_backward(q, k, v, alpha, eta, initial_state, do, dM, chun
         dM_end[n] = dMC
         dX = -W[:, :, n] @ dMC - P[:, :, n].transpose(-1, -2) @ do[:, :, n]
         dXs[n] = dX
-        dMC = gC[:, :, n, None, None] * dMC + Qc[:, :, n].transpose(-1, -2) @ do[:, :, n] \
+        dMC = (
+            gC[:, :, n, None, None] * dMC
+            + Qc[:, :, n].transpose(-1, -2) @ do[:, :, n]
             + U[:, :, n].transpose(-1, -2) @ dX
+        )
     dM0 = dMC
     dM_end, dX = torch.stack(dM_end, 2), torch.stack(dXs, 2)
     # everything else is chunk-local
@@ -179,15 +227,20 @@ def dgd_memory_chunked_backward(q, k, v, alpha, eta, initial_state, do, dM, chun
     dv_ = -dR
     dW = -X @ dM_end.transpose(-1, -2)
     GA, GP = dA * D * eta[..., None, :], dP * D * eta[..., None, :]
-    dk_ = (1 + c)[..., None] * (dR @ Ms.transpose(-1, -2)) + (eta * g)[..., None] * dW \
-        + GA @ k + GA.transpose(-1, -2) @ k + GP.transpose(-1, -2) @ q
+    dk_ = (
+        (1 + c)[..., None] * (dR @ Ms.transpose(-1, -2))
+        + (eta * g)[..., None] * dW
+        + GA @ k
+        + GA.transpose(-1, -2) @ k
+        + GP.transpose(-1, -2) @ q
+    )
     dq = c[..., None] * (do @ Ms.transpose(-1, -2)) + GP @ k
     dc = ((q @ Ms) * do).sum(-1) + ((k @ Ms) * dR).sum(-1)
     wdot = (dW * k).sum(-1)
     deta = g * wdot + (dA * D * KK).sum(-2) + (dP * D * QK).sum(-2)
     dg = eta * wdot
     dgC = (Ms * dM_end).sum((-1, -2))
-    dDD = (dA * A + dP * P)                     # dD * D, since A and P carry one factor D
+    dDD = dA * A + dP * P  # dD * D, since A and P carry one factor D
     dlgp = dDD.sum(-1) + dc * c
     dlg = -dDD.sum(-2) - dg * g
     dlg[..., -1] += (dg * g).sum(-1) + dgC * gC

@@ -17,6 +17,7 @@ recomputing every local quantity and writing all gradients; dM_ref collects K^T 
 sub-chunks and joins dM at the chunk start.
 Loads are upcast to float32 (float64 for float64 inputs) at once; products accumulate in that dtype.
 """
+
 from __future__ import annotations
 
 import torch
@@ -82,9 +83,29 @@ def _load_t(t_ptr, bh, n, s, NS, S, C, L, r, ACC: tl.constexpr):
 
 
 @triton.jit
-def _sub_chunk_prologue(q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, t_ptr, bh, n, s, NS, S, C, L, dk, dv, cv,
-                        T_PRE: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BK: tl.constexpr,
-                        PREC: tl.constexpr):
+def _sub_chunk_prologue(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    a_ptr,
+    e_ptr,
+    t_ptr,
+    bh,
+    n,
+    s,
+    NS,
+    S,
+    C,
+    L,
+    dk,
+    dv,
+    cv,
+    T_PRE: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BK: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """Loads sub-chunk s of chunk n (tokens [n C + s S, + min(S, C - s S)), value columns cv) and computes its
     state-independent quantities. T_PRE: T comes from dgd_tsolve_kernel's buffer at t_ptr, else it is solved
     here."""
@@ -113,8 +134,21 @@ def _sub_chunk_prologue(q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, t_ptr, bh, n, s, NS, 
 
 
 @triton.jit
-def dgd_tsolve_kernel(k_ptr, a_ptr, e_ptr, t_ptr, L, C, S, NS, dk, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
-                      BK: tl.constexpr, PREC: tl.constexpr):
+def dgd_tsolve_kernel(
+    k_ptr,
+    a_ptr,
+    e_ptr,
+    t_ptr,
+    L,
+    C,
+    S,
+    NS,
+    dk,
+    ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BK: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """T = (I + A)^{-1} of every sub-chunk at once, one program per (batch, head, chunk, sub-chunk): A depends
     on k, alpha and eta only, so the triangular solves leave the serial walk over chunks (T_PRE=True)."""
     NSUB = tl.cdiv(L, C) * NS
@@ -127,8 +161,7 @@ def dgd_tsolve_kernel(k_ptr, a_ptr, e_ptr, t_ptr, L, C, S, NS, dk, ACC: tl.const
     valid = (r < tl.minimum(S, C - s * S)) & (tok < L)
     ck = tl.arange(0, BK)
     row = bh.to(tl.int64) * L + tok
-    b_k = tl.load(k_ptr + row[:, None] * dk + ck[None, :], mask=valid[:, None] & (ck[None, :] < dk),
-                  other=0.0).to(ACC)
+    b_k = tl.load(k_ptr + row[:, None] * dk + ck[None, :], mask=valid[:, None] & (ck[None, :] < dk), other=0.0).to(ACC)
     b_a, b_e, D, c, g, gC = _sub_chunk_gates(a_ptr, e_ptr, row, valid, r, ACC)
     A = D * tl.dot(b_k, tl.trans(b_k), input_precision=PREC, out_dtype=ACC) * b_e[None, :]
     offs, mask = _t_offsets(bh, n, s, NS, S, C, L, r)
@@ -148,12 +181,36 @@ def _sub_chunk_solve(b_k, b_v, b_M, b_Mref, c, T, ONE_SUB: tl.constexpr, ACC: tl
 
 
 @triton.jit
-def dgd_fwd_kernel(q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, t_ptr, m0_ptr, o_ptr, mT_ptr, states_ptr, L, C, N, S, NS,
-                   dk, dv, HAS_INIT: tl.constexpr, ONE_SUB: tl.constexpr, T_PRE: tl.constexpr, ACC: tl.constexpr,
-                   BLOCK_C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+def dgd_fwd_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    a_ptr,
+    e_ptr,
+    t_ptr,
+    m0_ptr,
+    o_ptr,
+    mT_ptr,
+    states_ptr,
+    L,
+    C,
+    N,
+    S,
+    NS,
+    dk,
+    dv,
+    HAS_INIT: tl.constexpr,
+    ONE_SUB: tl.constexpr,
+    T_PRE: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PREC: tl.constexpr,
+):
     bh = tl.program_id(0)
     ck = tl.arange(0, BK)
-    cv = tl.program_id(1) * BV + tl.arange(0, BV)      # this program's block of value columns
+    cv = tl.program_id(1) * BV + tl.arange(0, BV)  # this program's block of value columns
     m_mask = (ck[:, None] < dk) & (cv[None, :] < dv)
     m_offs = ck[:, None] * dv + cv[None, :]
     if HAS_INIT:
@@ -165,8 +222,28 @@ def dgd_fwd_kernel(q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, t_ptr, m0_ptr, o_ptr, mT_p
         b_Mref = b_M
         for s in range(0, NS):
             (b_q, b_k, b_v, b_a, b_e, valid, mk, mv, row, c, g, gC, D, KK, QK, A, P, T) = _sub_chunk_prologue(
-                q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, t_ptr, bh, n, s, NS, S, C, L, dk, dv, cv, T_PRE, ACC,
-                BLOCK_C, BK, PREC)
+                q_ptr,
+                k_ptr,
+                v_ptr,
+                a_ptr,
+                e_ptr,
+                t_ptr,
+                bh,
+                n,
+                s,
+                NS,
+                S,
+                C,
+                L,
+                dk,
+                dv,
+                cv,
+                T_PRE,
+                ACC,
+                BLOCK_C,
+                BK,
+                PREC,
+            )
             KM, KMref, X = _sub_chunk_solve(b_k, b_v, b_M, b_Mref, c, T, ONE_SUB, ACC, PREC)
             QM = tl.dot(b_q, b_M, input_precision=PREC, out_dtype=ACC)
             b_o = c[:, None] * QM - tl.dot(P, X, input_precision=PREC, out_dtype=ACC)
@@ -177,39 +254,87 @@ def dgd_fwd_kernel(q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, t_ptr, m0_ptr, o_ptr, mT_p
 
 
 @triton.jit
-def dgd_bwd_kernel(q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, t_ptr, states_ptr, do_ptr, dmT_ptr, dq_ptr, dk_ptr,
-                   dv_ptr, da_ptr, de_ptr, dm0_ptr, sub_ptr, L, C, N, S, NS, dk, dv, BH, ONE_SUB: tl.constexpr,
-                   T_PRE: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BK: tl.constexpr,
-                   BV: tl.constexpr, PREC: tl.constexpr):
+def dgd_bwd_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    a_ptr,
+    e_ptr,
+    t_ptr,
+    states_ptr,
+    do_ptr,
+    dmT_ptr,
+    dq_ptr,
+    dk_ptr,
+    dv_ptr,
+    da_ptr,
+    de_ptr,
+    dm0_ptr,
+    sub_ptr,
+    L,
+    C,
+    N,
+    S,
+    NS,
+    dk,
+    dv,
+    BH,
+    ONE_SUB: tl.constexpr,
+    T_PRE: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PREC: tl.constexpr,
+):
     bh = tl.program_id(0)
     iv = tl.program_id(1)
     r = tl.arange(0, BLOCK_C)
     ck = tl.arange(0, BK)
-    cv = iv * BV + tl.arange(0, BV)                     # this program's block of value columns
+    cv = iv * BV + tl.arange(0, BV)  # this program's block of value columns
     m_mask = (ck[:, None] < dk) & (cv[None, :] < dv)
     m_offs = ck[:, None] * dv + cv[None, :]
     strict = r[:, None] > r[None, :]
-    sub_base = sub_ptr + bh.to(tl.int64) * NS * dk * dv     # the blocks of a head write disjoint columns
+    sub_base = sub_ptr + bh.to(tl.int64) * NS * dk * dv  # the blocks of a head write disjoint columns
     # dq, dk and the gate gradients are sums over value columns: each block of columns writes its partial sum
     # to its own slab (rows iv * BH * L on), the launcher adds the slabs up
     part = iv.to(tl.int64) * BH * L
     b_dM = tl.load(dmT_ptr + bh.to(tl.int64) * dk * dv + m_offs, mask=m_mask, other=0.0).to(ACC)
     for step in range(0, N):
         n = N - 1 - step
-        b_Mref = tl.load(states_ptr + (bh.to(tl.int64) * N + n) * dk * dv + m_offs, mask=m_mask,
-                         other=0.0).to(ACC)
+        b_Mref = tl.load(states_ptr + (bh.to(tl.int64) * N + n) * dk * dv + m_offs, mask=m_mask, other=0.0).to(ACC)
         if not ONE_SUB:
             # the sub-chunk start states of this chunk, recomputed forward into this program's scratch rows
             b_M = b_Mref
             for s in range(0, NS):
                 tl.store(sub_base + s * dk * dv + m_offs, b_M, mask=m_mask)
-                (b_q, b_k, b_v, b_a, b_e, valid, mk, mv, row, c, g, gC, D, KK, QK, A, P, T) = \
-                    _sub_chunk_prologue(q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, t_ptr, bh, n, s, NS, S, C, L, dk, dv,
-                                        cv, T_PRE, ACC, BLOCK_C, BK, PREC)
+                (b_q, b_k, b_v, b_a, b_e, valid, mk, mv, row, c, g, gC, D, KK, QK, A, P, T) = _sub_chunk_prologue(
+                    q_ptr,
+                    k_ptr,
+                    v_ptr,
+                    a_ptr,
+                    e_ptr,
+                    t_ptr,
+                    bh,
+                    n,
+                    s,
+                    NS,
+                    S,
+                    C,
+                    L,
+                    dk,
+                    dv,
+                    cv,
+                    T_PRE,
+                    ACC,
+                    BLOCK_C,
+                    BK,
+                    PREC,
+                )
                 KM, KMref, X = _sub_chunk_solve(b_k, b_v, b_M, b_Mref, c, T, ONE_SUB, ACC, PREC)
                 W = b_k * (b_e * g)[:, None]
                 b_M = gC * b_M - tl.dot(tl.trans(W), X, input_precision=PREC, out_dtype=ACC)
-            tl.debug_barrier()   # the scratch rows were written by other threads of this program
+            tl.debug_barrier()  # the scratch rows were written by other threads of this program
         b_dMref = tl.zeros((BK, BV), dtype=ACC)
         for sstep in range(0, NS):
             s = NS - 1 - sstep
@@ -218,14 +343,35 @@ def dgd_bwd_kernel(q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, t_ptr, states_ptr, do_ptr,
             else:
                 b_M = tl.load(sub_base + s * dk * dv + m_offs, mask=m_mask, other=0.0)
             (b_q, b_k, b_v, b_a, b_e, valid, mk, mv, row, c, g, gC, D, KK, QK, A, P, T) = _sub_chunk_prologue(
-                q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, t_ptr, bh, n, s, NS, S, C, L, dk, dv, cv, T_PRE, ACC,
-                BLOCK_C, BK, PREC)
+                q_ptr,
+                k_ptr,
+                v_ptr,
+                a_ptr,
+                e_ptr,
+                t_ptr,
+                bh,
+                n,
+                s,
+                NS,
+                S,
+                C,
+                L,
+                dk,
+                dv,
+                cv,
+                T_PRE,
+                ACC,
+                BLOCK_C,
+                BK,
+                PREC,
+            )
             b_do = tl.load(do_ptr + row[:, None] * dv + cv[None, :], mask=mv, other=0.0).to(ACC)
             KM, KMref, X = _sub_chunk_solve(b_k, b_v, b_M, b_Mref, c, T, ONE_SUB, ACC, PREC)
             QM = tl.dot(b_q, b_M, input_precision=PREC, out_dtype=ACC)
             W = b_k * (b_e * g)[:, None]
-            dX = -tl.dot(W, b_dM, input_precision=PREC, out_dtype=ACC) \
-                - tl.dot(tl.trans(P), b_do, input_precision=PREC, out_dtype=ACC)
+            dX = -tl.dot(W, b_dM, input_precision=PREC, out_dtype=ACC) - tl.dot(
+                tl.trans(P), b_do, input_precision=PREC, out_dtype=ACC
+            )
             dR = tl.dot(tl.trans(T), dX, input_precision=PREC, out_dtype=ACC)
             XT = tl.trans(X)
             dA = tl.where(strict, -tl.dot(dR, XT, input_precision=PREC, out_dtype=ACC), 0.0)
@@ -242,11 +388,15 @@ def dgd_bwd_kernel(q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, t_ptr, states_ptr, do_ptr,
             dk_state = kc[:, None] * tl.dot(dR, MT, input_precision=PREC, out_dtype=ACC)
             if not ONE_SUB:
                 dk_state += tl.dot(dR, tl.trans(b_Mref), input_precision=PREC, out_dtype=ACC)
-            b_dk = dk_state + (b_e * g)[:, None] * dW \
-                + tl.dot(GA + tl.trans(GA), b_k, input_precision=PREC, out_dtype=ACC) \
+            b_dk = (
+                dk_state
+                + (b_e * g)[:, None] * dW
+                + tl.dot(GA + tl.trans(GA), b_k, input_precision=PREC, out_dtype=ACC)
                 + tl.dot(tl.trans(GP), b_q, input_precision=PREC, out_dtype=ACC)
-            b_dq = c[:, None] * tl.dot(b_do, MT, input_precision=PREC, out_dtype=ACC) \
-                + tl.dot(GP, b_k, input_precision=PREC, out_dtype=ACC)
+            )
+            b_dq = c[:, None] * tl.dot(b_do, MT, input_precision=PREC, out_dtype=ACC) + tl.dot(
+                GP, b_k, input_precision=PREC, out_dtype=ACC
+            )
             dc = tl.sum(QM * b_do, 1) + tl.sum(KM * dR, 1)
             wdot = tl.sum(dW * b_k, 1)
             b_de = g * wdot + tl.sum(dA * D * KK, 0) + tl.sum(dP * D * QK, 0)
@@ -256,16 +406,20 @@ def dgd_bwd_kernel(q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, t_ptr, states_ptr, do_ptr,
             dlgp = tl.sum(dDD, 1) + dc * c
             dlg = -tl.sum(dDD, 0) - dgg + tl.where(r == BLOCK_C - 1, tl.sum(dgg, 0) + dgC * gC, 0.0)
             # dla_j = sum_{t >= j} dlg_t + sum_{t > j} dlgp_t  (t along rows, j along columns)
-            dla = tl.sum(tl.where(r[:, None] >= r[None, :], dlg[:, None], 0.0)
-                         + tl.where(strict, dlgp[:, None], 0.0), 0)
+            dla = tl.sum(
+                tl.where(r[:, None] >= r[None, :], dlg[:, None], 0.0) + tl.where(strict, dlgp[:, None], 0.0), 0
+            )
             tl.store(dq_ptr + (part + row)[:, None] * dk + ck[None, :], b_dq, mask=mk)
             tl.store(dk_ptr + (part + row)[:, None] * dk + ck[None, :], b_dk, mask=mk)
             tl.store(dv_ptr + row[:, None] * dv + cv[None, :], -dR, mask=mv)
             tl.store(da_ptr + part + row, dla / b_a, mask=valid)
             tl.store(de_ptr + part + row, b_de, mask=valid)
             # dM of this sub-chunk's start state; with several sub-chunks the K M_ref term goes to dM_ref
-            b_dM = gC * b_dM + tl.dot(tl.trans(b_q * c[:, None]), b_do, input_precision=PREC, out_dtype=ACC) \
+            b_dM = (
+                gC * b_dM
+                + tl.dot(tl.trans(b_q * c[:, None]), b_do, input_precision=PREC, out_dtype=ACC)
                 + tl.dot(tl.trans(b_k * kc[:, None]), dR, input_precision=PREC, out_dtype=ACC)
+            )
             if not ONE_SUB:
                 b_dMref += tl.dot(tl.trans(b_k), dR, input_precision=PREC, out_dtype=ACC)
         b_dM += b_dMref
@@ -285,7 +439,7 @@ VALUE_BLOCK_ENV = "HOPE_DGD_VALUE_BLOCK"
 # the buffer holds S floats per token and head). The launchers' `tsolve` argument or HOPE_DGD_TSOLVE picks.
 TSOLVE_ENV = "HOPE_DGD_TSOLVE"
 TSOLVE_MODES = ("inline", "precompute")
-TSOLVE_WARPS = 1   # (16, 16) tiles: one warp keeps the substitution's row reductions in shuffles
+TSOLVE_WARPS = 1  # (16, 16) tiles: one warp keeps the substitution's row reductions in shuffles
 
 
 def _tsolve_mode(tsolve: str | None) -> str:
@@ -296,17 +450,18 @@ def _config(q: torch.Tensor, v: torch.Tensor, C: int, value_block: int | None = 
     """Kernel meta-parameters, the sub-chunk length S for chunk size C, and the number of value blocks NV."""
     dk, dv = q.shape[3], v.shape[3]
     if dk > MAX_HEAD_DIM or dv > MAX_HEAD_DIM:
-        raise ValueError(f"dgd_memory: the triton backend supports dk, dv <= {MAX_HEAD_DIM}, got dk={dk}, dv={dv}; "
-                         f"use backend='cpu', 'cuda' or 'reference'")
+        raise ValueError(
+            f"dgd_memory: the triton backend supports dk, dv <= {MAX_HEAD_DIM}, got dk={dk}, dv={dv}; "
+            f"use backend='cpu', 'cuda' or 'reference'"
+        )
     acc_tl, acc = (tl.float64, torch.float64) if q.dtype == torch.float64 else (tl.float32, torch.float32)
     prec = "tf32" if q.dtype in (torch.bfloat16, torch.float16) else "ieee"
     bk, bv = max(16, triton.next_power_of_2(dk)), value_tile(dv, value_block, VALUE_BLOCK_ENV, VALUE_BLOCK)
     S = _sub_chunk_len(C, bk, bv)
     block_c = max(16, triton.next_power_of_2(S))
-    num_warps = 4 if bk * bv <= 16 * 16 else 8   # 4 warps spilled more at dk = 64 (dv 64 or blocks of 16)
+    num_warps = 4 if bk * bv <= 16 * 16 else 8  # 4 warps spilled more at dk = 64 (dv 64 or blocks of 16)
     t_pre = _tsolve_mode(tsolve) == "precompute"
-    cfg = dict(ONE_SUB=S == C, T_PRE=t_pre, ACC=acc_tl, BLOCK_C=block_c, BK=bk, BV=bv, PREC=prec,
-               num_warps=num_warps)
+    cfg = dict(ONE_SUB=S == C, T_PRE=t_pre, ACC=acc_tl, BLOCK_C=block_c, BK=bk, BV=bv, PREC=prec, num_warps=num_warps)
     if t_pre:
         # the software pipeliner multi-buffers the T loads that feed tl.dot: ptxas (sm_90, C = 16, dk = dv = 64)
         # then put the backward at 32 registers and 4.4 KB of spills; one stage: 255 registers, 144 B
@@ -321,13 +476,28 @@ def _solve_t(k, alpha, eta, cfg, acc, C: int, S: int, NS: int) -> torch.Tensor:
     B, H, L, dk = k.shape
     nsub = triton.cdiv(L, C) * NS
     t = torch.empty(B * H, nsub, S, S, device=k.device, dtype=acc)
-    dgd_tsolve_kernel[(B * H * nsub,)](k, alpha, eta, t, L, C, S, NS, dk, ACC=cfg["ACC"], BLOCK_C=cfg["BLOCK_C"],
-                                       BK=cfg["BK"], PREC=cfg["PREC"], num_warps=TSOLVE_WARPS)
+    dgd_tsolve_kernel[(B * H * nsub,)](
+        k,
+        alpha,
+        eta,
+        t,
+        L,
+        C,
+        S,
+        NS,
+        dk,
+        ACC=cfg["ACC"],
+        BLOCK_C=cfg["BLOCK_C"],
+        BK=cfg["BK"],
+        PREC=cfg["PREC"],
+        num_warps=TSOLVE_WARPS,
+    )
     return t
 
 
-def dgd_fwd_triton(q, k, v, alpha, eta, initial_state, C: int, value_block: int | None = None,
-                   tsolve: str | None = None):
+def dgd_fwd_triton(
+    q, k, v, alpha, eta, initial_state, C: int, value_block: int | None = None, tsolve: str | None = None
+):
     """Returns (o (B, H, L, dv) in q's dtype, final state (B, H, dk, dv), chunk-start states (B, H, N, dk, dv)).
     value_block: value columns per program (VALUE_BLOCK); tsolve: "inline" or "precompute" (TSOLVE_MODES)."""
     cfg, acc, S, NS, NV = _config(q, v, C, value_block, tsolve)
@@ -340,13 +510,15 @@ def dgd_fwd_triton(q, k, v, alpha, eta, initial_state, C: int, value_block: int 
     states = torch.empty(B, H, N, dk, dv, device=q.device, dtype=acc)
     m0 = initial_state.to(acc).contiguous() if initial_state is not None else M_T
     t = _solve_t(k, alpha, eta, cfg, acc, C, S, NS)
-    dgd_fwd_kernel[(B * H, NV)](q, k, v, alpha, eta, t, m0, o, M_T, states, L, C, N, S, NS, dk, dv,
-                                HAS_INIT=initial_state is not None, **cfg)
+    dgd_fwd_kernel[(B * H, NV)](
+        q, k, v, alpha, eta, t, m0, o, M_T, states, L, C, N, S, NS, dk, dv, HAS_INIT=initial_state is not None, **cfg
+    )
     return o, M_T, states
 
 
-def dgd_bwd_triton(q, k, v, alpha, eta, states, do, dM, C: int, value_block: int | None = None,
-                   tsolve: str | None = None):
+def dgd_bwd_triton(
+    q, k, v, alpha, eta, states, do, dM, C: int, value_block: int | None = None, tsolve: str | None = None
+):
     """Returns (dq, dk, dv, dalpha, deta, dM0) from the chunk-start states saved by the forward. With NV > 1
     blocks of value columns, dq, dk and the gate gradients are summed from NV partial slabs."""
     cfg, acc, S, NS, NV = _config(q, v, C, value_block, tsolve)
@@ -364,7 +536,32 @@ def dgd_bwd_triton(q, k, v, alpha, eta, states, do, dM, C: int, value_block: int
     # writing its own columns (unused with one sub-chunk)
     scratch = dM0 if cfg["ONE_SUB"] else torch.empty(B * H, NS, dk, dv, device=q.device, dtype=acc)
     t = _solve_t(k, alpha, eta, cfg, acc, C, S, NS)
-    dgd_bwd_kernel[(B * H, NV)](q, k, v, alpha, eta, t, states, do, dM, dq, dk_, dv_, dalpha, deta, dM0, scratch,
-                                L, C, N, S, NS, dk, dv, B * H, **cfg)
+    dgd_bwd_kernel[(B * H, NV)](
+        q,
+        k,
+        v,
+        alpha,
+        eta,
+        t,
+        states,
+        do,
+        dM,
+        dq,
+        dk_,
+        dv_,
+        dalpha,
+        deta,
+        dM0,
+        scratch,
+        L,
+        C,
+        N,
+        S,
+        NS,
+        dk,
+        dv,
+        B * H,
+        **cfg,
+    )
     dq, dk_, dalpha, deta = sum_partials((dq, dk_, dalpha, deta), summed, NV)
     return dq, dk_, dv_, dalpha, deta, dM0

@@ -10,15 +10,23 @@ resolves once. With for_backward (pred needs a gradient) the C++ CPU forward als
 pred - target_n (2 bits per element) and the backward builds the gradient from those signs alone (no second read
 of pred and target).
 """
+
 from __future__ import annotations
 
 import math
 import numbers
+
 import torch
 
 from hope_kernels.dispatch import needs_backward
-from hope_kernels.ops.checks import (accum_dtype, check_same_device, check_same_dtype, check_same_shape, check_tensor,
-                                     reads_values)
+from hope_kernels.ops.checks import (
+    accum_dtype,
+    check_same_device,
+    check_same_dtype,
+    check_same_shape,
+    check_tensor,
+    reads_values,
+)
 from hope_kernels.ops.l1_loss.reference import l1_rollout_loss_reference
 from hope_kernels.ops.registry import Backend, OpTable, register
 
@@ -31,7 +39,7 @@ def _validate(pred, target, step_weight, normalize_target, eps) -> None:
     check_tensor("pred", pred, ndim=4, shape_doc="(B, T, N, D)")
     check_tensor("target", target, ndim=4, shape_doc="(B, T, N, D)")
     check_same_shape(("pred", "target"), (pred, target))
-    if pred.numel() == 0:   # a mean over nothing: NaN from some paths, 0 from others
+    if pred.numel() == 0:  # a mean over nothing: NaN from some paths, 0 from others
         raise ValueError(f"pred and target must not be empty, got shape {tuple(pred.shape)} (B, T, N, D)")
     if not isinstance(normalize_target, bool):
         raise TypeError(f"normalize_target must be a bool, got {type(normalize_target).__name__}")
@@ -95,6 +103,7 @@ def _coef(grad_loss, grad_per_step, step_weight, shape) -> torch.Tensor:
 # cpu with for_backward: the bitmaps of pred - target_n, (B, T, N, 2, ceil(D / 8)) uint8, bit d % 8 of byte d // 8
 # set where it is > 0 (first map), < 0 (second); then the backward gets them instead of pred, and target None.
 
+
 def _no_signs(pred):
     return pred.new_empty((0,), dtype=torch.uint8)
 
@@ -123,12 +132,14 @@ def _cpu_backward(pred_or_signs, target, coef, D, dtype, normalize_target, eps):
 
 def _triton_forward(pred, target, step_weight, normalize_target, eps, for_backward):
     from hope_kernels.ops.l1_loss.triton import l1_per_step_triton
+
     per_step = l1_per_step_triton(pred, target, normalize_target, eps)
     return (*_weighted(per_step, step_weight), _no_signs(pred))
 
 
 def _triton_backward(pred, target, coef, D, dtype, normalize_target, eps):
     from hope_kernels.ops.l1_loss.triton import l1_per_step_backward_triton
+
     return l1_per_step_backward_triton(pred, target, coef, normalize_target, eps)
 
 
@@ -156,7 +167,7 @@ def _setup_context(ctx, inputs, output):
     signs = output[2]
     ctx.set_materialize_grads(False)
     ctx.shape, ctx.dtype, ctx.normalize_target, ctx.eps = pred.shape, pred.dtype, normalize_target, eps
-    if signs.dim() == 5:   # the cpu forward's signs stand for pred and target
+    if signs.dim() == 5:  # the cpu forward's signs stand for pred and target
         ctx.save_for_backward(signs, None, step_weight)
     else:
         ctx.save_for_backward(pred, target, step_weight)
@@ -171,22 +182,36 @@ def _backward(ctx, backward_op, grad_loss, grad_per_step, _):
     return grad_pred, None, None, None, None, None
 
 
-_L1 = register(OpTable(
-    name=_OP, label=_OP,
-    schema="(Tensor pred, Tensor target, Tensor? step_weight, bool normalize_target, float eps, "
-           "bool for_backward) -> (Tensor, Tensor, Tensor)",
-    backward_schema="(Tensor pred_or_signs, Tensor? target, Tensor coef, SymInt D, ScalarType dtype, "
-                    "bool normalize_target, float eps) -> Tensor",
-    fake=_fake, fake_backward=_fake_backward, setup_context=_setup_context, backward=_backward, saved_only=1,
-    backends=(
-        Backend("cuda", _compiled_forward, _compiled_backward, devices=("cuda",), priority=2),
-        Backend("triton", _triton_forward, _triton_backward, devices=("cuda",), priority=1),
-        Backend("cpu", _cpu_forward, _cpu_backward, devices=("cpu",), fake=_cpu_fake),
-    )))
+_L1 = register(
+    OpTable(
+        name=_OP,
+        label=_OP,
+        schema="(Tensor pred, Tensor target, Tensor? step_weight, bool normalize_target, float eps, "
+        "bool for_backward) -> (Tensor, Tensor, Tensor)",
+        backward_schema="(Tensor pred_or_signs, Tensor? target, Tensor coef, SymInt D, ScalarType dtype, "
+        "bool normalize_target, float eps) -> Tensor",
+        fake=_fake,
+        fake_backward=_fake_backward,
+        setup_context=_setup_context,
+        backward=_backward,
+        saved_only=1,
+        backends=(
+            Backend("cuda", _compiled_forward, _compiled_backward, devices=("cuda",), priority=2),
+            Backend("triton", _triton_forward, _triton_backward, devices=("cuda",), priority=1),
+            Backend("cpu", _cpu_forward, _cpu_backward, devices=("cpu",), fake=_cpu_fake),
+        ),
+    )
+)
 
 
-def l1_rollout_loss(pred: torch.Tensor, target: torch.Tensor, step_weight: torch.Tensor | None = None,
-                    normalize_target: bool = True, eps: float = 1e-6, backend: str = "auto"):
+def l1_rollout_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    step_weight: torch.Tensor | None = None,
+    normalize_target: bool = True,
+    eps: float = 1e-6,
+    backend: str = "auto",
+):
     """Fused L1 loss over time steps.
 
     pred, target: (B, T, N, D), same dtype and device; step_weight: (T,) non-negative, not all zero, or None

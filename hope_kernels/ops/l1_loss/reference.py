@@ -7,6 +7,7 @@
 pred, target: (B, T, N, D); step_weight w: (T,) or None (ones). Reductions run in float32 (float64 for float64
 inputs); loss and per_step come back in that dtype. The target gets no gradient.
 """
+
 from __future__ import annotations
 
 import torch
@@ -15,8 +16,13 @@ import torch.nn.functional as F
 from hope_kernels.ops.checks import accum_dtype
 
 
-def l1_rollout_loss_reference(pred: torch.Tensor, target: torch.Tensor, step_weight: torch.Tensor | None = None,
-                              normalize_target: bool = True, eps: float = 1e-6):
+def l1_rollout_loss_reference(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    step_weight: torch.Tensor | None = None,
+    normalize_target: bool = True,
+    eps: float = 1e-6,
+):
     """(B, T, N, D) x2 -> (loss (), per_step (T,))."""
     acc = accum_dtype(pred.dtype)
     target = target.detach().to(acc)

@@ -9,6 +9,7 @@ program of the same launch adds them (deterministic too: a fixed order, whicheve
 writes coef[t] * sign(pred - target_n). Nothing is saved between the two: backward recomputes the row
 statistics from the target it must read anyway.
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,8 +24,9 @@ REDUCE_MODES = ("torch_sum", "last_program")
 
 
 @triton.jit
-def _normalized_diff(p_ptr, t_ptr, row, rows, D, eps, NORMALIZE: tl.constexpr, ACC: tl.constexpr,
-                     BLOCK_D: tl.constexpr):
+def _normalized_diff(
+    p_ptr, t_ptr, row, rows, D, eps, NORMALIZE: tl.constexpr, ACC: tl.constexpr, BLOCK_D: tl.constexpr
+):
     col = tl.arange(0, BLOCK_D)
     mask = (row[:, None] < rows) & (col[None, :] < D)
     offs = row[:, None].to(tl.int64) * D + col[None, :]
@@ -39,8 +41,21 @@ def _normalized_diff(p_ptr, t_ptr, row, rows, D, eps, NORMALIZE: tl.constexpr, A
 
 
 @triton.jit
-def _store_row_sums(p_ptr, t_ptr, row_sum_ptr, rows, T, N, D, count, eps, NORMALIZE: tl.constexpr,
-                    ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+def _store_row_sums(
+    p_ptr,
+    t_ptr,
+    row_sum_ptr,
+    rows,
+    T,
+    N,
+    D,
+    count,
+    eps,
+    NORMALIZE: tl.constexpr,
+    ACC: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     b_d, mask, _ = _normalized_diff(p_ptr, t_ptr, row, rows, D, eps, NORMALIZE, ACC, BLOCK_D)
     b_abs = tl.where(mask, tl.abs(b_d), 0.0)
@@ -53,15 +68,43 @@ def _store_row_sums(p_ptr, t_ptr, row_sum_ptr, rows, T, N, D, count, eps, NORMAL
 
 
 @triton.jit
-def l1_fwd_rows_kernel(p_ptr, t_ptr, row_sum_ptr, rows, T, N, D, count, eps, NORMALIZE: tl.constexpr,
-                       ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+def l1_fwd_rows_kernel(
+    p_ptr,
+    t_ptr,
+    row_sum_ptr,
+    rows,
+    T,
+    N,
+    D,
+    count,
+    eps,
+    NORMALIZE: tl.constexpr,
+    ACC: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     _store_row_sums(p_ptr, t_ptr, row_sum_ptr, rows, T, N, D, count, eps, NORMALIZE, ACC, ROWS, BLOCK_D)
 
 
 @triton.jit
-def l1_fwd_last_program_kernel(p_ptr, t_ptr, row_sum_ptr, per_step_ptr, done_ptr, rows, T, N, D, count, eps,
-                               NORMALIZE: tl.constexpr, ACC: tl.constexpr, ROWS: tl.constexpr,
-                               BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+def l1_fwd_last_program_kernel(
+    p_ptr,
+    t_ptr,
+    row_sum_ptr,
+    per_step_ptr,
+    done_ptr,
+    rows,
+    T,
+    N,
+    D,
+    count,
+    eps,
+    NORMALIZE: tl.constexpr,
+    ACC: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
     """One launch: the rows' sums as l1_fwd_rows_kernel, then the program that finishes last (a counter at
     done_ptr, zero on entry) adds each t's B*N sums in a fixed order, so per_step does not depend on which."""
     _store_row_sums(p_ptr, t_ptr, row_sum_ptr, rows, T, N, D, count, eps, NORMALIZE, ACC, ROWS, BLOCK_D)
@@ -79,8 +122,21 @@ def l1_fwd_last_program_kernel(p_ptr, t_ptr, row_sum_ptr, per_step_ptr, done_ptr
 
 
 @triton.jit
-def l1_bwd_rows_kernel(p_ptr, t_ptr, coef_ptr, g_ptr, rows, T, N, D, eps, NORMALIZE: tl.constexpr,
-                       ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+def l1_bwd_rows_kernel(
+    p_ptr,
+    t_ptr,
+    coef_ptr,
+    g_ptr,
+    rows,
+    T,
+    N,
+    D,
+    eps,
+    NORMALIZE: tl.constexpr,
+    ACC: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     b_d, mask, offs = _normalized_diff(p_ptr, t_ptr, row, rows, D, eps, NORMALIZE, ACC, BLOCK_D)
     b_c = tl.load(coef_ptr + (row // N) % T, mask=row < rows, other=0.0).to(ACC)[:, None]
@@ -93,8 +149,9 @@ def _launch_shape(D: int, launch: tuple[int, int] | None = None):
     """(BLOCK_D, rows per program, warps); `launch` = (rows, warps) overrides the last two (benchmarks/
     sweep_gpu.py)."""
     if D > MAX_D:
-        raise ValueError(f"l1_rollout_loss: the triton backend supports D <= {MAX_D}, got D={D}; "
-                         f"use backend='cuda' or 'reference'")
+        raise ValueError(
+            f"l1_rollout_loss: the triton backend supports D <= {MAX_D}, got D={D}; use backend='cuda' or 'reference'"
+        )
     block_d = triton.next_power_of_2(max(D, 1))
     if launch is not None:
         return block_d, int(launch[0]), int(launch[1])
@@ -111,8 +168,14 @@ def _reduce_mode(reduce: str | None) -> str:
     return env_choice("l1_rollout_loss (triton)", "reduce", reduce, REDUCE_ENV, REDUCE_MODES)
 
 
-def l1_per_step_triton(pred: torch.Tensor, target: torch.Tensor, normalize_target: bool, eps: float,
-                       launch: tuple[int, int] | None = None, reduce: str | None = None) -> torch.Tensor:
+def l1_per_step_triton(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    normalize_target: bool,
+    eps: float,
+    launch: tuple[int, int] | None = None,
+    reduce: str | None = None,
+) -> torch.Tensor:
     """(B, T, N, D) x2 -> per_step (T,) in the accumulation dtype. launch: (rows per program, warps).
     reduce (else $HOPE_L1_FWD_REDUCE, else "torch_sum"): how the (T, B*N) row sums become per_step,
     "torch_sum" (a second kernel) or "last_program" (inside the one launch, after a 4-byte memset)."""
@@ -137,9 +200,14 @@ def l1_per_step_triton(pred: torch.Tensor, target: torch.Tensor, normalize_targe
     return per_step
 
 
-def l1_per_step_backward_triton(pred: torch.Tensor, target: torch.Tensor, coef: torch.Tensor,
-                                normalize_target: bool, eps: float,
-                                launch: tuple[int, int] | None = None) -> torch.Tensor:
+def l1_per_step_backward_triton(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    coef: torch.Tensor,
+    normalize_target: bool,
+    eps: float,
+    launch: tuple[int, int] | None = None,
+) -> torch.Tensor:
     """grad_pred (B, T, N, D) = coef[t] * sign(pred - target_n). launch: (rows per program, warps)."""
     pred, target = pred.contiguous(), target.contiguous()
     B, T, N, D = pred.shape
@@ -151,6 +219,20 @@ def l1_per_step_backward_triton(pred: torch.Tensor, target: torch.Tensor, coef: 
     coef = coef.to(device=pred.device, dtype=acc_torch).contiguous()
     block_d, rows_per_prog, num_warps = _launch_shape(D, launch)
     grid = (triton.cdiv(rows, rows_per_prog),)
-    l1_bwd_rows_kernel[grid](pred, target, coef, grad, rows, T, N, D, eps, NORMALIZE=normalize_target,
-                             ACC=acc_tl, ROWS=rows_per_prog, BLOCK_D=block_d, num_warps=num_warps)
+    l1_bwd_rows_kernel[grid](
+        pred,
+        target,
+        coef,
+        grad,
+        rows,
+        T,
+        N,
+        D,
+        eps,
+        NORMALIZE=normalize_target,
+        ACC=acc_tl,
+        ROWS=rows_per_prog,
+        BLOCK_D=block_d,
+        num_warps=num_warps,
+    )
     return grad

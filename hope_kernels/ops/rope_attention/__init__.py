@@ -13,6 +13,7 @@ scratch, then fused flash-attention kernels, forward and backward). rope3d backe
 The fast paths are the registry tables `_ROPE` and `_ATTN` (hope_kernels/ops/registry.py): custom ops
 `hope_kernels::rope3d_<backend>` and `hope_kernels::rope_attention_triton` with their backward ops.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,16 +25,22 @@ import torch.nn.functional as F
 from hope_kernels.ops.checks import check_same_device, check_same_dtype, check_same_shape, check_tensor
 from hope_kernels.ops.registry import Backend, OpTable, register
 from hope_kernels.ops.rope_attention.cpu_blocks import timestep_block_attention
-from hope_kernels.ops.rope_attention.reference import (ROPE_COMPAT, block_causal_mask, rope3d_reference,
-                                                       rope_attention_reference, rope_freqs)
+from hope_kernels.ops.rope_attention.reference import (
+    ROPE_COMPAT,
+    block_causal_mask,
+    rope3d_reference,
+    rope_attention_reference,
+    rope_freqs,
+)
 
 __all__ = ["rope_attention", "rope3d", "rope_attention_reference", "rope3d_reference", "block_causal_mask"]
+
 
 # ---------------------------------------------------------------------------------------------- validation
 def _check_pos(pos, L: int) -> None:
     if not isinstance(pos, torch.Tensor):
         raise TypeError(f"pos must be a torch.Tensor of integer (t, h, w) positions, got {type(pos).__name__}")
-    if pos.dtype not in (torch.int32, torch.int64):   # uint8 would wrap t_i - t_j and lift the causal mask
+    if pos.dtype not in (torch.int32, torch.int64):  # uint8 would wrap t_i - t_j and lift the causal mask
         raise TypeError(f"pos must have an integer dtype (int32 or int64), got {pos.dtype}")
     if pos.dim() != 2 or pos.shape[1] != 3 or pos.shape[0] != L:
         raise ValueError(f"pos must be (L, 3) = ({L}, 3) holding (t, h, w), got shape {tuple(pos.shape)}")
@@ -62,8 +69,9 @@ def _check_pos_values(pos: torch.Tensor) -> None:
     bad = (t[1:] < t[:-1]).nonzero()
     if bad.numel():
         i = int(bad[0, 0])
-        raise ValueError(f"pos[:, 0] (timestep t) must be non-decreasing, got t[{i}]={int(t[i])} > "
-                         f"t[{i + 1}]={int(t[i + 1])}")
+        raise ValueError(
+            f"pos[:, 0] (timestep t) must be non-decreasing, got t[{i}]={int(t[i])} > t[{i + 1}]={int(t[i + 1])}"
+        )
     setattr(pos, _CHECKED, pos._version)
 
 
@@ -91,7 +99,7 @@ def _timestep_blocks(pos: torch.Tensor, window: int | None):
         blocks = []
         for s, e in zip(starts, ends):
             ks = 0
-            if window is not None:   # the first key with t_j > t_i - window (t non-decreasing)
+            if window is not None:  # the first key with t_j > t_i - window (t non-decreasing)
                 ks = next(j for j in starts if t[j] > t[s] - window)
             blocks.append((s, e, ks))
     setattr(pos, _BLOCKS, ((pos._version, window), blocks))
@@ -108,10 +116,12 @@ def _validate_attention(q, k, v, pos, window, rope_compat, scale) -> None:
     _check_head_dim(q.shape[3])
     _check_compat(rope_compat)
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
-        raise ValueError(f"window must be None or an int >= 1 (timesteps visible, the current one included), "
-                         f"got {window!r}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
-                              or not math.isfinite(scale) or scale <= 0):
+        raise ValueError(
+            f"window must be None or an int >= 1 (timesteps visible, the current one included), got {window!r}"
+        )
+    if scale is not None and (
+        isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0
+    ):
         raise ValueError(f"scale must be None (1/sqrt(d)) or a finite float > 0, got {scale!r}")
 
 
@@ -150,17 +160,28 @@ def _rope3d_backward(ctx, backward_op, grad):
 
 
 # hope_kernels::rope3d_<backend>(x, pos, vjepa2); one C++ op serves both (it dispatches on the device)
-_ROPE = register(OpTable(
-    name="rope3d", label="rope3d", schema="(Tensor x, Tensor pos, bool vjepa2) -> Tensor",
-    backward_schema="(Tensor grad, Tensor pos, bool vjepa2) -> Tensor", fake=_rope3d_fake,
-    fake_backward=_rope3d_fake, setup_context=_rope3d_setup, backward=_rope3d_backward,
-    backends=(Backend("cuda", _rotate, _rotate_backward, devices=("cuda",)),
-              Backend("cpu", _rotate, _rotate_backward, devices=("cpu",)))))
+_ROPE = register(
+    OpTable(
+        name="rope3d",
+        label="rope3d",
+        schema="(Tensor x, Tensor pos, bool vjepa2) -> Tensor",
+        backward_schema="(Tensor grad, Tensor pos, bool vjepa2) -> Tensor",
+        fake=_rope3d_fake,
+        fake_backward=_rope3d_fake,
+        setup_context=_rope3d_setup,
+        backward=_rope3d_backward,
+        backends=(
+            Backend("cuda", _rotate, _rotate_backward, devices=("cuda",)),
+            Backend("cpu", _rotate, _rotate_backward, devices=("cpu",)),
+        ),
+    )
+)
 _ROPE_BACKENDS = _ROPE.supported
 
 
 # ------------------------------------------------------------------------------------- attention backends
 # forward(q, k, v, pos, window (0: none), vjepa2, scale) -> (o, lse); lse only for the fused backward.
+
 
 def _rotate_then_sdpa(backend: str, q, k, v, pos, window: int, vjepa2: bool, scale: float):
     """cpu / cuda: the compiled rotation op composed with PyTorch SDPA (autograd through both) -> (o,)."""
@@ -176,11 +197,13 @@ def _rotate_then_sdpa(backend: str, q, k, v, pos, window: int, vjepa2: bool, sca
 
 def _fused_forward(q, k, v, pos, window, vjepa2, scale):
     from hope_kernels.ops.rope_attention.triton import rope_attention_fwd_triton
+
     return rope_attention_fwd_triton(q, k, v, pos, _freqs(q, vjepa2), window, scale)
 
 
 def _fused_backward_kernels(grad_o, q, k, v, o, lse, pos, window, vjepa2, scale):
     from hope_kernels.ops.rope_attention.triton import rope_attention_bwd_triton
+
     return rope_attention_bwd_triton(grad_o, q, k, v, o, lse, pos, _freqs(q, vjepa2), window, scale)
 
 
@@ -209,6 +232,7 @@ def _fused_backward(ctx, backward_op, grad_o, grad_lse):
 
 def _triton_accepts(q: torch.Tensor, device) -> str | None:
     from hope_kernels.ops.rope_attention.triton import MAX_D, SUPPORTED_DTYPES
+
     if q.dtype not in SUPPORTED_DTYPES:
         return f"rope_attention: backend 'triton' supports dtypes {SUPPORTED_DTYPES}, got {q.dtype}"
     if q.shape[-1] > MAX_D:
@@ -218,23 +242,39 @@ def _triton_accepts(q: torch.Tensor, device) -> str | None:
 
 # triton: hope_kernels::rope_attention_triton, q and k rotated once into O(L d) scratch, then fused
 # flash-attention kernels; cpu / cuda: composites (auto on CUDA tensors: triton when it takes q, else cuda)
-_ATTN = register(OpTable(
-    name="rope_attention", label="rope_attention",
-    schema="(Tensor q, Tensor k, Tensor v, Tensor pos, int window, bool vjepa2, float scale) -> (Tensor, Tensor)",
-    backward_schema="(Tensor grad_o, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor pos, int window, "
-                    "bool vjepa2, float scale) -> (Tensor, Tensor, Tensor)",
-    fake=_fused_fake, fake_backward=_fused_fake_backward, setup_context=_fused_setup, backward=_fused_backward,
-    saved_only=1,
-    backends=(Backend("triton", _fused_forward, _fused_backward_kernels, devices=("cuda",), priority=2,
-                      accepts=_triton_accepts),
-              Backend("cuda", lambda *a: _rotate_then_sdpa("cuda", *a), None, devices=("cuda",), priority=1),
-              Backend("cpu", lambda *a: _rotate_then_sdpa("cpu", *a), None, devices=("cpu",)))))
+_ATTN = register(
+    OpTable(
+        name="rope_attention",
+        label="rope_attention",
+        schema="(Tensor q, Tensor k, Tensor v, Tensor pos, int window, bool vjepa2, float scale) -> (Tensor, Tensor)",
+        backward_schema="(Tensor grad_o, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor pos, int window, "
+        "bool vjepa2, float scale) -> (Tensor, Tensor, Tensor)",
+        fake=_fused_fake,
+        fake_backward=_fused_fake_backward,
+        setup_context=_fused_setup,
+        backward=_fused_backward,
+        saved_only=1,
+        backends=(
+            Backend(
+                "triton",
+                _fused_forward,
+                _fused_backward_kernels,
+                devices=("cuda",),
+                priority=2,
+                accepts=_triton_accepts,
+            ),
+            Backend("cuda", lambda *a: _rotate_then_sdpa("cuda", *a), None, devices=("cuda",), priority=1),
+            Backend("cpu", lambda *a: _rotate_then_sdpa("cpu", *a), None, devices=("cpu",)),
+        ),
+    )
+)
 _ATTN_BACKENDS = _ATTN.supported
 
 
 # ------------------------------------------------------------------------------------------- public API
-def rope3d(x: torch.Tensor, pos: torch.Tensor, *, rope_compat: str | None = None,
-           backend: str = "auto") -> torch.Tensor:
+def rope3d(
+    x: torch.Tensor, pos: torch.Tensor, *, rope_compat: str | None = None, backend: str = "auto"
+) -> torch.Tensor:
     """3D RoPE of docs/design.md#rope-attention. x (..., L, d) floating, pos (L, 3) int (t, h, w) -> rotated x,
     same shape/dtype.
 
@@ -253,9 +293,17 @@ def rope3d(x: torch.Tensor, pos: torch.Tensor, *, rope_compat: str | None = None
     return _ROPE(backend, x, pos, rope_compat == "vjepa2")
 
 
-def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, *,
-                   window: int | None = None, rope_compat: str | None = None, scale: float | None = None,
-                   backend: str = "auto") -> torch.Tensor:
+def rope_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pos: torch.Tensor,
+    *,
+    window: int | None = None,
+    rope_compat: str | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
     """Block-causal attention with 3D RoPE on q and k.
 
     q, k, v: (B, H, L, d), one floating dtype and device; pos: (L, 3) integer (t, h, w), t non-decreasing

@@ -13,6 +13,7 @@ Short blocks run one SDPA over all tokens with the block-causal mask, cached per
 parallel region with its own fixed cost (and, on a busy machine, a wait for the slowest thread), which for a
 tiny predictor (8 blocks of 66 tokens) cost more than the masked scores it skipped (2-4x slower, fwd+bwd).
 """
+
 from __future__ import annotations
 
 import torch
@@ -59,7 +60,7 @@ class _TimestepBlockAttention(torch.autograd.Function):
         lse = None
         for s, e, ks in blocks:
             ob, lb = _flash_fwd(q[:, :, s:e], k[:, :, ks:e], v[:, :, ks:e], scale=scale)
-            if lse is None:   # the kernel's accumulation dtype
+            if lse is None:  # the kernel's accumulation dtype
                 lse = lb.new_empty(B, H, L)
             o[:, :, s:e] = ob
             lse[:, :, s:e] = lb
@@ -73,21 +74,36 @@ class _TimestepBlockAttention(torch.autograd.Function):
         dq = torch.empty_like(q)
         dk, dv = torch.zeros_like(k), torch.zeros_like(v)
         for s, e, ks in ctx.blocks:
-            dqb, dkb, dvb = _flash_bwd(grad_o[:, :, s:e], q[:, :, s:e], k[:, :, ks:e], v[:, :, ks:e],
-                                       o[:, :, s:e], lse[:, :, s:e], 0.0, False, scale=ctx.scale)
+            dqb, dkb, dvb = _flash_bwd(
+                grad_o[:, :, s:e],
+                q[:, :, s:e],
+                k[:, :, ks:e],
+                v[:, :, ks:e],
+                o[:, :, s:e],
+                lse[:, :, s:e],
+                0.0,
+                False,
+                scale=ctx.scale,
+            )
             dq[:, :, s:e] = dqb
             dk[:, :, ks:e] += dkb
             dv[:, :, ks:e] += dvb
         return dq, dk, dv, None, None
 
 
-def timestep_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, blocks: list,
-                             window: int | None, scale: float) -> torch.Tensor:
+def timestep_block_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, blocks: list, window: int | None, scale: float
+) -> torch.Tensor:
     """Block-causal attention of rotated q, k, v (B, H, L, d) -> o (B, H, L, d); pos (L, 3) on the CPU."""
     if q.shape[2] < MIN_BLOCK_QUERIES * len(blocks) and q.shape[2] <= MAX_MASKED_TOKENS:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=_additive_mask(pos, window, q.dtype), scale=scale)
     if _flash_chosen(q, k, v):
         return _TimestepBlockAttention.apply(q, k, v, blocks, scale)
     # SDPA would pick another kernel: one call per block, its choice
-    return torch.cat([F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, ks:e], v[:, :, ks:e], scale=scale)
-                      for s, e, ks in blocks], dim=2)
+    return torch.cat(
+        [
+            F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, ks:e], v[:, :, ks:e], scale=scale)
+            for s, e, ks in blocks
+        ],
+        dim=2,
+    )

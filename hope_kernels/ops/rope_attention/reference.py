@@ -22,6 +22,7 @@ is given, t_i - t_j < window (window = number of timesteps visible, the current 
 2's local_window_time), else -inf. scale = 1 / sqrt(d) by default. Tables are float32 (float64 for
 float64 inputs); the rotated q, k are cast back to the input dtype before SDPA.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,12 +45,12 @@ def rope_freqs(d: int, rope_compat: str | None, *, device=None, dtype=torch.floa
     """W (3, d): W[s, c] = omega of column c if c lies in slice s (t, h, w), else 0."""
     n = slice_len(d)
     half = n // 2
-    omega = THETA ** (-torch.arange(half, dtype=torch.float64) / half)     # 10000^(-2j/n), j = 0..n/2-1
+    omega = THETA ** (-torch.arange(half, dtype=torch.float64) / half)  # 10000^(-2j/n), j = 0..n/2-1
     c = torch.arange(n)
     per_col = omega[c // 2] if rope_compat is None else omega[c % half]
     W = torch.zeros(3, d, dtype=torch.float64)
     for s in range(3):
-        W[s, s * n:(s + 1) * n] = per_col
+        W[s, s * n : (s + 1) * n] = per_col
     return W.to(device=device, dtype=dtype)
 
 
@@ -57,7 +58,7 @@ def rope_tables(pos: torch.Tensor, d: int, rope_compat: str | None, dtype: torch
     """cos, sin tables (L, d) in the accumulation dtype of `dtype`."""
     acc = accum_dtype(dtype)
     W = rope_freqs(d, rope_compat, device=pos.device, dtype=acc)
-    angle = (pos.to(acc)[:, :, None] * W[None]).sum(1)                     # one non-zero term per column
+    angle = (pos.to(acc)[:, :, None] * W[None]).sum(1)  # one non-zero term per column
     return angle.cos(), angle.sin()
 
 
@@ -76,7 +77,7 @@ def rope3d_reference(x: torch.Tensor, pos: torch.Tensor, rope_compat: str | None
 
 def block_causal_mask(t: torch.Tensor, window: int | None = None) -> torch.Tensor:
     """t (L,) -> bool (L, L), True where query i may attend key j: t_j <= t_i (and t_i - t_j < window)."""
-    t = t.to(torch.int64)   # an unsigned t would wrap below 0 and let queries see later timesteps
+    t = t.to(torch.int64)  # an unsigned t would wrap below 0 and let queries see later timesteps
     diff = t[:, None] - t[None, :]
     keep = diff >= 0
     if window is not None:
@@ -84,9 +85,15 @@ def block_causal_mask(t: torch.Tensor, window: int | None = None) -> torch.Tenso
     return keep
 
 
-def rope_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
-                             window: int | None = None, rope_compat: str | None = None,
-                             scale: float | None = None) -> torch.Tensor:
+def rope_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pos: torch.Tensor,
+    window: int | None = None,
+    rope_compat: str | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
     """q, k, v (B, H, L, d), pos (L, 3) -> o (B, H, L, d): rope on q and k, then SDPA with the bool mask."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     qr = rope3d_reference(q, pos, rope_compat)

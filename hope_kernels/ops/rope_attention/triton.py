@@ -21,6 +21,7 @@ rotation
     dx_e = g_e C_e + g_o S_o,   dx_o = g_o C_o - g_e S_e
 before the store (sin/cos once per output row). No atomics: deterministic.
 """
+
 from __future__ import annotations
 
 import os
@@ -47,12 +48,16 @@ def _angles_cs(pos_ptr, w_ptr, rows, L, D, HALF, BH: tl.constexpr):
     ph = tl.load(pos_ptr + rows * 3 + 1, mask=rmask, other=0).to(tl.float32)[:, None]
     pw = tl.load(pos_ptr + rows * 3 + 2, mask=rmask, other=0).to(tl.float32)[:, None]
     # one of the three frequencies of a column is non-zero, so each angle is a single rounded product
-    a_e = (pt * tl.load(w_ptr + 2 * col, mask=cmask, other=0.0)[None, :]
-           + ph * tl.load(w_ptr + D + 2 * col, mask=cmask, other=0.0)[None, :]
-           + pw * tl.load(w_ptr + 2 * D + 2 * col, mask=cmask, other=0.0)[None, :])
-    a_o = (pt * tl.load(w_ptr + 2 * col + 1, mask=cmask, other=0.0)[None, :]
-           + ph * tl.load(w_ptr + D + 2 * col + 1, mask=cmask, other=0.0)[None, :]
-           + pw * tl.load(w_ptr + 2 * D + 2 * col + 1, mask=cmask, other=0.0)[None, :])
+    a_e = (
+        pt * tl.load(w_ptr + 2 * col, mask=cmask, other=0.0)[None, :]
+        + ph * tl.load(w_ptr + D + 2 * col, mask=cmask, other=0.0)[None, :]
+        + pw * tl.load(w_ptr + 2 * D + 2 * col, mask=cmask, other=0.0)[None, :]
+    )
+    a_o = (
+        pt * tl.load(w_ptr + 2 * col + 1, mask=cmask, other=0.0)[None, :]
+        + ph * tl.load(w_ptr + D + 2 * col + 1, mask=cmask, other=0.0)[None, :]
+        + pw * tl.load(w_ptr + 2 * D + 2 * col + 1, mask=cmask, other=0.0)[None, :]
+    )
     return tl.cos(a_e), tl.sin(a_e), tl.cos(a_o), tl.sin(a_o)
 
 
@@ -79,8 +84,7 @@ def _load_pair(xr_ptr, rows, L, DT: tl.constexpr, BH: tl.constexpr):
     col = tl.arange(0, BH)
     m = (rows < L)[:, None]
     offs = rows[:, None] * (2 * BH) + col[None, :]
-    return (tl.load(xr_ptr + offs, mask=m, other=0.0).to(DT),
-            tl.load(xr_ptr + offs + BH, mask=m, other=0.0).to(DT))
+    return (tl.load(xr_ptr + offs, mask=m, other=0.0).to(DT), tl.load(xr_ptr + offs + BH, mask=m, other=0.0).to(DT))
 
 
 @triton.jit
@@ -105,20 +109,47 @@ def _store_unrotated(x_ptr, g_e, g_o, pos_ptr, w_ptr, rows, L, D, HALF, BH: tl.c
 def _scores(x_e, x_o, y_e, y_o, qk_scale, DOT_PREC: tl.constexpr):
     """Scaled scores x y^T of rotated rows from their even / odd halves: (R, R') fp32, the softmax scale (base 2)
     applied to the fp32 product as SDPA does."""
-    return tl.dot(x_o, tl.trans(y_o), tl.dot(x_e, tl.trans(y_e), input_precision=DOT_PREC),
-                  input_precision=DOT_PREC) * qk_scale
+    return (
+        tl.dot(x_o, tl.trans(y_o), tl.dot(x_e, tl.trans(y_e), input_precision=DOT_PREC), input_precision=DOT_PREC)
+        * qk_scale
+    )
 
 
 @triton.jit
 def _visible(t_i, t_j, rows, cols, L, window):
-    return ((t_j[None, :] <= t_i[:, None]) & (t_i[:, None] - t_j[None, :] < window)
-            & (rows < L)[:, None] & (cols < L)[None, :])
+    return (
+        (t_j[None, :] <= t_i[:, None])
+        & (t_i[:, None] - t_j[None, :] < window)
+        & (rows < L)[:, None]
+        & (cols < L)[None, :]
+    )
 
 
 @triton.jit
-def _fwd_tiles(acc, m_i, l_i, b_qe, b_qo, t_i, rows, kr_ptr, v_ptr, pos_ptr, start_lo, start_hi, L, D, window,
-               qk_scale, MASKED: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr, BN: tl.constexpr,
-               BH: tl.constexpr, BD: tl.constexpr):
+def _fwd_tiles(
+    acc,
+    m_i,
+    l_i,
+    b_qe,
+    b_qo,
+    t_i,
+    rows,
+    kr_ptr,
+    v_ptr,
+    pos_ptr,
+    start_lo,
+    start_hi,
+    L,
+    D,
+    window,
+    qk_scale,
+    MASKED: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    DT: tl.constexpr,
+    BN: tl.constexpr,
+    BH: tl.constexpr,
+    BD: tl.constexpr,
+):
     """Online softmax over the key tiles [start_lo, start_hi); MASKED=False for tiles every row sees whole."""
     for start in range(start_lo, start_hi, BN):
         cols = start + tl.arange(0, BN)
@@ -138,10 +169,28 @@ def _fwd_tiles(acc, m_i, l_i, b_qe, b_qo, t_i, rows, kr_ptr, v_ptr, pos_ptr, sta
 
 
 @triton.jit
-def rope_attn_fwd_kernel(qr_ptr, kr_ptr, v_ptr, o_ptr, lse_ptr, pos_ptr, kv_lo_ptr, kv_mid_ptr, kv_hi_ptr,
-                         L, D, window, qk_scale, DOT_PREC: tl.constexpr, DT: tl.constexpr,
-                         BM: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr):
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)      # the longest key ranges start first
+def rope_attn_fwd_kernel(
+    qr_ptr,
+    kr_ptr,
+    v_ptr,
+    o_ptr,
+    lse_ptr,
+    pos_ptr,
+    kv_lo_ptr,
+    kv_mid_ptr,
+    kv_hi_ptr,
+    L,
+    D,
+    window,
+    qk_scale,
+    DOT_PREC: tl.constexpr,
+    DT: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BH: tl.constexpr,
+    BD: tl.constexpr,
+):
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest key ranges start first
     bh = tl.program_id(1).to(tl.int64)
     off = bh * L * D
     off_r = bh * L * 2 * BH
@@ -154,22 +203,93 @@ def rope_attn_fwd_kernel(qr_ptr, kr_ptr, v_ptr, o_ptr, lse_ptr, pos_ptr, kv_lo_p
     m_i = tl.full([BM], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
     acc = tl.zeros([BM, BD], dtype=tl.float32)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, b_qe, b_qo, t_i, rows, kr_ptr + off_r, v_ptr + off, pos_ptr, lo, mid,
-                               L, D, window, qk_scale, False, DOT_PREC, DT, BN, BH, BD)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, b_qe, b_qo, t_i, rows, kr_ptr + off_r, v_ptr + off, pos_ptr, mid, hi,
-                               L, D, window, qk_scale, True, DOT_PREC, DT, BN, BH, BD)
+    acc, m_i, l_i = _fwd_tiles(
+        acc,
+        m_i,
+        l_i,
+        b_qe,
+        b_qo,
+        t_i,
+        rows,
+        kr_ptr + off_r,
+        v_ptr + off,
+        pos_ptr,
+        lo,
+        mid,
+        L,
+        D,
+        window,
+        qk_scale,
+        False,
+        DOT_PREC,
+        DT,
+        BN,
+        BH,
+        BD,
+    )
+    acc, m_i, l_i = _fwd_tiles(
+        acc,
+        m_i,
+        l_i,
+        b_qe,
+        b_qo,
+        t_i,
+        rows,
+        kr_ptr + off_r,
+        v_ptr + off,
+        pos_ptr,
+        mid,
+        hi,
+        L,
+        D,
+        window,
+        qk_scale,
+        True,
+        DOT_PREC,
+        DT,
+        BN,
+        BH,
+        BD,
+    )
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     acc = acc / l_safe[:, None]
     col = tl.arange(0, BD)
-    tl.store(o_ptr + off + rows[:, None] * D + col[None, :], acc.to(o_ptr.dtype.element_ty),
-             mask=(rows < L)[:, None] & (col < D)[None, :])
+    tl.store(
+        o_ptr + off + rows[:, None] * D + col[None, :],
+        acc.to(o_ptr.dtype.element_ty),
+        mask=(rows < L)[:, None] & (col < D)[None, :],
+    )
     tl.store(lse_ptr + bh * L + rows, m_i + tl.log2(l_safe), mask=rows < L)
 
 
 @triton.jit
-def _dkv_tiles(dk_e, dk_o, dv, b_ke, b_ko, b_v, t_j, cols, qr_ptr, do_ptr, lse_ptr, delta_ptr, pos_ptr,
-               start_lo, start_hi, L, D, window, qk_scale, MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
-               DT: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr):
+def _dkv_tiles(
+    dk_e,
+    dk_o,
+    dv,
+    b_ke,
+    b_ko,
+    b_v,
+    t_j,
+    cols,
+    qr_ptr,
+    do_ptr,
+    lse_ptr,
+    delta_ptr,
+    pos_ptr,
+    start_lo,
+    start_hi,
+    L,
+    D,
+    window,
+    qk_scale,
+    MASKED: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    DT: tl.constexpr,
+    BM: tl.constexpr,
+    BH: tl.constexpr,
+    BD: tl.constexpr,
+):
     """dk, dv of one key block over the query tiles [start_lo, start_hi). Unmasked tiles may run past L: those
     rows load q = do = lse = delta = 0 and add exactly 0."""
     for start in range(start_lo, start_hi, BM):
@@ -178,7 +298,7 @@ def _dkv_tiles(dk_e, dk_o, dv, b_ke, b_ko, b_v, t_j, cols, qr_ptr, do_ptr, lse_p
         b_do = _load_rows(do_ptr, rows, L, D, BD).to(DT)
         lse = tl.load(lse_ptr + rows, mask=rows < L, other=0.0)
         delta = tl.load(delta_ptr + rows, mask=rows < L, other=0.0)
-        s_t = _scores(b_ke, b_ko, b_qe, b_qo, qk_scale, DOT_PREC)                 # (BN, BM), base 2
+        s_t = _scores(b_ke, b_ko, b_qe, b_qo, qk_scale, DOT_PREC)  # (BN, BM), base 2
         p_t = tl.exp2(s_t - lse[None, :])
         if MASKED:
             t_i = tl.load(pos_ptr + rows * 3, mask=rows < L, other=0)
@@ -192,10 +312,33 @@ def _dkv_tiles(dk_e, dk_o, dv, b_ke, b_ko, b_v, t_j, cols, qr_ptr, do_ptr, lse_p
 
 
 @triton.jit
-def rope_attn_bwd_dkv_kernel(qr_ptr, kr_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, pos_ptr, w_ptr,
-                             q_lo_ptr, q_mid_ptr, q_hi_ptr, L, D, HALF, window, qk_scale, scale,
-                             DOT_PREC: tl.constexpr, DT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                             BH: tl.constexpr, BD: tl.constexpr):
+def rope_attn_bwd_dkv_kernel(
+    qr_ptr,
+    kr_ptr,
+    v_ptr,
+    do_ptr,
+    lse_ptr,
+    delta_ptr,
+    dk_ptr,
+    dv_ptr,
+    pos_ptr,
+    w_ptr,
+    q_lo_ptr,
+    q_mid_ptr,
+    q_hi_ptr,
+    L,
+    D,
+    HALF,
+    window,
+    qk_scale,
+    scale,
+    DOT_PREC: tl.constexpr,
+    DT: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BH: tl.constexpr,
+    BD: tl.constexpr,
+):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     off = bh * L * D
@@ -211,22 +354,96 @@ def rope_attn_bwd_dkv_kernel(qr_ptr, kr_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, 
     dk_o = tl.zeros([BN, BH], dtype=tl.float32)
     dv = tl.zeros([BN, BD], dtype=tl.float32)
     # the partly visible query tiles come first here: [lo, mid) masked, [mid, hi) whole
-    dk_e, dk_o, dv = _dkv_tiles(dk_e, dk_o, dv, b_ke, b_ko, b_v, t_j, cols, qr_ptr + off_r, do_ptr + off,
-                                lse_ptr + bh * L, delta_ptr + bh * L, pos_ptr, lo, mid, L, D, window, qk_scale,
-                                True, DOT_PREC, DT, BM, BH, BD)
-    dk_e, dk_o, dv = _dkv_tiles(dk_e, dk_o, dv, b_ke, b_ko, b_v, t_j, cols, qr_ptr + off_r, do_ptr + off,
-                                lse_ptr + bh * L, delta_ptr + bh * L, pos_ptr, mid, hi, L, D, window, qk_scale,
-                                False, DOT_PREC, DT, BM, BH, BD)
+    dk_e, dk_o, dv = _dkv_tiles(
+        dk_e,
+        dk_o,
+        dv,
+        b_ke,
+        b_ko,
+        b_v,
+        t_j,
+        cols,
+        qr_ptr + off_r,
+        do_ptr + off,
+        lse_ptr + bh * L,
+        delta_ptr + bh * L,
+        pos_ptr,
+        lo,
+        mid,
+        L,
+        D,
+        window,
+        qk_scale,
+        True,
+        DOT_PREC,
+        DT,
+        BM,
+        BH,
+        BD,
+    )
+    dk_e, dk_o, dv = _dkv_tiles(
+        dk_e,
+        dk_o,
+        dv,
+        b_ke,
+        b_ko,
+        b_v,
+        t_j,
+        cols,
+        qr_ptr + off_r,
+        do_ptr + off,
+        lse_ptr + bh * L,
+        delta_ptr + bh * L,
+        pos_ptr,
+        mid,
+        hi,
+        L,
+        D,
+        window,
+        qk_scale,
+        False,
+        DOT_PREC,
+        DT,
+        BM,
+        BH,
+        BD,
+    )
     _store_unrotated(dk_ptr + off, dk_e * scale, dk_o * scale, pos_ptr, w_ptr, cols, L, D, HALF, BH)
     col = tl.arange(0, BD)
-    tl.store(dv_ptr + off + cols[:, None] * D + col[None, :], dv.to(dv_ptr.dtype.element_ty),
-             mask=(cols < L)[:, None] & (col < D)[None, :])
+    tl.store(
+        dv_ptr + off + cols[:, None] * D + col[None, :],
+        dv.to(dv_ptr.dtype.element_ty),
+        mask=(cols < L)[:, None] & (col < D)[None, :],
+    )
 
 
 @triton.jit
-def _dq_tiles(dq_e, dq_o, b_qe, b_qo, b_do, lse, delta, t_i, rows, kr_ptr, v_ptr, pos_ptr, start_lo, start_hi,
-              L, D, window, qk_scale, MASKED: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr,
-              BN: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr):
+def _dq_tiles(
+    dq_e,
+    dq_o,
+    b_qe,
+    b_qo,
+    b_do,
+    lse,
+    delta,
+    t_i,
+    rows,
+    kr_ptr,
+    v_ptr,
+    pos_ptr,
+    start_lo,
+    start_hi,
+    L,
+    D,
+    window,
+    qk_scale,
+    MASKED: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    DT: tl.constexpr,
+    BN: tl.constexpr,
+    BH: tl.constexpr,
+    BD: tl.constexpr,
+):
     for start in range(start_lo, start_hi, BN):
         cols = start + tl.arange(0, BN)
         b_ke, b_ko = _load_pair(kr_ptr, cols, L, DT, BH)
@@ -244,11 +461,33 @@ def _dq_tiles(dq_e, dq_o, b_qe, b_qo, b_do, lse, delta, t_i, rows, kr_ptr, v_ptr
 
 
 @triton.jit
-def rope_attn_bwd_dq_kernel(qr_ptr, kr_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, pos_ptr, w_ptr,
-                            kv_lo_ptr, kv_mid_ptr, kv_hi_ptr, L, D, HALF, window, qk_scale, scale,
-                            DOT_PREC: tl.constexpr, DT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                            BH: tl.constexpr, BD: tl.constexpr):
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)      # the longest key ranges start first
+def rope_attn_bwd_dq_kernel(
+    qr_ptr,
+    kr_ptr,
+    v_ptr,
+    do_ptr,
+    lse_ptr,
+    delta_ptr,
+    dq_ptr,
+    pos_ptr,
+    w_ptr,
+    kv_lo_ptr,
+    kv_mid_ptr,
+    kv_hi_ptr,
+    L,
+    D,
+    HALF,
+    window,
+    qk_scale,
+    scale,
+    DOT_PREC: tl.constexpr,
+    DT: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BH: tl.constexpr,
+    BD: tl.constexpr,
+):
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest key ranges start first
     bh = tl.program_id(1).to(tl.int64)
     off = bh * L * D
     off_r = bh * L * 2 * BH
@@ -263,10 +502,58 @@ def rope_attn_bwd_dq_kernel(qr_ptr, kr_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, d
     hi = tl.load(kv_hi_ptr + pid_m)
     dq_e = tl.zeros([BM, BH], dtype=tl.float32)
     dq_o = tl.zeros([BM, BH], dtype=tl.float32)
-    dq_e, dq_o = _dq_tiles(dq_e, dq_o, b_qe, b_qo, b_do, lse, delta, t_i, rows, kr_ptr + off_r, v_ptr + off,
-                           pos_ptr, lo, mid, L, D, window, qk_scale, False, DOT_PREC, DT, BN, BH, BD)
-    dq_e, dq_o = _dq_tiles(dq_e, dq_o, b_qe, b_qo, b_do, lse, delta, t_i, rows, kr_ptr + off_r, v_ptr + off,
-                           pos_ptr, mid, hi, L, D, window, qk_scale, True, DOT_PREC, DT, BN, BH, BD)
+    dq_e, dq_o = _dq_tiles(
+        dq_e,
+        dq_o,
+        b_qe,
+        b_qo,
+        b_do,
+        lse,
+        delta,
+        t_i,
+        rows,
+        kr_ptr + off_r,
+        v_ptr + off,
+        pos_ptr,
+        lo,
+        mid,
+        L,
+        D,
+        window,
+        qk_scale,
+        False,
+        DOT_PREC,
+        DT,
+        BN,
+        BH,
+        BD,
+    )
+    dq_e, dq_o = _dq_tiles(
+        dq_e,
+        dq_o,
+        b_qe,
+        b_qo,
+        b_do,
+        lse,
+        delta,
+        t_i,
+        rows,
+        kr_ptr + off_r,
+        v_ptr + off,
+        pos_ptr,
+        mid,
+        hi,
+        L,
+        D,
+        window,
+        qk_scale,
+        True,
+        DOT_PREC,
+        DT,
+        BN,
+        BH,
+        BD,
+    )
     _store_unrotated(dq_ptr + off, dq_e * scale, dq_o * scale, pos_ptr, w_ptr, rows, L, D, HALF, BH)
 
 
@@ -340,24 +627,29 @@ def _ranges(t: torch.Tensor, block: int, step: int, window: int, *, keys_of_quer
     if keys_of_queries:
         hi = torch.searchsorted(t, last, right=True)
         lo = torch.searchsorted(t, first - window + 1) if windowed else torch.zeros_like(hi)
-        whole = torch.searchsorted(t, first, right=True)           # keys every query of the block sees
+        whole = torch.searchsorted(t, first, right=True)  # keys every query of the block sees
         mid = lo if windowed else lo + torch.div(whole - lo, step, rounding_mode="floor") * step
     else:
         lo = torch.searchsorted(t, first)
         hi = torch.searchsorted(t, last + window - 1, right=True) if windowed else torch.full_like(lo, L)
-        whole = torch.searchsorted(t, last)                         # queries that see every key of the block
-        mid = hi if windowed else torch.minimum(lo + torch.div(whole - lo + step - 1, step, rounding_mode="floor")
-                                                * step, hi)
+        whole = torch.searchsorted(t, last)  # queries that see every key of the block
+        mid = (
+            hi
+            if windowed
+            else torch.minimum(lo + torch.div(whole - lo + step - 1, step, rounding_mode="floor") * step, hi)
+        )
     return tuple(x.to(torch.int32).contiguous() for x in (lo, mid, hi))
 
 
-_MAX_GRID_Y = 65535   # CUDA's limit on a launch grid's second axis, where every kernel here puts B * H
+_MAX_GRID_Y = 65535  # CUDA's limit on a launch grid's second axis, where every kernel here puts B * H
 
 
 def _prep(q, pos, w, window):
     if q.shape[0] * q.shape[1] > _MAX_GRID_Y:
-        raise ValueError(f"rope_attention (triton): B * H = {q.shape[0] * q.shape[1]} exceeds {_MAX_GRID_Y} "
-                         f"(one launch-grid axis per head); split the batch or use backend='cuda' / 'reference'")
+        raise ValueError(
+            f"rope_attention (triton): B * H = {q.shape[0] * q.shape[1]} exceeds {_MAX_GRID_Y} "
+            f"(one launch-grid axis per head); split the batch or use backend='cuda' / 'reference'"
+        )
     t = pos[:, 0].to(torch.int64).contiguous()
     pos32 = pos.to(torch.int32).contiguous()
     win = _NO_WINDOW if not window else int(window)
@@ -368,7 +660,7 @@ def _rotate(x: torch.Tensor, pos32: torch.Tensor, w: torch.Tensor, BH: int) -> t
     """x (B, H, L, d) -> rotated halves (B, H, L, 2 * BH) in x's dtype (rope_rotate_kernel's layout)."""
     B, H, L, d = x.shape
     out = x.new_empty((B, H, L, 2 * BH))
-    BR = 16 if triton_interpret() else max(8, 1024 // BH)    # 32 rows at d = 64: ptxas gave 64 rows 197 registers
+    BR = 16 if triton_interpret() else max(8, 1024 // BH)  # 32 rows at d = 64: ptxas gave 64 rows 197 registers
     rope_rotate_kernel[(triton.cdiv(L, BR), B * H)](x, out, pos32, w, L, d, d // 2, BR=BR, BH=BH, num_warps=4)
     return out
 
@@ -388,9 +680,27 @@ def rope_attention_fwd_triton(q, k, v, pos, w, window: int, scale: float, config
     qr, kr = _rotate(q, pos32, w, BH), _rotate(k, pos32, w, BH)
     kv = _ranges(t, BM, BN, win, keys_of_queries=True)
     grid = (triton.cdiv(L, BM), B * H)
-    rope_attn_fwd_kernel[grid](qr, kr, v, o, lse, pos32, *kv, L, d, win, scale * _LOG2E,
-                               DOT_PREC=_dot_precision(q.dtype), DT=_dot_dtype(q.dtype), BM=BM, BN=BN, BH=BH,
-                               BD=BD, num_warps=warps, num_stages=stages)
+    rope_attn_fwd_kernel[grid](
+        qr,
+        kr,
+        v,
+        o,
+        lse,
+        pos32,
+        *kv,
+        L,
+        d,
+        win,
+        scale * _LOG2E,
+        DOT_PREC=_dot_precision(q.dtype),
+        DT=_dot_dtype(q.dtype),
+        BM=BM,
+        BN=BN,
+        BH=BH,
+        BD=BD,
+        num_warps=warps,
+        num_stages=stages,
+    )
     return o, lse
 
 
@@ -409,10 +719,57 @@ def rope_attention_bwd_triton(do, q, k, v, o, lse, pos, w, window: int, scale: f
     prec = _dot_precision(q.dtype)
     qs = _ranges(t, BN, BM, win, keys_of_queries=False)
     rope_attn_bwd_dkv_kernel[(triton.cdiv(L, BN), B * H)](
-        qr, kr, v, do, lse, delta, dk, dv, pos32, w, *qs, L, d, half, win, scale * _LOG2E, scale,
-        DOT_PREC=prec, DT=_dot_dtype(q.dtype), BM=BM, BN=BN, BH=BH, BD=BD, num_warps=warps, num_stages=stages)
+        qr,
+        kr,
+        v,
+        do,
+        lse,
+        delta,
+        dk,
+        dv,
+        pos32,
+        w,
+        *qs,
+        L,
+        d,
+        half,
+        win,
+        scale * _LOG2E,
+        scale,
+        DOT_PREC=prec,
+        DT=_dot_dtype(q.dtype),
+        BM=BM,
+        BN=BN,
+        BH=BH,
+        BD=BD,
+        num_warps=warps,
+        num_stages=stages,
+    )
     kv = _ranges(t, BM, BN, win, keys_of_queries=True)
     rope_attn_bwd_dq_kernel[(triton.cdiv(L, BM), B * H)](
-        qr, kr, v, do, lse, delta, dq, pos32, w, *kv, L, d, half, win, scale * _LOG2E, scale,
-        DOT_PREC=prec, DT=_dot_dtype(q.dtype), BM=BM, BN=BN, BH=BH, BD=BD, num_warps=warps, num_stages=stages)
+        qr,
+        kr,
+        v,
+        do,
+        lse,
+        delta,
+        dq,
+        pos32,
+        w,
+        *kv,
+        L,
+        d,
+        half,
+        win,
+        scale * _LOG2E,
+        scale,
+        DOT_PREC=prec,
+        DT=_dot_dtype(q.dtype),
+        BM=BM,
+        BN=BN,
+        BH=BH,
+        BD=BD,
+        num_warps=warps,
+        num_stages=stages,
+    )
     return dq, dk, dv

@@ -16,18 +16,29 @@ eta, theta, W0, S0, chunk_size) -> (o, Ws, Ss)` and `titans_memory_mlp_<backend>
 W2, S1, S2, chunk_size) -> (o, W1s, W2s, S1s, S2s)` (chunk-boundary states (B, H, N+1, ., .)), whose backwards
 are the custom ops `..._<backend>_backward`; all have fake kernels, so they trace under torch.compile.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
 
 import torch
 
-from hope_kernels.dispatch import (cuda_shared_memory_need, cuda_shared_memory_problem, needs_backward,
-                                   require_cuda_shared_memory)
+from hope_kernels.dispatch import (
+    cuda_shared_memory_need,
+    cuda_shared_memory_problem,
+    needs_backward,
+    require_cuda_shared_memory,
+)
 from hope_kernels.ops.checks import accum_dtype, check_same_device, check_same_dtype, check_tensor, reads_values
-from hope_kernels.ops.titans.reference import (titans_chunked, titans_linear_chunked_bwd, titans_linear_chunked_fwd,
-                                               titans_mlp_chunked_bwd, titans_mlp_chunked_fwd, titans_token_loop)
 from hope_kernels.ops.registry import Backend, OpTable, register
+from hope_kernels.ops.titans.reference import (
+    titans_chunked,
+    titans_linear_chunked_bwd,
+    titans_linear_chunked_fwd,
+    titans_mlp_chunked_bwd,
+    titans_mlp_chunked_fwd,
+    titans_token_loop,
+)
 
 __all__ = ["titans_memory", "titans_token_loop", "titans_chunked", "LINEAR_BACKENDS", "MLP_BACKENDS"]
 
@@ -42,15 +53,20 @@ MLP_MAX_CHUNK = 64
 def mlp_unsupported(q: torch.Tensor, dh: int, chunk_size: int):
     """(exception type, message) saying why the triton MLP kernels cannot take these inputs; None when they can."""
     if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return TypeError, (f"{_OP}: the triton backend takes float32/bfloat16/float16 inputs (no fp64 tl.dot on "
-                           f"GPU), got {q.dtype}; use backend='reference' for float64")
+        return TypeError, (
+            f"{_OP}: the triton backend takes float32/bfloat16/float16 inputs (no fp64 tl.dot on "
+            f"GPU), got {q.dtype}; use backend='reference' for float64"
+        )
     D = q.shape[-1]
     if D > MLP_MAX_D or dh > MLP_MAX_D:
-        return ValueError, (f"{_OP}: the triton backend for memory='mlp' supports dk = dv <= {MLP_MAX_D} and "
-                            f"dh <= {MLP_MAX_D}, got dk={D}, dh={dh}")
+        return ValueError, (
+            f"{_OP}: the triton backend for memory='mlp' supports dk = dv <= {MLP_MAX_D} and "
+            f"dh <= {MLP_MAX_D}, got dk={D}, dh={dh}"
+        )
     if chunk_size > MLP_MAX_CHUNK:
-        return ValueError, (f"{_OP}: the triton backend for memory='mlp' supports chunk_size <= {MLP_MAX_CHUNK}, "
-                            f"got {chunk_size}")
+        return ValueError, (
+            f"{_OP}: the triton backend for memory='mlp' supports chunk_size <= {MLP_MAX_CHUNK}, got {chunk_size}"
+        )
     return None
 
 
@@ -84,11 +100,15 @@ def _validate(q, k, v, alpha, eta, theta, chunk_size, memory, initial_state) -> 
         for name, s in zip(("W", "S"), state):
             check_tensor(f"initial_state {name}", s, ndim=4, shape_doc=f"(B, H, dk, dv) = {(B, H, dk, dv)}")
             if s.shape != (B, H, dk, dv):
-                raise ValueError(f"initial_state {name} must be (B, H, dk, dv) = {(B, H, dk, dv)}, got {tuple(s.shape)}")
+                raise ValueError(
+                    f"initial_state {name} must be (B, H, dk, dv) = {(B, H, dk, dv)}, got {tuple(s.shape)}"
+                )
     if memory == "mlp":
         if initial_state is None:
-            raise ValueError("memory='mlp' needs initial_state=(W1, W2, S1, S2): W1, S1 (B, H, dk, dh), "
-                             "W2, S2 (B, H, dh, dv) (zero weights would never learn)")
+            raise ValueError(
+                "memory='mlp' needs initial_state=(W1, W2, S1, S2): W1, S1 (B, H, dk, dh), "
+                "W2, S2 (B, H, dh, dv) (zero weights would never learn)"
+            )
         if dk != dv:
             raise ValueError(f"memory='mlp' is residual and needs dk == dv, got dk={dk}, dv={dv}")
         if len(state) != 4:
@@ -96,8 +116,9 @@ def _validate(q, k, v, alpha, eta, theta, chunk_size, memory, initial_state) -> 
         for name, s in zip(("W1", "W2", "S1", "S2"), state):
             check_tensor(f"initial_state {name}", s, ndim=4, shape_doc="(B, H, dk, dh) / (B, H, dh, dv)")
         dh = state[0].shape[-1]
-        for name, s, want in zip(("W1", "W2", "S1", "S2"), state,
-                                 ((B, H, dk, dh), (B, H, dh, dv), (B, H, dk, dh), (B, H, dh, dv))):
+        for name, s, want in zip(
+            ("W1", "W2", "S1", "S2"), state, ((B, H, dk, dh), (B, H, dh, dv), (B, H, dk, dh), (B, H, dh, dv))
+        ):
             if s.shape != want:
                 raise ValueError(f"initial_state {name} must be {want}, got {tuple(s.shape)}")
     names = ("q", "k", "v", "alpha", "eta", "theta") + tuple(f"initial_state[{i}]" for i in range(len(state)))
@@ -107,7 +128,7 @@ def _validate(q, k, v, alpha, eta, theta, chunk_size, memory, initial_state) -> 
 def _check_gate_values(alpha, eta, theta) -> None:
     # Value checks read the data: run outside tracing only.
     for name, g, lo, hi in (("alpha", alpha, 0.0, 1.0), ("eta", eta, 0.0, 1.0), ("theta", theta, 0.0, None)):
-        if g.numel() == 0:   # B = 0 or H = 0: nothing to check (min() has no value)
+        if g.numel() == 0:  # B = 0 or H = 0: nothing to check (min() has no value)
             continue
         if not torch.isfinite(g).all():
             raise ValueError(f"{name} must be finite, got NaN/Inf")
@@ -128,8 +149,10 @@ def cuda_shared_memory(q: torch.Tensor, stage: str) -> tuple[int, str]:
     the formula for error messages. stage: "fwd", "bwd" or "both"."""
     dk, acc = q.shape[-1], accum_dtype(q.dtype).itemsize
     fwd = (cuda_shared_memory_need("titans_linear_fwd", dk, 0, acc), f"forward 3 * dk * 40 * {acc} with dk={dk}")
-    bwd = (cuda_shared_memory_need("titans_linear_bwd", dk, 0, acc),
-           f"backward (4 * dk * 40 + 12 * dk + 12) * {acc} with dk={dk}")
+    bwd = (
+        cuda_shared_memory_need("titans_linear_bwd", dk, 0, acc),
+        f"backward (4 * dk * 40 + 12 * dk + 12) * {acc} with dk={dk}",
+    )
     return {"fwd": fwd, "bwd": bwd, "both": max(fwd, bwd)}[stage]
 
 
@@ -146,6 +169,7 @@ def _resolve(backend: str, memory: str, tensors, dh: int = 0, chunk_size: int = 
 # schemas below. "explicit" runs the op with the PyTorch forward/backward of reference.py: never chosen by a
 # backend name (tests and benchmarks call its custom op).
 
+
 def _edge_gate_grads(g, alpha, eta):
     """The triton and explicit chunked backwards compute a gate's gradient as d(log gate) / gate (docs/titans.md,
     "Accuracy of the gate gradients"): at a gate exactly at its edge (1 - alpha = 0 or eta = 0) that is rounding
@@ -156,9 +180,11 @@ def _edge_gate_grads(g, alpha, eta):
 
 def _triton_float64(inputs, device):
     if inputs[0].dtype == torch.float64:
-        return TypeError(f"{_OP}: the triton backend does not take float64 inputs (no fp64 tl.dot on GPU), got "
-                         "q of dtype torch.float64; use float32/bfloat16/float16, or backend='cuda'/'cpu'/"
-                         "'reference'")
+        return TypeError(
+            f"{_OP}: the triton backend does not take float64 inputs (no fp64 tl.dot on GPU), got "
+            "q of dtype torch.float64; use float32/bfloat16/float16, or backend='cuda'/'cpu'/"
+            "'reference'"
+        )
     return None
 
 
@@ -174,11 +200,13 @@ def _cuda_accepts(inputs, device):
 
 def _linear_triton_forward(*args):
     from hope_kernels.ops.titans.triton import titans_linear_fwd_triton
+
     return titans_linear_fwd_triton(*args)
 
 
 def _linear_triton_backward(*args):
     from hope_kernels.ops.titans.triton import titans_linear_bwd_triton
+
     return _edge_gate_grads(titans_linear_bwd_triton(*args), args[3], args[4])
 
 
@@ -196,15 +224,15 @@ def _linear_cuda_backward(q, *args):
 
 
 def _linear_explicit_forward(q, k, v, alpha, eta, theta, W0, S0, chunk_size):
-    o, Ws, Ss = titans_linear_chunked_fwd(*(x.to(W0.dtype) for x in (q, k, v)), alpha, eta, theta, W0, S0,
-                                          chunk_size)
+    o, Ws, Ss = titans_linear_chunked_fwd(*(x.to(W0.dtype) for x in (q, k, v)), alpha, eta, theta, W0, S0, chunk_size)
     return o.to(q.dtype), Ws, Ss
 
 
 def _linear_explicit_backward(q, k, v, alpha, eta, theta, Ws, Ss, do, dWT, dST, chunk_size):
     acc = Ws.dtype
-    g = titans_linear_chunked_bwd(*(x.to(acc) for x in (q, k, v)), alpha, eta, theta, Ws, Ss, do.to(acc), dWT,
-                                  dST, chunk_size)
+    g = titans_linear_chunked_bwd(
+        *(x.to(acc) for x in (q, k, v)), alpha, eta, theta, Ws, Ss, do.to(acc), dWT, dST, chunk_size
+    )
     return _edge_gate_grads((g[0].to(q.dtype), g[1].to(k.dtype), g[2].to(v.dtype)) + tuple(g[3:]), alpha, eta)
 
 
@@ -221,8 +249,16 @@ def _linear_fake(q, k, v, alpha, eta, theta, W0, S0, chunk_size):
 
 def _linear_fake_backward(q, k, v, alpha, eta, theta, Ws, Ss, do, dWT, dST, chunk_size):
     st = Ws[:, :, 0]
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(alpha),
-            torch.empty_like(eta), torch.empty_like(theta), torch.empty_like(st), torch.empty_like(st))
+    return (
+        torch.empty_like(q),
+        torch.empty_like(k),
+        torch.empty_like(v),
+        torch.empty_like(alpha),
+        torch.empty_like(eta),
+        torch.empty_like(theta),
+        torch.empty_like(st),
+        torch.empty_like(st),
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -245,22 +281,42 @@ def _backward(ctx, backward_op, do, *dstates):
 
 
 _GATES = "Tensor q, Tensor k, Tensor v, Tensor alpha, Tensor eta, Tensor theta"
-_LINEAR = register(OpTable(
-    name="titans_memory_linear", label=_OP,
-    schema=f"({_GATES}, Tensor W0, Tensor S0, int chunk_size) -> (Tensor, Tensor, Tensor)",
-    backward_schema=f"({_GATES}, Tensor Ws, Tensor Ss, Tensor do, Tensor dWT, Tensor dST, int chunk_size) "
-                    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
-    fake=_linear_fake, fake_backward=_linear_fake_backward, setup_context=_setup_context, backward=_backward,
-    backends=(
-        Backend("cpu", _linear_compiled_forward, _linear_compiled_backward, devices=("cpu",)),
-        # triton (chunk-parallel) when it takes the call, else the CUDA token-serial kernel when the device's
-        # shared memory holds its tiles, else the reference
-        Backend("triton", _linear_triton_forward, _linear_triton_backward, devices=("cuda",), priority=2,
-                accepts=_triton_float64, prefers=_triton_prefers),
-        Backend("cuda", _linear_compiled_forward, _linear_cuda_backward, devices=("cuda",), priority=1,
-                accepts=_cuda_accepts),
-        Backend("explicit", _linear_explicit_forward, _linear_explicit_backward, devices=()),
-    )))
+_LINEAR = register(
+    OpTable(
+        name="titans_memory_linear",
+        label=_OP,
+        schema=f"({_GATES}, Tensor W0, Tensor S0, int chunk_size) -> (Tensor, Tensor, Tensor)",
+        backward_schema=f"({_GATES}, Tensor Ws, Tensor Ss, Tensor do, Tensor dWT, Tensor dST, int chunk_size) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+        fake=_linear_fake,
+        fake_backward=_linear_fake_backward,
+        setup_context=_setup_context,
+        backward=_backward,
+        backends=(
+            Backend("cpu", _linear_compiled_forward, _linear_compiled_backward, devices=("cpu",)),
+            # triton (chunk-parallel) when it takes the call, else the CUDA token-serial kernel when the device's
+            # shared memory holds its tiles, else the reference
+            Backend(
+                "triton",
+                _linear_triton_forward,
+                _linear_triton_backward,
+                devices=("cuda",),
+                priority=2,
+                accepts=_triton_float64,
+                prefers=_triton_prefers,
+            ),
+            Backend(
+                "cuda",
+                _linear_compiled_forward,
+                _linear_cuda_backward,
+                devices=("cuda",),
+                priority=1,
+                accepts=_cuda_accepts,
+            ),
+            Backend("explicit", _linear_explicit_forward, _linear_explicit_backward, devices=()),
+        ),
+    )
+)
 LINEAR_BACKENDS: Tuple[str, ...] = _LINEAR.supported
 
 
@@ -272,11 +328,13 @@ def _mlp_triton_accepts(inputs, device):
 
 def _mlp_triton_forward(*args):
     from hope_kernels.ops.titans.triton import titans_mlp_fwd_triton
+
     return titans_mlp_fwd_triton(*args)
 
 
 def _mlp_triton_backward(*args):
     from hope_kernels.ops.titans.triton import titans_mlp_bwd_triton
+
     return _edge_gate_grads(titans_mlp_bwd_triton(*args), args[3], args[4])
 
 
@@ -288,8 +346,22 @@ def _mlp_explicit_forward(q, k, v, alpha, eta, theta, W1, W2, S1, S2, chunk_size
 
 def _mlp_explicit_backward(q, k, v, alpha, eta, theta, W1s, W2s, S1s, S2s, do, dW1T, dW2T, dS1T, dS2T, chunk_size):
     acc = W1s.dtype
-    g = titans_mlp_chunked_bwd(*(x.to(acc) for x in (q, k, v)), alpha, eta, theta, W1s, W2s, S1s, S2s, do.to(acc),
-                               dW1T, dW2T, dS1T, dS2T, chunk_size)
+    g = titans_mlp_chunked_bwd(
+        *(x.to(acc) for x in (q, k, v)),
+        alpha,
+        eta,
+        theta,
+        W1s,
+        W2s,
+        S1s,
+        S2s,
+        do.to(acc),
+        dW1T,
+        dW2T,
+        dS1T,
+        dS2T,
+        chunk_size,
+    )
     return _edge_gate_grads((g[0].to(q.dtype), g[1].to(k.dtype), g[2].to(v.dtype)) + tuple(g[3:]), alpha, eta)
 
 
@@ -297,41 +369,83 @@ def _mlp_fake(q, k, v, alpha, eta, theta, W1, W2, S1, S2, chunk_size):
     B, H, L, D = q.shape
     dh = W1.shape[-1]
     n = _num_chunks(L, chunk_size) + 1
-    return (v.new_empty(B, H, L, D), W1.new_empty(B, H, n, D, dh), W1.new_empty(B, H, n, dh, D),
-            W1.new_empty(B, H, n, D, dh), W1.new_empty(B, H, n, dh, D))
+    return (
+        v.new_empty(B, H, L, D),
+        W1.new_empty(B, H, n, D, dh),
+        W1.new_empty(B, H, n, dh, D),
+        W1.new_empty(B, H, n, D, dh),
+        W1.new_empty(B, H, n, dh, D),
+    )
 
 
 def _mlp_fake_backward(q, k, v, alpha, eta, theta, W1s, W2s, S1s, S2s, do, dW1T, dW2T, dS1T, dS2T, chunk_size):
     s1, s2 = W1s[:, :, 0], W2s[:, :, 0]
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(alpha),
-            torch.empty_like(eta), torch.empty_like(theta), torch.empty_like(s1), torch.empty_like(s2),
-            torch.empty_like(s1), torch.empty_like(s2))
+    return (
+        torch.empty_like(q),
+        torch.empty_like(k),
+        torch.empty_like(v),
+        torch.empty_like(alpha),
+        torch.empty_like(eta),
+        torch.empty_like(theta),
+        torch.empty_like(s1),
+        torch.empty_like(s2),
+        torch.empty_like(s1),
+        torch.empty_like(s2),
+    )
 
 
-_MLP = register(OpTable(
-    name="titans_memory_mlp", label=_OP,
-    schema=f"({_GATES}, Tensor W1, Tensor W2, Tensor S1, Tensor S2, int chunk_size) "
-           "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
-    backward_schema=f"({_GATES}, Tensor W1s, Tensor W2s, Tensor S1s, Tensor S2s, Tensor do, Tensor dW1T, "
-                    "Tensor dW2T, Tensor dS1T, Tensor dS2T, int chunk_size) -> (Tensor, Tensor, Tensor, Tensor, "
-                    "Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
-    fake=_mlp_fake, fake_backward=_mlp_fake_backward, setup_context=_setup_context, backward=_backward,
-    backends=(
-        Backend("cpu", lambda *a: torch.ops.hope_kernels.titans_mlp_fwd(*a),
-                lambda *a: torch.ops.hope_kernels.titans_mlp_bwd(*a), devices=("cpu",)),
-        Backend("triton", _mlp_triton_forward, _mlp_triton_backward, devices=("cuda",), priority=1,
-                accepts=_mlp_triton_accepts),
-        Backend("explicit", _mlp_explicit_forward, _mlp_explicit_backward, devices=()),
-    )))
+_MLP = register(
+    OpTable(
+        name="titans_memory_mlp",
+        label=_OP,
+        schema=f"({_GATES}, Tensor W1, Tensor W2, Tensor S1, Tensor S2, int chunk_size) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+        backward_schema=f"({_GATES}, Tensor W1s, Tensor W2s, Tensor S1s, Tensor S2s, Tensor do, Tensor dW1T, "
+        "Tensor dW2T, Tensor dS1T, Tensor dS2T, int chunk_size) -> (Tensor, Tensor, Tensor, Tensor, "
+        "Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+        fake=_mlp_fake,
+        fake_backward=_mlp_fake_backward,
+        setup_context=_setup_context,
+        backward=_backward,
+        backends=(
+            Backend(
+                "cpu",
+                lambda *a: torch.ops.hope_kernels.titans_mlp_fwd(*a),
+                lambda *a: torch.ops.hope_kernels.titans_mlp_bwd(*a),
+                devices=("cpu",),
+            ),
+            Backend(
+                "triton",
+                _mlp_triton_forward,
+                _mlp_triton_backward,
+                devices=("cuda",),
+                priority=1,
+                accepts=_mlp_triton_accepts,
+            ),
+            Backend("explicit", _mlp_explicit_forward, _mlp_explicit_backward, devices=()),
+        ),
+    )
+)
 MLP_BACKENDS: Tuple[str, ...] = _MLP.supported
 
 
 # ---------------------------------------------------------------- public function
 
-def titans_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor, eta: torch.Tensor,
-                  theta: torch.Tensor, *, chunk_size: int = 16, memory: str = "linear",
-                  initial_state: Optional[Sequence[torch.Tensor]] = None, output_final_state: bool = False,
-                  backend: str = "auto"):
+
+def titans_memory(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    alpha: torch.Tensor,
+    eta: torch.Tensor,
+    theta: torch.Tensor,
+    *,
+    chunk_size: int = 16,
+    memory: str = "linear",
+    initial_state: Optional[Sequence[torch.Tensor]] = None,
+    output_final_state: bool = False,
+    backend: str = "auto",
+):
     """Titans neural memory with momentum and decay, chunk-parallel (docs/design.md#titans-memory).
 
     q, k: (B, H, L, dk); v: (B, H, L, dv), one floating dtype. Not normalised here (the layer L2-normalises).
@@ -360,13 +474,15 @@ def titans_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torc
     """
     if initial_state is not None:
         if isinstance(initial_state, torch.Tensor) or not hasattr(initial_state, "__iter__"):
-            raise TypeError("initial_state must be a sequence of tensors, (W, S) for memory='linear' or "
-                            f"(W1, W2, S1, S2) for memory='mlp', got {type(initial_state).__name__}")
-        initial_state = tuple(initial_state)   # once: an iterator would be used up by the validation
+            raise TypeError(
+                "initial_state must be a sequence of tensors, (W, S) for memory='linear' or "
+                f"(W1, W2, S1, S2) for memory='mlp', got {type(initial_state).__name__}"
+            )
+        initial_state = tuple(initial_state)  # once: an iterator would be used up by the validation
     _validate(q, k, v, alpha, eta, theta, chunk_size, memory, initial_state)
-    if reads_values(alpha, eta, theta):   # on a GPU only with HOPE_KERNELS_DEBUG=1: a host sync per call
+    if reads_values(alpha, eta, theta):  # on a GPU only with HOPE_KERNELS_DEBUG=1: a host sync per call
         _check_gate_values(alpha, eta, theta)
-    chunk_size = min(chunk_size, q.shape[2])   # a chunk longer than the sequence is the whole sequence
+    chunk_size = min(chunk_size, q.shape[2])  # a chunk longer than the sequence is the whole sequence
     dh = initial_state[0].shape[-1] if memory == "mlp" else 0
     tensors = (q, k, v, alpha, eta, theta)
     stage = "both" if needs_backward(*tensors, *(initial_state or ())) else "fwd"

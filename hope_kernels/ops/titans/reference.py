@@ -24,6 +24,7 @@ Two implementations with identical semantics:
     f_t = sum_{j<=t} (beta_t/beta_j) m_j and c_{t,i} = sum_{j=i..t} (beta_t/beta_j)(m_j/m_i).
 Both are differentiable by autograd (the gradient of the inner loss is written out analytically).
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -65,8 +66,18 @@ def _prepare(q, k, v, alpha, eta, theta, state, memory):
     return acc, q, k, v, alpha, eta, theta, tuple(s.to(acc) for s in state)
 
 
-def titans_token_loop(q, k, v, alpha, eta, theta, *, chunk_size: int = 1, memory: str = "linear",
-                      initial_state: Sequence[torch.Tensor] | None = None):
+def titans_token_loop(
+    q,
+    k,
+    v,
+    alpha,
+    eta,
+    theta,
+    *,
+    chunk_size: int = 1,
+    memory: str = "linear",
+    initial_state: Sequence[torch.Tensor] | None = None,
+):
     """The definition: a loop over tokens. Returns (o (B, H, L, dv) in q's dtype, final state tuple)."""
     in_dtype = q.dtype
     acc, q, k, v, alpha, eta, theta, state = _prepare(q, k, v, alpha, eta, theta, initial_state, memory)
@@ -77,8 +88,8 @@ def titans_token_loop(q, k, v, alpha, eta, theta, *, chunk_size: int = 1, memory
         for t in range(L):
             if t % chunk_size == 0:
                 W_ref = W
-            kt, vt, qt = k[:, :, t, None, :], v[:, :, t, None, :], q[:, :, t, None, :]   # (B, H, 1, d)
-            e = kt @ W_ref - vt                                                       # (B, H, 1, dv)
+            kt, vt, qt = k[:, :, t, None, :], v[:, :, t, None, :], q[:, :, t, None, :]  # (B, H, 1, d)
+            e = kt @ W_ref - vt  # (B, H, 1, dv)
             U = -theta[:, :, t, None, None] * (kt.transpose(-1, -2) @ e)
             S = eta[:, :, t, None, None] * S + U
             W = (1 - alpha[:, :, t, None, None]) * W + S
@@ -110,7 +121,7 @@ def _segment_products(a: torch.Tensor) -> torch.Tensor:
     A masked cumulative product (no division, no logs): exact when a gate is 0.
     """
     n = a.shape[-1]
-    lower = torch.ones(n, n, dtype=torch.bool, device=a.device).tril(-1)       # [t, j]: t > j
+    lower = torch.ones(n, n, dtype=torch.bool, device=a.device).tril(-1)  # [t, j]: t > j
     A = torch.where(lower, a.unsqueeze(-1).expand(*a.shape, n), torch.ones_like(a).unsqueeze(-1))
     return torch.cumprod(A, dim=-2).tril()
 
@@ -147,7 +158,7 @@ def titans_linear_chunk_step(Q, K, V, th, a, e, W0, S0):
     """One chunk of the linear memory: Q, K (B, H, n, dk), V (B, H, n, dv), th (B, H, n, 1), gates a, e
     (B, H, n), state W0, S0 (B, H, dk, dv) -> the chunk's outputs (B, H, n, dv) and (W, S) at its end."""
     b, f, Cm, m, Dm = chunk_gates(a, e)
-    G = th * (K @ W0 - V)                                                      # theta_i e_i  (n, dv)
+    G = th * (K @ W0 - V)  # theta_i e_i  (n, dv)
     return _dual(Q @ W0, Q @ S0, b, f, Cm, Q, K, G), _end_state(W0, S0, K, G, b, f, Cm, m, Dm)
 
 
@@ -163,8 +174,19 @@ def titans_mlp_chunk_step(Q, K, V, th, a, e, W1, W2, S1, S2):
     return o, (W1n, W2n, S1n, S2n)
 
 
-def titans_chunked(q, k, v, alpha, eta, theta, *, chunk_size: int = 16, memory: str = "linear",
-                   initial_state: Sequence[torch.Tensor] | None = None, chunk_step=None):
+def titans_chunked(
+    q,
+    k,
+    v,
+    alpha,
+    eta,
+    theta,
+    *,
+    chunk_size: int = 16,
+    memory: str = "linear",
+    initial_state: Sequence[torch.Tensor] | None = None,
+    chunk_step=None,
+):
     """The chunk-parallel closed form in eager PyTorch (loop over chunks, matrix products inside).
 
     Same arguments, semantics and returns as `titans_token_loop`. chunk_step: a stand-in for
@@ -180,8 +202,9 @@ def titans_chunked(q, k, v, alpha, eta, theta, *, chunk_size: int = 16, memory: 
     outs = []
     for s in range(0, L, chunk_size):
         sl = slice(s, min(s + chunk_size, L))
-        o, state = step(q[:, :, sl], k[:, :, sl], v[:, :, sl], theta[:, :, sl].unsqueeze(-1), alpha[:, :, sl],
-                        eta[:, :, sl], *state)
+        o, state = step(
+            q[:, :, sl], k[:, :, sl], v[:, :, sl], theta[:, :, sl].unsqueeze(-1), alpha[:, :, sl], eta[:, :, sl], *state
+        )
         outs.append(o)
     o = torch.cat(outs, dim=2) if outs else q.new_zeros(*q.shape[:3], v.shape[-1])
     return o.to(in_dtype), tuple(state)
@@ -192,6 +215,7 @@ def titans_chunked(q, k, v, alpha, eta, theta, *, chunk_size: int = 16, memory: 
 # PyTorch, no autograd. The compiled CPU kernels (csrc/titans_*_cpu.cpp) run this algorithm; the test
 # `test_explicit_backward_matches_autograd` checks it against autograd through the token loop.
 # ---------------------------------------------------------------------------------------------------------
+
 
 def titans_linear_chunked_fwd(q, k, v, alpha, eta, theta, W0, S0, chunk_size: int):
     """Returns o (B, H, L, dv) and the chunk-boundary states Ws, Ss (B, H, N+1, dk, dv), N = ceil(L / C);
@@ -249,9 +273,15 @@ def titans_linear_chunked_bwd(q, k, v, alpha, eta, theta, Ws, Ss, do, dWT, dST, 
         dE = th * dG
         dtheta[:, :, sl] = (E * dG).sum(-1)
         dv[:, :, sl] = -dE
-        dq[:, :, sl] = dQK @ K + b.unsqueeze(-1) * (dO @ W0.transpose(-1, -2)) + f.unsqueeze(-1) * (dO @ S0.transpose(-1, -2))
-        dk[:, :, sl] = (dQK.transpose(-1, -2) @ Q - cC.unsqueeze(-1) * (G @ dW.transpose(-1, -2))
-                        - r.unsqueeze(-1) * (G @ dS.transpose(-1, -2)) + dE @ W0.transpose(-1, -2))
+        dq[:, :, sl] = (
+            dQK @ K + b.unsqueeze(-1) * (dO @ W0.transpose(-1, -2)) + f.unsqueeze(-1) * (dO @ S0.transpose(-1, -2))
+        )
+        dk[:, :, sl] = (
+            dQK.transpose(-1, -2) @ Q
+            - cC.unsqueeze(-1) * (G @ dW.transpose(-1, -2))
+            - r.unsqueeze(-1) * (G @ dS.transpose(-1, -2))
+            + dE @ W0.transpose(-1, -2)
+        )
         # gate coefficients
         db = (dO * QW).sum(-1)
         df = (dO * QS).sum(-1)
@@ -259,11 +289,12 @@ def titans_linear_chunked_bwd(q, k, v, alpha, eta, theta, Ws, Ss, do, dWT, dST, 
         df[..., -1] += (dW * S0).sum((-1, -2))
         dCm = dP * QK
         dCm[..., -1, :] -= (KdW * G).sum(-1)
-        dalpha[:, :, sl], deta[:, :, sl] = _gate_bwd(a, et, db, df, (dS * S0).sum((-1, -2)), dCm,
-                                                     -(KdS * G).sum(-1))
+        dalpha[:, :, sl], deta[:, :, sl] = _gate_bwd(a, et, db, df, (dS * S0).sum((-1, -2)), dCm, -(KdS * G).sum(-1))
         # to the chunk-start state
-        dW, dS = (Q.transpose(-1, -2) @ (b.unsqueeze(-1) * dO) + b[..., -1, None, None] * dW + K.transpose(-1, -2) @ dE,
-                  Q.transpose(-1, -2) @ (f.unsqueeze(-1) * dO) + f[..., -1, None, None] * dW + m[..., -1, None, None] * dS)
+        dW, dS = (
+            Q.transpose(-1, -2) @ (b.unsqueeze(-1) * dO) + b[..., -1, None, None] * dW + K.transpose(-1, -2) @ dE,
+            Q.transpose(-1, -2) @ (f.unsqueeze(-1) * dO) + f[..., -1, None, None] * dW + m[..., -1, None, None] * dS,
+        )
     return dq, dk, dv, dalpha, deta, dtheta, dW, dS
 
 
@@ -275,6 +306,7 @@ def titans_linear_chunked_bwd(q, k, v, alpha, eta, theta, Ws, Ss, do, dWT, dST, 
 #     R  = b o (X P0) + f o (X Pf) - (Cm o X A^T) G
 #     Wn = b_n P0 + f_n Pf - A^T (c o G),   Sn = m_n Pf - A^T (r o G)
 # ---------------------------------------------------------------------------------------------------------
+
 
 def _mlp_chunk_forward(Q, K, V, th, W1, W2, S1, S2, b, f, Cm):
     """The inside of one MLP chunk: (Z, Hk, E, GZ, G1, G2, Zq, Hq, O); th (..., n, 1)."""
@@ -300,8 +332,9 @@ def titans_mlp_chunked_fwd(q, k, v, alpha, eta, theta, W1, W2, S1, S2, chunk_siz
         b, f, Cm, m, Dm = chunk_gates(alpha[:, :, sl], eta[:, :, sl])
         w1, w2, s1, s2 = (x[-1] for x in st)
         K = k[:, :, sl]
-        _, Hk, _, _, G1, G2, _, _, O = _mlp_chunk_forward(q[:, :, sl], K, v[:, :, sl], theta[:, :, sl].unsqueeze(-1),
-                                                          w1, w2, s1, s2, b, f, Cm)
+        _, Hk, _, _, G1, G2, _, _, O = _mlp_chunk_forward(
+            q[:, :, sl], K, v[:, :, sl], theta[:, :, sl].unsqueeze(-1), w1, w2, s1, s2, b, f, Cm
+        )
         o[:, :, sl] = O
         w1, s1 = _end_state(w1, s1, K, G1, b, f, Cm, m, Dm)
         w2, s2 = _end_state(w2, s2, Hk, G2, b, f, Cm, m, Dm)
@@ -330,8 +363,11 @@ def _dual_bwd(X, A, G, P0, Pf, dR, dWn, dSn, b, f, Cm, c, r, QK):
     dCm[..., -1, :] -= (AdW * G).sum(-1)
     dr = -(AdS * G).sum(-1)
     dX = dQK @ A + b.unsqueeze(-1) * (dR @ P0.transpose(-1, -2)) + f.unsqueeze(-1) * (dR @ Pf.transpose(-1, -2))
-    dA = dQK.transpose(-1, -2) @ X - c.unsqueeze(-1) * (G @ dWn.transpose(-1, -2)) - r.unsqueeze(-1) * (
-        G @ dSn.transpose(-1, -2))
+    dA = (
+        dQK.transpose(-1, -2) @ X
+        - c.unsqueeze(-1) * (G @ dWn.transpose(-1, -2))
+        - r.unsqueeze(-1) * (G @ dSn.transpose(-1, -2))
+    )
     Xt = X.transpose(-1, -2)
     dP0 = Xt @ (b.unsqueeze(-1) * dR) + b[..., -1, None, None] * dWn
     dPf = Xt @ (f.unsqueeze(-1) * dR) + f[..., -1, None, None] * dWn
@@ -363,8 +399,7 @@ def _gate_bwd(a, et, db, df, dm_n, dCm, dr):
     return -dla / a.clamp_min(tiny), dle / et.clamp_min(tiny)
 
 
-def titans_mlp_chunked_bwd(q, k, v, alpha, eta, theta, W1s, W2s, S1s, S2s, do, dW1T, dW2T, dS1T, dS2T,
-                           chunk_size: int):
+def titans_mlp_chunked_bwd(q, k, v, alpha, eta, theta, W1s, W2s, S1s, S2s, do, dW1T, dW2T, dS1T, dS2T, chunk_size: int):
     """Gradients (dq, dk, dv, dalpha, deta, dtheta, dW1, dW2, dS1, dS2) given do (B, H, L, dv) and the gradients
     of the final state; W1s.. from `titans_mlp_chunked_fwd`. Walks the chunks backwards, recomputing each
     chunk's inside from its boundary state."""
@@ -382,11 +417,13 @@ def titans_mlp_chunked_bwd(q, k, v, alpha, eta, theta, W1s, W2s, S1s, S2s, do, d
         c, r = Cm[..., -1, :], Dm[..., -1, :]
         Z, Hk, E, GZ, G1, G2, Zq, Hq, _ = _mlp_chunk_forward(Q, K, V, th, W1, W2, S1, S2, b, f, Cm)
         # layer 2 (reads Hq, writes Hk), then layer 1 (reads Q, writes K)
-        dHq, dHk, dG2, dW2p, dS2p, gp2 = _dual_bwd(Hq, Hk, G2, W2, S2, dO, dW2, dS2, b, f, Cm, c, r,
-                                                   Hq @ Hk.transpose(-1, -2))
+        dHq, dHk, dG2, dW2p, dS2p, gp2 = _dual_bwd(
+            Hq, Hk, G2, W2, S2, dO, dW2, dS2, b, f, Cm, c, r, Hq @ Hk.transpose(-1, -2)
+        )
         dZq = dHq * silu_grad(Zq)
-        dQ, dK, dG1, dW1p, dS1p, gp1 = _dual_bwd(Q, K, G1, W1, S1, dZq, dW1, dS1, b, f, Cm, c, r,
-                                                 Q @ K.transpose(-1, -2))
+        dQ, dK, dG1, dW1p, dS1p, gp1 = _dual_bwd(
+            Q, K, G1, W1, S1, dZq, dW1, dS1, b, f, Cm, c, r, Q @ K.transpose(-1, -2)
+        )
         dQ = dQ + dO
         # G1 = theta GZ, G2 = theta E, GZ = (E W2^T) o silu'(Z), E = K + Hk W2 - V, Hk = silu(Z), Z = K W1
         dtheta[:, :, sl] = (dG1 * GZ).sum(-1) + (dG2 * E).sum(-1)

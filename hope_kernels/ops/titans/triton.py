@@ -19,6 +19,7 @@ Dims dk, dv and the chunk are padded to powers of two >= 16 (tl.dot) with masks;
 and products use input_precision="ieee" (no TF32). float64 inputs are refused (tl.dot has no fp64 path on
 GPU): use backend="cpu" or "reference" for float64.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,7 +31,7 @@ import triton.language as tl
 from hope_kernels.ops.titans import mlp_unsupported
 from hope_kernels.ops.value_blocks import alloc_partials, sum_partials, value_tile
 
-MAX_D = 128      # dk, dv: the (dk, dv) state tiles live in registers
+MAX_D = 128  # dk, dv: the (dk, dv) state tiles live in registers
 # ptxas for sm_90 took 340 s to compile the linear backward at chunk 128 (a GPU test stage hung on it,
 # 2026-11-26, H200); at chunk 64 it takes 21 s
 MAX_CHUNK = 64
@@ -43,7 +44,7 @@ def _chunk_gates(al_ptr, et_ptr, th_ptr, base, t, tmask, rc, BC: tl.constexpr):
     a = 1.0 - tl.load(al_ptr + base + t, mask=tmask, other=0.0).to(tl.float32)
     e = tl.load(et_ptr + base + t, mask=tmask, other=1.0).to(tl.float32)
     th = tl.load(th_ptr + base + t, mask=tmask, other=0.0).to(tl.float32)
-    lower = rc[:, None] > rc[None, :]          # [t, j]: t > j
+    lower = rc[:, None] > rc[None, :]  # [t, j]: t > j
     incl = rc[:, None] >= rc[None, :]
     # D[t, j] = prod_{l=j+1..t} x_l: cumulative product down the rows of where(t > j, x_t, 1)
     Db = tl.where(incl, tl.cumprod(tl.where(lower, a[:, None], 1.0), axis=0), 0.0)
@@ -84,13 +85,31 @@ def _load_chunk(q_ptr, k_ptr, v_ptr, pid, n, L, DK, DV, rc, rk, rv, C: tl.conste
 
 
 @triton.jit
-def titans_linear_fwd_kernel(q_ptr, k_ptr, v_ptr, al_ptr, et_ptr, th_ptr, w0_ptr, s0_ptr, o_ptr, ws_ptr, ss_ptr,
-                             L, DK, DV, NC, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                             BV: tl.constexpr):
+def titans_linear_fwd_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    al_ptr,
+    et_ptr,
+    th_ptr,
+    w0_ptr,
+    s0_ptr,
+    o_ptr,
+    ws_ptr,
+    ss_ptr,
+    L,
+    DK,
+    DV,
+    NC,
+    C: tl.constexpr,
+    BC: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+):
     pid = tl.program_id(0).to(tl.int64)
     rc = tl.arange(0, BC)
     rk = tl.arange(0, BK)
-    rv = tl.program_id(1) * BV + tl.arange(0, BV)       # this program's block of value columns
+    rv = tl.program_id(1) * BV + tl.arange(0, BV)  # this program's block of value columns
     kmask, vmask = rk < DK, rv < DV
     st_off = rk[:, None] * DV + rv[None, :]
     st_mask = kmask[:, None] & vmask[None, :]
@@ -100,19 +119,22 @@ def titans_linear_fwd_kernel(q_ptr, k_ptr, v_ptr, al_ptr, et_ptr, th_ptr, w0_ptr
     tl.store(ws_ptr + st_base + st_off, W, mask=st_mask)
     tl.store(ss_ptr + st_base + st_off, S, mask=st_mask)
     for n in range(NC):
-        t, tmask, last, xk, xv, kmask2, vmask2, Q, K, V = _load_chunk(q_ptr, k_ptr, v_ptr, pid, n, L, DK, DV,
-                                                                      rc, rk, rv, C)
+        t, tmask, last, xk, xv, kmask2, vmask2, Q, K, V = _load_chunk(
+            q_ptr, k_ptr, v_ptr, pid, n, L, DK, DV, rc, rk, rv, C
+        )
         a, e, th, b, m, f, Db, Dm, Cm = _chunk_gates(al_ptr, et_ptr, th_ptr, pid * L, t, tmask, rc, BC)
         G = th[:, None] * (tl.dot(K, W, input_precision="ieee") - V)
         P = Cm * tl.dot(Q, tl.trans(K), input_precision="ieee")
-        O = (b[:, None] * tl.dot(Q, W, input_precision="ieee") + f[:, None] * tl.dot(Q, S, input_precision="ieee")
-             - tl.dot(P, G, input_precision="ieee"))
+        O = (
+            b[:, None] * tl.dot(Q, W, input_precision="ieee")
+            + f[:, None] * tl.dot(Q, S, input_precision="ieee")
+            - tl.dot(P, G, input_precision="ieee")
+        )
         tl.store(o_ptr + xv, O.to(o_ptr.dtype.element_ty), mask=vmask2)
         cC = _row(Cm, rc, last)
         r = _row(Dm, rc, last)
         Kt = tl.trans(K)
-        W_new = (_at(b, rc, last) * W + _at(f, rc, last) * S
-                 - tl.dot(Kt, cC[:, None] * G, input_precision="ieee"))
+        W_new = _at(b, rc, last) * W + _at(f, rc, last) * S - tl.dot(Kt, cC[:, None] * G, input_precision="ieee")
         S = _at(m, rc, last) * S - tl.dot(Kt, r[:, None] * G, input_precision="ieee")
         W = W_new
         off = st_base + (n + 1) * DK * DV + st_off
@@ -122,8 +144,10 @@ def titans_linear_fwd_kernel(q_ptr, k_ptr, v_ptr, al_ptr, et_ptr, th_ptr, w0_ptr
 
 def _check(q: torch.Tensor, v: torch.Tensor, chunk_size: int) -> None:
     if q.dtype == torch.float64:
-        raise TypeError("titans_memory: the triton backend does not take float64 inputs (no fp64 tl.dot on GPU); "
-                        "use float32/bfloat16/float16, or backend='cpu'/'reference' for float64")
+        raise TypeError(
+            "titans_memory: the triton backend does not take float64 inputs (no fp64 tl.dot on GPU); "
+            "use float32/bfloat16/float16, or backend='cpu'/'reference' for float64"
+        )
     dk, dv = q.shape[-1], v.shape[-1]
     if dk > MAX_D or dv > MAX_D:
         raise ValueError(f"titans_memory: the triton backend supports dk, dv <= {MAX_D}, got dk={dk}, dv={dv}")
@@ -181,21 +205,66 @@ def titans_linear_fwd_triton(q, k, v, alpha, eta, theta, W0, S0, chunk_size: int
     Ss = _alloc((B, H, NC + 1, dk, dv), q, torch.float32)
     BC, BK, BV = _blocks(dk, dv, chunk_size, value_block)
     titans_linear_fwd_kernel[(B * H, triton.cdiv(dv, BV))](
-        q, k, v, alpha, eta, theta, W0, S0, o, Ws, Ss, L, dk, dv, NC, C=chunk_size, BC=BC, BK=BK, BV=BV,
-        num_warps=_linear_fwd_warps(BK, BV))
+        q,
+        k,
+        v,
+        alpha,
+        eta,
+        theta,
+        W0,
+        S0,
+        o,
+        Ws,
+        Ss,
+        L,
+        dk,
+        dv,
+        NC,
+        C=chunk_size,
+        BC=BC,
+        BK=BK,
+        BV=BV,
+        num_warps=_linear_fwd_warps(BK, BV),
+    )
     return o, Ws, Ss
 
 
 @triton.jit
-def titans_linear_bwd_kernel(q_ptr, k_ptr, v_ptr, al_ptr, et_ptr, th_ptr, ws_ptr, ss_ptr, do_ptr, dwt_ptr, dst_ptr,
-                             dq_ptr, dk_ptr, dv_ptr, dal_ptr, det_ptr, dth_ptr, dw0_ptr, ds0_ptr,
-                             L, DK, DV, NC, BH, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                             BV: tl.constexpr):
+def titans_linear_bwd_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    al_ptr,
+    et_ptr,
+    th_ptr,
+    ws_ptr,
+    ss_ptr,
+    do_ptr,
+    dwt_ptr,
+    dst_ptr,
+    dq_ptr,
+    dk_ptr,
+    dv_ptr,
+    dal_ptr,
+    det_ptr,
+    dth_ptr,
+    dw0_ptr,
+    ds0_ptr,
+    L,
+    DK,
+    DV,
+    NC,
+    BH,
+    C: tl.constexpr,
+    BC: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+):
     pid = tl.program_id(0).to(tl.int64)
     iv = tl.program_id(1)
     rc = tl.arange(0, BC)
     rk = tl.arange(0, BK)
-    rv = iv * BV + tl.arange(0, BV)                     # this program's block of value columns
+    rv = iv * BV + tl.arange(0, BV)  # this program's block of value columns
     kmask, vmask = rk < DK, rv < DV
     st_off = rk[:, None] * DV + rv[None, :]
     st_mask = kmask[:, None] & vmask[None, :]
@@ -208,8 +277,9 @@ def titans_linear_bwd_kernel(q_ptr, k_ptr, v_ptr, al_ptr, et_ptr, th_ptr, ws_ptr
     tiny = 1.1754943508222875e-38
     for i in range(NC):
         n = NC - 1 - i
-        t, tmask, last, xk, xv, kmask2, vmask2, Q, K, V = _load_chunk(q_ptr, k_ptr, v_ptr, pid, n, L, DK, DV,
-                                                                      rc, rk, rv, C)
+        t, tmask, last, xk, xv, kmask2, vmask2, Q, K, V = _load_chunk(
+            q_ptr, k_ptr, v_ptr, pid, n, L, DK, DV, rc, rk, rv, C
+        )
         dO = tl.load(do_ptr + xv, mask=vmask2, other=0.0).to(tl.float32)
         W0 = tl.load(ws_ptr + st_base + n * DK * DV + st_off, mask=st_mask, other=0.0)
         S0 = tl.load(ss_ptr + st_base + n * DK * DV + st_off, mask=st_mask, other=0.0)
@@ -223,7 +293,7 @@ def titans_linear_bwd_kernel(q_ptr, k_ptr, v_ptr, al_ptr, et_ptr, th_ptr, ws_ptr
         KdW = tl.dot(K, dW, input_precision="ieee")
         KdS = tl.dot(K, dS, input_precision="ieee")
         # values
-        dG = (-tl.dot(tl.trans(P), dO, input_precision="ieee") - cC[:, None] * KdW - r[:, None] * KdS)
+        dG = -tl.dot(tl.trans(P), dO, input_precision="ieee") - cC[:, None] * KdW - r[:, None] * KdS
         incl = rc[:, None] >= rc[None, :]
         dP = tl.where(incl, -tl.dot(dO, tl.trans(G), input_precision="ieee"), 0.0)
         dQK = dP * Cm
@@ -231,13 +301,18 @@ def titans_linear_bwd_kernel(q_ptr, k_ptr, v_ptr, al_ptr, et_ptr, th_ptr, ws_ptr
         tl.store(dth_ptr + part + pid * L + t, tl.sum(E * dG, axis=1), mask=tmask)
         tl.store(dv_ptr + xv, (-dE).to(dv_ptr.dtype.element_ty), mask=vmask2)
         W0t, S0t = tl.trans(W0), tl.trans(S0)
-        dQ = (tl.dot(dQK, K, input_precision="ieee") + b[:, None] * tl.dot(dO, W0t, input_precision="ieee")
-              + f[:, None] * tl.dot(dO, S0t, input_precision="ieee"))
+        dQ = (
+            tl.dot(dQK, K, input_precision="ieee")
+            + b[:, None] * tl.dot(dO, W0t, input_precision="ieee")
+            + f[:, None] * tl.dot(dO, S0t, input_precision="ieee")
+        )
         tl.store(dq_ptr + part * DK + xk, dQ.to(dq_ptr.dtype.element_ty), mask=kmask2)
-        dK = (tl.dot(tl.trans(dQK), Q, input_precision="ieee")
-              - cC[:, None] * tl.dot(G, tl.trans(dW), input_precision="ieee")
-              - r[:, None] * tl.dot(G, tl.trans(dS), input_precision="ieee")
-              + tl.dot(dE, W0t, input_precision="ieee"))
+        dK = (
+            tl.dot(tl.trans(dQK), Q, input_precision="ieee")
+            - cC[:, None] * tl.dot(G, tl.trans(dW), input_precision="ieee")
+            - r[:, None] * tl.dot(G, tl.trans(dS), input_precision="ieee")
+            + tl.dot(dE, W0t, input_precision="ieee")
+        )
         tl.store(dk_ptr + part * DK + xk, dK.to(dk_ptr.dtype.element_ty), mask=kmask2)
         # gate coefficients
         is_last = rc == last
@@ -265,17 +340,20 @@ def titans_linear_bwd_kernel(q_ptr, k_ptr, v_ptr, al_ptr, et_ptr, th_ptr, ws_ptr
         tl.store(det_ptr + part + pid * L + t, dle / tl.maximum(e, tiny), mask=tmask)
         # to the chunk-start state
         Qt, Kt = tl.trans(Q), tl.trans(K)
-        dW_new = (tl.dot(Qt, b[:, None] * dO, input_precision="ieee") + _at(b, rc, last) * dW
-                  + tl.dot(Kt, dE, input_precision="ieee"))
-        dS = (tl.dot(Qt, f[:, None] * dO, input_precision="ieee") + _at(f, rc, last) * dW
-              + _at(m, rc, last) * dS)
+        dW_new = (
+            tl.dot(Qt, b[:, None] * dO, input_precision="ieee")
+            + _at(b, rc, last) * dW
+            + tl.dot(Kt, dE, input_precision="ieee")
+        )
+        dS = tl.dot(Qt, f[:, None] * dO, input_precision="ieee") + _at(f, rc, last) * dW + _at(m, rc, last) * dS
         dW = dW_new
     tl.store(dw0_ptr + pid * DK * DV + st_off, dW, mask=st_mask)
     tl.store(ds0_ptr + pid * DK * DV + st_off, dS, mask=st_mask)
 
 
-def titans_linear_bwd_triton(q, k, v, alpha, eta, theta, Ws, Ss, do, dWT, dST, chunk_size: int,
-                             value_block: int | None = None):
+def titans_linear_bwd_triton(
+    q, k, v, alpha, eta, theta, Ws, Ss, do, dWT, dST, chunk_size: int, value_block: int | None = None
+):
     """Gradients (dq, dk, dv, dalpha, deta, dtheta, dW0, dS0) of `titans_linear_fwd_triton`, same contract as
     `titans_linear_chunked_bwd`: do (B, H, L, dv), dWT, dST (B, H, dk, dv), Ws, Ss from the forward.
     With NV = cdiv(dv, value_block) > 1 blocks of value columns, dq, dk and the gate gradients are summed
@@ -285,7 +363,8 @@ def titans_linear_bwd_triton(q, k, v, alpha, eta, theta, Ws, Ss, do, dWT, dST, c
     dv = v.shape[-1]
     NC = Ws.shape[2] - 1
     q, k, v, alpha, eta, theta, Ws, Ss, do, dWT, dST = (
-        x.contiguous() for x in (q, k, v, alpha, eta, theta, Ws, Ss, do, dWT, dST))
+        x.contiguous() for x in (q, k, v, alpha, eta, theta, Ws, Ss, do, dWT, dST)
+    )
     Ws, Ss, dWT, dST = (x.float() for x in (Ws, Ss, dWT, dST))
     BC, BK, BV = _blocks(dk, dv, chunk_size, value_block)
     NV = triton.cdiv(dv, BV)
@@ -294,9 +373,38 @@ def titans_linear_bwd_triton(q, k, v, alpha, eta, theta, Ws, Ss, do, dWT, dST, c
     dq, dk_, dal, det, dth = alloc_partials(summed, NV, torch.float32, _alloc)
     dW0 = _alloc((B, H, dk, dv), q, torch.float32)
     dS0 = _alloc((B, H, dk, dv), q, torch.float32)
-    titans_linear_bwd_kernel[(B * H, NV)](q, k, v, alpha, eta, theta, Ws, Ss, do, dWT, dST, dq, dk_, dv_, dal, det,
-                                          dth, dW0, dS0, L, dk, dv, NC, B * H, C=chunk_size, BC=BC, BK=BK, BV=BV,
-                                          num_warps=8 if BK >= 64 else 4, maxnreg=MAXNREG)
+    titans_linear_bwd_kernel[(B * H, NV)](
+        q,
+        k,
+        v,
+        alpha,
+        eta,
+        theta,
+        Ws,
+        Ss,
+        do,
+        dWT,
+        dST,
+        dq,
+        dk_,
+        dv_,
+        dal,
+        det,
+        dth,
+        dW0,
+        dS0,
+        L,
+        dk,
+        dv,
+        NC,
+        B * H,
+        C=chunk_size,
+        BC=BC,
+        BK=BK,
+        BV=BV,
+        num_warps=8 if BK >= 64 else 4,
+        maxnreg=MAXNREG,
+    )
     dq, dk_, dal, det, dth = sum_partials((dq, dk_, dal, det, dth), summed, NV)
     return dq, dk_, dv_, dal, det, dth, dW0, dS0
 
@@ -345,23 +453,45 @@ def _mlp_chunk(Q, K, V, th, W1, W2, S1, S2, b, f, Cm):
     GZ = _dot(E, tl.trans(W2)) * _silu_grad(Z)
     G1 = th[:, None] * GZ
     G2 = th[:, None] * E
-    Zq = (b[:, None] * _dot(Q, W1) + f[:, None] * _dot(Q, S1) - _dot(Cm * _dot(Q, tl.trans(K)), G1))
+    Zq = b[:, None] * _dot(Q, W1) + f[:, None] * _dot(Q, S1) - _dot(Cm * _dot(Q, tl.trans(K)), G1)
     Hq = _silu(Zq)
     O = Q + b[:, None] * _dot(Hq, W2) + f[:, None] * _dot(Hq, S2) - _dot(Cm * _dot(Hq, tl.trans(Hk)), G2)
     return Z, Hk, E, GZ, G1, G2, Zq, Hq, O
 
 
 @triton.jit
-def titans_mlp_fwd_kernel(q_ptr, k_ptr, v_ptr, al_ptr, et_ptr, th_ptr, w1_ptr, w2_ptr, s1_ptr, s2_ptr, o_ptr,
-                          w1s_ptr, w2s_ptr, s1s_ptr, s2s_ptr, L, D, DH, NC, C: tl.constexpr, BC: tl.constexpr,
-                          BD: tl.constexpr, BH: tl.constexpr):
+def titans_mlp_fwd_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    al_ptr,
+    et_ptr,
+    th_ptr,
+    w1_ptr,
+    w2_ptr,
+    s1_ptr,
+    s2_ptr,
+    o_ptr,
+    w1s_ptr,
+    w2s_ptr,
+    s1s_ptr,
+    s2s_ptr,
+    L,
+    D,
+    DH,
+    NC,
+    C: tl.constexpr,
+    BC: tl.constexpr,
+    BD: tl.constexpr,
+    BH: tl.constexpr,
+):
     pid = tl.program_id(0).to(tl.int64)
     rc = tl.arange(0, BC)
     rd = tl.arange(0, BD)
     rh = tl.arange(0, BH)
     dmask, hmask = rd < D, rh < DH
-    off1 = rd[:, None] * DH + rh[None, :]          # (D, dh) tiles
-    off2 = rh[:, None] * D + rd[None, :]           # (dh, D) tiles
+    off1 = rd[:, None] * DH + rh[None, :]  # (D, dh) tiles
+    off2 = rh[:, None] * D + rd[None, :]  # (dh, D) tiles
     m1 = dmask[:, None] & hmask[None, :]
     m2 = hmask[:, None] & dmask[None, :]
     sb = pid * D * DH
@@ -409,7 +539,7 @@ def _dual_bwd(X, A, G, P0, Pf, dR, dWn, dSn, b, f, Cm, c, r, bn, fn, incl, is_la
     dCm = dP * QK - tl.where(is_last[:, None], tl.sum(AdW * G, axis=1)[None, :], 0.0)
     dr = -tl.sum(AdS * G, axis=1)
     dX = _dot(dQK, A) + b[:, None] * _dot(dR, tl.trans(P0)) + f[:, None] * _dot(dR, tl.trans(Pf))
-    dA = (_dot(tl.trans(dQK), X) - c[:, None] * _dot(G, tl.trans(dWn)) - r[:, None] * _dot(G, tl.trans(dSn)))
+    dA = _dot(tl.trans(dQK), X) - c[:, None] * _dot(G, tl.trans(dWn)) - r[:, None] * _dot(G, tl.trans(dSn))
     Xt = tl.trans(X)
     dP0 = _dot(Xt, b[:, None] * dR) + bn * dWn
     dPf = _dot(Xt, f[:, None] * dR) + fn * dWn
@@ -420,10 +550,41 @@ def _dual_bwd(X, A, G, P0, Pf, dR, dWn, dSn, b, f, Cm, c, r, bn, fn, incl, is_la
 
 
 @triton.jit
-def titans_mlp_bwd_kernel(q_ptr, k_ptr, v_ptr, al_ptr, et_ptr, th_ptr, w1s_ptr, w2s_ptr, s1s_ptr, s2s_ptr, do_ptr,
-                          dw1t_ptr, dw2t_ptr, ds1t_ptr, ds2t_ptr, dq_ptr, dk_ptr, dv_ptr, dal_ptr, det_ptr, dth_ptr,
-                          dw1_ptr, dw2_ptr, ds1_ptr, ds2_ptr, L, D, DH, NC, C: tl.constexpr, BC: tl.constexpr,
-                          BD: tl.constexpr, BH: tl.constexpr):
+def titans_mlp_bwd_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    al_ptr,
+    et_ptr,
+    th_ptr,
+    w1s_ptr,
+    w2s_ptr,
+    s1s_ptr,
+    s2s_ptr,
+    do_ptr,
+    dw1t_ptr,
+    dw2t_ptr,
+    ds1t_ptr,
+    ds2t_ptr,
+    dq_ptr,
+    dk_ptr,
+    dv_ptr,
+    dal_ptr,
+    det_ptr,
+    dth_ptr,
+    dw1_ptr,
+    dw2_ptr,
+    ds1_ptr,
+    ds2_ptr,
+    L,
+    D,
+    DH,
+    NC,
+    C: tl.constexpr,
+    BC: tl.constexpr,
+    BD: tl.constexpr,
+    BH: tl.constexpr,
+):
     pid = tl.program_id(0).to(tl.int64)
     rc = tl.arange(0, BC)
     rd = tl.arange(0, BD)
@@ -458,10 +619,12 @@ def titans_mlp_bwd_kernel(q_ptr, k_ptr, v_ptr, al_ptr, et_ptr, th_ptr, w1s_ptr, 
         Z, Hk, E, GZ, G1, G2, Zq, Hq, O = _mlp_chunk(Q, K, V, th, W1, W2, S1, S2, b, f, Cm)
         # layer 2 (reads Hq, writes Hk), then layer 1 (reads Q, writes K)
         dHq, dHk, dG2, dW2p, dS2p, db2, df2, dmn2, dCm2, dr2 = _dual_bwd(
-            Hq, Hk, G2, W2, S2, dO, dW2, dS2, b, f, Cm, c, r, bn, fn, incl, is_last)
+            Hq, Hk, G2, W2, S2, dO, dW2, dS2, b, f, Cm, c, r, bn, fn, incl, is_last
+        )
         dZq = dHq * _silu_grad(Zq)
         dQ, dK, dG1, dW1p, dS1p, db1, df1, dmn1, dCm1, dr1 = _dual_bwd(
-            Q, K, G1, W1, S1, dZq, dW1, dS1, b, f, Cm, c, r, bn, fn, incl, is_last)
+            Q, K, G1, W1, S1, dZq, dW1, dS1, b, f, Cm, c, r, bn, fn, incl, is_last
+        )
         dQ += dO
         # G1 = theta GZ, G2 = theta E, GZ = (E W2^T) o silu'(Z), E = K + Hk W2 - V, Hk = silu(Z), Z = K W1
         tl.store(dth_ptr + pid * L + t, tl.sum(dG1 * GZ, axis=1) + tl.sum(dG2 * E, axis=1), mask=tmask)
@@ -513,8 +676,7 @@ def _check_mlp(q: torch.Tensor, dh: int, chunk_size: int) -> None:
 
 def _mlp_launch_args(D: int, dh: int, chunk_size: int):
     BC, BD, BH = _p2(chunk_size), _p2(D), _p2(dh)
-    return dict(BC=BC, BD=BD, BH=BH, num_warps=8 if max(BD, BH) * max(BD, BH, BC) >= 64 * 64 else 4,
-                maxnreg=MAXNREG)
+    return dict(BC=BC, BD=BD, BH=BH, num_warps=8 if max(BD, BH) * max(BD, BH, BC) >= 64 * 64 else 4, maxnreg=MAXNREG)
 
 
 def titans_mlp_fwd_triton(q, k, v, alpha, eta, theta, W1, W2, S1, S2, chunk_size: int):
@@ -528,13 +690,33 @@ def titans_mlp_fwd_triton(q, k, v, alpha, eta, theta, W1, W2, S1, S2, chunk_size
     o = _alloc((B, H, L, D), q, q.dtype)
     W1s, S1s = (_alloc((B, H, NC + 1, D, dh), q, torch.float32) for _ in range(2))
     W2s, S2s = (_alloc((B, H, NC + 1, dh, D), q, torch.float32) for _ in range(2))
-    titans_mlp_fwd_kernel[(B * H,)](q, k, v, alpha, eta, theta, W1, W2, S1, S2, o, W1s, W2s, S1s, S2s, L, D, dh, NC,
-                                    C=chunk_size, **_mlp_launch_args(D, dh, chunk_size))
+    titans_mlp_fwd_kernel[(B * H,)](
+        q,
+        k,
+        v,
+        alpha,
+        eta,
+        theta,
+        W1,
+        W2,
+        S1,
+        S2,
+        o,
+        W1s,
+        W2s,
+        S1s,
+        S2s,
+        L,
+        D,
+        dh,
+        NC,
+        C=chunk_size,
+        **_mlp_launch_args(D, dh, chunk_size),
+    )
     return o, W1s, W2s, S1s, S2s
 
 
-def titans_mlp_bwd_triton(q, k, v, alpha, eta, theta, W1s, W2s, S1s, S2s, do, dW1T, dW2T, dS1T, dS2T,
-                          chunk_size: int):
+def titans_mlp_bwd_triton(q, k, v, alpha, eta, theta, W1s, W2s, S1s, S2s, do, dW1T, dW2T, dS1T, dS2T, chunk_size: int):
     """Gradients (dq, dk, dv, dalpha, deta, dtheta, dW1, dW2, dS1, dS2) of `titans_mlp_fwd_triton`, same contract
     as `titans_mlp_chunked_bwd`."""
     B, H, L, D = q.shape
@@ -542,13 +724,44 @@ def titans_mlp_bwd_triton(q, k, v, alpha, eta, theta, W1s, W2s, S1s, S2s, do, dW
     _check_mlp(q, dh, chunk_size)
     NC = W1s.shape[2] - 1
     q, k, v, alpha, eta, theta, do = (x.contiguous() for x in (q, k, v, alpha, eta, theta, do))
-    W1s, W2s, S1s, S2s, dW1T, dW2T, dS1T, dS2T = (x.float().contiguous()
-                                                  for x in (W1s, W2s, S1s, S2s, dW1T, dW2T, dS1T, dS2T))
+    W1s, W2s, S1s, S2s, dW1T, dW2T, dS1T, dS2T = (
+        x.float().contiguous() for x in (W1s, W2s, S1s, S2s, dW1T, dW2T, dS1T, dS2T)
+    )
     dq, dk_, dv_ = (_alloc(x.shape, x, x.dtype) for x in (q, k, v))
     dal, det, dth = (_alloc(x.shape, x, x.dtype) for x in (alpha, eta, theta))
     dW1, dS1 = (_alloc((B, H, D, dh), q, torch.float32) for _ in range(2))
     dW2, dS2 = (_alloc((B, H, dh, D), q, torch.float32) for _ in range(2))
-    titans_mlp_bwd_kernel[(B * H,)](q, k, v, alpha, eta, theta, W1s, W2s, S1s, S2s, do, dW1T, dW2T, dS1T, dS2T,
-                                    dq, dk_, dv_, dal, det, dth, dW1, dW2, dS1, dS2, L, D, dh, NC, C=chunk_size,
-                                    **_mlp_launch_args(D, dh, chunk_size))
+    titans_mlp_bwd_kernel[(B * H,)](
+        q,
+        k,
+        v,
+        alpha,
+        eta,
+        theta,
+        W1s,
+        W2s,
+        S1s,
+        S2s,
+        do,
+        dW1T,
+        dW2T,
+        dS1T,
+        dS2T,
+        dq,
+        dk_,
+        dv_,
+        dal,
+        det,
+        dth,
+        dW1,
+        dW2,
+        dS1,
+        dS2,
+        L,
+        D,
+        dh,
+        NC,
+        C=chunk_size,
+        **_mlp_launch_args(D, dh, chunk_size),
+    )
     return dq, dk_, dv_, dal, det, dth, dW1, dW2, dS1, dS2

@@ -5,15 +5,17 @@ deceleration mu*g until rest). Each timestep is rendered as a Gaussian blob on t
 encoded by a fixed random map: latent = tanh(blob * u + blob_x * ux + blob_y * uy + background), where the
 background is a per-clip constant. Copy-last is exact while the object rests and wrong while it moves.
 """
+
 import torch
 
 from hope_kernels.train import TensorClips
 
 
-def physics_clips(n: int, seed: int = 0, T: int = 8, H: int = 8, W: int = 8, D: int = 64, mu: float = 0.5,
-                  mass: float = 1.0) -> TensorClips:
+def physics_clips(
+    n: int, seed: int = 0, T: int = 8, H: int = 8, W: int = 8, D: int = 64, mu: float = 0.5, mass: float = 1.0
+) -> TensorClips:
     g = torch.Generator().manual_seed(seed)
-    enc = torch.Generator().manual_seed(1234)                  # the "encoder" is fixed across datasets
+    enc = torch.Generator().manual_seed(1234)  # the "encoder" is fixed across datasets
     u, ux, uy = (torch.randn(D, generator=enc) for _ in range(3))
     pos = torch.rand(n, 2, generator=g) * torch.tensor([H - 1.0, W - 1.0])
     t0 = torch.randint(0, T // 2, (n,), generator=g)
@@ -35,7 +37,7 @@ def physics_clips(n: int, seed: int = 0, T: int = 8, H: int = 8, W: int = 8, D: 
         speed = vel.norm(dim=-1, keepdim=True)
         vel = vel * (speed - mu * 9.81 * 0.1).clamp_min(0) / speed.clamp_min(1e-9)
         pos = pos + vel
-        for i, lim in enumerate((H - 1.0, W - 1.0)):           # bounce off the borders (objects stay in frame)
+        for i, lim in enumerate((H - 1.0, W - 1.0)):  # bounce off the borders (objects stay in frame)
             over = (pos[:, i] < 0) | (pos[:, i] > lim)
             vel[over, i] = -vel[over, i]
             pos[:, i] = pos[:, i].clamp(0, lim)

@@ -1,5 +1,6 @@
 """Shipped pre-trained predictors (hope_kernels.pretrained): which pre-trainings a preset needs, matching shipped
 weights by spec and dataset, the weights file format, regeneration, and the shipped quick weights themselves."""
+
 import json
 
 import pytest
@@ -17,7 +18,8 @@ def test_with_steps_sets_every_pretraining_of_the_preset():
     CMS off pre-trains 2400 steps by its run line)."""
     specs = pretrained.pretrain_specs(pretrained.with_steps(load_config("quick"), 3))
     assert {pretrained.spec_name(s): s["train"]["steps"] for s, _ in specs} == {
-        pretrained.spec_name(s): 3 for s, _ in specs}
+        pretrained.spec_name(s): 3 for s, _ in specs
+    }
     assert any(s["overrides"] == {"cms": False} for s, _ in specs)
 
 
@@ -25,8 +27,15 @@ def test_quick_preset_pretrainings():
     cfg = load_config("quick")
     specs = pretrained.pretrain_specs(cfg)
     names = [pretrained.spec_name(s) for s, _ in specs]
-    assert names == ["hope-A1", "ac-A1", "hope-A1[self_referential=False]", "hope-A1[memory_rule=titans]",
-                     "hope-A1[cms=False]", "ac-B", "ac-A1+B"]
+    assert names == [
+        "hope-A1",
+        "ac-A1",
+        "hope-A1[self_referential=False]",
+        "hope-A1[memory_rule=titans]",
+        "hope-A1[cms=False]",
+        "ac-B",
+        "ac-A1+B",
+    ]
     by_name = {pretrained.spec_name(s): (s, runs) for s, runs in specs}
     hope, runs = by_name["hope-A1"]
     assert {"hope", "hope+ttt", "hope+none", "hope[no-carry]"} <= set(runs)
@@ -38,22 +47,28 @@ def test_quick_preset_pretrainings():
     assert pretrained.spec_name({**hope, "overrides": {"cms": False}, "seed": 3}) == "hope-A1[cms=False]-s3"
 
 
-
 def test_a_runs_pretrain_fields_are_part_of_its_spec():
     cfg = load_config("quick")
-    run = {"name": "hope[no-cms]", "model": "hope", "strategy": "hope", "overrides": {"cms": False},
-           "pretrain": {"lr": 1.0e-3}}
+    run = {
+        "name": "hope[no-cms]",
+        "model": "hope",
+        "strategy": "hope",
+        "overrides": {"cms": False},
+        "pretrain": {"lr": 1.0e-3},
+    }
     spec = pretrained.spec_for(cfg, run, 0)
     shared = pretrained.spec_for(cfg, {**run, "pretrain": None}, 0)
     assert spec["train"]["lr"] == 1.0e-3 and shared["train"]["lr"] == cfg["pretrain"]["lr"]
-    assert spec["train"]["seq_clips"] == 4 and spec["train"]["steps"] == 2500   # the hope section still applies
-    assert {k: v for k, v in spec["train"].items() if k != "lr"} == {k: v for k, v in shared["train"].items()
-                                                                     if k != "lr"}
+    assert spec["train"]["seq_clips"] == 4 and spec["train"]["steps"] == 2500  # the hope section still applies
+    assert {k: v for k, v in spec["train"].items() if k != "lr"} == {
+        k: v for k, v in shared["train"].items() if k != "lr"
+    }
     # two runs that differ only in their pretrain fields are two pre-trainings
     two = load_config("quick", runs=cfg["runs"] + [run, {**run, "name": "b", "pretrain": {"lr": 2.0e-3}}])
     assert len(pretrained.pretrain_specs(two)) == len(pretrained.pretrain_specs(cfg)) + 2
     with pytest.raises(ValueError, match="pretrain must be a mapping"):
         load_config("quick", runs=cfg["runs"] + [{**run, "pretrain": 1.0e-3}])
+
 
 def _index(tmp_path, spec, data_id="d1", model=None):
     root = tmp_path / "assets"
@@ -61,8 +76,9 @@ def _index(tmp_path, spec, data_id="d1", model=None):
     model = model or build_predictor("ac", "tiny", enc_dim=8, grid=(3, 2, 2))
     pretrained.save_weights(root / "quick" / "ac-A1.safetensors", model, {"spec": spec}, torch.float16)
     entry = {"name": "ac-A1", "file": "ac-A1.safetensors", "spec": spec, "data_id": data_id, "dtype": "float16"}
-    (root / "quick" / "index.json").write_text(json.dumps({"format": pretrained.FORMAT, "preset": "quick",
-                                                           "models": [entry]}))
+    (root / "quick" / "index.json").write_text(
+        json.dumps({"format": pretrained.FORMAT, "preset": "quick", "models": [entry]})
+    )
     return root, model
 
 
@@ -73,10 +89,11 @@ def test_find_shipped_matches_spec_and_dataset(tmp_path):
     entry, why = pretrained.find_shipped("quick", spec, "d1", root)
     assert why == "" and entry["name"] == "ac-A1"
     loaded = pretrained.load_weights(entry["path"])
-    for k, v in model.state_dict().items():   # float16 on disk, float32 in memory
+    for k, v in model.state_dict().items():  # float16 on disk, float32 in memory
         assert torch.equal(loaded.state_dict()[k], v.half().float())
     assert pretrained.find_shipped("quick", spec, "d2", root)[1] == (
-        "the shipped ac-A1 was trained on dataset d1, this dataset is d2")
+        "the shipped ac-A1 was trained on dataset d1, this dataset is d2"
+    )
     other = {**spec, "train": {**spec["train"], "steps": 5}}
     assert "no shipped weights with the config of ac-A1" in pretrained.find_shipped("quick", other, "d1", root)[1]
     assert pretrained.find_shipped("paper", spec, "d1", root) == (None, "no shipped weights for preset 'paper'")
@@ -101,6 +118,7 @@ def test_load_weights_errors_name_the_file(tmp_path):
     with pytest.raises(ValueError, match="nan.safetensors.*NaN"):
         pretrained.load_weights(tmp_path / "nan.safetensors")
     from safetensors.torch import save_file
+
     save_file({"x": torch.zeros(1)}, str(tmp_path / "foreign.safetensors"))
     with pytest.raises(ValueError, match="not a hope-kernels pretrained weights file"):
         pretrained.load_weights(tmp_path / "foreign.safetensors")
@@ -109,8 +127,9 @@ def test_load_weights_errors_name_the_file(tmp_path):
 def test_heldout_errors_copy_last_model_is_one(tmp_path):
     # an untrained predict_delta predictor outputs layer_norm(z_t): exactly the copy-last-latent baseline
     g = torch.Generator().manual_seed(0)
-    clips = [{"latents": torch.randn(3, 4, 8, generator=g), "actions": torch.randn(3, 2, generator=g)}
-             for _ in range(3)]
+    clips = [
+        {"latents": torch.randn(3, 4, 8, generator=g), "actions": torch.randn(3, 2, generator=g)} for _ in range(3)
+    ]
     model = build_predictor("ac", "tiny", enc_dim=8, grid=(3, 2, 2))
     torch.nn.init.zeros_(model.proj.weight)
     torch.nn.init.zeros_(model.proj.bias)
@@ -123,14 +142,16 @@ def test_heldout_errors_copy_last_model_is_one(tmp_path):
 def test_regeneration_is_deterministic(tmp_path):
     """The regeneration command, a few steps: the same weights, byte for byte, from two fresh work folders."""
     from hope_kernels.cli import main
+
     cfg = load_config("quick")
     cfg["data"] = {"preset": "tiny", "seed": 0}
     cfg = pretrained.with_steps(cfg, 2)
     assert {s["train"]["steps"] for s, _ in pretrained.pretrain_specs(cfg)} == {2}
     runs = []
     for k in (1, 2):
-        idx = pretrained.regenerate(cfg, tmp_path / f"work{k}", assets=tmp_path / f"assets{k}",
-                                    only=["ac-A1", "hope-A1"], say=lambda m: None)
+        idx = pretrained.regenerate(
+            cfg, tmp_path / f"work{k}", assets=tmp_path / f"assets{k}", only=["ac-A1", "hope-A1"], say=lambda m: None
+        )
         runs.append(idx)
         assert [e["name"] for e in idx["models"]] == ["ac-A1", "hope-A1"]
     for name in ("ac-A1", "hope-A1"):
@@ -138,6 +159,7 @@ def test_regeneration_is_deterministic(tmp_path):
         b = (tmp_path / "assets2" / f"{name}.safetensors").read_bytes()
         # the metadata records wall time; compare the weights
         from safetensors.torch import load
+
         wa, wb = load(a), load(b)
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     e = runs[0]["models"][1]
@@ -156,6 +178,7 @@ def test_data_id_names_content_not_the_run_that_wrote_it(tmp_path):
     import torch
 
     from hope_kernels.data import simulate_dataset
+
     kw = dict(train_a1=4, train_b=2, train_a2=2, stream=2, heldout=2, progress=False)
     threads = torch.get_num_threads()
     try:
@@ -179,11 +202,13 @@ def test_shipped_quick_weights_reproduce_their_heldout_errors(tmp_path):
     """Every shipped quick model loads and, on the quick dataset simulated here, gives the held-out errors its
     index records (and its dataset id is this dataset's)."""
     from hope_kernels.data import ensure_dataset
+
     idx = pretrained.read_index("quick")
     assert idx is not None, "no shipped weights for the quick preset (hope-kernels pretrain --preset quick)"
     data = ensure_dataset(tmp_path / "data", "quick", 0)
-    assert all(e["data_id"] == pretrained.data_id(data) for e in idx["models"]), \
+    assert all(e["data_id"] == pretrained.data_id(data) for e in idx["models"]), (
         "the quick dataset simulated here differs from the one the shipped weights were trained on"
+    )
     held = pretrained.dataset_heldout(data)
     for e in idx["models"]:
         model = pretrained.load_weights(pretrained.ASSET_ROOT / "quick" / e["file"])

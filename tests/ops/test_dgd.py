@@ -3,10 +3,11 @@ backward.
 
 The ground truth is `dgd_memory_token_loop` in float64 with autograd; every other path is compared with it.
 """
+
 import pytest
 import torch
 
-from conftest import RTOL, rel_err, requires_cuda, cpu_fast_backends
+from helpers import RTOL, cpu_fast_backends, rel_err, requires_cuda
 from hope_kernels.dispatch import BackendUnavailableError
 from hope_kernels.ops import dgd_memory
 from hope_kernels.ops.dgd import SUPPORTED, dgd_memory_chunked_reference, dgd_memory_token_loop
@@ -24,9 +25,9 @@ GRAD_NAMES = ("q", "k", "v", "alpha", "eta", "M0")
 def make(B=2, H=2, L=19, dk=8, dv=8, dtype=torch.float64, device="cpu", state=True, eta_max=1.0):
     g = lambda *s: torch.randn(*s, dtype=dtype, device=device)
     q = g(B, H, L, dk)
-    k = torch.nn.functional.normalize(g(B, H, L, dk), dim=-1)   # keys in the regime HOPE uses (L2-normalised)
+    k = torch.nn.functional.normalize(g(B, H, L, dk), dim=-1)  # keys in the regime HOPE uses (L2-normalised)
     v = g(B, H, L, dv)
-    alpha = (0.5 + 0.5 * torch.rand(B, H, L, dtype=dtype, device=device))
+    alpha = 0.5 + 0.5 * torch.rand(B, H, L, dtype=dtype, device=device)
     eta = eta_max * torch.rand(B, H, L, dtype=dtype, device=device)
     M0 = g(B, H, dk, dv) if state else None
     return q, k, v, alpha, eta, M0
@@ -62,8 +63,9 @@ def loop_fn(C):
 
 
 def api_fn(C, backend):
-    return lambda q, k, v, a, e, M0: dgd_memory(q, k, v, a, e, chunk_size=C, initial_state=M0,
-                                                output_final_state=True, backend=backend)
+    return lambda q, k, v, a, e, M0: dgd_memory(
+        q, k, v, a, e, chunk_size=C, initial_state=M0, output_final_state=True, backend=backend
+    )
 
 
 def assert_close(got, ref, tol, what):
@@ -81,6 +83,7 @@ def assert_close(got, ref, tol, what):
 
 # ---------------------------------------------------------------- references against each other
 
+
 @pytest.mark.parametrize("C", [1, 4, 16, 64])
 @pytest.mark.parametrize("L", [1, 19, 64])
 def test_chunked_reference_matches_token_loop(C, L):
@@ -97,7 +100,9 @@ def test_chunk_size_one_is_the_sequential_rule():
     for t in range(5):
         kt = k[0, 0, t][:, None]
         o_t = q[0, 0, t] @ M
-        M = (a[0, 0, t] * torch.eye(3, dtype=M.dtype) - 2 * e[0, 0, t] * kt @ kt.T) @ M + e[0, 0, t] * kt @ v[0, 0, t][None]
+        M = (a[0, 0, t] * torch.eye(3, dtype=M.dtype) - 2 * e[0, 0, t] * kt @ kt.T) @ M + e[0, 0, t] * kt @ v[0, 0, t][
+            None
+        ]
         o, _ = dgd_memory_token_loop(q, k, v, a, e, 1, M0)
         assert torch.allclose(o[0, 0, t], o_t)
     assert torch.allclose(dgd_memory_token_loop(q, k, v, a, e, 1, M0)[1][0, 0], M)
@@ -211,7 +216,7 @@ def test_backend_bfloat16_inputs(backend):
     got = run_with_grads(api_fn(4, backend), low)
     assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.float32
     assert rel_err(got[0], ref[0]) < RTOL[torch.bfloat16]
-    assert rel_err(got[1], ref[1]) < 1e-4           # state accumulates in float32
+    assert rel_err(got[1], ref[1]) < 1e-4  # state accumulates in float32
     for name, g, g_r in zip(GRAD_NAMES, got[2], ref[2]):
         assert rel_err(g, g_r) < RTOL[torch.bfloat16], name
 
@@ -235,16 +240,26 @@ def test_split_equals_whole(backend, C, split):
     parts = [slice(0, split), slice(split, 20)]
     state, outs = M0, []
     for s in parts:
-        o_s, state = dgd_memory(q[:, :, s], k[:, :, s], v[:, :, s], a[:, :, s], e[:, :, s], chunk_size=C,
-                                initial_state=state, output_final_state=True, backend=backend)
+        o_s, state = dgd_memory(
+            q[:, :, s],
+            k[:, :, s],
+            v[:, :, s],
+            a[:, :, s],
+            e[:, :, s],
+            chunk_size=C,
+            initial_state=state,
+            output_final_state=True,
+            backend=backend,
+        )
         outs.append(o_s)
     if split % C == 0:
         assert rel_err(torch.cat(outs, 2), o) < 1e-12 and rel_err(state, M) < 1e-12
     else:
         ref_state, ref_outs = M0, []
         for s in parts:
-            o_s, ref_state = dgd_memory_token_loop(q[:, :, s], k[:, :, s], v[:, :, s], a[:, :, s], e[:, :, s],
-                                                   C, ref_state)
+            o_s, ref_state = dgd_memory_token_loop(
+                q[:, :, s], k[:, :, s], v[:, :, s], a[:, :, s], e[:, :, s], C, ref_state
+            )
             ref_outs.append(o_s)
         assert rel_err(torch.cat(outs, 2), torch.cat(ref_outs, 2)) < 1e-10
         assert rel_err(state, ref_state) < 1e-10
@@ -274,7 +289,7 @@ def test_sigmoid_gate_preactivation_grads_match_token_loop(backend):
 
     ref = run(loop_fn(4), torch.float64)
     got = run(api_fn(4, backend), torch.float32)
-    for name, g, r in zip(("alpha", "eta"), got, ref):   # measured <= 1e-6; a wrong sign or factor: >= 1
+    for name, g, r in zip(("alpha", "eta"), got, ref):  # measured <= 1e-6; a wrong sign or factor: >= 1
         assert rel_err(g, r) < 1e-4, f"d logit({name}) rel err {rel_err(g, r)}"
 
 
@@ -295,13 +310,16 @@ def test_chunk_size_above_length_is_length(backend, monkeypatch):
     C = 4096 held 1.2 GB for L = 5): the kernels get C = L."""
     import hope_kernels.ops.dgd as dgd
     import hope_kernels.ops.dgd.reference as dgd_reference
+
     inputs = make(B=1, H=2, L=5, dk=4, dv=3)
     ref = run_with_grads(api_fn(5, backend), inputs)
     # both take the chunk size last
     for module, name in ((dgd_reference, "_pad_chunks"), (type(dgd._DGD), "__call__")):
+
         def spy(*args, _fn=getattr(module, name), _name=name):
             assert args[-1] <= 5, f"{_name} got chunk_size={args[-1]} for L=5: not clamped"
             return _fn(*args)
+
         monkeypatch.setattr(module, name, spy)
     o, M, grads = run_with_grads(api_fn(4096, backend), inputs)
     assert torch.equal(o, ref[0]) and torch.equal(M, ref[1])
@@ -309,6 +327,7 @@ def test_chunk_size_above_length_is_length(backend, monkeypatch):
 
 
 # ---------------------------------------------------------------- bad inputs
+
 
 def test_bad_inputs():
     q, k, v, a, e, M0 = make(L=5, dk=4, dv=3)
@@ -414,6 +433,7 @@ def test_gpu_backends_match_token_loop():
 
 # ---------------------------------------------------------------- custom-op contract of the fast paths
 
+
 @pytest.mark.parametrize("backend", FAST)
 def test_outputs_fully_written(backend):
     # every tensor allocated with empty() is filled with NaN first: a kernel that skips an element fails here
@@ -438,8 +458,7 @@ def test_triton_value_blocks_match_token_loop(monkeypatch, value_block, C, L):
 
 
 @pytest.mark.skipif("triton" not in FAST, reason="triton cannot run here")
-@pytest.mark.parametrize("C,L,dk", [(1, 5, 12), (4, 13, 12), (16, 37, 12), (40, 50, 12), (33, 70, 40),
-                                    (80, 13, 12)])
+@pytest.mark.parametrize("C,L,dk", [(1, 5, 12), (4, 13, 12), (16, 37, 12), (40, 50, 12), (33, 70, 40), (80, 13, 12)])
 def test_triton_precomputed_t_matches_token_loop(monkeypatch, C, L, dk):
     """HOPE_DGD_TSOLVE=precompute: every sub-chunk's T solved by dgd_tsolve_kernel before the walk. C = 1
     (S = 1 in a 16-row tile); one sub-chunk per chunk; C = 40 and dk = 12: sub-chunks of 32 (32 + 8); C = 33
@@ -455,8 +474,11 @@ def test_triton_precomputed_t_matches_token_loop(monkeypatch, C, L, dk):
 @pytest.mark.skipif("triton" not in FAST, reason="triton cannot run here")
 def test_triton_tsolve_env_must_be_a_mode(monkeypatch):
     monkeypatch.setenv("HOPE_DGD_TSOLVE", "fast")
-    with pytest.raises(ValueError, match=r"HOPE_DGD_TSOLVE / tsolve must be one of \('inline', 'precompute'\), "
-                                         r"got 'fast'"):
+    with pytest.raises(
+        ValueError,
+        match=r"HOPE_DGD_TSOLVE / tsolve must be one of \('inline', 'precompute'\), "
+        r"got 'fast'",
+    ):
         dgd_memory(*make(B=1, H=1, L=4, dk=4, dv=4)[:5], chunk_size=4, backend="triton")
 
 
@@ -470,6 +492,7 @@ def test_triton_value_block_env_must_be_an_integer(monkeypatch):
 @pytest.mark.parametrize("backend", FAST)
 def test_opcheck(backend):
     from hope_kernels.ops.dgd import _DGD
+
     op, backward_op = _DGD.ops[backend], _DGD.backward_ops[backend]
     q, k, v, a, e, M0 = make(B=1, H=1, L=5, dk=4, dv=4)
     leaves = [x.requires_grad_(True) for x in (q, k, v, a, e, M0)]
@@ -477,8 +500,20 @@ def test_opcheck(backend):
     torch.library.opcheck(op, (q, k, v, a, e, None, 8))
     with torch.no_grad():
         _, _, states = op(q, k, v, a, e, M0, 4)
-    torch.library.opcheck(backward_op, (q.detach(), k.detach(), v.detach(), a.detach(), e.detach(),
-                                        states, torch.randn_like(v), torch.randn_like(M0), 4))
+    torch.library.opcheck(
+        backward_op,
+        (
+            q.detach(),
+            k.detach(),
+            v.detach(),
+            a.detach(),
+            e.detach(),
+            states,
+            torch.randn_like(v),
+            torch.randn_like(M0),
+            4,
+        ),
+    )
 
 
 @pytest.mark.parametrize("backend", FAST)

@@ -1,6 +1,7 @@
 """Embedded encoder: shipped weights = generator output, recorded latent fingerprint of a fixed clip, no leak
 from later frames, linear probe of object positions (R^2 >= 0.9 on held-out clips); `hope-kernels encode`
 with the embedded and the Hugging Face V-JEPA 2 encoder (skipped without transformers)."""
+
 import hashlib
 import json
 import sys
@@ -12,8 +13,15 @@ import torch
 from hope_kernels.cli import main
 from hope_kernels.data import ClipDataset, verify_dataset
 from hope_kernels.data.physics import Physics, simulate_clips, timestep_positions
-from hope_kernels.models.encoder import (EMBEDDED_FINGERPRINT, EMBEDDED_WEIGHTS, build_embedded_weights,
-                                         encode_frames, get_encoder, latent_fingerprint, load_embedded_encoder)
+from hope_kernels.models.encoder import (
+    EMBEDDED_FINGERPRINT,
+    EMBEDDED_WEIGHTS,
+    build_embedded_weights,
+    encode_frames,
+    get_encoder,
+    latent_fingerprint,
+    load_embedded_encoder,
+)
 
 REC = json.loads(EMBEDDED_FINGERPRINT.read_text())
 
@@ -75,10 +83,12 @@ def test_bad_frames(enc):
 def test_linear_probe_recovers_positions(enc):
     """Ridge least squares from the flattened latents of a timestep (N*D) to the pushed object's (x, y),
     fitted on clips of both phases and scored on held-out clips of each phase."""
+
     def data(n, seed, ph):
         c = simulate_clips(n, ph, np.random.default_rng(seed))
         z = enc.encode(torch.from_numpy(c["frames"])).double()
         return z.reshape(n * 8, -1), torch.from_numpy(timestep_positions(c["pos"])).reshape(n * 8, 2)
+
     xa, ya = data(48, 10, Physics(0.5, 1.0))
     xb, yb = data(48, 11, Physics(0.1, 0.5))
     X, y = torch.cat([xa, xb]), torch.cat([ya, yb])
@@ -99,8 +109,26 @@ def test_encode_cli_embedded(tmp_path, capsys):
     np.save(tmp_path / "frames.npy", c["frames"])
     np.save(tmp_path / "actions.npy", c["actions"])
     out = tmp_path / "ds"
-    assert main(["encode", "--frames", str(tmp_path / "frames.npy"), "--actions", str(tmp_path / "actions.npy"),
-                 "--encoder", "embedded", "--phase", "A1", "--split", "train", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "encode",
+                "--frames",
+                str(tmp_path / "frames.npy"),
+                "--actions",
+                str(tmp_path / "actions.npy"),
+                "--encoder",
+                "embedded",
+                "--phase",
+                "A1",
+                "--split",
+                "train",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     verify_dataset(out)
     ds = ClipDataset(out)
     assert ds.grid == (8, 8, 8) and ds.enc_dim == 64 and len(ds) == 4
@@ -119,9 +147,19 @@ def test_encode_cli_hf_vjepa2(tmp_path):
     if not hasattr(transformers, "VJEPA2Model"):
         pytest.skip("this transformers has no VJEPA2Model")
     torch.manual_seed(0)
-    cfg = transformers.VJEPA2Config(crop_size=32, frames_per_clip=4, tubelet_size=2, patch_size=8, hidden_size=32,
-                                    num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2.0,
-                                    pred_hidden_size=32, pred_num_hidden_layers=1, pred_num_attention_heads=2)
+    cfg = transformers.VJEPA2Config(
+        crop_size=32,
+        frames_per_clip=4,
+        tubelet_size=2,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        mlp_ratio=2.0,
+        pred_hidden_size=32,
+        pred_num_hidden_layers=1,
+        pred_num_attention_heads=2,
+    )
     model = transformers.VJEPA2Model(cfg).eval()
     model.save_pretrained(tmp_path / "vjepa2")
     frames = torch.randint(0, 256, (3, 4, 40, 40, 3), dtype=torch.uint8)
@@ -129,9 +167,28 @@ def test_encode_cli_hf_vjepa2(tmp_path):
     torch.save(frames, tmp_path / "frames.pt")
     torch.save(actions, tmp_path / "actions.pt")
     out = tmp_path / "ds"
-    assert main(["encode", "--frames", str(tmp_path / "frames.pt"), "--actions", str(tmp_path / "actions.pt"),
-                 "--encoder", f"hf:{tmp_path / 'vjepa2'}", "--phase", "B", "--split", "train",
-                 "--latent-dtype", "float32", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "encode",
+                "--frames",
+                str(tmp_path / "frames.pt"),
+                "--actions",
+                str(tmp_path / "actions.pt"),
+                "--encoder",
+                f"hf:{tmp_path / 'vjepa2'}",
+                "--phase",
+                "B",
+                "--split",
+                "train",
+                "--latent-dtype",
+                "float32",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     ds = ClipDataset(out)
     assert ds.grid == (2, 4, 4) and ds.enc_dim == 32 and len(ds) == 3
     # same latents as calling the model directly on the resized, normalised frames

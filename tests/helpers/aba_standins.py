@@ -1,11 +1,12 @@
 """Tiny stand-ins with the predictor / data / training interfaces the A-B-A engine codes against (used only by
-tests/test_adapt*.py, test_aba*.py, test_report.py; the real pieces live in hope_kernels.models/data/train).
+tests/app/test_adapt.py, test_aba*.py, test_report.py; the real pieces live in hope_kernels.models/data/train).
 
 TinyPredictor: model(z (B, T, N, D), actions (B, T, A), states=None) -> z_hat (B, T, N, D), z_hat[:, t]
 predicts z[:, t+1]; causal over time (a per-timestep MLP plus a running mean of past timesteps).
 TinyHOPE adds a carried memory vector (carry_memory / reset_memory: forwards store the end state, rollouts read
 it only) and two CMS levels with periods (1, 2) (cms_levels()).
 """
+
 from __future__ import annotations
 
 import types
@@ -129,8 +130,10 @@ def make_stream(n_per_phase=4, phases=("A1", "B", "A2"), seed=0, heldout=2, **kw
         for _ in range(n_per_phase):
             clips.append(make_clip(p, idx, shift=shifts.get(p, 1.0), seed=seed, **kw))
             idx += 1
-    held = {p: [make_clip(p, 10_000 + 10 * j + k, shift=shifts.get(p, 1.0), seed=seed, **kw)
-                for k in range(heldout)] for j, p in enumerate(phases)}
+    held = {
+        p: [make_clip(p, 10_000 + 10 * j + k, shift=shifts.get(p, 1.0), seed=seed, **kw) for k in range(heldout)]
+        for j, p in enumerate(phases)
+    }
     return types.SimpleNamespace(clips=clips, heldout=held, phases=tuple(phases))
 
 
@@ -151,13 +154,20 @@ class StandInHooks:
     """hope_kernels.aba.Hooks stand-in: synthetic stream, tiny training, safetensors checkpoints. Counts calls."""
 
     def __init__(self, train_steps=10):
-        self.calls = {"ensure_dataset": 0, "verify_dataset": 0, "make_stream": 0, "train": 0, "load_checkpoint": 0,
-                      "train_clips": 0}
+        self.calls = {
+            "ensure_dataset": 0,
+            "verify_dataset": 0,
+            "make_stream": 0,
+            "train": 0,
+            "load_checkpoint": 0,
+            "train_clips": 0,
+        }
         self.train_steps = train_steps
 
     def ensure_dataset(self, path, preset, seed):
         self.calls["ensure_dataset"] += 1
         import pathlib
+
         path = pathlib.Path(path)
         path.mkdir(parents=True, exist_ok=True)
         (path / "manifest.json").write_text("{}")
@@ -183,7 +193,9 @@ class StandInHooks:
     def train(self, config):
         import json
         import pathlib
+
         from safetensors.torch import save_file
+
         self.calls["train"] += 1
         model = self._build(config["model"], config["overrides"])
         shifts = {"A1": 1.0, "B": -2.0, "A2": 1.0}
@@ -198,7 +210,9 @@ class StandInHooks:
     def load_checkpoint(self, path):
         import json
         import pathlib
+
         from safetensors.torch import load_file
+
         self.calls["load_checkpoint"] += 1
         meta = json.loads((pathlib.Path(path).parent / "meta.json").read_text())
         model = self._build(meta["kind"], meta["overrides"])

@@ -1,23 +1,31 @@
 """Predictors: shapes, presets, causality (memory included), action dependence, rollout gradients, HOPE memory
 carry and CMS levels, official V-JEPA 2-AC key mapping, RoPE properties."""
+
 import math
 
 import pytest
 import torch
 
-from conftest import rel_err
+from helpers import rel_err
 from hope_kernels.models import build_predictor, predictor_from_config
 from hope_kernels.ops import rope_attention
 
 GRID, ENC = (3, 2, 2), 16
 SMALL = dict(enc_dim=ENC, grid=GRID, width=24, heads=2, depth=2)
-VARIANTS = [("ac", {}), ("hope", {}), ("hope", dict(self_referential=False)), ("hope", dict(memory_rule="titans")),
-            ("hope", dict(cms=False)), ("ac", dict(state_dim=3)), ("hope", dict(state_dim=3))]
+VARIANTS = [
+    ("ac", {}),
+    ("hope", {}),
+    ("hope", dict(self_referential=False)),
+    ("hope", dict(memory_rule="titans")),
+    ("hope", dict(cms=False)),
+    ("ac", dict(state_dim=3)),
+    ("hope", dict(state_dim=3)),
+]
 
 
 def make(kind, **kw):
     m = build_predictor(kind, **{**SMALL, **kw}).double()
-    with torch.no_grad():           # predict_delta zero-initialises the head: give it weights, as training would
+    with torch.no_grad():  # predict_delta zero-initialises the head: give it weights, as training would
         m.proj.weight.normal_(0, 0.02)
     return m
 
@@ -39,7 +47,9 @@ def test_shapes_and_causality(kind, kw):
         for which in ("z", "a") + (("s",) if s is not None else ()):
             z2, a2 = z.clone(), a.clone()
             s2 = None if s is None else s.clone()
-            {"z": z2, "a": a2, "s": s2}[which][:, tp] += torch.randn_like(z2[:, tp] if which == "z" else a2[:, tp] if which == "a" else s2[:, tp])
+            {"z": z2, "a": a2, "s": s2}[which][:, tp] += torch.randn_like(
+                z2[:, tp] if which == "z" else a2[:, tp] if which == "a" else s2[:, tp]
+            )
             y2 = m(z2, a2, s2)
             torch.testing.assert_close(y2[:, :tp], y[:, :tp], rtol=0, atol=1e-12)
             assert (y2[:, tp] - y[:, tp]).abs().max() > 1e-6, f"{which}[:, {tp}] does not reach z_hat[:, {tp}]"
@@ -67,6 +77,7 @@ def test_positions_built_once_per_length(kind, monkeypatch):
     on a GPU) reads it once; a new length builds its own."""
     import hope_kernels.models.base as base
     from hope_kernels.models.rope import token_positions
+
     lengths = []
     monkeypatch.setattr(base, "token_positions", lambda T, *a, **kw: lengths.append(T) or token_positions(T, *a, **kw))
     m = make(kind)
@@ -82,18 +93,19 @@ def test_hope_memory_survives_a_clip(kw):
     most of its norm over one clip. With 0.99 per token it kept 0.4% over 8 timesteps of 65 tokens, so carrying
     memory across clips changed nothing."""
     import torch.nn.functional as F
+
     torch.manual_seed(0)
     T, P = 8, 65
     m = build_predictor("hope", "tiny", enc_dim=16, grid=(T, 8, 8), **kw)
     mem = m.blocks[0].memory
     x = F.layer_norm(torch.randn(1, T * P, m.config.width), (m.config.width,))
-    out_mem = lambda s: (s[0] if isinstance(s, tuple) else s)[..., -mem.dh:]   # noqa: E731
+    out_mem = lambda s: (s[0] if isinstance(s, tuple) else s)[..., -mem.dh :]  # noqa: E731
     state = mem.initial_state(1)
     start = out_mem(state).norm()
     with torch.no_grad():
         for t in range(T):
-            _, state = mem(x[:, t * P:(t + 1) * P], 1, state)
-    assert out_mem(state).norm() > 0.5 * start      # measured 0.89 (0.005 with per-token retention)
+            _, state = mem(x[:, t * P : (t + 1) * P], 1, state)
+    assert out_mem(state).norm() > 0.5 * start  # measured 0.89 (0.005 with per-token retention)
 
 
 @pytest.mark.parametrize("kw", [{}, dict(memory_rule="titans")])
@@ -126,13 +138,13 @@ def test_hope_carry_memory():
     y0 = m(z, a)
     m.carry_memory = True
     y1 = m(z, a)
-    torch.testing.assert_close(y1, y0)                       # first call starts from the learned initial state
+    torch.testing.assert_close(y1, y0)  # first call starts from the learned initial state
     stored = [s.clone() for s in m._memory]
     assert all(not s.requires_grad for s in m._memory)
-    m.rollout(z[:, :1], a, steps=2)                          # rollouts read but never store the memory
+    m.rollout(z[:, :1], a, steps=2)  # rollouts read but never store the memory
     assert all(torch.equal(s, t) for s, t in zip(stored, m._memory))
     y2 = m(z, a)
-    assert (y2 - y1).abs().max() > 1e-6                       # second call starts from the carried state
+    assert (y2 - y1).abs().max() > 1e-6  # second call starts from the carried state
     m.reset_memory()
     torch.testing.assert_close(m(z, a), y0)
     m(*inputs(B=2)[:2])
@@ -145,6 +157,7 @@ def test_hope_memory_layouts_agree(monkeypatch, rule):
     # the five memories share q, k and the gates and the rules act per value column: one wide memory (CPU
     # layout) and five memories stacked along heads (CUDA layout) give the same outputs, end state and gradients
     from hope_kernels.models.hope_predictor import SelfModifyingMemory, _stack, _unstack
+
     t = torch.randn(2, 3, 4, 5 * 6)
     assert torch.equal(_unstack(_stack(t, 5), 5), t)
     m = make("hope", memory_rule=rule)
@@ -198,8 +211,10 @@ def test_gpu_predictor_matches_cpu(kind, kw):
                 (y * w.to(dev, dt)).sum().backward()
         finally:
             torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
-        got[(dev, dt)] = (y.detach().cpu().double(),
-                          {n: p.grad.detach().cpu().double().clone() for n, p in md.named_parameters()})
+        got[(dev, dt)] = (
+            y.detach().cpu().double(),
+            {n: p.grad.detach().cpu().double().clone() for n, p in md.named_parameters()},
+        )
     y64, g64 = got[("cpu", torch.float64)]
     report = {}
     for dev in ("cpu", "cuda"):
@@ -216,7 +231,7 @@ def test_hope_cms_levels_and_shared_attributes():
     levels = m.cms_levels()
     assert [p for p, _ in levels] == list(m.config.cms_periods)
     ids = [id(p) for _, ps in levels for p in ps]
-    assert len(ids) == len(set(ids)) == 6 * 2 * len(levels)   # norm, fc1, fc2 (weight + bias) x 2 blocks
+    assert len(ids) == len(set(ids)) == 6 * 2 * len(levels)  # norm, fc1, fc2 (weight + bias) x 2 blocks
     assert make("hope", cms=False).cms_levels() == []
     for kind in ("ac", "hope"):
         mm = make(kind)
@@ -243,7 +258,7 @@ def test_presets_construct(kind, preset):
 
 
 def _truncated_normal_cdf(x, std, a, b):
-    nd = lambda v: torch.special.ndtr(torch.as_tensor(v, dtype=torch.float64) / std)   # noqa: E731
+    nd = lambda v: torch.special.ndtr(torch.as_tensor(v, dtype=torch.float64) / std)  # noqa: E731
     return (nd(x) - nd(a)) / (nd(b) - nd(a))
 
 
@@ -254,6 +269,7 @@ def test_trunc_normal_distribution(lo, hi, dtype):
     Kolmogorov-Smirnov distance to its CDF (seeded, so the statistical checks are deterministic). The last two
     bounds go to torch's own sampler (past 4 std)."""
     from hope_kernels.models.base import trunc_normal_
+
     std, n = 0.02, 1 << 20
     a, b = lo * std, hi * std
     torch.manual_seed(0)
@@ -261,22 +277,23 @@ def test_trunc_normal_distribution(lo, hi, dtype):
     x = w.flatten().double().sort().values
     assert a <= x[0] and x[-1] <= b
     # moments of N(0, std^2) truncated to [a, b] (lo, hi in std units)
-    pdf = lambda v: math.exp(-0.5 * v * v) / math.sqrt(2 * math.pi)     # noqa: E731
+    pdf = lambda v: math.exp(-0.5 * v * v) / math.sqrt(2 * math.pi)  # noqa: E731
     Z = 0.5 * (math.erf(hi / math.sqrt(2)) - math.erf(lo / math.sqrt(2)))
     mean = std * (pdf(lo) - pdf(hi)) / Z
-    var = std ** 2 * (1 + (lo * pdf(lo) - hi * pdf(hi)) / Z - ((pdf(lo) - pdf(hi)) / Z) ** 2)
+    var = std**2 * (1 + (lo * pdf(lo) - hi * pdf(hi)) / Z - ((pdf(lo) - pdf(hi)) / Z) ** 2)
     assert abs(float(x.mean()) - mean) < 5 * (var / n) ** 0.5
     assert abs(float(x.var()) / var - 1) < 0.01
     ks = (torch.arange(1, n + 1, dtype=torch.float64) / n - _truncated_normal_cdf(x, std, a, b)).abs().max()
-    assert ks < 1.63 / n ** 0.5    # the 1% critical value
+    assert ks < 1.63 / n**0.5  # the 1% critical value
 
 
 def test_trunc_normal_is_seeded_and_fills_any_layout():
     from hope_kernels.models.base import trunc_normal_
+
     draw = lambda seed, t: (torch.manual_seed(seed), trunc_normal_(t, 0.02, -0.04, 0.04))[1]  # noqa: E731
     assert torch.equal(draw(3, torch.empty(64, 33)), draw(3, torch.empty(64, 33)))
     assert not torch.equal(draw(3, torch.empty(64, 33)), draw(4, torch.empty(64, 33)))
-    t = draw(3, torch.full((33, 64), float("nan")).t())      # non-contiguous: every element written, in range
+    t = draw(3, torch.full((33, 64), float("nan")).t())  # non-contiguous: every element written, in range
     assert torch.isfinite(t).all() and t.abs().max() <= 0.04
 
 
@@ -285,6 +302,7 @@ def test_trunc_normal_all_batches_weights():
     written, in range, distributed as one trunc_normal_ draw, and seeded. Batch of 4096 elements here: weights
     split over several batches, one of them too big for a batch (drawn on its own), one non-contiguous."""
     from hope_kernels.models.base import trunc_normal_all_
+
     std, a, b = 0.02, -0.04, 0.04
 
     def draw(seed):
@@ -293,12 +311,13 @@ def test_trunc_normal_all_batches_weights():
         ws.append(torch.full((30, 20), float("nan")).t())
         trunc_normal_all_(ws, std, a, b, batch=4096)
         return ws
+
     ws = draw(0)
     x = torch.cat([w.flatten() for w in ws]).double().sort().values
     assert torch.isfinite(x).all() and a <= x[0] and x[-1] <= b
     n = x.numel()
     ks = (torch.arange(1, n + 1, dtype=torch.float64) / n - _truncated_normal_cdf(x, std, a, b)).abs().max()
-    assert ks < 1.63 / n ** 0.5
+    assert ks < 1.63 / n**0.5
     assert all(torch.equal(u, v) for u, v in zip(ws, draw(0)))
     assert not torch.equal(ws[0], draw(1)[0])
 
@@ -307,9 +326,11 @@ def test_trunc_normal_all_batches_weights():
 def test_init_is_seeded_and_complete(kind):
     """Linear and Conv3d weights skip their default draw (models.base._InitLater): _init_weights must set every
     one, and the whole build stays a function of the seed."""
+
     def build():
         torch.manual_seed(0)
         return build_predictor(kind, "tiny", enc_dim=64, grid=(2, 2, 2))
+
     m1, m2 = build(), build()
     for (name, p1), p2 in zip(m1.state_dict().items(), m2.state_dict().values()):
         assert torch.isfinite(p1).all() and torch.equal(p1, p2), name
@@ -317,10 +338,10 @@ def test_init_is_seeded_and_complete(kind):
     for name, mod in m1.named_modules():
         if isinstance(mod, torch.nn.Linear):
             assert mod.weight.abs().max() <= 2 * std and (mod.bias is None or not mod.bias.any()), name
-    s = std / m1.stem.weight[0, 0].numel() ** 0.5     # the stem (Conv3d), also built without its default draw
+    s = std / m1.stem.weight[0, 0].numel() ** 0.5  # the stem (Conv3d), also built without its default draw
     assert m1.stem.weight.abs().max() <= 2 * s and m1.stem.weight.std() > s / 2
     lin = m1.blocks[0].attn.qkv
-    lin.reset_parameters()             # a later reset is nn.Linear's Kaiming-uniform init
+    lin.reset_parameters()  # a later reset is nn.Linear's Kaiming-uniform init
     assert lin.weight.abs().max() > 2 * std and lin.bias.any()
 
 
@@ -346,19 +367,38 @@ def test_config_roundtrip_and_bad_inputs():
 # -- official V-JEPA 2-AC checkpoint layout --
 def official_state_dict(c):
     w, hid = c.width, int(c.width * c.mlp_ratio)
-    shapes = {"predictor_embed.weight": (w, c.enc_dim), "predictor_embed.bias": (w,),
-              "action_encoder.weight": (w, c.action_dim), "action_encoder.bias": (w,),
-              "predictor_norm.weight": (w,), "predictor_norm.bias": (w,),
-              "predictor_proj.weight": (c.enc_dim, w), "predictor_proj.bias": (c.enc_dim,),
-              "extrinsics_encoder.weight": (w, c.action_dim - 1), "extrinsics_encoder.bias": (w,)}
+    shapes = {
+        "predictor_embed.weight": (w, c.enc_dim),
+        "predictor_embed.bias": (w,),
+        "action_encoder.weight": (w, c.action_dim),
+        "action_encoder.bias": (w,),
+        "predictor_norm.weight": (w,),
+        "predictor_norm.bias": (w,),
+        "predictor_proj.weight": (c.enc_dim, w),
+        "predictor_proj.bias": (c.enc_dim,),
+        "extrinsics_encoder.weight": (w, c.action_dim - 1),
+        "extrinsics_encoder.bias": (w,),
+    }
     if c.state_dim:
         shapes.update({"state_encoder.weight": (w, c.state_dim), "state_encoder.bias": (w,)})
     for i in range(c.depth):
         b = f"predictor_blocks.{i}."
-        shapes.update({b + "norm1.weight": (w,), b + "norm1.bias": (w,), b + "attn.qkv.weight": (3 * w, w),
-                       b + "attn.qkv.bias": (3 * w,), b + "attn.proj.weight": (w, w), b + "attn.proj.bias": (w,),
-                       b + "norm2.weight": (w,), b + "norm2.bias": (w,), b + "mlp.fc1.weight": (hid, w),
-                       b + "mlp.fc1.bias": (hid,), b + "mlp.fc2.weight": (w, hid), b + "mlp.fc2.bias": (w,)})
+        shapes.update(
+            {
+                b + "norm1.weight": (w,),
+                b + "norm1.bias": (w,),
+                b + "attn.qkv.weight": (3 * w, w),
+                b + "attn.qkv.bias": (3 * w,),
+                b + "attn.proj.weight": (w, w),
+                b + "attn.proj.bias": (w,),
+                b + "norm2.weight": (w,),
+                b + "norm2.bias": (w,),
+                b + "mlp.fc1.weight": (hid, w),
+                b + "mlp.fc1.bias": (hid,),
+                b + "mlp.fc2.weight": (w, hid),
+                b + "mlp.fc2.bias": (w,),
+            }
+        )
     return {"module." + k: torch.randn(s, dtype=torch.float64) for k, s in shapes.items()}
 
 
@@ -381,10 +421,11 @@ def test_official_ac_keys_load():
         make("ac", state_dim=3, predict_delta=True, stem_kernel=0).load_official_state_dict(sd)
     with pytest.raises(ValueError, match="stem_kernel=0"):
         make("ac", state_dim=3, predict_delta=False).load_official_state_dict(sd)
-    with pytest.raises(ValueError, match="rope_compat='vjepa2'"):   # loaded silently into the true rotation before
+    with pytest.raises(ValueError, match="rope_compat='vjepa2'"):  # loaded silently into the true rotation before
         make("ac", state_dim=3, predict_delta=False, stem_kernel=0).load_official_state_dict(sd)
     from hope_kernels.config import predictor_config
-    official = predictor_config("ac", "vjepa2-ac")        # the official architecture, so its weights load as is
+
+    official = predictor_config("ac", "vjepa2-ac")  # the official architecture, so its weights load as is
     assert official.predict_delta is False and official.stem_kernel == 0 and official.rope_compat == "vjepa2"
 
 
@@ -398,16 +439,20 @@ def test_official_ac_weights_give_the_official_outputs_and_gradients(monkeypatch
     import os
     import sys
     import types
+
     root = os.environ.get("HOPE_BENCH_VJEPA2")
     if not root or not os.path.isfile(os.path.join(root, "src", "models", "ac_predictor.py")):
         pytest.skip("set HOPE_BENCH_VJEPA2 to a facebookresearch/vjepa2 checkout")
     try:
         import timm.models.layers  # noqa: F401
-    except ImportError:   # its only use there: drop_path, rate 0
+    except ImportError:  # its only use there: drop_path, rate 0
         layers = types.ModuleType("timm.models.layers")
         layers.drop_path = lambda x, drop_prob=0.0, training=False: x
-        for name, mod in (("timm", types.ModuleType("timm")), ("timm.models", types.ModuleType("timm.models")),
-                          ("timm.models.layers", layers)):
+        for name, mod in (
+            ("timm", types.ModuleType("timm")),
+            ("timm.models", types.ModuleType("timm.models")),
+            ("timm.models.layers", layers),
+        ):
             monkeypatch.setitem(sys.modules, name, mod)
     sys.path.insert(0, root)
     try:
@@ -415,16 +460,40 @@ def test_official_ac_weights_give_the_official_outputs_and_gradients(monkeypatch
     finally:
         sys.path.remove(root)
     from hope_kernels.models.ac_predictor import official_to_local
+
     if per_block:
-        monkeypatch.setattr(importlib.import_module("hope_kernels.ops.rope_attention.cpu_blocks"),
-                            "MIN_BLOCK_QUERIES", 1)
+        monkeypatch.setattr(
+            importlib.import_module("hope_kernels.ops.rope_attention.cpu_blocks"), "MIN_BLOCK_QUERIES", 1
+        )
     torch.manual_seed(0)
     T, H, W, D, A = 8, 4, 4, 32, 7
-    off = vit_ac_predictor(img_size=(16 * H, 16 * W), patch_size=16, num_frames=2 * T, tubelet_size=2, embed_dim=D,
-                           predictor_embed_dim=64, depth=2, num_heads=4, action_embed_dim=A, use_rope=True,
-                           is_frame_causal=True)
-    ours = build_predictor("ac", "tiny", enc_dim=D, grid=(T, H, W), width=64, depth=2, heads=4, action_dim=A,
-                           state_dim=A, stem_kernel=0, predict_delta=False, rope_compat="vjepa2")
+    off = vit_ac_predictor(
+        img_size=(16 * H, 16 * W),
+        patch_size=16,
+        num_frames=2 * T,
+        tubelet_size=2,
+        embed_dim=D,
+        predictor_embed_dim=64,
+        depth=2,
+        num_heads=4,
+        action_embed_dim=A,
+        use_rope=True,
+        is_frame_causal=True,
+    )
+    ours = build_predictor(
+        "ac",
+        "tiny",
+        enc_dim=D,
+        grid=(T, H, W),
+        width=64,
+        depth=2,
+        heads=4,
+        action_dim=A,
+        state_dim=A,
+        stem_kernel=0,
+        predict_delta=False,
+        rope_compat="vjepa2",
+    )
     ours.load_official_state_dict(off.state_dict())
     z = torch.nn.functional.layer_norm(torch.randn(2, T, H * W, D), (D,))
     a, s = torch.randn(2, T, A), torch.randn(2, T, A)
@@ -445,7 +514,7 @@ def test_predict_delta_output_is_last_latent_plus_head(kind):
     torch.manual_seed(0)
     m = build_predictor(kind, **SMALL).double()
     z, a, _ = inputs()
-    assert not m.proj.weight.any() and not m.proj.bias.any()       # an untrained predictor is copy-last
+    assert not m.proj.weight.any() and not m.proj.bias.any()  # an untrained predictor is copy-last
     with torch.no_grad():
         torch.testing.assert_close(m(z, a), torch.nn.functional.layer_norm(z, z.shape[-1:]))
         m.config.predict_delta = False
@@ -470,7 +539,7 @@ def test_rope_scores_depend_only_on_position_differences():
     w = _scores(q, k, pos)
     torch.testing.assert_close(_scores(q, k, pos + torch.tensor([3, 7, 2])), w)
     pos2 = pos.clone()
-    pos2[1, 1] += 1                                       # a relative change must change the weights
+    pos2[1, 1] += 1  # a relative change must change the weights
     assert (_scores(q, k, pos2) - w).abs().max() > 1e-6
 
 
@@ -486,24 +555,28 @@ def official_rotate(x, pos):
 
 
 def test_rope_compat_reproduces_official_formula():
-    L, d = 6, 14                                          # slices of 4 and 2 unrotated channels
+    L, d = 6, 14  # slices of 4 and 2 unrotated channels
     q, k, v = (torch.randn(1, 2, L, d, dtype=torch.float64) for _ in range(3))
     pos = torch.stack([torch.tensor([0, 0, 1, 1, 2, 2]), torch.randint(0, 4, (L,)), torch.randint(0, 4, (L,))], 1)
     s = 2 * (d // 6)
 
     def rot(x):
-        return torch.cat([official_rotate(x[..., i * s:(i + 1) * s], pos[:, i]) for i in range(3)] + [x[..., 3 * s:]], -1)
-    att = (rot(q) @ rot(k).transpose(-1, -2)) / d ** 0.5
+        return torch.cat(
+            [official_rotate(x[..., i * s : (i + 1) * s], pos[:, i]) for i in range(3)] + [x[..., 3 * s :]], -1
+        )
+
+    att = (rot(q) @ rot(k).transpose(-1, -2)) / d**0.5
     att = att.masked_fill(pos[None, :, 0] > pos[:, None, 0], float("-inf")).softmax(-1)
     torch.testing.assert_close(rope_attention(q, k, v, pos, rope_compat="vjepa2"), att @ v)
-    assert (rope_attention(q, k, v, pos) - att @ v).abs().max() > 1e-6   # the true rotation differs
+    assert (rope_attention(q, k, v, pos) - att @ v).abs().max() > 1e-6  # the true rotation differs
 
 
 def test_hope_alpha_gate_never_underflows_to_zero():
     """float32 sigmoid of a very negative logit is exactly 0; the memory ops need alpha in (0, 1]."""
     from hope_kernels.models import build_predictor
+
     m = build_predictor("hope", "tiny", enc_dim=8, grid=(2, 2, 2), width=32, heads=2, depth=1)
     mem = m.blocks[0].memory
     eta, alpha = mem._gates(torch.zeros(3), torch.tensor([-1e4, 0.0, 1e4]), chunk=5)
-    assert (eta > 0).all() and (eta < mem.eta_max / 5).all()        # the per-token rate is eta_max / chunk
+    assert (eta > 0).all() and (eta < mem.eta_max / 5).all()  # the per-token rate is eta_max / chunk
     assert (alpha > 0).all() and (alpha <= 1).all() and torch.isfinite(eta).all()

@@ -1,12 +1,12 @@
 """The examples/ scripts on tiny settings, and the scientific sanity check on the quick stream (slow). They need
 the real data, model and training packages; without them (a worktree of this part alone) they skip."""
+
 import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import ROOT
 
 
 def _real_pieces():
@@ -29,6 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_examples_show_the_python_api():
     """Each example says what it shows and how to run it, and calls the package, not the command line."""
     import ast
+
     for f in sorted((ROOT / "examples").glob("*.py")):
         tree = ast.parse(f.read_text())
         doc = ast.get_docstring(tree) or ""
@@ -50,15 +51,59 @@ def test_examples_parse_help():
 def test_examples_end_to_end(tmp_path):
     _real_pieces()
     assert _example("import_own_data").main(["--out", str(tmp_path / "mine"), "--demo"]) == 0
-    assert _example("train_predictor").main(["--model", "hope", "--steps", "3", "--batch-size", "2",
-                                             "--data-preset", "tiny", "--out", str(tmp_path / "t")]) == 0
+    assert (
+        _example("train_predictor").main(
+            [
+                "--model",
+                "hope",
+                "--steps",
+                "3",
+                "--batch-size",
+                "2",
+                "--data-preset",
+                "tiny",
+                "--out",
+                str(tmp_path / "t"),
+            ]
+        )
+        == 0
+    )
     marker = next((tmp_path / "t" / "model").rglob("*.safetensors"))
-    assert _example("adapt_checkpoint").main(["--checkpoint", str(marker), "--data", str(tmp_path / "t" / "data"),
-                                              "--strategy", "hope", "--clips-per-phase", "2",
-                                              "--log", str(tmp_path / "log.json")]) == 0
+    assert (
+        _example("adapt_checkpoint").main(
+            [
+                "--checkpoint",
+                str(marker),
+                "--data",
+                str(tmp_path / "t" / "data"),
+                "--strategy",
+                "hope",
+                "--clips-per-phase",
+                "2",
+                "--log",
+                str(tmp_path / "log.json"),
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "log.json").read_text())["strategy"] == "hope"
-    assert _example("reproduce_aba").main(["--out", str(tmp_path / "aba"), "--seeds", "0", "--steps", "3",
-                                           "--clips", "2", "--runs", "hope,ac+layernorm"]) == 0
+    assert (
+        _example("reproduce_aba").main(
+            [
+                "--out",
+                str(tmp_path / "aba"),
+                "--seeds",
+                "0",
+                "--steps",
+                "3",
+                "--clips",
+                "2",
+                "--runs",
+                "hope,ac+layernorm",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "aba" / "aba.png").exists()
 
 
@@ -72,11 +117,26 @@ def test_quick_stream_shift_is_real_and_full_adapts(tmp_path):
     from hope_kernels.train import train
 
     data = ensure_dataset(tmp_path / "data", preset="quick")
-    model = train({"model": "ac", "preset": "tiny", "overrides": {}, "data": str(data), "phases": ["A1"],
-                   "split": "train", "steps": 150, "batch_size": 8, "lr": 3e-3, "seed": 0, "device": "cpu",
-                   "out": str(tmp_path / "ck"), "progress": False}).model
+    model = train(
+        {
+            "model": "ac",
+            "preset": "tiny",
+            "overrides": {},
+            "data": str(data),
+            "phases": ["A1"],
+            "split": "train",
+            "steps": 150,
+            "batch_size": 8,
+            "lr": 3e-3,
+            "seed": 0,
+            "device": "cpu",
+            "out": str(tmp_path / "ck"),
+            "progress": False,
+        }
+    ).model
     stream = make_stream(data, clips_per_phase=10, seed=0)
     import copy
+
     frozen = adapt_stream(copy.deepcopy(model), stream, "none")
     pm = phase_means(frozen.tf, frozen.phases)
     assert pm["B"] > pm["A1"]
@@ -106,9 +166,10 @@ def test_quick_preset_on_its_shipped_weights(tmp_path):
     from hope_kernels import pretrained
     from hope_kernels.aba import load_config, run_aba, select_runs
     from hope_kernels.data import ensure_dataset
+
     cfg = select_runs(load_config("quick"), ["ac+layernorm", "ac+none", "oracle"])
     data = ensure_dataset(tmp_path / "data", "quick", 0)
-    for spec, _ in pretrained.pretrain_specs(cfg):     # fail here, not after an hour of pre-training
+    for spec, _ in pretrained.pretrain_specs(cfg):  # fail here, not after an hour of pre-training
         entry, why = pretrained.find_shipped("quick", spec, pretrained.data_id(data))
         assert entry, why
     cfg.update(seeds=[0, 1], workers=1)

@@ -1,5 +1,6 @@
 """`hope-kernels import`: every input format round-trips, every bad input is refused with a message naming the
 problem and the file, and a failed import leaves the previous dataset intact."""
+
 import os
 
 import numpy as np
@@ -28,6 +29,7 @@ def _save(path, x, fmt, key):
         np.savez(path, **{key: x.numpy()})
     elif fmt == "safetensors":
         from safetensors.torch import save_file
+
         save_file({key: x.contiguous()}, str(path))
     else:
         torch.save({key: x}, path)
@@ -53,8 +55,24 @@ def test_round_trip(tmp_path, fmt, rank):
     lat2, act2 = _arrays(seed=1)
     lp2 = _save(tmp_path / f"lat2.{fmt}", lat2, fmt, "latents")
     ap2 = _save(tmp_path / f"act2.{fmt}", act2, fmt, "actions")
-    assert _run("--latents", lp2, "--actions", ap2, "--states", sp, "--phase", "B", "--out", out, "--append",
-                "--split", "stream") == 0
+    assert (
+        _run(
+            "--latents",
+            lp2,
+            "--actions",
+            ap2,
+            "--states",
+            sp,
+            "--phase",
+            "B",
+            "--out",
+            out,
+            "--append",
+            "--split",
+            "stream",
+        )
+        == 0
+    )
     verify_dataset(out)
     ds = ClipDataset(out)
     assert ds.grid == (T, H, W) and ds.enc_dim == D and ds.state_dim == 3 and ds.latent_dtype == torch.float32

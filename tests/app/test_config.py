@@ -1,5 +1,6 @@
 """The one config mechanism (hope_kernels.config.Config): unknown keys, types, ranges and key paths, for the
 simulation, predictor, training, adaptation and A-B-A configs."""
+
 import copy
 import dataclasses
 from typing import ClassVar
@@ -8,8 +9,16 @@ import pytest
 
 from hope_kernels.aba import AbaConfig, load_config, validate_config
 from hope_kernels.adapt import AdaptOptions
-from hope_kernels.config import (Config, PredictorConfig, TrainConfig, at_least, one_of, read_shipped_config,
-                                 setting, shipped_configs)
+from hope_kernels.config import (
+    Config,
+    PredictorConfig,
+    TrainConfig,
+    at_least,
+    one_of,
+    read_shipped_config,
+    setting,
+    shipped_configs,
+)
 from hope_kernels.data.simulate import SimConfig, make_config
 
 
@@ -32,21 +41,24 @@ class Outer(Config):
 
 
 def test_from_dict_names_the_key_path():
-    o = Outer.from_dict({"name": "x", "inner": {"rate": 1}, "items": [{}, {"sizes": [3]}], "table": {"k": 2},
-                         "shape": [4, 5]})
+    o = Outer.from_dict(
+        {"name": "x", "inner": {"rate": 1}, "items": [{}, {"sizes": [3]}], "table": {"k": 2}, "shape": [4, 5]}
+    )
     assert o.inner.rate == 1 and o.items[1].sizes == [3] and o.shape == (4, 5)
-    cases = [({"name": "x", "nme": 1}, r"unknown outer keys \['nme'\]; known: \['inner', 'items', 'mode', 'name', "),
-             ({}, "outer is missing 'name'"),
-             ({"name": 3}, "name must be a string, got 3"),
-             ({"name": "x", "mode": "c"}, r"mode must be one of \('a', 'b'\), got 'c'"),
-             ({"name": "x", "inner": {"rate": -1}}, r"inner.rate must be >= 0, got -1"),
-             ({"name": "x", "inner": {"rat": 1}}, r"unknown inner keys \['rat'\] at inner; known"),
-             ({"name": "x", "inner": 3}, "inner must be a mapping or None, got 3"),
-             ({"name": "x", "items": [{}, {"sizes": []}]}, r"items\[1\].sizes must not be empty, got \[\]"),
-             ({"name": "x", "items": [{}, {"sizes": [1, "2"]}]}, r"items\[1\].sizes\[1\] must be an int, got '2'"),
-             ({"name": "x", "table": {"k": 1.5}}, "table.k must be an int, got 1.5"),
-             ({"name": "x", "inner": {"rate": True}}, "inner.rate must be a number or None|inner.rate must be a num"),
-             ({"name": "x", "shape": "ab"}, "shape must be a list of int, got 'ab'")]
+    cases = [
+        ({"name": "x", "nme": 1}, r"unknown outer keys \['nme'\]; known: \['inner', 'items', 'mode', 'name', "),
+        ({}, "outer is missing 'name'"),
+        ({"name": 3}, "name must be a string, got 3"),
+        ({"name": "x", "mode": "c"}, r"mode must be one of \('a', 'b'\), got 'c'"),
+        ({"name": "x", "inner": {"rate": -1}}, r"inner.rate must be >= 0, got -1"),
+        ({"name": "x", "inner": {"rat": 1}}, r"unknown inner keys \['rat'\] at inner; known"),
+        ({"name": "x", "inner": 3}, "inner must be a mapping or None, got 3"),
+        ({"name": "x", "items": [{}, {"sizes": []}]}, r"items\[1\].sizes must not be empty, got \[\]"),
+        ({"name": "x", "items": [{}, {"sizes": [1, "2"]}]}, r"items\[1\].sizes\[1\] must be an int, got '2'"),
+        ({"name": "x", "table": {"k": 1.5}}, "table.k must be an int, got 1.5"),
+        ({"name": "x", "inner": {"rate": True}}, "inner.rate must be a number or None|inner.rate must be a num"),
+        ({"name": "x", "shape": "ab"}, "shape must be a list of int, got 'ab'"),
+    ]
     for d, match in cases:
         with pytest.raises(ValueError, match=match):
             Outer.from_dict(d)
@@ -59,8 +71,14 @@ def test_checks_run_on_direct_construction_and_to_dict_round_trips():
         Outer(name="x", mode="z")
     o = Outer.from_dict({"name": "x", "items": [{"rate": 2.0}]})
     d = o.to_dict()
-    assert d == {"name": "x", "mode": "a", "inner": None, "items": [{"rate": 2.0, "sizes": None}], "table": {},
-                 "shape": [1, 2]}
+    assert d == {
+        "name": "x",
+        "mode": "a",
+        "inner": None,
+        "items": [{"rate": 2.0, "sizes": None}],
+        "table": {},
+        "shape": [1, 2],
+    }
     assert Outer.from_dict(d) == o
 
 
@@ -78,7 +96,7 @@ def test_predictor_train_and_sim_configs_keep_their_checks():
     with pytest.raises(ValueError, match=r"model.grid must be \(T, H, W\)"):
         PredictorConfig.from_dict({"grid": [8, 8]}, "model")
     assert PredictorConfig.from_dict({"grid": [2, 3, 4]}).grid == (2, 3, 4)
-    with pytest.raises(ValueError, match="lr must be a number, got '1e-3'"):   # YAML 1.1 reads 1e-3 as a string
+    with pytest.raises(ValueError, match="lr must be a number, got '1e-3'"):  # YAML 1.1 reads 1e-3 as a string
         TrainConfig.from_dict({"lr": "1e-3"})
     assert TrainConfig.from_dict({"phases": "B"}).phases == ["B"]
     assert TrainConfig().to_dict() == dataclasses.asdict(TrainConfig())
@@ -106,7 +124,7 @@ def test_adapt_options_defaults_and_checks():
 def test_shipped_aba_presets_load_unchanged(name):
     raw = read_shipped_config(name, "aba_")
     cfg = load_config(name)
-    assert cfg == raw                               # results.json records the mapping as the file holds it
+    assert cfg == raw  # results.json records the mapping as the file holds it
     again = copy.deepcopy(cfg)
     assert validate_config(again) is again and again == raw
     typed = AbaConfig.from_dict(cfg, "aba")
@@ -129,9 +147,13 @@ def test_aba_compile_key():
 
 
 def test_aba_pretrain_sections_hold_training_fields():
-    for edit, match in [(lambda c: c["pretrain"]["hope"].update(stepz=1), "aba.pretrain has 'hope', which is not"),
-                        (lambda c: c["runs"][8]["pretrain"].update(per_seed=True),
-                         r"aba.runs\[8\].pretrain has keys that are not training config fields: \['per_seed'\]")]:
+    for edit, match in [
+        (lambda c: c["pretrain"]["hope"].update(stepz=1), "aba.pretrain has 'hope', which is not"),
+        (
+            lambda c: c["runs"][8]["pretrain"].update(per_seed=True),
+            r"aba.runs\[8\].pretrain has keys that are not training config fields: \['per_seed'\]",
+        ),
+    ]:
         cfg = load_config("quick")
         edit(cfg)
         with pytest.raises(ValueError, match=match):

@@ -1,4 +1,5 @@
 """Dataset format: manifest + shards, lazy ClipDataset, make_stream, verify, ensure_dataset, atomic writes."""
+
 import json
 import os
 import re
@@ -104,6 +105,7 @@ def test_verify_ok_and_cli(tiny, capsys):
 
 def _copy(src, dst):
     import shutil
+
     shutil.copytree(src, dst)
     return dst
 
@@ -179,14 +181,33 @@ def test_writer_refuses_overwrite_and_cleans_up(tiny, tmp_path):
             w.add_shard(torch.zeros(1, 2, 5, 3), torch.zeros(1, 2, 2), "A1", "train")
         w.add_shard(torch.randn(2, 2, 4, 3), torch.zeros(2, 2, 2), "A1", "train")
     assert ClipDataset(d)[1]["latents"].dtype == torch.bfloat16
-    assert sorted(os.listdir(d)) == [VERIFIED, "A1-train-0000.safetensors", MANIFEST]   # VERIFIED: the read
+    assert sorted(os.listdir(d)) == [VERIFIED, "A1-train-0000.safetensors", MANIFEST]  # VERIFIED: the read
 
 
 def test_simulate_cli(tmp_path, capsys):
     out = tmp_path / "cli"
-    argv = ["simulate", "--preset", "tiny", "--out", str(out), "--no-progress", "--seed", "2",
-            "--set", "train_a1=2", "--set", "train_b=1", "--set", "train_a2=0", "--set", "stream=1",
-            "--set", "heldout=1", "--set", "mu_b=0.05"]
+    argv = [
+        "simulate",
+        "--preset",
+        "tiny",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--seed",
+        "2",
+        "--set",
+        "train_a1=2",
+        "--set",
+        "train_b=1",
+        "--set",
+        "train_a2=0",
+        "--set",
+        "stream=1",
+        "--set",
+        "heldout=1",
+        "--set",
+        "mu_b=0.05",
+    ]
     assert main(argv) == 0
     assert "wrote 9 clips" in capsys.readouterr().out
     m = read_manifest(out)
@@ -200,14 +221,18 @@ def test_simulate_cli(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("edit,match", [
-    (lambda m: m["clips"][0].update(row=10_000), "clip 0 refers to row 10000 of shard"),
-    (lambda m: m["clips"][0].pop("row"), "clip entry 0 must have shard, row"),
-    (lambda m: m["clips"][0].update(shard=99), "clip 0 refers to shard 99"),
-    (lambda m: m["shards"][0].update(phase="C"), "has phase 'C'"),
-    (lambda m: m["shards"][0].pop("bytes"), "shard entry 0 must have"),
-    (lambda m: m.update(grid="8x8x8"), "grid must be"),
-], ids=["row-oob", "no-row", "shard-oob", "phase-unknown", "no-bytes", "grid-str"])
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda m: m["clips"][0].update(row=10_000), "clip 0 refers to row 10000 of shard"),
+        (lambda m: m["clips"][0].pop("row"), "clip entry 0 must have shard, row"),
+        (lambda m: m["clips"][0].update(shard=99), "clip 0 refers to shard 99"),
+        (lambda m: m["shards"][0].update(phase="C"), "has phase 'C'"),
+        (lambda m: m["shards"][0].pop("bytes"), "shard entry 0 must have"),
+        (lambda m: m.update(grid="8x8x8"), "grid must be"),
+    ],
+    ids=["row-oob", "no-row", "shard-oob", "phase-unknown", "no-bytes", "grid-str"],
+)
 def test_malformed_manifest_entries_are_named(tiny, tmp_path, capsys, edit, match):
     d = _copy(tiny, tmp_path / "m")
     m = json.loads((d / MANIFEST).read_text())

@@ -1,14 +1,21 @@
 """titans_memory (docs/design.md#titans-memory): every path against the token loop (the definition), forward and
 backward."""
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import cpu_fast_backends, rel_err, requires_cuda
+from helpers import ROOT, cpu_fast_backends, rel_err, requires_cuda
 from hope_kernels.ops import titans_memory
 from hope_kernels.ops.titans import _LINEAR, LINEAR_BACKENDS
-from hope_kernels.ops.titans.reference import (titans_chunked, titans_linear_chunked_bwd, titans_linear_chunked_fwd,
-                                               titans_mlp_chunked_bwd, titans_mlp_chunked_fwd, titans_token_loop)
+from hope_kernels.ops.titans.reference import (
+    titans_chunked,
+    titans_linear_chunked_bwd,
+    titans_linear_chunked_fwd,
+    titans_mlp_chunked_bwd,
+    titans_mlp_chunked_fwd,
+    titans_token_loop,
+)
 
 
 def fast_backends():
@@ -29,7 +36,12 @@ def make(B=2, H=2, L=19, dk=8, dv=8, dtype=torch.float64, state=False, mlp_dh=No
     alpha, eta, theta = 0.3 * u(B, H, L), u(B, H, L), theta_scale * u(B, H, L)
     st = None
     if mlp_dh:
-        st = (0.3 * r(B, H, dk, mlp_dh), 0.3 * r(B, H, mlp_dh, dv), 0.1 * r(B, H, dk, mlp_dh), 0.1 * r(B, H, mlp_dh, dv))
+        st = (
+            0.3 * r(B, H, dk, mlp_dh),
+            0.3 * r(B, H, mlp_dh, dv),
+            0.1 * r(B, H, dk, mlp_dh),
+            0.1 * r(B, H, mlp_dh, dv),
+        )
     elif state:
         st = (0.5 * r(B, H, dk, dv), 0.1 * r(B, H, dk, dv))
     return [q, k, v, alpha, eta, theta], st
@@ -50,13 +62,15 @@ def grads_of(fn, inputs, state, seed=1):
 
 
 def loop_fn(C, memory="linear"):
-    return lambda q, k, v, a, e, t, st: titans_token_loop(q, k, v, a, e, t, chunk_size=C, memory=memory,
-                                                           initial_state=st)
+    return lambda q, k, v, a, e, t, st: titans_token_loop(
+        q, k, v, a, e, t, chunk_size=C, memory=memory, initial_state=st
+    )
 
 
 def op_fn(C, backend, memory="linear"):
-    return lambda q, k, v, a, e, t, st: titans_memory(q, k, v, a, e, t, chunk_size=C, memory=memory,
-                                                      initial_state=st, output_final_state=True, backend=backend)
+    return lambda q, k, v, a, e, t, st: titans_memory(
+        q, k, v, a, e, t, chunk_size=C, memory=memory, initial_state=st, output_final_state=True, backend=backend
+    )
 
 
 def assert_close_all(xs, refs, tol, what):
@@ -71,6 +85,7 @@ def assert_close_all(xs, refs, tol, what):
 
 
 # ------------------------------------------------------------------ closed form vs the definition
+
 
 @pytest.mark.parametrize("C", [1, 4, 16, 64])
 @pytest.mark.parametrize("shape", [dict(), dict(L=7), dict(dk=6, dv=3), dict(B=1, H=1, L=33)])
@@ -92,6 +107,7 @@ def test_mlp_chunked_matches_token_loop(C):
 
 def test_mlp_inner_gradient_is_autograd():
     from hope_kernels.ops.titans.reference import _mlp_inner_grad
+
     x, v = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
     W1 = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     W2 = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
@@ -131,7 +147,7 @@ def test_mlp_explicit_backward_matches_autograd(C, L):
     """The MLP derivation of docs/titans.md (explicit chunked backward) against autograd through the token loop."""
     x, st = make(L=L, dk=6, dv=6, mlp_dh=5)
     (o1, *s1), g1 = grads_of(loop_fn(C, "mlp"), x, st)
-    gen = torch.Generator().manual_seed(1)     # the cotangents grads_of drew
+    gen = torch.Generator().manual_seed(1)  # the cotangents grads_of drew
     do = torch.randn(o1.shape, generator=gen, dtype=torch.float64)
     ds = [torch.randn(s.shape, generator=gen, dtype=torch.float64) for s in s1]
     o2, *bs = titans_mlp_chunked_fwd(*x, *st, C)
@@ -171,9 +187,11 @@ def test_gradcheck_float64(backend):
     leaves = [t.clone().requires_grad_(True) for t in x + list(st)]
 
     def f(q, k, v, a, e, t, W, S):
-        o, (Wn, Sn) = titans_memory(q, k, v, a, e, t, chunk_size=4, initial_state=(W, S), output_final_state=True,
-                                    backend=backend)
+        o, (Wn, Sn) = titans_memory(
+            q, k, v, a, e, t, chunk_size=4, initial_state=(W, S), output_final_state=True, backend=backend
+        )
         return o, Wn, Sn
+
     assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-7, fast_mode=True)
 
 
@@ -187,13 +205,24 @@ def test_custom_op_explicit_path_gradcheck():
 
 # ------------------------------------------------------------------ gate edges
 
+
 @pytest.mark.parametrize("backend", ALL)
 def test_theta_zero_leaves_memory_untouched(backend):
     x, (W0, _) = make(state=True, dtype=torch.float32 if backend == "triton" else torch.float64)
     q, k, v, alpha, eta, theta = x
     S0 = torch.zeros_like(W0)
-    o, (W, S) = titans_memory(q, k, v, torch.zeros_like(alpha), eta, torch.zeros_like(theta), chunk_size=4,
-                              initial_state=(W0, S0), output_final_state=True, backend=backend)
+    o, (W, S) = titans_memory(
+        q,
+        k,
+        v,
+        torch.zeros_like(alpha),
+        eta,
+        torch.zeros_like(theta),
+        chunk_size=4,
+        initial_state=(W0, S0),
+        output_final_state=True,
+        backend=backend,
+    )
     assert torch.equal(W, W0.to(W.dtype)) and torch.equal(S, S0.to(S.dtype))
     assert rel_err(o, q @ W0) < 1e-6
 
@@ -212,8 +241,9 @@ def test_gate_edges_match_token_loop(backend, edge):
         alpha[..., 5], eta[..., 2] = 1.0, 0.0
     for C in (1, 4):
         o1, s1 = titans_token_loop(q, k, v, alpha, eta, theta, chunk_size=C, initial_state=st)
-        o2, s2 = titans_memory(q, k, v, alpha, eta, theta, chunk_size=C, initial_state=st, output_final_state=True,
-                               backend=backend)
+        o2, s2 = titans_memory(
+            q, k, v, alpha, eta, theta, chunk_size=C, initial_state=st, output_final_state=True, backend=backend
+        )
         assert_close_all((o2, *s2), (o1, *s1), TOL[dtype], f"{edge} C={C}")
 
 
@@ -234,10 +264,12 @@ def test_split_equals_whole(backend):
     x, st = make(L=20, state=True, dtype=dtype)
     C, cut = 4, 12  # the cut sits on a chunk boundary, so both runs see the same chunks
     o, s = titans_memory(*x, chunk_size=C, initial_state=st, output_final_state=True, backend=backend)
-    oa, sa = titans_memory(*(t[:, :, :cut] for t in x), chunk_size=C, initial_state=st, output_final_state=True,
-                           backend=backend)
-    ob, sb = titans_memory(*(t[:, :, cut:] for t in x), chunk_size=C, initial_state=sa, output_final_state=True,
-                           backend=backend)
+    oa, sa = titans_memory(
+        *(t[:, :, :cut] for t in x), chunk_size=C, initial_state=st, output_final_state=True, backend=backend
+    )
+    ob, sb = titans_memory(
+        *(t[:, :, cut:] for t in x), chunk_size=C, initial_state=sa, output_final_state=True, backend=backend
+    )
     assert_close_all((torch.cat([oa, ob], 2), *sb), (o, *s), TOL[dtype], "split")
 
 
@@ -260,7 +292,7 @@ def test_sigmoid_gate_preactivation_grads_match_token_loop(backend):
 
     ref = run(loop_fn(4), torch.float64)
     got = run(op_fn(4, backend), torch.float32)
-    assert_close_all(got, ref, 1e-4, "d logit (alpha, eta)")   # measured <= 1e-6; a wrong sign or factor: >= 1
+    assert_close_all(got, ref, 1e-4, "d logit (alpha, eta)")  # measured <= 1e-6; a wrong sign or factor: >= 1
 
 
 MEMORY_PATHS = [("linear", b) for b in ALL] + [("mlp", b) for b in ("reference", "cpu", "triton") if b in ALL]
@@ -310,10 +342,12 @@ def test_final_state_is_compact(memory, backend):
 def _spy_chunk_sizes(monkeypatch, module, names, L):
     """Wrap module.<names> (which take chunk_size as keyword or last argument) to fail on a chunk_size above L."""
     for name in names:
+
         def spy(*args, _fn=getattr(module, name), **kw):
             C = kw.get("chunk_size", args[-1])
             assert C <= L, f"{name} got chunk_size={C} for L={L}: not clamped"
             return _fn(*args, **kw)
+
         monkeypatch.setattr(module, name, spy)
 
 
@@ -322,11 +356,12 @@ def test_chunk_size_above_length_is_length(memory, backend, monkeypatch):
     """chunk_size > L gives the result of chunk_size = L, without building (C, C) tiles: the kernels get C = L (so
     triton also takes C = 4096 when L <= 64)."""
     import hope_kernels.ops.titans as T
+
     dtype = torch.float32 if backend == "triton" else torch.float64
     x, st = make(B=1, H=1, L=5, dk=4, dv=4, dtype=dtype, state=True, mlp_dh=3 if memory == "mlp" else None)
     out, g = grads_of(op_fn(5, backend, memory), x, st)
     _spy_chunk_sizes(monkeypatch, T, ("titans_chunked", "titans_token_loop"), 5)
-    _spy_chunk_sizes(monkeypatch, type(T._LINEAR), ("__call__",), 5)   # the registered ops (chunk_size last)
+    _spy_chunk_sizes(monkeypatch, type(T._LINEAR), ("__call__",), 5)  # the registered ops (chunk_size last)
     out2, g2 = grads_of(op_fn(4096, backend, memory), x, st)
     assert all(torch.equal(a, b) for a, b in zip(out2 + g2, out + g))
 
@@ -344,12 +379,14 @@ def test_initial_state_iterator(backend):
 
 def test_docstring_states_the_triton_limits():
     from hope_kernels.ops.titans import MLP_MAX_D, TRITON_MAX_CHUNK, TRITON_MAX_D
+
     doc = " ".join(titans_memory.__doc__.split())
     assert f"linear memory: dk, dv <= {TRITON_MAX_D} and chunk_size <= {TRITON_MAX_CHUNK}" in doc
     assert f"mlp memory: dk = dv, dh and chunk_size <= {MLP_MAX_D}" in doc
 
 
 # ------------------------------------------------------------------ op machinery
+
 
 def _op_backends():
     return ["explicit"] + fast_backends()
@@ -363,8 +400,9 @@ def test_opcheck(backend):
     torch.library.opcheck(_LINEAR.ops[backend], args)
 
 
-@pytest.mark.parametrize("backend", ["explicit"] + [pytest.param(b, marks=pytest.mark.slow) if b == "triton" else b
-                                                    for b in fast_backends()])
+@pytest.mark.parametrize(
+    "backend", ["explicit"] + [pytest.param(b, marks=pytest.mark.slow) if b == "triton" else b for b in fast_backends()]
+)
 def test_torch_compile(backend):
     # The custom op is opaque to the compiler (fake kernel for shapes, real kernel at run time); "explicit"
     # runs the op with its PyTorch body. Compiling the eager reference itself takes minutes here: not tested.
@@ -433,11 +471,11 @@ def test_triton_value_blocks_match_token_loop(value_block, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_triton_half_inputs_accumulate_in_fp32(dtype):
     x, st = make(B=1, H=2, L=13, dk=16, dv=16, dtype=torch.float32, state=True)
-    x = [t.to(dtype) if i < 3 else t for i, t in enumerate(x)]   # q, k, v in half precision, gates fp32
+    x = [t.to(dtype) if i < 3 else t for i, t in enumerate(x)]  # q, k, v in half precision, gates fp32
     ref, gref = grads_of(loop_fn(4), [t.float() for t in x], st)
     out, g = grads_of(op_fn(4, "triton"), x, st)
     assert out[0].dtype == dtype and g[0].dtype == dtype
-    assert_close_all(out[1:], ref[1:], 1e-5, "half state")      # the state is fp32: only o is rounded
+    assert_close_all(out[1:], ref[1:], 1e-5, "half state")  # the state is fp32: only o is rounded
     assert_close_all(out[:1], ref[:1], 1e-2, "half o")
     assert_close_all(g, gref, 2e-2, "half grads")
 
@@ -497,6 +535,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="backend must be one of"):
         titans_memory(q, k, v, a, e, t, backend="nope")
     from hope_kernels.dispatch import BackendUnavailableError
+
     with pytest.raises(BackendUnavailableError):
         titans_memory(q, k, v, a, e, t, backend="cuda")
     if torch.cuda.is_available():
@@ -569,9 +608,15 @@ def test_cpu_baseline_isa_build(memory, monkeypatch):
 
 @needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("C,shape", [(64, dict(B=1, H=2, L=130, dk=20, dv=36)), (16, dict(B=1, H=1, L=37, dk=64, dv=64)),
-                                     (5, dict(B=2, H=3, L=15, dk=12, dv=12)),
-                                     (13, dict(B=1, H=2, L=26, dk=24, dv=120))])
+@pytest.mark.parametrize(
+    "C,shape",
+    [
+        (64, dict(B=1, H=2, L=130, dk=20, dv=36)),
+        (16, dict(B=1, H=1, L=37, dk=64, dv=64)),
+        (5, dict(B=2, H=3, L=15, dk=12, dv=12)),
+        (13, dict(B=1, H=2, L=26, dk=24, dv=120)),
+    ],
+)
 def test_cpu_linear_wide_heads_match_token_loop(C, shape, dtype):
     """The fused C++ linear kernel at dims off the vector tiles (dk = 20, dv = 36), over full chunks of 64, at the
     benchmark's head dims (64), at HOPE's call (one chunk per timestep of 5 tokens) and its wide state (five dh x dh
@@ -604,10 +649,11 @@ def test_cpu_gate_edges_exact_gradients(memory):
 def test_mlp_auto_picks_cpu_on_cpu_tensors():
     """Auto sends the MLP memory on CPU tensors to the C++ kernel (not the eager reference with autograd)."""
     import hope_kernels.ops.titans as T
+
     q = torch.zeros(1, 1, 4, 8)
     for dtype in (torch.float32, torch.float64):
         assert T._resolve("auto", "mlp", (q.to(dtype),), dh=8, chunk_size=16) == "cpu"
-        assert T._resolve("auto", "mlp", (q.to(dtype),), dh=100, chunk_size=300) == "cpu"   # no size limits
+        assert T._resolve("auto", "mlp", (q.to(dtype),), dh=100, chunk_size=300) == "cpu"  # no size limits
 
 
 def _mlp_op_fn(C, backend):
@@ -617,6 +663,7 @@ def _mlp_op_fn(C, backend):
     def fn(q, k, v, a, e, t, st):
         o, *bs = _MLP.ops[backend](q, k, v, a, e, t, *st, C)
         return o, tuple(b[:, :, -1] for b in bs)
+
     return fn
 
 
@@ -633,8 +680,9 @@ def test_explicit_mlp_op_matches_token_loop():
 def test_mlp_split_equals_whole(backend):
     x, st = make(B=1, H=1, L=8, dk=6, dv=6, mlp_dh=5, dtype=torch.float32)
     C, cut = 4, 4
-    run = lambda xs, s: titans_memory(*xs, chunk_size=C, memory="mlp", initial_state=s, output_final_state=True,
-                                      backend=backend)
+    run = lambda xs, s: titans_memory(
+        *xs, chunk_size=C, memory="mlp", initial_state=s, output_final_state=True, backend=backend
+    )
     o, s = run(x, st)
     oa, sa = run([t[:, :, :cut] for t in x], st)
     ob, sb = run([t[:, :, cut:] for t in x], sa)
@@ -645,15 +693,37 @@ def test_mlp_split_equals_whole(backend):
 def test_mlp_gate_edges_and_theta_zero(backend):
     x, st = make(B=1, H=1, L=6, dk=6, dv=6, mlp_dh=5, dtype=torch.float32)
     q, k, v, alpha, eta, theta = x
-    alpha[..., 3], eta[..., 1] = 1.0, 0.0     # a full forget and a zero momentum inside a chunk: forward exact
+    alpha[..., 3], eta[..., 1] = 1.0, 0.0  # a full forget and a zero momentum inside a chunk: forward exact
     o1, s1 = titans_token_loop(q, k, v, alpha, eta, theta, chunk_size=4, memory="mlp", initial_state=st)
-    o2, s2 = titans_memory(q, k, v, alpha, eta, theta, chunk_size=4, memory="mlp", initial_state=st,
-                           output_final_state=True, backend=backend)
+    o2, s2 = titans_memory(
+        q,
+        k,
+        v,
+        alpha,
+        eta,
+        theta,
+        chunk_size=4,
+        memory="mlp",
+        initial_state=st,
+        output_final_state=True,
+        backend=backend,
+    )
     assert_close_all((o2, *s2), (o1, *s1), TOL[torch.float32], "mlp gate edges")
     W1, W2 = st[0], st[1]
     zero = torch.zeros_like
-    o, s = titans_memory(q, k, v, zero(alpha), eta, zero(theta), chunk_size=4, memory="mlp",
-                         initial_state=(W1, W2, zero(st[2]), zero(st[3])), output_final_state=True, backend=backend)
+    o, s = titans_memory(
+        q,
+        k,
+        v,
+        zero(alpha),
+        eta,
+        zero(theta),
+        chunk_size=4,
+        memory="mlp",
+        initial_state=(W1, W2, zero(st[2]), zero(st[3])),
+        output_final_state=True,
+        backend=backend,
+    )
     assert torch.equal(s[0], W1) and torch.equal(s[1], W2) and not s[2].any() and not s[3].any()
     assert rel_err(o, q + F.silu(q @ W1) @ W2) < 1e-6
 
@@ -662,7 +732,7 @@ def test_mlp_gate_edges_and_theta_zero(backend):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_triton_mlp_half_inputs_accumulate_in_fp32(dtype):
     x, st = make(B=1, H=1, L=5, dk=8, dv=8, mlp_dh=8, dtype=torch.float32)
-    x = [t.to(dtype) if i < 3 else t for i, t in enumerate(x)]   # q, k, v in half precision, gates fp32
+    x = [t.to(dtype) if i < 3 else t for i, t in enumerate(x)]  # q, k, v in half precision, gates fp32
     ref, gref = grads_of(loop_fn(4, "mlp"), [t.float() for t in x], st)
     out, g = grads_of(op_fn(4, "triton", "mlp"), x, st)
     assert out[0].dtype == dtype and g[0].dtype == dtype and out[1].dtype == torch.float32
@@ -689,6 +759,7 @@ MLP_OP_BACKENDS = [MLP_OP_BACKEND] + (["cpu"] if "cpu" in fast_backends() else [
 @pytest.mark.parametrize("backend", MLP_OP_BACKENDS)
 def test_mlp_opcheck(backend):
     from hope_kernels.ops.titans import _MLP
+
     dtype = torch.float32 if backend == "triton" else torch.float64
     x, st = make(B=1, H=1, L=4, dk=4, dv=4, mlp_dh=3, dtype=dtype)
     args = [t.requires_grad_(True) for t in x + list(st)] + [4]
@@ -716,7 +787,7 @@ def test_triton_mlp_bad_inputs():
     x, st = make(B=1, H=1, L=4, dk=65, dv=65, mlp_dh=3, dtype=torch.float32)
     with pytest.raises(ValueError, match="dk = dv <= 64"):
         titans_memory(*x, memory="mlp", initial_state=st, backend="triton")
-    x, st = make(B=1, H=1, L=66, dk=4, dv=4, mlp_dh=3, dtype=torch.float32)   # L > 65: C = 65 is not clamped
+    x, st = make(B=1, H=1, L=66, dk=4, dv=4, mlp_dh=3, dtype=torch.float32)  # L > 65: C = 65 is not clamped
     with pytest.raises(ValueError, match="chunk_size <= 64, got 65"):
         titans_memory(*x, chunk_size=65, memory="mlp", initial_state=st, backend="triton")
 
@@ -725,6 +796,7 @@ def test_triton_mlp_bad_inputs():
 def pretend_cuda(monkeypatch):
     """Every tensor counts as a CUDA tensor on an sm_90 device (227 KiB of shared memory); every backend is built."""
     import hope_kernels.dispatch as D
+
     monkeypatch.setattr(D, "_device_of", lambda tensors: torch.device("cuda", 0))
     monkeypatch.setattr(D, "_available", lambda backend, device: True)
     monkeypatch.setattr(D, "cuda_shared_memory_per_block", lambda device: 232448)
@@ -733,29 +805,40 @@ def pretend_cuda(monkeypatch):
 def test_mlp_auto_picks_triton_only_within_limits(pretend_cuda):
     """Auto on CUDA tensors: triton is taken for the MLP memory only for shapes its kernels take."""
     import hope_kernels.ops.titans as T
+
     q32 = torch.zeros(1, 1, 4, 8)
-    got = [T._resolve("auto", "mlp", (q32,), dh=8, chunk_size=16),
-           T._resolve("auto", "mlp", (q32,), dh=65, chunk_size=16),
-           T._resolve("auto", "mlp", (torch.zeros(1, 1, 4, 80),), dh=8, chunk_size=16),
-           T._resolve("auto", "mlp", (q32,), dh=8, chunk_size=128),
-           T._resolve("auto", "mlp", (q32.double(),), dh=8, chunk_size=16)]
+    got = [
+        T._resolve("auto", "mlp", (q32,), dh=8, chunk_size=16),
+        T._resolve("auto", "mlp", (q32,), dh=65, chunk_size=16),
+        T._resolve("auto", "mlp", (torch.zeros(1, 1, 4, 80),), dh=8, chunk_size=16),
+        T._resolve("auto", "mlp", (q32,), dh=8, chunk_size=128),
+        T._resolve("auto", "mlp", (q32.double(),), dh=8, chunk_size=16),
+    ]
     assert got == ["triton", "reference", "reference", "reference", "reference"]
 
 
 # ------------------------------------------------------------------ CUDA fused token-serial kernel (GPU only)
 
-@needs_cpp   # the cuda kernel's shared-memory need comes from the extension
+
+@needs_cpp  # the cuda kernel's shared-memory need comes from the extension
 def test_auto_order_prefers_triton_when_it_fits(pretend_cuda):
     """auto on CUDA tensors: triton first when it takes the call, else the CUDA kernel (then reference)."""
     import hope_kernels.ops.titans as T
     from hope_kernels.ops.titans import triton as titans_triton
+
     assert (T.TRITON_MAX_D, T.TRITON_MAX_CHUNK) == (titans_triton.MAX_D, titans_triton.MAX_CHUNK)
-    for (dk, dv, C), want in (((64, 64, 16), "triton"), ((64, 64, 64), "triton"), ((64, 64, 65), "cuda"),
-                              ((256, 64, 16), "cuda"), ((64, 200, 16), "cuda"), ((2048, 4, 16), "reference")):
+    for (dk, dv, C), want in (
+        ((64, 64, 16), "triton"),
+        ((64, 64, 64), "triton"),
+        ((64, 64, 65), "cuda"),
+        ((256, 64, 16), "cuda"),
+        ((64, 200, 16), "cuda"),
+        ((2048, 4, 16), "reference"),
+    ):
         x, _ = make(B=1, H=1, L=2, dk=dk, dv=dv, dtype=torch.float32)
         assert T._resolve("auto", "linear", tuple(x), chunk_size=C) == want, (dk, dv, C)
     x, _ = make(B=1, H=1, L=2, dk=64, dv=64, dtype=torch.float64)
-    assert T._resolve("auto", "linear", tuple(x), chunk_size=16) == "cuda"   # triton takes no float64
+    assert T._resolve("auto", "linear", tuple(x), chunk_size=16) == "cuda"  # triton takes no float64
     assert "cuda" in LINEAR_BACKENDS
 
 
@@ -764,21 +847,26 @@ def _cuda(xs):
 
 
 @requires_cuda
-@pytest.mark.parametrize("memory,C,shape", [
-    ("linear", 16, dict(B=2, H=2, L=37, dk=64, dv=64)),       # the benchmark's head dims (the kernel spills)
-    ("linear", 4, dict(B=1, H=3, L=70, dk=16, dv=40)),
-    ("linear", 64, dict(B=1, H=1, L=130, dk=8, dv=8)),
-    # the HOPE predictor's titans-rule call in tests/test_models.py (5 stacked memories x 2 heads, head dim 12,
-    # one chunk per timestep of 5 tokens): its GPU gradients were 1e-3 off the CPU ones on an H200, which turned
-    # out to be cuDNN's TF32 convolutions (tests/test_models.py); this case passed on the H200 of 2026-11-27
-    ("linear", 5, dict(B=2, H=10, L=15, dk=12, dv=12)),
-    ("mlp", 16, dict(B=1, H=2, L=37, dk=64, dv=64, mlp_dh=64)),
-    ("mlp", 4, dict(B=1, H=1, L=10, dk=8, dv=8, mlp_dh=12)),
-])
+@pytest.mark.parametrize(
+    "memory,C,shape",
+    [
+        ("linear", 16, dict(B=2, H=2, L=37, dk=64, dv=64)),  # the benchmark's head dims (the kernel spills)
+        ("linear", 4, dict(B=1, H=3, L=70, dk=16, dv=40)),
+        ("linear", 64, dict(B=1, H=1, L=130, dk=8, dv=8)),
+        # the HOPE predictor's titans-rule call in tests/models/test_models.py (5 stacked memories x 2 heads,
+        # head dim 12, one chunk per timestep of 5 tokens): its GPU gradients were 1e-3 off the CPU ones on an
+        # H200, which turned out to be cuDNN's TF32 convolutions (tests/models/test_models.py); this case passed on
+        # the H200 of 2026-11-27
+        ("linear", 5, dict(B=2, H=10, L=15, dk=12, dv=12)),
+        ("mlp", 16, dict(B=1, H=2, L=37, dk=64, dv=64, mlp_dh=64)),
+        ("mlp", 4, dict(B=1, H=1, L=10, dk=8, dv=8, mlp_dh=12)),
+    ],
+)
 def test_gpu_triton_matches_token_loop(memory, C, shape):
     """The Triton kernels compiled for the GPU (the other Triton tests run them in the interpreter) against the
     float64 token loop: o, final state and every gradient, float32."""
     from hope_kernels import backends
+
     if not backends()["triton"]:
         pytest.skip("triton not available")
     x, st = make(dtype=torch.float32, state=memory == "linear", seed=3, **shape)
@@ -791,8 +879,13 @@ def test_gpu_triton_matches_token_loop(memory, C, shape):
     assert_close_all(g, gref, 1e-4, f"triton {memory} grads on the GPU")
 
 
-CUDA_SHAPES = [dict(B=2, H=2, L=19), dict(B=1, H=1, L=37, dk=6, dv=3), dict(B=1, H=3, L=70, dk=16, dv=40),
-               dict(B=2, H=1, L=5), dict(B=1, H=2, L=130, dk=8, dv=70)]
+CUDA_SHAPES = [
+    dict(B=2, H=2, L=19),
+    dict(B=1, H=1, L=37, dk=6, dv=3),
+    dict(B=1, H=3, L=70, dk=16, dv=40),
+    dict(B=2, H=1, L=5),
+    dict(B=1, H=2, L=130, dk=8, dv=70),
+]
 
 
 @requires_cuda
@@ -816,11 +909,11 @@ def test_cuda_matches_token_loop(C, si, dtype):
 @pytest.mark.parametrize("C", [4, 100])
 def test_cuda_half_inputs_accumulate_in_fp32(dtype, C):
     x, st = make(B=2, H=2, L=45, dk=16, dv=24, dtype=torch.float32, state=True)
-    x = [t.to(dtype) if i < 3 else t for i, t in enumerate(x)]   # q, k, v in half precision, gates fp32
+    x = [t.to(dtype) if i < 3 else t for i, t in enumerate(x)]  # q, k, v in half precision, gates fp32
     ref, gref = grads_of(loop_fn(C), [t.double() for t in x], [s.double() for s in st])
     out, g = grads_of(op_fn(C, "cuda"), _cuda(x), _cuda(st))
     assert out[0].dtype == dtype and g[0].dtype == dtype and out[1].dtype == torch.float32
-    assert_close_all(out[1:], ref[1:], 1e-5, "half state")      # the state is fp32: only o is rounded
+    assert_close_all(out[1:], ref[1:], 1e-5, "half state")  # the state is fp32: only o is rounded
     assert_close_all(out[:1], ref[:1], 1e-2, "half o")
     assert_close_all(g, gref, 2e-2, "half grads")
 
@@ -829,6 +922,7 @@ def test_cuda_half_inputs_accumulate_in_fp32(dtype, C):
 def test_cuda_big_heads_and_auto_fallback():
     """dk = dv = 128 (shared memory beyond 48 KiB), and chunk_size > 128: auto picks the CUDA kernel."""
     from hope_kernels import backends
+
     assert backends()["cuda"]
     x, st = make(B=1, H=2, L=40, dk=128, dv=128, dtype=torch.float32, state=True)
     ref, gref = grads_of(loop_fn(16), [t.double() for t in x], [s.double() for s in st])
@@ -836,6 +930,7 @@ def test_cuda_big_heads_and_auto_fallback():
     assert_close_all(out, ref, 2e-5, "cuda 128 forward")
     assert_close_all(g, gref, 2e-4, "cuda 128 grads")
     from hope_kernels.ops.titans import _resolve
+
     xc = _cuda(make(B=1, H=1, L=300, dtype=torch.float32)[0])
     assert _resolve("auto", "linear", tuple(xc), chunk_size=200) == "cuda"
     assert _resolve("auto", "linear", tuple(xc), chunk_size=16) == "triton"
@@ -861,15 +956,27 @@ def test_cuda_gate_edges_exact_gradients():
 def test_cuda_split_equals_whole_and_theta_zero():
     x, st = (_cuda(t) for t in make(L=20, state=True, dtype=torch.float32))
     o, s = titans_memory(*x, chunk_size=4, initial_state=st, output_final_state=True, backend="cuda")
-    oa, sa = titans_memory(*(t[:, :, :12] for t in x), chunk_size=4, initial_state=st, output_final_state=True,
-                           backend="cuda")
-    ob, sb = titans_memory(*(t[:, :, 12:] for t in x), chunk_size=4, initial_state=sa, output_final_state=True,
-                           backend="cuda")
+    oa, sa = titans_memory(
+        *(t[:, :, :12] for t in x), chunk_size=4, initial_state=st, output_final_state=True, backend="cuda"
+    )
+    ob, sb = titans_memory(
+        *(t[:, :, 12:] for t in x), chunk_size=4, initial_state=sa, output_final_state=True, backend="cuda"
+    )
     assert_close_all((torch.cat([oa, ob], 2), *sb), (o, *s), 1e-5, "cuda split")
     q, k, v, alpha, eta, theta = x
     W0, S0 = st[0], torch.zeros_like(st[1])
-    o, (W, S) = titans_memory(q, k, v, torch.zeros_like(alpha), eta, torch.zeros_like(theta), chunk_size=4,
-                              initial_state=(W0, S0), output_final_state=True, backend="cuda")
+    o, (W, S) = titans_memory(
+        q,
+        k,
+        v,
+        torch.zeros_like(alpha),
+        eta,
+        torch.zeros_like(theta),
+        chunk_size=4,
+        initial_state=(W0, S0),
+        output_final_state=True,
+        backend="cuda",
+    )
     assert torch.equal(W, W0) and torch.equal(S, S0)
 
 
@@ -935,9 +1042,13 @@ except RuntimeError as e:
 
 
 @requires_cuda
-@pytest.mark.parametrize("where,dk,wrows,want", [
-    ("argument check, before the dtype dispatch", 8, 5, "states must be (B, H, dk, dv)"),
-    ("shared-memory check, inside the dtype dispatch", 2048, 2048, "shared memory")])
+@pytest.mark.parametrize(
+    "where,dk,wrows,want",
+    [
+        ("argument check, before the dtype dispatch", 8, 5, "states must be (B, H, dk, dv)"),
+        ("shared-memory check, inside the dtype dispatch", 2048, 2048, "shared memory"),
+    ],
+)
 def test_cuda_launcher_errors_reach_python(where, dk, wrows, want):
     """A TORCH_CHECK that fails in the compiled CUDA launcher arrives in Python as a RuntimeError. In a
     subprocess: on an H200 (2026-11-27) the shared-memory case killed its process with a segmentation fault
@@ -946,10 +1057,16 @@ def test_cuda_launcher_errors_reach_python(where, dk, wrows, want):
     import os
     import subprocess
     import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    root = str(ROOT)
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, "-c", _LAUNCHER_ERROR.format(dk=dk, wrows=wrows, want=want)],
-                       capture_output=True, text=True, timeout=300, env=env)
+    r = subprocess.run(
+        [sys.executable, "-c", _LAUNCHER_ERROR.format(dk=dk, wrows=wrows, want=want)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert r.returncode == 0 and "raised" in r.stdout, f"{where}: rc={r.returncode}\n{r.stderr[-3000:]}"
 
 
@@ -957,6 +1074,7 @@ def test_cuda_launcher_errors_reach_python(where, dk, wrows, want):
 def test_cuda_rejects_cpu_tensors():
     x, _ = make(B=1, H=1, L=3, dtype=torch.float32)
     from hope_kernels.dispatch import BackendUnavailableError
+
     with pytest.raises(BackendUnavailableError):
         titans_memory(*x, backend="cuda")
 
@@ -966,11 +1084,21 @@ _BOUNDARY = r"Ws, Ss must be \(B, H, N\+1, dk, dv\) = \(1, 1, 2, 8, 4\), got "
 
 
 @pytest.mark.skipif("cpu" not in cpu_fast_backends(), reason="the C++ extension is not built")
-@pytest.mark.parametrize("stage,want", [
-    ("fwd", r"W1, S1 must be \(B, H, D, dh\) and W2, S2 \(B, H, dh, D\) with \(B, H, D\) = \(1, 1, 8\), got "
-            r"\[1, 1, 8, 3\], \[1, 1, 8, 3\], \[1, 1, 4, 8\]"),
-    ("bwd", r"W1s, S1s must be \(B, H, N\+1, D, dh\) = \[1, 1, 2, 8, 3\] and W2s, S2s \(B, H, N\+1, dh, D\) = "
-            r"\[1, 1, 2, 3, 8\], got \[1, 1, 3, 8, 3\]")])
+@pytest.mark.parametrize(
+    "stage,want",
+    [
+        (
+            "fwd",
+            r"W1, S1 must be \(B, H, D, dh\) and W2, S2 \(B, H, dh, D\) with \(B, H, D\) = \(1, 1, 8\), got "
+            r"\[1, 1, 8, 3\], \[1, 1, 8, 3\], \[1, 1, 4, 8\]",
+        ),
+        (
+            "bwd",
+            r"W1s, S1s must be \(B, H, N\+1, D, dh\) = \[1, 1, 2, 8, 3\] and W2s, S2s \(B, H, N\+1, dh, D\) = "
+            r"\[1, 1, 2, 3, 8\], got \[1, 1, 3, 8, 3\]",
+        ),
+    ],
+)
 def test_cpu_mlp_kernel_checks_state_shapes(stage, want):
     """The compiled MLP kernels check the state shapes (a direct torch.ops call skips the Python checks): W2 with the
     wrong hidden width (forward), boundary states with the wrong N + 1 (backward). q (1, 1, 3, 8), dh 3, chunk 4."""
@@ -986,10 +1114,14 @@ def test_cpu_mlp_kernel_checks_state_shapes(stage, want):
 
 
 @pytest.mark.skipif("cpu" not in cpu_fast_backends(), reason="the C++ extension is not built")
-@pytest.mark.parametrize("stage,shape,want", [
-    ("fwd", (1, 1, 5, 4), _STATE + r"\[1, 1, 5, 4\]"),
-    ("fwd", (2, 1, 8, 4), _STATE + r"\[2, 1, 8, 4\]"),
-    ("bwd", (1, 1, 2, 8, 3), _BOUNDARY + r"\[1, 1, 2, 8, 3\]")])
+@pytest.mark.parametrize(
+    "stage,shape,want",
+    [
+        ("fwd", (1, 1, 5, 4), _STATE + r"\[1, 1, 5, 4\]"),
+        ("fwd", (2, 1, 8, 4), _STATE + r"\[2, 1, 8, 4\]"),
+        ("bwd", (1, 1, 2, 8, 3), _BOUNDARY + r"\[1, 1, 2, 8, 3\]"),
+    ],
+)
 def test_cpu_kernel_checks_state_shapes(stage, shape, want):
     """The compiled CPU kernels check the state shapes themselves (a direct torch.ops call skips the Python
     checks): a wrong W0 (forward) or Ws (backward, boundary states) is a RuntimeError that names the expected

@@ -1,12 +1,24 @@
 """Metrics on hand-made error curves with hand-computed values; t-intervals on known samples."""
+
 import math
 
 import pytest
 
 from hope_kernels.adapt import StreamLog
-from hope_kernels.metrics import (adaptation_speed, aggregate, backward_transfer, error_matrix, forgetting, mean_ci,
-                                  paired_difference, phase_means, run_metrics, running_mean, stability_gap,
-                                  t_quantile)
+from hope_kernels.metrics import (
+    adaptation_speed,
+    aggregate,
+    backward_transfer,
+    error_matrix,
+    forgetting,
+    mean_ci,
+    paired_difference,
+    phase_means,
+    run_metrics,
+    running_mean,
+    stability_gap,
+    t_quantile,
+)
 
 #            A1 ---------------  B -------------------------  A2 -----------
 ERR = [1.0, 1.0, 1.0, 1.0, 5.0, 4.0, 3.0, 2.0, 2.0, 2.0, 3.0, 2.0, 1.0, 1.0]
@@ -24,11 +36,11 @@ def test_running_mean():
 
 
 def test_adaptation_speed():
-    eb = ERR[4:10]                         # 5 4 3 2 2 2; running(3): 5, 4.5, 4, 3, 2.333, 2
-    assert adaptation_speed(eb, target=2.0, tol=0.1, window=3) == 6        # 2.333 > 2.2, 2 <= 2.2
-    assert adaptation_speed(eb, target=2.2, tol=0.1, window=3) == 5        # 2.333 <= 2.42
+    eb = ERR[4:10]  # 5 4 3 2 2 2; running(3): 5, 4.5, 4, 3, 2.333, 2
+    assert adaptation_speed(eb, target=2.0, tol=0.1, window=3) == 6  # 2.333 > 2.2, 2 <= 2.2
+    assert adaptation_speed(eb, target=2.2, tol=0.1, window=3) == 5  # 2.333 <= 2.42
     assert adaptation_speed(eb, target=4.5, tol=0.0, window=1) == 2
-    assert adaptation_speed(eb, target=1.0, tol=0.1, window=3) == 7        # never: n_B + 1
+    assert adaptation_speed(eb, target=1.0, tol=0.1, window=3) == 7  # never: n_B + 1
 
 
 def test_forgetting_and_stability_gap():
@@ -39,9 +51,11 @@ def test_forgetting_and_stability_gap():
 
 
 def test_error_matrix_and_bwt():
-    held = {"A1": {"A1": {"tf": 1.0}, "B": {"tf": 4.0}, "A2": {"tf": 1.1}},
-            "B": {"A1": {"tf": 2.0}, "B": {"tf": 1.5}, "A2": {"tf": 2.1}},
-            "A2": {"A1": {"tf": 1.2}, "B": {"tf": 3.0}, "A2": {"tf": 1.0}}}
+    held = {
+        "A1": {"A1": {"tf": 1.0}, "B": {"tf": 4.0}, "A2": {"tf": 1.1}},
+        "B": {"A1": {"tf": 2.0}, "B": {"tf": 1.5}, "A2": {"tf": 2.1}},
+        "A2": {"A1": {"tf": 1.2}, "B": {"tf": 3.0}, "A2": {"tf": 1.0}},
+    }
     R = error_matrix(held, ["A1", "B", "A2"])
     assert R[1] == [2.0, 1.5, 2.1]
     # BWT = mean(R[2][0] - R[0][0], R[2][1] - R[1][1]) = mean(0.2, 1.5)
@@ -80,12 +94,18 @@ def test_paired_difference_by_seed():
 
 
 def test_run_metrics_and_aggregate():
-    log = StreamLog(strategy="x", phases=PH, tf=ERR, rollout=[[e, 2 * e] for e in ERR],
-                    copy_tf=[10.0] * len(ERR), copy_rollout=[[10.0, 10.0]] * len(ERR))
+    log = StreamLog(
+        strategy="x",
+        phases=PH,
+        tf=ERR,
+        rollout=[[e, 2 * e] for e in ERR],
+        copy_tf=[10.0] * len(ERR),
+        copy_rollout=[[10.0, 10.0]] * len(ERR),
+    )
     m = run_metrics(log, oracle_b=2.0, window=3)
     assert m["A1"] == 1.0 and m["B"] == 3.0 and m["copy_B"] == 10.0
     assert m["speed_oracle"] == 6
-    assert m["speed_floor"] == 6                  # floor = mean(2, 2, 2) = 2
+    assert m["speed_floor"] == 6  # floor = mean(2, 2, 2) = 2
     assert m["forgetting"] == pytest.approx(0.75)
     assert m["gap_A1->B"] == 4.0
     mr = run_metrics(log.to_dict(), metric="rollout", window=3)

@@ -1,11 +1,12 @@
 """rope_attention / rope3d: reference against naive loops, every fast path against the reference (forward and
 backward), edge shapes, both RoPE modes, window semantics, opcheck, torch.compile, NaN poison, bad inputs."""
+
 import math
 
 import pytest
 import torch
 
-from conftest import RTOL, rel_err, requires_cuda
+from helpers import RTOL, rel_err, requires_cuda
 from hope_kernels.ops import rope3d, rope_attention
 from hope_kernels.ops.rope_attention import reference as ref
 
@@ -46,7 +47,7 @@ def naive_attention(q, k, v, pos, window=None, compat=None, scale=None):
     out = torch.empty_like(qr)
     for i in range(L):
         js = [j for j in range(L) if t[j] <= t[i] and (window is None or t[i] - t[j] < window)]
-        s = (qr[..., i:i + 1, :] * kr[..., js, :]).sum(-1) * scale
+        s = (qr[..., i : i + 1, :] * kr[..., js, :]).sum(-1) * scale
         out[..., i, :] = (s.softmax(-1)[..., None] * v[..., js, :]).sum(-2)
     return out
 
@@ -56,15 +57,17 @@ def qkv(B, H, L, d, dtype=torch.float32, device="cpu", grad=False):
 
 
 def attn_backends_cpu():
-    from hope_kernels.ops.rope_attention import _ATTN_BACKENDS
     from hope_kernels import backends
+    from hope_kernels.ops.rope_attention import _ATTN_BACKENDS
+
     avail = backends()
     return [b for b in ("cpu", "triton") if b in _ATTN_BACKENDS and avail[b]]
 
 
 def rope_backends_cpu():
-    from hope_kernels.ops.rope_attention import _ROPE_BACKENDS
     from hope_kernels import backends
+    from hope_kernels.ops.rope_attention import _ROPE_BACKENDS
+
     return [b for b in ("cpu",) if b in _ROPE_BACKENDS and backends()[b]]
 
 
@@ -78,13 +81,13 @@ def test_rope3d_reference_matches_naive(compat, d):
 
 
 def test_rope3d_remainder_unrotated_and_actions():
-    d = 64                                                   # slices of 20: columns 60..63 stay as they are
+    d = 64  # slices of 20: columns 60..63 stay as they are
     pos = make_pos(2, 2, 2, actions=1)
     x = torch.randn(pos.shape[0], d, dtype=torch.float64)
     y = ref.rope3d_reference(x, pos)
     assert torch.equal(y[:, 60:], x[:, 60:])
     a = pos[:, 1] == 0
-    a &= pos[:, 2] == 0                                      # action tokens and patch (0, 0): h, w slices fixed
+    a &= pos[:, 2] == 0  # action tokens and patch (0, 0): h, w slices fixed
     assert torch.allclose(y[a, 20:60], x[a, 20:60], atol=1e-15)
     assert not torch.allclose(y[pos[:, 0] > 0, :20], x[pos[:, 0] > 0, :20])
 
@@ -98,14 +101,14 @@ def test_rope3d_vjepa2_is_official_formula():
     n = 20
     parts = []
     for s in range(3):
-        xs = x[..., s * n:(s + 1) * n]
+        xs = x[..., s * n : (s + 1) * n]
         omega = 1.0 / 10000 ** (torch.arange(n // 2, dtype=torch.float64) / (n / 2))
-        freq = pos[:, s].double()[:, None] * omega                          # (L, n/2)
-        cos, sin = freq.cos().repeat(1, 2), freq.sin().repeat(1, 2)          # tiled, not interleaved
+        freq = pos[:, s].double()[:, None] * omega  # (L, n/2)
+        cos, sin = freq.cos().repeat(1, 2), freq.sin().repeat(1, 2)  # tiled, not interleaved
         pairs = xs.unflatten(-1, (-1, 2))
         rot = torch.stack((-pairs[..., 1], pairs[..., 0]), -1).flatten(-2)
         parts.append(xs * cos + rot * sin)
-    parts.append(x[..., 3 * n:])
+    parts.append(x[..., 3 * n :])
     assert rel_err(ref.rope3d_reference(x, pos, "vjepa2"), torch.cat(parts, -1)) < 1e-13
 
 
@@ -164,7 +167,7 @@ def test_bad_inputs():
         rope_attention(q, k, v, pos[:-1])
     with pytest.raises(TypeError, match="integer dtype"):
         rope_attention(q, k, v, pos.float())
-    for narrow in (torch.uint8, torch.int16):   # uint8 t_i - t_j wrapped: every query saw the future
+    for narrow in (torch.uint8, torch.int16):  # uint8 t_i - t_j wrapped: every query saw the future
         with pytest.raises(TypeError, match=r"int32 or int64"):
             rope_attention(q, k, v, pos.to(narrow))
     with pytest.raises(ValueError, match="non-decreasing"):
@@ -223,6 +226,7 @@ def test_block_causal_mask_of_unsigned_timesteps():
 
 def test_triton_rejects_more_heads_than_a_grid_axis():
     from hope_kernels.ops.rope_attention.triton import rope_attention_fwd_triton
+
     pos = make_pos(1, 1, 1)
     q = torch.zeros(1, 65536, 1, 6)
     w = torch.zeros(3, 6)
@@ -257,11 +261,16 @@ def test_fast_attention_matches_reference(backend, case):
     pos = make_pos(T, Hg, Wg, actions)[:trunc]
     q, k, v = qkv(1, 2, pos.shape[0], d)
     g = torch.randn_like(q)
-    got = _fwd_bwd(lambda a, b, c: rope_attention(a, b, c, pos, window=window, rope_compat=compat,
-                                                  backend=backend), q, k, v, g)
-    want = _fwd_bwd(lambda a, b, c: rope_attention(a, b, c, pos, window=window, rope_compat=compat,
-                                                   backend="reference"), q.double(), k.double(), v.double(),
-                    g.double())
+    got = _fwd_bwd(
+        lambda a, b, c: rope_attention(a, b, c, pos, window=window, rope_compat=compat, backend=backend), q, k, v, g
+    )
+    want = _fwd_bwd(
+        lambda a, b, c: rope_attention(a, b, c, pos, window=window, rope_compat=compat, backend="reference"),
+        q.double(),
+        k.double(),
+        v.double(),
+        g.double(),
+    )
     for name, a, b in zip(("o", "dq", "dk", "dv"), got, want):
         assert a.dtype == torch.float32
         assert rel_err(a, b) < 5 * RTOL[torch.float32], name
@@ -275,7 +284,8 @@ def test_cpu_attention_computes_no_masked_score(monkeypatch):
     import importlib
 
     import torch.nn.functional as F
-    ra_mod = importlib.import_module("hope_kernels.ops.rope_attention")   # the package, not the function
+
+    ra_mod = importlib.import_module("hope_kernels.ops.rope_attention")  # the package, not the function
     cb = importlib.import_module("hope_kernels.ops.rope_attention.cpu_blocks")
     blocks = ra_mod._timestep_blocks
     assert blocks(make_pos(4, 1, 2, actions=1), None) == [(0, 3, 0), (3, 6, 0), (6, 9, 0), (9, 12, 0)]
@@ -284,11 +294,14 @@ def test_cpu_attention_computes_no_masked_score(monkeypatch):
     monkeypatch.setattr(cb, "MIN_BLOCK_QUERIES", 1)
     calls = []
     sdpa, flash = F.scaled_dot_product_attention, cb._flash_fwd
-    monkeypatch.setattr(F, "scaled_dot_product_attention",
-                        lambda q, k, v, **kw: calls.append((q.shape[2], k.shape[2], kw.get("attn_mask"))) or
-                        sdpa(q, k, v, **kw))
-    monkeypatch.setattr(cb, "_flash_fwd", lambda q, k, v, **kw: calls.append((q.shape[2], k.shape[2], None)) or
-                        flash(q, k, v, **kw))
+    monkeypatch.setattr(
+        F,
+        "scaled_dot_product_attention",
+        lambda q, k, v, **kw: calls.append((q.shape[2], k.shape[2], kw.get("attn_mask"))) or sdpa(q, k, v, **kw),
+    )
+    monkeypatch.setattr(
+        cb, "_flash_fwd", lambda q, k, v, **kw: calls.append((q.shape[2], k.shape[2], None)) or flash(q, k, v, **kw)
+    )
     for T, window in ((4, 2), (ra_mod.MAX_TIMESTEP_BLOCKS + 3, None)):
         calls.clear()
         pos = make_pos(T, 2, 2, actions=1)
@@ -300,8 +313,13 @@ def test_cpu_attention_computes_no_masked_score(monkeypatch):
             assert all(m is None for *_, m in calls)
         else:
             assert len(calls) == 1 and calls[0][2] is not None
-        want = _fwd_bwd(lambda a, b, c: ref.rope_attention_reference(a, b, c, pos, window), q.double(), k.double(),
-                        v.double(), g.double())
+        want = _fwd_bwd(
+            lambda a, b, c: ref.rope_attention_reference(a, b, c, pos, window),
+            q.double(),
+            k.double(),
+            v.double(),
+            g.double(),
+        )
         for name, a, b in zip(("o", "dq", "dk", "dv"), got, want):
             assert rel_err(a, b) < 5 * RTOL[torch.float32], (T, name)
 
@@ -315,14 +333,16 @@ def test_cpu_attention_short_blocks_one_masked_call(monkeypatch, dtype):
     import importlib
 
     import torch.nn.functional as F
+
     cb = importlib.import_module("hope_kernels.ops.rope_attention.cpu_blocks")
     masks = []
     sdpa = F.scaled_dot_product_attention
 
     def spy(q, k, v, **kw):
-        if kw["attn_mask"].dtype != torch.bool:   # the reference's calls pass a bool mask
+        if kw["attn_mask"].dtype != torch.bool:  # the reference's calls pass a bool mask
             masks.append(kw["attn_mask"])
         return sdpa(q, k, v, **kw)
+
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     pos = make_pos(4, 2, 2, actions=1)
     assert pos.shape[0] < cb.MIN_BLOCK_QUERIES * 4
@@ -330,18 +350,23 @@ def test_cpu_attention_short_blocks_one_masked_call(monkeypatch, dtype):
     g = torch.randn_like(q)
     for window in (None, 2, 2):
         got = _fwd_bwd(lambda a, b, c: rope_attention(a, b, c, pos, window=window, backend="cpu"), q, k, v, g)
-        want = _fwd_bwd(lambda a, b, c: ref.rope_attention_reference(a, b, c, pos, window), q.double(),
-                        k.double(), v.double(), g.double())
+        want = _fwd_bwd(
+            lambda a, b, c: ref.rope_attention_reference(a, b, c, pos, window),
+            q.double(),
+            k.double(),
+            v.double(),
+            g.double(),
+        )
         for name, a, b in zip(("o", "dq", "dk", "dv"), got, want):
             assert a.dtype == dtype and rel_err(a, b) < 5 * RTOL[torch.float32], (window, name)
     assert len(masks) == 3 and masks[1] is masks[2] and masks[0] is not masks[1]
     keep = ref.block_causal_mask(pos[:, 0], 2)
     assert masks[2].dtype == dtype and torch.equal(masks[2] == 0, keep) and (masks[2][~keep] == float("-inf")).all()
-    pos[-1, 0] += 1                      # changed in place (last token now at t 4): a new mask
+    pos[-1, 0] += 1  # changed in place (last token now at t 4): a new mask
     rope_attention(q, k, v, pos, window=2, backend="cpu")
-    assert masks[2][-1, 10] == 0 and masks[-1][-1, 10] == float("-inf")   # key 10 is at t 2
+    assert masks[2][-1, 10] == 0 and masks[-1][-1, 10] == float("-inf")  # key 10 is at t 2
     n = len(masks)
-    monkeypatch.setattr(cb, "MAX_MASKED_TOKENS", pos.shape[0] - 1)    # past it: per-block kernels, no mask
+    monkeypatch.setattr(cb, "MAX_MASKED_TOKENS", pos.shape[0] - 1)  # past it: per-block kernels, no mask
     rope_attention(q, k, v, pos, window=2, backend="cpu")
     assert len(masks) == n
 
@@ -366,6 +391,7 @@ def test_fast_attention_bf16(backend):
 def test_triton_outputs_fully_written(monkeypatch):
     """Every kernel-allocated output (o, lse, dq, dk, dv) starts as NaN: any unwritten element shows up."""
     from hope_kernels.ops.rope_attention import triton as tri
+
     monkeypatch.setattr(tri, "_empty_like", lambda x: torch.full_like(x, float("nan")))
     pos = make_pos(3, 2, 3, actions=1)[:19]
     q, k, v = qkv(2, 1, pos.shape[0], 32)
@@ -383,25 +409,25 @@ def test_triton_tile_ranges(block, step, window):
     """The host-side tile ranges against the mask: every visible pair lies in [lo, hi), and the tiles marked
     whole (fwd/dq: [lo, mid); dk/dv: [mid, hi)) are fully visible to every real row of the block."""
     from hope_kernels.ops.rope_attention.triton import _NO_WINDOW, _ranges
+
     t = torch.tensor(sorted(torch.randint(0, 6, (61,)).tolist()))
     L = t.shape[0]
-    mask = ref.block_causal_mask(t, window)                 # (query, key)
+    mask = ref.block_causal_mask(t, window)  # (query, key)
     win = window or _NO_WINDOW
     for keys_of_queries, m in ((True, mask), (False, mask.T)):
         lo, mid, hi = _ranges(t, block, step, win, keys_of_queries=keys_of_queries)
         for b in range(lo.shape[0]):
-            own = m[b * block:(b + 1) * block]              # rows of this block, partners as columns
+            own = m[b * block : (b + 1) * block]  # rows of this block, partners as columns
             seen = own.any(0).nonzero().flatten()
             assert seen.min() >= lo[b] and seen.max() < hi[b]
-            whole = (range(int(lo[b]), int(mid[b]), step) if keys_of_queries
-                     else range(int(mid[b]), int(hi[b]), step))
+            whole = range(int(lo[b]), int(mid[b]), step) if keys_of_queries else range(int(mid[b]), int(hi[b]), step)
             # the two loops (lo -> mid, mid -> hi) must not overlap: mid on lo's tile grid, or at hi
             assert (int(mid[b]) - int(lo[b])) % step == 0 or mid[b] == hi[b]
             for start in whole:
-                assert own[:, start:min(start + step, L)].all(), (b, start)
-                assert keys_of_queries is False or start + step <= L   # unmasked key tiles never cross L
+                assert own[:, start : min(start + step, L)].all(), (b, start)
+                assert keys_of_queries is False or start + step <= L  # unmasked key tiles never cross L
         if window is None and block == step == 16:
-            assert any((mid - lo) > 0 if keys_of_queries else (hi - mid) > 0)     # the case is exercised
+            assert any((mid - lo) > 0 if keys_of_queries else (hi - mid) > 0)  # the case is exercised
 
 
 @pytest.mark.skipif("triton" not in attn_backends_cpu(), reason="triton cannot run here")
@@ -422,8 +448,11 @@ def test_triton_unequal_tiles(monkeypatch, config):
 def test_triton_opcheck():
     pos = make_pos(2, 2, 2, actions=1)[:9]
     q, k, v = qkv(1, 1, pos.shape[0], 32, grad=True)
-    torch.library.opcheck(torch.ops.hope_kernels.rope_attention_triton.default, (q, k, v, pos, 2, True, 0.25),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    torch.library.opcheck(
+        torch.ops.hope_kernels.rope_attention_triton.default,
+        (q, k, v, pos, 2, True, 0.25),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
 
 
 @pytest.mark.parametrize("backend", attn_backends_cpu())
@@ -444,7 +473,7 @@ def test_fast_attention_torch_compile(backend):
 @pytest.mark.parametrize("backend", rope_backends_cpu())
 def test_rope3d_fast_matches_reference(backend, dtype, compat):
     pos = make_pos(3, 3, 4, actions=1) * 3
-    x = torch.randn(2, 3, pos.shape[0], 70, dtype=dtype)           # d = 70: 22-column slices, 4 unrotated
+    x = torch.randn(2, 3, pos.shape[0], 70, dtype=dtype)  # d = 70: 22-column slices, 4 unrotated
     g = torch.randn_like(x)
     xs = [x.detach().requires_grad_(True) for _ in range(2)]
     y = rope3d(xs[0], pos, rope_compat=compat, backend=backend)
@@ -483,6 +512,7 @@ def test_rope3d_opcheck_and_compile(backend):
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_gpu_attention_matches_reference(backend, dtype, case):
     from hope_kernels import backends
+
     if not backends()[backend]:
         pytest.skip(f"{backend} not available")
     T, Hg, Wg, actions, trunc, d, window, compat = case
@@ -494,7 +524,7 @@ def test_gpu_attention_matches_reference(backend, dtype, case):
     if dtype == torch.float32:
         got = _fwd_bwd(f(backend), q, k, v, g)
         for name, a, b in zip(("o", "dq", "dk", "dv"), got, want):
-            assert rel_err(a, b) < 1e-4, name            # SDPA / tl.dot on GPU: fp32 with fast math
+            assert rel_err(a, b) < 1e-4, name  # SDPA / tl.dot on GPU: fp32 with fast math
     else:
         lo = [x.to(dtype) for x in (q, k, v, g)]
         eager = _fwd_bwd(f("reference"), *lo)

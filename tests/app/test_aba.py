@@ -1,15 +1,15 @@
 """run_aba orchestration with stand-in data/models/training (dependency injection through Hooks): results files,
 resumability per (run, seed), config fingerprints, the CLI and the shipped presets."""
+
 import json
 
 import pytest
 import torch
 
 import hope_kernels.aba as aba
+from helpers import ROOT
+from helpers.aba_standins import StandInHooks
 from hope_kernels.aba import load_config, run_aba, validate_config
-
-from aba_standins import StandInHooks
-
 
 # tiny tensors: extra intra-op threads only add contention on a shared CPU
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -21,7 +21,9 @@ def tiny_config():
         "stream": {"phases": ["A1", "B", "A2"], "clips_per_phase": 3, "heldout_per_phase": 1},
         "pretrain": {"steps": 5},
         "adapt": {"lr": 5e-3, "steps": 1, "reset_every": 2},
-        "metric_window": 2, "fisher_clips": 2, "replay_clips": 3,
+        "metric_window": 2,
+        "fisher_clips": 2,
+        "replay_clips": 3,
         "baseline": "ac+layernorm",
         "runs": [
             {"name": "hope", "model": "hope", "strategy": "hope", "options": {"cms_lr": 0.01}},
@@ -43,15 +45,17 @@ def _count_adapt_calls(monkeypatch) -> dict:
     def counting(*a, **k):
         count["n"] += 1
         return real(*a, **k)
+
     monkeypatch.setattr(aba, "adapt_stream", counting)
     return count
+
 
 def test_run_aba_writes_results_and_resumes(tmp_path, monkeypatch):
     hooks = StandInHooks()
     res = run_aba(tiny_config(), hooks=hooks, out=tmp_path, progress=False)
     # pre-training: one per (model, overrides, phases), shared by the seeds
     assert hooks.calls["train"] == 4
-    assert hooks.calls["train_clips"] == 4          # fisher + replay buffers, per seed
+    assert hooks.calls["train_clips"] == 4  # fisher + replay buffers, per seed
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["seeds"] == [0, 1] and data["baseline"] == "ac+layernorm" and data["oracle"] == "oracle"
     s = data["summary"]["tf"]
@@ -69,6 +73,7 @@ def test_run_aba_writes_results_and_resumes(tmp_path, monkeypatch):
     # restart: every (run, seed) is finished -> no training, no adaptation, same numbers
     def no_adapt(*a, **k):
         raise AssertionError("finished runs must be skipped")
+
     monkeypatch.setattr(aba, "adapt_stream", no_adapt)
     hooks2 = StandInHooks()
     res2 = run_aba(tiny_config(), hooks=hooks2, out=tmp_path, progress=False)
@@ -120,8 +125,12 @@ def test_presets_load_and_validate():
 def tuning_config():
     cfg = tiny_config()
     cfg["runs"] = [r for r in cfg["runs"] if r["name"] in ("hope", "ac+layernorm", "ac+none", "oracle")]
-    cfg["tuning"] = {"seeds": [100, 101], "reserve": 2, "clips_per_phase": 2,
-                     "grids": {"layernorm": [{"lr": 1e-5}, {"lr": 3e-2}], "hope": [{"cms_lr": 1e-5}, {"cms_lr": 3e-2}]}}
+    cfg["tuning"] = {
+        "seeds": [100, 101],
+        "reserve": 2,
+        "clips_per_phase": 2,
+        "grids": {"layernorm": [{"lr": 1e-5}, {"lr": 3e-2}], "hope": [{"cms_lr": 1e-5}, {"cms_lr": 3e-2}]},
+    }
     return cfg
 
 
@@ -129,11 +138,13 @@ def test_tuning_chooses_on_validation_streams(tmp_path, monkeypatch):
     hooks = StandInHooks()
     res = run_aba(tuning_config(), hooks=hooks, out=tmp_path, progress=False)
     t = res.data["tuning"]
-    assert set(t["runs"]) == {"hope", "ac+layernorm"}          # strategy none has nothing to tune
+    assert set(t["runs"]) == {"hope", "ac+layernorm"}  # strategy none has nothing to tune
     for name, rec in t["runs"].items():
         assert len(rec["scores"]) == 2 and rec["chosen_index"] == min(range(2), key=rec["scores"].__getitem__)
-        assert rec["choice"] == tuning_config()["tuning"]["grids"][{"hope": "hope"}.get(name, "layernorm")][
-            rec["chosen_index"]]
+        assert (
+            rec["choice"]
+            == tuning_config()["tuning"]["grids"][{"hope": "hope"}.get(name, "layernorm")][rec["chosen_index"]]
+        )
         # the reported runs use the choice
         stored = json.loads((tmp_path / "runs" / name / "seed0.json").read_text())
         for k, v in rec["choice"].items():
@@ -166,8 +177,9 @@ def test_results_hold_the_verdict_inputs(tmp_path):
     want = sum(per["hope"][s]["B"] - per["ac+layernorm"][s]["B"] for s in (0, 1)) / 2
     assert comp["diffs"]["B"]["mean"] == pytest.approx(want)
     shift = d["shift"]["tf"]
-    assert shift["ratio"] == pytest.approx(d["summary"]["tf"]["ac+none"]["B"]["mean"] /
-                                           d["summary"]["tf"]["oracle"]["B"]["mean"])
+    assert shift["ratio"] == pytest.approx(
+        d["summary"]["tf"]["ac+none"]["B"]["mean"] / d["summary"]["tf"]["oracle"]["B"]["mean"]
+    )
     # relative curves: error / copy-last on the same clip
     log = json.loads((tmp_path / "runs" / "ac+none" / "seed0.json").read_text())["log"]
     rel0 = [e / c for e, c in zip(log["tf"], log["copy_tf"])]
@@ -187,6 +199,7 @@ def test_shipped_weights_are_used_only_for_their_spec_and_dataset(tmp_path, monk
     dataset id pre-trains and says why."""
     from hope_kernels import pretrained
     from hope_kernels.models import build_predictor
+
     cfg = tuning_config()
     cfg["preset"] = "unit"
     cfg["runs"] = [r for r in cfg["runs"] if r["model"] == "ac"]
@@ -196,16 +209,24 @@ def test_shipped_weights_are_used_only_for_their_spec_and_dataset(tmp_path, monk
     pretrained.save_weights(root / "unit" / "ac-A1.safetensors", model, {}, torch.float16)
 
     def index(data_id):
-        entry = {"name": "ac-A1", "file": "ac-A1.safetensors", "spec": spec, "data_id": data_id, "dtype": "float16",
-                 "steps": 5}
-        (root / "unit" / "index.json").write_text(json.dumps({"format": pretrained.FORMAT, "preset": "unit",
-                                                              "models": [entry]}))
+        entry = {
+            "name": "ac-A1",
+            "file": "ac-A1.safetensors",
+            "spec": spec,
+            "data_id": data_id,
+            "dtype": "float16",
+            "steps": 5,
+        }
+        (root / "unit" / "index.json").write_text(
+            json.dumps({"format": pretrained.FORMAT, "preset": "unit", "models": [entry]})
+        )
+
     monkeypatch.setattr(pretrained, "ASSET_ROOT", root)
     hooks = StandInHooks()
     hooks.ensure_dataset(tmp_path / "o" / "data", "quick", 0)
     index(aba._data_id(tmp_path / "o" / "data"))
     res = run_aba(cfg, hooks=hooks, out=tmp_path / "o", progress=False)
-    assert hooks.calls["train"] == 1                  # the oracle (ac-B) only
+    assert hooks.calls["train"] == 1  # the oracle (ac-B) only
     pre = {p["name"]: p for p in res.data["pretrained"]}
     assert pre["ac-A1"]["source"] == "shipped" and pre["ac-B"]["source"] == "trained"
     index("another")
@@ -218,22 +239,24 @@ def test_shipped_weights_are_used_only_for_their_spec_and_dataset(tmp_path, monk
 
 def test_presets_are_package_data_found_from_any_folder(tmp_path, monkeypatch):
     """The presets are read from the package (hope_kernels/configs, importlib.resources), not from a folder next
-    to it or the working directory; pyproject ships them. (tests/test_install.py checks a real wheel install.)"""
+    to it or the working directory; pyproject ships them. (tests/app/test_install.py checks a real wheel install.)"""
     import glob
     import importlib.resources
     import os
     import re
+
     from hope_kernels.config import shipped_configs
+
     root = importlib.resources.files("hope_kernels").joinpath("configs")
     assert root.joinpath("aba_quick.yaml").is_file() and root.joinpath("aba_paper.yaml").is_file()
     assert {"quick", "paper"} <= set(shipped_configs("aba_"))
     monkeypatch.chdir(tmp_path)
     assert load_config("quick")["preset"] == "quick"
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with open(os.path.join(repo, "pyproject.toml")) as f:   # (tomllib is Python 3.11+)
+    repo = str(ROOT)
+    with open(os.path.join(repo, "pyproject.toml")) as f:  # (tomllib is Python 3.11+)
         package_data = re.search(r"\[tool\.setuptools\.package-data\]\n(?:#.*\n)*hope_kernels = \[([^]]*)\]", f.read())
     assert package_data and '"configs/*.yaml"' in package_data.group(1)
-    stray = glob.glob(os.path.join(repo, "configs", "*.yaml"))   # the old folder: a merge must not revive it
+    stray = glob.glob(os.path.join(repo, "configs", "*.yaml"))  # the old folder: a merge must not revive it
     assert not stray, f"{stray}: the configs live in hope_kernels/configs (package data)"
 
 
@@ -264,6 +287,7 @@ def test_cli_aba(tmp_path, monkeypatch, capsys):
     import yaml
 
     from hope_kernels.cli import main
+
     cfg = tiny_config()
     cfg["runs"] = cfg["runs"][:3]
     path = tmp_path / "c.yaml"
@@ -289,7 +313,7 @@ def test_checkpoints_are_not_reused_across_datasets(tmp_path):
     hooks = StandInHooks()
     run_aba(cfg, hooks=hooks, out=tmp_path / "o", progress=False)
     assert hooks.calls["train"] == 1 and hooks.calls["verify_dataset"] == 1
-    cfg["data"] = _fake_dataset(tmp_path / "d2", 2)   # other data, same everything else
+    cfg["data"] = _fake_dataset(tmp_path / "d2", 2)  # other data, same everything else
     hooks = StandInHooks()
     res = run_aba(cfg, hooks=hooks, out=tmp_path / "o", progress=False)
     assert hooks.calls["train"] == 1 and hooks.calls["load_checkpoint"] == 0
@@ -298,8 +322,10 @@ def test_checkpoints_are_not_reused_across_datasets(tmp_path):
 
 
 def test_imported_data_is_verified(tmp_path):
-    from hope_kernels.data.format import DatasetWriter
     import torch
+
+    from hope_kernels.data.format import DatasetWriter
+
     d = tmp_path / "d"
     with DatasetWriter(d, grid=(2, 1, 1), enc_dim=4, action_dim=2) as w:
         w.add_shard(torch.zeros(2, 2, 1, 4), torch.zeros(2, 2, 2), "A1", "stream")
@@ -318,6 +344,7 @@ def test_imported_data_is_verified(tmp_path):
 
 def test_cuda_without_cuda_fails_before_the_data(tmp_path, monkeypatch):
     import torch
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cfg = tiny_config()
     cfg["device"] = "cuda"
@@ -327,24 +354,52 @@ def test_cuda_without_cuda_fails_before_the_data(tmp_path, monkeypatch):
     assert hooks.calls["ensure_dataset"] == 0
 
 
-@pytest.mark.parametrize("edit,match", [
-    (lambda c: c.update(basline="ac+none"), r"unknown A-B-A config keys \['basline'\] at aba; known: \['adapt', "),
-    (lambda c: c["stream"].update(clip_per_phase=1), r"unknown A-B-A stream keys \['clip_per_phase'\] at aba.stream"),
-    (lambda c: c["runs"][0].update(option={}), r"unknown A-B-A run keys \['option'\] at aba.runs\[0\]"),
-    (lambda c: c["runs"][6].update(train_phase=["B"]), r"unknown A-B-A run keys \['train_phase'\] at aba.runs\[6\]"),
-    (lambda c: c["stream"].update(phases=["A1", "C"]), r"aba.stream.phases must be a non-empty list of phases"),
-    (lambda c: c["runs"][6].update(train_phases=["b"]), r"aba.runs\[6\].train_phases must be"),
-    (lambda c: c.update(seeds=["a"]), r"aba.seeds\[0\] must be an int, got 'a'"),
-    (lambda c: c.update(seeds=[-1]), r"aba.seeds must be non-negative ints"),
-    (lambda c: c["stream"].update(clips_per_phase=-1), r"aba.stream.clips_per_phase must be a non-negative int"),
-    (lambda c: c.update(fisher_clips=-2), r"aba.fisher_clips must be a non-negative int, got -2"),
-    (lambda c: c["runs"][3].update(options={"lr": "x"}), r"aba.runs\[3\].options.lr must be a number, got 'x'"),
-    (lambda c: c["adapt"].update(lrr=1), r"unknown adaptation option keys \['lrr'\] at aba.adapt"),
-    (lambda c: c["pretrain"].update(stepz=1), r"aba.pretrain has keys that are not training config fields: \['stepz"),
-    (lambda c: c.update(compile="yes"), r"aba.compile must be a bool, got 'yes'"),
-    (lambda c: c["runs"][2].pop("model"), r"aba.runs\[2\] is missing 'model'"),
-], ids=["top", "stream", "run-option", "run-train_phase", "phases", "train_phases", "seeds", "negative-seed", "clips",
-        "fisher", "run-options-type", "adapt-key", "pretrain-key", "compile", "run-missing"])
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda c: c.update(basline="ac+none"), r"unknown A-B-A config keys \['basline'\] at aba; known: \['adapt', "),
+        (
+            lambda c: c["stream"].update(clip_per_phase=1),
+            r"unknown A-B-A stream keys \['clip_per_phase'\] at aba.stream",
+        ),
+        (lambda c: c["runs"][0].update(option={}), r"unknown A-B-A run keys \['option'\] at aba.runs\[0\]"),
+        (
+            lambda c: c["runs"][6].update(train_phase=["B"]),
+            r"unknown A-B-A run keys \['train_phase'\] at aba.runs\[6\]",
+        ),
+        (lambda c: c["stream"].update(phases=["A1", "C"]), r"aba.stream.phases must be a non-empty list of phases"),
+        (lambda c: c["runs"][6].update(train_phases=["b"]), r"aba.runs\[6\].train_phases must be"),
+        (lambda c: c.update(seeds=["a"]), r"aba.seeds\[0\] must be an int, got 'a'"),
+        (lambda c: c.update(seeds=[-1]), r"aba.seeds must be non-negative ints"),
+        (lambda c: c["stream"].update(clips_per_phase=-1), r"aba.stream.clips_per_phase must be a non-negative int"),
+        (lambda c: c.update(fisher_clips=-2), r"aba.fisher_clips must be a non-negative int, got -2"),
+        (lambda c: c["runs"][3].update(options={"lr": "x"}), r"aba.runs\[3\].options.lr must be a number, got 'x'"),
+        (lambda c: c["adapt"].update(lrr=1), r"unknown adaptation option keys \['lrr'\] at aba.adapt"),
+        (
+            lambda c: c["pretrain"].update(stepz=1),
+            r"aba.pretrain has keys that are not training config fields: \['stepz",
+        ),
+        (lambda c: c.update(compile="yes"), r"aba.compile must be a bool, got 'yes'"),
+        (lambda c: c["runs"][2].pop("model"), r"aba.runs\[2\] is missing 'model'"),
+    ],
+    ids=[
+        "top",
+        "stream",
+        "run-option",
+        "run-train_phase",
+        "phases",
+        "train_phases",
+        "seeds",
+        "negative-seed",
+        "clips",
+        "fisher",
+        "run-options-type",
+        "adapt-key",
+        "pretrain-key",
+        "compile",
+        "run-missing",
+    ],
+)
 def test_config_typos_and_bad_values_are_named(edit, match):
     cfg = tiny_config()
     edit(cfg)
@@ -354,6 +409,7 @@ def test_config_typos_and_bad_values_are_named(edit, match):
 
 def test_cli_aba_bad_yaml_and_out_file(tmp_path, capsys):
     from hope_kernels.cli import main
+
     path = tmp_path / "c.yaml"
     path.write_text("seeds: [0\nruns: []\n")
     assert main(["aba", "--config", str(path), "--out", str(tmp_path / "o")]) == 2
@@ -379,7 +435,7 @@ def test_fingerprint_covers_fisher_clips_and_resolves_paths(tmp_path, monkeypatc
     assert count["n"] == 0 and hooks.calls["train"] == 0
     cfg["fisher_clips"] = 3
     run_aba(cfg, hooks=StandInHooks(), out=tmp_path / "rel", progress=False)
-    assert count["n"] == 1    # only ac+ewc
+    assert count["n"] == 1  # only ac+ewc
 
 
 def test_checkpoints_and_logs_not_reused_after_a_code_change(tmp_path, monkeypatch):
@@ -409,6 +465,6 @@ def test_select_runs_drops_references_to_removed_runs():
     assert sub["baseline"] == "ac+layernorm" and sub["frozen_run"] == "ac+none"
     assert sub["headline"] == ["ac+layernorm", "ac+none"] and sub["comparisons"] == []
     validate_config(sub)
-    assert len(cfg["runs"]) > 2                        # the original is left as it was
+    assert len(cfg["runs"]) > 2  # the original is left as it was
     with pytest.raises(ValueError, match=r"unknown run name\(s\) \['nope'\]"):
         aba.select_runs(cfg, ["nope"])

@@ -2,13 +2,26 @@
 may cite the sections of a design document that is not here (the former out-of-repo "DESIGN 4.3" style), and
 every `docs/design.md#anchor` (or `design.md#anchor` between the docs, or `docs/design.md, 'Section name'`) must
 name a heading of docs/design.md. Plain text scans, no torch."""
+
 import re
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import ROOT
+
 DESIGN = ROOT / "docs" / "design.md"
-SCANNED = ("hope_kernels", "csrc", "tests", "benchmarks", "docs", "examples", "configs", "README.md", "setup.py",
-           "CMakeLists.txt", "pyproject.toml")
+SCANNED = (
+    "hope_kernels",
+    "csrc",
+    "tests",
+    "benchmarks",
+    "docs",
+    "examples",
+    "configs",
+    "README.md",
+    "setup.py",
+    "CMakeLists.txt",
+    "pyproject.toml",
+)
 TEXT_SUFFIXES = {".py", ".cpp", ".h", ".cu", ".cuh", ".md", ".sh", ".yaml", ".yml", ".txt", ".toml"}
 
 # The old citations: "DESIGN 4.3", "DESIGN 8's", "shared/DESIGN.md", "(... of DESIGN)". Upper case and a whole
@@ -27,8 +40,12 @@ def _files():
         p = ROOT / name
         paths = [p] if p.is_file() else sorted(p.rglob("*")) if p.is_dir() else []
         for f in paths:
-            if f.is_file() and f.suffix in TEXT_SUFFIXES and "__pycache__" not in f.parts \
-                    and f.resolve() != Path(__file__).resolve():
+            if (
+                f.is_file()
+                and f.suffix in TEXT_SUFFIXES
+                and "__pycache__" not in f.parts
+                and f.resolve() != Path(__file__).resolve()
+            ):
                 yield f
 
 
@@ -74,7 +91,7 @@ def design_citations() -> list[tuple[str, int, str, str]]:
         for i, line in enumerate(_lines(f), 1):
             out += [(_rel(f), i, "anchor", a) for a in ANCHOR.findall(line)]
             out += [(_rel(f), i, "name", n) for n in QUOTED.findall(line)]
-            if f == DESIGN:   # links inside the page: [text](#anchor)
+            if f == DESIGN:  # links inside the page: [text](#anchor)
                 out += [(_rel(f), i, "anchor", a) for a in re.findall(r"\]\(#([A-Za-z0-9_-]+)\)", line)]
     return out
 
@@ -86,15 +103,17 @@ def test_design_doc_is_in_the_repository():
 
 def test_no_citation_of_the_out_of_repo_design():
     stale = {f: hits for f, hits in stale_citations().items() if f not in PENDING}
-    assert not stale, ("these cite sections of a design document that is not in the repository; cite "
-                       "docs/design.md#<section> (or the docs/*.md page that holds the content) instead:\n"
-                       + "\n".join(f"{f}:{h}" for f, hits in stale.items() for h in hits))
+    assert not stale, (
+        "these cite sections of a design document that is not in the repository; cite "
+        "docs/design.md#<section> (or the docs/*.md page that holds the content) instead:\n"
+        + "\n".join(f"{f}:{h}" for f, hits in stale.items() for h in hits)
+    )
 
 
 def test_pending_files_still_need_their_fix():
     stale = stale_citations()
     done = sorted(f for f in PENDING if f not in stale)
-    assert not done, f"no old citation left in {done}: remove them from PENDING in tests/test_docs.py"
+    assert not done, f"no old citation left in {done}: remove them from PENDING in tests/app/test_docs.py"
 
 
 def test_every_cited_design_section_exists():
@@ -102,16 +121,20 @@ def test_every_cited_design_section_exists():
     names = {t.lower() for t in headings.values()}
     cited = design_citations()
     assert len(cited) >= 20, f"only {len(cited)} citations of docs/design.md found: is the scan broken?"
-    missing = [f"{f}:{i}: {kind} {value!r}" for f, i, kind, value in cited
-               if (value not in headings if kind == "anchor" else value.strip().lower() not in names)]
-    assert not missing, ("these cite a section that docs/design.md does not have (its anchors: "
-                         f"{sorted(headings)}):\n" + "\n".join(missing))
+    missing = [
+        f"{f}:{i}: {kind} {value!r}"
+        for f, i, kind, value in cited
+        if (value not in headings if kind == "anchor" else value.strip().lower() not in names)
+    ]
+    assert not missing, (
+        "these cite a section that docs/design.md does not have (its anchors: "
+        f"{sorted(headings)}):\n" + "\n".join(missing)
+    )
 
 
 def test_design_doc_links_resolve():
     """Every relative link of docs/design.md names a file that exists."""
-    links = [m for line in _lines(DESIGN) for m in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", line)
-             if "://" not in m]
+    links = [m for line in _lines(DESIGN) for m in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", line) if "://" not in m]
     assert links
     missing = [m for m in links if not (DESIGN.parent / m).exists()]
     assert not missing, f"docs/design.md links to missing files: {missing}"

@@ -1,20 +1,34 @@
 """Embedded physics: analytic Coulomb sliding, A vs B travel ratio, objects in view, no motion before the
 impulse, actions at frame // 2, renderer against a full-frame coverage formula, determinism."""
+
 import numpy as np
 import pytest
 
-from hope_kernels.data.physics import (AGENT_COLOUR, ARENA, BACKGROUND, FPS, G, IMG, Physics, actions_from,
-                                       render, sample_scenes, simulate_clips, stopping_distance, trajectories)
+from hope_kernels.data.physics import (
+    AGENT_COLOUR,
+    ARENA,
+    BACKGROUND,
+    FPS,
+    IMG,
+    G,
+    Physics,
+    actions_from,
+    render,
+    sample_scenes,
+    simulate_clips,
+    stopping_distance,
+    trajectories,
+)
 
 A, B = Physics(0.5, 1.0), Physics(0.1, 0.5)
 
 
 def test_b_travels_farther_by_the_analytic_ratio():
     sc = sample_scenes(32, np.random.default_rng(0))
-    long_a = trajectories(sc, A, frames=400)   # 20 s: every object has come to rest
+    long_a = trajectories(sc, A, frames=400)  # 20 s: every object has come to rest
     long_b = trajectories(sc, B, frames=400)
     ratio = long_b["s"][:, -1] / long_a["s"][:, -1]
-    expect = (A.mass ** 2 * A.mu) / (B.mass ** 2 * B.mu)   # d = J^2 / (2 m^2 mu g)
+    expect = (A.mass**2 * A.mu) / (B.mass**2 * B.mu)  # d = J^2 / (2 m^2 mu g)
     assert expect == pytest.approx(20.0)
     np.testing.assert_allclose(ratio, expect, rtol=1e-9)
     Jn = np.linalg.norm(sc["J"], axis=1)
@@ -73,7 +87,7 @@ def test_no_motion_before_the_impulse_and_actions():
 
 def test_renderer_matches_full_frame_coverage():
     sc = sample_scenes(6, np.random.default_rng(5))
-    sc["size"][:, 1:] = 0   # the pushed object alone
+    sc["size"][:, 1:] = 0  # the pushed object alone
     tr = trajectories(sc, B)
     frames = render(sc, tr["pos"]).astype(np.float64) / 255
     c = np.arange(IMG) + 0.5
@@ -85,7 +99,7 @@ def test_renderer_matches_full_frame_coverage():
             if sc["shape"][i, 0]:
                 cov = np.clip(r + 0.5 - dx, 0, 1) * np.clip(r + 0.5 - dy, 0, 1)
             else:
-                cov = np.clip(r + 0.5 - np.sqrt(dx ** 2 + dy ** 2), 0, 1)
+                cov = np.clip(r + 0.5 - np.sqrt(dx**2 + dy**2), 0, 1)
             want = BACKGROUND + cov[..., None] * (AGENT_COLOUR - BACKGROUND)
             np.testing.assert_allclose(frames[i, f], want, atol=1 / 255 + 1e-6)
             area = 4 * r * r if sc["shape"][i, 0] else np.pi * r * r

@@ -1,4 +1,5 @@
 """adapt_stream: prequential order, parameter sets per strategy, reset, divergence guard, HOPE memory / CMS."""
+
 import copy
 import math
 
@@ -6,9 +7,8 @@ import pytest
 import torch
 
 import hope_kernels.adapt as adapt_mod
+from helpers.aba_standins import TinyHOPE, TinyPredictor, make_clip, make_stream
 from hope_kernels.adapt import STRATEGIES, StreamLog, adapt_stream, score_clip
-
-from aba_standins import TinyHOPE, TinyPredictor, make_clip, make_stream
 
 OPTS = dict(lr=5e-3, steps=2)
 
@@ -25,9 +25,16 @@ def _changed(before, model):
     return {k for k, v in model.named_parameters() if not torch.equal(before[k], v.detach())}
 
 
-@pytest.mark.parametrize("model_cls,strategy", [(TinyPredictor, "full"), (TinyPredictor, "layernorm"),
-                                                (TinyPredictor, "lora"), (TinyHOPE, "hope"),
-                                                (TinyHOPE, "hope+ttt")])
+@pytest.mark.parametrize(
+    "model_cls,strategy",
+    [
+        (TinyPredictor, "full"),
+        (TinyPredictor, "layernorm"),
+        (TinyPredictor, "lora"),
+        (TinyHOPE, "hope"),
+        (TinyHOPE, "hope+ttt"),
+    ],
+)
 def test_prequential_score_precedes_adaptation(model_cls, strategy):
     """The score of clip k equals the score of clip k by the model adapted on clips 0..k-1 only."""
     stream = make_stream(3)
@@ -35,13 +42,18 @@ def test_prequential_score_precedes_adaptation(model_cls, strategy):
     base = model_cls()
     opts = dict(OPTS, merge_lora=False) if strategy == "lora" else OPTS
     states = {}
-    log = adapt_stream(copy.deepcopy(base), stream.clips, strategy, **opts,
-                       callback=lambda i, m: states.__setitem__(i, copy.deepcopy(m)))
+    log = adapt_stream(
+        copy.deepcopy(base),
+        stream.clips,
+        strategy,
+        **opts,
+        callback=lambda i, m: states.__setitem__(i, copy.deepcopy(m)),
+    )
     # replay the first k clips, then score clip k with that model: must match the logged score exactly
     m = copy.deepcopy(base)
     adapt_stream(m, stream.clips[:k], strategy, **dict(opts, merge_lora=True) if strategy == "lora" else opts)
     if strategy in ("hope", "hope+ttt"):
-        m.carry_memory = True       # adapt_stream carries the memory of clip k-1 into clip k
+        m.carry_memory = True  # adapt_stream carries the memory of clip k-1 into clip k
     s = score_clip(m, stream.clips[k])
     assert s["tf"] == pytest.approx(log.tf[k], rel=1e-6, abs=1e-7)
     assert s["rollout"] == pytest.approx(log.rollout[k], rel=1e-6, abs=1e-7)
@@ -49,7 +61,7 @@ def test_prequential_score_precedes_adaptation(model_cls, strategy):
     m2 = states[k]
     if strategy in ("hope", "hope+ttt"):
         m2.carry_memory = True
-    if strategy != "lora":          # the logged copy's lora adapters were hooks, removed at the end
+    if strategy != "lora":  # the logged copy's lora adapters were hooks, removed at the end
         assert score_clip(m2, stream.clips[k])["tf"] != log.tf[k]
 
 
@@ -57,10 +69,10 @@ def test_changing_clip_k_does_not_change_earlier_or_own_score():
     stream = make_stream(3)
     k = 5
     other = make_clip("B", 99, shift=5.0)
-    clips2 = stream.clips[:k] + [dict(stream.clips[k])] + [other] + stream.clips[k + 1:]
+    clips2 = stream.clips[:k] + [dict(stream.clips[k])] + [other] + stream.clips[k + 1 :]
     l1 = adapt_stream(TinyPredictor(), stream.clips, "full", **OPTS)
     l2 = adapt_stream(TinyPredictor(), clips2, "full", **OPTS)
-    assert l1.tf[:k + 1] == l2.tf[:k + 1]
+    assert l1.tf[: k + 1] == l2.tf[: k + 1]
     assert l1.tf[k + 1] != l2.tf[k + 1]
 
 
@@ -78,7 +90,10 @@ def test_each_strategy_changes_only_allowed_params():
         "none": set(),
         "layernorm": _ln_names(base),
         "last_block": {k for k in names if k.startswith("blocks.1.")},
-        "full": names, "ewc": names, "reset": names, "replay": names,
+        "full": names,
+        "ewc": names,
+        "reset": names,
+        "replay": names,
         "lora": {k for k in names if k.startswith("blocks.") and k.endswith("fc.weight")},
     }
     for strategy, ok in allowed.items():
@@ -116,7 +131,7 @@ def test_hope_cms_step_is_the_size_of_an_optimizer_step():
     before = [p.detach().clone() for p in lvl]
     adapt_stream(m, make_stream(1).clips[:1], "hope", cms_periods=[1] * len(m.cms))
     step = max((p - b).abs().max().item() for p, b in zip(lvl, before))
-    assert abs(step - 1e-3) < 1e-5, step        # AdamW's first step: lr per weight, whatever the gradient's scale
+    assert abs(step - 1e-3) < 1e-5, step  # AdamW's first step: lr per weight, whatever the gradient's scale
 
 
 def test_hope_ttt_changes_chosen_params_plus_cms():
@@ -134,8 +149,13 @@ def test_cms_levels_update_at_their_periods():
     lvl1 = [p for p in m.cms[1].parameters()]
     prev0, prev1 = [p.detach().clone() for p in lvl0], [p.detach().clone() for p in lvl1]
     snaps = []
-    adapt_stream(m, make_stream(2).clips, "hope", cms_lr=0.05,
-                 callback=lambda i, mod: snaps.append(([p.clone() for p in lvl0], [p.clone() for p in lvl1])))
+    adapt_stream(
+        m,
+        make_stream(2).clips,
+        "hope",
+        cms_lr=0.05,
+        callback=lambda i, mod: snaps.append(([p.clone() for p in lvl0], [p.clone() for p in lvl1])),
+    )
     for i, (s0, s1) in enumerate(snaps):
         assert any(not torch.equal(a, b) for a, b in zip(s0, prev0)), f"period-1 level idle at clip {i}"
         moved1 = any(not torch.equal(a, b) for a, b in zip(s1, prev1))
@@ -168,8 +188,9 @@ def test_reset_restores_stream_start_weights_exactly():
     start = _params(base)
     states = {}
     m = copy.deepcopy(base)
-    log = adapt_stream(m, stream.clips, "reset", reset_every=4, **OPTS,
-                       callback=lambda i, mod: states.__setitem__(i, _params(mod)))
+    log = adapt_stream(
+        m, stream.clips, "reset", reset_every=4, **OPTS, callback=lambda i, mod: states.__setitem__(i, _params(mod))
+    )
     for i in range(len(stream.clips)):
         same = all(torch.equal(states[i][k], start[k]) for k in start)
         assert same == ((i + 1) % 4 == 0), i
@@ -186,7 +207,7 @@ def test_guard_rolls_back_injected_nan(monkeypatch):
     def poisoned_step(self, *a, **k):
         out = real_step(self, *a, **k)
         calls["n"] += 1
-        if calls["n"] == 5:                       # clip 2, first of its 2 steps
+        if calls["n"] == 5:  # clip 2, first of its 2 steps
             with torch.no_grad():
                 self.param_groups[0]["params"][0].fill_(float("nan"))
         return out
@@ -197,7 +218,7 @@ def test_guard_rolls_back_injected_nan(monkeypatch):
     log = adapt_stream(m, stream.clips, "full", **OPTS, callback=lambda i, mod: states.__setitem__(i, _params(mod)))
     assert log.rollbacks == 1
     assert all(torch.isfinite(p).all() for p in m.parameters())
-    assert all(torch.equal(states[1][k], states[2][k]) for k in states[1])     # clip 2's update undone
+    assert all(torch.equal(states[1][k], states[2][k]) for k in states[1])  # clip 2's update undone
     assert not all(torch.equal(states[2][k], states[3][k]) for k in states[2])  # later clips adapt again
     assert all(math.isfinite(x) for x in log.tf)
 
@@ -209,7 +230,7 @@ def test_guard_rolls_back_explosion():
 
 
 def test_copy_baseline_and_scores():
-    clip = make_clip("A1", 0, shift=0.0)     # constant latents: copying the last latent is exact
+    clip = make_clip("A1", 0, shift=0.0)  # constant latents: copying the last latent is exact
     s = score_clip(TinyPredictor(), clip)
     assert s["copy_tf"] == pytest.approx(0.0, abs=1e-6)
     assert s["copy_rollout"] == pytest.approx([0.0] * 4, abs=1e-6)
@@ -258,15 +279,24 @@ def test_guard_rolls_back_non_finite_carried_memory():
     clip = stream.clips[0]
     T, N, D = clip["latents"].shape
     H = int(math.isqrt(N))
-    m = build_predictor("hope", "tiny", enc_dim=D, grid=(T, H, N // H), action_dim=clip["actions"].shape[-1],
-                        width=32, heads=2, depth=1, cms=False)
+    m = build_predictor(
+        "hope",
+        "tiny",
+        enc_dim=D,
+        grid=(T, H, N // H),
+        action_dim=clip["actions"].shape[-1],
+        width=32,
+        heads=2,
+        depth=1,
+        cms=False,
+    )
     real_forward = type(m).forward
     calls = {"n": 0}
 
     def poisoned(self, *a, **k):
         out = real_forward(self, *a, **k)
         calls["n"] += 1
-        if calls["n"] == 4 and self._memory is not None:     # clip 1's adaptation forward
+        if calls["n"] == 4 and self._memory is not None:  # clip 1's adaptation forward
             self._memory = [s.clone().fill_(float("nan")) for s in self._memory]
         return out
 
@@ -277,8 +307,9 @@ def test_guard_rolls_back_non_finite_carried_memory():
     assert all(torch.isfinite(s).all() for s in m._memory)
 
 
-@pytest.mark.parametrize("model_cls,strategy", [(TinyPredictor, "layernorm"), (TinyPredictor, "none"),
-                                                (TinyHOPE, "hope")])
+@pytest.mark.parametrize(
+    "model_cls,strategy", [(TinyPredictor, "layernorm"), (TinyPredictor, "none"), (TinyHOPE, "hope")]
+)
 def test_non_finite_stream_latents_are_named(model_cls, strategy):
     stream = make_stream(2)
     stream.clips[3]["latents"][1, 0, 0] = float("nan")
@@ -290,6 +321,7 @@ def test_memory_lr_scale_scales_the_memory_step_for_the_stream_only():
     """memory_lr_scale multiplies a HOPE memory's eta_max while the stream runs (predictions change) and
     restores it after; strategies without a memory refuse it."""
     from hope_kernels.models import build_predictor
+
     torch.manual_seed(0)
     model = build_predictor("hope", "tiny", enc_dim=8, grid=(5, 2, 2))
     torch.nn.init.normal_(model.proj.weight, std=0.1)
@@ -302,8 +334,7 @@ def test_memory_lr_scale_scales_the_memory_step_for_the_stream_only():
     assert a.tf != b.tf
     assert seen[0] == etas and [m.eta_max for m in model.modules() if hasattr(m, "eta_max")] == etas
     with pytest.raises(ValueError, match="memory_lr_scale scales a HOPE memory"):
-        adapt_stream(build_predictor("ac", "tiny", enc_dim=8, grid=(5, 2, 2)), stream, "layernorm",
-                     memory_lr_scale=2.0)
+        adapt_stream(build_predictor("ac", "tiny", enc_dim=8, grid=(5, 2, 2)), stream, "layernorm", memory_lr_scale=2.0)
     with pytest.raises(ValueError, match="finite number > 0"):
         adapt_stream(model, stream, "hope", memory_lr_scale=0.0)
 
@@ -313,7 +344,7 @@ def test_compile_option_is_checked():
         adapt_stream(TinyPredictor(), make_stream(1).clips, "full", compile=1)
 
 
-@pytest.mark.slow(minutes=4)   # compiling takes minutes on a small CPU
+@pytest.mark.slow(minutes=4)  # compiling takes minutes on a small CPU
 def test_compiled_stream_matches_eager():
     """compile=True: the model's forward runs under torch.compile for the stream; the scores equal the eager
     stream's within float32 rounding, and the model's own forward is back afterwards."""
@@ -332,17 +363,24 @@ def test_aba_compile_key_reaches_pretraining_and_every_stream(tmp_path, monkeypa
     """An A-B-A config's top-level `compile` goes to the pre-training config and to every adapt_stream call (the
     calls are recorded, then run eager here: the compiled numbers are test_compiled_stream_matches_eager's)."""
     import hope_kernels.aba as aba
-    from aba_standins import StandInHooks
-    cfg = {"seeds": [0], "stream": {"phases": ["A1", "B", "A2"], "clips_per_phase": 1, "heldout_per_phase": 1},
-           "pretrain": {"steps": 1}, "compile": True,
-           "runs": [{"name": "ac+full", "model": "ac", "strategy": "full"}]}
+    from helpers.aba_standins import StandInHooks
+
+    cfg = {
+        "seeds": [0],
+        "stream": {"phases": ["A1", "B", "A2"], "clips_per_phase": 1, "heldout_per_phase": 1},
+        "pretrain": {"steps": 1},
+        "compile": True,
+        "runs": [{"name": "ac+full", "model": "ac", "strategy": "full"}],
+    }
     seen = {"train": [], "adapt": []}
     hooks = StandInHooks(train_steps=1)
     real_train, real_adapt = hooks.train, aba.adapt_stream
     hooks.train = lambda config: seen["train"].append(config["compile"]) or real_train(config)
+
     def adapt(*a, compile, **k):
         seen["adapt"].append(compile)
         return real_adapt(*a, **k)
+
     monkeypatch.setattr(aba, "adapt_stream", adapt)
     aba.run_aba(cfg, hooks=hooks, out=tmp_path, progress=False)
     assert seen == {"train": [True], "adapt": [True]}

@@ -1,5 +1,6 @@
 """The `hope-kernels` command line: the subcommands of docs/design.md#interfaces, `adapt` end to end on tiny data,
 `bench`'s suite selection, one-line errors."""
+
 import json
 
 import pytest
@@ -21,12 +22,41 @@ def test_every_design_subcommand_is_there(capsys):
 def test_adapt_end_to_end(tmp_path, capsys):
     from hope_kernels.data import ensure_dataset
     from hope_kernels.train import train
+
     data = ensure_dataset(tmp_path / "data", preset="tiny", seed=0)
-    ckpt = train({"model": "ac", "preset": "tiny", "data": str(data), "phases": ["A1"], "split": "train",
-                  "steps": 2, "batch_size": 2, "out": str(tmp_path / "model"), "progress": False}).checkpoint
+    ckpt = train(
+        {
+            "model": "ac",
+            "preset": "tiny",
+            "data": str(data),
+            "phases": ["A1"],
+            "split": "train",
+            "steps": 2,
+            "batch_size": 2,
+            "out": str(tmp_path / "model"),
+            "progress": False,
+        }
+    ).checkpoint
     log = tmp_path / "log.json"
-    assert cli.main(["adapt", "--checkpoint", str(ckpt), "--data", str(data), "--clips-per-phase", "1",
-                     "--strategy", "layernorm", "--no-progress", "--log", str(log)]) == 0
+    assert (
+        cli.main(
+            [
+                "adapt",
+                "--checkpoint",
+                str(ckpt),
+                "--data",
+                str(data),
+                "--clips-per-phase",
+                "1",
+                "--strategy",
+                "layernorm",
+                "--no-progress",
+                "--log",
+                str(log),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert out.startswith("tf {") and set(json.loads(out.splitlines()[0][3:])) == {"A1", "B", "A2"}
     assert json.loads(log.read_text())["strategy"] == "layernorm"
@@ -34,11 +64,28 @@ def test_adapt_end_to_end(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     # shipped weights (hope_kernels/assets/pretrained) adapt the same way
     import torch
+
     from hope_kernels.pretrained import save_weights
     from hope_kernels.train import load_checkpoint
+
     save_weights(tmp_path / "shipped.safetensors", load_checkpoint(ckpt)[0], {}, torch.float16)
-    assert cli.main(["adapt", "--checkpoint", str(tmp_path / "shipped.safetensors"), "--data", str(data),
-                     "--clips-per-phase", "1", "--strategy", "none", "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "adapt",
+                "--checkpoint",
+                str(tmp_path / "shipped.safetensors"),
+                "--data",
+                str(data),
+                "--clips-per-phase",
+                "1",
+                "--strategy",
+                "none",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.startswith("tf {")
 
 
@@ -63,6 +110,7 @@ def test_bench_ends_with_the_targets_its_rows_measured(monkeypatch, capsys):
         with open(env["HOPE_BENCH_JSON"], "w") as f:
             json.dump(rows, f)
         return 0
+
     monkeypatch.setattr("subprocess.call", fake_run)
     assert cli.main(["bench", "l1_loss"]) == 0
     assert "| 3 | L1 fwd+bwd float32, CPU | cpu | eager | 3.10x | >= 2.00x | met |" in capsys.readouterr().out

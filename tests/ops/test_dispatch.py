@@ -3,6 +3,7 @@
 The CUDA kernels of dgd_memory and titans_memory keep their state tiles in shared memory. The dispatcher sizes
 them from the shapes and checks the device's opt-in limit before any launcher runs: auto passes over cuda,
 an explicit backend="cuda" raises ValueError."""
+
 import pytest
 import torch
 
@@ -40,6 +41,7 @@ def test_shared_memory_needs_follow_the_documented_formulas():
     """The launchers and the dispatcher size shared memory from one source, csrc/cuda_smem.h, which the extension
     exports (built with or without CUDA); its numbers are the formulas the error messages state."""
     from hope_kernels import _C
+
     for dk, dv, acc in ((1, 1, 4), (64, 32, 4), (160, 160, 4), (256, 256, 8), (2048, 4, 4)):
         assert _C.cuda_shared_memory("dgd_fwd", dk, dv, acc) == (2 * dk * dv + 2 * dk) * acc
         assert _C.cuda_shared_memory("dgd_bwd", dk, dv, acc) == (3 * dk * dv + 2 * dk + 3 * dv + 128) * acc
@@ -57,17 +59,20 @@ def test_shared_memory_needs_follow_the_documented_formulas():
 
 @needs_cpp
 def test_auto_passes_over_cuda_when_the_tiles_do_not_fit(pretend_cuda):
-    assert dgd_ops._resolve("auto", _dgd(128, 128)) == "cuda"          # triton takes <= 64; 197 KB fit
-    assert dgd_ops._resolve("auto", _dgd(256, 256)) == "reference"     # 792 KB do not
+    assert dgd_ops._resolve("auto", _dgd(128, 128)) == "cuda"  # triton takes <= 64; 197 KB fit
+    assert dgd_ops._resolve("auto", _dgd(256, 256)) == "reference"  # 792 KB do not
     assert dgd_ops._resolve("auto", _dgd(32, 32)) == "triton"
-    assert titans_ops._resolve("auto", "linear", _titans(256, 64)) == "cuda"     # 176 KB
+    assert titans_ops._resolve("auto", "linear", _titans(256, 64)) == "cuda"  # 176 KB
     assert titans_ops._resolve("auto", "linear", _titans(2048, 4)) == "reference"
 
 
 @needs_cpp
 def test_explicit_cuda_raises_a_clear_error(pretend_cuda):
-    with pytest.raises(ValueError, match=r"dgd_memory: the cuda backend needs 792064 bytes of shared memory per "
-                                         r"block .*dk=256, dv=256.* allows 232448"):
+    with pytest.raises(
+        ValueError,
+        match=r"dgd_memory: the cuda backend needs 792064 bytes of shared memory per "
+        r"block .*dk=256, dv=256.* allows 232448",
+    ):
         dgd_ops._resolve("cuda", _dgd(256, 256))
     with pytest.raises(ValueError, match=r"titans_memory: .* shared memory .*dk=2048"):
         titans_ops._resolve("cuda", "linear", _titans(2048, 4))
@@ -99,6 +104,7 @@ def test_errors_name_the_environment_variable(monkeypatch):
     pos = torch.zeros(2, 3, dtype=torch.int64)
     monkeypatch.setenv(D.ENV_VAR, "triton")
     from hope_kernels.ops import rope3d
+
     with pytest.raises(D.BackendUnavailableError, match="'triton' \\(from HOPE_KERNELS_BACKEND\\) is not implemented"):
         rope3d(x, pos)
     monkeypatch.setenv(D.ENV_VAR, "fastest")
@@ -112,6 +118,7 @@ def test_value_checks_read_gpu_tensors_only_in_debug(monkeypatch):
     """Gate ranges, L1 weights: reading values off a GPU is a host sync per call, so only HOPE_KERNELS_DEBUG=1
     reads them there (a meta tensor stands in for a GPU one); CPU tensors are always read."""
     from hope_kernels.ops.checks import DEBUG_ENV, reads_values
+
     cpu, dev = torch.zeros(2), torch.zeros(2, device="meta")
     monkeypatch.delenv(DEBUG_ENV, raising=False)
     assert reads_values(cpu, None) and not reads_values(dev) and not reads_values(cpu, dev)
@@ -144,19 +151,40 @@ def test_registry_toy_op():
     def backward(ctx, backward_op, grad):
         return backward_op(grad)
 
-    toy = register(OpTable(
-        name="test_registry_toy", label="toy", schema="(Tensor x) -> Tensor", backward_schema="(Tensor g) -> Tensor",
-        fake=torch.empty_like, fake_backward=torch.empty_like, setup_context=setup, backward=backward,
-        backends=(Backend("cpu", lambda x: x * 2, lambda g: g * 2, devices=("cpu",), priority=1,
-                          accepts=lambda x, device: "takes float64 only" if x.dtype != torch.float64 else None),
-                  Backend("triton", lambda x: x + x, lambda g: g + g, devices=("cpu",)))))
+    toy = register(
+        OpTable(
+            name="test_registry_toy",
+            label="toy",
+            schema="(Tensor x) -> Tensor",
+            backward_schema="(Tensor g) -> Tensor",
+            fake=torch.empty_like,
+            fake_backward=torch.empty_like,
+            setup_context=setup,
+            backward=backward,
+            backends=(
+                Backend(
+                    "cpu",
+                    lambda x: x * 2,
+                    lambda g: g * 2,
+                    devices=("cpu",),
+                    priority=1,
+                    accepts=lambda x, device: "takes float64 only" if x.dtype != torch.float64 else None,
+                ),
+                Backend("triton", lambda x: x + x, lambda g: g + g, devices=("cpu",)),
+            ),
+        )
+    )
     x = torch.randn(3, dtype=torch.float64, requires_grad=True)
-    assert toy.resolve("auto", (x,), x) == ("cpu" if D.has_cpp() else "triton" if D.triton_can_run(x.device)
-                                            else "reference")
+    assert toy.resolve("auto", (x,), x) == (
+        "cpu" if D.has_cpp() else "triton" if D.triton_can_run(x.device) else "reference"
+    )
     assert toy.resolve("auto", (x,), x.float()) in ("triton", "reference")
     assert toy.supported == ("reference", "cpu", "triton")
-    with pytest.raises(D.BackendUnavailableError, match="'cuda' is not implemented for this op "
-                                                        r"\(implemented: reference, cpu, triton\)"):
+    with pytest.raises(
+        D.BackendUnavailableError,
+        match="'cuda' is not implemented for this op "
+        r"\(implemented: reference, cpu, triton\)",
+    ):
         toy.resolve("cuda", (x,), x)
     if D.has_cpp():
         with pytest.raises(D.BackendUnavailableError, match="takes float64 only"):
