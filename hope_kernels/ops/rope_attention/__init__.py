@@ -7,9 +7,10 @@ Token i attends token j iff t_j <= t_i and, when `window` is given, t_i - t_j < 
 visible timesteps including the current one (window=1: own timestep only), as V-JEPA 2's local_window_time.
 
 rope_attention backends: reference (rope + SDPA with a materialised (L, L) bool mask), cpu / cuda (compiled
-rotation op, forward and backward, composed with PyTorch SDPA; on the CPU one unmasked SDPA per timestep over
-the keys it may see, so no masked score is computed), triton (q and k rotated once into O(L d)
-scratch, then fused flash-attention kernels, forward and backward). rope3d backends: reference, cpu, cuda.
+rotation op, forward and backward, composed with PyTorch SDPA; on the CPU, ops/rope_attention/cpu_blocks.py:
+short timesteps one masked call, long ones an unmasked SDPA per timestep over the keys it may see), triton (q
+and k rotated once into O(L d) scratch, then fused flash-attention kernels, forward and backward).
+rope3d backends: reference, cpu, cuda.
 The fast paths are the registry tables `_ROPE` and `_ATTN` (hope_kernels/ops/registry.py): custom ops
 `hope_kernels::rope3d_<backend>` and `hope_kernels::rope_attention_triton` with their backward ops.
 """
