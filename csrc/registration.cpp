@@ -38,4 +38,9 @@ TORCH_LIBRARY(hope_kernels, m) {
   // and its transpose (the gradient)
   m.def("rope3d_fwd(Tensor x, Tensor pos, Tensor freqs) -> Tensor");
   m.def("rope3d_bwd(Tensor grad, Tensor pos, Tensor freqs) -> Tensor");
+  // block-causal attention of rotated q, k, v (B, H, L, d) over the timesteps t = pos[:, 0] (window 0: none):
+  // (o, lse) and (dq, dk, dv); C++ CPU (csrc/block_attention_cpu.cpp)
+  m.def("block_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor pos, int window, float scale) -> (Tensor, Tensor)");
+  m.def("block_attention_bwd(Tensor grad_o, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor pos, "
+        "int window, float scale) -> (Tensor, Tensor, Tensor)");
 }

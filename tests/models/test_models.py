@@ -429,13 +429,10 @@ def test_official_ac_keys_load():
     assert official.predict_delta is False and official.stem_kernel == 0 and official.rope_compat == "vjepa2"
 
 
-@pytest.mark.parametrize("per_block", [False, True], ids=["masked", "per-block"])
-def test_official_ac_weights_give_the_official_outputs_and_gradients(monkeypatch, per_block):
+def test_official_ac_weights_give_the_official_outputs_and_gradients(monkeypatch):
     """Our AC predictor with the official V-JEPA 2-AC predictor's weights (facebookresearch/vjepa2, checkout named
-    by HOPE_BENCH_VJEPA2, timm stubbed) gives its outputs and parameter gradients, float32, at T 8 and T 1, through
-    either CPU attention path (per-timestep blocks forced by MIN_BLOCK_QUERIES = 1). Our input layer norm is
-    applied to the inputs beforehand (the official predictor takes them as given)."""
-    import importlib
+    by HOPE_BENCH_VJEPA2, timm stubbed) gives its outputs and parameter gradients, float32, at T 8 and T 1. Our
+    input layer norm is applied to the inputs beforehand (the official predictor takes them as given)."""
     import os
     import sys
     import types
@@ -461,10 +458,6 @@ def test_official_ac_weights_give_the_official_outputs_and_gradients(monkeypatch
         sys.path.remove(root)
     from hope_kernels.models.ac_predictor import official_to_local
 
-    if per_block:
-        monkeypatch.setattr(
-            importlib.import_module("hope_kernels.ops.rope_attention.cpu_blocks"), "MIN_BLOCK_QUERIES", 1
-        )
     torch.manual_seed(0)
     T, H, W, D, A = 8, 4, 4, 32, 7
     off = vit_ac_predictor(

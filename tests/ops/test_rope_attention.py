@@ -276,99 +276,98 @@ def test_fast_attention_matches_reference(backend, case):
         assert rel_err(a, b) < 5 * RTOL[torch.float32], name
 
 
-@pytest.mark.skipif("cpu" not in attn_backends_cpu(), reason="the C++ extension is not built")
-def test_cpu_attention_computes_no_masked_score(monkeypatch):
-    """The cpu backend runs the flash kernels once per timestep, unmasked, over exactly the keys that timestep may
-    see (blocks of MIN_BLOCK_QUERIES tokens or more: 1 here); past MAX_TIMESTEP_BLOCKS timesteps it falls back to
-    one masked call. Both match the reference."""
-    import importlib
+def _uneven_pos(sizes):
+    """pos with timestep t holding sizes[t] tokens (h, w running over the tokens)."""
+    rows = [(t, i // 4, i % 4) for t, n in enumerate(sizes) for i in range(n)]
+    return torch.tensor(rows, dtype=torch.int64)
 
-    import torch.nn.functional as F
 
-    ra_mod = importlib.import_module("hope_kernels.ops.rope_attention")  # the package, not the function
-    cb = importlib.import_module("hope_kernels.ops.rope_attention.cpu_blocks")
-    blocks = ra_mod._timestep_blocks
-    assert blocks(make_pos(4, 1, 2, actions=1), None) == [(0, 3, 0), (3, 6, 0), (6, 9, 0), (9, 12, 0)]
-    assert blocks(make_pos(4, 1, 2, actions=1), 2) == [(0, 3, 0), (3, 6, 0), (6, 9, 3), (9, 12, 6)]
-    assert blocks(make_pos(ra_mod.MAX_TIMESTEP_BLOCKS + 1, 1, 1), None) is None
-    monkeypatch.setattr(cb, "MIN_BLOCK_QUERIES", 1)
-    calls = []
-    sdpa, flash = F.scaled_dot_product_attention, cb._flash_fwd
-    monkeypatch.setattr(
-        F,
-        "scaled_dot_product_attention",
-        lambda q, k, v, **kw: calls.append((q.shape[2], k.shape[2], kw.get("attn_mask"))) or sdpa(q, k, v, **kw),
+requires_ext = pytest.mark.skipif("cpu" not in attn_backends_cpu(), reason="the C++ extension is not built")
+
+
+@requires_ext
+@pytest.mark.parametrize("avx2", ["1", "0"], ids=["avx2-if-cpu-has-it", "baseline-isa"])
+@pytest.mark.parametrize("window", [None, 2])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_cpu_block_attention_matches_reference(monkeypatch, dtype, window, avx2):
+    """The C++ block kernels (csrc/block_attention_cpu.cpp) against the masked reference, forward and backward:
+    timesteps of 1, 7, 130 (cut into row tiles: 130 > 96) and 23 tokens, d = 40 (columns past the register
+    tiles), q, k, v as head views of (B, L, H, d) memory; both builds of the kernels."""
+    from hope_kernels.ops.rope_attention.cpu_blocks import block_attention
+
+    monkeypatch.setenv("HOPE_KERNELS_NO_AVX2", "0" if avx2 == "1" else "1")
+    pos = _uneven_pos([1, 7, 130, 23])
+    B, H, L, d = 2, 3, pos.shape[0], 40
+    q, k, v, g = (torch.randn(B, L, H, d, dtype=torch.float64).transpose(1, 2) for _ in range(4))
+    want = _fwd_bwd(
+        lambda a, b, c: torch.nn.functional.scaled_dot_product_attention(
+            a, b, c, attn_mask=ref.block_causal_mask(pos[:, 0], window), scale=0.3
+        ),
+        q,
+        k,
+        v,
+        g,
     )
-    monkeypatch.setattr(
-        cb, "_flash_fwd", lambda q, k, v, **kw: calls.append((q.shape[2], k.shape[2], None)) or flash(q, k, v, **kw)
+    got = _fwd_bwd(
+        lambda a, b, c: block_attention(a, b, c, pos, window or 0, 0.3), *(x.to(dtype) for x in (q, k, v, g))
     )
-    for T, window in ((4, 2), (ra_mod.MAX_TIMESTEP_BLOCKS + 3, None)):
-        calls.clear()
-        pos = make_pos(T, 2, 2, actions=1)
-        q, k, v = qkv(1, 2, pos.shape[0], 32)
-        g = torch.randn_like(q)
-        got = _fwd_bwd(lambda a, b, c: rope_attention(a, b, c, pos, window=window, backend="cpu"), q, k, v, g)
-        if T == 4:
-            assert [(lq, lk) for lq, lk, m in calls] == [(5, 5), (5, 10), (5, 10), (5, 10)]
-            assert all(m is None for *_, m in calls)
-        else:
-            assert len(calls) == 1 and calls[0][2] is not None
-        want = _fwd_bwd(
-            lambda a, b, c: ref.rope_attention_reference(a, b, c, pos, window),
-            q.double(),
-            k.double(),
-            v.double(),
-            g.double(),
-        )
-        for name, a, b in zip(("o", "dq", "dk", "dv"), got, want):
-            assert rel_err(a, b) < 5 * RTOL[torch.float32], (T, name)
+    tol = {torch.float64: 1e-12, torch.float32: 5 * RTOL[torch.float32], torch.bfloat16: 2e-2}[dtype]
+    for name, a, b in zip(("o", "dq", "dk", "dv"), got, want):
+        assert a.dtype == dtype and a.shape == (B, H, L, d), name
+        assert a.transpose(1, 2).is_contiguous(), name  # (B, L, H, d) memory: merging heads is a view
+        assert rel_err(a, b) < tol, name
 
 
-@pytest.mark.skipif("cpu" not in attn_backends_cpu(), reason="the C++ extension is not built")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_cpu_attention_short_blocks_one_masked_call(monkeypatch, dtype):
-    """Timesteps of fewer than MIN_BLOCK_QUERIES tokens (at most MAX_MASKED_TOKENS in all): one SDPA call with the
-    block-causal mask as 0 / -inf in q's dtype, built once per pos (and again when pos changes in place); matches
-    the reference."""
-    import importlib
+@requires_ext
+@pytest.mark.parametrize("window", [None, 2])
+def test_cpu_block_attention_reads_no_masked_key(window):
+    """Keys and values a query may not see are never read: NaN in them leaves the outputs of the queries that
+    cannot see them finite and equal to the reference without them. 4 timesteps of 7 tokens; no window: the
+    last timestep's k, v are NaN; window 2: the first timestep's (the last two timesteps cannot see it)."""
+    from hope_kernels.ops.rope_attention.cpu_blocks import block_attention
 
-    import torch.nn.functional as F
+    pos = make_pos(4, 2, 3, actions=1)
+    q, k, v = qkv(1, 2, pos.shape[0], 16, dtype=torch.float64)
+    bad, good = (slice(21, 28), slice(0, 21)) if window is None else (slice(0, 7), slice(14, 28))
+    kn, vn = k.clone(), v.clone()
+    kn[:, :, bad] = vn[:, :, bad] = float("nan")
+    o = block_attention(q, kn, vn, pos, window or 0, 0.25)
+    keys = slice(0, 21) if window is None else slice(7, 28)  # what the good queries see, all of it finite
+    sub = pos[keys]
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, keys], k[:, :, keys], v[:, :, keys], attn_mask=ref.block_causal_mask(sub[:, 0], window), scale=0.25
+    )
+    off = good.start - keys.start
+    assert torch.isfinite(o[:, :, good]).all()
+    assert rel_err(o[:, :, good], want[:, :, off : off + good.stop - good.start]) < 1e-12
 
-    cb = importlib.import_module("hope_kernels.ops.rope_attention.cpu_blocks")
-    masks = []
-    sdpa = F.scaled_dot_product_attention
 
-    def spy(q, k, v, **kw):
-        if kw["attn_mask"].dtype != torch.bool:  # the reference's calls pass a bool mask
-            masks.append(kw["attn_mask"])
-        return sdpa(q, k, v, **kw)
+@requires_ext
+def test_cpu_block_attention_opcheck_and_compile():
+    from hope_kernels.ops.rope_attention import cpu_blocks
 
-    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
-    pos = make_pos(4, 2, 2, actions=1)
-    assert pos.shape[0] < cb.MIN_BLOCK_QUERIES * 4
-    q, k, v = qkv(1, 2, pos.shape[0], 32, dtype=dtype)
+    pos = _uneven_pos([3, 5, 4])
+    q, k, v = qkv(2, 2, pos.shape[0], 8, dtype=torch.float64, grad=True)
+    torch.library.opcheck(cpu_blocks._block_attention, (q, k, v, pos, 2, 0.5))
+    f = torch.compile(lambda a, b, c: cpu_blocks.block_attention(a, b, c, pos, 0, 0.5), fullgraph=True)
     g = torch.randn_like(q)
-    for window in (None, 2, 2):
-        got = _fwd_bwd(lambda a, b, c: rope_attention(a, b, c, pos, window=window, backend="cpu"), q, k, v, g)
-        want = _fwd_bwd(
-            lambda a, b, c: ref.rope_attention_reference(a, b, c, pos, window),
-            q.double(),
-            k.double(),
-            v.double(),
-            g.double(),
-        )
-        for name, a, b in zip(("o", "dq", "dk", "dv"), got, want):
-            assert a.dtype == dtype and rel_err(a, b) < 5 * RTOL[torch.float32], (window, name)
-    assert len(masks) == 3 and masks[1] is masks[2] and masks[0] is not masks[1]
-    keep = ref.block_causal_mask(pos[:, 0], 2)
-    assert masks[2].dtype == dtype and torch.equal(masks[2] == 0, keep) and (masks[2][~keep] == float("-inf")).all()
-    pos[-1, 0] += 1  # changed in place (last token now at t 4): a new mask
-    rope_attention(q, k, v, pos, window=2, backend="cpu")
-    assert masks[2][-1, 10] == 0 and masks[-1][-1, 10] == float("-inf")  # key 10 is at t 2
-    n = len(masks)
-    monkeypatch.setattr(cb, "MAX_MASKED_TOKENS", pos.shape[0] - 1)  # past it: per-block kernels, no mask
-    rope_attention(q, k, v, pos, window=2, backend="cpu")
-    assert len(masks) == n
+    got = _fwd_bwd(f, q, k, v, g)
+    want = _fwd_bwd(lambda a, b, c: cpu_blocks.block_attention(a, b, c, pos, 0, 0.5), q, k, v, g)
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 1e-12
+
+
+@requires_ext
+def test_cpu_block_attention_bad_inputs():
+    """The C++ op names the wrong argument (rope_attention checks first; this guards direct calls)."""
+    pos = make_pos(2, 1, 2)
+    q, k, v = qkv(1, 1, 4, 8)
+    with pytest.raises(RuntimeError, match=r"pos must be \(L, 3\)"):
+        torch.ops.hope_kernels.block_attention_fwd(q, k, v, pos[:3], 0, 1.0)
+    with pytest.raises(RuntimeError, match="q, k, v must have one shape"):
+        torch.ops.hope_kernels.block_attention_fwd(q, k[:, :, :3], v, pos, 0, 1.0)
+    with pytest.raises(RuntimeError, match="window must be >= 0"):
+        torch.ops.hope_kernels.block_attention_fwd(q, k, v, pos, -1, 1.0)
 
 
 @pytest.mark.parametrize("backend", attn_backends_cpu())

@@ -7,9 +7,10 @@ Token i attends token j iff t_j <= t_i and, when `window` is given, t_i - t_j < 
 visible timesteps including the current one (window=1: own timestep only), as V-JEPA 2's local_window_time.
 
 rope_attention backends: reference (rope + SDPA with a materialised (L, L) bool mask), cpu / cuda (compiled
-rotation op, forward and backward, composed with PyTorch SDPA; on the CPU, ops/rope_attention/cpu_blocks.py:
-short timesteps one masked call, long ones an unmasked SDPA per timestep over the keys it may see), triton (q
-and k rotated once into O(L d) scratch, then fused flash-attention kernels, forward and backward).
+rotation op, forward and backward, then attention: on the CPU the C++ block-causal kernels of
+ops/rope_attention/cpu_blocks.py, each timestep over exactly the keys it may see; on CUDA PyTorch SDPA with the
+mask), triton (q and k rotated once into O(L d) scratch, then fused flash-attention kernels, forward and
+backward).
 rope3d backends: reference, cpu, cuda.
 The fast paths are the registry tables `_ROPE` and `_ATTN` (hope_kernels/ops/registry.py): custom ops
 `hope_kernels::rope3d_<backend>` and `hope_kernels::rope_attention_triton` with their backward ops.
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 
 from hope_kernels.ops.checks import check_same_device, check_same_dtype, check_same_shape, check_tensor
 from hope_kernels.ops.registry import Backend, OpTable, register
-from hope_kernels.ops.rope_attention.cpu_blocks import timestep_block_attention
+from hope_kernels.ops.rope_attention.cpu_blocks import block_attention
 from hope_kernels.ops.rope_attention.reference import (
     ROPE_COMPAT,
     block_causal_mask,
@@ -74,37 +75,6 @@ def _check_pos_values(pos: torch.Tensor) -> None:
             f"pos[:, 0] (timestep t) must be non-decreasing, got t[{i}]={int(t[i])} > t[{i + 1}]={int(t[i + 1])}"
         )
     setattr(pos, _CHECKED, pos._version)
-
-
-_BLOCKS = "_hope_kernels_timestep_blocks"
-# above this many timesteps the per-timestep SDPA calls cost more than the masked work they skip
-MAX_TIMESTEP_BLOCKS = 32
-
-
-def _timestep_blocks(pos: torch.Tensor, window: int | None):
-    """[(start, end, key_start)] per timestep of a non-decreasing t = pos[:, 0]: the queries [start, end) of one
-    timestep see exactly the keys [key_start, end) under the block-causal (windowed) mask, so attention over
-    these blocks without a mask skips every masked score (for T equal timesteps, (T - 1) / 2T of them).
-    None when tracing (the blocks depend on pos's values), for a pos off the CPU, or past MAX_TIMESTEP_BLOCKS.
-    Cached on pos with its version counter and the window, like _check_pos_values."""
-    if torch.compiler.is_compiling() or pos.device.type != "cpu":
-        return None
-    cached = getattr(pos, _BLOCKS, None)
-    if cached is not None and cached[0] == (pos._version, window):
-        return cached[1]
-    t = pos[:, 0].tolist()
-    starts = [0] + [i for i in range(1, len(t)) if t[i] != t[i - 1]]
-    blocks = None
-    if len(starts) <= MAX_TIMESTEP_BLOCKS:
-        ends = starts[1:] + [len(t)]
-        blocks = []
-        for s, e in zip(starts, ends):
-            ks = 0
-            if window is not None:  # the first key with t_j > t_i - window (t non-decreasing)
-                ks = next(j for j in starts if t[j] > t[s] - window)
-            blocks.append((s, e, ks))
-    setattr(pos, _BLOCKS, ((pos._version, window), blocks))
-    return blocks
 
 
 def _validate_attention(q, k, v, pos, window, rope_compat, scale) -> None:
@@ -185,14 +155,13 @@ _ROPE_BACKENDS = _ROPE.supported
 
 
 def _rotate_then_sdpa(backend: str, q, k, v, pos, window: int, vjepa2: bool, scale: float):
-    """cpu / cuda: the compiled rotation op composed with PyTorch SDPA (autograd through both) -> (o,)."""
-    window = window or None
+    """cpu / cuda: the compiled rotation op composed with the C++ block attention (cpu) or PyTorch SDPA with the
+    mask (cuda); autograd through both -> (o,)."""
     qr = _ROPE(backend, q, pos, vjepa2)
     kr = _ROPE(backend, k, pos, vjepa2)
-    blocks = _timestep_blocks(pos, window) if backend == "cpu" else None
-    if blocks is not None:
-        return (timestep_block_attention(qr, kr, v, pos, blocks, window, scale),)
-    mask = block_causal_mask(pos[:, 0], window)
+    if backend == "cpu":
+        return (block_attention(qr, kr, v, pos, window, scale),)
+    mask = block_causal_mask(pos[:, 0], window or None)
     return (F.scaled_dot_product_attention(qr, kr, v, attn_mask=mask, scale=scale),)
 
 
