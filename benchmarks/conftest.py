@@ -123,6 +123,12 @@ def add_row(row: dict) -> dict:
 
 
 @pytest.fixture
+def peak_bytes():
+    """peak_bytes(fn, device) -> bytes fn() takes above what was in use before it (CPU: resident set), or None."""
+    return _peak_bytes
+
+
+@pytest.fixture
 def bench_row():
     """add(group=, backend=, device=, ms=, peak_mib=None, ...): a row timed by the suite itself."""
     return lambda **row: add_row(row)

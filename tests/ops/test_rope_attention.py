@@ -290,71 +290,58 @@ requires_ext = pytest.mark.skipif("cpu" not in attn_backends_cpu(), reason="the 
 @pytest.mark.parametrize("window", [None, 2])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_cpu_block_attention_matches_reference(monkeypatch, dtype, window, avx2):
-    """The C++ block kernels (csrc/block_attention_cpu.cpp) against the masked reference, forward and backward:
-    timesteps of 1, 7, 130 (cut into row tiles: 130 > 96) and 23 tokens, d = 40 (columns past the register
-    tiles), q, k, v as head views of (B, L, H, d) memory; both builds of the kernels."""
-    from hope_kernels.ops.rope_attention.cpu_blocks import block_attention
-
+    """The cpu backend (C++ rotation + block kernels of csrc/block_attention_cpu.cpp) against the float64
+    reference, forward and backward: timesteps of 1, 7, 130 (cut into row tiles: 130 > 96) and 23 tokens, d = 40
+    (columns past the register tiles), q, k, v as head views of (B, L, H, d) memory; both builds of the kernels.
+    o is a (B, H, L, d) view of (B, L, H, d) memory (merging the heads is a view), the gradients contiguous."""
     monkeypatch.setenv("HOPE_KERNELS_NO_AVX2", "0" if avx2 == "1" else "1")
     pos = _uneven_pos([1, 7, 130, 23])
     B, H, L, d = 2, 3, pos.shape[0], 40
     q, k, v, g = (torch.randn(B, L, H, d, dtype=torch.float64).transpose(1, 2) for _ in range(4))
-    want = _fwd_bwd(
-        lambda a, b, c: torch.nn.functional.scaled_dot_product_attention(
-            a, b, c, attn_mask=ref.block_causal_mask(pos[:, 0], window), scale=0.3
-        ),
-        q,
-        k,
-        v,
-        g,
-    )
+    want = _fwd_bwd(lambda a, b, c: ref.rope_attention_reference(a, b, c, pos, window, "vjepa2", 0.3), q, k, v, g)
     got = _fwd_bwd(
-        lambda a, b, c: block_attention(a, b, c, pos, window or 0, 0.3), *(x.to(dtype) for x in (q, k, v, g))
+        lambda a, b, c: rope_attention(a, b, c, pos, window=window, rope_compat="vjepa2", scale=0.3, backend="cpu"),
+        *(x.to(dtype) for x in (q, k, v, g)),
     )
     tol = {torch.float64: 1e-12, torch.float32: 5 * RTOL[torch.float32], torch.bfloat16: 2e-2}[dtype]
     for name, a, b in zip(("o", "dq", "dk", "dv"), got, want):
         assert a.dtype == dtype and a.shape == (B, H, L, d), name
-        assert a.transpose(1, 2).is_contiguous(), name  # (B, L, H, d) memory: merging heads is a view
+        assert (a.transpose(1, 2) if name == "o" else a).is_contiguous(), name
         assert rel_err(a, b) < tol, name
 
 
 @requires_ext
 @pytest.mark.parametrize("window", [None, 2])
 def test_cpu_block_attention_reads_no_masked_key(window):
-    """Keys and values a query may not see are never read: NaN in them leaves the outputs of the queries that
-    cannot see them finite and equal to the reference without them. 4 timesteps of 7 tokens; no window: the
-    last timestep's k, v are NaN; window 2: the first timestep's (the last two timesteps cannot see it)."""
-    from hope_kernels.ops.rope_attention.cpu_blocks import block_attention
-
+    """Keys and values a query may not see are never read: NaN in them leaves the outputs and dq of the queries
+    that cannot see them finite and equal to the reference without them (dk, dv of the other keys take 0 * NaN
+    from the queries that do see them). 4 timesteps of 7 tokens; no
+    window: the last timestep's k, v are NaN; window 2: the first timestep's (the last two timesteps cannot
+    see it)."""
     pos = make_pos(4, 2, 3, actions=1)
     q, k, v = qkv(1, 2, pos.shape[0], 16, dtype=torch.float64)
     bad, good = (slice(21, 28), slice(0, 21)) if window is None else (slice(0, 7), slice(14, 28))
+    keys = slice(0, 21) if window is None else slice(7, 28)  # what the good queries see, all of it finite
     kn, vn = k.clone(), v.clone()
     kn[:, :, bad] = vn[:, :, bad] = float("nan")
-    o = block_attention(q, kn, vn, pos, window or 0, 0.25)
-    keys = slice(0, 21) if window is None else slice(7, 28)  # what the good queries see, all of it finite
-    sub = pos[keys]
-    want = torch.nn.functional.scaled_dot_product_attention(
-        q[:, :, keys], k[:, :, keys], v[:, :, keys], attn_mask=ref.block_causal_mask(sub[:, 0], window), scale=0.25
+    g = torch.zeros_like(q)
+    g[:, :, good] = torch.randn_like(q[:, :, good])
+    got = _fwd_bwd(lambda a, b, c: rope_attention(a, b, c, pos, window=window, backend="cpu"), q, kn, vn, g)
+    sub = lambda x: x[:, :, keys]  # noqa: E731
+    want = _fwd_bwd(
+        lambda a, b, c: ref.rope_attention_reference(a, b, c, pos[keys], window), sub(q), sub(k), sub(v), sub(g)
     )
-    off = good.start - keys.start
-    assert torch.isfinite(o[:, :, good]).all()
-    assert rel_err(o[:, :, good], want[:, :, off : off + good.stop - good.start]) < 1e-12
+    rows = slice(good.start - keys.start, good.stop - keys.start)
+    assert rel_err(got[0][:, :, good], want[0][:, :, rows]) < 1e-12
+    assert rel_err(got[1][:, :, good], want[1][:, :, rows]) < 1e-12  # dq of the good queries
 
 
 @requires_ext
-def test_cpu_block_attention_opcheck_and_compile():
-    from hope_kernels.ops.rope_attention import cpu_blocks
-
+def test_cpu_attention_opcheck():
     pos = _uneven_pos([3, 5, 4])
     q, k, v = qkv(2, 2, pos.shape[0], 8, dtype=torch.float64, grad=True)
-    torch.library.opcheck(cpu_blocks._block_attention, (q, k, v, pos, 2, 0.5))
-    f = torch.compile(lambda a, b, c: cpu_blocks.block_attention(a, b, c, pos, 0, 0.5), fullgraph=True)
-    g = torch.randn_like(q)
-    got = _fwd_bwd(f, q, k, v, g)
-    want = _fwd_bwd(lambda a, b, c: cpu_blocks.block_attention(a, b, c, pos, 0, 0.5), q, k, v, g)
-    for a, b in zip(got, want):
-        assert rel_err(a, b) < 1e-12
+    for args in ((2, True, 0.5), (0, False, 0.3)):
+        torch.library.opcheck(torch.ops.hope_kernels.rope_attention_cpu, (q, k, v, pos, *args))
 
 
 @requires_ext

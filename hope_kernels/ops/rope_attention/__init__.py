@@ -6,14 +6,13 @@
 Token i attends token j iff t_j <= t_i and, when `window` is given, t_i - t_j < window: `window` counts the
 visible timesteps including the current one (window=1: own timestep only), as V-JEPA 2's local_window_time.
 
-rope_attention backends: reference (rope + SDPA with a materialised (L, L) bool mask), cpu / cuda (compiled
-rotation op, forward and backward, then attention: on the CPU the C++ block-causal kernels of
-ops/rope_attention/cpu_blocks.py, each timestep over exactly the keys it may see; on CUDA PyTorch SDPA with the
-mask), triton (q and k rotated once into O(L d) scratch, then fused flash-attention kernels, forward and
-backward).
+rope_attention backends: reference (rope + SDPA with a materialised (L, L) bool mask), cpu (the C++ rotation,
+then the C++ block-causal kernels of csrc/block_attention_cpu.cpp: each timestep attends exactly the keys it
+may see, no mask; forward and backward), cuda (the CUDA rotation op composed with PyTorch SDPA and the mask),
+triton (q and k rotated once into O(L d) scratch, then fused flash-attention kernels, forward and backward).
 rope3d backends: reference, cpu, cuda.
 The fast paths are the registry tables `_ROPE` and `_ATTN` (hope_kernels/ops/registry.py): custom ops
-`hope_kernels::rope3d_<backend>` and `hope_kernels::rope_attention_triton` with their backward ops.
+`hope_kernels::rope3d_<backend>` and `hope_kernels::rope_attention_<triton|cpu>` with their backward ops.
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ import torch.nn.functional as F
 
 from hope_kernels.ops.checks import check_same_device, check_same_dtype, check_same_shape, check_tensor
 from hope_kernels.ops.registry import Backend, OpTable, register
-from hope_kernels.ops.rope_attention.cpu_blocks import block_attention
 from hope_kernels.ops.rope_attention.reference import (
     ROPE_COMPAT,
     block_causal_mask,
@@ -154,15 +152,32 @@ _ROPE_BACKENDS = _ROPE.supported
 # forward(q, k, v, pos, window (0: none), vjepa2, scale) -> (o, lse); lse only for the fused backward.
 
 
-def _rotate_then_sdpa(backend: str, q, k, v, pos, window: int, vjepa2: bool, scale: float):
-    """cpu / cuda: the compiled rotation op composed with the C++ block attention (cpu) or PyTorch SDPA with the
-    mask (cuda); autograd through both -> (o,)."""
-    qr = _ROPE(backend, q, pos, vjepa2)
-    kr = _ROPE(backend, k, pos, vjepa2)
-    if backend == "cpu":
-        return (block_attention(qr, kr, v, pos, window, scale),)
+def _rotate_then_sdpa(q, k, v, pos, window: int, vjepa2: bool, scale: float):
+    """cuda: the CUDA rotation op composed with PyTorch SDPA and the mask (autograd through both) -> (o,)."""
+    qr = _ROPE("cuda", q, pos, vjepa2)
+    kr = _ROPE("cuda", k, pos, vjepa2)
     mask = block_causal_mask(pos[:, 0], window or None)
     return (F.scaled_dot_product_attention(qr, kr, v, attn_mask=mask, scale=scale),)
+
+
+def _cpu_forward(q, k, v, pos, window, vjepa2, scale):
+    """q and k rotated (contiguous copies), then the C++ block-causal kernels -> (o, lse)."""
+    qr, kr = _rotate(q, pos, vjepa2), _rotate(k, pos, vjepa2)
+    return torch.ops.hope_kernels.block_attention_fwd(qr, kr, v, pos, window, scale)
+
+
+def _cpu_backward(grad_o, q, k, v, o, lse, pos, window, vjepa2, scale):
+    """q and k rotated again (saving the rotated copies instead would hold two more (B, H, L, d) tensors per
+    layer until the backward), the backward kernel, then the gradients rotated back."""
+    qr, kr = _rotate(q, pos, vjepa2), _rotate(k, pos, vjepa2)
+    dqr, dkr, dv = torch.ops.hope_kernels.block_attention_bwd(grad_o, qr, kr, v, o, lse, pos, window, scale)
+    return _rotate_backward(dqr, pos, vjepa2), _rotate_backward(dkr, pos, vjepa2), dv
+
+
+def _cpu_fake(q, k, v, pos, window, vjepa2, scale):
+    B, H, L, d = q.shape
+    o = q.new_empty((B, L, H, d)).transpose(1, 2)  # (B, L, H, d) memory: the heads merge with a view
+    return o, q.new_empty((B, H, L), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
 
 
 def _fused_forward(q, k, v, pos, window, vjepa2, scale):
@@ -211,7 +226,8 @@ def _triton_accepts(q: torch.Tensor, device) -> str | None:
 
 
 # triton: hope_kernels::rope_attention_triton, q and k rotated once into O(L d) scratch, then fused
-# flash-attention kernels; cpu / cuda: composites (auto on CUDA tensors: triton when it takes q, else cuda)
+# flash-attention kernels; cpu: hope_kernels::rope_attention_cpu, C++ rotation + block-causal kernels; cuda: a
+# composite (auto on CUDA tensors: triton when it takes q, else cuda)
 _ATTN = register(
     OpTable(
         name="rope_attention",
@@ -233,8 +249,8 @@ _ATTN = register(
                 priority=2,
                 accepts=_triton_accepts,
             ),
-            Backend("cuda", lambda *a: _rotate_then_sdpa("cuda", *a), None, devices=("cuda",), priority=1),
-            Backend("cpu", lambda *a: _rotate_then_sdpa("cpu", *a), None, devices=("cpu",)),
+            Backend("cuda", _rotate_then_sdpa, None, devices=("cuda",), priority=1),
+            Backend("cpu", _cpu_forward, _cpu_backward, devices=("cpu",), fake=_cpu_fake),
         ),
     )
 )
