@@ -4,7 +4,7 @@ Ops live in `hope_kernels.ops` (one folder per op family: eager reference, Trito
 dispatcher). `hope_kernels.backends()` says which fast paths this installation has.
 """
 
-from hope_kernels.dispatch import BACKENDS, backends, resolve_backend
+from hope_kernels.dispatch import BACKENDS, backends
 
 __version__ = "0.1.0"
-__all__ = ["BACKENDS", "backends", "resolve_backend", "__version__"]
+__all__ = ["BACKENDS", "backends", "__version__"]

@@ -51,6 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hope_kernels.config import Config, at_least, finite_positive, greater_than, one_of, setting
+from hope_kernels.models.base import compiled_forward
 from hope_kernels.models.cms import CMSPeriods
 from hope_kernels.ops import l1_rollout_loss
 
@@ -407,12 +408,8 @@ def adapt_stream(model: nn.Module, stream, strategy: str, **options: Any) -> Str
 
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    known = AdaptOptions.field_names()
-    unknown = set(options) - set(known)
-    if unknown:
-        raise TypeError(f"adapt_stream got unknown options {sorted(unknown)}; known: {sorted(known)}")
-    opts = AdaptOptions.from_dict(options)
-    o = {k: getattr(opts, k) for k in known}  # not to_dict: the clip buffers and the callback pass as they are
+    opts = AdaptOptions.from_dict(options)  # unknown options: UnknownKeysError, a TypeError
+    o = {k: getattr(opts, k) for k in AdaptOptions.field_names()}  # not to_dict: clip buffers, callback as they are
     clips = list(stream.clips if hasattr(stream, "clips") else stream)
     heldout = dict(getattr(stream, "heldout", None) or {})
     if not clips:
@@ -469,56 +466,53 @@ def adapt_stream(model: nn.Module, stream, strategy: str, **options: Any) -> Str
     # the memory modules read eta_max on every forward; restored below whatever happens
     mems = [m for m in model.modules() if hasattr(m, "eta_max")] if is_hope else []
     etas = [m.eta_max for m in mems]
-    if o["compile"]:  # an instance attribute: model(...) and a rollout's self.forward(...) both run compiled
-        model.forward = torch.compile(model.forward)
     try:
         for m in mems:
             m.eta_max = m.eta_max * scale
-        for i in it:
-            clip = clips[i]
-            # (1) predict and score first ...
-            s = score_clip(model, clip, o["score_horizon"])
-            log.phases.append(str(clip.get("phase", "")))
-            log.clip_index.append(int(clip.get("index", i)))
-            log.tf.append(s["tf"])
-            log.rollout.append(s["rollout"])
-            log.copy_tf.append(s["copy_tf"])
-            log.copy_rollout.append(s["copy_rollout"])
-            if not all(math.isfinite(x) for x in (s["tf"], *s["rollout"])):
-                _name_nonfinite(log, i, s)
-            # (2) ... then adapt on the clip
-            if strategy != "none":
-                _adapt_clip(
-                    model,
-                    clip,
-                    strategy,
-                    o,
-                    opt,
-                    params,
-                    ewc,
-                    replay,
-                    rng,
-                    periods,
-                    cms_count,
-                    cms_opts,
-                    adapt_params,
-                    loss_kw,
-                    log,
-                )
-            if strategy == "reset" and (i + 1) % int(o["reset_every"]) == 0:
-                # the next clip is scored by the stream-start (A1) weights again
-                model.load_state_dict(anchor)
-                if opt:
-                    opt.load_state_dict(copy.deepcopy(opt_anchor))
-            if i in ends and heldout:
-                log.heldout[log.phases[-1]] = _heldout_errors(model, heldout, o["score_horizon"])
-            if o["callback"] is not None:
-                o["callback"](i, model)
+        with compiled_forward(model, o["compile"]):  # plain forward again afterwards
+            for i in it:
+                clip = clips[i]
+                # (1) predict and score first ...
+                s = score_clip(model, clip, o["score_horizon"])
+                log.phases.append(str(clip.get("phase", "")))
+                log.clip_index.append(int(clip.get("index", i)))
+                log.tf.append(s["tf"])
+                log.rollout.append(s["rollout"])
+                log.copy_tf.append(s["copy_tf"])
+                log.copy_rollout.append(s["copy_rollout"])
+                if not all(math.isfinite(x) for x in (s["tf"], *s["rollout"])):
+                    _name_nonfinite(log, i, s)
+                # (2) ... then adapt on the clip
+                if strategy != "none":
+                    _adapt_clip(
+                        model,
+                        clip,
+                        strategy,
+                        o,
+                        opt,
+                        params,
+                        ewc,
+                        replay,
+                        rng,
+                        periods,
+                        cms_count,
+                        cms_opts,
+                        adapt_params,
+                        loss_kw,
+                        log,
+                    )
+                if strategy == "reset" and (i + 1) % int(o["reset_every"]) == 0:
+                    # the next clip is scored by the stream-start (A1) weights again
+                    model.load_state_dict(anchor)
+                    if opt:
+                        opt.load_state_dict(copy.deepcopy(opt_anchor))
+                if i in ends and heldout:
+                    log.heldout[log.phases[-1]] = _heldout_errors(model, heldout, o["score_horizon"])
+                if o["callback"] is not None:
+                    o["callback"](i, model)
     finally:
         for m, eta in zip(mems, etas):
             m.eta_max = eta
-        if o["compile"]:
-            del model.forward
         if lora:
             lora.remove(bool(o["merge_lora"]))
         model.train(was_training)

@@ -142,6 +142,10 @@ def _kind_matches(value, tp) -> bool:
     return isinstance(value, tp) if isinstance(tp, type) else True
 
 
+class UnknownKeysError(ValueError, TypeError):
+    """A mapping (or keyword arguments) holds keys a config does not know."""
+
+
 class Config:
     """Base of the package's config dataclasses. A subclass declares its fields with `setting(default, *checks)`
     (or plain defaults), cross-field rules in `check(path)`, and `WHAT` (its name in errors)."""
@@ -170,7 +174,8 @@ class Config:
     @classmethod
     def from_dict(cls, d, path: str = ""):
         """The config of mapping `d`: unknown keys, missing required keys and values of the wrong type raise
-        ValueError naming the key path (`path` is this config's own, e.g. "aba.runs[3]")."""
+        ValueError naming the key path (`path` is this config's own, e.g. "aba.runs[3]"); unknown keys raise
+        UnknownKeysError, also a TypeError, as Python does for unknown keyword arguments."""
         where = path or cls.WHAT
         if isinstance(d, cls):
             return d
@@ -180,7 +185,7 @@ class Config:
         unknown = sorted(set(d) - set(names))
         if unknown:
             at = f" at {path}" if path else ""
-            raise ValueError(f"unknown {cls.WHAT} keys {unknown}{at}; known: {sorted(names)}")
+            raise UnknownKeysError(f"unknown {cls.WHAT} keys {unknown}{at}; known: {sorted(names)}")
         hints = typing.get_type_hints(cls)
         kw = {}
         for f in dataclasses.fields(cls):

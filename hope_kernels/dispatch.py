@@ -161,44 +161,6 @@ def require_available(backend: str, source: str, device: torch.device, op: str, 
         )
 
 
-def resolve_backend(
-    backend: str | None,
-    tensors: Sequence[torch.Tensor | None],
-    *,
-    op: str,
-    gpu_order: Sequence[str] = ("triton", "cuda"),
-    cpu_order: Sequence[str] = ("cpu",),
-    supported: Sequence[str] = ("reference", "triton", "cuda", "cpu"),
-    cuda_shared_memory: tuple[int, str] | None = None,
-) -> str:
-    """Pick the backend for one call of `op` on `tensors` (public helper; the ops themselves resolve through
-    their tables, hope_kernels/ops/registry.py).
-
-    gpu_order / cpu_order: the op's preference among fast paths for CUDA / CPU tensors under "auto";
-    supported: the backends this op implements; cuda_shared_memory: (bytes per block, formula) the cuda
-    kernels need for these shapes. Auto passes over cuda when the device has less; an explicit "cuda" raises
-    ValueError.
-    """
-    backend, source = requested_backend(backend, op)
-    device = _device_of(tensors)
-    if backend == "auto":
-        if device.type == "cuda":
-            for b in gpu_order:
-                if b == "cuda" and cuda_shared_memory_problem(op, cuda_shared_memory, device):
-                    continue
-                if b in supported and _available(b, device):
-                    return b
-        elif device.type == "cpu":
-            for b in cpu_order:
-                if b in supported and _available(b, device):
-                    return b
-        return "reference"
-    require_available(backend, source, device, op, supported)
-    if backend == "cuda":
-        require_cuda_shared_memory(op, cuda_shared_memory, device)
-    return backend
-
-
 def _available(backend: str, device: torch.device) -> bool:
     if backend == "reference":
         return True

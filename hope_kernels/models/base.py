@@ -8,6 +8,7 @@ rollout live in the same space as the encoder latents they replace.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -114,6 +115,21 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
+
+
+@contextlib.contextmanager
+def compiled_forward(model: nn.Module, enabled: bool = True):
+    """Inside the block, model.forward runs under torch.compile: an instance attribute, so model(...) and a
+    rollout's self.forward(...) both run compiled. The plain forward is back afterwards, whatever happens.
+    enabled=False: a no-op (callers pass their `compile` setting)."""
+    if not enabled:
+        yield model
+        return
+    model.forward = torch.compile(model.forward)
+    try:
+        yield model
+    finally:
+        del model.forward
 
 
 class PredictorBase(nn.Module):

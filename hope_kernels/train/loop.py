@@ -24,6 +24,7 @@ import torch.distributed as dist
 from hope_kernels.config import TrainConfig
 from hope_kernels.io import FolderLock, atomic_write_bytes, remove_temp_files
 from hope_kernels.models import build_predictor
+from hope_kernels.models.base import compiled_forward
 from hope_kernels.models.cms import CMSPeriods
 from hope_kernels.train.checkpoint import (
     CKPT_NAME,
@@ -101,8 +102,6 @@ def _train(cfg: TrainConfig, dataset, ckpt_path, log_path, rank: int, world: int
         state_dim=ds.state_dim,
         **cfg.overrides,
     ).to(device)
-    if cfg.compile:  # an instance attribute: model(...) and a rollout's self.forward(...) both run compiled
-        model.forward = torch.compile(model.forward)
     # fused: the only AdamW that honours found_inf, which skips a non-finite step on the device (below)
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), fused=True)
     start, history = 0, []
@@ -198,72 +197,71 @@ def _train(cfg: TrainConfig, dataset, ckpt_path, log_path, rank: int, world: int
         pending.clear()
 
     no_norm = torch.zeros((), device=device)
-    for step in range(start, cfg.steps):
-        lr = lr_at(step, cfg)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        idx = _batch_indices(step, len(ds), cfg.batch_size, cfg.seed)[rank * local : (rank + 1) * local]
-        bad_in: list[str] = []
-        z, a, s = _collate(ds, idx, device, bad_in)
-        # non-finite inputs are named with their clips here: inside the model an op would only see, say, a NaN gate
-        if bad_in:
-            flush()  # an earlier pending step may have gone wrong first
-            stop(step, f"the batch's {' and '.join(bad_in)} contain NaN or inf (dataset clips {idx.tolist()})")
-        w = rollout_weight(step, cfg.steps, cfg.rollout_w0, cfg.rollout_w1, cfg.rollout_schedule)
-        opt.zero_grad(set_to_none=True)
-        try:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                if sequential:
-                    losses = _sequence_losses(model, z, a, s, cfg, step, cfg.rollout_steps if w > 0 else 0)
-                else:
-                    losses = prediction_losses(model, z, a, s, cfg.rollout_steps if w > 0 else 0, cfg.rollout_score)
-                loss = losses["tf"] + w * losses["rollout"]
-            loss.backward()
-        except Exception:
-            flush()  # a pending non-finite step (a NaN memory carried on, say) is the better answer
-            raise
-        if world > 1:
-            _allreduce_grads(model, world)
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else no_norm
-        # clipping by a NaN norm scales every gradient by NaN: found_inf keeps such a step off the parameters
-        bad = ~torch.isfinite(loss.detach()) | ~torch.isfinite(gnorm.detach())
-        if world > 1:  # every process skips the update if any one must
-            bad = bad.float()
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        opt.found_inf = bad.float()
-        cms.apply(step + 1)  # between clipping and the optimizer step
-        opt.step()
-        if sequential:
-            model.detach_memory()
-        stats = torch.stack(
-            [
-                loss.detach().float(),
-                losses["tf"].detach().float(),
-                losses["rollout"].detach().float(),
-                gnorm.detach().float(),
-                opt.found_inf,
-            ]
-        )
-        if world > 1:  # log the global-batch mean, as one process would
-            mean = stats[:4].clone()
-            dist.all_reduce(mean)
-            stats = torch.cat([mean / world, stats[4:]])
-        pending.append((step, lr, w, stats))
-        is_ckpt = bool(ckpt_path) and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps)
-        if is_ckpt or (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            flush()
-        if is_ckpt:
-            if rank == 0:
-                ckpt_written = save_checkpoint(ckpt_path, model, opt, step + 1, cfg, cms.acc)
+    with compiled_forward(model, cfg.compile):  # the trained model goes back as a plain module
+        for step in range(start, cfg.steps):
+            lr = lr_at(step, cfg)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            idx = _batch_indices(step, len(ds), cfg.batch_size, cfg.seed)[rank * local : (rank + 1) * local]
+            bad_in: list[str] = []
+            z, a, s = _collate(ds, idx, device, bad_in)
+            # non-finite inputs are named with their clips here: inside the model an op would only see, say, a NaN gate
+            if bad_in:
+                flush()  # an earlier pending step may have gone wrong first
+                stop(step, f"the batch's {' and '.join(bad_in)} contain NaN or inf (dataset clips {idx.tolist()})")
+            w = rollout_weight(step, cfg.steps, cfg.rollout_w0, cfg.rollout_w1, cfg.rollout_schedule)
+            opt.zero_grad(set_to_none=True)
+            try:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    if sequential:
+                        losses = _sequence_losses(model, z, a, s, cfg, step, cfg.rollout_steps if w > 0 else 0)
+                    else:
+                        losses = prediction_losses(model, z, a, s, cfg.rollout_steps if w > 0 else 0, cfg.rollout_score)
+                    loss = losses["tf"] + w * losses["rollout"]
+                loss.backward()
+            except Exception:
+                flush()  # a pending non-finite step (a NaN memory carried on, say) is the better answer
+                raise
             if world > 1:
-                dist.barrier()
+                _allreduce_grads(model, world)
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else no_norm
+            # clipping by a NaN norm scales every gradient by NaN: found_inf keeps such a step off the parameters
+            bad = ~torch.isfinite(loss.detach()) | ~torch.isfinite(gnorm.detach())
+            if world > 1:  # every process skips the update if any one must
+                bad = bad.float()
+                dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+            opt.found_inf = bad.float()
+            cms.apply(step + 1)  # between clipping and the optimizer step
+            opt.step()
+            if sequential:
+                model.detach_memory()
+            stats = torch.stack(
+                [
+                    loss.detach().float(),
+                    losses["tf"].detach().float(),
+                    losses["rollout"].detach().float(),
+                    gnorm.detach().float(),
+                    opt.found_inf,
+                ]
+            )
+            if world > 1:  # log the global-batch mean, as one process would
+                mean = stats[:4].clone()
+                dist.all_reduce(mean)
+                stats = torch.cat([mean / world, stats[4:]])
+            pending.append((step, lr, w, stats))
+            is_ckpt = bool(ckpt_path) and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps)
+            if is_ckpt or (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                flush()
+            if is_ckpt:
+                if rank == 0:
+                    ckpt_written = save_checkpoint(ckpt_path, model, opt, step + 1, cfg, cms.acc)
+                if world > 1:
+                    dist.barrier()
     if bar is not None:
         bar.close()
     if sequential:
         model.carry_memory, model.memory_grad = False, False
         model.reset_memory()
-    if cfg.compile:  # the trained model goes back as a plain module
-        del model.forward
     return TrainResult(
         model=model, checkpoint=ckpt_path if ckpt_path and os.path.exists(ckpt_path) else None, history=history
     )

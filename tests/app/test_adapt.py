@@ -255,7 +255,7 @@ def test_bad_inputs():
     m = TinyPredictor()
     with pytest.raises(ValueError, match="strategy"):
         adapt_stream(m, make_stream(1).clips, "magic")
-    with pytest.raises(TypeError, match="unknown options"):
+    with pytest.raises(TypeError, match="unknown adaptation option keys"):
         adapt_stream(m, make_stream(1).clips, "full", lrr=1)
     with pytest.raises(ValueError, match="fisher_clips"):
         adapt_stream(m, make_stream(1).clips, "ewc")
