@@ -186,31 +186,8 @@ HK_INLINE void bwd_head(const Head<T>& h, const T* go, int64_t ldgo, const T* o,
       T *delta, T *dq, T *dk, T *dv, int64_t ldg
 #define HK_BWD_ARGS h, go, ldgo, o, ldo, lse, tiles, kt, vt, L, d, scale, S, G, delta, dq, dk, dv, ldg
 
-template <typename T>
-void fwd_tile_generic(HK_FWD_PARAMS) { fwd_tile<16>(HK_FWD_ARGS); }
-template <typename T>
-void bwd_head_generic(HK_BWD_PARAMS) { bwd_head<16>(HK_BWD_ARGS); }
-#ifdef HK_AVX2_CLONE
-template <typename T>
-__attribute__((target("avx2,fma"))) void fwd_tile_avx2(HK_FWD_PARAMS) { fwd_tile<32>(HK_FWD_ARGS); }
-template <typename T>
-__attribute__((target("avx2,fma"))) void bwd_head_avx2(HK_BWD_PARAMS) { bwd_head<32>(HK_BWD_ARGS); }
-#endif
-
-template <typename T>
-void fwd_tile_any(bool avx2, HK_FWD_PARAMS) {
-#ifdef HK_AVX2_CLONE
-  if (avx2) return fwd_tile_avx2(HK_FWD_ARGS);
-#endif
-  fwd_tile_generic(HK_FWD_ARGS);
-}
-template <typename T>
-void bwd_head_any(bool avx2, HK_BWD_PARAMS) {
-#ifdef HK_AVX2_CLONE
-  if (avx2) return bwd_head_avx2(HK_BWD_ARGS);
-#endif
-  bwd_head_generic(HK_BWD_ARGS);
-}
+HK_ISA_CLONES(fwd_tile_any, fwd_tile, HK_FWD_PARAMS, HK_FWD_ARGS)
+HK_ISA_CLONES(bwd_head_any, bwd_head, HK_BWD_PARAMS, HK_BWD_ARGS)
 #undef HK_FWD_PARAMS
 #undef HK_FWD_ARGS
 #undef HK_BWD_PARAMS

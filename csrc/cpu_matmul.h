@@ -211,6 +211,31 @@ HK_INLINE void zero(T* y, int64_t ld, int64_t rows, int64_t cols) {
   for (int64_t r = 0; r < rows; ++r) std::fill(y + r * ld, y + r * ld + cols, T(0));
 }
 
+// HK_ISA_CLONES(name, body, PARAMS, ARGS) defines name<T>(bool avx2, PARAMS): body<32>(ARGS) compiled for AVX2 + FMA
+// where the compiler can target it and avx2 is true (use_avx2()), else body<16>(ARGS) for the baseline ISA. PARAMS
+// and ARGS are macros naming the parameters (in terms of T) and the arguments, so that their commas pass through.
+#ifdef HK_AVX2_CLONE
+#define HK_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define HK_AVX2_ON(avx2) (avx2)
+#else  // no AVX2 clone: the <32> instance is compiled for the baseline ISA and never called
+#define HK_TARGET_AVX2
+#define HK_AVX2_ON(avx2) false
+#endif
+#define HK_ISA_CLONES(name, body, PARAMS, ARGS)                        \
+  template <typename T>                                                \
+  void name##_baseline(PARAMS) {                                       \
+    body<16>(ARGS);                                                    \
+  }                                                                    \
+  template <typename T>                                                \
+  HK_TARGET_AVX2 void name##_avx2(PARAMS) {                            \
+    body<32>(ARGS);                                                    \
+  }                                                                    \
+  template <typename T>                                                \
+  void name(bool avx2, PARAMS) {                                       \
+    if (HK_AVX2_ON(avx2)) return name##_avx2<T>(ARGS);                 \
+    name##_baseline<T>(ARGS);                                          \
+  }
+
 // AVX2 clone when the CPU has AVX2 + FMA, unless HOPE_KERNELS_NO_AVX2=1 (tests run the baseline build with it).
 inline bool use_avx2() {
 #ifdef HK_AVX2_CLONE

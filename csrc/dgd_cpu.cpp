@@ -300,32 +300,8 @@ HK_INLINE void bwd_head_body(Work<T>& w, const T* q, const T* k, const T* v, con
       T *dq, T *dk, T *dv, T *dalpha, T *deta, int64_t L, int64_t step
 #define HK_BWD_ARGS w, q, k, v, al, et, states, dO, dM, dq, dk, dv, dalpha, deta, L, step
 
-template <typename T>
-void fwd_head_generic(HK_FWD_PARAMS) { fwd_head_body<16>(HK_FWD_ARGS); }
-template <typename T>
-void bwd_head_generic(HK_BWD_PARAMS) { bwd_head_body<16>(HK_BWD_ARGS); }
-#ifdef HK_AVX2_CLONE
-template <typename T>
-__attribute__((target("avx2,fma"))) void fwd_head_avx2(HK_FWD_PARAMS) { fwd_head_body<32>(HK_FWD_ARGS); }
-template <typename T>
-__attribute__((target("avx2,fma"))) void bwd_head_avx2(HK_BWD_PARAMS) { bwd_head_body<32>(HK_BWD_ARGS); }
-#endif
-
-
-template <typename T>
-void fwd_head(bool avx2, HK_FWD_PARAMS) {
-#ifdef HK_AVX2_CLONE
-  if (avx2) return fwd_head_avx2(HK_FWD_ARGS);
-#endif
-  fwd_head_generic(HK_FWD_ARGS);
-}
-template <typename T>
-void bwd_head(bool avx2, HK_BWD_PARAMS) {
-#ifdef HK_AVX2_CLONE
-  if (avx2) return bwd_head_avx2(HK_BWD_ARGS);
-#endif
-  bwd_head_generic(HK_BWD_ARGS);
-}
+HK_ISA_CLONES(fwd_head, fwd_head_body, HK_FWD_PARAMS, HK_FWD_ARGS)
+HK_ISA_CLONES(bwd_head, bwd_head_body, HK_BWD_PARAMS, HK_BWD_ARGS)
 
 std::tuple<Tensor, Tensor, Tensor> dgd_chunk_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
                                                      const Tensor& alpha, const Tensor& eta,
