@@ -65,6 +65,13 @@ std::vector<Tile> block_tiles(const Tensor& pos, int64_t window) {
   return tiles;
 }
 
+// Scores of the largest tile: the size of a task's S (and G) scratch.
+int64_t max_tile_scores(const std::vector<Tile>& tiles) {
+  int64_t n = 0;
+  for (const Tile& tl : tiles) n = std::max(n, tl.rows * tl.keys);
+  return n;
+}
+
 // x[j] = exp(a x[j] + b) for j < n; returns the sum. Arguments are <= 0 here (b is minus the row maximum).
 template <int VB>
 HK_INLINE double exp_affine_sum(double* __restrict x, int64_t n, double a, double b) {
@@ -249,10 +256,9 @@ std::tuple<Tensor, Tensor> block_attention_fwd_cpu(const Tensor& q_, const Tenso
   AT_DISPATCH_FLOATING_TYPES(acc, "block_attention_fwd_cpu", [&] {
     using T = scalar_t;
     const Tensor kt = transposed_heads<T>(k);
-    int64_t max_keys = 0, max_rows = 0;
-    for (const Tile& tl : tiles) max_keys = std::max(max_keys, tl.keys), max_rows = std::max(max_rows, tl.rows);
+    const int64_t scores = max_tile_scores(tiles);
     at::parallel_for(0, B * H * nt, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> S(max_rows * max_keys);
+      std::vector<T> S(scores);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t bh = task / nt, b = bh / H, hh = bh % H;
         fwd_tile_any<T>(avx2, head_of<T>(q, k, v, b, hh), kt.data_ptr<T>() + bh * d * L, L, d, static_cast<T>(scale),
@@ -282,14 +288,13 @@ std::tuple<Tensor, Tensor, Tensor> block_attention_bwd_cpu(const Tensor& grad_o,
   if (o.stride(3) != 1) o = o.contiguous();
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), d = q.size(3);
   const std::vector<Tile> tiles = block_tiles(pos, window);
-  int64_t max_keys = 0, max_rows = 0;
-  for (const Tile& tl : tiles) max_keys = std::max(max_keys, tl.keys), max_rows = std::max(max_rows, tl.rows);
+  const int64_t scores = max_tile_scores(tiles);
   Tensor dq = at::empty_like(q), dk = at::empty_like(q), dv = at::empty_like(q);  // q is contiguous
   const bool avx2 = use_avx2();
   AT_DISPATCH_FLOATING_TYPES(acc, "block_attention_bwd_cpu", [&] {
     using T = scalar_t;
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> kt(d * L), vt(d * L), S(max_rows * max_keys), G(max_rows * max_keys), delta(L);
+      std::vector<T> kt(d * L), vt(d * L), S(scores), G(scores), delta(L);
       for (int64_t bh = begin; bh < end; ++bh) {
         const int64_t b = bh / H, hh = bh % H;
         const Head<T> h = head_of<T>(q, k, v, b, hh);
